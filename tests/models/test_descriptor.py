@@ -1,0 +1,78 @@
+"""The descriptor model: shapes, normalisation, label-free projections, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from waldo.models.backbones import create_backbone
+from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_model
+from waldo.models.descriptor import DescriptorModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=128).eval()
+
+
+def test_shapes_and_normalisation(model):
+    with torch.inference_mode():
+        out = model(torch.rand(3, 3, 224, 224))
+    assert out.global_desc.shape == (3, 128) and out.local_desc.shape == (3, 49, 128)
+    assert out.grid == (7, 7)
+    assert torch.allclose(out.global_desc.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(out.local_desc.norm(dim=2), torch.ones(3, 49))  # locals stay raw
+
+
+def test_global_is_the_normalised_average_of_the_locals(model):
+    """One projection serves both, so global = normalise(mean of locals), as the design says."""
+    with torch.inference_mode():
+        out = model(torch.rand(2, 3, 224, 224))
+    average = torch.nn.functional.normalize(out.local_desc.mean(1), dim=1)
+    assert torch.allclose(average, out.global_desc, atol=1e-4)
+
+
+def test_projection_size_is_configurable():
+    small = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=32).eval()
+    with torch.inference_mode():
+        out = small(torch.rand(1, 3, 224, 224))
+    assert out.global_desc.shape == (1, 32) and out.local_desc.shape == (1, 49, 32)
+    with pytest.raises(ValueError, match="exceeds"):
+        DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=4096)
+
+
+def test_pca_recovers_the_principal_subspace(model):
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(1280, 128)))[0]  # a 128-d subspace of the 1280 channels
+    data = rng.normal(size=(2000, 128)) * np.linspace(10, 1, 128) @ basis.T + 3.0
+    data += 0.01 * rng.normal(size=data.shape)
+    model.fit_pca(data)
+    weight = model.global_proj.weight.detach().double().numpy()
+    # The fitted rows span the same subspace: projecting the basis onto them keeps its energy.
+    assert np.linalg.norm(weight @ basis) ** 2 / 128 > 0.99
+    projected = model.global_proj(torch.tensor(data, dtype=torch.float32)).detach().numpy()
+    assert np.allclose(projected.mean(0), 0, atol=1e-2)  # centred by the bias
+    with pytest.raises(ValueError, match="at least 128"):
+        model.fit_pca(data[:10])
+
+
+def test_checkpoint_round_trip_scores_identically(model, tmp_path):
+    config = ModelConfig(backbone="efficientnet_lite0", projection="random:0")
+    save_model(model, config, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded, loaded_config = load_model(tmp_path / "ckpt")
+    assert loaded_config == config
+    assert model_hash(loaded) == model_hash(model)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(model(x).global_desc, loaded(x).global_desc)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(model, tmp_path):
+    save_model(model, ModelConfig(backbone="efficientnet_lite0"), tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"dim": 128', '"dim": 64'))
+    with pytest.raises(ValueError, match="does not match"):
+        load_model(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not a Waldo model folder"):
+        load_model(tmp_path)

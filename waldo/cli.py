@@ -1,0 +1,262 @@
+"""``waldo`` command line: a thin layer over the Python API.
+
+    waldo index build --data DIR --backbone NAME --out INDEX
+    waldo index add|remove|info|check ...
+    waldo search IMAGE --index DIR -k 10
+    waldo eval --data DIR --protocol NAME --backbone NAME [--transform NAME] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"waldo: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parse_where(items: list[str] | None) -> dict[str, set[str]]:
+    """``--where split=train,val`` -> {"split": {"train", "val"}}."""
+    filters: dict[str, set[str]] = {}
+    for item in items or []:
+        column, sep, values = item.partition("=")
+        if not sep or not column:
+            raise ValueError(f"--where takes COLUMN=VALUE[,VALUE...], got {item!r}")
+        filters.setdefault(column, set()).update(v for v in values.split(",") if v)
+    return filters
+
+
+def _load_records(data: str, where: list[str] | None):
+    from waldo.data.datasets import load_dataset
+
+    image_set = load_dataset(data)
+    filters = _parse_where(where)
+    if filters:
+        def keep(record) -> bool:
+            fields = {"identity": record.identity, **record.attrs}
+            return all(fields.get(column) in values for column, values in filters.items())
+
+        image_set = image_set.filter(keep)
+    if len(image_set) == 0:
+        raise ValueError(f"no images selected from {data}")
+    return image_set
+
+
+def _print_errors(errors: list[tuple[str, str]], limit: int = 10) -> None:
+    for path, message in errors[:limit]:
+        print(f"  skipped {path}: {message}", file=sys.stderr)
+    if len(errors) > limit:
+        print(f"  ... and {len(errors) - limit} more unreadable images", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- index
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo
+
+    image_set = _load_records(args.data, args.where)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        return _fail(f"{out} already exists and is not empty; use `waldo index add` to grow it")
+    start = time.perf_counter()
+    engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
+                          fit_paths=image_set.paths, fit_source=str(args.data), model_dir=args.model,
+                          transform=args.transform, progress=not args.quiet)
+    report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
+                        batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    _print_errors(report.errors)
+    print(f"indexed {len(report.added)} images into {out} in {seconds:.1f} s "
+          f"({len(report.errors)} unreadable, {len(report.already_indexed)} duplicates skipped)")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo
+    from waldo.data.datasets import load_dataset
+    from waldo.data.images import IMAGE_EXTENSIONS
+
+    engine = Waldo.open(args.index)
+    paths, identities, attrs = [], [], []
+    for item in args.inputs:
+        item_path = Path(item)
+        if item_path.is_dir() or item_path.suffix == ".csv":
+            image_set = load_dataset(item)
+            paths += image_set.paths
+            identities += image_set.identities
+            attrs += [dict(r.attrs) for r in image_set.records]
+        elif item_path.is_file():
+            if item_path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
+                return _fail(f"{item} does not look like an image (extension {item_path.suffix!r})")
+            paths.append(str(item_path))
+            identities.append(args.identity or "")
+            attrs.append({})
+        else:
+            return _fail(f"{item} does not exist")
+    report = engine.add(paths, identities, attrs, batch_size=args.batch_size,
+                        num_workers=args.workers, progress=not args.quiet)
+    _print_errors(report.errors)
+    print(f"added {len(report.added)} images ({len(report.already_indexed)} already indexed, "
+          f"{len(report.errors)} unreadable); the index holds {len(engine)}")
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo
+
+    if not args.id and not args.path:
+        return _fail("give --id and/or --path")
+    engine = Waldo.open(args.index)
+    removed = engine.remove(ids=args.id or [], paths=args.path or [])
+    print(f"removed {removed} images; the index holds {len(engine)}")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo
+
+    info = Waldo.open(args.index).info()
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_index_check(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo
+
+    problems = Waldo.open(args.index).store.check()
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("ok" if not problems else f"{len(problems)} problems")
+    return 0 if not problems else 1
+
+
+# ----------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    from waldo.api import Waldo, hits_to_json
+
+    engine = Waldo.open(args.index, model_dir=args.model)
+    start = time.perf_counter()
+    hits = engine.search(args.image, k=args.k)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    if args.json:
+        print(hits_to_json(hits))
+        return 0
+    print(f"top {len(hits)} of {len(engine)} images for {args.image} ({elapsed_ms:.0f} ms)")
+    print(f"{'rank':>4}  {'score':>6}  {'identity':<10}  {'label':<24}  path")
+    for hit in hits:
+        label = hit.attrs.get("class_name", "")
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.identity:<10}  {label:<24}  {hit.path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from waldo.eval.runner import run_eval
+
+    metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
+                       model_dir=args.model, transform=args.transform, projection=args.projection,
+                       dim=args.dim, batch_size=args.batch_size, num_workers=args.workers,
+                       progress=not args.quiet)
+    print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
+    print(f"{args.protocol:<20} {metrics['n_queries']:>7} {metrics['recall@1']:7.4f} "
+          f"{metrics['recall@10']:7.4f} {metrics['recall@100']:7.4f} {metrics['map']:7.4f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_extraction_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    from waldo.models.untrained import PROJECTIONS
+
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--model", default=None, help="a trained checkpoint folder (overrides --backbone)")
+    parser.add_argument("--dim", type=int, default=128, help="descriptor size")
+    parser.add_argument("--projection", default="pca", choices=PROJECTIONS,
+                        help="label-free projection of an untrained model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from waldo import __version__
+
+    parser = argparse.ArgumentParser(prog="waldo", description="Instance-level image retrieval.")
+    parser.add_argument("--version", action="version", version=f"waldo {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="build and maintain a persistent index")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="index a dataset folder")
+    build.add_argument("--data", required=True, help="a labels.csv folder, SOP/Products-10K root or image folder")
+    build.add_argument("--out", required=True, help="the new index folder")
+    build.add_argument("--transform", default=None, help="test-time transform preset")
+    build.add_argument("--where", action="append", metavar="COLUMN=V1,V2",
+                       help="keep only images whose labels column has one of the values (repeatable)")
+    _add_model_flags(build)
+    _add_extraction_flags(build)
+    build.set_defaults(handler=cmd_index_build)
+
+    add = index_commands.add_parser("add", help="add images (files, folders or labels.csv)")
+    add.add_argument("--index", required=True)
+    add.add_argument("inputs", nargs="+")
+    add.add_argument("--identity", default=None, help="identity label for single image files")
+    _add_extraction_flags(add)
+    add.set_defaults(handler=cmd_index_add)
+
+    remove = index_commands.add_parser("remove", help="remove images by id or path")
+    remove.add_argument("--index", required=True)
+    remove.add_argument("--id", type=int, action="append")
+    remove.add_argument("--path", action="append")
+    remove.set_defaults(handler=cmd_index_remove)
+
+    info = index_commands.add_parser("info", help="what an index holds")
+    info.add_argument("--index", required=True)
+    info.set_defaults(handler=cmd_index_info)
+
+    check = index_commands.add_parser("check", help="verify an index's integrity")
+    check.add_argument("--index", required=True)
+    check.set_defaults(handler=cmd_index_check)
+
+    search = commands.add_parser("search", help="query an index with a photo")
+    search.add_argument("image")
+    search.add_argument("--index", required=True)
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--model", default=None, help="must be the model that built the index")
+    search.add_argument("--json", action="store_true", help="print results as JSON")
+    search.set_defaults(handler=cmd_search)
+
+    evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol")
+    evaluate.add_argument("--protocol", required=True)
+    evaluate.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
+    evaluate.add_argument("--transform", default="resize256-crop224")
+    evaluate.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON")
+    _add_model_flags(evaluate)
+    _add_extraction_flags(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""One evaluation end to end: pick the protocol's data, build or load the model, evaluate.
+
+Shared by ``waldo eval`` and the scripts under ``benchmarks/`` and ``experiments/``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from waldo.data.protocols import Protocol, get_protocol
+from waldo.data.transforms import get_transform
+from waldo.eval.evaluate import EvalRun, evaluate_protocol
+from waldo.models.checkpoint import ModelConfig, load_model
+from waldo.models.descriptor import DescriptorModel
+from waldo.models.untrained import untrained_model
+from waldo.paths import data_root
+
+# Which shared dataset each named protocol reads when --data is not given.
+PROTOCOL_DATASETS = {"grocery": "grocery_store", "coil100": "coil100"}
+
+
+def default_data_dir(protocol: str) -> Path:
+    for prefix, folder in PROTOCOL_DATASETS.items():
+        if protocol.startswith(prefix):
+            return data_root() / folder
+    raise ValueError(f"protocol {protocol!r} has no default dataset; pass --data DIR")
+
+
+def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
+                  projection: str = "pca", dim: int = 128, transform: str = "resize256-crop224",
+                  progress: bool = True, seed: int = 0) -> tuple[DescriptorModel, ModelConfig]:
+    """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
+    training images (never its queries or gallery)."""
+    if model_dir is not None:
+        return load_model(model_dir)
+    fit_paths = protocol.train.paths
+    if projection.startswith("pca") and not fit_paths:
+        raise ValueError(f"protocol {protocol.name!r} has no training images to fit a PCA projection "
+                         f"on; use --projection random")
+    return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
+                           fit_source=f"{protocol.name}:train", transform=transform,
+                           progress=progress, seed=seed)
+
+
+def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
+                  model_dir: str | Path | None = None, transform: str = "resize256-crop224",
+                  projection: str = "pca", dim: int = 128, batch_size: int = 32,
+                  num_workers: int | None = None, progress: bool = True,
+                  seed: int = 0) -> tuple[EvalRun, dict]:
+    """Evaluate and return the full run plus the metrics dict (with what produced them)."""
+    start = time.perf_counter()
+    proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
+    model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
+                                  dim=dim, transform=transform, progress=progress, seed=seed)
+    run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
+                            batch_size=batch_size, num_workers=num_workers, progress=progress)
+    metrics = dict(run.metrics)
+    metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
+                    "projection": config.projection, "dim": config.dim,
+                    "model": str(model_dir) if model_dir else None,
+                    "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
+    return run, metrics
+
+
+def run_eval(protocol: str, data: str | Path | None = None, **kwargs) -> dict:
+    """Evaluate; the metrics dict of :func:`run_eval_full`."""
+    return run_eval_full(protocol, data, **kwargs)[1]

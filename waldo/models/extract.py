@@ -1,0 +1,132 @@
+"""Batched descriptor extraction over image files.
+
+Decoding runs in DataLoader worker processes while the model runs in the main one, so neither
+waits for the other. An unreadable image is reported and skipped: one bad file never stops a run
+over thousands.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from waldo.data.images import ImageLoadError, load_image
+from waldo.models.descriptor import DescriptorModel
+
+
+@dataclass
+class Extracted:
+    """Descriptors of the images that could be read, in input order.
+
+    global_desc: (N, D) float32, L2-normalised.   local_desc: (N, L, D) float16.
+    ok: (len(paths),) bool, which inputs were read; N = ok.sum().
+    errors: (path, reason) for each input that was skipped.
+    """
+
+    global_desc: np.ndarray
+    local_desc: np.ndarray
+    ok: np.ndarray
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index])
+            return index, self.transform(image, index), ""
+        except ImageLoadError as error:
+            return index, None, str(error)
+        except Exception as error:  # a transform failing on an odd image must not kill the run
+            return index, None, f"{self.paths[index]}: {type(error).__name__}: {error}"
+
+
+def _collate(items):
+    indices = [i for i, tensor, _ in items if tensor is not None]
+    tensors = [tensor for _, tensor, _ in items if tensor is not None]
+    errors = [(i, message) for i, tensor, message in items if tensor is None]
+    batch = torch.stack(tensors) if tensors else None
+    return indices, batch, errors
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@torch.inference_mode()
+def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform: Callable, *,
+                        batch_size: int = 32, num_workers: int | None = None,
+                        progress: bool = True, description: str = "extract") -> Extracted:
+    """Run ``model`` over image files. ``transform(image, key)`` maps a PIL image to a (3, H, W)
+    tensor in [0, 1] (see waldo.data.transforms)."""
+    model.eval()
+    workers = default_workers() if num_workers is None else num_workers
+    loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    n = len(paths)
+    ok = np.zeros(n, dtype=bool)
+    global_parts: list[np.ndarray] = []
+    local_parts: list[np.ndarray] = []
+    errors: list[tuple[str, str]] = []
+    bar = tqdm(total=n, desc=description, unit="img", disable=not progress, leave=False)
+    for indices, batch, batch_errors in loader:
+        for index, message in batch_errors:
+            errors.append((paths[index], message))
+        if batch is not None:
+            out = model(batch.contiguous(memory_format=torch.channels_last))
+            global_parts.append(out.global_desc.float().numpy())
+            local_parts.append(out.local_desc.to(torch.float16).numpy())
+            ok[indices] = True
+        bar.update(len(indices) + len(batch_errors))
+    bar.close()
+    dim = model.dim
+    if global_parts:
+        global_desc = np.concatenate(global_parts)
+        local_desc = np.concatenate(local_parts)
+    else:
+        global_desc = np.zeros((0, dim), np.float32)
+        local_desc = np.zeros((0, 0, dim), np.float16)
+    return Extracted(global_desc, local_desc, ok, errors)
+
+
+@torch.inference_mode()
+def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transform: Callable, *,
+                            batch_size: int = 32, num_workers: int | None = None,
+                            progress: bool = True, local_per_image: int = 0,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw backbone features for fitting label-free projections (PCA).
+
+    Returns (pooled (N, C) float32, locals (N * local_per_image, C) float32): the spatial mean of
+    each image's feature map and, optionally, a seeded sample of its cells."""
+    model.eval()
+    workers = default_workers() if num_workers is None else num_workers
+    loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate)
+    generator = torch.Generator().manual_seed(seed)
+    pooled, cells = [], []
+    for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        fmap = model.backbone.forward_features(batch.contiguous(memory_format=torch.channels_last))
+        pooled.append(fmap.mean(dim=(2, 3)).float().numpy())
+        if local_per_image:
+            flat = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)
+            cells.append(torch.gather(flat, 1, pick[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2]).float().numpy())
+    c = model.backbone.out_channels
+    pooled_all = np.concatenate(pooled) if pooled else np.zeros((0, c), np.float32)
+    cells_all = np.concatenate(cells) if cells else np.zeros((0, c), np.float32)
+    return pooled_all, cells_all
