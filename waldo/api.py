@@ -80,7 +80,7 @@ class Waldo:
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
-               projection: str = "pca", fit_paths: Sequence[str] = (), fit_source: str = "",
+               projection: str = "pca-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
                progress: bool = True, seed: int = 0) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an

@@ -185,7 +185,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--model", default=None, help="a trained checkpoint folder (overrides --backbone)")
     parser.add_argument("--dim", type=int, default=128, help="descriptor size")
-    parser.add_argument("--projection", default="pca", choices=PROJECTIONS,
+    parser.add_argument("--projection", default="pca-whiten", choices=PROJECTIONS,
                         help="label-free projection of an untrained model")
 
 

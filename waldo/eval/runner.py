@@ -28,7 +28,7 @@ def default_data_dir(protocol: str) -> Path:
 
 
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
-                  projection: str = "pca", dim: int = 128, transform: str = "resize256-crop224",
+                  projection: str = "pca-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery)."""
@@ -45,7 +45,7 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
-                  projection: str = "pca", dim: int = 128, batch_size: int = 32,
+                  projection: str = "pca-whiten", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
                   seed: int = 0) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them)."""

@@ -202,17 +202,17 @@ def _build_lite(variant: int, pretrained: bool | str | Path, gflops: float) -> B
 # torch.utils.flop_counter by benchmarks/extraction_throughput.py; rounded here for reporting).
 @BACKBONES.register("efficientnet_lite0")
 def efficientnet_lite0(pretrained: bool | str | Path = True) -> Backbone:
-    return _build_lite(0, pretrained, gflops=0.77)
+    return _build_lite(0, pretrained, gflops=0.78)
 
 
 @BACKBONES.register("efficientnet_lite1")
 def efficientnet_lite1(pretrained: bool | str | Path = True) -> Backbone:
-    return _build_lite(1, pretrained, gflops=1.2)
+    return _build_lite(1, pretrained, gflops=1.02)
 
 
 @BACKBONES.register("efficientnet_lite2")
 def efficientnet_lite2(pretrained: bool | str | Path = True) -> Backbone:
-    return _build_lite(2, pretrained, gflops=1.7)
+    return _build_lite(2, pretrained, gflops=1.17)
 
 
 # ----------------------------------------------------------------------------- ResNet-50

@@ -22,7 +22,7 @@ from waldo.models.extract import extract_pooled_features
 PROJECTIONS = ("pca", "pca-whiten", "random", "identity")
 
 
-def untrained_model(backbone: str, *, dim: int = 128, projection: str = "pca",
+def untrained_model(backbone: str, *, dim: int = 128, projection: str = "pca-whiten",
                     fit_paths: Sequence[str] = (), fit_source: str = "", transform: str = "resize256-crop224",
                     image_size: int = 224, max_fit_images: int = 1000, cells_per_image: int = 8,
                     seed: int = 0, progress: bool = True,

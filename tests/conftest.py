@@ -1,0 +1,54 @@
+"""Shared test helpers: where the real data lives, and how to react when it is missing.
+
+Tests read real images from the shared data folder (never copies in the repo). On a developer
+machine without that folder the data tests are skipped; in CI (``CI=true``) missing data is a
+failure, so a broken data mount can never turn the suite silently green.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from waldo.paths import data_root as _data_root
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_data(path: str | os.PathLike[str]) -> Path:
+    """Return ``path`` if it exists; otherwise skip the test locally, or fail it in CI."""
+    path = Path(path)
+    if not path.exists():
+        message = f"test data not found: {path} (set WALDO_DATA to the shared data folder)"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared data folder (``waldo.paths.data_root()``), required to exist."""
+    return require_data(_data_root())
+
+
+@pytest.fixture(scope="session")
+def data_file(data_root: Path):
+    """``data_file("grocery_store/labels.csv") -> Path``: a path under the shared data folder,
+    passed through :func:`require_data`. Tests use this fixture rather than importing
+    ``require_data`` because ``conftest`` is not importable under every pytest import mode."""
+
+    def resolve(relative: str | os.PathLike[str]) -> Path:
+        return require_data(data_root / relative)
+
+    return resolve
+
+
+@pytest.fixture(scope="session")
+def grocery_dir(data_root: Path) -> Path:
+    """The Grocery Store dataset folder (labels.csv + dataset/)."""
+    return require_data(data_root / "grocery_store")
