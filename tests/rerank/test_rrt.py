@@ -1,0 +1,206 @@
+"""The Reranking Transformer: shapes, size, masking, positions, segments, training signal."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from waldo.rerank import (
+    SEGMENT_CANDIDATE,
+    SEGMENT_QUERY,
+    RerankingTransformer,
+    RRTConfig,
+    flops_per_pair,
+    sine_position_embedding,
+)
+
+# A small model for the behavioural tests; the default (reference) size is tested where it matters.
+SMALL = RRTConfig(d_model=32, n_layers=2, n_heads=4, ff_dim=64)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops are dominated by thread hand-off on a busy 2-core machine; one thread is faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _small_model(seed: int = 0, **overrides) -> RerankingTransformer:
+    torch.manual_seed(seed)
+    config = RRTConfig(**{**SMALL.to_dict(), **overrides})
+    return RerankingTransformer(config).eval()
+
+
+def _locals(batch: int, n_locals: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, n_locals, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_config_size_flops_and_shapes():
+    torch.manual_seed(0)
+    model = RerankingTransformer().eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert abs(n_params - 1.98e6) / 1.98e6 < 0.05, n_params
+    assert model.segment_embedding.weight.shape == (4, 128)
+    assert abs(flops_per_pair(RRTConfig()) - 0.42e9) / 0.42e9 < 0.02
+    with torch.inference_mode():
+        logits = model(_locals(3, 49, 128, 1), _locals(3, 49, 128, 2))
+        tokens, padding = model.embed(_locals(3, 49, 128, 1), _locals(3, 49, 128, 2))
+    assert logits.shape == (3,) and logits.dtype == torch.float32
+    assert tokens.shape == (3, 100, 128) and padding is None
+
+
+def test_config_json_round_trip_and_validation():
+    config = RRTConfig(d_model=64, n_layers=3, use_global_tokens=True, pos_scale=6.28)
+    assert RRTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        RRTConfig.from_dict({"d_model": 64, "depth": 3})
+    with pytest.raises(ValueError, match="n_heads"):
+        RRTConfig(d_model=36, n_heads=8)
+
+
+def test_score_candidates_matches_forward_in_batches(one_thread):
+    model = _small_model()
+    query = _locals(1, 9, 32, 1)[0]
+    cands = _locals(7, 9, 32, 2)
+    scores = model.score_candidates(query, cands, grid=(3, 3), batch_size=3)
+    with torch.inference_mode():
+        expected = model(query[None].expand(7, -1, -1), cands, grid=(3, 3))
+    assert scores.shape == (7,)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert model.score_candidates(query, cands[:0], grid=(3, 3)).shape == (0,)
+
+
+def test_padding_tokens_do_not_change_the_logit(one_thread):
+    model = _small_model()
+    query, cand = _locals(2, 9, 32, 1), _locals(2, 9, 32, 2)
+    junk_query = torch.cat([query, 100 * _locals(2, 4, 32, 3)], dim=1)  # 4 junk tokens each
+    junk_cand = torch.cat([cand, 100 * _locals(2, 3, 32, 4)], dim=1)
+    query_mask = torch.zeros(2, 13, dtype=torch.bool)
+    query_mask[:, 9:] = True
+    cand_mask = torch.zeros(2, 12, dtype=torch.bool)
+    cand_mask[:, 9:] = True
+    with torch.inference_mode():
+        clean = model(query, cand, grid=(3, 3))
+        padded = model(junk_query, junk_cand, query_mask=query_mask, cand_mask=cand_mask, grid=(3, 3))
+    torch.testing.assert_close(padded, clean, atol=1e-5, rtol=1e-5)
+    # Training runs the unfused path (grad enabled): the mask must hold there too.
+    padded_with_grad = model(junk_query, junk_cand, query_mask=query_mask, cand_mask=cand_mask, grid=(3, 3))
+    torch.testing.assert_close(padded_with_grad.detach(), clean, atol=1e-5, rtol=1e-5)
+    # Masking a real cell (not padding) must matter, or the test above proves nothing.
+    with torch.inference_mode():
+        query_mask[:, 0] = True
+        changed = model(junk_query, junk_cand, query_mask=query_mask, cand_mask=cand_mask, grid=(3, 3))
+    assert not torch.allclose(changed, clean, atol=1e-4)
+    with pytest.raises(ValueError, match="padding"):  # tokens past the grid must be masked
+        model(junk_query, cand, grid=(3, 3))
+
+
+def test_position_embedding_is_distinct_per_cell_and_shared_by_query_and_candidate():
+    position = sine_position_embedding((7, 7), 128, scale=2.0, temperature=10000.0)
+    assert position.shape == (49, 128)
+    distances = torch.cdist(position, position) + torch.eye(49)
+    assert distances.min() > 1e-3  # every cell differs from every other
+    # DETR layout: first half is the row, second half the column; (sin, cos) pairs.
+    # Cell (0, 0): normalised row = (0 + 1) / 7 * 2; the first frequency is 1 (temperature**0).
+    first_row = torch.tensor(2 / 7)
+    torch.testing.assert_close(position[0, :2], torch.stack([first_row.sin(), first_row.cos()]))
+    # Channels 2j and 2j+1 share the frequency temperature**(2j / 64), j = 1 here.
+    torch.testing.assert_close(position[0, 2:4], torch.stack([(first_row / 10000 ** (2 / 64)).sin(),
+                                                              (first_row / 10000 ** (2 / 64)).cos()]))
+    assert torch.equal(position[0, :64], position[6, :64])  # same row, same row half
+    assert torch.equal(position[0, 64:], position[42, 64:])  # same column, same column half
+
+    model = _small_model()
+    query, cand = _locals(2, 9, 32, 1), _locals(2, 9, 32, 2)
+    with torch.no_grad():
+        tokens, _ = model.embed(query, cand, grid=(3, 3))
+        segments = model.segment_embedding.weight
+        query_pos = tokens[:, 1:10] - query - segments[SEGMENT_QUERY]
+        cand_pos = tokens[:, 11:20] - cand - segments[SEGMENT_CANDIDATE]
+    expected = sine_position_embedding((3, 3), 32).expand(2, -1, -1)
+    torch.testing.assert_close(query_pos, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cand_pos, expected, atol=1e-5, rtol=0)
+
+
+def test_segments_matter(one_thread):
+    model = _small_model()
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = swapped.segment_embedding.weight
+        weight[[SEGMENT_QUERY, SEGMENT_CANDIDATE]] = weight[[SEGMENT_CANDIDATE, SEGMENT_QUERY]].clone()
+    query, cand = _locals(4, 9, 32, 1), _locals(4, 9, 32, 2)
+    with torch.inference_mode():
+        assert not torch.allclose(model(query, cand, grid=(3, 3)), swapped(query, cand, grid=(3, 3)), atol=1e-4)
+
+
+def test_global_tokens_option(one_thread):
+    model = _small_model(use_global_tokens=True)
+    assert model.segment_embedding.weight.shape == (6, 32)
+    query, cand = _locals(2, 9, 32, 1), _locals(2, 9, 32, 2)
+    query_global = F.normalize(torch.randn(2, 32), dim=1)
+    cand_global = F.normalize(torch.randn(2, 32), dim=1)
+    with torch.inference_mode():
+        tokens, _ = model.embed(query, cand, query_global=query_global, cand_global=cand_global, grid=(3, 3))
+        logits = model(query, cand, query_global=query_global, cand_global=cand_global, grid=(3, 3))
+        other = model(query, cand, query_global=query_global, cand_global=-cand_global, grid=(3, 3))
+    assert tokens.shape == (2, 22, 32) and logits.shape == (2,)
+    assert not torch.allclose(logits, other, atol=1e-4)
+    with pytest.raises(ValueError, match="required"):
+        model(query, cand, grid=(3, 3))
+    with pytest.raises(ValueError, match="use_global_tokens is off"):
+        _small_model()(query, cand, query_global=query_global, cand_global=cand_global, grid=(3, 3))
+
+
+def test_eval_is_deterministic_and_shapes_are_checked(one_thread):
+    model = _small_model()
+    query, cand = _locals(3, 9, 32, 1), _locals(3, 9, 32, 2)
+    with torch.inference_mode():
+        assert torch.equal(model(query, cand, grid=(3, 3)), model(query, cand, grid=(3, 3)))
+    with pytest.raises(ValueError, match=r"\(B, L, 32\)"):
+        model(_locals(3, 9, 16, 1), cand, grid=(3, 3))
+    with pytest.raises(ValueError, match="cells"):
+        model(query, cand, grid=(4, 4))
+    with pytest.raises(ValueError, match="batch"):
+        model(query, cand[:2], grid=(3, 3))
+
+
+def test_gradient_reaches_every_parameter(one_thread):
+    model = _small_model().train()
+    logits = model(_locals(4, 9, 32, 1), _locals(4, 9, 32, 2), grid=(3, 3))
+    F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0, 1.0, 0.0])).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_overfits_a_tiny_pair_set(one_thread):
+    """Positives are a noisy copy of the query; negatives are unrelated. 64 pairs, 150 steps."""
+    model = _small_model(seed=0).train()
+    generator = torch.Generator().manual_seed(0)
+    n_pairs, n_locals, dim = 64, 9, 32
+    labels = (torch.arange(n_pairs) % 2).float()
+    query = torch.randn(n_pairs, n_locals, dim, generator=generator)
+    noisy_copy = query + 0.1 * torch.randn(n_pairs, n_locals, dim, generator=generator)
+    unrelated = torch.randn(n_pairs, n_locals, dim, generator=generator)
+    cand = torch.where(labels[:, None, None].bool(), noisy_copy, unrelated)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(150):
+        loss = F.binary_cross_entropy_with_logits(model(query, cand, grid=(3, 3)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        accuracy = ((model(query, cand, grid=(3, 3)) > 0).float() == labels).float().mean().item()
+    assert accuracy > 0.95, accuracy
+
+
+def test_flops_formula_counts_tokens():
+    config = RRTConfig()
+    tokens = 100
+    expected = 2 * (6 * (4 * tokens * 128**2 + 2 * tokens**2 * 128 + 2 * tokens * 128 * 1024) + 128)
+    assert flops_per_pair(config) == expected
+    with_globals = flops_per_pair(RRTConfig(use_global_tokens=True))
+    assert with_globals > flops_per_pair(config)

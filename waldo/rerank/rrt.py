@@ -1,0 +1,290 @@
+"""Reranking Transformer (RRT, "MatchERT"): scores a (query, candidate) pair from local descriptors.
+
+Faithful to the reference SOP reranker: a post-norm transformer encoder (6 layers, 4 heads,
+d_model 128, feed-forward 1024, dropout 0, ReLU, Xavier-uniform init) over the sequence
+
+    [CLS] + query locals (L) + [SEP] + candidate locals (L)          (100 tokens for L = 49)
+
+with a 4-row segment embedding (CLS = 0, SEP = 1, query = 2, candidate = 3) and a DETR-style 2-D
+sine position embedding shared by query and candidate. The CLS output goes through
+Linear(d_model, 1) to one logit per pair (train it with BCE-with-logits).
+
+Option (off by default, the reference SOP model does not use it): ``use_global_tokens`` inserts
+each image's global descriptor as one extra token right after CLS (query) and right after SEP
+(candidate), with two extra segment rows (query global = 4, candidate global = 5) and no position:
+
+    [CLS, query global, query locals, SEP, candidate global, candidate locals]   (2L + 4 tokens)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+SEGMENT_CLS = 0
+SEGMENT_SEP = 1
+SEGMENT_QUERY = 2
+SEGMENT_CANDIDATE = 3
+SEGMENT_QUERY_GLOBAL = 4  # only with use_global_tokens
+SEGMENT_CANDIDATE_GLOBAL = 5  # only with use_global_tokens
+
+
+@dataclass
+class RRTConfig:
+    """Hyper-parameters of the reranker; the defaults are the reference SOP model (~1.98M params)."""
+
+    d_model: int = 128  # must equal the local (and global) descriptor dim: there is no input projection
+    n_layers: int = 6
+    n_heads: int = 4
+    ff_dim: int = 1024
+    dropout: float = 0.0
+    activation: str = "relu"  # "relu" | "gelu"
+    norm_first: bool = False  # post-norm, as the reference (DETR) encoder
+    use_global_tokens: bool = False
+    pos_scale: float = 2.0  # normalised coordinates in (0, pos_scale]; the reference uses 2, not 2*pi
+    pos_temperature: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % 4 != 0:
+            raise ValueError(f"d_model must be a multiple of 4 (sin/cos pairs per axis), got {self.d_model}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.n_layers < 1 or self.ff_dim < 1:
+            raise ValueError("n_layers and ff_dim must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RRTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RRT config keys {unknown}")
+        return cls(**data)
+
+
+def sine_position_embedding(
+    grid: tuple[int, int], dim: int, *, scale: float = 2.0, temperature: float = 10000.0
+) -> torch.Tensor:
+    """DETR's 2-D sine position embedding of every cell of an (h, w) grid, in row-major order.
+
+    Returns (h*w, dim) float32. Channels [0, dim/2) encode the row and [dim/2, dim) the column
+    (DETR's ``cat(pos_y, pos_x)``); within each half, channel pairs (2j, 2j+1) are
+    (sin, cos)(coord / temperature**(2j / (dim/2))), so there are dim/4 frequencies per axis.
+    Coordinates are normalised as DETR does with ``normalize=True``: (index + 1) / size * scale
+    (DETR's 1e-6 in the denominator is left out; it changes nothing measurable).
+    """
+    h, w = grid
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    half = dim // 2
+    rows = (torch.arange(h, dtype=torch.float32) + 1) / h * scale
+    cols = (torch.arange(w, dtype=torch.float32) + 1) / w * scale
+    dim_t = temperature ** (2 * torch.div(torch.arange(half), 2, rounding_mode="floor") / half)
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, half)
+        angles = coord[:, None] / dim_t
+        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=2).flatten(1)
+
+    pos_y = encode(rows)[:, None, :].expand(h, w, half)
+    pos_x = encode(cols)[None, :, :].expand(h, w, half)
+    return torch.cat((pos_y, pos_x), dim=2).reshape(h * w, dim)
+
+
+class RerankingTransformer(nn.Module):
+    """Pairwise reranker over local descriptors. See the module docstring for the token layout."""
+
+    def __init__(self, config: RRTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or RRTConfig()
+        n_segments = 6 if config.use_global_tokens else 4
+        self.segment_embedding = nn.Embedding(n_segments, config.d_model)
+        # Independent layers (not nn.TransformerEncoder) so no nested-tensor conversion happens:
+        # every token keeps its output, and eval on CPU still uses PyTorch's fused fast path.
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                config.d_model, config.n_heads, dim_feedforward=config.ff_dim, dropout=config.dropout,
+                activation=config.activation, batch_first=True, norm_first=config.norm_first,
+            )
+            for _ in range(config.n_layers)
+        )
+        # Pre-norm leaves the residual stream unnormalised, so it needs a final norm; post-norm
+        # (the reference) already ends every layer with one.
+        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else nn.Identity()
+        self.classifier = nn.Linear(config.d_model, 1)
+        for parameter in self.parameters():
+            if parameter.dim() > 1:  # every weight matrix, embeddings included (DETR/RRT init)
+                nn.init.xavier_uniform_(parameter)
+
+    def _local_tokens(self, local: torch.Tensor, mask: torch.Tensor | None, segment: int,
+                      position: torch.Tensor, name: str) -> torch.Tensor:
+        """(B, L, D) locals -> (B, L, D) tokens = locals + segment row + position of the cell.
+
+        Tokens past the grid's h*w cells get no position; they must be padding (checked).
+        """
+        if local.ndim != 3 or local.shape[2] != self.config.d_model:
+            raise ValueError(f"{name}_local must be (B, L, {self.config.d_model}), got {tuple(local.shape)}")
+        n_tokens, n_cells = local.shape[1], position.shape[0]
+        if n_tokens < n_cells:
+            raise ValueError(f"{name}_local has {n_tokens} tokens but the grid has {n_cells} cells")
+        if mask is not None and mask.shape != local.shape[:2]:
+            raise ValueError(f"{name}_mask must be {tuple(local.shape[:2])}, got {tuple(mask.shape)}")
+        if n_tokens > n_cells:
+            if mask is None or not bool(mask[:, n_cells:].all()):
+                raise ValueError(f"{name}_local tokens past the grid's {n_cells} cells must be "
+                                 f"marked as padding in {name}_mask")
+            position = nn.functional.pad(position, (0, 0, 0, n_tokens - n_cells))
+        bias = self.segment_embedding.weight[segment] + position  # (L, D)
+        return local + bias.to(local.dtype)
+
+    def _global_token(self, global_desc: torch.Tensor | None, batch: int, segment: int,
+                      name: str) -> torch.Tensor:
+        """(B, D) global descriptor -> (B, 1, D) token = descriptor + its segment row."""
+        if global_desc is None:
+            raise ValueError(f"use_global_tokens is set: {name}_global is required")
+        if global_desc.shape != (batch, self.config.d_model):
+            raise ValueError(f"{name}_global must be ({batch}, {self.config.d_model}), "
+                             f"got {tuple(global_desc.shape)}")
+        return (global_desc + self.segment_embedding.weight[segment].to(global_desc.dtype))[:, None]
+
+    def embed(
+        self,
+        query_local: torch.Tensor,
+        cand_local: torch.Tensor,
+        *,
+        query_mask: torch.Tensor | None = None,
+        cand_mask: torch.Tensor | None = None,
+        query_global: torch.Tensor | None = None,
+        cand_global: torch.Tensor | None = None,
+        grid: tuple[int, int] = (7, 7),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Build the input sequence. Arguments as :meth:`forward`.
+
+        Returns tokens (B, T, d_model) in the locals' dtype, T = Lq + Lc + 2 (+2 with global
+        tokens), and the key padding mask (B, T) bool (True = padding), or None when no mask is
+        given. CLS is token 0.
+        """
+        batch = query_local.shape[0]
+        if cand_local.shape[0] != batch:
+            raise ValueError(f"query and candidate batch sizes differ: {batch} vs {cand_local.shape[0]}")
+        position = sine_position_embedding(
+            grid, self.config.d_model, scale=self.config.pos_scale, temperature=self.config.pos_temperature
+        ).to(query_local.device)
+        weight = self.segment_embedding.weight.to(query_local.dtype)
+        query_tokens = self._local_tokens(query_local, query_mask, SEGMENT_QUERY, position, "query")
+        cand_tokens = self._local_tokens(cand_local, cand_mask, SEGMENT_CANDIDATE, position, "cand")
+        cls = weight[SEGMENT_CLS].expand(batch, 1, -1)
+        sep = weight[SEGMENT_SEP].expand(batch, 1, -1)
+        if self.config.use_global_tokens:
+            query_part = [self._global_token(query_global, batch, SEGMENT_QUERY_GLOBAL, "query"), query_tokens]
+            cand_part = [self._global_token(cand_global, batch, SEGMENT_CANDIDATE_GLOBAL, "cand"), cand_tokens]
+        else:
+            if query_global is not None or cand_global is not None:
+                raise ValueError("global descriptors were given but use_global_tokens is off")
+            query_part, cand_part = [query_tokens], [cand_tokens]
+        tokens = torch.cat([cls, *query_part, sep, *cand_part], dim=1)
+        if query_mask is None and cand_mask is None:
+            return tokens, None
+        n_special = 2 if self.config.use_global_tokens else 1  # CLS/SEP (+ global) are never padding
+        keep = torch.zeros(batch, n_special, dtype=torch.bool, device=tokens.device)
+
+        def as_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device) if mask is None else mask.bool()
+
+        padding = torch.cat([keep, as_mask(query_mask, query_local), keep, as_mask(cand_mask, cand_local)], 1)
+        return tokens, padding
+
+    def forward(
+        self,
+        query_local: torch.Tensor,
+        cand_local: torch.Tensor,
+        *,
+        query_mask: torch.Tensor | None = None,
+        cand_mask: torch.Tensor | None = None,
+        query_global: torch.Tensor | None = None,
+        cand_global: torch.Tensor | None = None,
+        grid: tuple[int, int] = (7, 7),
+    ) -> torch.Tensor:
+        """Score pairs: one logit per (query_local[b], cand_local[b]); higher = more likely a match.
+
+        query_local (B, Lq, D), cand_local (B, Lc, D): float locals (D = d_model), not normalised.
+        Token i < h*w sits at grid cell (i // w, i % w) of ``grid`` (the same grid for the whole
+        batch); tokens past h*w must be padding.
+        query_mask (B, Lq), cand_mask (B, Lc): bool, True = padding (ignored by attention, so it
+        does not change the logit). query_global, cand_global (B, D): only with use_global_tokens.
+        Returns logits (B,) in the locals' dtype.
+        """
+        tokens, padding = self.embed(
+            query_local, cand_local, query_mask=query_mask, cand_mask=cand_mask,
+            query_global=query_global, cand_global=cand_global, grid=grid,
+        )
+        for layer in self.layers:
+            tokens = layer(tokens, src_key_padding_mask=padding)
+        return self.classifier(self.final_norm(tokens[:, 0])).squeeze(-1)
+
+    def score_candidates(
+        self,
+        query_local: torch.Tensor,
+        cand_locals: torch.Tensor,
+        *,
+        query_mask: torch.Tensor | None = None,
+        cand_masks: torch.Tensor | None = None,
+        query_global: torch.Tensor | None = None,
+        cand_globals: torch.Tensor | None = None,
+        grid: tuple[int, int] = (7, 7),
+        batch_size: int = 100,
+    ) -> torch.Tensor:
+        """Score one query against N candidates (e.g. its global top-100), ``batch_size`` per pass.
+
+        query_local (L, D), query_mask (L,), query_global (D,); cand_locals (N, L', D),
+        cand_masks (N, L'), cand_globals (N, D). Returns logits (N,) float32 on the inputs' device.
+        Runs in eval mode under inference_mode (restoring the previous mode), so it is
+        deterministic and uses PyTorch's fused CPU encoder path.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n_cands = cand_locals.shape[0]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                scores = []
+                for start in range(0, n_cands, batch_size):
+                    stop = min(start + batch_size, n_cands)
+                    n = stop - start
+                    # expand: the query is a stride-0 view per batch, not n copies.
+                    scores.append(self(
+                        query_local[None].expand(n, -1, -1), cand_locals[start:stop],
+                        query_mask=None if query_mask is None else query_mask[None].expand(n, -1),
+                        cand_mask=None if cand_masks is None else cand_masks[start:stop],
+                        query_global=None if query_global is None else query_global[None].expand(n, -1),
+                        cand_global=None if cand_globals is None else cand_globals[start:stop],
+                        grid=grid,
+                    ).float())
+        finally:
+            self.train(was_training)
+        if not scores:
+            return torch.zeros(0, dtype=torch.float32, device=cand_locals.device)
+        return torch.cat(scores)
+
+
+def flops_per_pair(config: RRTConfig, n_locals: int = 49) -> float:
+    """Analytic matmul FLOPs (2 x multiply-adds) to score one pair with ``n_locals`` per image.
+
+    Per layer, with T tokens: Q/K/V projections 3*T*d^2, scores T^2*d, weighted values T^2*d,
+    output projection T*d^2, feed-forward 2*T*d*ff; plus d for the classifier. Softmax,
+    LayerNorm, residual adds and activations are O(T*d) elementwise work and are left out (well
+    under 1%). Defaults (T = 100): 423,936,256 FLOPs = 0.424 GFLOP, matching the reference's
+    "about 0.42 GFLOP", about 93% of it in the feed-forward and projections. Only the CLS output
+    is read, so the last layer could skip all non-CLS queries and feed-forwards (~15% fewer);
+    this implementation does not.
+    """
+    n_tokens = 2 * n_locals + (4 if config.use_global_tokens else 2)
+    d, ff = config.d_model, config.ff_dim
+    macs_per_layer = 4 * n_tokens * d * d + 2 * n_tokens * n_tokens * d + 2 * n_tokens * d * ff
+    return float(2 * (config.n_layers * macs_per_layer + d))
