@@ -24,7 +24,7 @@ import torch
 from waldo import __version__
 from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
-from waldo.index.store import IndexMismatchError, IndexStore
+from waldo.index import IndexMismatchError, IndexStore
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors

@@ -40,7 +40,7 @@ def _load_records(data: str, where: list[str] | None):
     filters = _parse_where(where)
     if filters:
         def keep(record) -> bool:
-            fields = {"identity": record.identity, **record.attrs}
+            fields = {"identity": record.identity, "instance_id": record.identity, **record.attrs}
             return all(fields.get(column) in values for column, values in filters.items())
 
         image_set = image_set.filter(keep)

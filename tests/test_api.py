@@ -1,0 +1,107 @@
+"""The Python API end to end on real photos: build, search, grow, shrink, reopen, refuse."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from waldo.api import Waldo
+from waldo.data.datasets import read_labels_csv
+from waldo.index import IndexMismatchError
+
+
+@pytest.fixture(scope="module")
+def abo(data_root):
+    return read_labels_csv(data_root / "abo_sample")
+
+
+@pytest.fixture(scope="module")
+def built(abo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("idx") / "abo"
+    engine = Waldo.create(root, backbone="efficientnet_lite0", projection="random", progress=False)
+    report = engine.add(abo.paths, abo.identities, [dict(r.attrs) for r in abo.records], progress=False,
+                        num_workers=0)
+    assert len(report.added) == len(abo) and not report.errors
+    return root, engine
+
+
+def test_an_indexed_photo_finds_itself_then_its_siblings(abo, built):
+    _, engine = built
+    for record in abo.records[::4]:
+        hits = engine.search(record.path, k=3)
+        assert hits[0].path == record.path and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert [h.rank for h in hits] == [1, 2, 3]
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    # Catalogue shots of one product resemble each other more than other products: the second
+    # hit shares the query's identity for most queries (not all: 3-5 shots of similar items).
+    second_right = np.mean([engine.search(r.path, k=2)[1].identity == r.identity for r in abo.records])
+    assert second_right >= 0.6
+
+
+def test_reopen_gives_the_same_answers(abo, built):
+    root, engine = built
+    query = abo.records[5].path
+    again = Waldo.open(root)
+    assert len(again) == len(engine)
+    assert [(h.id, round(h.score, 5)) for h in again.search(query, k=5)] == \
+           [(h.id, round(h.score, 5)) for h in engine.search(query, k=5)]
+
+
+def test_search_accepts_bytes_and_refuses_bad_k(abo, built):
+    _, engine = built
+    data = Path(abo.records[0].path).read_bytes()
+    assert engine.search(data, k=1)[0].path == abo.records[0].path
+    with pytest.raises(ValueError, match="k must be"):
+        engine.search(data, k=0)
+
+
+def test_add_remove_and_duplicates(abo, grocery_dir, tmp_path):
+    engine = Waldo.create(tmp_path / "idx", projection="random", progress=False)
+    first = engine.add(abo.paths[:6], abo.identities[:6], progress=False, num_workers=0)
+    assert len(first.added) == 6
+    again = engine.add(abo.paths[:8] + abo.paths[7:8], abo.identities[:8] + abo.identities[7:8],
+                       progress=False, num_workers=0)
+    assert len(again.added) == 2 and len(again.already_indexed) == 7  # 6 indexed + 1 repeated
+    assert len(engine) == 8
+    assert engine.remove(paths=[abo.paths[0]]) == 1
+    assert all(h.path != abo.paths[0] for h in engine.search(abo.paths[0], k=8))
+    assert len(Waldo.open(tmp_path / "idx")) == 7
+
+
+def test_unreadable_images_are_reported_and_skipped(abo, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, path in enumerate(abo.paths[:3]):
+        (folder / f"good{i}.jpg").symlink_to(path)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(Path(abo.paths[0]).read_bytes()[:2000])
+    (folder / "notes.png").write_text("not an image")
+    paths = sorted(str(p) for p in folder.iterdir())
+    engine = Waldo.create(tmp_path / "idx", projection="random", progress=False)
+    report = engine.add(paths, progress=False, num_workers=0)
+    assert len(report.added) == 3
+    assert sorted(Path(p).name for p, _ in report.errors) == ["empty.jpg", "notes.png", "truncated.jpg"]
+    assert all(message for _, message in report.errors)
+
+
+def test_an_index_refuses_another_model(built, tmp_path):
+    root, _ = built
+    other = Waldo.create(tmp_path / "other", projection="random", seed=1, progress=False)
+    with pytest.raises(IndexMismatchError, match="model_hash"):
+        Waldo.open(root, model_dir=other.root / "model")
+    resnet_like = Waldo.create(tmp_path / "lite2", backbone="efficientnet_lite2", projection="random",
+                               progress=False)
+    with pytest.raises(IndexMismatchError, match="backbone"):
+        Waldo.open(root, model_dir=resnet_like.root / "model")
+
+
+def test_create_refuses_an_existing_index(built):
+    root, _ = built
+    with pytest.raises((FileExistsError, ValueError)):
+        Waldo.create(root, projection="random", progress=False)
+    assert len(Waldo.open(root)) > 0  # and the old one is untouched
+
+
+def test_open_a_folder_that_is_not_an_index(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Waldo index"):
+        Waldo.open(tmp_path)

@@ -1,0 +1,79 @@
+"""The ``waldo`` command line, run as a user would (in-process through ``main``)."""
+
+import json
+
+import pytest
+
+from waldo.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("cli") / "abo-index"
+    code = main(["index", "build", "--data", str(data_root / "abo_sample"), "--out", str(out),
+                 "--projection", "random", "--workers", "0", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_build_search_info_check(capsys, index_dir, data_root):
+    query = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
+    code, out, _ = run(capsys, "search", query, "--index", index_dir, "-k", "3")
+    assert code == 0 and "9ea6992d.jpg" in out.splitlines()[2]
+    code, out, _ = run(capsys, "search", query, "--index", index_dir, "-k", "3", "--json")
+    hits = json.loads(out)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["identity"] == "0"
+    code, out, _ = run(capsys, "index", "info", "--index", index_dir)
+    info = json.loads(out)
+    assert code == 0 and info["model"]["backbone"] == "efficientnet_lite0"
+    code, out, _ = run(capsys, "index", "check", "--index", index_dir)
+    assert code == 0 and out.strip().endswith("ok")
+
+
+def test_add_and_remove(capsys, tmp_path, data_root):
+    out_dir = tmp_path / "idx"
+    folder = data_root / "abo_sample" / "B0799CK52K"
+    assert main(["index", "build", "--data", str(data_root / "abo_sample"), "--where", "instance_id=0",
+                 "--out", str(out_dir), "--projection", "random", "--workers", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "index", "add", "--index", out_dir, folder, "--workers", "0", "--quiet")
+    assert code == 0 and "added" in out
+    n_added = int(out.split()[1])
+    assert n_added == len(list(folder.glob("*.jpg")))
+    victim = sorted(folder.glob("*.jpg"))[0]
+    code, out, _ = run(capsys, "index", "remove", "--index", out_dir, "--path", victim)
+    assert code == 0 and out.startswith("removed 1")
+
+
+def test_eval_writes_json(capsys, tmp_path, data_root):
+    out_json = tmp_path / "m.json"
+    code, out, _ = run(capsys, "eval", "--protocol", "loo", "--data", data_root / "abo_sample",
+                       "--projection", "random", "--json", out_json, "--workers", "0", "--quiet")
+    assert code == 0 and "R@1" in out
+    metrics = json.loads(out_json.read_text())
+    for key in ("recall@1", "recall@10", "recall@100", "map"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_queries"] == 12
+
+
+def test_clear_errors(capsys, tmp_path, index_dir, data_root):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "index", "build", "--data", empty, "--out", tmp_path / "x")
+    assert code == 2 and "no images" in err
+    code, _, err = run(capsys, "index", "build", "--data", data_root / "abo_sample", "--out", index_dir)
+    assert code == 2 and "already exists" in err
+    code, _, err = run(capsys, "search", tmp_path / "missing.jpg", "--index", index_dir)
+    assert code == 2 and "missing.jpg" in err
+    code, _, err = run(capsys, "search", data_root / "abo_sample" / "labels.csv", "--index", index_dir)
+    assert code == 2 and "labels.csv" in err
+    code, _, err = run(capsys, "search", data_root / "abo_sample" / "labels.csv", "--index", tmp_path)
+    assert code == 2 and "not a Waldo index" in err
+    code, _, err = run(capsys, "eval", "--protocol", "no-such-protocol", "--data", tmp_path)
+    assert code == 2 and "unknown protocol" in err
