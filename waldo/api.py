@@ -176,7 +176,7 @@ class Waldo:
     def search_descriptor(self, query_global: np.ndarray, k: int = 10) -> list[SearchHit]:
         result = self.store.search(np.asarray(query_global, np.float32)[None], k)
         ids = [int(i) for i in result.ids[0] if i >= 0]
-        records = {r.id: r for r in self.store.records(ids)}
+        records = {r.id: r for r in self.store.records(ids, skip_missing=True)}  # removed meanwhile: skip
         return [SearchHit(rank + 1, i, records[i].path, records[i].identity, float(score), dict(records[i].attrs))
                 for rank, (i, score) in enumerate(zip(ids, result.scores[0])) if i in records]
 

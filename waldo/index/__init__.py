@@ -1,0 +1,23 @@
+"""Waldo's index: exact kNN search and the persistent, crash-safe descriptor store.
+
+Flat re-exports so callers write ``from waldo.index import IndexStore, exact_knn``.
+"""
+
+from waldo.index.db import IndexedImage
+from waldo.index.errors import IndexCorruptError, IndexMismatchError, UnknownIdError
+from waldo.index.knn import exact_knn, numpy_knn, search_flat_index
+from waldo.index.snapshot import SearchResult, Snapshot
+from waldo.index.store import IndexStore
+
+__all__ = [
+    "IndexCorruptError",
+    "IndexMismatchError",
+    "IndexStore",
+    "IndexedImage",
+    "SearchResult",
+    "Snapshot",
+    "UnknownIdError",
+    "exact_knn",
+    "numpy_knn",
+    "search_flat_index",
+]

@@ -1,0 +1,200 @@
+"""Immutable on-disk segments: one folder of ``.npy`` arrays per ``add`` (or ``compact``).
+
+A segment is written completely and fsynced *before* the SQLite transaction that names it
+commits; until then it is an orphan that readers never look at (they only open segments
+listed in SQLite) and that the next writer deletes. Segments are never modified after the
+commit, which is what lets readers memory-map them without locks.
+
+Layout of ``segments/<name>/``:
+    global.npy  (n, D) float32        global descriptors, one row per image
+    local.npy   (n, L, Dl) float16    local descriptors, read through np.memmap
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waldo.index.errors import IndexCorruptError
+from waldo.index.fsutil import fsync_dir, fsync_file, sha256_file
+
+GLOBAL_FILE = "global.npy"
+LOCAL_FILE = "local.npy"
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What SQLite records about a segment so that ``check()`` can verify it later."""
+
+    name: str
+    count: int
+    global_sha256: str
+    local_sha256: str
+    global_bytes: int
+    local_bytes: int
+
+
+@dataclass(frozen=True)
+class SegmentArrays:
+    """A committed segment opened read-only: ``global_`` (n, D) float32, ``local`` (n, L, Dl) float16.
+
+    Both are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
+    processes) share one copy, and a large local array never has to fit in RAM.
+    """
+
+    global_: np.ndarray
+    local: np.ndarray
+
+
+def gather_rows(arrays: list[SegmentArrays], segments: np.ndarray, rows: np.ndarray, part: str) -> np.ndarray:
+    """Rows ``(segments[i], rows[i])`` of part ``"global_"`` or ``"local"`` as one new array.
+
+    Grouped per segment so each memmap is read with a single fancy-index (rows sorted within
+    a segment give mostly sequential I/O). Returns (n, D) float32 or (n, L, Dl) float16.
+    """
+    if part not in ("global_", "local"):
+        raise ValueError(f"unknown segment part {part!r}")
+    if not arrays:
+        raise ValueError("no segments to read from")
+    like = getattr(arrays[0], part)
+    out = np.empty((len(rows), *like.shape[1:]), dtype=like.dtype)
+    if len(rows) == 0:
+        return out
+    order = np.argsort(segments, kind="stable")
+    bounds = np.flatnonzero(np.diff(segments[order])) + 1
+    for group in np.split(order, bounds):
+        out[group] = getattr(arrays[segments[group[0]]], part)[rows[group]]
+    return out
+
+
+def new_segment_name() -> str:
+    """A unique, time-sortable folder name (sorting by name = order of creation)."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def write_segment(
+    segments_dir: Path,
+    count: int,
+    global_dim: int,
+    local_shape: tuple[int, int],
+    fill: Callable[[np.ndarray, np.ndarray], None],
+) -> SegmentInfo:
+    """Create a new segment of ``count`` rows, durably, and return its :class:`SegmentInfo`.
+
+    ``fill(global_mm, local_mm)`` writes the rows into writable memmaps of shape
+    (count, D) float32 and (count, L, Dl) float16; writing through memmaps lets ``compact``
+    stream arbitrarily large segments in chunks. On any error the folder is removed.
+    """
+    if count < 1:
+        raise ValueError("a segment must hold at least one row")
+    name = new_segment_name()
+    folder = segments_dir / name
+    folder.mkdir()
+    try:
+        g_path, l_path = folder / GLOBAL_FILE, folder / LOCAL_FILE
+        g_mm = np.lib.format.open_memmap(g_path, mode="w+", dtype=np.float32, shape=(count, global_dim))
+        l_mm = np.lib.format.open_memmap(l_path, mode="w+", dtype=np.float16, shape=(count, *local_shape))
+        fill(g_mm, l_mm)
+        g_mm.flush()
+        l_mm.flush()
+        del g_mm, l_mm  # unmap before hashing/fsync so nothing can still be dirty in our mapping
+        for p in (g_path, l_path):
+            fsync_file(p)
+        fsync_dir(folder)
+        fsync_dir(segments_dir)  # the new folder's entry must be durable before SQLite names it
+        return SegmentInfo(
+            name=name,
+            count=count,
+            global_sha256=sha256_file(g_path),
+            local_sha256=sha256_file(l_path),
+            global_bytes=g_path.stat().st_size,
+            local_bytes=l_path.stat().st_size,
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def open_segment(
+    segments_dir: Path, name: str, count: int, global_dim: int, local_shape: tuple[int, int]
+) -> SegmentArrays:
+    """Memory-map a committed segment, checking shapes and dtypes against SQLite's record.
+
+    Raises:
+        FileNotFoundError: the folder vanished (a concurrent ``compact``/``remove`` dropped
+            it after our SQLite read); callers retry with a fresh state.
+        IndexCorruptError: the files exist but do not match what SQLite recorded.
+    """
+    folder = segments_dir / name
+    arrays = []
+    for fname, shape, dtype in (
+        (GLOBAL_FILE, (count, global_dim), np.float32),
+        (LOCAL_FILE, (count, *local_shape), np.float16),
+    ):
+        path = folder / fname
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise IndexCorruptError(f"segment file {path} is unreadable: {e}") from None
+        if arr.shape != shape or arr.dtype != dtype:
+            raise IndexCorruptError(
+                f"segment file {path} holds {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}"
+            )
+        arrays.append(arr)
+    return SegmentArrays(global_=arrays[0], local=arrays[1])
+
+
+def verify_segment(
+    segments_dir: Path, info: SegmentInfo, global_dim: int, local_shape: tuple[int, int]
+) -> list[str]:
+    """Integrity problems of one committed segment (missing files, wrong shape, wrong hash)."""
+    problems: list[str] = []
+    folder = segments_dir / info.name
+    if not folder.is_dir():
+        return [f"segment {info.name}: folder {folder} is missing"]
+    try:
+        open_segment(segments_dir, info.name, info.count, global_dim, local_shape)
+    except FileNotFoundError as e:
+        problems.append(f"segment {info.name}: file missing ({e.filename})")
+    except IndexCorruptError as e:
+        problems.append(f"segment {info.name}: {e}")
+    for fname, want in ((GLOBAL_FILE, info.global_sha256), (LOCAL_FILE, info.local_sha256)):
+        path = folder / fname
+        if path.is_file() and sha256_file(path) != want:
+            problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")
+    return problems
+
+
+def list_segment_dirs(segments_dir: Path) -> list[str]:
+    """Names of all folders under ``segments/`` (committed or not)."""
+    try:
+        return sorted(e.name for e in os.scandir(segments_dir) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
+def remove_segment_dirs(segments_dir: Path, names: Iterable[str]) -> None:
+    """Delete segment folders. Only called for folders no committed SQLite row names."""
+    removed = False
+    for name in names:
+        shutil.rmtree(segments_dir / name, ignore_errors=True)
+        removed = True
+    if removed:
+        fsync_dir(segments_dir)
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files directly inside ``path`` (0 if it does not exist)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0

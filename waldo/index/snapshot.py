@@ -1,0 +1,164 @@
+"""Immutable, consistent read views of an index.
+
+A :class:`Snapshot` is built from one SQLite read transaction (one generation) plus the
+committed segment files it names. Nothing in it changes afterwards, so any number of threads
+can search it while a writer adds, removes or compacts: a query never sees a half-written
+state, and the ids it returns always belong to that generation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from waldo.index import db
+from waldo.index.db import LiveRows
+from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
+from waldo.index.knn import search_flat_index
+from waldo.index.segments import SegmentArrays, SegmentInfo, gather_rows
+
+_ADD_CHUNK = 1 << 16  # rows per faiss add() while building a snapshot
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k neighbours per query: ``scores`` (Q, k) float32 descending inner products and
+    ``ids`` (Q, k) int64 image ids, ``-inf`` / ``-1`` where fewer than k exist.
+    ``generation`` is the index state the answer came from."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    generation: int
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+class Snapshot:
+    """The live images of one index generation, with a faiss ``IndexFlatIP`` over their globals.
+
+    Memory: the faiss index holds the (n, D) float32 global descriptors in RAM (that is what
+    makes search fast); the segment files stay memory-mapped, so ``local_descriptors`` reads
+    only the rows asked for. Paths and identities are kept so results can be interpreted
+    consistently even if the images are removed from the index meanwhile.
+    """
+
+    def __init__(
+        self, live: LiveRows, arrays: Sequence[SegmentArrays], global_dim: int, local_shape: tuple[int, int]
+    ) -> None:
+        self.generation = live.generation
+        self.global_dim = global_dim
+        self.local_shape = local_shape
+        self.ids = _readonly(live.ids)  # (n,) int64, ascending
+        self.paths: tuple[str, ...] = tuple(live.paths)
+        self.identities: tuple[str, ...] = tuple(live.identities)
+        self._segments = _readonly(live.segments)
+        self._rows = _readonly(live.rows)
+        self._arrays = list(arrays)
+        self.segment_names: tuple[str, ...] = tuple(info.name for info in live.segment_infos)
+        self._index = faiss.IndexFlatIP(global_dim)
+        # Add in chunks: faiss copies what it is given, so this bounds the transient extra
+        # memory to one chunk instead of a second full (n, D) matrix.
+        for start in range(0, len(self.ids), _ADD_CHUNK):
+            self._index.add(self._gather("global_", np.arange(start, min(start + _ADD_CHUNK, len(self.ids)))))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _gather(self, part: str, positions: np.ndarray) -> np.ndarray:
+        if len(positions) == 0:
+            shape = (self.global_dim,) if part == "global_" else self.local_shape
+            return np.empty((0, *shape), dtype=np.float32 if part == "global_" else np.float16)
+        return gather_rows(self._arrays, self._segments[positions], self._rows[positions], part)
+
+    def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n,) int64 snapshot positions of live ``ids``; raises :class:`UnknownIdError` otherwise."""
+        ids_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(self.ids, ids_arr)
+        pos_c = np.minimum(pos, max(len(self.ids) - 1, 0))
+        ok = (pos < len(self.ids)) & (self.ids[pos_c] == ids_arr) if len(self.ids) else np.zeros(len(ids_arr), bool)
+        if not ok.all():
+            missing = ids_arr[~ok].tolist()
+            msg = f"ids not in the index (generation {self.generation}): {describe_keys(missing)}"
+            raise UnknownIdError(msg, missing)
+        return pos_c
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude_ids: Sequence[int] | np.ndarray | None = None,
+        batch_size: int = 4096,
+    ) -> SearchResult:
+        """Exact top-``k`` live images by inner product for each (Q, D) float32 query.
+
+        ``exclude_ids``: (Q,) image id to leave out of each query's results (leave-one-out),
+        -1 for none; ids that are not live are ignored (nothing to exclude).
+        """
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.global_dim:
+            hint = " (for one query use queries[None, :])" if q.ndim == 1 else ""
+            raise ValueError(f"queries must have shape (Q, {self.global_dim}), got {q.shape}{hint}")
+        exclude = None
+        if exclude_ids is not None:
+            ex = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+            if ex.shape != (q.shape[0],):
+                raise ValueError(f"exclude_ids must have one id per query ({q.shape[0]}), got {ex.shape[0]}")
+            pos = np.searchsorted(self.ids, ex)
+            pos_c = np.minimum(pos, max(len(self.ids) - 1, 0))
+            live = (ex >= 0) & (pos < len(self.ids)) & (self.ids[pos_c] == ex) if len(self.ids) else ex < -1
+            exclude = np.where(live, pos_c, -1).astype(np.int64)
+        scores, idx = search_flat_index(self._index, q, k, exclude=exclude, batch_size=batch_size)
+        ids = np.where(idx >= 0, self.ids[np.maximum(idx, 0)] if len(self.ids) else -1, -1).astype(np.int64)
+        return SearchResult(scores=scores, ids=ids, generation=self.generation)
+
+    def global_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, D) float32 global descriptors of ``ids``, in the order given."""
+        return self._gather("global_", self.positions(ids))
+
+    def local_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, L, Dl) float16 local descriptors of ``ids``, read from the memory-mapped segments."""
+        return self._gather("local", self.positions(ids))
+
+    def local_view(self, image_id: int) -> np.ndarray:
+        """Zero-copy (L, Dl) float16 ``np.memmap`` of one image's local descriptors.
+
+        Reads nothing until used; valid as long as this snapshot is referenced (the mapping
+        keeps the file alive even if a later ``compact`` deletes it).
+        """
+        p = int(self.positions([image_id])[0])
+        return self._arrays[self._segments[p]].local[self._rows[p]]
+
+
+def load_snapshot(
+    conn: sqlite3.Connection,
+    open_seg: Callable[[SegmentInfo], SegmentArrays],
+    global_dim: int,
+    local_shape: tuple[int, int],
+) -> tuple[Snapshot, dict[str, SegmentArrays]]:
+    """Build a snapshot of the current committed state.
+
+    Returns it with the opened segments by name (the caller caches them: committed segments
+    never change, so the next reload only opens new ones). If a segment folder vanished
+    between the catalogue read and opening it, a concurrent compact/remove committed meanwhile
+    (the generation moved): retry on the new state. A missing folder at an unchanged
+    generation is real damage.
+    """
+    for _attempt in range(10):
+        live = db.live_rows(conn)
+        try:
+            arrays = [open_seg(info) for info in live.segment_infos]
+        except FileNotFoundError as e:
+            if db.generation(conn) == live.generation:
+                raise IndexCorruptError(f"a live segment file is missing: {e.filename}") from None
+            continue
+        by_name = {info.name: a for info, a in zip(live.segment_infos, arrays)}
+        return Snapshot(live, arrays, global_dim, local_shape), by_name
+    raise IndexCorruptError("the index changed under 10 consecutive snapshot attempts")
