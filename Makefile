@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 WALDO_DATA ?= ../shared/data
 DEMO_INDEX ?= demo-index
-DEMO_QUERY ?= $(WALDO_DATA)/grocery_store/dataset/test/Fruit/Banana/Banana_001.jpg
+DEMO_DATA ?= $(WALDO_DATA)/grocery_store
+comma := ,
+# The split filter belongs to the grocery labels.csv; any other folder is indexed whole.
+DEMO_WHERE ?= $(if $(filter %/grocery_store %/grocery_store/,$(DEMO_DATA)),split=train$(comma)val$(comma)gallery)
+DEMO_HOST ?= 127.0.0.1
+DEMO_PORT ?= 8000
 export WALDO_DATA
 
 .PHONY: setup demo test test-fast clean-demo
@@ -18,13 +23,14 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Main job: index the grocery photos (train/val splits and catalogue images; re-used when it
-# exists) and answer a query with a held-out test photo.
+# Main job: index a photo collection (default: the grocery photos of the train/val splits and
+# the catalogue images; re-used when the index exists) and serve the search page on it.
+# Another folder: make demo DEMO_DATA=/path/to/photos DEMO_INDEX=other-index
 demo: setup
 	@if [ -f $(DEMO_INDEX)/manifest.json ]; then echo "re-using $(DEMO_INDEX)"; else \
-	  $(BIN)/waldo index build --data $(WALDO_DATA)/grocery_store --where split=train,val,gallery \
+	  $(BIN)/waldo index build --data $(DEMO_DATA) $(if $(DEMO_WHERE),--where $(DEMO_WHERE)) \
 	    --backbone efficientnet_lite0 --out $(DEMO_INDEX); fi
-	$(BIN)/waldo search $(DEMO_QUERY) --index $(DEMO_INDEX) -k 10
+	$(BIN)/waldo serve --index $(DEMO_INDEX) --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -29,8 +29,10 @@ from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_mo
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
 from waldo.models.untrained import untrained_model
+from waldo.rerank.local_features import SiftConfig, extract_many, extract_sift_file, pack_features
 
 MODEL_FOLDER = "model"
+RERANK_TOP_K = 100  # how many global results a reranker re-sorts
 
 
 @dataclass
@@ -76,16 +78,20 @@ class Waldo:
         self.config = config
         self.root = root
         self.transform = get_transform(config.transform, config.image_size)
+        self._rerankers: dict = {}  # name -> Reranker, loaded on first use
+        gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
+        self.gv_sift = SiftConfig.from_dict(gv) if gv else None
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
                projection: str = "pca-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
-               progress: bool = True, seed: int = 0) -> "Waldo":
+               progress: bool = True, seed: int = 0, gv_features: bool = True) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
-        about to be indexed)."""
+        about to be indexed). ``gv_features`` stores SIFT keypoints of every added image (about
+        100 KB per image) so that searches can use ``rerank="gv"``."""
         root = Path(index_dir)
         if model_dir is not None:
             model, config = load_model(model_dir)
@@ -96,10 +102,17 @@ class Waldo:
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed)
         local_cells = (config.image_size // 32) ** 2
-        store = IndexStore.create(root, manifest=_manifest_for(model, config), global_dim=config.dim,
+        manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().to_dict() if gv_features else None}
+        store = IndexStore.create(root, manifest=manifest, global_dim=config.dim,
                                   local_shape=(local_cells, config.dim))
         try:
             save_model(model, config, root / MODEL_FOLDER)
+            if model_dir is not None:  # a reranker travels with its model, so the index can rerank
+                from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt
+
+                if has_rrt(model_dir):
+                    for name in RRT_FILES:
+                        shutil.copy2(Path(model_dir) / name, root / MODEL_FOLDER / name)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)  # never leave an index without its model
             raise
@@ -146,9 +159,13 @@ class Waldo:
         report.errors = extracted.errors
         rows = [keep[j] for j in np.flatnonzero(extracted.ok)]
         if rows:
-            report.added = self.store.add([paths[i] for i in rows], [identities[i] for i in rows],
+            kept = [paths[i] for i in rows]
+            # Keypoints for geometric verification: computed once here, never per query.
+            verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None))
+                            if self.gv_sift is not None else None)
+            report.added = self.store.add(kept, [identities[i] for i in rows],
                                           extracted.global_desc, extracted.local_desc,
-                                          attrs=[attrs[i] for i in rows])
+                                          attrs=[attrs[i] for i in rows], verification=verification)
         return report
 
     def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
@@ -166,12 +183,83 @@ class Waldo:
         out = self.model(tensor.contiguous(memory_format=torch.channels_last))
         return out.global_desc[0].numpy(), out.local_desc[0].numpy()
 
-    def search(self, image: str | Path | bytes | IO[bytes], k: int = 10) -> list[SearchHit]:
-        """The ``k`` indexed images most similar to ``image``, best first."""
+    def search(self, image: str | Path | bytes | IO[bytes], k: int = 10,
+               rerank: str | None = None) -> list[SearchHit]:
+        """The ``k`` indexed images most similar to ``image``, best first.
+
+        ``rerank`` ("rrt" | "rrt-fusion") re-sorts the global top-``RERANK_TOP_K`` with the
+        reranker stored beside the index's model (``model/rrt.json``), using the indexed local
+        descriptors; each hit's ``score`` is then the reranker's (logit, or fused score).
+        ``rerank="gv"`` verifies the top-``RERANK_TOP_K`` geometrically (SIFT keypoints stored
+        in the index, see waldo.rerank.gv) and puts verified images first; ``"rrt+gv"`` does so
+        on the RRT's order. Their ``score`` is the inlier count (negative: not verified).
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        query_global, _ = self.describe(image)
-        return self.search_descriptor(query_global, k)
+        if hasattr(image, "read"):  # a stream reads once; the model and GV both need the image
+            image = image.read()
+        query_global, query_local = self.describe(image)
+        if rerank is None or rerank == "none":
+            return self.search_descriptor(query_global, k)
+        return self._search_reranked(query_global, query_local, k, rerank, image)
+
+    def _search_reranked(self, query_global: np.ndarray, query_local: np.ndarray, k: int,
+                         rerank: str, image: str | Path | bytes | None = None) -> list[SearchHit]:
+        from waldo.rerank.base import RerankCandidates, RerankQuery, create_reranker
+        from waldo.rerank.rrt_checkpoint import has_rrt
+
+        uses_gv = rerank == "gv" or rerank.endswith("+gv")
+        if rerank not in self._rerankers:
+            folder = self.root / MODEL_FOLDER
+            if uses_gv:
+                import waldo.rerank.gv  # noqa: F401  (registers "gv", "rrt+gv")
+
+                if self.gv_sift is None:
+                    raise ValueError("this index was built without verification features "
+                                     "(gv_features=False); rebuild it to use --rerank gv")
+            if rerank != "gv" and not has_rrt(folder):
+                raise ValueError(f"the index's model has no reranker ({folder}/rrt.json); build the index "
+                                 f"with --model pointing at a folder made by `waldo train rrt`")
+            self._rerankers[rerank] = create_reranker(rerank, folder)
+        hits = self.search_descriptor(query_global, max(k, RERANK_TOP_K))
+        head, tail = hits[:RERANK_TOP_K], hits[RERANK_TOP_K:]  # only the top-100 is re-sorted
+        if not head:
+            return []
+        local = self.store.local_descriptors([h.id for h in head])  # (n, L, D) float16
+        query = RerankQuery(query_local, query_global)
+        candidates = RerankCandidates(local, np.array([h.score for h in head], np.float32),
+                                      self.store.global_descriptors([h.id for h in head]))
+        if uses_gv:  # hit.score is then the inlier count (negative: not verified, prior order)
+            query, candidates = self._with_keypoints(query, candidates, image, [h.id for h in head])
+        result = self._rerankers[rerank].rerank(query, candidates)
+        reranked = [SearchHit(rank + 1, head[i].id, head[i].path, head[i].identity, float(score), head[i].attrs)
+                    for rank, (i, score) in enumerate(zip(result.order, result.scores))]
+        for offset, hit in enumerate(tail, start=len(reranked) + 1):
+            hit.rank = offset
+        return (reranked + tail)[:k]
+
+    def _with_keypoints(self, query, candidates, image, ids: list[int]):
+        """The rerank inputs plus keypoints: the query's extracted now, the candidates' read
+        from the index (images indexed without them get none and keep their prior order)."""
+        from waldo.rerank.gv import GVCandidates, GVQuery
+        from waldo.rerank.local_features import LocalFeatures, unpack_features
+
+        if image is None:
+            raise ValueError("geometric verification needs the query image, not only its descriptors")
+        ragged = self.store.verification_features(ids)
+        features = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty() for _ in ids]
+        return (GVQuery(query.local_desc, query.global_desc, features=extract_sift_file(image, self.gv_sift)),
+                GVCandidates(candidates.local_desc, candidates.global_scores, candidates.global_desc,
+                             features=features))
+
+    def available_rerankers(self) -> list[str]:
+        """The ``rerank`` values :meth:`search` accepts for this index: "none" always, "gv" when
+        the index stores verification keypoints, "rrt" when a reranker sits beside the model,
+        "rrt+gv" when both. Services offer exactly these (``waldo serve``'s ranking toggle)."""
+        from waldo.rerank.rrt_checkpoint import has_rrt
+
+        gv, rrt = self.gv_sift is not None, has_rrt(self.root / MODEL_FOLDER)
+        return ["none"] + ["rrt"] * rrt + ["gv"] * gv + ["rrt+gv"] * (rrt and gv)
 
     def search_descriptor(self, query_global: np.ndarray, k: int = 10) -> list[SearchHit]:
         result = self.store.search(np.asarray(query_global, np.float32)[None], k)

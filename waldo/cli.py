@@ -4,6 +4,11 @@
     waldo index add|remove|info|check ...
     waldo search IMAGE --index DIR -k 10
     waldo eval --data DIR --protocol NAME --backbone NAME [--transform NAME] [--json OUT]
+    waldo eval --protocol NAME --model RERANKER_DIR --rerank rrt|rrt-fusion
+    waldo eval --protocol NAME --rerank gv            (geometric verification; rrt+gv with --model)
+    waldo explain QUERY CANDIDATE -o match.png        (inlier lines of a verification)
+    waldo train rrt --protocol NAME --config FILE --init MODEL_DIR --mode frozen|finetune --out DIR
+    waldo serve --index DIR [--host 127.0.0.1 --port 8000]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+RERANK_CHOICES = ("none", "rrt", "rrt-fusion", "gv", "rrt+gv")
 
 
 def _fail(message: str) -> int:
@@ -142,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     engine = Waldo.open(args.index, model_dir=args.model)
     start = time.perf_counter()
-    hits = engine.search(args.image, k=args.k)
+    hits = engine.search(args.image, k=args.k, rerank=None if args.rerank == "none" else args.rerank)
     elapsed_ms = (time.perf_counter() - start) * 1000
     if args.json:
         print(hits_to_json(hits))
@@ -162,13 +168,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        model_dir=args.model, transform=args.transform, projection=args.projection,
                        dim=args.dim, batch_size=args.batch_size, num_workers=args.workers,
-                       progress=not args.quiet)
+                       progress=not args.quiet, rerank=None if args.rerank == "none" else args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
+    if "global" in metrics:  # reranked: the global ranking first, for comparison
+        baseline = metrics["global"]
+        print(f"{'  global':<20} {baseline['n_queries']:>7} {baseline['recall@1']:7.4f} "
+              f"{baseline['recall@10']:7.4f} {baseline['recall@100']:7.4f} {baseline['map']:7.4f}")
     print(f"{args.protocol:<20} {metrics['n_queries']:>7} {metrics['recall@1']:7.4f} "
           f"{metrics['recall@10']:7.4f} {metrics['recall@100']:7.4f} {metrics['map']:7.4f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    from waldo.rerank.explain import explain_pair, save_png
+    from waldo.rerank.gv import GVConfig
+
+    explanation = explain_pair(args.query, args.candidate, height=args.height, show_outliers=args.outliers)
+    out = save_png(explanation.picture, args.out)
+    v = explanation.verification
+    verdict = "verified" if v.inliers >= GVConfig().min_inliers else "not verified"
+    print(f"{v.inliers} inliers / {v.n_matches} matches ({v.inlier_ratio:.0%}), model {v.model}: {verdict}; "
+          f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from waldo.serve import ServeSettings, create_app
+
+    if not (Path(args.index) / "manifest.json").is_file():
+        return _fail(f"{args.index} is not a Waldo index (no manifest.json); build one with `waldo index build`")
+    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                             max_k=args.max_k, query_slots=args.query_slots)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    # Printed before the model loads so a person sees where to go; uvicorn reports readiness.
+    print(f"waldo: serving {args.index} at http://{shown_host}:{args.port}/ (loading the model first; "
+          f"Ctrl+C stops)", flush=True)
+    uvicorn.run(create_app(args.index, settings), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.access_log)
     return 0
 
 
@@ -235,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--model", default=None, help="must be the model that built the index")
     search.add_argument("--json", action="store_true", help="print results as JSON")
+    search.add_argument("--rerank", default="none", choices=RERANK_CHOICES,
+                        help="re-sort the global top-100 with the index model's reranker (rrt.json); "
+                             "gv: geometric verification (keypoints stored in the index); rrt+gv: both")
     search.set_defaults(handler=cmd_search)
 
     evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol")
@@ -242,9 +288,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
     evaluate.add_argument("--transform", default="resize256-crop224")
     evaluate.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON")
+    evaluate.add_argument("--rerank", default="none", choices=RERANK_CHOICES,
+                          help="re-sort each query's global top-100 with --model's reranker (rrt.json); "
+                               "gv: geometric verification (no model needed); rrt+gv: both")
     _add_model_flags(evaluate)
     _add_extraction_flags(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
+
+    explain = commands.add_parser("explain", help="draw the geometric match of two images (PNG)")
+    explain.add_argument("query")
+    explain.add_argument("candidate")
+    explain.add_argument("-o", "--out", required=True, help="the PNG to write")
+    explain.add_argument("--height", type=int, default=480, help="pixel height of each image in the picture")
+    explain.add_argument("--outliers", action="store_true", help="also draw rejected matches (red)")
+    explain.set_defaults(handler=cmd_explain)
+
+    serve = commands.add_parser("serve", help="the search service and web page (FastAPI under uvicorn)")
+    serve.add_argument("--index", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width*height of an upload")
+    serve.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for")
+    serve.add_argument("--query-slots", type=int, default=2, help="queries running the model at once")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=cmd_serve)
+
+    from waldo.train.cli_train import register_train_global
+
+    train = commands.add_parser("train", help="train models (resumable)")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    register_train_global(train_commands)
+
+    from waldo.train.cli_train_rrt import register_train_rrt
+
+    register_train_rrt(train_commands)
     return parser
 
 

@@ -47,14 +47,33 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
                   projection: str = "pca-whiten", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
-                  seed: int = 0) -> tuple[EvalRun, dict]:
-    """Evaluate and return the full run plus the metrics dict (with what produced them)."""
+                  seed: int = 0, rerank: str | None = None, rerank_top_k: int = 100) -> tuple[EvalRun, dict]:
+    """Evaluate and return the full run plus the metrics dict (with what produced them).
+
+    ``rerank`` ("rrt" | "rrt-fusion", see waldo.rerank.base.RERANKERS) re-sorts each query's
+    global top ``rerank_top_k`` with the reranker saved in ``model_dir``; the returned run is then
+    the reranked one and ``metrics["global"]`` holds the global-only figures. ``"gv"`` verifies
+    the top ``rerank_top_k`` geometrically (needs no model); ``"rrt+gv"`` applies GV to the
+    RRT's order (see waldo.rerank.gv.VerifiedReranker for the rule)."""
+    first = rerank[: -len("+gv")] if rerank and rerank.endswith("+gv") else (None if rerank == "gv" else rerank)
+    if first is not None and model_dir is None:
+        raise ValueError(f"--rerank {rerank} needs --model: a reranker folder made by `waldo train rrt`")
     start = time.perf_counter()
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                   dim=dim, transform=transform, progress=progress, seed=seed)
     run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
                             batch_size=batch_size, num_workers=num_workers, progress=progress)
+    if first is not None:
+        from waldo.eval.rerank_eval import rerank_run
+        from waldo.rerank.base import create_reranker
+
+        run = rerank_run(run, create_reranker(first, model_dir), rerank_top_k, progress=progress).run
+    if first != rerank:  # "gv" or "<first>+gv": geometric verification of the current order
+        from waldo.eval.gv_eval import gv_rerank_run
+        from waldo.rerank.gv import GVConfig
+
+        run = gv_rerank_run(proto, run, config=GVConfig(top_k=rerank_top_k), progress=progress)
     metrics = dict(run.metrics)
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim,

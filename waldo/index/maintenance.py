@@ -32,6 +32,7 @@ from waldo.index.segments import (
     verify_segment,
     write_segment,
 )
+from waldo.index.verification import RaggedSource, gather_ragged, ragged_bytes
 
 MANIFEST_FILE = "manifest.json"
 DB_FILE = "index.sqlite"
@@ -114,7 +115,7 @@ def compact(
             g[s : s + len(rows)] = gather_rows(arrays, seg, rows, "global_")
             loc[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local")
 
-    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, fill)
+    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, fill, _gv_source(arrays, live))
     with db.write_txn(conn):
         db.insert_segment(conn, info, time.time())
         conn.executemany(
@@ -123,6 +124,19 @@ def compact(
         )
         dropped = db.drop_empty_segments(conn)
     return stats, dropped
+
+
+def _gv_source(arrays: list[SegmentArrays], live: db.LiveRows) -> RaggedSource | None:
+    """Stream the live rows' verification features (if any segment has them) in chunks."""
+    parts = [a.gv for a in arrays]
+    known = [p for p in parts if p is not None]
+    if not known:
+        return None
+    counts = np.array([0 if p is None else int(p.offsets[r + 1] - p.offsets[r])
+                       for p, r in ((parts[s], r) for s, r in zip(live.segments.tolist(), live.rows.tolist()))])
+    chunks = (gather_ragged(parts, live.segments[s : s + _COMPACT_CHUNK], live.rows[s : s + _COMPACT_CHUNK])
+              for s in range(0, len(live.ids), _COMPACT_CHUNK))
+    return RaggedSource(int(counts.sum()), known[0].dim, known[0].descriptors.dtype, chunks)
 
 
 def check(
@@ -189,6 +203,7 @@ def info(root: Path, conn: sqlite3.Connection, manifest: dict[str, Any]) -> dict
         "bytes": {
             "global": sum(s[2] for s in segs),
             "local": sum(s[3] for s in segs),
+            "verification": sum(ragged_bytes(root / SEGMENTS_DIR / s[0]) for s in segs),
             "sqlite": sqlite_bytes,
             "manifest": (root / MANIFEST_FILE).stat().st_size,
             "orphans": sum(dir_bytes(root / SEGMENTS_DIR / n) for n in orphans),

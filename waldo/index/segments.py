@@ -8,6 +8,7 @@ commit, which is what lets readers memory-map them without locks.
 Layout of ``segments/<name>/``:
     global.npy  (n, D) float32        global descriptors, one row per image
     local.npy   (n, L, Dl) float16    local descriptors, read through np.memmap
+    gv_*.npy, gv.json                 optional verification keypoints (see verification.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from waldo.index.errors import IndexCorruptError
 from waldo.index.fsutil import fsync_dir, fsync_file, sha256_file
+from waldo.index.verification import RaggedFeatures, RaggedSource, open_ragged, verify_ragged, write_ragged
 
 GLOBAL_FILE = "global.npy"
 LOCAL_FILE = "local.npy"
@@ -46,11 +48,13 @@ class SegmentArrays:
     """A committed segment opened read-only: ``global_`` (n, D) float32, ``local`` (n, L, Dl) float16.
 
     Both are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
-    processes) share one copy, and a large local array never has to fit in RAM.
+    processes) share one copy, and a large local array never has to fit in RAM. ``gv`` holds
+    the optional verification keypoints (memory-mapped too), None if stored without them.
     """
 
     global_: np.ndarray
     local: np.ndarray
+    gv: RaggedFeatures | None = None
 
 
 def gather_rows(arrays: list[SegmentArrays], segments: np.ndarray, rows: np.ndarray, part: str) -> np.ndarray:
@@ -85,12 +89,15 @@ def write_segment(
     global_dim: int,
     local_shape: tuple[int, int],
     fill: Callable[[np.ndarray, np.ndarray], None],
+    gv: RaggedSource | None = None,
 ) -> SegmentInfo:
     """Create a new segment of ``count`` rows, durably, and return its :class:`SegmentInfo`.
 
     ``fill(global_mm, local_mm)`` writes the rows into writable memmaps of shape
     (count, D) float32 and (count, L, Dl) float16; writing through memmaps lets ``compact``
-    stream arbitrarily large segments in chunks. On any error the folder is removed.
+    stream arbitrarily large segments in chunks. ``gv``, if given, streams the rows'
+    verification features into the same folder (fsynced with it, so before the commit).
+    On any error the folder is removed.
     """
     if count < 1:
         raise ValueError("a segment must hold at least one row")
@@ -107,6 +114,8 @@ def write_segment(
         del g_mm, l_mm  # unmap before hashing/fsync so nothing can still be dirty in our mapping
         for p in (g_path, l_path):
             fsync_file(p)
+        if gv is not None:
+            write_ragged(folder, count, gv)
         fsync_dir(folder)
         fsync_dir(segments_dir)  # the new folder's entry must be durable before SQLite names it
         return SegmentInfo(
@@ -150,7 +159,7 @@ def open_segment(
                 f"segment file {path} holds {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}"
             )
         arrays.append(arr)
-    return SegmentArrays(global_=arrays[0], local=arrays[1])
+    return SegmentArrays(global_=arrays[0], local=arrays[1], gv=open_ragged(folder, count))
 
 
 def verify_segment(
@@ -171,6 +180,8 @@ def verify_segment(
         path = folder / fname
         if path.is_file() and sha256_file(path) != want:
             problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")
+    # verify_ragged re-reports a failed open_segment on the gv files: keep each message once.
+    problems += [p for p in verify_ragged(folder, info.count) if not any(p in q for q in problems)]
     return problems
 
 

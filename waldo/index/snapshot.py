@@ -20,6 +20,7 @@ from waldo.index.db import LiveRows
 from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
 from waldo.index.knn import search_flat_index
 from waldo.index.segments import SegmentArrays, SegmentInfo, gather_rows
+from waldo.index.verification import RaggedFeatures, gather_ragged
 
 _ADD_CHUNK = 1 << 16  # rows per faiss add() while building a snapshot
 
@@ -126,6 +127,18 @@ class Snapshot:
     def local_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n, L, Dl) float16 local descriptors of ``ids``, read from the memory-mapped segments."""
         return self._gather("local", self.positions(ids))
+
+    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedFeatures | None:
+        """Verification keypoints/descriptors of ``ids`` in the order given (one ragged batch).
+
+        None when no live segment stores any (the index was built without them). Images of a
+        segment stored without them get zero keypoints: they cannot be verified.
+        """
+        parts = [a.gv for a in self._arrays]
+        if all(p is None for p in parts):
+            return None
+        pos = self.positions(ids)
+        return gather_ragged(parts, self._segments[pos], self._rows[pos])
 
     def local_view(self, image_id: int) -> np.ndarray:
         """Zero-copy (L, Dl) float16 ``np.memmap`` of one image's local descriptors.

@@ -41,6 +41,7 @@ from waldo.index.segments import (
 )
 from waldo.index.snapshot import SearchResult, Snapshot, load_snapshot
 from waldo.index.validate import validate_add
+from waldo.index.verification import RaggedFeatures, RaggedSource, check_batch
 
 
 class IndexStore:
@@ -197,6 +198,11 @@ class IndexStore:
         """(n, L, Dl) float16 local descriptors of live ``ids``, read from memory-mapped files."""
         return self.snapshot().local_descriptors(ids)
 
+    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedFeatures | None:
+        """Ragged verification keypoints of live ``ids`` in the order given (see
+        :meth:`Snapshot.verification_features`); None if the index stores none."""
+        return self.snapshot().verification_features(ids)
+
     def contains_paths(self, paths: Sequence[str]) -> list[bool]:
         """For each path, whether a live image has it (lets callers skip already-indexed files)."""
         found = db.existing(self._conn(), "path", [os.fspath(p) for p in paths])
@@ -226,6 +232,7 @@ class IndexStore:
         global_desc: np.ndarray,
         local_desc: np.ndarray,
         attrs: Sequence[Mapping[str, Any]] | None = None,
+        verification: RaggedFeatures | None = None,
     ) -> list[int]:
         """Add ``n`` images atomically and return their new ids (ascending, never reused).
 
@@ -235,12 +242,15 @@ class IndexStore:
             global_desc: (n, D) float32, L2-normalised rows.
             local_desc: (n, L, Dl) float16 or float32 (stored as float16).
             attrs: optional n JSON-serialisable dicts stored with each image.
+            verification: optional keypoints of the n images for geometric verification,
+                written into the same segment (so committed atomically with it).
 
         Raises:
             ValueError: wrong shapes/dtypes, non-finite or unnormalised values, duplicate paths.
         """
         batch = validate_add(paths, identities, global_desc, local_desc, attrs, self._global_dim, self._local_shape)
         n = len(batch)
+        check_batch(verification, n)
         if n == 0:
             return []
         conn = self._conn()
@@ -254,7 +264,8 @@ class IndexStore:
                 g[:] = batch.global_desc
                 loc[:] = batch.local_desc
 
-            info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill)
+            gv = RaggedSource.of(verification) if verification is not None else None
+            info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill, gv)
             try:
                 ids = db.insert_images(conn, info, batch.paths, batch.identities, batch.attrs_json)
             except BaseException:

@@ -1,0 +1,197 @@
+"""Geometric verification against real ground truth, the reranking rule, and the match picture."""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from waldo.rerank.base import RERANKERS, Reranker
+from waldo.rerank.explain import explain_pair, save_png
+from waldo.rerank.gv import (
+    GeometricReranker,
+    GVCandidates,
+    GVConfig,
+    GVQuery,
+    _plausible,
+    estimate_transform,
+    verified_first_order,
+    verify_pair,
+)
+from waldo.rerank.local_features import SiftConfig, extract_sift_file
+
+# Oxford images are 800-1000 px: keep them at native size (no downscale) for accuracy.
+OXFORD_SIFT = SiftConfig(max_keypoints=1000, max_side=1024)
+
+
+def corner_errors(h_true: np.ndarray, h_est: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(4,) pixel distances between where the two homographies send the image corners."""
+    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [width - 1, height - 1, 1], [0, height - 1, 1]], float)
+    a, b = corners @ h_true.T, corners @ h_est.T
+    return np.linalg.norm(a[:, :2] / a[:, 2:] - b[:, :2] / b[:, 2:], axis=1)
+
+
+@pytest.fixture(scope="module")
+def oxford(data_file):
+    root = data_file("oxford_affine")
+    rows = [r for r in csv.DictReader(open(root / "pairs.csv")) if r["img_b"].rsplit("img", 1)[1] in ("2.png", "3.png", "4.png")]
+    names = sorted({r["img_a"] for r in rows} | {r["img_b"] for r in rows})
+    with ThreadPoolExecutor(2) as pool:  # OpenCV releases the GIL: use both cores
+        cache = dict(zip(names, pool.map(lambda rel: extract_sift_file(root / rel, OXFORD_SIFT), names)))
+    return root, rows, cache.__getitem__
+
+
+def test_oxford_affine_homographies_match_the_ground_truth(oxford):
+    root, rows, features = oxford
+    assert len(rows) == 12
+    table = ["| pair | change | matches | inliers | model | mean corner err px | max corner err px |",
+             "|---|---|---|---|---|---|---|"]
+    worst = []
+    for row in rows:
+        v = verify_pair(features(row["img_a"]), features(row["img_b"]), GVConfig())
+        assert v.model == "homography", row
+        width, height = Image.open(root / row["img_a"]).size
+        err = corner_errors(np.loadtxt(root / row["homography_a_to_b"]), v.transform, width, height)
+        table.append(f"| {row['img_a']} -> {row['img_b']} | {row['change']} | {v.n_matches} | {v.inliers} | "
+                     f"{v.model} | {err.mean():.2f} | {err.max():.2f} |")
+        worst.append(err.max())
+    print("\n" + "\n".join(table))
+    # A few pixels at the image corners (extrapolated beyond most keypoints) on 800-1000 px images.
+    assert max(worst) < 10.0, worst
+    assert float(np.median(worst)) < 3.0, worst
+
+
+@pytest.fixture(scope="module")
+def samples(data_file):
+    root = data_file("opencv_samples")
+    names = ["box.png", "box_in_scene.png", "aero1.jpg", "aloeL.jpg", "leuvenA.jpg", "graf1.png"]
+    with ThreadPoolExecutor(2) as pool:
+        return root, dict(zip(names, pool.map(lambda n: extract_sift_file(root / n), names)))
+
+
+def test_box_is_found_in_the_scene_and_unrelated_pairs_are_not(samples):
+    _, feats = samples
+    config = GVConfig()
+    found = verify_pair(feats["box.png"], feats["box_in_scene.png"], config)
+    assert found.model == "homography" and found.inliers >= 50 and found.inlier_ratio > 0.6
+    for a, b in [("box.png", "aero1.jpg"), ("box.png", "aloeL.jpg"), ("box.png", "leuvenA.jpg"),
+                 ("graf1.png", "box_in_scene.png"), ("aero1.jpg", "box_in_scene.png")]:
+        v = verify_pair(feats[a], feats[b], config)
+        assert v.inliers < config.min_inliers, (a, b, v.inliers)
+
+
+def test_reranker_puts_the_verified_candidate_first_in_parallel_and_serially(samples):
+    _, feats = samples
+    order = ["aero1.jpg", "leuvenA.jpg", "box_in_scene.png", "aloeL.jpg"]
+    candidates = [feats[n] for n in order]
+    serial = GeometricReranker(workers=1).rerank_features(feats["box.png"], candidates)
+    with GeometricReranker(workers=2) as reranker:
+        parallel = reranker.rerank_features(feats["box.png"], candidates)
+        # The registered reranker speaks the shared Reranker protocol.
+        query = GVQuery(local_desc=np.zeros((1, 4)), features=feats["box.png"])
+        cands = GVCandidates(local_desc=np.zeros((4, 1, 4)), global_scores=np.array([0.9, 0.8, 0.7, 0.6]),
+                             features=candidates)
+        result = reranker.rerank(query, cands)
+    assert serial.order.tolist() == parallel.order.tolist() == result.order.tolist() == [2, 0, 1, 3]
+    assert serial.inliers.tolist() == parallel.inliers.tolist()
+    assert np.all(np.diff(result.scores) <= 0) and result.scores[0] == serial.inliers[2]
+    assert "gv" in RERANKERS and "rrt+gv" in RERANKERS
+    assert isinstance(RERANKERS.create("gv", None), Reranker)
+
+
+def test_verified_first_order_is_delg_s_rule():
+    inliers = np.array([3, 40, 0, 15, 40, 11, 12])
+    # verified (>= 12): 40@1, 40@4 (tie keeps prior order), 15@3, 12@6; then 0, 2, 5 in prior order
+    assert verified_first_order(inliers, 12).tolist() == [1, 4, 3, 6, 0, 2, 5]
+    assert verified_first_order(np.zeros(3, int), 12).tolist() == [0, 1, 2]
+
+
+def test_degenerate_models_are_rejected():
+    xy = np.array([[0, 0], [100, 0], [100, 80], [0, 80]], np.float32)
+    assert _plausible(np.eye(3), xy, 8.0)
+    assert not _plausible(np.diag([-1.0, 1.0, 1.0]), xy, 8.0)  # mirror image
+    assert not _plausible(np.diag([0.05, 0.05, 1.0]), xy, 8.0)  # collapsed 20x
+    # Random matches: no plausible model with many inliers.
+    rng = np.random.default_rng(0)
+    src, dst = rng.uniform(0, 300, (40, 2)), rng.uniform(0, 300, (40, 2))
+    model, _, mask = estimate_transform(src, dst, GVConfig())
+    assert mask.sum() < GVConfig().min_inliers
+
+
+def test_match_picture_png(samples, tmp_path):
+    root, _ = samples
+    explanation = explain_pair(root / "box.png", root / "box_in_scene.png", height=240, show_outliers=True)
+    out = save_png(explanation.picture, tmp_path / "sub" / "match.png")
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.height == 240 + 28
+    assert explanation.verification.inliers >= 50
+    pixels = np.asarray(picture)
+    # Inlier lines are drawn in green somewhere between the two images.
+    assert np.any((pixels[..., 1] > 200) & (pixels[..., 0] < 80) & (pixels[..., 2] < 100))
+
+
+def test_explain_cli(samples, tmp_path, capsys):
+    from waldo.cli import main
+
+    root, _ = samples
+    out = tmp_path / "e.png"
+    assert main(["explain", str(root / "box.png"), str(root / "box_in_scene.png"), "-o", str(out)]) == 0
+    assert out.is_file() and "inliers" in capsys.readouterr().out
+    assert main(["explain", str(root / "box.png"), str(Path(tmp_path) / "missing.png"), "-o", str(out)]) == 2
+
+
+def test_api_indexes_keypoints_and_searches_with_gv(samples, tmp_path):
+    from waldo.api import Waldo
+    from waldo.index import IndexStore
+
+    root, _ = samples
+    names = ["box_in_scene.png", "aero1.jpg", "leuvenA.jpg", "graf1.png"]
+    engine = Waldo.create(tmp_path / "idx", projection="random", progress=False)
+    report = engine.add([str(root / n) for n in names], names, progress=False, num_workers=0)
+    ragged = engine.store.verification_features(report.added)
+    assert ragged is not None and len(ragged) == 4 and ragged.counts().min() > 100
+    hits = engine.search(root / "box.png", k=4, rerank="gv")
+    assert hits[0].identity == "box_in_scene.png" and hits[0].score >= 50
+    assert [h.rank for h in hits] == [1, 2, 3, 4] and all(h.score < 0 for h in hits[1:])
+    with open(root / "box.png", "rb") as stream:  # a stream is read once, used twice
+        assert engine.search(stream, k=1, rerank="gv")[0].identity == "box_in_scene.png"
+    assert Waldo.open(tmp_path / "idx").gv_sift == engine.gv_sift == SiftConfig()
+    # An index created without verification features refuses --rerank gv clearly.
+    manifest = {**engine.store.manifest, "gv_features": None}
+    for key in ("format", "format_version", "created_at", "global_dtype", "local_dtype"):
+        manifest.pop(key)
+    store = IndexStore.create(tmp_path / "plain", manifest=manifest, global_dim=engine.store.global_dim,
+                              local_shape=engine.store.local_shape)
+    plain = Waldo(store, engine.model, engine.config, tmp_path / "plain")
+    plain.add([str(root / names[0])], ["x"], progress=False, num_workers=0)
+    assert plain.gv_sift is None and store.verification_features(store.snapshot().ids) is None
+    with pytest.raises(ValueError, match="without verification features"):
+        plain.search(root / "box.png", k=1, rerank="gv")
+
+
+def test_gv_rerank_run_reorders_an_eval_run(samples):
+    from waldo.data.datasets import ImageRecord, ImageSet
+    from waldo.data.protocols import Protocol
+    from waldo.eval.evaluate import EvalRun
+    from waldo.eval.gv_eval import gv_rerank_run
+    from waldo.eval.metrics import retrieval_metrics
+
+    root, _ = samples
+    record = lambda name, identity: ImageRecord(str(root / name), identity)  # noqa: E731
+    queries = ImageSet([record("box.png", "box"), record("graf1.png", "graf")], root, "q")
+    gallery = ImageSet([record("aero1.jpg", "aero"), record("leuvenA.jpg", "leuven"),
+                        record("box_in_scene.png", "box"), record("aloeL.jpg", "aloe")], root, "g")
+    protocol = Protocol("tiny", ImageSet([], root, "t"), queries, gallery, False, "")
+    knn = np.array([[0, 1, 2, 3], [2, 0, 1, 3]])  # box's true match is ranked third
+    matches = np.array([[False, False, True, False], [False] * 4])
+    keep = np.array([0])  # graf has no positive in this gallery: the evaluator drops it
+    run = EvalRun(retrieval_metrics(matches[keep], np.array([1])), keep, np.arange(4), knn[keep],
+                  np.zeros((1, 4), np.float32), matches[keep], np.array([1]))
+    out = gv_rerank_run(protocol, run, cache_dir=None, workers=1)
+    assert out.knn_indices.tolist() == [[2, 0, 1, 3]] and out.matches[0, 0]
+    assert out.metrics["recall@1"] == 1.0 and out.metrics["global"]["recall@1"] == 0.0
+    assert out.metrics["reranker"] == "gv" and out.metrics["gv_ms_per_query"] > 0

@@ -1,0 +1,156 @@
+"""SIFT/RootSIFT extraction, the ragged storage layout, and its home in the index segments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from waldo.data.images import load_image
+from waldo.index import IndexStore
+from waldo.index.verification import RaggedFeatures
+from waldo.rerank.gv import GVConfig, verify_pair
+from waldo.rerank.local_features import (
+    LocalFeatures,
+    SiftConfig,
+    detection_scale,
+    extract_sift,
+    pack_features,
+    rootsift,
+    unpack_features,
+)
+from waldo.rerank.matching import mutual_ratio_matches
+
+
+@pytest.fixture(scope="module")
+def box(data_file):
+    return load_image(data_file("opencv_samples/box.png"))  # 324 x 223
+
+
+def test_rootsift_is_the_square_root_of_the_l1_normalised_histogram():
+    raw = np.array([[4, 0, 0, 12], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8)
+    out = rootsift(raw)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0], [0.5, 0, 0, np.sqrt(0.75)], rtol=1e-6)
+    np.testing.assert_array_equal(out[1], 0)  # an empty histogram matches nothing
+    np.testing.assert_allclose(np.linalg.norm(out[[0, 2]], axis=1), 1.0, rtol=1e-6)
+
+
+def test_extract_respects_the_cap_and_returns_original_pixel_coordinates(box):
+    features = extract_sift(box, SiftConfig(max_keypoints=150))
+    assert 100 <= len(features) <= 150
+    assert features.keypoints.dtype == np.float32 and features.descriptors.dtype == np.uint8
+    w, h = box.size
+    assert features.keypoints[:, 0].max() < w and features.keypoints[:, 1].max() < h
+    assert features.keypoints.min() > -1
+    assert features.nbytes == len(features) * (2 * 4 + 128)
+
+
+def test_resizing_before_detection_keeps_coordinates_in_the_original_frame(box):
+    native = extract_sift(box, SiftConfig(max_keypoints=800, min_side=0))
+    halved = extract_sift(box, SiftConfig(max_keypoints=800, min_side=0, max_side=162))  # detected at half size
+    doubled = extract_sift(box, SiftConfig(max_keypoints=800, min_side=446, max_side=1024))  # 2x
+    assert detection_scale(223, 324, SiftConfig(min_side=0, max_side=162)) == pytest.approx(0.5)
+    assert detection_scale(223, 324, SiftConfig(min_side=446)) == pytest.approx(2.0)
+    assert detection_scale(223, 324, SiftConfig(min_side=0)) == 1.0
+    for other in (halved, doubled):
+        v = verify_pair(native, other, GVConfig())
+        assert v.model == "homography" and v.inliers >= 40
+        # Same image, so the fitted map must be the identity if coordinates were mapped back.
+        corners = np.array([[0, 0, 1], [323, 0, 1], [323, 222, 1], [0, 222, 1]], float)
+        mapped = corners @ v.transform.T
+        error = np.linalg.norm(mapped[:, :2] / mapped[:, 2:] - corners[:, :2], axis=1)
+        assert error.max() < 2.0, error
+
+
+def test_tiny_and_flat_images_give_no_keypoints_not_errors():
+    assert len(extract_sift(np.full((40, 40, 3), 128, np.uint8))) == 0
+    assert len(extract_sift(np.zeros((1, 1), np.uint8))) == 0
+
+
+def test_config_round_trip_and_validation():
+    config = SiftConfig(max_keypoints=300, min_side=256)
+    assert SiftConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        SiftConfig.from_dict({"max_keypoints": 3, "bogus": 1})
+    with pytest.raises(ValueError):
+        SiftConfig(max_keypoints=0)
+
+
+def test_pack_unpack_round_trip(box):
+    items = [extract_sift(box, SiftConfig(max_keypoints=50)), LocalFeatures.empty(),
+             extract_sift(box, SiftConfig(max_keypoints=20))]
+    ragged = pack_features(items)
+    assert len(ragged) == 3 and ragged.offsets.tolist() == [0, 50, 50, 70]
+    for a, b in zip(items, unpack_features(ragged)):
+        np.testing.assert_array_equal(a.keypoints, b.keypoints)
+        np.testing.assert_array_equal(a.descriptors, b.descriptors)
+    with pytest.raises(ValueError, match="offsets"):
+        RaggedFeatures(ragged.keypoints, ragged.descriptors, np.array([0, 60, 50, 70], np.int64))
+
+
+def test_mutual_ratio_matches_on_a_hand_made_case():
+    e = np.eye(4, dtype=np.float32)
+    query = np.stack([e[0], e[1], (e[2] + e[3]) / np.sqrt(2), e[3]])
+    cand = np.stack([e[1], e[0], e[2], e[3]])
+    # q0<->c1 and q1<->c0 are unambiguous; q2 is equidistant to c2 and c3 (fails the ratio test);
+    # q3's nearest is c3 and c3's nearest is q3.
+    assert mutual_ratio_matches(query, cand, 0.8).tolist() == [[0, 1], [1, 0], [3, 3]]
+    # Not mutual: two queries want c0, only the closer one keeps it.
+    q = np.stack([e[0], (e[0] * 0.9 + e[1] * 0.1)])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert mutual_ratio_matches(q, np.stack([e[0], e[2]]), 1.0).tolist() == [[0, 0]]
+    assert mutual_ratio_matches(np.zeros((0, 4), np.float32), cand).shape == (0, 2)
+
+
+# ------------------------------------------------------------------------ storage in the index
+def _batch(n: int, rng: np.random.Generator):
+    g = rng.normal(size=(n, 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    loc = rng.normal(size=(n, 4, 8)).astype(np.float16)
+    feats = [LocalFeatures(rng.uniform(0, 300, (k, 2)).astype(np.float32),
+                           rng.integers(0, 256, (k, 128), dtype=np.uint8)) for k in rng.integers(0, 30, n)]
+    return g, loc, feats
+
+
+def test_index_stores_verification_features_through_compact_and_check(tmp_path):
+    rng = np.random.default_rng(0)
+    store = IndexStore.create(tmp_path / "idx", manifest={"m": 1}, global_dim=8, local_shape=(4, 8))
+    g1, l1, f1 = _batch(5, rng)
+    ids1 = store.add([f"a{i}" for i in range(5)], ["x"] * 5, g1, l1, verification=pack_features(f1))
+    g2, l2, _ = _batch(3, rng)
+    ids2 = store.add([f"b{i}" for i in range(3)], ["y"] * 3, g2, l2)  # a segment without features
+    g3, l3, f3 = _batch(4, rng)
+    ids3 = store.add([f"c{i}" for i in range(4)], ["z"] * 4, g3, l3, verification=pack_features(f3))
+
+    def check_round_trip() -> None:
+        wanted = [ids3[2], ids1[0], ids2[1], ids1[4]]
+        got = store.verification_features(wanted)
+        expected = [f3[2], f1[0], LocalFeatures.empty(), f1[4]]
+        for (kp, desc), want in zip(got, expected):
+            np.testing.assert_array_equal(kp, want.keypoints)
+            np.testing.assert_array_equal(desc, want.descriptors)
+
+    check_round_trip()
+    assert store.info()["bytes"]["verification"] > sum(f.nbytes for f in f1 + f3)
+    store.remove([ids1[1]])
+    store.compact()
+    check_round_trip()
+    assert store.check() == []
+    # Damage a verification file: check() names it.
+    seg = next((store.path / "segments").iterdir())
+    data = bytearray((seg / "gv_descriptors.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (seg / "gv_descriptors.npy").write_bytes(bytes(data))
+    problems = store.check()
+    assert len(problems) == 1 and "gv_descriptors.npy sha256 differs" in problems[0]
+    with pytest.raises(ValueError, match="cover 2 images"):
+        store.add(["d0", "d1", "d2"], ["w"] * 3, g1[:3], l1[:3], verification=pack_features(f1[:2]))
+    store.close()
+
+
+def test_index_without_verification_features_says_so(tmp_path):
+    rng = np.random.default_rng(1)
+    with IndexStore.create(tmp_path / "idx", manifest={}, global_dim=8, local_shape=(4, 8)) as store:
+        g, loc, _ = _batch(2, rng)
+        ids = store.add(["p", "q"], ["i", "j"], g, loc)
+        assert store.verification_features(ids) is None

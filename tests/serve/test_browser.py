@@ -1,0 +1,110 @@
+"""A real browser on the real page: Debian's Chromium driven by Playwright, against a live
+``waldo serve`` on loopback. Uploads a held-out grocery photo and checks that the top result
+shows the same product; saves screenshots to $WALDO_TEST_ARTIFACTS (default tests/artifacts/).
+
+Chromium comes from apt (``.ci/run`` installs it); ``playwright install`` is never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _wait(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` (page.wait_for_function evaluates strings, which the page's CSP forbids)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("/usr/bin/chromium is missing (apt-get install -y chromium)", pytrace=False)
+        pytest.skip("/usr/bin/chromium is missing (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_upload_shows_the_same_product_first(browser, live_server, grocery_index, artifacts_dir):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
+    page.on("request", lambda request: problems.append(f"off-site request: {request.url}")
+            if not request.url.startswith((live_server.url, "blob:", "data:")) else None)
+    page.goto(live_server.url)
+    page.wait_for_selector("#mode-toggle button[data-mode='none']")
+    assert "images" in page.locator("#index-info").inner_text()
+
+    identity = "29"  # Bravo orange juice: a packaged product, the page must find that very carton
+    page.set_input_files("#file-input", str(grocery_index.queries[identity]))
+    _wait(lambda: page.locator("#query-preview").is_visible(), "the query preview")
+    page.wait_for_selector("#results .card", timeout=60_000)
+    cards = page.locator("#results .card")
+    assert cards.count() == 20
+    first = cards.first
+    assert first.get_attribute("data-identity") == identity
+    assert first.locator(".label").inner_text() == grocery_index.labels[identity]
+    assert first.locator(".rank-badge").inner_text() == "#1"
+    _wait(lambda: page.locator("#results img").evaluate_all(
+        "images => images.every(image => image.complete && image.naturalWidth > 0)"), "thumbnails")
+    for stage in ("extract", "search", "rerank", "total"):
+        assert page.locator(f"#timing-legend dd[data-stage='{stage}']").inner_text().endswith("ms")
+    page.screenshot(path=str(artifacts_dir / "search_page.png"))
+
+    first.locator("button").click()
+    page.wait_for_selector("#pair-dialog[open]")
+    _wait(lambda: page.locator("#pair-note").inner_text() != "Verifying…", "the match")
+    assert page.locator("#pair-canvas").evaluate("canvas => canvas.width") > 100
+    page.screenshot(path=str(artifacts_dir / "pair_view.png"))
+    page.keyboard.press("Escape")
+
+    rerankers = [b.get_attribute("data-mode") for b in page.locator("#mode-toggle button").all()]
+    for mode in rerankers[1:]:  # each reranker the server offers: ranks move, old rank shown
+        page.click(f"#mode-toggle button[data-mode='{mode}']")
+        moved = page.locator(f"#results[data-rerank='{mode}'] .card .move:not([hidden])")
+        _wait(lambda moved=moved: moved.count() == 20, f"{mode} results")
+        # Every card names its global rank; together they are distinct ranks of the global list.
+        before = [int(badge.get_attribute("title").removeprefix("global rank #")) for badge in moved.all()]
+        assert len(set(before)) == 20
+        page.screenshot(path=str(artifacts_dir / f"search_page_{mode.replace('+', '_')}.png"))
+    assert problems == []
+
+
+def test_drop_and_paste_start_a_search(browser, live_server, grocery_index):
+    page = browser.new_page(viewport={"width": 900, "height": 800})
+    page.goto(live_server.url)
+    page.wait_for_selector("#mode-toggle button")
+    for event, identity in (("drop", "45"), ("paste", "23")):
+        data = base64.b64encode(grocery_index.queries[identity].read_bytes()).decode()
+        page.evaluate("""([event, data]) => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "photo.jpg", { type: "image/jpeg" }));
+            const target = event === "drop" ? window : document;
+            const init = { bubbles: true, cancelable: true };
+            target.dispatchEvent(event === "drop" ? new DragEvent("drop", { ...init, dataTransfer: transfer })
+                                                  : new ClipboardEvent("paste", { ...init, clipboardData: transfer }));
+        }""", [event, data])
+        cards = page.locator(f"#results .card[data-identity='{identity}'][data-rank='1']")
+        _wait(lambda cards=cards: cards.count() == 1, f"{identity} first after the {event}")

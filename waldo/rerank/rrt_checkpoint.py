@@ -1,0 +1,103 @@
+"""Reranker checkpoints: a model folder plus ``rrt.json`` and ``rrt.safetensors`` (never pickle).
+
+A reranker folder is a normal descriptor-model folder (``config.json`` + ``model.safetensors``,
+loadable by waldo.models.checkpoint.load_model: its global head serves search, its locals feed
+the RRT) with two more files:
+
+    rrt.json          {"format_version", "rrt": RRTConfig, "grid": [h, w], "training": {...}}
+                      training holds e.g. the mode, the init model's hash and the fusion weight
+                      chosen on validation ("fusion_weight").
+    rrt.safetensors   the RerankingTransformer's state dict
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from waldo.models.checkpoint import ModelConfig, save_model
+from waldo.models.descriptor import DescriptorModel
+from waldo.rerank.rrt import RerankingTransformer, RRTConfig
+
+__all__ = ["RRT_FILES", "has_rrt", "load_rrt", "read_rrt_info", "save_reranker", "save_rrt", "update_rrt_training"]
+
+RRT_FORMAT = 1
+RRT_FILES = ("rrt.json", "rrt.safetensors")
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def has_rrt(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a reranker (both rrt files)."""
+    return all((Path(folder) / name).is_file() for name in RRT_FILES)
+
+
+def save_rrt(folder: str | Path, rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7),
+             training: dict[str, Any] | None = None) -> Path:
+    """Write ``rrt.safetensors`` then ``rrt.json`` (each atomically) into ``folder``."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in rrt.state_dict().items()}
+    _atomic_write(folder / "rrt.safetensors", save(state, metadata={"format": "pt"}))
+    info = {"format_version": RRT_FORMAT, "rrt": rrt.config.to_dict(), "grid": list(grid),
+            "training": dict(training or {})}
+    _atomic_write(folder / "rrt.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def save_reranker(folder: str | Path, model: DescriptorModel, model_config: ModelConfig,
+                  rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7),
+                  training: dict[str, Any] | None = None) -> Path:
+    """A complete reranker folder: the descriptor model and its RRT."""
+    save_model(model, model_config, folder)
+    return save_rrt(folder, rrt, grid=grid, training=training)
+
+
+def read_rrt_info(folder: str | Path) -> dict[str, Any]:
+    """The parsed ``rrt.json`` of ``folder``."""
+    path = Path(folder) / "rrt.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no reranker (rrt.json); train one with `waldo train rrt`")
+    info = json.loads(path.read_text())
+    if info.get("format_version", RRT_FORMAT) > RRT_FORMAT:
+        raise ValueError(f"{path}: reranker format {info['format_version']} is newer than this Waldo supports")
+    return info
+
+
+def load_rrt(folder: str | Path) -> tuple[RerankingTransformer, dict[str, Any]]:
+    """Rebuild the RRT of a reranker folder (eval mode) and return it with its ``rrt.json``.
+    Every tensor comes from the file: a missing or extra one is an error."""
+    from safetensors.torch import load_file
+
+    info = read_rrt_info(folder)
+    rrt = RerankingTransformer(RRTConfig.from_dict(info["rrt"]))
+    try:
+        rrt.load_state_dict(load_file(str(Path(folder) / "rrt.safetensors")), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{folder}/rrt.safetensors does not match its rrt.json: {error}") from error
+    return rrt.eval(), info
+
+
+def update_rrt_training(folder: str | Path, **entries: Any) -> dict[str, Any]:
+    """Merge ``entries`` into the ``training`` section of ``rrt.json`` (e.g. the fusion weight)."""
+    info = read_rrt_info(folder)
+    info["training"] = {**info.get("training", {}), **entries}
+    path = Path(folder) / "rrt.json"
+    _atomic_write(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    return info

@@ -1,0 +1,72 @@
+"""The collection: add uploads, fetch an indexed image or its thumbnail, remove one.
+
+Images are addressed only by id: the file served is whatever path the index stores for that
+id, so no client-supplied string ever becomes a path (no traversal).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import pathlib
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Response, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from waldo.serve.errors import ClientError
+from waldo.serve.routers.search import QUERY_ERRORS, Service, Slots, read_upload
+from waldo.serve.schemas import AddedImage, AddResponse, ErrorResponse, RemoveResponse
+from waldo.serve.service import SearchService
+from waldo.serve.uploads import clean_name
+
+router = APIRouter(tags=["images"])
+
+ImageId = Annotated[int, Path(ge=0, le=2**62, description="an indexed image's id")]
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "no live image with this id, or its file is gone"}}
+# Ids are never reused, so what an id names never changes: let browsers keep it.
+IMMUTABLE = {"Cache-Control": "public, max-age=86400, immutable"}
+
+
+@router.post("/images", response_model=AddResponse, status_code=201, responses=QUERY_ERRORS)
+async def add_images(
+    image: Annotated[list[UploadFile], File(description="one or more photos to index")],
+    service: Service,
+    slots: Slots,
+    identity: Annotated[str, Form(max_length=200, description="the instance the photos show")] = "",
+) -> AddResponse:
+    """Store the photos under ``INDEX/uploads/<sha256>.<ext>`` and index them, atomically:
+    queries see all of them or none. Uploading bytes already indexed returns their id."""
+    files = [(await read_upload(upload, service.settings.max_upload_bytes), upload.filename) for upload in image]
+    async with slots:
+        added = await run_in_threadpool(service.add, files, clean_name(identity, limit=200) if identity else "")
+    return AddResponse(images=[AddedImage(**vars(a)) for a in added], count=len(service.engine))
+
+
+@router.get("/images/{image_id}", response_class=FileResponse, responses=NOT_FOUND)
+def get_image(image_id: ImageId, service: Service) -> FileResponse:
+    """The stored file of an indexed image, as it was indexed."""
+    path = _existing_file(service, image_id)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
+
+
+@router.get("/thumbnails/{image_id}", response_class=Response, responses=NOT_FOUND)
+def get_thumbnail(image_id: ImageId, service: Service) -> Response:
+    """A JPEG preview, longest side ``thumbnail_size`` pixels (256 by default)."""
+    _existing_file(service, image_id)
+    return Response(service.thumbnail(image_id), media_type="image/jpeg", headers=IMMUTABLE)
+
+
+@router.delete("/images/{image_id}", response_model=RemoveResponse, responses=NOT_FOUND)
+async def remove_image(image_id: ImageId, service: Service) -> RemoveResponse:
+    """Remove an image from the index (and its stored file, if it was uploaded here)."""
+    await run_in_threadpool(service.remove, image_id)
+    return RemoveResponse(removed=1, count=len(service.engine))
+
+
+def _existing_file(service: SearchService, image_id: int) -> pathlib.Path:
+    try:
+        return service.image_path(image_id)
+    except FileNotFoundError as error:
+        raise ClientError(404, str(error)) from None

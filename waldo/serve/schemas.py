@@ -1,0 +1,80 @@
+"""The service's response models: what the OpenAPI schema documents and clients can rely on.
+
+Inputs are multipart uploads and query parameters declared on the routes; these are outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class SearchResult(BaseModel):
+    """One hit. ``score`` orders the list; ``global_score`` and ``rank_before_rerank`` are the
+    global-descriptor similarity and rank before any reranker moved the hit."""
+
+    id: int = Field(description="image id in the index (stable, never reused)")
+    rank: int = Field(description="1-based rank in this list")
+    path: str = Field(description="the indexed file")
+    identity: str = Field(description="the instance label stored with the image")
+    label: str = Field(description="a display name: class_name attribute, identity or file name")
+    score: float = Field(description="final score (the reranker's when one ran)")
+    global_score: float = Field(description="cosine similarity of the global descriptors")
+    rank_before_rerank: int = Field(description="rank in the global-only list")
+    attrs: dict[str, Any] = Field(default_factory=dict, description="metadata stored with the image")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    timings: dict[str, float] = Field(
+        description="milliseconds per stage: decode, extract, search, rerank, total")
+    k: int
+    rerank: str
+
+
+class AddedImage(BaseModel):
+    id: int
+    path: str = Field(description="where the upload is stored: INDEX/uploads/<sha256>.<ext>")
+    identity: str
+    name: str = Field(description="the client's file name (display only)")
+    created: bool = Field(description="false when these exact bytes were already indexed")
+
+
+class AddResponse(BaseModel):
+    images: list[AddedImage]
+    count: int = Field(description="images in the index after the add")
+
+
+class RemoveResponse(BaseModel):
+    removed: int
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+
+
+class MatchResponse(BaseModel):
+    """Correspondences between the query and one indexed image, for drawing them side by side.
+
+    ``lines`` are ``[xq, yq, xc, yc]`` in pixels of each image as uploaded/stored;
+    ``available`` is false when no geometric verification is installed."""
+
+    available: bool
+    verified: bool = Field(False, description="enough inliers for the GV reranker to promote the image")
+    id: int
+    method: str
+    inliers: int = 0
+    matches: int = Field(0, description="tentative (pre-verification) matches")
+    lines: list[list[float]] = Field(default_factory=list, description="inliers as [xq, yq, xc, yc]")
+    outline: list[list[float]] = Field(
+        default_factory=list, description="the query keypoints' bounding box mapped onto the image (4 [x, y])")
+    query_size: list[int] = Field(default_factory=list, description="[width, height]")
+    image_size: list[int] = Field(default_factory=list, description="[width, height]")
+    message: str = ""
+
+
+class ErrorResponse(BaseModel):
+    detail: str

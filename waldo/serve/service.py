@@ -1,0 +1,258 @@
+"""The state the service shares between requests: one engine, its locks, caches and counters.
+
+Built once in the app's lifespan. Concurrency model:
+
+* Queries only read. The index hands out immutable snapshots and the model runs in inference
+  mode, so any number of queries may run at once; the routes bound how many use the CPU at
+  a time (``ServeSettings.query_slots``).
+* Writes (add, remove) take ``_write_lock``: the engine's "already indexed?" check and its
+  commit must not interleave with another upload of the same bytes. The index commits each
+  add in one SQLite transaction, so a query sees all of an add or none of it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from waldo.api import Waldo
+from waldo.data.images import ImageLoadError
+from waldo.serve.errors import ClientError
+from waldo.serve.metrics import ServiceMetrics, resident_memory_bytes
+from waldo.serve.query import (
+    NO_RERANK,
+    QueryRun,
+    available_rerankers,
+    match_pair,
+    run_query,
+)
+from waldo.serve.settings import ServeSettings
+from waldo.serve.thumbnails import ThumbnailCache, render_thumbnail
+from waldo.serve.uploads import UPLOADS_DIR, check_upload, store_upload
+
+__all__ = ["AddedImage", "SearchService"]
+
+log = logging.getLogger("waldo.serve")
+
+
+@dataclass
+class AddedImage:
+    """One uploaded file's fate: its id and whether this request added it or it was there."""
+
+    id: int
+    path: str
+    identity: str
+    name: str
+    created: bool
+
+
+@dataclass
+class SearchOutcome:
+    k: int
+    rerank: str
+    results: list[dict[str, Any]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class SearchService:
+    """Everything the routes need, independent of HTTP (tests may drive it directly)."""
+
+    def __init__(self, engine: Waldo, settings: ServeSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.root = Path(engine.root).resolve()
+        self.uploads_dir = self.root / UPLOADS_DIR
+        self.metrics = ServiceMetrics()
+        self.thumbnails = ThumbnailCache(settings.thumbnail_cache)
+        self._write_lock = threading.Lock()
+        self._rerankers = available_rerankers(engine)
+
+    @classmethod
+    def open(cls, index_dir: str | Path, settings: ServeSettings) -> SearchService:
+        """Load the index and its model once, and warm the model up so the first client does
+        not pay for lazy initialisation."""
+        engine = Waldo.open(index_dir)
+        # Convert the weights to the layout extraction uses now, not inside the first add,
+        # where it would rewrite parameters under running queries.
+        engine.model.to(memory_format=torch.channels_last)
+        service = cls(engine, settings)
+        service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """One throw-away query per rank mode, so the first client neither waits for lazy
+        initialisation nor for a reranker's weights to load. A reranker that fails here is
+        withdrawn from the offer (logged) instead of failing every query that asks for it."""
+        blank = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(blank, format="PNG")
+        for mode in list(self._rerankers):
+            try:
+                run_query(self.engine, blank.getvalue(), 1, mode)
+            except Exception as error:
+                if mode == NO_RERANK:
+                    raise
+                log.warning("reranker %r withdrawn: it failed on a warm-up query (%s)", mode, error)
+                self._rerankers.remove(mode)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def rerankers(self) -> list[str]:
+        return list(self._rerankers)
+
+    def check_query(self, k: int, rerank: str) -> None:
+        """Raise ClientError (422) for a ``k`` or ``rerank`` this service cannot honour."""
+        if not 1 <= k <= self.settings.max_k:
+            raise ClientError(422, f"k must be between 1 and {self.settings.max_k}, got {k}")
+        if rerank not in self._rerankers:
+            raise ClientError(422, f"rerank {rerank!r} is not available here; choose one of "
+                                   f"{', '.join(self._rerankers)}")
+
+    def search(self, data: bytes, filename: str | None, k: int, rerank: str = NO_RERANK) -> SearchOutcome:
+        """Decode and check the upload, then query; ImageLoadError/ClientError for bad input."""
+        self.check_query(k, rerank)
+        start = time.perf_counter()
+        try:
+            upload = check_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
+                                  max_pixels=self.settings.max_pixels)
+        except (ClientError, ImageLoadError):
+            self.metrics.record_rejected()
+            raise
+        decode_ms = round((time.perf_counter() - start) * 1000, 2)
+        run: QueryRun = run_query(self.engine, upload.data, k, rerank)
+        timings = {"decode": decode_ms, **run.timings_ms}
+        timings["total"] = round((time.perf_counter() - start) * 1000, 2)
+        self.metrics.record_query(rerank, timings["total"])
+        return SearchOutcome(k=k, rerank=rerank, results=run.results, timings_ms=timings)
+
+    def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
+        """Correspondences between an uploaded query and indexed image ``image_id``."""
+        try:
+            upload = check_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
+                                  max_pixels=self.settings.max_pixels)
+        except (ClientError, ImageLoadError):
+            self.metrics.record_rejected()
+            raise
+        path = self.image_path(image_id)
+        return match_pair(upload.image, image_id, path, max_pixels=self.settings.max_pixels)
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of a live image; UnknownIdError if no live image has this id, and
+        FileNotFoundError if its file has gone from disk."""
+        record = self.engine.store.get(image_id)
+        path = Path(record.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {image_id} is indexed but its file is missing")
+        return path
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """JPEG thumbnail of a live image (cached)."""
+        cached = self.thumbnails.get(image_id)
+        if cached is not None:
+            return cached
+        path = self.image_path(image_id)
+        data = render_thumbnail(str(path), self.settings.thumbnail_size, self.settings.max_pixels)
+        self.thumbnails.put(image_id, data)
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        info = self.engine.store.info()
+        config = self.engine.config
+        return {
+            "images": info["count"],
+            "identities": info["identities"],
+            "index_path": str(self.root),
+            "index_bytes": sum(info["bytes"].values()),
+            "segments": len(info["segments"]),
+            "model": {"backbone": config.backbone, "dim": config.dim, "transform": config.transform,
+                      "image_size": config.image_size},
+            "rerankers": self.rerankers,
+            "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
+                       "max_pixels": self.settings.max_pixels, "max_k": self.settings.max_k,
+                       "default_k": self.settings.default_k,
+                       "max_files_per_add": self.settings.max_files_per_add,
+                       "max_inflight_uploads": self.settings.max_inflight_uploads},
+            "resident_memory_bytes": resident_memory_bytes(),
+            "thumbnails_cached": len(self.thumbnails),
+            **self.metrics.snapshot(),
+        }
+
+    # ------------------------------------------------------------------ writing
+    def add(self, files: list[tuple[bytes, str | None]], identity: str = "") -> list[AddedImage]:
+        """Check every file, store the new ones under ``INDEX/uploads/`` and index them.
+
+        All files are decoded before anything is written: one bad file refuses the whole
+        request (4xx) and leaves the index and the folder untouched.
+        """
+        if not files:
+            raise ClientError(422, "no file given in the field 'image'")
+        if len(files) > self.settings.max_files_per_add:
+            raise ClientError(413, f"{len(files)} files in one request; the limit is "
+                                   f"{self.settings.max_files_per_add}")
+        try:
+            checked = [check_upload(data, name, max_bytes=self.settings.max_upload_bytes,
+                                    max_pixels=self.settings.max_pixels) for data, name in files]
+        except (ClientError, ImageLoadError):
+            self.metrics.record_rejected()
+            raise
+        with self._write_lock:
+            stored = [store_upload(upload, self.uploads_dir) for upload in checked]
+            paths = [str(path) for path, _ in stored]
+            already = dict(zip(paths, self.engine.store.contains_paths(paths)))
+            attrs = [{"source": "upload", "original_name": upload.name} for upload in checked]
+            try:
+                report = self.engine.add(paths, [identity] * len(paths), attrs, batch_size=8,
+                                         num_workers=0, progress=False)
+            except BaseException:
+                self._drop_unindexed(stored)
+                raise
+            if report.errors:  # decoded above, so only a file changed on disk gets here
+                self._drop_unindexed(stored)
+                raise ClientError(400, f"could not index: {report.errors[0][1]}")
+            ids = self._ids_for(paths)
+        self.metrics.record_add(len(report.added))
+        seen: set[str] = set()
+        out = []
+        for upload, path in zip(checked, paths):
+            if path in seen:
+                continue  # the same bytes twice in one request: report once
+            seen.add(path)
+            out.append(AddedImage(id=ids[path], path=path, identity=identity, name=upload.name,
+                                  created=not already[path]))
+        return out
+
+    def remove(self, image_id: int) -> None:
+        """Remove a live image (UnknownIdError if none); its file goes too when the service
+        stored it (under ``INDEX/uploads/``), never when it belongs to a dataset."""
+        with self._write_lock:
+            record = self.engine.store.get(image_id)
+            self.engine.remove(ids=[image_id])
+            path = Path(record.path)
+            if path.parent == self.uploads_dir:
+                path.unlink(missing_ok=True)
+        self.thumbnails.drop(image_id)
+        self.metrics.record_remove()
+
+    def _ids_for(self, paths: list[str]) -> dict[str, int]:
+        wanted = set(paths)
+        snapshot = self.engine.store.snapshot()
+        found = {p: int(i) for i, p in zip(snapshot.ids, snapshot.paths) if p in wanted}
+        missing = wanted - found.keys()
+        if missing:
+            raise RuntimeError(f"just-added paths not found in the index: {sorted(missing)[:3]}")
+        return found
+
+    def _drop_unindexed(self, stored: list[tuple[Path, bool]]) -> None:
+        """Delete files this request created that did not make it into the index."""
+        created = [path for path, new in stored if new]
+        live = self.engine.store.contains_paths([str(p) for p in created])
+        for path, indexed in zip(created, live):
+            if not indexed:
+                path.unlink(missing_ok=True)

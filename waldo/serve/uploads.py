@@ -1,0 +1,105 @@
+"""Checking uploaded images and storing them, content-addressed, inside the index folder.
+
+An upload is decoded (with the pixel limit) before anything is written, so a corrupt file or a
+decompression bomb never reaches the disk. The stored name is ``<sha256>.<ext>`` with the
+extension taken from the decoded format, never from the client's file name: a client cannot
+choose where a file lands, and sending the same bytes twice stores (and indexes) them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from waldo.data.images import SUPPORTED_FORMATS, load_image
+from waldo.serve.errors import ClientError
+
+__all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "store_upload"]
+
+#: Folder, inside the index folder, that holds the images added through the service.
+UPLOADS_DIR = "uploads"
+
+# Pillow format name -> stored suffix. MPO is how Pillow names multi-picture phone JPEGs.
+_SUFFIX = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
+           "TIFF": "tif", "PPM": "ppm"}
+
+
+@dataclass(frozen=True)
+class CheckedUpload:
+    """An upload that decoded cleanly: its bytes, pixels (RGB) and content address."""
+
+    data: bytes
+    image: Image.Image
+    sha256: str
+    suffix: str
+    name: str  # the client's file name, cleaned, for display only
+
+    @property
+    def stored_name(self) -> str:
+        return f"{self.sha256}.{self.suffix}"
+
+
+def clean_name(filename: str | None, limit: int = 120) -> str:
+    """A client file name reduced to something safe to store and display: the last path
+    component, without control characters, at most ``limit`` characters. Never used as a path."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    return name[:limit] or "upload"
+
+
+def check_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixels: int) -> CheckedUpload:
+    """Decode an upload fully; raises :class:`ClientError` (too large, empty) or
+    :class:`~waldo.data.images.ImageLoadError` (not an image, corrupt, too many pixels)."""
+    name = clean_name(filename)
+    if not data:
+        raise ClientError(400, f"the upload {name!r} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ClientError(413, f"the upload {name!r} is {len(data)} bytes; the limit is {max_bytes} bytes")
+    image = load_image(data, max_pixels=max_pixels, name=name)
+    # The header is parsed again only to learn the format (load_image returns bare RGB pixels).
+    with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as header:
+        suffix = _SUFFIX.get(header.format or "", "img")
+    return CheckedUpload(data=data, image=image, sha256=hashlib.sha256(data).hexdigest(), suffix=suffix, name=name)
+
+
+def store_upload(upload: CheckedUpload, uploads_dir: Path) -> tuple[Path, bool]:
+    """Write ``upload`` to ``uploads_dir/<sha256>.<ext>`` atomically; returns (path, created).
+
+    Written to a temporary file in the same folder, fsynced, then renamed: a crash leaves the
+    old state or the whole file, never half an image under its final name.
+    """
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    target = uploads_dir / upload.stored_name
+    if target.is_file():
+        return target, False  # content-addressed: same name means same bytes
+    descriptor, temporary = tempfile.mkstemp(dir=uploads_dir, prefix=".incoming-")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(upload.data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_dir(uploads_dir)
+    return target, True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
