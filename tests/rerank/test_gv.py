@@ -18,6 +18,7 @@ from waldo.rerank.gv import (
     GVConfig,
     GVQuery,
     _plausible,
+    corner_errors,
     estimate_transform,
     verified_first_order,
     verify_pair,
@@ -26,13 +27,6 @@ from waldo.rerank.local_features import SiftConfig, extract_sift_file
 
 # Oxford images are 800-1000 px: keep them at native size (no downscale) for accuracy.
 OXFORD_SIFT = SiftConfig(max_keypoints=1000, max_side=1024)
-
-
-def corner_errors(h_true: np.ndarray, h_est: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(4,) pixel distances between where the two homographies send the image corners."""
-    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [width - 1, height - 1, 1], [0, height - 1, 1]], float)
-    a, b = corners @ h_true.T, corners @ h_est.T
-    return np.linalg.norm(a[:, :2] / a[:, 2:] - b[:, :2] / b[:, 2:], axis=1)
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,14 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig
     return Verification(int(mask.sum()), model, transform, matches, mask)
 
 
+def corner_errors(h_true: np.ndarray, h_est: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(4,) pixel distances between where two homographies send a width x height image's corners:
+    how far an estimated transform is from the true one where it extrapolates most."""
+    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [width - 1, height - 1, 1], [0, height - 1, 1]], float)
+    a, b = corners @ np.asarray(h_true, float).T, corners @ np.asarray(h_est, float).T
+    return np.linalg.norm(a[:, :2] / a[:, 2:] - b[:, :2] / b[:, 2:], axis=1)
+
+
 def verified_first_order(inliers: np.ndarray, min_inliers: int) -> np.ndarray:
     """(K,) permutation of candidate positions 0..K-1 (given in prior order, best first).
 
