@@ -161,7 +161,8 @@ class Waldo:
         if rows:
             kept = [paths[i] for i in rows]
             # Keypoints for geometric verification: computed once here, never per query.
-            verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None))
+            verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None,
+                                                       progress=progress))
                             if self.gv_sift is not None else None)
             report.added = self.store.add(kept, [identities[i] for i in rows],
                                           extracted.global_desc, extracted.local_desc,

@@ -195,11 +195,14 @@ def unpack_features(ragged: RaggedFeatures) -> list[LocalFeatures]:
 
 
 def extract_many(sources: Sequence[str | Path | bytes], config: SiftConfig = SiftConfig(), *,
-                 workers: int | None = None) -> list[LocalFeatures]:
+                 workers: int | None = None, progress: bool = False,
+                 description: str = "keypoints") -> list[LocalFeatures]:
     """:func:`extract_sift_file` of many images in threads (OpenCV releases the GIL), in order.
     An image that cannot be loaded gets no keypoints (it can never be verified) rather than
     failing the whole batch: callers that must know check readability themselves."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
 
     from waldo.data.images import ImageLoadError
 
@@ -209,7 +212,9 @@ def extract_many(sources: Sequence[str | Path | bytes], config: SiftConfig = Sif
         except ImageLoadError:
             return LocalFeatures.empty()
 
+    show = progress and len(sources) > 1
     if len(sources) <= 1 or workers == 1:
-        return [one(s) for s in sources]
+        return [one(s) for s in tqdm(sources, desc=description, unit="img", disable=not show, leave=False)]
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1), thread_name_prefix="waldo-sift") as pool:
-        return list(pool.map(one, sources))
+        return list(tqdm(pool.map(one, sources), total=len(sources), desc=description, unit="img",
+                         disable=not show, leave=False))
