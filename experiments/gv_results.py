@@ -210,6 +210,18 @@ def notes(results: list[dict]) -> str:
                      "matches, while a wrong one occasionally does; printed packages carry text and logos, "
                      "which is what verification needs. A user with such a collection should keep global order "
                      "(or the RRT) for produce.")
+    rrt = {r["protocol"]: {row["row"].split(" (")[0]: row for row in r["rows"]} for r in results
+           if any(row["row"] == "+RRT" for row in r["rows"])}
+    if rrt:
+        figures = "; ".join(
+            f"{name}: its global R@1 {rows['global of the RRT checkpoint']['recall@1']:.4f}, +RRT "
+            f"{rows['+RRT']['recall@1']:.4f}, +RRT+GV {rows['+RRT+GV']['recall@1']:.4f}" for name, rows in rrt.items())
+        lines.append("The +RRT rows use the RRT trained on grocery-open's training identities (the seed table's "
+                     "fine-tuned checkpoint), so on coil100-open it meets a dataset it never saw. Sorting by the RRT "
+                     f"alone is far worse than that checkpoint's own global ranking ({figures}); GV applied to the "
+                     "RRT's order recovers part of the loss but not all of it, because the rule promotes verified "
+                     "candidates and keeps the RRT's order for the rest. With this RRT, GV on the global order is the "
+                     "combination to use.")
     return "\n".join(lines) + "\n"
 
 
