@@ -180,6 +180,7 @@ def test_too_many_uploads_at_once_get_429():
     scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"10")]}
     asyncio.run(guard(scope, None, send))
     assert sent[0]["status"] == 429 and b"too many uploads" in sent[1]["body"]
+    assert (b"retry-after", b"1") in sent[0]["headers"]  # clients are told to back off
     sent.clear()
     guard.inflight = 0
     asyncio.run(guard({**scope, "headers": [(b"content-length", b"101")]}, None, send))

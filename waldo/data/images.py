@@ -88,6 +88,27 @@ def _open_source(source: ImageSource, name: str) -> BinaryIO:
     raise TypeError(f"load_image expects a path, bytes or a binary file object, got {type(source).__name__}")
 
 
+# Leading bytes of the supported formats (WebP: RIFF....WEBP; PPM/PGM/PBM: P1..P6).
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"), (b"BM", 0, "BMP"), (b"WEBP", 8, "WEBP"), (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+) + tuple((f"P{n}".encode(), 0, "PPM") for n in range(1, 7))
+
+
+def _signature_format(stream: BinaryIO, start: int) -> str | None:
+    """The supported format whose signature the bytes of ``stream`` from ``start`` begin with."""
+    try:
+        stream.seek(start)
+        head = stream.read(16)
+    except (OSError, ValueError):
+        return None
+    for magic, offset, fmt in _SIGNATURES:
+        if head[offset:offset + len(magic)] == magic and (fmt != "WEBP" or head.startswith(b"RIFF")):
+            return fmt
+    return None
+
+
 def _to_uint8_rgb(array: np.ndarray) -> Image.Image:
     """Grey ``uint8`` array (H, W) -> RGB image (3 identical channels)."""
     return Image.fromarray(array, mode="L").convert("RGB")
@@ -182,6 +203,7 @@ def load_image(
     stream = _open_source(source, name)
     owns_stream = stream is not source
     try:
+        start = stream.tell()
         try:
             # Lazy: parses the header only. MPO (multi-picture phone JPEGs) opens via "JPEG".
             image = Image.open(stream, formats=SUPPORTED_FORMATS)
@@ -189,6 +211,13 @@ def load_image(
             # Pillow's own (global) bomb guard fired while reading the header.
             raise ImageLoadError(name, f"too many pixels ({exc})") from None
         except UnidentifiedImageError:
+            # Pillow says "unidentified" both for bytes of no known format and for a supported
+            # format whose header fails to parse (a PNG with a broken IHDR, a header alone).
+            # The second is a damaged image, not an unsupported one: say so.
+            claimed = _signature_format(stream, start)
+            if claimed is not None:
+                raise ImageLoadError(name, f"corrupt or truncated image data (starts like {claimed} but its "
+                                           f"header cannot be parsed)") from None
             raise ImageLoadError(
                 name, f"not a recognised image format (supported: {', '.join(SUPPORTED_FORMATS)})"
             ) from None

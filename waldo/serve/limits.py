@@ -47,7 +47,9 @@ class BodySizeLimit:
             await _send_json(send, 413, too_large_detail(self.max_body_bytes))
             return
         if self.inflight >= self.max_inflight:
-            await _send_json(send, 429, f"too many uploads in progress (limit {self.max_inflight}); retry shortly")
+            # Retry-After tells well-behaved clients to back off instead of retrying at once.
+            await _send_json(send, 429, f"too many uploads in progress (limit {self.max_inflight}); retry shortly",
+                             extra_headers=[(b"retry-after", b"1")])
             return
         self.inflight += 1
         try:
@@ -92,12 +94,14 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_json(send: Send, status: int, detail: str) -> None:
+async def _send_json(send: Send, status: int, detail: str,
+                     extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})  # the unread body makes the connection unusable
+                            (b"connection", b"close"),  # the unread body makes the connection unusable
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -6,7 +6,7 @@ one set of numbers; the app reads them once at start-up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from waldo.data.images import DEFAULT_MAX_PIXELS
@@ -40,6 +40,9 @@ class ServeSettings:
             file bytes when the request body is measured.
         max_inflight_uploads: request bodies being received or processed at once; more get 429.
             Uploads are held in memory, so this bounds their memory (16 x 20 MB = 320 MB).
+        api_key: when set, the write endpoints (``POST /images``, ``DELETE /images/{id}``) need
+            it in the ``X-API-Key`` header (401 otherwise); reads stay open. None: no key.
+            Kept out of ``repr`` so that logging the settings never prints it.
     """
 
     max_upload_bytes: int = 20 * MB
@@ -52,6 +55,7 @@ class ServeSettings:
     thumbnail_cache: int = 4096
     body_slack_bytes: int = 64 * 1024
     max_inflight_uploads: int = 16
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Fail at start-up, not on the first request, when a limit makes no sense.
@@ -59,6 +63,8 @@ class ServeSettings:
                      "query_slots", "thumbnail_size", "thumbnail_cache", "max_inflight_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty (leave it unset for no key)")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default_k must lie in 1..max_k={self.max_k}, got {self.default_k}")
 

@@ -10,10 +10,11 @@ import mimetypes
 import pathlib
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from waldo.serve.deps import require_write_key
 from waldo.serve.errors import ClientError
 from waldo.serve.routers.search import QUERY_ERRORS, Service, Slots, read_upload
 from waldo.serve.schemas import AddedImage, AddResponse, ErrorResponse, RemoveResponse
@@ -23,12 +24,20 @@ from waldo.serve.uploads import clean_name
 router = APIRouter(tags=["images"])
 
 ImageId = Annotated[int, Path(ge=0, le=2**62, description="an indexed image's id")]
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "no live image with this id, or its file is gone"}}
+# 422 is declared here because the app answers it as {"detail": "a sentence"} (see app.py):
+# without this, FastAPI documents its own list-of-errors body, which the app never sends.
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "no live image with this id, or its file is gone"},
+             422: {"model": ErrorResponse, "description": "the id is not an integer in 0..2**62"}}
+UNAUTHORISED = {401: {"model": ErrorResponse, "description": "the server has an API key and the request's "
+                                                              "X-API-Key header is missing or wrong"}}
+#: Writes change what every client sees: when the server has an API key, they need it.
+WRITE_GUARD = [Depends(require_write_key)]
 # Ids are never reused, so what an id names never changes: let browsers keep it.
 IMMUTABLE = {"Cache-Control": "public, max-age=86400, immutable"}
 
 
-@router.post("/images", response_model=AddResponse, status_code=201, responses=QUERY_ERRORS)
+@router.post("/images", response_model=AddResponse, status_code=201, responses={**QUERY_ERRORS, **UNAUTHORISED},
+             dependencies=WRITE_GUARD)
 async def add_images(
     image: Annotated[list[UploadFile], File(description="one or more photos to index")],
     service: Service,
@@ -58,7 +67,8 @@ def get_thumbnail(image_id: ImageId, service: Service) -> Response:
     return Response(service.thumbnail(image_id), media_type="image/jpeg", headers=IMMUTABLE)
 
 
-@router.delete("/images/{image_id}", response_model=RemoveResponse, responses=NOT_FOUND)
+@router.delete("/images/{image_id}", response_model=RemoveResponse, responses={**NOT_FOUND, **UNAUTHORISED},
+               dependencies=WRITE_GUARD)
 async def remove_image(image_id: ImageId, service: Service) -> RemoveResponse:
     """Remove an image from the index (and its stored file, if it was uploaded here)."""
     await run_in_threadpool(service.remove, image_id)
