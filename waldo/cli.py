@@ -197,19 +197,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- serve
+#: Where `waldo serve` looks for the write key when --api-key is not given.
+API_KEY_ENV = "WALDO_API_KEY"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from waldo.serve import ServeSettings, create_app
 
     if not (Path(args.index) / "manifest.json").is_file():
         return _fail(f"{args.index} is not a Waldo index (no manifest.json); build one with `waldo index build`")
+    # The flag wins over the environment; the environment keeps the key out of `ps` listings.
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        return _fail("--api-key must not be empty")
     settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                             max_k=args.max_k, query_slots=args.query_slots)
+                             max_k=args.max_k, query_slots=args.query_slots,
+                             max_inflight_uploads=args.max_inflight_uploads, api_key=api_key)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     # Printed before the model loads so a person sees where to go; uvicorn reports readiness.
     print(f"waldo: serving {args.index} at http://{shown_host}:{args.port}/ (loading the model first; "
           f"Ctrl+C stops)", flush=True)
+    if api_key is not None:
+        print("waldo: adding and removing images needs the API key in the X-API-Key header", flush=True)
     uvicorn.run(create_app(args.index, settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=args.access_log)
     return 0
@@ -311,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width*height of an upload")
     serve.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for")
     serve.add_argument("--query-slots", type=int, default=2, help="queries running the model at once")
+    serve.add_argument("--max-inflight-uploads", type=int, default=16,
+                       help="requests with a body handled at once; more get 429 (bounds upload memory)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require this key (header X-API-Key) to add or remove images; default: "
+                            f"${API_KEY_ENV}, else no key. Searches stay open")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
@@ -324,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     from waldo.train.cli_train_rrt import register_train_rrt
 
     register_train_rrt(train_commands)
+    from waldo.eval.cli_experiment import register_experiment
+    register_experiment(commands)
     return parser
 
 

@@ -7,13 +7,14 @@ the gallery, are dropped (and counted), as the protocols prescribe. mAP ranks th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from waldo.data.protocols import Protocol
 from waldo.eval.metrics import match_matrix, retrieval_metrics
+from waldo.eval.multiscale import extract_multiscale
 from waldo.index.knn import exact_knn
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import Extracted, extract_descriptors
@@ -79,13 +80,20 @@ def evaluate_descriptors(protocol: Protocol, queries: Extracted, gallery: Extrac
 
 def evaluate_protocol(model: DescriptorModel, protocol: Protocol, transform: Callable, *,
                       batch_size: int = 32, num_workers: int | None = None,
-                      progress: bool = True, ks: tuple[int, ...] = (1, 10, 100)) -> EvalRun:
-    """Extract descriptors of the protocol's gallery (and queries) and evaluate global search."""
-    gallery = extract_descriptors(model, protocol.gallery.paths, transform, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress, description="gallery")
-    if protocol.leave_one_out:
-        queries = gallery
-    else:
-        queries = extract_descriptors(model, protocol.queries.paths, transform, batch_size=batch_size,
-                                      num_workers=num_workers, progress=progress, description="queries")
+                      progress: bool = True, ks: tuple[int, ...] = (1, 10, 100),
+                      extra_transforms: Sequence[Callable] = ()) -> EvalRun:
+    """Extract descriptors of the protocol's gallery (and queries) and evaluate global search.
+
+    ``extra_transforms`` (e.g. the same preset at other sizes, see waldo.eval.multiscale) turns on
+    multi-scale global descriptors: averaged over ``transform`` and these; off by default."""
+
+    def extract(paths: list[str], description: str) -> Extracted:
+        options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress,
+                   "description": description}
+        if extra_transforms:
+            return extract_multiscale(model, paths, transform, extra_transforms, **options)
+        return extract_descriptors(model, paths, transform, **options)
+
+    gallery = extract(protocol.gallery.paths, "gallery")
+    queries = gallery if protocol.leave_one_out else extract(protocol.queries.paths, "queries")
     return evaluate_descriptors(protocol, queries, gallery, ks=ks)

@@ -6,11 +6,13 @@ Shared by ``waldo eval`` and the scripts under ``benchmarks/`` and ``experiments
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from waldo.data.protocols import Protocol, get_protocol
 from waldo.data.transforms import get_transform
 from waldo.eval.evaluate import EvalRun, evaluate_protocol
+from waldo.eval.multiscale import scale_sizes, scale_transforms
 from waldo.models.checkpoint import ModelConfig, load_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.untrained import untrained_model
@@ -47,14 +49,18 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
                   projection: str = "pca-whiten", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
-                  seed: int = 0, rerank: str | None = None, rerank_top_k: int = 100) -> tuple[EvalRun, dict]:
+                  seed: int = 0, rerank: str | None = None, rerank_top_k: int = 100,
+                  scales: Sequence[float] = ()) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` ("rrt" | "rrt-fusion", see waldo.rerank.base.RERANKERS) re-sorts each query's
     global top ``rerank_top_k`` with the reranker saved in ``model_dir``; the returned run is then
     the reranked one and ``metrics["global"]`` holds the global-only figures. ``"gv"`` verifies
     the top ``rerank_top_k`` geometrically (needs no model); ``"rrt+gv"`` applies GV to the
-    RRT's order (see waldo.rerank.gv.VerifiedReranker for the rule)."""
+    RRT's order (see waldo.rerank.gv.VerifiedReranker for the rule).
+
+    ``scales`` (factors of the model's image size, e.g. ``(0.75, 1, 1.25)``) averages the global
+    descriptors over those sizes (waldo.eval.multiscale); empty, the default, is single-scale."""
     first = rerank[: -len("+gv")] if rerank and rerank.endswith("+gv") else (None if rerank == "gv" else rerank)
     if first is not None and model_dir is None:
         raise ValueError(f"--rerank {rerank} needs --model: a reranker folder made by `waldo train rrt`")
@@ -62,8 +68,10 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                   dim=dim, transform=transform, progress=progress, seed=seed)
+    extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
     run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
-                            batch_size=batch_size, num_workers=num_workers, progress=progress)
+                            batch_size=batch_size, num_workers=num_workers, progress=progress,
+                            extra_transforms=extra)
     if first is not None:
         from waldo.eval.rerank_eval import rerank_run
         from waldo.rerank.base import create_reranker
@@ -79,6 +87,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                     "projection": config.projection, "dim": config.dim,
                     "model": str(model_dir) if model_dir else None,
                     "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
+    if scales:
+        metrics["scales"] = scale_sizes(config.image_size, scales)
     return run, metrics
 
 
