@@ -13,11 +13,10 @@ the RRT) with two more files:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from waldo.fsutil import atomic_write_bytes as _atomic_write
 from waldo.models.checkpoint import ModelConfig, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
@@ -26,19 +25,6 @@ __all__ = ["RRT_FILES", "has_rrt", "load_rrt", "read_rrt_info", "save_reranker",
 
 RRT_FORMAT = 1
 RRT_FILES = ("rrt.json", "rrt.safetensors")
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def has_rrt(folder: str | Path) -> bool:

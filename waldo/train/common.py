@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from waldo.data.datasets import ImageSet
+from waldo.fsutil import atomic_write_bytes, atomic_write_text
 from waldo.data.protocols import Protocol
 
 __all__ = [
@@ -76,27 +76,6 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
