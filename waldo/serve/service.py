@@ -36,7 +36,7 @@ from waldo.serve.query import (
 )
 from waldo.serve.settings import ServeSettings
 from waldo.serve.thumbnails import ThumbnailCache, render_thumbnail
-from waldo.serve.uploads import UPLOADS_DIR, check_upload, store_upload
+from waldo.serve.uploads import UPLOADS_DIR, CheckedUpload, check_upload, store_upload
 
 __all__ = ["AddedImage", "SearchService"]
 
@@ -115,16 +115,20 @@ class SearchService:
             raise ClientError(422, f"rerank {rerank!r} is not available here; choose one of "
                                    f"{', '.join(self._rerankers)}")
 
+    def _checked_upload(self, data: bytes, filename: str | None) -> CheckedUpload:
+        """check_upload under this service's limits; a refusal is counted before it propagates."""
+        try:
+            return check_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
+                                max_pixels=self.settings.max_pixels)
+        except (ClientError, ImageLoadError):
+            self.metrics.record_rejected()
+            raise
+
     def search(self, data: bytes, filename: str | None, k: int, rerank: str = NO_RERANK) -> SearchOutcome:
         """Decode and check the upload, then query; ImageLoadError/ClientError for bad input."""
         self.check_query(k, rerank)
         start = time.perf_counter()
-        try:
-            upload = check_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
-                                  max_pixels=self.settings.max_pixels)
-        except (ClientError, ImageLoadError):
-            self.metrics.record_rejected()
-            raise
+        upload = self._checked_upload(data, filename)
         decode_ms = round((time.perf_counter() - start) * 1000, 2)
         run: QueryRun = run_query(self.engine, upload.data, k, rerank)
         timings = {"decode": decode_ms, **run.timings_ms}
@@ -134,12 +138,7 @@ class SearchService:
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
-        try:
-            upload = check_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
-                                  max_pixels=self.settings.max_pixels)
-        except (ClientError, ImageLoadError):
-            self.metrics.record_rejected()
-            raise
+        upload = self._checked_upload(data, filename)
         path = self.image_path(image_id)
         return match_pair(upload.image, image_id, path, max_pixels=self.settings.max_pixels)
 
@@ -196,12 +195,7 @@ class SearchService:
         if len(files) > self.settings.max_files_per_add:
             raise ClientError(413, f"{len(files)} files in one request; the limit is "
                                    f"{self.settings.max_files_per_add}")
-        try:
-            checked = [check_upload(data, name, max_bytes=self.settings.max_upload_bytes,
-                                    max_pixels=self.settings.max_pixels) for data, name in files]
-        except (ClientError, ImageLoadError):
-            self.metrics.record_rejected()
-            raise
+        checked = [self._checked_upload(data, name) for data, name in files]
         with self._write_lock:
             stored = [store_upload(upload, self.uploads_dir) for upload in checked]
             paths = [str(path) for path, _ in stored]

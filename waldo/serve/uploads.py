@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from waldo.data.images import SUPPORTED_FORMATS, load_image
+from waldo.fsutil import atomic_write_bytes
 from waldo.serve.errors import ClientError
 
 __all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "store_upload"]
@@ -79,16 +79,7 @@ def store_upload(upload: CheckedUpload, uploads_dir: Path) -> tuple[Path, bool]:
     target = uploads_dir / upload.stored_name
     if target.is_file():
         return target, False  # content-addressed: same name means same bytes
-    descriptor, temporary = tempfile.mkstemp(dir=uploads_dir, prefix=".incoming-")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(upload.data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, upload.data)
     _fsync_dir(uploads_dir)
     return target, True
 
