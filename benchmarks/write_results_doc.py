@@ -17,18 +17,17 @@ import json
 import sys
 from pathlib import Path
 
+from waldo.eval.doc_blocks import markers
+from waldo.eval.doc_blocks import replace_block as replace_doc_block
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "results.md"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n\n{body.strip()}\n\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        return head + block + rest.split(end, 1)[1]
-    return text.rstrip() + "\n\n" + block + "\n"
+    start, end = markers(name)
+    return replace_doc_block(text, f"{start}\n\n{body.strip()}\n\n{end}", start, end)
 
 
 def throughput(report: dict) -> str:

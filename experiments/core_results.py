@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from waldo.eval.doc_blocks import write_block
 from waldo.eval.runner import run_eval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Results\n\n## Retrieval core (untrained descriptors)\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_block(DOC, block, START, END, heading="## Retrieval core: untrained descriptors (issue 2)")
 
 
 def main() -> int:

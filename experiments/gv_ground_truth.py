@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from waldo.eval.doc_blocks import write_block
 from waldo.paths import dataset_dir
 from waldo.rerank.gv import GVConfig, corner_errors, verify_pair
 from waldo.rerank.local_features import SiftConfig, extract_sift_file
@@ -98,13 +99,7 @@ def markdown(result: dict) -> str:
 
 
 def write_doc(block: str) -> None:
-    text = DOC.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n### Geometric verification against ground truth\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_block(DOC, block, START, END, heading="### Geometric verification against ground truth")
 
 
 def main() -> int:

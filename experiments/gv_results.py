@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from waldo.data.protocols import COIL_GALLERY_VIEWS, COIL_QUERY_VIEWS, Protocol, get_protocol  # noqa: E402
 from waldo.data.transforms import get_transform  # noqa: E402
+from waldo.eval.doc_blocks import write_block  # noqa: E402
 from waldo.eval.evaluate import EvalRun, evaluate_protocol  # noqa: E402
 from waldo.eval.gv_eval import apply_gv, extract_features, gv_orders, ranking_metrics, verify_run  # noqa: E402
 from waldo.eval.runner import prepare_model, run_eval_full  # noqa: E402
@@ -262,13 +263,7 @@ def markdown(results: list[dict], rrt_model: str | None) -> str:
 
 
 def write_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Geometric verification (issue 4)\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_block(DOC, block, START, END, heading="## Geometric verification (issue 4)")
 
 
 def main() -> int:

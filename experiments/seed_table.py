@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from waldo.eval.doc_blocks import write_block
 from waldo.eval.rerank_eval import reranked_metrics, score_top_k
 from waldo.eval.runner import run_eval_full
 from waldo.rerank.base import RRTReranker, fuse_scores
@@ -136,13 +137,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Training and reranking (issue 3)\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_block(DOC, block, START, END, heading="## Training and reranking (issue 3)")
 
 
 def main() -> int:
