@@ -81,7 +81,9 @@ class ModeReport:
     writer_errors: int = 0  # a writer failed on its own (not killed): exit != 0, or a 5xx
     inflight_committed: int = 0  # the operation in flight at the kill had committed
     inflight_not_committed: int = 0
-    leftover_upload_files: int = 0  # files under uploads/ that no index row names (after the last kill)
+    leftover_before_restart: int = 0  # files under uploads/ that no live row names, right after the last kill
+    orphan_uploads_cleaned: int = 0  # deleted by the start-up clean-up of one more server start
+    leftover_upload_files: int = 0  # files under uploads/ that no live row names after that start
     kill_delay_s: list[float] = field(default_factory=list)  # min, max
     failures: list[str] = field(default_factory=list)
 
@@ -387,6 +389,13 @@ def _start_server(root: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"waldo serve did not start: {log_path.read_text()[-2000:]}")
 
 
+def _unnamed_uploads(uploads: Path, live: set[str]) -> int:
+    """Files under uploads/ (temporary ones included, the lock file not) that no live row names."""
+    if not uploads.is_dir():
+        return 0
+    return sum(1 for f in uploads.iterdir() if f.is_file() and f.name != ".lock" and str(f) not in live)
+
+
 def run_server_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: random.Random, kills: int,
                      window: float, report: ModeReport, log_path: Path) -> None:
     uploads = root / "uploads"
@@ -425,8 +434,19 @@ def run_server_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: rando
             report.resurrected_images += len(resurrected)
         # Uploads whose add did not commit are dropped from the client's choice of deletions.
         removable[:] = [(p, i) for p, i in removable if p in verifier.live]
-    live = set(verifier.live)
-    report.leftover_upload_files = sum(1 for f in uploads.glob("*") if str(f) not in live) if uploads.is_dir() else 0
+    # The clean-up at start-up deletes the files of adds the kills cut short: start the server
+    # once more, let it finish starting, stop it cleanly, then look for files no row names.
+    report.leftover_before_restart = _unnamed_uploads(uploads, set(verifier.live))
+    process, url = _start_server(root, log_path)
+    try:
+        report.orphan_uploads_cleaned = int(httpx.get(f"{url}/stats", timeout=10).json()["orphan_uploads_removed"])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+    report.leftover_upload_files = _unnamed_uploads(uploads, set(verifier.live))
     report.kill_delay_s = [round(min(delays), 2), round(max(delays), 2)] if delays else []
 
 

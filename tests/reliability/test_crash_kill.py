@@ -2,7 +2,8 @@
 
 Three kills of ``waldo index add`` and two of ``waldo serve`` while a client adds and removes
 photos; after each, the index must open, pass ``waldo index check``, answer a query with an
-indexed photo, and hold exactly the acknowledged images.
+indexed photo, and hold exactly the acknowledged images; one more server start deletes the
+upload files that no indexed image names.
 """
 
 from __future__ import annotations
@@ -37,3 +38,6 @@ def test_sigkilled_writers_lose_nothing_acknowledged(grocery_dir, tmp_path):
     # Acknowledgements were made, so "nothing lost" was tested on real adds (and removes).
     assert cli.images_acknowledged >= 8 and server.images_acknowledged >= 1
     assert report.images_in_index >= 8 + cli.images_acknowledged
+    # Files of adds the kills cut short are deleted when the server starts again, all of them.
+    assert server.orphan_uploads_cleaned == server.leftover_before_restart, failures
+    assert server.leftover_upload_files == 0, failures

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -107,6 +109,70 @@ def _signature_format(stream: BinaryIO, start: int) -> str | None:
         if head[offset:offset + len(magic)] == magic and (fmt != "WEBP" or head.startswith(b"RIFF")):
             return fmt
     return None
+
+
+# Adam7 passes as (x start, y start, x step, y step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def _png_missing_rows(stream: BinaryIO, start: int) -> int:
+    """How many scanlines of a PNG's first image its compressed data does not hold.
+
+    Pillow refuses a PNG whose zlib stream is cut mid-way, but when the stream ends cleanly
+    before the last row (a crafted file, or one re-compressed short) it fills the missing rows
+    with zeros and says nothing. This inflates the IDAT data once more, counting bytes without
+    keeping them, and compares with what the header declares. 0 when complete; malformed
+    chunk structure is left to Pillow, which has decoded the file already.
+    """
+    stream.seek(start + 8)  # after the signature, already checked by Pillow
+    header = None
+    inflater = zlib.decompressobj()
+    produced = 0
+    seen_data = False
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", stream.read(13))
+            stream.seek(length - 13 + 4, io.SEEK_CUR)
+        elif kind == b"IDAT":
+            seen_data = True
+            remaining = length
+            while remaining and not inflater.eof:
+                chunk = stream.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                data = chunk
+                while data and not inflater.eof:  # bounded output: a bomb cannot allocate here
+                    produced += len(inflater.decompress(data, 1 << 20))
+                    data = inflater.unconsumed_tail
+            stream.seek(remaining + 4, io.SEEK_CUR)
+        elif seen_data or kind == b"IEND":
+            break  # IDAT chunks are consecutive; later chunks (APNG frames) are not frame 0
+        else:
+            stream.seek(length + 4, io.SEEK_CUR)
+    if header is None or header[3] not in _PNG_CHANNELS:
+        return 0
+    width, height, depth, colour, _, _, interlace = header
+    bits = _PNG_CHANNELS[colour] * depth
+    if interlace:
+        passes = [((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7]
+    else:
+        passes = [(width, height)]
+    expected = rows = 0
+    for pass_width, pass_height in passes:
+        if pass_width > 0 and pass_height > 0:
+            expected += pass_height * (1 + (pass_width * bits + 7) // 8)
+            rows += pass_height
+    if produced >= expected:
+        return 0
+    # Short by this many bytes: report it in scanlines of the (full) image, at least one.
+    row_bytes = 1 + (width * bits + 7) // 8
+    return max(1, (expected - produced + row_bytes - 1) // row_bytes)
 
 
 def _to_uint8_rgb(array: np.ndarray) -> Image.Image:
@@ -239,6 +305,11 @@ def load_image(
                 raise ImageLoadError(name, f"too many pixels ({exc})") from None
             except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
                 raise ImageLoadError(name, f"corrupt or truncated image data ({exc})") from None
+            if image.format == "PNG":
+                missing = _png_missing_rows(stream, start)
+                if missing:
+                    raise ImageLoadError(name, f"corrupt or truncated image data (the PNG's pixel data ends "
+                                               f"{missing} row(s) short of its declared {width}x{height})")
             try:
                 oriented = ImageOps.exif_transpose(image)
             except Exception:  # noqa: BLE001 - broken EXIF must not reject good pixels

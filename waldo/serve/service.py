@@ -7,7 +7,10 @@ Built once in the app's lifespan. Concurrency model:
   a time (``ServeSettings.query_slots``).
 * Writes (add, remove) take ``_write_lock``: the engine's "already indexed?" check and its
   commit must not interleave with another upload of the same bytes. The index commits each
-  add in one SQLite transaction, so a query sees all of an add or none of it.
+  add in one SQLite transaction, so a query sees all of an add or none of it. They also hold
+  the uploads folder's file lock (``uploads_lock``) from storing a file until its add has
+  committed or been undone, so a service starting up can delete the files of adds that a crash
+  cut short without racing another process's add (``clean_orphan_uploads``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from waldo.serve.query import (
 )
 from waldo.serve.settings import ServeSettings
 from waldo.serve.thumbnails import ThumbnailCache, render_thumbnail
-from waldo.serve.uploads import UPLOADS_DIR, CheckedUpload, check_upload, store_upload
+from waldo.serve.uploads import (
+    UPLOADS_DIR,
+    CheckedUpload,
+    check_upload,
+    clean_orphan_uploads,
+    store_upload,
+    uploads_lock,
+)
 
 __all__ = ["AddedImage", "SearchService"]
 
@@ -74,6 +84,7 @@ class SearchService:
         self.thumbnails = ThumbnailCache(settings.thumbnail_cache)
         self._write_lock = threading.Lock()
         self._rerankers = available_rerankers(engine)
+        self.orphan_uploads_removed = 0  # by clean_orphan_uploads() since start
 
     @classmethod
     def open(cls, index_dir: str | Path, settings: ServeSettings) -> SearchService:
@@ -84,6 +95,7 @@ class SearchService:
         # where it would rewrite parameters under running queries.
         engine.model.to(memory_format=torch.channels_last)
         service = cls(engine, settings)
+        service.clean_orphan_uploads()
         service.warm_up()
         return service
 
@@ -101,6 +113,15 @@ class SearchService:
                     raise
                 log.warning("reranker %r withdrawn: it failed on a warm-up query (%s)", mode, error)
                 self._rerankers.remove(mode)
+
+    def clean_orphan_uploads(self) -> int:
+        """Delete stored uploads that no live image names (left by a crash between storing a
+        file and its commit, or between a remove's commit and the file's deletion)."""
+        removed = clean_orphan_uploads(self.uploads_dir, self.engine.store.contains_paths)
+        if removed:
+            log.info("removed %d upload file(s) that no indexed image names", len(removed))
+        self.orphan_uploads_removed += len(removed)
+        return len(removed)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -180,6 +201,7 @@ class SearchService:
                        "max_inflight_uploads": self.settings.max_inflight_uploads},
             "resident_memory_bytes": resident_memory_bytes(),
             "thumbnails_cached": len(self.thumbnails),
+            "orphan_uploads_removed": self.orphan_uploads_removed,
             **self.metrics.snapshot(),
         }
 
@@ -196,7 +218,7 @@ class SearchService:
             raise ClientError(413, f"{len(files)} files in one request; the limit is "
                                    f"{self.settings.max_files_per_add}")
         checked = [self._checked_upload(data, name) for data, name in files]
-        with self._write_lock:
+        with self._write_lock, uploads_lock(self.uploads_dir):
             stored = [store_upload(upload, self.uploads_dir) for upload in checked]
             paths = [str(path) for path, _ in stored]
             already = dict(zip(paths, self.engine.store.contains_paths(paths)))
@@ -225,7 +247,7 @@ class SearchService:
     def remove(self, image_id: int) -> None:
         """Remove a live image (UnknownIdError if none); its file goes too when the service
         stored it (under ``INDEX/uploads/``), never when it belongs to a dataset."""
-        with self._write_lock:
+        with self._write_lock, uploads_lock(self.uploads_dir):
             record = self.engine.store.get(image_id)
             self.engine.remove(ids=[image_id])
             path = Path(record.path)

@@ -4,14 +4,23 @@ An upload is decoded (with the pixel limit) before anything is written, so a cor
 decompression bomb never reaches the disk. The stored name is ``<sha256>.<ext>`` with the
 extension taken from the decoded format, never from the client's file name: a client cannot
 choose where a file lands, and sending the same bytes twice stores (and indexes) them once.
+
+A file is stored before its add commits, so a process killed in between leaves a file that no
+catalogue row names (and a remove killed after its commit leaves one too). Every writer holds
+:func:`uploads_lock` from storing a file until its add has committed or been undone; a service
+starting up takes the same lock and deletes what no live row names (:func:`clean_orphan_uploads`).
+The lock is an advisory ``flock`` that the kernel drops when its holder dies, so a SIGKILLed
+writer never leaves it held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +30,18 @@ from waldo.data.images import SUPPORTED_FORMATS, load_image
 from waldo.fsutil import atomic_write_bytes
 from waldo.serve.errors import ClientError
 
-__all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "store_upload"]
+try:  # POSIX; elsewhere writers are only serialised within one process
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "clean_orphan_uploads",
+           "store_upload", "uploads_lock"]
 
 #: Folder, inside the index folder, that holds the images added through the service.
 UPLOADS_DIR = "uploads"
+#: Lock file inside the uploads folder (hidden, so it is never taken for an upload).
+LOCK_NAME = ".lock"
 
 # Pillow format name -> stored suffix. MPO is how Pillow names multi-picture phone JPEGs.
 _SUFFIX = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
@@ -94,3 +111,38 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def uploads_lock(uploads_dir: Path) -> Iterator[None]:
+    """Hold the uploads folder's exclusive lock (blocking) across processes."""
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    descriptor = os.open(uploads_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the flock
+
+
+def clean_orphan_uploads(uploads_dir: Path, is_live: Callable[[Sequence[str]], list[bool]]) -> list[Path]:
+    """Delete the files in ``uploads_dir`` that no live catalogue row names, and temporary
+    files of interrupted writes. ``is_live(paths)`` answers for each path whether a live image
+    has it. Takes :func:`uploads_lock`, so no writer is between storing a file and committing it
+    while this runs. Returns the deleted paths."""
+    if not uploads_dir.is_dir():
+        return []
+    with uploads_lock(uploads_dir):
+        candidates = sorted(p for p in uploads_dir.iterdir() if p.is_file() and p.name != LOCK_NAME)
+        temporary = [p for p in candidates if p.name.startswith(".") and p.name.endswith(".tmp")]
+        stored = [p for p in candidates if p not in temporary]
+        live = is_live([str(p) for p in stored])
+        doomed = temporary + [p for p, alive in zip(stored, live) if not alive]
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        if doomed:
+            _fsync_dir(uploads_dir)
+    return doomed
