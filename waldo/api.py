@@ -33,6 +33,7 @@ from waldo.rerank.local_features import SiftConfig, extract_many, extract_sift_f
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
+ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
 
 
 @dataclass
@@ -133,9 +134,17 @@ class Waldo:
     # ------------------------------------------------------------------ writing
     def add(self, paths: Sequence[str], identities: Sequence[str] | None = None,
             attrs: Sequence[dict] | None = None, *, batch_size: int = 32,
-            num_workers: int | None = None, progress: bool = True) -> AddReport:
+            num_workers: int | None = None, progress: bool = True, engine: str = "local",
+            actors: int | None = None) -> AddReport:
         """Extract and add images. Paths already in the index, and duplicates within ``paths``,
-        are skipped (reported, not re-added); unreadable images are reported and skipped."""
+        are skipped (reported, not re-added); unreadable images are reported and skipped.
+
+        ``engine="local"`` extracts in this process (``num_workers`` decoding processes) and
+        commits all images at once; ``engine="ray"`` extracts on Ray actors (``actors`` of them;
+        a cluster when ``RAY_ADDRESS`` is set, see waldo.models.extract_ray) and commits every
+        few thousand images, so an interrupted add keeps what it committed."""
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         paths = [str(Path(p).resolve()) for p in paths]
         identities = list(identities) if identities is not None else [""] * len(paths)
         attrs = list(attrs) if attrs is not None else [{} for _ in paths]
@@ -154,6 +163,10 @@ class Waldo:
         if not keep:
             return report
         todo = [paths[i] for i in keep]
+        if engine == "ray":
+            self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
+                          progress=progress)
+            return report
         extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress, description="index")
         report.errors = extracted.errors
@@ -168,6 +181,23 @@ class Waldo:
                                           extracted.global_desc, extracted.local_desc,
                                           attrs=[attrs[i] for i in rows], verification=verification)
         return report
+
+    def _add_ray(self, paths: list[str], keep: list[int], identities: list[str], attrs: list[dict],
+                 report: AddReport, *, batch_size: int, actors: int | None, progress: bool) -> None:
+        """The ray engine of :meth:`add`: actors extract (descriptors and, when the index stores
+        them, keypoints), this process writes each chunk of results as one segment, in order."""
+        from waldo.models.extract_ray import iter_extract_ray
+
+        for chunk in iter_extract_ray(self.root / MODEL_FOLDER, [paths[i] for i in keep], sift=self.gv_sift,
+                                      expected_hash=self.store.manifest.get("model_hash"),
+                                      batch_size=batch_size, actors=actors, progress=progress):
+            report.errors += chunk.errors
+            rows = [keep[chunk.start + j] for j in np.flatnonzero(chunk.ok)]  # positions in add()'s input
+            if rows:
+                verification = pack_features(chunk.keypoints) if chunk.keypoints is not None else None
+                report.added += self.store.add([paths[i] for i in rows], [identities[i] for i in rows],
+                                               chunk.global_desc, chunk.local_desc,
+                                               attrs=[attrs[i] for i in rows], verification=verification)
 
     def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
         """Remove images by id and/or path; returns how many were removed."""

@@ -75,7 +75,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                           fit_paths=image_set.paths, fit_source=str(args.data), model_dir=args.model,
                           transform=args.transform, progress=not args.quiet)
     report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
-                        batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+                        batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
+                        engine=args.engine, actors=args.actors)
     seconds = time.perf_counter() - start
     _print_errors(report.errors)
     print(f"indexed {len(report.added)} images into {out} in {seconds:.1f} s "
@@ -106,7 +107,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
         else:
             return _fail(f"{item} does not exist")
     report = engine.add(paths, identities, attrs, batch_size=args.batch_size,
-                        num_workers=args.workers, progress=not args.quiet)
+                        num_workers=args.workers, progress=not args.quiet, engine=args.engine, actors=args.actors)
     _print_errors(report.errors)
     print(f"added {len(report.added)} images ({len(report.already_indexed)} already indexed, "
           f"{len(report.errors)} unreadable); the index holds {len(engine)}")
@@ -235,6 +236,15 @@ def _add_extraction_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Where `index build` / `index add` extract: this process, or Ray actors (a cluster)."""
+    parser.add_argument("--engine", default="local", choices=("local", "ray"),
+                        help="local: this process and its --workers; ray: a Ray Data pipeline of model "
+                             "actors, on the cluster at $RAY_ADDRESS or a local Ray (needs waldo[ray])")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="--engine ray: model actors (default: one per CPU of the Ray cluster)")
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     from waldo.models.untrained import PROJECTIONS
 
@@ -262,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep only images whose labels column has one of the values (repeatable)")
     _add_model_flags(build)
     _add_extraction_flags(build)
+    _add_engine_flags(build)
     build.set_defaults(handler=cmd_index_build)
 
     add = index_commands.add_parser("add", help="add images (files, folders or labels.csv)")
@@ -269,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("inputs", nargs="+")
     add.add_argument("--identity", default=None, help="identity label for single image files")
     _add_extraction_flags(add)
+    _add_engine_flags(add)
     add.set_defaults(handler=cmd_index_add)
 
     remove = index_commands.add_parser("remove", help="remove images by id or path")
