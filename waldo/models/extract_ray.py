@@ -236,7 +236,7 @@ def default_actors(cpus_per_actor: float = 1.0) -> int:
 
 def iter_extract_ray(model_folder: str | Path, paths: Sequence[str], *, sift: SiftConfig | None = None,
                      expected_hash: str | None = None, batch_size: int = 32, actors: int | None = None,
-                     cpus_per_actor: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     cpus_per_actor: float = 1.0, chunk_size: int | None = None,
                      progress: bool = True, description: str = "index (ray)") -> Iterator[ExtractedChunk]:
     """Extract descriptors of ``paths`` with the model saved in ``model_folder`` on Ray actors;
     yield them as :class:`ExtractedChunk` objects covering the inputs in order.
@@ -248,6 +248,7 @@ def iter_extract_ray(model_folder: str | Path, paths: Sequence[str], *, sift: Si
     opaque "actor died"). Connects to Ray first (see :func:`ensure_ray`). A failure inside the
     pipeline is raised as a RuntimeError naming its cause.
     """
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size}, {chunk_size}")
     if actors is not None and actors < 1:
