@@ -77,3 +77,30 @@ def test_clear_errors(capsys, tmp_path, index_dir, data_root):
     assert code == 2 and "not a Waldo index" in err
     code, _, err = run(capsys, "eval", "--protocol", "no-such-protocol", "--data", tmp_path)
     assert code == 2 and "unknown protocol" in err
+
+
+def test_build_with_int8_locals_and_an_approximate_global_index(capsys, tmp_path, data_root):
+    out_dir = tmp_path / "q"
+    code = main(["index", "build", "--data", str(data_root / "abo_sample"), "--out", str(out_dir),
+                 "--local-dtype", "int8", "--global-index", "IVF4,Flat", "--global-search-params", "nprobe=2",
+                 "--projection", "random", "--workers", "0", "--quiet"])
+    assert code == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "index", "info", "--index", out_dir)
+    info = json.loads(out)
+    assert info["local_dtype"] == "int8" and info["manifest"]["global_search_params"] == {"nprobe": 2}
+    per_image = info["bytes_per_image"]
+    assert 49 * 128 <= per_image["local"] < 49 * 128 + 128 and 49 * 2 <= per_image["local_scale"] < 49 * 2 + 128
+    assert per_image["verification"] > 0 and per_image["total"] > per_image["local"]
+    assert info["global_index"]["built"] == "Flat" and "fewer than the 156 needed" in info["global_index"]["reason"]
+    query = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
+    code, out, _ = run(capsys, "search", query, "--index", out_dir, "-k", "2", "--json")
+    assert code == 0 and json.loads(out)[0]["path"].endswith("9ea6992d.jpg")
+    code, out, _ = run(capsys, "index", "check", "--index", out_dir)
+    assert code == 0 and out.strip().endswith("ok")
+    for flags, message in ((["--global-index", "Nonsense"], "not a faiss index factory string"),
+                           (["--global-search-params", "nprobe=x"], "NAME=INTEGER"),
+                           (["--global-index", "HNSW8", "--global-search-params", "nprobe=2"], "does not apply")):
+        code, _, err = run(capsys, "index", "build", "--data", data_root / "abo_sample", "--out", tmp_path / "bad",
+                           "--projection", "random", "--workers", "0", "--quiet", *flags)
+        assert code == 2 and message in err and not (tmp_path / "bad").exists()

@@ -88,12 +88,19 @@ class Waldo:
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
                projection: str = "pca-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
-               progress: bool = True, seed: int = 0, gv_features: bool = True) -> "Waldo":
+               progress: bool = True, seed: int = 0, gv_features: bool = True,
+               local_dtype: str = "float16", global_index: str = "Flat",
+               global_search_params: dict | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores SIFT keypoints of every added image (about
-        100 KB per image) so that searches can use ``rerank="gv"``."""
+        100 KB per image) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
+        local descriptors in half the bytes; ``global_index`` ("Flat" = exact, or e.g.
+        "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the
+        global search; see :meth:`IndexStore.create`."""
         root = Path(index_dir)
+        if model_dir is None:  # refuse bad storage options before fitting a projection (minutes)
+            IndexStore.check_options(dim, local_dtype, global_index, global_search_params)
         if model_dir is not None:
             model, config = load_model(model_dir)
             if transform:
@@ -105,7 +112,8 @@ class Waldo:
         local_cells = (config.image_size // 32) ** 2
         manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().to_dict() if gv_features else None}
         store = IndexStore.create(root, manifest=manifest, global_dim=config.dim,
-                                  local_shape=(local_cells, config.dim))
+                                  local_shape=(local_cells, config.dim), local_dtype=local_dtype,
+                                  global_index=global_index, global_search_params=global_search_params)
         try:
             save_model(model, config, root / MODEL_FOLDER)
             if model_dir is not None:  # a reranker travels with its model, so the index can rerank

@@ -39,6 +39,19 @@ def _parse_where(items: list[str] | None) -> dict[str, set[str]]:
     return filters
 
 
+def _parse_search_params(text: str | None) -> dict[str, int]:
+    """``--global-search-params nprobe=128,efSearch=64`` -> {"nprobe": 128, "efSearch": 64}."""
+    params: dict[str, int] = {}
+    for item in (text or "").split(","):
+        key, sep, value = item.strip().partition("=")
+        if not item.strip():
+            continue
+        if not sep or not key or not value.strip().isdigit():
+            raise ValueError(f"--global-search-params takes NAME=INTEGER[,NAME=INTEGER], got {item!r}")
+        params[key.strip()] = int(value)
+    return params
+
+
 def _load_records(data: str, where: list[str] | None):
     from waldo.data.datasets import load_dataset
 
@@ -73,7 +86,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
                           fit_paths=image_set.paths, fit_source=str(args.data), model_dir=args.model,
-                          transform=args.transform, progress=not args.quiet)
+                          transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
+                          global_index=args.global_index,
+                          global_search_params=_parse_search_params(args.global_search_params))
     report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
                         batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
                         engine=args.engine, actors=args.actors)
@@ -270,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--transform", default=None, help="test-time transform preset")
     build.add_argument("--where", action="append", metavar="COLUMN=V1,V2",
                        help="keep only images whose labels column has one of the values (repeatable)")
+    build.add_argument("--local-dtype", default="float16", choices=("float16", "int8"),
+                       help="how local descriptors are stored: int8 (+ a scale per descriptor) halves them")
+    build.add_argument("--global-index", default="Flat", metavar="FAISS_SPEC",
+                       help="global search: Flat (exact, default) or an approximate faiss index such as "
+                            "IVF4096,Flat or HNSW32 (for galleries of about a million images)")
+    build.add_argument("--global-search-params", default=None, metavar="NAME=V[,NAME=V]",
+                       help="default search parameters of --global-index: nprobe=N (IVF), efSearch=N (HNSW)")
     _add_model_flags(build)
     _add_extraction_flags(build)
     _add_engine_flags(build)

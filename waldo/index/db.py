@@ -24,6 +24,11 @@ import numpy as np
 from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
 from waldo.index.segments import SegmentInfo
 
+# Columns added later without a version bump are optional and nullable (``local_scale_*``,
+# for int8 local descriptors): older Waldo versions name their columns explicitly, so they
+# read and write a newer float16 catalogue unchanged, and this version reads an older
+# catalogue as if those columns were NULL/0. An int8 index is kept away from older versions
+# by its manifest's format_version instead.
 SCHEMA_VERSION = 1
 # Stay well below SQLite's limit on bound parameters per statement.
 _CHUNK = 500
@@ -37,7 +42,9 @@ CREATE TABLE segments (
     local_sha256 TEXT NOT NULL,
     global_bytes INTEGER NOT NULL,
     local_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    local_scale_sha256 TEXT,                        -- int8 local descriptors only
+    local_scale_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of removed images are never reused
@@ -181,19 +188,30 @@ def generation(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
+def has_scale_columns(conn: sqlite3.Connection) -> bool:
+    """Whether the catalogue has the ``local_scale_*`` columns (created by this version or later)."""
+    return any(r[1] == "local_scale_sha256" for r in conn.execute("PRAGMA table_info(segments)"))
+
+
 def segment_infos(conn: sqlite3.Connection) -> list[SegmentInfo]:
+    extra = ", local_scale_sha256, local_scale_bytes" if has_scale_columns(conn) else ""
     cur = conn.execute(
-        "SELECT name, count, global_sha256, local_sha256, global_bytes, local_bytes FROM segments ORDER BY name"
+        f"SELECT name, count, global_sha256, local_sha256, global_bytes, local_bytes{extra} FROM segments ORDER BY name"
     )
     return [SegmentInfo(*r) for r in cur]
 
 
 def insert_segment(conn: sqlite3.Connection, info: SegmentInfo, created_at: float) -> None:
-    conn.execute(
-        "INSERT INTO segments(name, count, global_sha256, local_sha256, global_bytes, local_bytes, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (info.name, info.count, info.global_sha256, info.local_sha256, info.global_bytes, info.local_bytes, created_at),
-    )
+    values = [info.name, info.count, info.global_sha256, info.local_sha256, info.global_bytes, info.local_bytes,
+              created_at]
+    columns = "name, count, global_sha256, local_sha256, global_bytes, local_bytes, created_at"
+    if info.local_scale_sha256 is not None:
+        if not has_scale_columns(conn):
+            raise IndexCorruptError("this index's catalogue predates int8 local descriptors; it cannot record "
+                                    "local_scale.npy (the manifest and catalogue disagree)")
+        columns += ", local_scale_sha256, local_scale_bytes"
+        values += [info.local_scale_sha256, info.local_scale_bytes]
+    conn.execute(f"INSERT INTO segments({columns}) VALUES ({', '.join('?' * len(values))})", values)
 
 
 def next_ids(conn: sqlite3.Connection, n: int) -> list[int]:

@@ -100,12 +100,16 @@ def search_flat_index(
     *,
     exclude: np.ndarray | None = None,
     batch_size: int = 4096,
+    params: faiss.SearchParameters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Search an already-built inner-product faiss index (e.g. a snapshot's ``IndexFlatIP``).
+    """Search an already-built inner-product faiss index (e.g. a snapshot's ``IndexFlatIP``,
+    or an approximate IVF/HNSW one: then the answer is approximate too).
 
     Split out of :func:`exact_knn` so that a persistent index can build its faiss index once
     per snapshot and reuse it for every query. Same arguments and return value as
-    :func:`exact_knn`; indices are positions in ``index``.
+    :func:`exact_knn`; indices are positions in ``index``. ``params``: optional per-call faiss
+    search parameters (e.g. ``faiss.SearchParametersIVF(nprobe=64)``), which leave the
+    shared index untouched, so concurrent searches may use different ones.
     """
     k = _check_k(k)
     batch_size = _check_batch_size(batch_size)
@@ -125,7 +129,8 @@ def search_flat_index(
     # as large as the gallery (leave-one-out evaluation) without a Q x N allocation.
     for start in range(0, q.shape[0], batch_size):
         stop = min(start + batch_size, q.shape[0])
-        s, i = index.search(q[start:stop], k_search)
+        s, i = index.search(q[start:stop], k_search) if params is None else index.search(
+            q[start:stop], k_search, params=params)
         if ex is not None:
             s, i = _drop_excluded(s, i, ex[start:stop], min(k, k_search))
         all_s[start:stop], all_i[start:stop] = _pad(s, i, k)

@@ -21,6 +21,7 @@ import numpy as np
 from waldo.index import db
 from waldo.index.errors import IndexCorruptError
 from waldo.index.fsutil import atomic_write_json, fsync_dir
+from waldo.index.global_index import TRAINED_FILE
 from waldo.index.manifest import read_manifest
 from waldo.index.segments import (
     SegmentArrays,
@@ -90,9 +91,12 @@ def compact(
     global_dim: int,
     local_shape: tuple[int, int],
     open_seg: Callable[[SegmentInfo], SegmentArrays],
+    local_dtype: str = "float16",
 ) -> tuple[dict[str, int], list[str]]:
     """Rewrite live rows (id order) into one new segment and commit; caller holds the lock.
 
+    Local descriptors are copied as stored (int8 rows with their scales), never dequantised
+    and re-quantised, so compacting any number of times changes no value.
     Returns the stats and the names of the dropped segments, whose folders the caller deletes
     *after* this commit. If the commit does not happen the new folder is an orphan.
     """
@@ -109,13 +113,16 @@ def compact(
         return stats, dropped
     arrays = [open_seg(info) for info in live.segment_infos]
 
-    def fill(g: np.ndarray, loc: np.ndarray) -> None:
+    def fill(g: np.ndarray, loc: np.ndarray, scale: np.ndarray | None) -> None:
         for s in range(0, len(live.ids), _COMPACT_CHUNK):
             seg, rows = live.segments[s : s + _COMPACT_CHUNK], live.rows[s : s + _COMPACT_CHUNK]
             g[s : s + len(rows)] = gather_rows(arrays, seg, rows, "global_")
-            loc[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local")
+            loc[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local_stored")
+            if scale is not None:
+                scale[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local_scale")
 
-    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, fill, _gv_source(arrays, live))
+    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, fill, _gv_source(arrays, live),
+                         local_dtype=local_dtype)
     with db.write_txn(conn):
         db.insert_segment(conn, info, time.time())
         conn.executemany(
@@ -140,14 +147,20 @@ def _gv_source(arrays: list[SegmentArrays], live: db.LiveRows) -> RaggedSource |
 
 
 def check(
-    root: Path, conn: sqlite3.Connection, manifest: dict[str, Any], global_dim: int, local_shape: tuple[int, int]
+    root: Path,
+    conn: sqlite3.Connection,
+    manifest: dict[str, Any],
+    global_dim: int,
+    local_shape: tuple[int, int],
+    local_dtype: str = "float16",
 ) -> list[str]:
     """Integrity problems of the index at ``root``; an empty list means healthy.
 
     Verifies: the manifest parses and is unchanged since open; SQLite's own quick_check; every
     image row points inside a recorded segment; every live segment's files exist with the
-    recorded shapes and sha256. Lock-free: if a concurrent writer changed the catalogue while
-    files were being hashed (a compact deletes folders), the check is repeated on the new state.
+    recorded shapes and sha256 (with int8 locals, ``local_scale.npy`` too). Lock-free: if a
+    concurrent writer changed the catalogue while files were being hashed (a compact deletes
+    folders), the check is repeated on the new state.
     Orphan folders are not problems: readers ignore them and the next writer deletes them.
     """
     problems: list[str] = []
@@ -172,41 +185,51 @@ def check(
         if dangling:
             found.append(f"{dangling} image rows point outside their segment")
         for info in infos:
-            found += verify_segment(root / SEGMENTS_DIR, info, global_dim, local_shape)
+            found += verify_segment(root / SEGMENTS_DIR, info, global_dim, local_shape, local_dtype)
         if not found or db.generation(conn) == gen:
             break
     return problems + found
 
 
 def info(root: Path, conn: sqlite3.Connection, manifest: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-serialisable summary: counts, segments (rows, live rows), bytes on disk per part."""
+    """A JSON-serialisable summary: counts, segments (rows, live rows), bytes on disk per part,
+    and ``bytes_per_image`` per stored part (bytes over stored rows, dead rows included: the
+    cost of the storage format; ``dead_rows`` says how many ``compact()`` would reclaim)."""
     with db.read_txn(conn):
         gen = db.generation(conn)
         count, identities = conn.execute("SELECT COUNT(*), COUNT(DISTINCT identity) FROM images").fetchone()
-        segs = conn.execute(
-            "SELECT s.name, s.count, s.global_bytes, s.local_bytes, COUNT(i.id) FROM segments s"
-            " LEFT JOIN images i ON i.segment = s.name GROUP BY s.name ORDER BY s.name"
-        ).fetchall()
-    committed = {s[0] for s in segs}
+        infos = db.segment_infos(conn)
+        live = dict(conn.execute("SELECT segment, COUNT(*) FROM images GROUP BY segment").fetchall())
+    committed = {s.name for s in infos}
     orphans = [n for n in list_segment_dirs(root / SEGMENTS_DIR) if n not in committed]
     sqlite_bytes = sum(
         (root / f).stat().st_size for f in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm") if (root / f).exists()
     )
+    stored = {
+        "global": sum(s.global_bytes for s in infos),
+        "local": sum(s.local_bytes for s in infos),
+        "local_scale": sum(s.local_scale_bytes for s in infos),
+        "verification": sum(ragged_bytes(root / SEGMENTS_DIR / s.name) for s in infos),
+    }
+    rows = sum(s.count for s in infos)
+    per_image = {part: round(b / rows, 1) if rows else 0.0 for part, b in stored.items()}
+    per_image["total"] = round(sum(per_image.values()), 1)
     return {
         "path": str(root),
         "generation": gen,
         "count": count,
         "identities": identities,
-        "segments": [{"name": s[0], "rows": s[1], "live": s[4]} for s in segs],
-        "dead_rows": sum(s[1] - s[4] for s in segs),
+        "local_dtype": manifest.get("local_dtype", "float16"),
+        "segments": [{"name": s.name, "rows": s.count, "live": live.get(s.name, 0)} for s in infos],
+        "dead_rows": sum(s.count - live.get(s.name, 0) for s in infos),
         "orphan_segments": len(orphans),
         "bytes": {
-            "global": sum(s[2] for s in segs),
-            "local": sum(s[3] for s in segs),
-            "verification": sum(ragged_bytes(root / SEGMENTS_DIR / s[0]) for s in segs),
+            **stored,
             "sqlite": sqlite_bytes,
             "manifest": (root / MANIFEST_FILE).stat().st_size,
             "orphans": sum(dir_bytes(root / SEGMENTS_DIR / n) for n in orphans),
+            "global_trained": (root / TRAINED_FILE).stat().st_size if (root / TRAINED_FILE).is_file() else 0,
         },
+        "bytes_per_image": per_image,
         "manifest": manifest,
     }

@@ -12,20 +12,63 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from waldo.index.errors import IndexCorruptError, IndexMismatchError
 
 FORMAT_NAME = "waldo-index"
-FORMAT_VERSION = 1
+# Version 2 added int8 local descriptors. An index is written with the lowest version that
+# can describe it, so float16 indexes stay readable by Waldo versions that only know 1 (they
+# ignore ``global_index`` and search exactly, which is the correct answer anyway), and an
+# int8 index is refused by them with "upgrade Waldo" instead of misread.
+FORMAT_VERSION = 2
 GLOBAL_DTYPE = "float32"
 LOCAL_DTYPE = "float16"  # half precision halves the dominant on-disk cost; rerankers tolerate it
+# How local descriptors are stored. float16: (n, L, D) half floats. int8: (n, L, D) int8 plus
+# one float16 scale per descriptor (see quantize.py): half the bytes again. Readers return
+# float16 either way.
+LOCAL_DTYPES = ("float16", "int8")
+_FORMAT_FOR_LOCAL_DTYPE = {"float16": 1, "int8": 2}
+DEFAULT_GLOBAL_INDEX = "Flat"  # exact search; see global_index.py for the approximate ones
 
-# Keys the index owns. The caller may repeat the descriptor sizes (with equal values), but
-# must not override the format fields.
+# Keys the index owns. The caller may repeat the descriptor sizes and the storage options
+# (with equal values, e.g. a manifest copied from another index), but must not override the
+# format fields.
 _OWNED = ("format", "format_version", "created_at", "global_dtype", "local_dtype")
 _SIZES = ("global_dim", "local_shape")
+_OPTIONS = ("global_index", "global_search_params")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """The index's storage and search choices, fixed at creation.
+
+    ``local_dtype``: "float16" or "int8". ``global_index``: faiss factory string ("Flat" =
+    exact). ``global_search_params``: default search-time parameters (``nprobe``,
+    ``efSearch``). Manifests written before these existed read as float16 / "Flat" / {}.
+    """
+
+    local_dtype: str = LOCAL_DTYPE
+    global_index: str = DEFAULT_GLOBAL_INDEX
+    global_search_params: dict[str, int] = field(default_factory=dict)
+
+
+def storage_options(data: Mapping[str, Any], where: Path | str = "manifest") -> StorageOptions:
+    """The :class:`StorageOptions` of a manifest (defaults for keys it lacks), validated in form
+    (the faiss spec itself is checked by ``global_index.check_spec``)."""
+    local_dtype = data.get("local_dtype", LOCAL_DTYPE)
+    if local_dtype not in LOCAL_DTYPES:
+        raise IndexCorruptError(f"{where}: unknown local_dtype {local_dtype!r} (this Waldo knows {LOCAL_DTYPES})")
+    spec = data.get("global_index", DEFAULT_GLOBAL_INDEX)
+    params = data.get("global_search_params") or {}
+    ok = isinstance(spec, str) and bool(spec) and isinstance(params, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in params.items()
+    )
+    if not ok:
+        raise IndexCorruptError(f"{where}: invalid global_index {spec!r} / global_search_params {params!r}")
+    return StorageOptions(local_dtype, spec, dict(params))
 
 
 def to_json_value(value: Any, what: str) -> Any:
@@ -36,12 +79,21 @@ def to_json_value(value: Any, what: str) -> Any:
         raise ValueError(f"{what} must be JSON-serialisable (str/int/float/bool/None/list/dict): {e}") from None
 
 
-def build_manifest(user: Mapping[str, Any], global_dim: int, local_shape: tuple[int, int]) -> dict[str, Any]:
-    """The full manifest: the caller's keys plus the format and descriptor layout.
+def build_manifest(
+    user: Mapping[str, Any],
+    global_dim: int,
+    local_shape: tuple[int, int],
+    options: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """The full manifest: the caller's keys plus the format, descriptor layout and ``options``
+    (already validated by the caller; default: float16, exact search).
 
     Raises:
-        ValueError: not JSON-serialisable, a reserved key given, or sizes that disagree.
+        ValueError: not JSON-serialisable, a reserved key given, or sizes/options that disagree.
     """
+    options = options or StorageOptions()
+    if options.local_dtype not in LOCAL_DTYPES:
+        raise ValueError(f"local_dtype must be one of {LOCAL_DTYPES}, got {options.local_dtype!r}")
     if not isinstance(user, Mapping):
         raise ValueError(f"manifest must be a dict, got {type(user).__name__}")
     for key in user:
@@ -55,13 +107,18 @@ def build_manifest(user: Mapping[str, Any], global_dim: int, local_shape: tuple[
     for key in _SIZES:
         if key in data and data[key] != sizes[key]:
             raise ValueError(f"manifest says {key}={data[key]!r} but the index is created with {key}={sizes[key]!r}")
+    chosen = {"global_index": options.global_index, "global_search_params": dict(options.global_search_params)}
+    for key in _OPTIONS:
+        if key in data and data[key] != chosen[key]:
+            raise ValueError(f"manifest says {key}={data[key]!r} but the index is created with {key}={chosen[key]!r}")
     data.update(sizes)
+    data.update(chosen)
     data.update(
         format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=_FORMAT_FOR_LOCAL_DTYPE[options.local_dtype],
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         global_dtype=GLOBAL_DTYPE,
-        local_dtype=LOCAL_DTYPE,
+        local_dtype=options.local_dtype,
     )
     return data
 
@@ -88,6 +145,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"index format_version {version} is newer than this Waldo supports ({FORMAT_VERSION}); upgrade Waldo"
         )
     parse_sizes(data, path)
+    options = storage_options(data, path)
+    if _FORMAT_FOR_LOCAL_DTYPE[options.local_dtype] > version:
+        raise IndexCorruptError(f"{path}: local_dtype {options.local_dtype!r} needs format_version "
+                                f"{_FORMAT_FOR_LOCAL_DTYPE[options.local_dtype]}, the manifest says {version}")
     return data
 
 

@@ -6,9 +6,14 @@ listed in SQLite) and that the next writer deletes. Segments are never modified 
 commit, which is what lets readers memory-map them without locks.
 
 Layout of ``segments/<name>/``:
-    global.npy  (n, D) float32        global descriptors, one row per image
-    local.npy   (n, L, Dl) float16    local descriptors, read through np.memmap
-    gv_*.npy, gv.json                 optional verification keypoints (see verification.py)
+    global.npy       (n, D) float32        global descriptors, one row per image
+    local.npy        (n, L, Dl) float16    local descriptors, read through np.memmap
+                  or (n, L, Dl) int8       with ``local_dtype="int8"`` (see quantize.py), plus
+    local_scale.npy  (n, L) float16        one scale per local descriptor (int8 only)
+    gv_*.npy, gv.json                      optional verification keypoints (see verification.py)
+
+The local dtype is a property of the whole index (manifest ``local_dtype``), never mixed
+between segments; readers always get float16, whatever is stored.
 """
 
 from __future__ import annotations
@@ -25,10 +30,30 @@ import numpy as np
 
 from waldo.index.errors import IndexCorruptError
 from waldo.index.fsutil import fsync_dir, fsync_file, sha256_file
-from waldo.index.verification import RaggedFeatures, RaggedSource, open_ragged, verify_ragged, write_ragged
+from waldo.index.quantize import SCALE_DTYPE, dequantize_int8
+from waldo.index.verification import (
+    RaggedFeatures,
+    RaggedSource,
+    open_ragged,
+    verify_ragged,
+    write_ragged,
+)
 
 GLOBAL_FILE = "global.npy"
 LOCAL_FILE = "local.npy"
+LOCAL_SCALE_FILE = "local_scale.npy"
+_LOCAL_NP_DTYPES = {"float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+# What gather_rows can read: globals, locals as float16 (dequantised if stored as int8), and the
+# stored local arrays as they are (compact copies those, so int8 rows are never re-quantised).
+PARTS = ("global_", "local", "local_stored", "local_scale")
+
+
+def local_np_dtype(local_dtype: str) -> np.dtype:
+    """The numpy dtype of ``local.npy`` for a manifest ``local_dtype``."""
+    try:
+        return _LOCAL_NP_DTYPES[local_dtype]
+    except KeyError:
+        raise ValueError(f"local_dtype must be one of {tuple(_LOCAL_NP_DTYPES)}, got {local_dtype!r}") from None
 
 
 @dataclass(frozen=True)
@@ -41,40 +66,77 @@ class SegmentInfo:
     local_sha256: str
     global_bytes: int
     local_bytes: int
+    local_scale_sha256: str | None = None  # int8 segments only
+    local_scale_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class SegmentArrays:
-    """A committed segment opened read-only: ``global_`` (n, D) float32, ``local`` (n, L, Dl) float16.
+    """A committed segment opened read-only: ``global_`` (n, D) float32 and ``local`` (n, L, Dl)
+    as stored: float16, or int8 with ``local_scale`` (n, L) float16 (None for float16).
 
-    Both are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
+    All are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
     processes) share one copy, and a large local array never has to fit in RAM. ``gv`` holds
     the optional verification keypoints (memory-mapped too), None if stored without them.
+    Read locals through :func:`gather_rows` (part ``"local"``) to get float16 either way.
     """
 
     global_: np.ndarray
     local: np.ndarray
     gv: RaggedFeatures | None = None
+    local_scale: np.ndarray | None = None
+
+    def local_rows(self, rows: np.ndarray | int) -> np.ndarray:
+        """Local descriptors of ``rows`` as float16, dequantised if stored as int8."""
+        if self.local_scale is None:
+            return np.asarray(self.local[rows])
+        return dequantize_int8(np.asarray(self.local[rows]), np.asarray(self.local_scale[rows]))
+
+
+def _part(arrays: SegmentArrays, part: str, rows: np.ndarray) -> np.ndarray:
+    if part == "global_":
+        return arrays.global_[rows]
+    if part == "local":
+        return arrays.local_rows(rows)
+    if part == "local_stored":
+        return arrays.local[rows]
+    if arrays.local_scale is None:
+        raise ValueError("local_scale requested from a segment that stores float16 local descriptors")
+    return arrays.local_scale[rows]
+
+
+def _part_layout(arrays: SegmentArrays, part: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Row shape and dtype of what :func:`gather_rows` returns for ``part``."""
+    if part == "global_":
+        return arrays.global_.shape[1:], arrays.global_.dtype
+    if part == "local":
+        return arrays.local.shape[1:], np.dtype(np.float16)
+    if part == "local_stored":
+        return arrays.local.shape[1:], arrays.local.dtype
+    return arrays.local.shape[1:-1], SCALE_DTYPE
 
 
 def gather_rows(arrays: list[SegmentArrays], segments: np.ndarray, rows: np.ndarray, part: str) -> np.ndarray:
-    """Rows ``(segments[i], rows[i])`` of part ``"global_"`` or ``"local"`` as one new array.
+    """Rows ``(segments[i], rows[i])`` of one part as one new array.
 
+    ``part``: ``"global_"`` -> (n, D) float32; ``"local"`` -> (n, L, Dl) float16 whatever the
+    storage (int8 rows are dequantised); ``"local_stored"`` -> the local rows as stored
+    (float16 or int8); ``"local_scale"`` -> (n, L) float16 scales of int8 segments.
     Grouped per segment so each memmap is read with a single fancy-index (rows sorted within
-    a segment give mostly sequential I/O). Returns (n, D) float32 or (n, L, Dl) float16.
+    a segment give mostly sequential I/O).
     """
-    if part not in ("global_", "local"):
-        raise ValueError(f"unknown segment part {part!r}")
+    if part not in PARTS:
+        raise ValueError(f"unknown segment part {part!r} (known: {PARTS})")
     if not arrays:
         raise ValueError("no segments to read from")
-    like = getattr(arrays[0], part)
-    out = np.empty((len(rows), *like.shape[1:]), dtype=like.dtype)
+    shape, dtype = _part_layout(arrays[0], part)
+    out = np.empty((len(rows), *shape), dtype=dtype)
     if len(rows) == 0:
         return out
     order = np.argsort(segments, kind="stable")
     bounds = np.flatnonzero(np.diff(segments[order])) + 1
     for group in np.split(order, bounds):
-        out[group] = getattr(arrays[segments[group[0]]], part)[rows[group]]
+        out[group] = _part(arrays[segments[group[0]]], part, rows[group])
     return out
 
 
@@ -88,36 +150,45 @@ def write_segment(
     count: int,
     global_dim: int,
     local_shape: tuple[int, int],
-    fill: Callable[[np.ndarray, np.ndarray], None],
+    fill: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None],
     gv: RaggedSource | None = None,
+    local_dtype: str = "float16",
 ) -> SegmentInfo:
     """Create a new segment of ``count`` rows, durably, and return its :class:`SegmentInfo`.
 
-    ``fill(global_mm, local_mm)`` writes the rows into writable memmaps of shape
-    (count, D) float32 and (count, L, Dl) float16; writing through memmaps lets ``compact``
-    stream arbitrarily large segments in chunks. ``gv``, if given, streams the rows'
-    verification features into the same folder (fsynced with it, so before the commit).
-    On any error the folder is removed.
+    ``fill(global_mm, local_mm, scale_mm)`` writes the rows into writable memmaps of shape
+    (count, D) float32 and (count, L, Dl) of ``local_dtype`` (float16 or int8), and for int8
+    into ``scale_mm`` (count, L) float16 (None for float16); writing through memmaps lets
+    ``compact`` stream arbitrarily large segments in chunks. ``gv``, if given, streams the
+    rows' verification features into the same folder (fsynced with it, so before the
+    commit). On any error the folder is removed.
     """
     if count < 1:
         raise ValueError("a segment must hold at least one row")
+    l_dtype = local_np_dtype(local_dtype)
     name = new_segment_name()
     folder = segments_dir / name
     folder.mkdir()
     try:
-        g_path, l_path = folder / GLOBAL_FILE, folder / LOCAL_FILE
+        g_path, l_path, s_path = folder / GLOBAL_FILE, folder / LOCAL_FILE, folder / LOCAL_SCALE_FILE
         g_mm = np.lib.format.open_memmap(g_path, mode="w+", dtype=np.float32, shape=(count, global_dim))
-        l_mm = np.lib.format.open_memmap(l_path, mode="w+", dtype=np.float16, shape=(count, *local_shape))
-        fill(g_mm, l_mm)
-        g_mm.flush()
-        l_mm.flush()
-        del g_mm, l_mm  # unmap before hashing/fsync so nothing can still be dirty in our mapping
-        for p in (g_path, l_path):
+        l_mm = np.lib.format.open_memmap(l_path, mode="w+", dtype=l_dtype, shape=(count, *local_shape))
+        s_mm = None
+        if local_dtype == "int8":
+            s_mm = np.lib.format.open_memmap(s_path, mode="w+", dtype=SCALE_DTYPE, shape=(count, local_shape[0]))
+        fill(g_mm, l_mm, s_mm)
+        written = [g_path, l_path] + ([s_path] if s_mm is not None else [])
+        for mm in (g_mm, l_mm, s_mm):
+            if mm is not None:
+                mm.flush()
+        del g_mm, l_mm, s_mm  # unmap before hashing/fsync so nothing can still be dirty in our mapping
+        for p in written:
             fsync_file(p)
         if gv is not None:
             write_ragged(folder, count, gv)
         fsync_dir(folder)
         fsync_dir(segments_dir)  # the new folder's entry must be durable before SQLite names it
+        scaled = local_dtype == "int8"
         return SegmentInfo(
             name=name,
             count=count,
@@ -125,6 +196,8 @@ def write_segment(
             local_sha256=sha256_file(l_path),
             global_bytes=g_path.stat().st_size,
             local_bytes=l_path.stat().st_size,
+            local_scale_sha256=sha256_file(s_path) if scaled else None,
+            local_scale_bytes=s_path.stat().st_size if scaled else 0,
         )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -132,9 +205,15 @@ def write_segment(
 
 
 def open_segment(
-    segments_dir: Path, name: str, count: int, global_dim: int, local_shape: tuple[int, int]
+    segments_dir: Path,
+    name: str,
+    count: int,
+    global_dim: int,
+    local_shape: tuple[int, int],
+    local_dtype: str = "float16",
 ) -> SegmentArrays:
-    """Memory-map a committed segment, checking shapes and dtypes against SQLite's record.
+    """Memory-map a committed segment, checking shapes and dtypes against SQLite's record and
+    the index's ``local_dtype`` (int8 segments must also hold ``local_scale.npy``).
 
     Raises:
         FileNotFoundError: the folder vanished (a concurrent ``compact``/``remove`` dropped
@@ -143,10 +222,13 @@ def open_segment(
     """
     folder = segments_dir / name
     arrays = []
-    for fname, shape, dtype in (
-        (GLOBAL_FILE, (count, global_dim), np.float32),
-        (LOCAL_FILE, (count, *local_shape), np.float16),
-    ):
+    expected = [
+        (GLOBAL_FILE, (count, global_dim), np.dtype(np.float32)),
+        (LOCAL_FILE, (count, *local_shape), local_np_dtype(local_dtype)),
+    ]
+    if local_dtype == "int8":
+        expected.append((LOCAL_SCALE_FILE, (count, local_shape[0]), SCALE_DTYPE))
+    for fname, shape, dtype in expected:
         path = folder / fname
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -159,11 +241,16 @@ def open_segment(
                 f"segment file {path} holds {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}"
             )
         arrays.append(arr)
-    return SegmentArrays(global_=arrays[0], local=arrays[1], gv=open_ragged(folder, count))
+    return SegmentArrays(global_=arrays[0], local=arrays[1], gv=open_ragged(folder, count),
+                         local_scale=arrays[2] if len(arrays) > 2 else None)
 
 
 def verify_segment(
-    segments_dir: Path, info: SegmentInfo, global_dim: int, local_shape: tuple[int, int]
+    segments_dir: Path,
+    info: SegmentInfo,
+    global_dim: int,
+    local_shape: tuple[int, int],
+    local_dtype: str = "float16",
 ) -> list[str]:
     """Integrity problems of one committed segment (missing files, wrong shape, wrong hash)."""
     problems: list[str] = []
@@ -171,12 +258,18 @@ def verify_segment(
     if not folder.is_dir():
         return [f"segment {info.name}: folder {folder} is missing"]
     try:
-        open_segment(segments_dir, info.name, info.count, global_dim, local_shape)
+        open_segment(segments_dir, info.name, info.count, global_dim, local_shape, local_dtype)
     except FileNotFoundError as e:
         problems.append(f"segment {info.name}: file missing ({e.filename})")
     except IndexCorruptError as e:
         problems.append(f"segment {info.name}: {e}")
-    for fname, want in ((GLOBAL_FILE, info.global_sha256), (LOCAL_FILE, info.local_sha256)):
+    hashed = [(GLOBAL_FILE, info.global_sha256), (LOCAL_FILE, info.local_sha256)]
+    if local_dtype == "int8":
+        if info.local_scale_sha256 is None:
+            problems.append(f"segment {info.name}: the catalogue records no sha256 for {LOCAL_SCALE_FILE}")
+        else:
+            hashed.append((LOCAL_SCALE_FILE, info.local_scale_sha256))
+    for fname, want in hashed:
         path = folder / fname
         if path.is_file() and sha256_file(path) != want:
             problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")

@@ -9,20 +9,18 @@ state, and the ids it returns always belong to that generation.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
-from waldo.index import db
+from waldo.index import db, global_index
 from waldo.index.db import LiveRows
 from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
+from waldo.index.global_index import GlobalIndexConfig, GlobalIndexStatus
 from waldo.index.knn import search_flat_index
 from waldo.index.segments import SegmentArrays, SegmentInfo, gather_rows
 from waldo.index.verification import RaggedFeatures, gather_ragged
-
-_ADD_CHUNK = 1 << 16  # rows per faiss add() while building a snapshot
 
 
 @dataclass(frozen=True)
@@ -42,16 +40,26 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 class Snapshot:
-    """The live images of one index generation, with a faiss ``IndexFlatIP`` over their globals.
+    """The live images of one index generation, with a faiss index over their globals.
+
+    The faiss index is exact ``IndexFlatIP`` by default, or the approximate one the index was
+    created with (``global_index``, see ``global_index.py``; ``global_index_status`` says what
+    was built, e.g. an exact fallback for too few rows to train). It is built when the
+    snapshot is, i.e. once per generation: cheap for Flat, a full graph build for HNSW.
 
     Memory: the faiss index holds the (n, D) float32 global descriptors in RAM (that is what
-    makes search fast); the segment files stay memory-mapped, so ``local_descriptors`` reads
-    only the rows asked for. Paths and identities are kept so results can be interpreted
-    consistently even if the images are removed from the index meanwhile.
+    makes search fast; HNSW adds its graph); the segment files stay memory-mapped, so
+    ``local_descriptors`` reads only the rows asked for. Paths and identities are kept so
+    results can be interpreted consistently even if the images are removed meanwhile.
     """
 
     def __init__(
-        self, live: LiveRows, arrays: Sequence[SegmentArrays], global_dim: int, local_shape: tuple[int, int]
+        self,
+        live: LiveRows,
+        arrays: Sequence[SegmentArrays],
+        global_dim: int,
+        local_shape: tuple[int, int],
+        global_config: GlobalIndexConfig | None = None,
     ) -> None:
         self.generation = live.generation
         self.global_dim = global_dim
@@ -63,11 +71,13 @@ class Snapshot:
         self._rows = _readonly(live.rows)
         self._arrays = list(arrays)
         self.segment_names: tuple[str, ...] = tuple(info.name for info in live.segment_infos)
-        self._index = faiss.IndexFlatIP(global_dim)
-        # Add in chunks: faiss copies what it is given, so this bounds the transient extra
-        # memory to one chunk instead of a second full (n, D) matrix.
-        for start in range(0, len(self.ids), _ADD_CHUNK):
-            self._index.add(self._gather("global_", np.arange(start, min(start + _ADD_CHUNK, len(self.ids)))))
+        self._global_config = global_config or GlobalIndexConfig()
+        # Rows go to faiss in chunks: faiss copies what it is given, so this bounds the transient
+        # extra memory to one chunk instead of a second full (n, D) matrix.
+        self.global_index_status: GlobalIndexStatus
+        self._index, self.global_index_status = global_index.build_index(
+            self._global_config, global_dim, len(self.ids), lambda pos: self._gather("global_", pos)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -97,12 +107,21 @@ class Snapshot:
         *,
         exclude_ids: Sequence[int] | np.ndarray | None = None,
         batch_size: int = 4096,
+        search_params: Mapping[str, int] | None = None,
     ) -> SearchResult:
-        """Exact top-``k`` live images by inner product for each (Q, D) float32 query.
+        """Top-``k`` live images by inner product for each (Q, D) float32 query: exact with the
+        default ``Flat`` global index, approximate with IVF/HNSW.
 
         ``exclude_ids``: (Q,) image id to leave out of each query's results (leave-one-out),
         -1 for none; ids that are not live are ignored (nothing to exclude).
+        ``search_params``: per-call override of the index's search-time parameters, e.g.
+        ``{"nprobe": 128}`` (IVF) or ``{"efSearch": 512}`` (HNSW); keys that do not apply to
+        the configured index are a ValueError, and are ignored after an exact fallback.
         """
+        faiss_params = None
+        if search_params:
+            global_index.resolve_search_params(self._global_config.spec, self.global_dim, search_params)
+            faiss_params = global_index.search_parameters(self._index, search_params)
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.global_dim:
             hint = " (for one query use queries[None, :])" if q.ndim == 1 else ""
@@ -116,7 +135,8 @@ class Snapshot:
             pos_c = np.minimum(pos, max(len(self.ids) - 1, 0))
             live = (ex >= 0) & (pos < len(self.ids)) & (self.ids[pos_c] == ex) if len(self.ids) else ex < -1
             exclude = np.where(live, pos_c, -1).astype(np.int64)
-        scores, idx = search_flat_index(self._index, q, k, exclude=exclude, batch_size=batch_size)
+        scores, idx = search_flat_index(self._index, q, k, exclude=exclude, batch_size=batch_size,
+                                        params=faiss_params)
         ids = np.where(idx >= 0, self.ids[np.maximum(idx, 0)] if len(self.ids) else -1, -1).astype(np.int64)
         return SearchResult(scores=scores, ids=ids, generation=self.generation)
 
@@ -141,13 +161,17 @@ class Snapshot:
         return gather_ragged(parts, self._segments[pos], self._rows[pos])
 
     def local_view(self, image_id: int) -> np.ndarray:
-        """Zero-copy (L, Dl) float16 ``np.memmap`` of one image's local descriptors.
+        """One image's (L, Dl) float16 local descriptors.
 
-        Reads nothing until used; valid as long as this snapshot is referenced (the mapping
-        keeps the file alive even if a later ``compact`` deletes it).
+        float16 storage: a zero-copy ``np.memmap`` that reads nothing until used, valid as long
+        as this snapshot is referenced (the mapping keeps the file alive even if a later
+        ``compact`` deletes it). int8 storage: a new, dequantised float16 array.
         """
         p = int(self.positions([image_id])[0])
-        return self._arrays[self._segments[p]].local[self._rows[p]]
+        arrays = self._arrays[self._segments[p]]
+        if arrays.local_scale is None:
+            return arrays.local[self._rows[p]]
+        return arrays.local_rows(int(self._rows[p]))
 
 
 def load_snapshot(
@@ -155,6 +179,7 @@ def load_snapshot(
     open_seg: Callable[[SegmentInfo], SegmentArrays],
     global_dim: int,
     local_shape: tuple[int, int],
+    global_config: GlobalIndexConfig | None = None,
 ) -> tuple[Snapshot, dict[str, SegmentArrays]]:
     """Build a snapshot of the current committed state.
 
@@ -173,5 +198,5 @@ def load_snapshot(
                 raise IndexCorruptError(f"a live segment file is missing: {e.filename}") from None
             continue
         by_name = {info.name: a for info, a in zip(live.segment_infos, arrays)}
-        return Snapshot(live, arrays, global_dim, local_shape), by_name
+        return Snapshot(live, arrays, global_dim, local_shape, global_config), by_name
     raise IndexCorruptError("the index changed under 10 consecutive snapshot attempts")

@@ -6,6 +6,8 @@ Layout::
     <root>/index.sqlite         catalogue (WAL mode): segments, images, generation counter
     <root>/segments/<name>/     immutable arrays, one folder per add/compact (see segments.py)
     <root>/write.lock           flock'ed by writers
+    <root>/global_trained.npz   approximate global indexes only: the trained, empty faiss index
+                                (a cache, rebuilt if missing or damaged; see global_index.py)
 
 Commit protocol: a writer writes and fsyncs a new segment folder, then inserts its rows in
 one SQLite transaction. The commit is the only point at which anything becomes visible, so
@@ -28,10 +30,34 @@ import numpy as np
 
 from waldo.index import db, maintenance
 from waldo.index.db import IndexedImage
-from waldo.index.errors import IndexCorruptError, describe_keys
+from waldo.index.errors import IndexCorruptError, IndexMismatchError, describe_keys
 from waldo.index.fsutil import WriterLock
-from waldo.index.maintenance import DB_FILE, LOCK_FILE, MANIFEST_FILE, SEGMENTS_DIR, create_index_dir
-from waldo.index.manifest import build_manifest, check_expected, parse_sizes, read_manifest
+from waldo.index.global_index import (
+    FLAT,
+    TRAINED_FILE,
+    GlobalIndexConfig,
+    check_spec,
+    plan,
+    read_trained_meta,
+    resolve_search_params,
+)
+from waldo.index.maintenance import (
+    DB_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    SEGMENTS_DIR,
+    create_index_dir,
+)
+from waldo.index.manifest import (
+    LOCAL_DTYPES,
+    StorageOptions,
+    build_manifest,
+    check_expected,
+    parse_sizes,
+    read_manifest,
+    storage_options,
+)
+from waldo.index.quantize import quantize_int8
 from waldo.index.segments import (
     SegmentArrays,
     SegmentInfo,
@@ -56,6 +82,12 @@ class IndexStore:
         self._root = root
         self._manifest = manifest
         self._global_dim, self._local_shape = parse_sizes(manifest, root / MANIFEST_FILE)
+        self._options = storage_options(manifest, root / MANIFEST_FILE)
+        self._global_config = GlobalIndexConfig(
+            spec=self._options.global_index,
+            search_params=self._options.global_search_params,
+            trained_path=root / TRAINED_FILE,
+        )
         self._segments_dir = root / SEGMENTS_DIR
         self._lock = WriterLock(root / LOCK_FILE)
         self._conns = db.ThreadConnections(root / DB_FILE)
@@ -74,28 +106,46 @@ class IndexStore:
         global_dim: int,
         local_shape: tuple[int, int],
         exist_ok: bool = False,
+        local_dtype: str = "float16",
+        global_index: str = FLAT,
+        global_search_params: Mapping[str, int] | None = None,
     ) -> IndexStore:
         """Create an empty index at ``path`` (a new or empty directory).
 
         The index is assembled in a hidden sibling folder and renamed into place, so ``path``
         either holds a complete index or nothing. With ``exist_ok`` an existing index is opened
-        instead, provided its manifest matches ``manifest`` and the sizes (else
-        :class:`IndexMismatchError`). A non-empty directory that is not an index is refused.
+        instead, provided its manifest matches ``manifest``, the sizes and the storage options
+        below (else :class:`IndexMismatchError`). A non-empty directory that is not an index is
+        refused.
+
+        Storage options, fixed for the index's lifetime and recorded in the manifest:
+            local_dtype: "float16" (default) or "int8": local descriptors quantised per
+                descriptor with a float16 scale (see ``quantize.py``), about half the bytes;
+                readers still get float16.
+            global_index: faiss factory string of the global search: "Flat" (default, exact)
+                or an approximate one such as "IVF4096,Flat" or "HNSW32" (see
+                ``global_index.py`` for training, fallback and rebuild costs).
+            global_search_params: default ``nprobe`` (IVF) / ``efSearch`` (HNSW); omitted keys
+                get the defaults of ``global_index.py``.
         """
         dims = (global_dim, *local_shape)
         if len(local_shape) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
             raise ValueError(
                 f"global_dim and local_shape (L, D) must be positive ints, got {global_dim}, {local_shape}"
             )
-        full = build_manifest(manifest, int(global_dim), (int(local_shape[0]), int(local_shape[1])))
+        options = cls.check_options(int(global_dim), local_dtype, global_index, global_search_params)
+        full = build_manifest(manifest, int(global_dim), (int(local_shape[0]), int(local_shape[1])), options)
         root = Path(path).expanduser().absolute()
-        expected = {**manifest, "global_dim": full["global_dim"], "local_shape": full["local_shape"]}
+        # Storage options are compared as resolved options, not manifest keys: an index written
+        # before they existed has no such keys but is float16 / "Flat".
+        user = {k: v for k, v in manifest.items() if k not in ("global_index", "global_search_params")}
+        expected = {**user, "global_dim": full["global_dim"], "local_shape": full["local_shape"]}
         if root.exists() and not root.is_dir():
             raise FileExistsError(f"{root} exists and is not a directory")
         if (root / MANIFEST_FILE).exists():
             if not exist_ok:
                 raise FileExistsError(f"{root} already holds an index; use IndexStore.open() or exist_ok=True")
-            return cls.open(root, expected=expected)
+            return cls._open_matching(root, expected, options)
         if root.is_dir() and any(root.iterdir()):
             raise FileExistsError(f"{root} is not empty and is not a Waldo index; refusing to create an index there")
         try:
@@ -103,8 +153,41 @@ class IndexStore:
         except FileExistsError:
             if not exist_ok or not (root / MANIFEST_FILE).exists():
                 raise
-            return cls.open(root, expected=expected)  # a concurrent creator won the race
+            return cls._open_matching(root, expected, options)  # a concurrent creator won the race
         return cls.open(root)
+
+    @staticmethod
+    def check_options(
+        global_dim: int,
+        local_dtype: str = "float16",
+        global_index: str = FLAT,
+        global_search_params: Mapping[str, int] | None = None,
+    ) -> StorageOptions:
+        """The validated storage options of :meth:`create` (ValueError naming what is wrong).
+
+        Callers that do expensive work before creating an index (fitting a projection) call
+        this first, so a typo in a faiss spec fails in a second, not after minutes.
+        """
+        if local_dtype not in LOCAL_DTYPES:
+            raise ValueError(f"local_dtype must be one of {LOCAL_DTYPES}, got {local_dtype!r}")
+        spec = check_spec(global_index, global_dim)
+        return StorageOptions(local_dtype, spec, resolve_search_params(spec, global_dim, global_search_params))
+
+    @classmethod
+    def _open_matching(cls, root: Path, expected: Mapping[str, Any], options: StorageOptions) -> IndexStore:
+        """``open`` for ``create(exist_ok=True)``: the existing index must also have ``options``."""
+        store = cls.open(root, expected=expected)
+        differences = {
+            key: (getattr(store._options, key), getattr(options, key))
+            for key in ("local_dtype", "global_index", "global_search_params")
+            if getattr(store._options, key) != getattr(options, key)
+        }
+        if differences:
+            store.close()
+            parts = "; ".join(f"index has {k}={a!r}, asked for {b!r}" for k, (a, b) in differences.items())
+            raise IndexMismatchError(f"the existing index at {root} was created with other storage options: "
+                                     f"{parts}", differences)
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, expected: Mapping[str, Any] | None = None) -> IndexStore:
@@ -122,6 +205,11 @@ class IndexStore:
         if not (root / DB_FILE).is_file():
             raise IndexCorruptError(f"{root} is not a usable index: {DB_FILE} is missing")
         check_expected(manifest, expected)
+        options = storage_options(manifest, root / MANIFEST_FILE)
+        try:
+            check_spec(options.global_index, parse_sizes(manifest, root / MANIFEST_FILE)[0])
+        except ValueError as e:
+            raise IndexCorruptError(f"{root / MANIFEST_FILE}: {e}") from None
         store = cls(root, manifest)
         try:
             db.check_catalogue(store._conns, root / DB_FILE)
@@ -158,6 +246,16 @@ class IndexStore:
     def local_shape(self) -> tuple[int, int]:
         return self._local_shape
 
+    @property
+    def local_dtype(self) -> str:
+        """How local descriptors are stored: "float16" or "int8" (readers get float16 either way)."""
+        return self._options.local_dtype
+
+    @property
+    def global_index(self) -> str:
+        """The faiss factory string of the global search ("Flat" = exact)."""
+        return self._options.global_index
+
     def __len__(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM images").fetchone()[0])
 
@@ -174,28 +272,40 @@ class IndexStore:
         with self._snap_lock:
             snap = self._snap
             if snap is None or db.generation(conn) != snap.generation:
-                snap, self._arrays = load_snapshot(conn, self._segment, self._global_dim, self._local_shape)
+                snap, self._arrays = load_snapshot(
+                    conn, self._segment, self._global_dim, self._local_shape, self._global_config
+                )
                 self._snap = snap
             return snap
 
     def _segment(self, info: SegmentInfo) -> SegmentArrays:
         arrays = self._arrays.get(info.name)
         if arrays is None:
-            arrays = open_segment(self._segments_dir, info.name, info.count, self._global_dim, self._local_shape)
+            arrays = open_segment(
+                self._segments_dir, info.name, info.count, self._global_dim, self._local_shape, self._options.local_dtype
+            )
         return arrays
 
     def search(
-        self, queries: np.ndarray, k: int, *, exclude_ids: Sequence[int] | np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude_ids: Sequence[int] | np.ndarray | None = None,
+        search_params: Mapping[str, int] | None = None,
     ) -> SearchResult:
-        """Exact top-``k`` by inner product over live images; see :meth:`Snapshot.search`."""
-        return self.snapshot().search(queries, k, exclude_ids=exclude_ids)
+        """Top-``k`` by inner product over live images (exact unless the index was created with
+        an approximate ``global_index``); see :meth:`Snapshot.search`. ``search_params``
+        overrides ``nprobe`` / ``efSearch`` for this call."""
+        return self.snapshot().search(queries, k, exclude_ids=exclude_ids, search_params=search_params)
 
     def global_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n, D) float32 global descriptors of live ``ids`` in the order given."""
         return self.snapshot().global_descriptors(ids)
 
     def local_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n, L, Dl) float16 local descriptors of live ``ids``, read from memory-mapped files."""
+        """(n, L, Dl) float16 local descriptors of live ``ids``, read from memory-mapped files
+        (dequantised when the index stores them as int8)."""
         return self.snapshot().local_descriptors(ids)
 
     def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedFeatures | None:
@@ -240,7 +350,9 @@ class IndexStore:
             paths: n unique image paths, none already live (check with :meth:`contains_paths`).
             identities: n identity labels (the instance each image shows).
             global_desc: (n, D) float32, L2-normalised rows.
-            local_desc: (n, L, Dl) float16 or float32 (stored as float16).
+            local_desc: (n, L, Dl) float16 or float32 (stored as float16, or as int8 with
+                per-descriptor scales when the index was created with ``local_dtype="int8"``;
+                values must fit float16 either way).
             attrs: optional n JSON-serialisable dicts stored with each image.
             verification: optional keypoints of the n images for geometric verification,
                 written into the same segment (so committed atomically with it).
@@ -260,12 +372,16 @@ class IndexStore:
             if taken:
                 raise ValueError(f"paths already in the index: {describe_keys(sorted(taken))}")
 
-            def fill(g: np.ndarray, loc: np.ndarray) -> None:
+            def fill(g: np.ndarray, loc: np.ndarray, scale: np.ndarray | None) -> None:
                 g[:] = batch.global_desc
-                loc[:] = batch.local_desc
+                if scale is None:
+                    loc[:] = batch.local_desc
+                else:  # quantise what the caller gave (validated above), not its float16 rounding
+                    loc[:], scale[:] = quantize_int8(np.asarray(local_desc, dtype=np.float32))
 
             gv = RaggedSource.of(verification) if verification is not None else None
-            info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill, gv)
+            info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill, gv,
+                                 local_dtype=self._options.local_dtype)
             try:
                 ids = db.insert_images(conn, info, batch.paths, batch.identities, batch.attrs_json)
             except BaseException:
@@ -300,20 +416,26 @@ class IndexStore:
         """Rewrite all live rows into one new segment and drop the old ones.
 
         Order matters for crash safety: write + fsync the new segment, commit the re-pointed
-        rows, and only then delete the old folders. Ids, and hence search results, are
-        unchanged. Returns ``{"segments_before", "segments_after", "rows_reclaimed"}``.
+        rows, and only then delete the old folders. Ids, and hence exact search results, are
+        unchanged (int8 local descriptors are copied as stored, not re-quantised). A compaction
+        that changed anything also drops the cached trained global index, so the next snapshot
+        of an IVF index retrains on the current rows. Returns ``{"segments_before",
+        "segments_after", "rows_reclaimed"}``.
         """
         conn = self._conn()
         with self._lock:
             self._clean_orphans(conn)
             try:
                 stats, dropped = maintenance.compact(
-                    conn, self._segments_dir, self._global_dim, self._local_shape, self._segment
+                    conn, self._segments_dir, self._global_dim, self._local_shape, self._segment,
+                    self._options.local_dtype,
                 )
             except BaseException:
                 self._clean_orphans(conn)  # the new segment, unless its commit happened
                 raise
             remove_segment_dirs(self._segments_dir, dropped)  # only after the commit
+            if dropped:
+                (self._root / TRAINED_FILE).unlink(missing_ok=True)
         return stats
 
     def _clean_orphans(self, conn: sqlite3.Connection) -> list[str]:
@@ -328,9 +450,28 @@ class IndexStore:
     def check(self) -> list[str]:
         """Integrity problems, empty when healthy: manifest, catalogue, every live segment's
         files, shapes and sha256 (reads every byte: slow on big indexes)."""
-        return maintenance.check(self._root, self._conn(), self._manifest, self._global_dim, self._local_shape)
+        return maintenance.check(
+            self._root, self._conn(), self._manifest, self._global_dim, self._local_shape, self._options.local_dtype
+        )
 
     def info(self) -> dict[str, Any]:
-        """``count``, ``identities`` (distinct), ``generation``, ``segments`` (rows/live),
-        ``dead_rows``, ``orphan_segments``, ``bytes`` per part, ``manifest``."""
-        return maintenance.info(self._root, self._conn(), self.manifest)
+        """``count``, ``identities`` (distinct), ``generation``, ``local_dtype``, ``segments``
+        (rows/live), ``dead_rows``, ``orphan_segments``, ``bytes`` per part, ``bytes_per_image``
+        per stored part, ``global_index`` and ``manifest``.
+
+        ``global_index``: ``spec``, ``search_params``, ``built`` (what a snapshot of the current
+        rows builds: the spec, or "Flat" with a ``reason`` when there are too few rows to train
+        it), ``trained`` (the cached training's header, or None) and ``snapshot`` (what the
+        snapshot in memory built, or None if none was built yet). Building nothing: cheap."""
+        out = maintenance.info(self._root, self._conn(), self.manifest)
+        built, reason = plan(self._options.global_index, self._global_dim, out["count"])
+        snap = self._snap
+        out["global_index"] = {
+            "spec": self._options.global_index,
+            "search_params": dict(self._options.global_search_params),
+            "built": built,
+            "reason": reason,
+            "trained": read_trained_meta(self._root / TRAINED_FILE) if built != FLAT else None,
+            "snapshot": snap.global_index_status.to_dict() if snap is not None else None,
+        }
+        return out
