@@ -143,7 +143,7 @@ class Waldo:
     def add(self, paths: Sequence[str], identities: Sequence[str] | None = None,
             attrs: Sequence[dict] | None = None, *, batch_size: int = 32,
             num_workers: int | None = None, progress: bool = True, engine: str = "local",
-            actors: int | None = None) -> AddReport:
+            actors: int | None = None, runtime: str = "auto") -> AddReport:
         """Extract and add images. Paths already in the index, and duplicates within ``paths``,
         are skipped (reported, not re-added); unreadable images are reported and skipped.
 
@@ -175,8 +175,10 @@ class Waldo:
             self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
                           progress=progress)
             return report
+        # runtime "auto" compiles the model (waldo.models.compiled) for big adds only.
         extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
-                                        num_workers=num_workers, progress=progress, description="index")
+                                        num_workers=num_workers, progress=progress, description="index",
+                                        runtime=runtime)
         report.errors = extracted.errors
         rows = [keep[j] for j in np.flatnonzero(extracted.ok)]
         if rows:

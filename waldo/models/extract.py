@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from waldo.data.images import ImageLoadError, load_image
+from waldo.models.compiled import prepare_runtime
 from waldo.models.descriptor import DescriptorModel
 
 
@@ -68,10 +69,13 @@ def default_workers() -> int:
 @torch.inference_mode()
 def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform: Callable, *,
                         batch_size: int = 32, num_workers: int | None = None,
-                        progress: bool = True, description: str = "extract") -> Extracted:
+                        progress: bool = True, description: str = "extract",
+                        runtime: str = "eager") -> Extracted:
     """Run ``model`` over image files. ``transform(image, key)`` maps a PIL image to a (3, H, W)
-    tensor in [0, 1] (see waldo.data.transforms)."""
+    tensor in [0, 1] (see waldo.data.transforms). ``runtime``: ``eager``, ``compile`` or
+    ``auto`` (see waldo.models.compiled; compiled descriptors equal eager ones to float rounding)."""
     model.eval().to(memory_format=torch.channels_last)  # NHWC kernels are faster on CPU
+    run_model = prepare_runtime(model, runtime, batch_size=batch_size, n_images=len(paths))
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate,
@@ -86,7 +90,7 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
         for index, message in batch_errors:
             errors.append((paths[index], message))
         if batch is not None:
-            out = model(batch.contiguous(memory_format=torch.channels_last))
+            out = run_model(batch.contiguous(memory_format=torch.channels_last))
             global_parts.append(out.global_desc.float().numpy())
             local_parts.append(out.local_desc.to(torch.float16).numpy())
             ok[indices] = True

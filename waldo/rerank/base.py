@@ -24,6 +24,7 @@ import torch
 from waldo.registry import Registry
 from waldo.rerank.rrt import RerankingTransformer
 from waldo.rerank.rrt_checkpoint import load_rrt
+from waldo.rerank.rrt_fast import FastRRTScorer, supports_fast_bf16
 
 __all__ = [
     "RERANKERS",
@@ -98,25 +99,47 @@ def _as_float_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
 
 
+#: How an RRTReranker computes its logits (see waldo.rerank.rrt_fast):
+#: ``reference``: the training module, fp32 (every token of every layer);
+#: ``fp32``: the inference scorer, fp32: the same logits, the last layer for CLS alone;
+#: ``bf16``: the inference scorer with bf16 matmuls and attention, fp32 residuals and norms;
+#: ``auto``: ``bf16`` where the CPU has native bf16 dot products, else ``fp32``.
+PRECISIONS = ("reference", "fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if supports_fast_bf16() else "fp32"
+    return precision
+
+
 class RRTReranker:
     """Sort candidates by the RRT logit; one forward pass scores ``batch_size`` pairs (100 = the
-    whole top-100 at once). ``fusion_weight`` is what the trainer chose on validation, if any."""
+    whole top-100 at once). ``fusion_weight`` is what the trainer chose on validation, if any.
+    ``precision``: see :data:`PRECISIONS`."""
 
     name = "rrt"
 
     def __init__(self, rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7), batch_size: int = 100,
-                 fusion_weight: float | None = None) -> None:
+                 fusion_weight: float | None = None, precision: str = "reference") -> None:
         self.rrt = rrt
         self.grid = tuple(grid)
         self.batch_size = batch_size
         self.fusion_weight = fusion_weight
+        self.precision = resolve_precision(precision)
+        self._scorer: FastRRTScorer | None = None
+        if self.precision != "reference":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self._scorer = FastRRTScorer(rrt, dtype=dtype, grid=self.grid)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, batch_size: int = 100) -> RRTReranker:
+    def from_folder(cls, folder: str | Path, *, batch_size: int = 100, precision: str = "reference") -> RRTReranker:
         rrt, info = load_rrt(folder)
         weight = info.get("training", {}).get("fusion_weight")
         return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,
-                   fusion_weight=None if weight is None else float(weight))
+                   fusion_weight=None if weight is None else float(weight), precision=precision)
 
     def logits(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
         """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
@@ -128,8 +151,15 @@ class RRTReranker:
                 raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
             globals_ = {"query_global": _as_float_tensor(query.global_desc),
                         "cand_globals": _as_float_tensor(candidates.global_desc)}
-        scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc), _as_float_tensor(candidates.local_desc),
-                                           grid=self.grid, batch_size=self.batch_size, **globals_)
+        if self._scorer is not None:
+            embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
+                                                     globals_.get("cand_globals"))
+            scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
+                                        query_global=globals_.get("query_global"), batch_size=self.batch_size)
+        else:
+            scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc),
+                                               _as_float_tensor(candidates.local_desc),
+                                               grid=self.grid, batch_size=self.batch_size, **globals_)
         return scores.numpy().astype(np.float32)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
@@ -156,13 +186,14 @@ RERANKERS: Registry[Reranker] = Registry("reranker")
 
 
 @RERANKERS.register("rrt")
-def _rrt(folder: str | Path, *, batch_size: int = 100) -> Reranker:
-    return RRTReranker.from_folder(folder, batch_size=batch_size)
+def _rrt(folder: str | Path, *, batch_size: int = 100, precision: str = "reference") -> Reranker:
+    return RRTReranker.from_folder(folder, batch_size=batch_size, precision=precision)
 
 
 @RERANKERS.register("rrt-fusion")
-def _rrt_fusion(folder: str | Path, *, batch_size: int = 100, weight: float | None = None) -> Reranker:
-    rrt = RRTReranker.from_folder(folder, batch_size=batch_size)
+def _rrt_fusion(folder: str | Path, *, batch_size: int = 100, weight: float | None = None,
+                precision: str = "reference") -> Reranker:
+    rrt = RRTReranker.from_folder(folder, batch_size=batch_size, precision=precision)
     weight = rrt.fusion_weight if weight is None else weight
     if weight is None:
         raise ValueError(f"{folder}/rrt.json has no fusion_weight (chosen on validation at the end of "

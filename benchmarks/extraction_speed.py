@@ -1,0 +1,159 @@
+"""Issue 7, extraction: the fast path against plain eager fp32, in the same run.
+
+Model: EfficientNet-Lite0 (ImageNet weights) + the 128-d projections, 224 px, batch 32.
+Variants, timed in interleaved rounds (A B C A B C ...) so that a noisy neighbour slows every
+variant alike, median over rounds:
+
+* ``eager-fp32`` (the baseline): PyTorch eager, contiguous NCHW, fp32, inference_mode;
+* ``eager-fp32-channels-last``: the same in NHWC (what ``runtime="eager"`` does);
+* ``compile-fp32``: torch.compile with freezing (``runtime="compile"``, waldo.models.compiled);
+* ``eager-bf16-autocast``: shown for the record (fast, but its descriptors drift past 0.999).
+
+Each variant's descriptors of 32 real grocery photos are compared with the baseline's (smallest
+cosine over globals and over locals). With ``--end-to-end N`` the whole build path is timed too
+on N real photos: decoding alone (DataLoader workers, no model), then extract_descriptors with
+each runtime, to show whether decoding or the model is the limit.
+
+    .venv/bin/python benchmarks/extraction_speed.py --out results/extraction_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from waldo.data.datasets import read_labels_csv
+from waldo.data.images import load_image
+from waldo.data.transforms import get_transform
+from waldo.models.backbones import create_backbone
+from waldo.models.compiled import CompiledDescriptorModel
+from waldo.models.descriptor import DescriptorModel
+from waldo.paths import dataset_dir
+
+BASELINE = "eager-fp32"
+
+
+def _photos(n: int, offset: int = 0) -> list[str]:
+    paths = read_labels_csv(dataset_dir("grocery_store")).paths
+    step = max(1, len(paths) // max(1, n))
+    return paths[offset::step][:n]
+
+
+def _batch(paths: list[str]) -> torch.Tensor:
+    transform = get_transform("resize256-crop224")
+    return torch.stack([transform(load_image(p), i) for i, p in enumerate(paths)])
+
+
+def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, float]:
+    """name -> callable(images NCHW) -> Descriptors; plus the compile time in seconds."""
+    eager = model.eval()
+    channels_last = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    compiled = CompiledDescriptorModel(copy.deepcopy(model), batch)
+
+    def cl(x):
+        return channels_last(x.contiguous(memory_format=torch.channels_last))
+
+    def bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = channels_last(x.contiguous(memory_format=torch.channels_last))
+        return type(out)(out.global_desc.float(), out.local_desc.float(), out.grid)
+
+    def comp(x):
+        return compiled(x.contiguous(memory_format=torch.channels_last))
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        comp(torch.rand(batch, 3, 224, 224))  # compiles here
+    compile_seconds = time.perf_counter() - start
+    variants = {BASELINE: eager, "eager-fp32-channels-last": cl, "compile-fp32": comp, "eager-bf16-autocast": bf16}
+    return variants, compile_seconds
+
+
+def time_variants(variants: dict, batch: int, rounds: int) -> dict[str, list[float]]:
+    x = torch.rand(batch, 3, 224, 224)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn(x)
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def agreement(variants: dict, images: torch.Tensor) -> dict[str, dict[str, float]]:
+    with torch.inference_mode():
+        outputs = {name: fn(images) for name, fn in variants.items()}
+    ref = outputs[BASELINE]
+    return {name: {"min_cosine_global": round(float(F.cosine_similarity(o.global_desc.float(), ref.global_desc, dim=-1).min()), 6),
+                   "min_cosine_local": round(float(F.cosine_similarity(o.local_desc.float(), ref.local_desc, dim=-1).min()), 6)}
+            for name, o in outputs.items()}
+
+
+def end_to_end(model: DescriptorModel, n_images: int, batch: int) -> dict:
+    from torch.utils.data import DataLoader
+
+    from waldo.models.extract import _collate, _ImageFiles, default_workers, extract_descriptors
+
+    paths = _photos(n_images, offset=1)
+    transform = get_transform("resize256-crop224")
+    workers = default_workers()
+    start = time.perf_counter()
+    loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=4 if workers else None)
+    for _ in loader:
+        pass
+    decode = len(paths) / (time.perf_counter() - start)
+    out = {"images": len(paths), "dataloader_workers": workers, "decode_only_images_per_s": round(decode, 1)}
+    for runtime in ("eager", "compile"):
+        start = time.perf_counter()
+        extract_descriptors(copy.deepcopy(model), paths, transform, batch_size=batch, runtime=runtime, progress=False)
+        out[f"{runtime}_images_per_s"] = round(len(paths) / (time.perf_counter() - start), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="N", help="also time the build path on N photos")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0"), 128)
+    variants, compile_seconds = build_variants(model, args.batch)
+    times = time_variants(variants, args.batch, args.rounds)
+    close = agreement(variants, _batch(_photos(args.batch)))
+    base = args.batch / statistics.median(times[BASELINE])
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "backbone": "efficientnet_lite0", "image_size": 224, "batch": args.batch, "rounds": args.rounds,
+        "compile_seconds": round(compile_seconds, 1), "baseline": BASELINE,
+        "variants": {name: {"images_per_s": round(args.batch / statistics.median(t), 1),
+                            "ratio_to_baseline": round(args.batch / statistics.median(t) / base, 2),
+                            **close[name]} for name, t in times.items()},
+    }
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(model, args.end_to_end, args.batch)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Issue 7, RRT reranking: one query's top-100, fast scorer against the reference path.
+
+For the reference-sized RRT (6 layers, feed-forward 1024, ~0.42 GFLOP per pair) and the CPU
+config the grocery models use (``--config``), times ``RRTReranker.rerank`` over 100 candidates
+with float16 locals as the index stores them, in interleaved rounds (median):
+
+* ``reference-fp32`` (the baseline): the training module in eval mode, fp32, every token of
+  every layer (PyTorch's fused encoder fast path);
+* ``fast-fp32``: waldo.rerank.rrt_fast, fp32, the last layer for CLS alone (same logits);
+* ``fast-bf16``: the same with bf16 matmuls and attention (fp32 residuals and norms).
+
+Also reported: the largest logit difference to the baseline, and what embedding the 100
+candidates (the candidate-only work a cache could skip) costs per query. Random locals: the cost
+does not depend on the values (accuracy is measured by experiments/performance_accuracy.py).
+
+    .venv/bin/python benchmarks/rerank_speed.py --out results/rerank_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker
+from waldo.rerank.rrt import RerankingTransformer, RRTConfig, flops_per_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = {"reference-fp32": "reference", "fast-fp32": "fp32", "fast-bf16": "bf16"}
+BASELINE = "reference-fp32"
+
+
+def measure(config: RRTConfig, n_candidates: int, rounds: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    rrt = RerankingTransformer(config).eval()
+    rng = np.random.default_rng(seed)
+    query = RerankQuery(rng.standard_normal((49, config.d_model)).astype(np.float16),
+                        rng.standard_normal(config.d_model).astype(np.float32))
+    candidates = RerankCandidates(rng.standard_normal((n_candidates, 49, config.d_model)).astype(np.float16),
+                                  np.linspace(1, 0, n_candidates, dtype=np.float32),
+                                  rng.standard_normal((n_candidates, config.d_model)).astype(np.float32))
+    rerankers = {name: RRTReranker(rrt, batch_size=n_candidates, precision=p) for name, p in PRECISIONS.items()}
+    logits = {name: r.logits(query, candidates) for name, r in rerankers.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in rerankers}
+    for _ in range(rounds):
+        for name, reranker in rerankers.items():
+            start = time.perf_counter()
+            reranker.rerank(query, candidates)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    scorer = rerankers["fast-bf16"]._scorer
+    embed_ms = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        scorer.embed_candidates(torch.as_tensor(candidates.local_desc))
+        embed_ms.append((time.perf_counter() - start) * 1e3)
+    base = statistics.median(times[BASELINE])
+    gflop = flops_per_pair(config) * n_candidates / 1e9
+    return {
+        "config": config.to_dict(), "candidates": n_candidates, "gflop_per_query": round(gflop, 2),
+        "embed_candidates_ms": round(statistics.median(embed_ms), 2),
+        "variants": {name: {"ms_per_query": round(statistics.median(t), 1),
+                            "speedup_vs_baseline": round(base / statistics.median(t), 2),
+                            "max_abs_logit_diff": round(float(np.abs(logits[name] - logits[BASELINE]).max()), 5),
+                            "same_order": bool(np.array_equal(np.argsort(-logits[name]), np.argsort(-logits[BASELINE])))}
+                     for name, t in times.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "rrt-frozen-cpu.json",
+                        help="the CPU model's training config (its 'rrt' section), measured after the reference")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    data = json.loads(args.config.read_text())
+    cpu_config = RRTConfig.from_dict(data.get("rrt", data))
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "baseline": BASELINE,
+        "reference_rrt": measure(RRTConfig(), args.candidates, args.rounds),
+        "cpu_rrt": measure(cpu_config, args.candidates, args.rounds),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
