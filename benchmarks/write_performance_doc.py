@@ -94,7 +94,8 @@ def accuracy(lines: list[str]) -> None:
         lines += ["Not measured yet (`experiments/performance_accuracy.py`).", ""]
         return
     lines += ["Command: `.venv/bin/python experiments/performance_accuracy.py --models fine-tuned` "
-              f"({data['seconds']} s).", ""]
+              f"({data['seconds']} s). The ms/query column is wall time inside the evaluation and swings with "
+              "whatever else shares the machine; the controlled timings are in the RRT section above.", ""]
     for name, res in data["models"].items():
         ex = res["extraction"]
         lines += [f"Model `{res['model']}` ({name}).", "",
