@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import emit_json, machine_info  # benchmarks/_report.py (run as scripts)
 
 from waldo.data.datasets import read_labels_csv
 from waldo.data.images import load_image
@@ -103,7 +102,12 @@ def agreement(variants: dict, images: torch.Tensor) -> dict[str, dict[str, float
 def end_to_end(model: DescriptorModel, n_images: int, batch: int) -> dict:
     from torch.utils.data import DataLoader
 
-    from waldo.models.extract import _collate, _ImageFiles, default_workers, extract_descriptors
+    from waldo.models.extract import (
+        _collate,
+        _ImageFiles,
+        default_workers,
+        extract_descriptors,
+    )
 
     paths = _photos(n_images, offset=1)
     transform = get_transform("resize256-crop224")
@@ -136,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     close = agreement(variants, _batch(_photos(args.batch)))
     base = args.batch / statistics.median(times[BASELINE])
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine_info(),
         "backbone": "efficientnet_lite0", "image_size": 224, "batch": args.batch, "rounds": args.rounds,
         "compile_seconds": round(compile_seconds, 1), "baseline": BASELINE,
         "variants": {name: {"images_per_s": round(args.batch / statistics.median(t), 1),
@@ -147,12 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.end_to_end:
         result["end_to_end"] = end_to_end(model, args.end_to_end, args.batch)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return result
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

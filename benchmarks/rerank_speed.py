@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit_json, machine_info  # benchmarks/_report.py (run as scripts)
 
 from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig, flops_per_pair
@@ -83,19 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = json.loads(args.config.read_text())
     cpu_config = RRTConfig.from_dict(data.get("rrt", data))
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine_info(),
         "baseline": BASELINE,
         "reference_rrt": measure(RRTConfig(), args.candidates, args.rounds),
         "cpu_rrt": measure(cpu_config, args.candidates, args.rounds),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return result
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":
