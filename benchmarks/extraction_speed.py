@@ -7,12 +7,14 @@ variant alike, median over rounds:
 * ``eager-fp32`` (the baseline): PyTorch eager, contiguous NCHW, fp32, inference_mode;
 * ``eager-fp32-channels-last``: the same in NHWC (what ``runtime="eager"`` does);
 * ``compile-fp32``: torch.compile with freezing (``runtime="compile"``, waldo.models.compiled);
+* ``onnx-fp32``: ONNX Runtime, fp32 (``runtime="onnx"``, waldo.models.onnx_runtime);
 * ``eager-bf16-autocast``: shown for the record (fast, but its descriptors drift past 0.999).
 
 Each variant's descriptors of 32 real grocery photos are compared with the baseline's (smallest
 cosine over globals and over locals). With ``--end-to-end N`` the whole build path is timed too
 on N real photos: decoding alone (DataLoader workers, no model), then extract_descriptors with
-each runtime, to show whether decoding or the model is the limit.
+each runtime (wall clock with and without the export or compilation, and how long the model
+waited for decoded batches), to show whether decoding or the model is the limit.
 
     .venv/bin/python benchmarks/extraction_speed.py --out results/extraction_speed.json
 """
@@ -35,6 +37,7 @@ from waldo.data.transforms import get_transform
 from waldo.models.backbones import create_backbone
 from waldo.models.compiled import CompiledDescriptorModel
 from waldo.models.descriptor import DescriptorModel
+from waldo.models.onnx_runtime import OnnxDescriptorModel
 from waldo.paths import dataset_dir
 
 BASELINE = "eager-fp32"
@@ -51,8 +54,8 @@ def _batch(paths: list[str]) -> torch.Tensor:
     return torch.stack([transform(load_image(p), i) for i, p in enumerate(paths)])
 
 
-def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, float]:
-    """name -> callable(images NCHW) -> Descriptors; plus the compile time in seconds."""
+def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, dict[str, float]]:
+    """name -> callable(images NCHW) -> Descriptors; plus the compile and export times in seconds."""
     eager = model.eval()
     channels_last = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     compiled = CompiledDescriptorModel(copy.deepcopy(model), batch)
@@ -68,12 +71,18 @@ def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, float]:
     def comp(x):
         return compiled(x.contiguous(memory_format=torch.channels_last))
 
-    start = time.perf_counter()
+    onnx = OnnxDescriptorModel(copy.deepcopy(model), verify=False)  # agreement is measured below
+    setup = {}
     with torch.inference_mode():
+        start = time.perf_counter()
         comp(torch.rand(batch, 3, 224, 224))  # compiles here
-    compile_seconds = time.perf_counter() - start
-    variants = {BASELINE: eager, "eager-fp32-channels-last": cl, "compile-fp32": comp, "eager-bf16-autocast": bf16}
-    return variants, compile_seconds
+        setup["compile_seconds"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        onnx(torch.rand(batch, 3, 224, 224))  # exports and creates the session here
+        setup["onnx_export_seconds"] = round(time.perf_counter() - start, 1)
+    variants = {BASELINE: eager, "eager-fp32-channels-last": cl, "compile-fp32": comp, "onnx-fp32": onnx,
+                "eager-bf16-autocast": bf16}
+    return variants, setup
 
 
 def time_variants(variants: dict, batch: int, rounds: int) -> dict[str, list[float]]:
@@ -119,10 +128,17 @@ def end_to_end(model: DescriptorModel, n_images: int, batch: int) -> dict:
         pass
     decode = len(paths) / (time.perf_counter() - start)
     out = {"images": len(paths), "dataloader_workers": workers, "decode_only_images_per_s": round(decode, 1)}
-    for runtime in ("eager", "compile"):
-        start = time.perf_counter()
-        extract_descriptors(copy.deepcopy(model), paths, transform, batch_size=batch, runtime=runtime, progress=False)
-        out[f"{runtime}_images_per_s"] = round(len(paths) / (time.perf_counter() - start), 1)
+    for runtime in ("eager", "onnx", "compile"):
+        extracted = extract_descriptors(copy.deepcopy(model), paths, transform, batch_size=batch, runtime=runtime,
+                                        progress=False)
+        t = extracted.timings
+        # setup = exporting (onnx, plus one eager batch to verify the session) or compiling; the
+        # model-seconds include it; wall - model is the time spent waiting for decoded batches.
+        out[runtime] = {"wall_seconds": round(t["wall"], 1), "setup_seconds": round(t["setup"], 1),
+                        "model_seconds": round(t["model"], 1),
+                        "waiting_for_decode_seconds": round(t["wall"] - t["model"], 1),
+                        "images_per_s": round(len(paths) / t["wall"], 1),
+                        "images_per_s_after_setup": round(len(paths) / (t["wall"] - t["setup"]), 1)}
     return out
 
 
@@ -135,14 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = DescriptorModel(create_backbone("efficientnet_lite0"), 128)
-    variants, compile_seconds = build_variants(model, args.batch)
+    variants, setup = build_variants(model, args.batch)
     times = time_variants(variants, args.batch, args.rounds)
     close = agreement(variants, _batch(_photos(args.batch)))
     base = args.batch / statistics.median(times[BASELINE])
     result = {
         "machine": machine_info(),
         "backbone": "efficientnet_lite0", "image_size": 224, "batch": args.batch, "rounds": args.rounds,
-        "compile_seconds": round(compile_seconds, 1), "baseline": BASELINE,
+        **setup, "baseline": BASELINE,
         "variants": {name: {"images_per_s": round(args.batch / statistics.median(t), 1),
                             "ratio_to_baseline": round(args.batch / statistics.median(t) / base, 2),
                             **close[name]} for name, t in times.items()},

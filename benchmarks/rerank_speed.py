@@ -7,7 +7,9 @@ with float16 locals as the index stores them, in interleaved rounds (median):
 * ``reference-fp32`` (the baseline): the training module in eval mode, fp32, every token of
   every layer (PyTorch's fused encoder fast path);
 * ``fast-fp32``: waldo.rerank.rrt_fast, fp32, the last layer for CLS alone (same logits);
-* ``fast-bf16``: the same with bf16 matmuls and attention (fp32 residuals and norms).
+* ``fast-bf16``: the same with bf16 matmuls and attention (fp32 residuals and norms);
+* ``fast-fp32-compiled`` / ``fast-bf16-compiled``: those two through torch.compile with freezing
+  (``compile=True``; compiled in the warm-up call, whose time is reported as ``compile_seconds``).
 
 Also reported: the largest logit difference to the baseline, and what embedding the 100
 candidates (the candidate-only work a cache could skip) costs per query. Random locals: the cost
@@ -32,7 +34,9 @@ from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig, flops_per_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = {"reference-fp32": "reference", "fast-fp32": "fp32", "fast-bf16": "bf16"}
+#: variant -> (precision, compile)
+VARIANTS = {"reference-fp32": ("reference", False), "fast-fp32": ("fp32", False), "fast-bf16": ("bf16", False),
+            "fast-fp32-compiled": ("fp32", True), "fast-bf16-compiled": ("bf16", True)}
 BASELINE = "reference-fp32"
 
 
@@ -45,8 +49,15 @@ def measure(config: RRTConfig, n_candidates: int, rounds: int, seed: int = 0) ->
     candidates = RerankCandidates(rng.standard_normal((n_candidates, 49, config.d_model)).astype(np.float16),
                                   np.linspace(1, 0, n_candidates, dtype=np.float32),
                                   rng.standard_normal((n_candidates, config.d_model)).astype(np.float32))
-    rerankers = {name: RRTReranker(rrt, batch_size=n_candidates, precision=p) for name, p in PRECISIONS.items()}
-    logits = {name: r.logits(query, candidates) for name, r in rerankers.items()}  # also the warm-up
+    rerankers = {name: RRTReranker(rrt, batch_size=n_candidates, precision=p, compile=c)
+                 for name, (p, c) in VARIANTS.items()}
+    logits, compile_seconds = {}, {}
+    for name, reranker in rerankers.items():  # also the warm-up (and the compilation)
+        start = time.perf_counter()
+        logits[name] = reranker.logits(query, candidates)
+        if VARIANTS[name][1]:
+            compile_seconds[name] = round(time.perf_counter() - start, 1)
+            assert reranker._scorer.compiled, f"{name}: compilation failed (see the warning)"
     times: dict[str, list[float]] = {name: [] for name in rerankers}
     for _ in range(rounds):
         for name, reranker in rerankers.items():
@@ -63,7 +74,7 @@ def measure(config: RRTConfig, n_candidates: int, rounds: int, seed: int = 0) ->
     gflop = flops_per_pair(config) * n_candidates / 1e9
     return {
         "config": config.to_dict(), "candidates": n_candidates, "gflop_per_query": round(gflop, 2),
-        "embed_candidates_ms": round(statistics.median(embed_ms), 2),
+        "embed_candidates_ms": round(statistics.median(embed_ms), 2), "compile_seconds": compile_seconds,
         "variants": {name: {"ms_per_query": round(statistics.median(t), 1),
                             "speedup_vs_baseline": round(base / statistics.median(t), 2),
                             "max_abs_logit_diff": round(float(np.abs(logits[name] - logits[BASELINE]).max()), 5),

@@ -3,17 +3,18 @@
 For each trained reranker checkpoint (the seed table's frozen and fine-tuned RRTs, each with its
 own global model), on grocery-open-cross:
 
-1. **Extraction runtime.** The gallery and queries are extracted twice, eager fp32 and
-   torch.compile (waldo.models.compiled); reported: the smallest cosine between the two for
-   global and for local descriptors, and global Recall@1/mAP of each.
+1. **Extraction runtime.** The gallery and queries are extracted with each runtime: eager fp32,
+   ONNX Runtime (waldo.models.onnx_runtime) and torch.compile (waldo.models.compiled); reported
+   for each fast runtime: the smallest cosine to eager for global and for local descriptors, and
+   global Recall@1/mAP.
 2. **RRT precision.** The global top-100 of every query is reranked with ``rrt`` and
    ``rrt-fusion`` in each precision (reference module fp32, inference scorer fp32, inference
-   scorer bf16); Recall@1 and mAP of each, and the bf16 - fp32 difference.
+   scorer bf16, the bf16 scorer compiled); Recall@1 and mAP of each, and the differences to fp32.
 3. **Stored precision of locals.** The same reranking on locals stored as int8 with a scale per
    descriptor (waldo.index.quantize round trip) against float16 (how the index stores them by
    default), both scored with the inference scorer in fp32 and in bf16.
 
-Writes results/performance_accuracy.json. About 15 minutes on 2 cores.
+Writes results/performance_accuracy.json. About 25 minutes per model on 2 cores.
 
     .venv/bin/python experiments/performance_accuracy.py
 """
@@ -41,6 +42,7 @@ from waldo.rerank.base import FusionReranker, RRTReranker
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = "grocery-open-cross"
+RUNTIMES = ("eager", "onnx", "compile")  # the first is the reference
 MODELS = {"frozen": ROOT / "runs/seed/rrt-frozen-lite0/best", "fine-tuned": ROOT / "runs/seed/rrt-finetune-lite0/best"}
 
 
@@ -67,7 +69,7 @@ def study_model(name: str, model_dir: Path, *, progress: bool) -> dict:
     transform = get_transform(config.transform, config.image_size)
     out: dict = {"model": str(model_dir.relative_to(ROOT)), "extraction": {}, "rerank": {}}
     runs = {}
-    for runtime in ("eager", "compile"):
+    for runtime in RUNTIMES:
         start = time.perf_counter()
         gallery = extract_descriptors(model, protocol.gallery.paths, transform, runtime=runtime, progress=progress,
                                       description=f"{name} gallery ({runtime})")
@@ -77,15 +79,15 @@ def study_model(name: str, model_dir: Path, *, progress: bool) -> dict:
         runs[runtime] = evaluate_descriptors(protocol, queries, gallery)
         out["extraction"][runtime] = {**_metrics(runs[runtime].metrics), "seconds": round(seconds, 1),
                                       "images": len(protocol.gallery.paths) + len(protocol.queries.paths)}
-    eager, compiled = runs["eager"], runs["compile"]
-    out["extraction"]["min_cosine_global"] = min(
-        _min_cosine(eager.gallery.global_desc, compiled.gallery.global_desc),
-        _min_cosine(eager.queries.global_desc, compiled.queries.global_desc))
-    out["extraction"]["min_cosine_local"] = min(
-        _min_cosine(eager.gallery.local_desc, compiled.gallery.local_desc),
-        _min_cosine(eager.queries.local_desc, compiled.queries.local_desc))
-    out["extraction"]["recall@1_change"] = round(
-        compiled.metrics["recall@1"] - eager.metrics["recall@1"], 6)
+    eager = runs["eager"]
+    for runtime in RUNTIMES[1:]:
+        fast = runs[runtime]
+        out["extraction"][runtime].update({
+            "min_cosine_global": min(_min_cosine(eager.gallery.global_desc, fast.gallery.global_desc),
+                                     _min_cosine(eager.queries.global_desc, fast.queries.global_desc)),
+            "min_cosine_local": min(_min_cosine(eager.gallery.local_desc, fast.gallery.local_desc),
+                                    _min_cosine(eager.queries.local_desc, fast.queries.local_desc)),
+            "recall@1_change": round(fast.metrics["recall@1"] - eager.metrics["recall@1"], 6)})
 
     # Reranking on the eager run's descriptors; int8 = the same run with round-tripped locals.
     int8_run = replace(eager, gallery=_int8_round_trip(eager.gallery), queries=_int8_round_trip(eager.queries))
@@ -95,9 +97,10 @@ def study_model(name: str, model_dir: Path, *, progress: bool) -> dict:
                                    "float16": int(eager.gallery.local_desc[0].nbytes)}
     out["int8_min_cosine_local"] = _min_cosine(eager.gallery.local_desc, int8_run.gallery.local_desc)
     variants = [("float16", "reference", eager), ("float16", "fp32", eager), ("float16", "bf16", eager),
-                ("int8", "fp32", int8_run), ("int8", "bf16", int8_run)]
+                ("float16", "bf16-compiled", eager), ("int8", "fp32", int8_run), ("int8", "bf16", int8_run)]
     for storage, precision, run in variants:
-        rrt = RRTReranker.from_folder(model_dir, precision=precision)
+        rrt = RRTReranker.from_folder(model_dir, precision=precision.removesuffix("-compiled"),
+                                      compile=precision.endswith("-compiled"))
         rerankers = [rrt] + ([FusionReranker(rrt, rrt.fusion_weight)] if rrt.fusion_weight is not None else [])
         for reranker in rerankers:
             reranked = rerank_run(run, reranker, 100, progress=progress).run
@@ -119,15 +122,20 @@ def summarise(results: dict) -> dict:
                 continue
             summary[f"{name} {method}"] = {
                 "bf16_vs_fp32_points": round(100 * (r[f"{method}|float16|bf16"]["recall@1"] - base["recall@1"]), 2),
+                "bf16_compiled_vs_fp32_points": round(
+                    100 * (r[f"{method}|float16|bf16-compiled"]["recall@1"] - base["recall@1"]), 2),
                 "int8_vs_float16_points (fp32)": round(100 * (r[f"{method}|int8|fp32"]["recall@1"] - base["recall@1"]), 2),
                 "int8_vs_float16_points (bf16)": round(
                     100 * (r[f"{method}|int8|bf16"]["recall@1"] - r[f"{method}|float16|bf16"]["recall@1"]), 2),
                 "fast_fp32_vs_reference_points": round(
                     100 * (base["recall@1"] - r[f"{method}|float16|reference"]["recall@1"]), 2),
             }
-        summary[f"{name} extraction"] = {"compile_vs_eager_recall@1_points": round(100 * res["extraction"]["recall@1_change"], 2),
-                                         "min_cosine_global": round(res["extraction"]["min_cosine_global"], 6),
-                                         "min_cosine_local": round(res["extraction"]["min_cosine_local"], 6)}
+        for runtime in RUNTIMES[1:]:
+            e = res["extraction"][runtime]
+            summary[f"{name} extraction {runtime}"] = {
+                "recall@1_vs_eager_points": round(100 * e["recall@1_change"], 2),
+                "min_cosine_global": round(e["min_cosine_global"], 6),
+                "min_cosine_local": round(e["min_cosine_local"], 6)}
     return summary
 
 

@@ -80,6 +80,11 @@ class Waldo:
         self.root = root
         self.transform = get_transform(config.transform, config.image_size)
         self._rerankers: dict = {}  # name -> Reranker, loaded on first use
+        #: How RRT rerankers score (waldo.rerank.base.PRECISIONS; "auto": bf16 where the CPU has
+        #: native bf16, measured within 0.1 point of fp32 Recall@1 by experiments/performance_accuracy.py)
+        #: and whether they compile their scorer (worth it for a long-lived service, not one query).
+        self.rrt_precision = "auto"
+        self.rrt_compile = False
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
         self.gv_sift = SiftConfig.from_dict(gv) if gv else None
 
@@ -128,16 +133,23 @@ class Waldo:
         return cls(store, model, config, root)
 
     @classmethod
-    def open(cls, index_dir: str | Path, *, model_dir: str | Path | None = None) -> "Waldo":
+    def open(cls, index_dir: str | Path, *, model_dir: str | Path | None = None, rrt_precision: str = "auto",
+             rrt_compile: bool = False) -> "Waldo":
         """Open an index. ``model_dir`` asks to query with another checkpoint: it must be the
-        very model that built the index, or this raises IndexMismatchError."""
+        very model that built the index, or this raises IndexMismatchError. ``rrt_precision``
+        and ``rrt_compile``: how RRT rerankers score (see :class:`waldo.rerank.base.RRTReranker`)."""
+        from waldo.rerank.base import resolve_precision
+
+        resolve_precision(rrt_precision)  # a typo fails here, not at the first reranked query
         root = Path(index_dir)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not a Waldo index (no manifest.json); build one with "
                                     f"`waldo index build`")
         model, config = load_model(model_dir if model_dir is not None else root / MODEL_FOLDER)
         store = IndexStore.open(root, expected={"backbone": config.backbone, "model_hash": model_hash(model)})
-        return cls(store, model, config, root)
+        engine = cls(store, model, config, root)
+        engine.rrt_precision, engine.rrt_compile = rrt_precision, rrt_compile
+        return engine
 
     # ------------------------------------------------------------------ writing
     def add(self, paths: Sequence[str], identities: Sequence[str] | None = None,
@@ -175,7 +187,7 @@ class Waldo:
             self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
                           progress=progress)
             return report
-        # runtime "auto" compiles the model (waldo.models.compiled) for big adds only.
+        # runtime "auto" exports the model to ONNX Runtime (waldo.models.onnx_runtime) for big adds only.
         extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress, description="index",
                                         runtime=runtime)
@@ -261,7 +273,8 @@ class Waldo:
             if rerank != "gv" and not has_rrt(folder):
                 raise ValueError(f"the index's model has no reranker ({folder}/rrt.json); build the index "
                                  f"with --model pointing at a folder made by `waldo train rrt`")
-            self._rerankers[rerank] = create_reranker(rerank, folder)
+            options = {} if rerank == "gv" else {"precision": self.rrt_precision, "compile": self.rrt_compile}
+            self._rerankers[rerank] = create_reranker(rerank, folder, **options)
         hits = self.search_descriptor(query_global, max(k, RERANK_TOP_K))
         head, tail = hits[:RERANK_TOP_K], hits[RERANK_TOP_K:]  # only the top-100 is re-sorted
         if not head:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from waldo.models.compiled import can_compile
 from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker, resolve_precision
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 from waldo.rerank.rrt_fast import FastRRTScorer
@@ -81,3 +82,37 @@ def test_reranker_precisions_and_validation():
         FastRRTScorer(model, dtype=torch.float16)
     with pytest.raises(ValueError, match="locals must be"):
         FastRRTScorer(model).embed_candidates(torch.zeros(2, 10, 128))
+
+
+@pytest.mark.skipif(not can_compile(), reason="torch.compile needs a C++ compiler")
+def test_compiled_scorer_gives_the_eager_logits_for_full_short_and_masked_batches():
+    model = _model()
+    query, cands, _, _ = _inputs(7, 32)
+    eager = FastRRTScorer(model)
+    compiled = FastRRTScorer(model, compile=True)
+    embedded = eager.embed_candidates(cands)
+    # batch_size 4: a full batch, then a short one padded to the compiled shape (3 of 4 rows real)
+    got = compiled.score(query, embedded, batch_size=4)
+    assert compiled.compiled and got.shape == (7,)
+    torch.testing.assert_close(got, eager.score(query, embedded, batch_size=4), atol=1e-4, rtol=1e-4)
+    c_mask = torch.zeros(7, 49, dtype=torch.bool)
+    c_mask[:, 30:] = True
+    masked = eager.embed_candidates(cands, cand_masks=c_mask)
+    torch.testing.assert_close(compiled.score(query, masked, batch_size=4), eager.score(query, masked, batch_size=4),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_compile_scores_in_eager_mode_with_a_warning(monkeypatch):
+    model = _model()
+    query, cands, _, _ = _inputs(3, 32)
+    scorer = FastRRTScorer(model, compile=True)
+
+    def broken(*_args):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(scorer, "_compiled", broken)
+    embedded = scorer.embed_candidates(cands)
+    with pytest.warns(RuntimeWarning, match="scoring in eager mode"):
+        got = scorer.score(query, embedded, batch_size=4)
+    assert not scorer.compiled
+    torch.testing.assert_close(got, FastRRTScorer(model).score(query, embedded), atol=1e-5, rtol=1e-5)

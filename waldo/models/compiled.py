@@ -19,20 +19,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import warnings
 
 import torch
 
 from waldo.models.descriptor import DescriptorModel, Descriptors
 
-__all__ = ["RUNTIMES", "CompiledDescriptorModel", "can_compile", "prepare_runtime"]
+__all__ = ["AUTO_COMPILE_MIN_IMAGES", "AUTO_ONNX_MIN_IMAGES", "RUNTIMES", "CompiledDescriptorModel", "can_compile",
+           "prepare_runtime"]
 
 log = logging.getLogger(__name__)
 
 #: ``eager``: PyTorch eager, channels-last; ``compile``: torch.compile with freezing;
-#: ``auto``: compile for runs of at least ``AUTO_COMPILE_MIN_IMAGES`` images, else eager.
-RUNTIMES = ("eager", "compile", "auto")
-#: Below this many images the compilation (about 30-60 s on 2 cores) costs more than it saves.
+#: ``onnx``: ONNX Runtime (waldo.models.onnx_runtime), the fastest on CPU;
+#: ``auto``: for runs of at least ``AUTO_ONNX_MIN_IMAGES`` images ONNX Runtime if installed, else
+#: compile from ``AUTO_COMPILE_MIN_IMAGES``; eager below (all three give the same descriptors).
+RUNTIMES = ("eager", "compile", "onnx", "auto")
+#: Below these many images exporting (about 10-20 s) or compiling (about 30-60 s on 2 cores)
+#: costs more than it saves.
+AUTO_ONNX_MIN_IMAGES = 2000
 AUTO_COMPILE_MIN_IMAGES = 3000
 
 
@@ -56,6 +62,9 @@ class CompiledDescriptorModel:
         self.dim = model.dim
         self._compiled = torch.compile(self.model, dynamic=False)
         self._failed = False
+        #: seconds of the first call, which compiles (the extraction of one batch included)
+        self.setup_seconds = 0.0
+        self._called = False
 
     def _run_compiled(self, images: torch.Tensor) -> Descriptors:
         import torch._inductor.config as inductor_config
@@ -75,8 +84,11 @@ class CompiledDescriptorModel:
         if n < self.batch_size:  # same shape every call: one compilation
             filler = images[-1:].expand(self.batch_size - n, -1, -1, -1)
             padded = torch.cat([images, filler]).contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
         try:
             out = self._run_compiled(padded)
+            if not self._called:
+                self._called, self.setup_seconds = True, time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - an optimisation must never fail a build
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); extracting in eager mode",
                           RuntimeWarning, stacklevel=2)
@@ -86,12 +98,26 @@ class CompiledDescriptorModel:
 
 
 def prepare_runtime(model: DescriptorModel, runtime: str, *, batch_size: int, n_images: int):
-    """The callable extraction should run: ``model`` itself (eager) or a compiled wrapper."""
+    """The callable extraction should run: ``model`` itself (eager), an ONNX Runtime wrapper or
+    a compiled wrapper."""
+    from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
+
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "auto":
-        runtime = "compile" if n_images >= AUTO_COMPILE_MIN_IMAGES and can_compile() else "eager"
+        if n_images >= AUTO_ONNX_MIN_IMAGES and onnx_available():
+            runtime = "onnx"
+        elif n_images >= AUTO_COMPILE_MIN_IMAGES and can_compile():
+            runtime = "compile"
+        else:
+            runtime = "eager"
     if runtime == "eager":
+        return model
+    if runtime == "onnx":
+        if onnx_available():
+            return OnnxDescriptorModel(model)
+        warnings.warn("runtime 'onnx' needs onnxruntime, onnx and onnxscript (pip install them); "
+                      "extracting in eager mode", RuntimeWarning, stacklevel=2)
         return model
     if not can_compile():
         warnings.warn("torch.compile needs a C++ compiler (g++/clang++); extracting in eager mode",

@@ -8,6 +8,7 @@ over thousands.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -28,12 +29,16 @@ class Extracted:
     global_desc: (N, D) float32, L2-normalised.   local_desc: (N, L, D) float16.
     ok: (len(paths),) bool, which inputs were read; N = ok.sum().
     errors: (path, reason) for each input that was skipped.
+    timings: seconds of the run: ``wall``, ``model`` (inside the model calls, so ``wall - model``
+    is time spent waiting for decoded batches) and ``setup`` (exporting or compiling, part of
+    ``model``).
     """
 
     global_desc: np.ndarray
     local_desc: np.ndarray
     ok: np.ndarray
     errors: list[tuple[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _ImageFiles(Dataset):
@@ -74,6 +79,7 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
     """Run ``model`` over image files. ``transform(image, key)`` maps a PIL image to a (3, H, W)
     tensor in [0, 1] (see waldo.data.transforms). ``runtime``: ``eager``, ``compile`` or
     ``auto`` (see waldo.models.compiled; compiled descriptors equal eager ones to float rounding)."""
+    start = time.perf_counter()
     model.eval().to(memory_format=torch.channels_last)  # NHWC kernels are faster on CPU
     run_model = prepare_runtime(model, runtime, batch_size=batch_size, n_images=len(paths))
     workers = default_workers() if num_workers is None else num_workers
@@ -86,11 +92,14 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
     local_parts: list[np.ndarray] = []
     errors: list[tuple[str, str]] = []
     bar = tqdm(total=n, desc=description, unit="img", disable=not progress, leave=False)
+    model_seconds = 0.0
     for indices, batch, batch_errors in loader:
         for index, message in batch_errors:
             errors.append((paths[index], message))
         if batch is not None:
+            model_start = time.perf_counter()
             out = run_model(batch.contiguous(memory_format=torch.channels_last))
+            model_seconds += time.perf_counter() - model_start
             global_parts.append(out.global_desc.float().numpy())
             local_parts.append(out.local_desc.to(torch.float16).numpy())
             ok[indices] = True
@@ -103,7 +112,9 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
     else:
         global_desc = np.zeros((0, dim), np.float32)
         local_desc = np.zeros((0, 0, dim), np.float16)
-    return Extracted(global_desc, local_desc, ok, errors)
+    timings = {"wall": time.perf_counter() - start, "model": model_seconds,
+               "setup": float(getattr(run_model, "setup_seconds", 0.0))}
+    return Extracted(global_desc, local_desc, ok, errors, timings)
 
 
 @torch.inference_mode()

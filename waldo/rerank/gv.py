@@ -315,6 +315,7 @@ def _gv(folder: Any = None, *, config: GVConfig | dict[str, Any] | None = None,
 
 @RERANKERS.register("rrt+gv")
 def _rrt_gv(folder: Any, *, config: GVConfig | dict[str, Any] | None = None, workers: int | None = None,
-            batch_size: int = 100) -> Reranker:
-    return VerifiedReranker(create_reranker("rrt", folder, batch_size=batch_size),
+            batch_size: int = 100, precision: str = "reference", compile: bool = False) -> Reranker:
+    return VerifiedReranker(create_reranker("rrt", folder, batch_size=batch_size, precision=precision,
+                                            compile=compile),
                             GeometricReranker(_gv_config(config), workers))

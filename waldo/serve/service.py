@@ -90,7 +90,7 @@ class SearchService:
     def open(cls, index_dir: str | Path, settings: ServeSettings) -> SearchService:
         """Load the index and its model once, and warm the model up so the first client does
         not pay for lazy initialisation."""
-        engine = Waldo.open(index_dir)
+        engine = Waldo.open(index_dir, rrt_compile=settings.compile_rrt)
         # Convert the weights to the layout extraction uses now, not inside the first add,
         # where it would rewrite parameters under running queries.
         engine.model.to(memory_format=torch.channels_last)

@@ -1,0 +1,92 @@
+"""The ONNX Runtime path: same descriptors as eager, any batch size, verified, safe fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import waldo.models.onnx_runtime as onnx_module
+from waldo.data.datasets import read_labels_csv
+from waldo.data.transforms import get_transform
+from waldo.models.backbones import create_backbone
+from waldo.models.compiled import AUTO_ONNX_MIN_IMAGES, prepare_runtime
+from waldo.models.descriptor import DescriptorModel
+from waldo.models.extract import extract_descriptors
+from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
+
+pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime/onnx/onnxscript not installed")
+
+
+def _model() -> DescriptorModel:
+    torch.manual_seed(0)
+    return DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), 32).eval()
+
+
+def test_onnx_descriptors_equal_eager_ones_for_any_batch_and_size():
+    model = _model()
+    runner = OnnxDescriptorModel(model)
+    images = torch.rand(3, 3, 96, 96)
+    with torch.inference_mode():
+        expected = model(images)
+        first = runner(images[:2])  # exports, then checks itself against eager
+        last = runner(images[2:])  # another batch size: the same session (dynamic batch)
+        wider = runner(torch.rand(1, 3, 64, 128))  # another input size: a second session
+    assert not runner._failed
+    assert runner.agreement[(96, 96)] >= 0.999 and set(runner.agreement) == {(96, 96), (64, 128)}
+    got = torch.cat([first.global_desc, last.global_desc])
+    assert torch.nn.functional.cosine_similarity(got, expected.global_desc).min() > 0.9999
+    locals_ = torch.cat([first.local_desc, last.local_desc])
+    assert torch.nn.functional.cosine_similarity(locals_, expected.local_desc, dim=-1).min() > 0.999
+    assert last.local_desc.shape == expected.local_desc[2:].shape and last.grid == expected.grid == (3, 3)
+    assert wider.grid == (2, 4) and wider.local_desc.shape == (1, 8, 32)
+
+
+def test_a_session_that_disagrees_with_eager_is_not_used(monkeypatch):
+    model = _model()
+    runner = OnnxDescriptorModel(model)
+    real = runner._run_session
+
+    def corrupted(session, images):  # stands in for an exporter bug
+        out = real(session, images)
+        return type(out)(-out.global_desc, out.local_desc, out.grid)
+
+    monkeypatch.setattr(runner, "_run_session", corrupted)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="differ from eager"):
+        out = runner(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(out.global_desc, model(images).global_desc)  # eager's answer
+    assert runner._failed
+
+
+def test_a_failing_export_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("exporter unavailable")
+
+    monkeypatch.setattr(onnx_module, "export_onnx", broken)
+    model = _model()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="extracting in eager mode"):
+        out = OnnxDescriptorModel(model)(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(out.global_desc, model(images).global_desc)
+
+
+def test_auto_picks_onnx_for_big_runs_only():
+    model = _model()
+    assert isinstance(prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES), OnnxDescriptorModel)
+    assert prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES - 1) is model
+    assert isinstance(prepare_runtime(model, "onnx", batch_size=8, n_images=1), OnnxDescriptorModel)
+
+
+def test_extract_descriptors_with_onnx_matches_eager_on_real_photos(grocery_dir):
+    paths = read_labels_csv(grocery_dir).paths[:5]
+    transform = get_transform("resize256-crop224")
+    model = _model()
+    eager = extract_descriptors(model, paths, transform, batch_size=4, runtime="eager", progress=False)
+    fast = extract_descriptors(model, paths, transform, batch_size=4, runtime="onnx", progress=False)
+    assert fast.ok.all() and eager.ok.all()
+    cos = (fast.global_desc * eager.global_desc).sum(1)
+    assert cos.min() > 0.9999
+    assert np.abs(fast.local_desc.astype(np.float32) - eager.local_desc.astype(np.float32)).max() < 0.05
