@@ -185,7 +185,7 @@ class Waldo:
         todo = [paths[i] for i in keep]
         if engine == "ray":
             self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
-                          progress=progress)
+                          progress=progress, runtime=runtime)
             return report
         # runtime "auto" exports the model to ONNX Runtime (waldo.models.onnx_runtime) for big adds only.
         extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
@@ -205,14 +205,15 @@ class Waldo:
         return report
 
     def _add_ray(self, paths: list[str], keep: list[int], identities: list[str], attrs: list[dict],
-                 report: AddReport, *, batch_size: int, actors: int | None, progress: bool) -> None:
+                 report: AddReport, *, batch_size: int, actors: int | None, progress: bool,
+                 runtime: str = "auto") -> None:
         """The ray engine of :meth:`add`: actors extract (descriptors and, when the index stores
         them, keypoints), this process writes each chunk of results as one segment, in order."""
         from waldo.models.extract_ray import iter_extract_ray
 
         for chunk in iter_extract_ray(self.root / MODEL_FOLDER, [paths[i] for i in keep], sift=self.gv_sift,
                                       expected_hash=self.store.manifest.get("model_hash"),
-                                      batch_size=batch_size, actors=actors, progress=progress):
+                                      batch_size=batch_size, actors=actors, runtime=runtime, progress=progress):
             report.errors += chunk.errors
             rows = [keep[chunk.start + j] for j in np.flatnonzero(chunk.ok)]  # positions in add()'s input
             if rows:

@@ -138,3 +138,24 @@ def test_unknown_engine_and_missing_ray_are_clear_errors(tmp_path, monkeypatch, 
 @pytest.fixture
 def abo_paths(data_root) -> list[str]:
     return read_labels_csv(data_root / "abo_sample").paths
+
+
+def test_actors_run_the_runtime_they_are_given(abo_paths, tmp_path):
+    """The actor class in this process (no Ray needed): a runtime is passed through, and the
+    fast runtime's descriptors equal the eager actor's."""
+    from waldo.models.extract_ray import DescriptorActor, read_model_files
+    from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
+
+    engine = Waldo.create(tmp_path / "idx", projection="random", progress=False, gv_features=False)
+    files = read_model_files(engine.root / MODEL_FOLDER)
+    batch = {"key": np.arange(3), "path": np.array(abo_paths[:3], dtype=object)}
+    eager = DescriptorActor(files, runtime="auto", batch_size=4, images_per_actor=3)
+    assert eager.run_model is eager.model  # 3 images: not worth an export
+    expected = eager(batch)
+    if not onnx_available():
+        pytest.skip("onnxruntime not installed")
+    fast = DescriptorActor(files, runtime="onnx", batch_size=4, images_per_actor=3)
+    assert isinstance(fast.run_model, OnnxDescriptorModel)
+    got = fast(batch)
+    assert _cosines(got["global_desc"], expected["global_desc"]).min() > 0.9999
+    assert _cosines(got["local_desc"], expected["local_desc"]).min() > 0.999

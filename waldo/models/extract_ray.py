@@ -148,11 +148,15 @@ class DescriptorActor:
     batches of ``{"key", "path"}`` rows. Torch uses as many threads as the CPUs Ray gave the
     actor (Ray sets ``OMP_NUM_THREADS`` to the actor's ``num_cpus``)."""
 
-    def __init__(self, model_files: dict[str, bytes], sift: dict | None = None) -> None:
+    def __init__(self, model_files: dict[str, bytes], sift: dict | None = None, runtime: str = "eager",
+                 batch_size: int = 32, images_per_actor: int = 0) -> None:
         from waldo.data.transforms import get_transform
+        from waldo.models.compiled import prepare_runtime
 
         model, config = load_model_files(model_files)
         self.model = model.eval().to(memory_format=torch.channels_last)  # as the local path
+        # As the local path too: "auto" weighs the export/compile cost against this actor's share.
+        self.run_model = prepare_runtime(self.model, runtime, batch_size=batch_size, n_images=images_per_actor)
         self.dim = config.dim
         self.local_cells = (config.image_size // 32) ** 2
         self.transform = get_transform(config.transform, config.image_size)
@@ -180,7 +184,7 @@ class DescriptorActor:
         global_desc = np.zeros((n, self.dim), np.float32)
         local_desc = np.zeros((n, self.local_cells, self.dim), np.float16)
         if tensors:
-            out = self.model(torch.stack(tensors).contiguous(memory_format=torch.channels_last))
+            out = self.run_model(torch.stack(tensors).contiguous(memory_format=torch.channels_last))
             global_desc[rows] = out.global_desc.float().numpy()
             local_desc[rows] = out.local_desc.to(torch.float16).numpy()
         result = {"key": keys, "error": errors, "global_desc": global_desc, "local_desc": local_desc}
@@ -236,14 +240,15 @@ def default_actors(cpus_per_actor: float = 1.0) -> int:
 
 def iter_extract_ray(model_folder: str | Path, paths: Sequence[str], *, sift: SiftConfig | None = None,
                      expected_hash: str | None = None, batch_size: int = 32, actors: int | None = None,
-                     cpus_per_actor: float = 1.0, chunk_size: int | None = None,
+                     cpus_per_actor: float = 1.0, chunk_size: int | None = None, runtime: str = "auto",
                      progress: bool = True, description: str = "index (ray)") -> Iterator[ExtractedChunk]:
     """Extract descriptors of ``paths`` with the model saved in ``model_folder`` on Ray actors;
     yield them as :class:`ExtractedChunk` objects covering the inputs in order.
 
     ``actors`` model actors (default: one per ``cpus_per_actor`` CPUs of the cluster) each take
     ``batch_size`` images at a time. ``sift`` also computes keypoints for geometric
-    verification. With ``expected_hash``, the model files are checked here, before any actor
+    verification. ``runtime``: how each actor runs the model (waldo.models.compiled.RUNTIMES;
+    ``auto`` decides from the images each actor will see). With ``expected_hash``, the model files are checked here, before any actor
     starts, to be that very model (an actor that fails to start reaches the driver only as an
     opaque "actor died"). Connects to Ray first (see :func:`ensure_ray`). A failure inside the
     pipeline is raised as a RuntimeError naming its cause.
@@ -276,7 +281,9 @@ def iter_extract_ray(model_folder: str | Path, paths: Sequence[str], *, sift: Si
     with _data_context(progress):
         dataset = ray.data.from_arrow(blocks).map_batches(
             DescriptorActor,
-            fn_constructor_kwargs={"model_files": files, "sift": sift.to_dict() if sift is not None else None},
+            fn_constructor_kwargs={"model_files": files, "sift": sift.to_dict() if sift is not None else None,
+                                   "runtime": runtime, "batch_size": batch_size,
+                                   "images_per_actor": -(-n // pool)},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=cpus_per_actor)
         bar = tqdm(total=n, desc=description, unit="img", disable=not progress, leave=False)
