@@ -67,7 +67,9 @@ def extraction(lines: list[str]) -> None:
                   f"alone: {e2e['decode_only_images_per_s']} images/s.", "",
                   "| runtime | wall s | setup s | waiting for decoded batches, s | images/s | images/s after setup |",
                   "|---|---|---|---|---|---|"]
-        for runtime in ("eager", "onnx", "compile"):
+        for runtime in ("eager", "onnx", "onnx-cached-export", "compile"):
+            if runtime not in e2e:
+                continue
             r = e2e[runtime]
             lines.append(f"| {runtime} | {r['wall_seconds']} | {r['setup_seconds']} | {r['waiting_for_decode_seconds']} | "
                          f"{r['images_per_s']} | {r['images_per_s_after_setup']} |")
@@ -84,7 +86,8 @@ def extraction(lines: list[str]) -> None:
                   f"{fast['images_per_s'] * 0.78:.0f} GFLOP/s, close to this CPU's measured fp32 matmul peak "
                   f"(150-180 GFLOP/s) although depthwise convolutions are memory-bound: the compute bound is near. "
                   f"Eager PyTorch loses to per-operator dispatch and the separate BatchNorm/activation passes over "
-                  f"memory that ONNX Runtime fuses. For builds under 2000 images the export (10-20 s) costs more than "
+                  f"memory that ONNX Runtime fuses. The export (10-20 s) is cached per model in `$WALDO_CACHE/onnx` "
+                  f"(the `onnx-cached-export` row), but a first build under 2000 images would pay more for it than "
                   f"it saves, so `auto` stays eager there."]
     lines.append("")
 

@@ -1,4 +1,4 @@
-"""Where Waldo finds the shared datasets.
+"""Where Waldo finds the shared datasets, and where it keeps caches.
 
 The images are never copied into the repository: they are read where they lie. ``WALDO_DATA``
 overrides the location; the default is ``../shared/data`` beside the project root.
@@ -27,3 +27,8 @@ def data_root() -> Path:
 def dataset_dir(name: str) -> Path:
     """A named dataset folder under :func:`data_root`, e.g. ``dataset_dir("grocery_store")``."""
     return data_root() / name
+
+
+def default_cache_root() -> Path:
+    """``$WALDO_CACHE`` or ``<project>/cache`` (git-ignored): mined neighbours, exported models."""
+    return Path(os.environ.get("WALDO_CACHE", PROJECT_ROOT / "cache"))

@@ -18,6 +18,13 @@ from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime/onnx/onnxscript not installed")
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """Every test exports afresh into its own cache (the project cache is left alone)."""
+    monkeypatch.setenv("WALDO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def _model() -> DescriptorModel:
     torch.manual_seed(0)
     return DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), 32).eval()
@@ -90,3 +97,31 @@ def test_extract_descriptors_with_onnx_matches_eager_on_real_photos(grocery_dir)
     cos = (fast.global_desc * eager.global_desc).sum(1)
     assert cos.min() > 0.9999
     assert np.abs(fast.local_desc.astype(np.float32) - eager.local_desc.astype(np.float32)).max() < 0.05
+
+
+def test_the_export_is_cached_and_a_corrupt_cache_file_is_dropped(monkeypatch, fresh_cache):
+    model = _model()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(images)
+        OnnxDescriptorModel(model)(images)  # exports and caches
+    cached = onnx_module.cache_path(model, 64, 64)
+    assert cached.is_file() and cached.parent == fresh_cache / "onnx"
+
+    def no_export(*_args):
+        raise AssertionError("exported again although the cache holds this model")
+
+    monkeypatch.setattr(onnx_module, "export_onnx", no_export)
+    runner = OnnxDescriptorModel(model)
+    with torch.inference_mode():
+        out = runner(images)  # from the cache, still verified against eager
+    assert not runner._failed and runner.agreement[(64, 64)] >= 0.999
+    torch.testing.assert_close(out.global_desc, expected.global_desc, atol=1e-5, rtol=1e-4)
+    other = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), 32).eval()  # new weights
+    assert onnx_module.cache_path(other, 64, 64) != cached
+
+    cached.write_bytes(b"not an onnx model")  # a damaged cache file: eager now, re-export next time
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="extracting in eager mode"):
+        out = OnnxDescriptorModel(model)(images)
+    torch.testing.assert_close(out.global_desc, expected.global_desc)
+    assert not cached.exists()

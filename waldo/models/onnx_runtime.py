@@ -11,9 +11,12 @@ exactly these shapes. Arithmetic stays fp32, so descriptors match eager ones to 
 
 How: the model is exported with the torch.export-based exporter (``torch.onnx.export(...,
 dynamo=True)``; the older TorchScript exporter mis-exports timm's BatchNormAct2d, so it is not
-used), the ONNX bytes are handed to an InferenceSession in memory (nothing is written to disk),
-one session per input size, any batch size. Exporting costs about 10-15 s, so ``runtime="auto"``
-uses this path only for runs of at least ``AUTO_ONNX_MIN_IMAGES`` images.
+used), the ONNX bytes are handed to an InferenceSession, one session per input size, any batch
+size. Exporting costs about 10-20 s, so ``runtime="auto"`` uses this path only for runs of at
+least ``AUTO_ONNX_MIN_IMAGES`` images; the exported bytes are also kept in
+``$WALDO_CACHE/onnx/`` (an ONNX protobuf, no pickle), keyed by a hash of the weights, the input
+size and the torch/onnx versions, so the next build or add with the same model skips the export.
+The cache is best effort: an unwritable cache folder only costs the export again.
 
 Trust, but verify: the first batch of every input size runs through both the session and the
 eager model, and unless every descriptor agrees (cosine >= ``MIN_AGREEMENT``) the run falls back
@@ -24,14 +27,17 @@ optimisation did.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from waldo.fsutil import atomic_write_bytes
 from waldo.models.descriptor import DescriptorModel, Descriptors
 
 __all__ = ["MIN_AGREEMENT", "OnnxDescriptorModel", "onnx_available"]
@@ -81,6 +87,41 @@ def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
+#: Bumped when the exported graph changes (outputs, exporter settings): old cache files are ignored.
+EXPORT_FORMAT = 1
+
+
+def cache_path(model: DescriptorModel, height: int, width: int) -> Path:
+    """Where the export of ``model`` for ``height`` x ``width`` input is cached."""
+    import onnx
+
+    from waldo.models.checkpoint import model_hash
+    from waldo.paths import default_cache_root
+
+    key = hashlib.sha256(f"{model_hash(model)}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
+                         f"format {EXPORT_FORMAT}".encode()).hexdigest()
+    return default_cache_root() / "onnx" / f"descriptor-{key[:40]}.onnx"
+
+
+def exported_onnx(model: DescriptorModel, height: int, width: int) -> tuple[bytes, Path | None]:
+    """The ONNX bytes of ``model`` from the cache, or exported now (and cached); and the cache
+    file they came from (None when freshly exported)."""
+    try:
+        path = cache_path(model, height, width)
+        if path.is_file():
+            return path.read_bytes(), path
+    except OSError:
+        path = None
+    onnx_bytes = export_onnx(model, height, width)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, onnx_bytes)
+        except OSError as error:
+            log.info("could not cache the ONNX export in %s (%s)", path, error)
+    return onnx_bytes, None
+
+
 def _session(onnx_bytes: bytes, threads: int):
     import onnxruntime as ort
 
@@ -90,6 +131,12 @@ def _session(onnx_bytes: bytes, threads: int):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: the optimiser's notices are not the user's business
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _forget(cached: Path | None) -> None:
+    """Drop a cache file that failed (corrupt, or wrong): the next run exports afresh."""
+    if cached is not None:
+        cached.unlink(missing_ok=True)
 
 
 def _min_cosine(a: Descriptors, b: Descriptors) -> float:
@@ -133,11 +180,14 @@ class OnnxDescriptorModel:
         session = self._sessions.get(size)
         if session is None:
             start = time.perf_counter()
+            cached = None
             try:
-                session = _session(export_onnx(self.model, *size), self.threads)
+                onnx_bytes, cached = exported_onnx(self.model, *size)
+                session = _session(onnx_bytes, self.threads)
                 self.setup_seconds += time.perf_counter() - start
                 out = self._run_session(session, images)
             except Exception as error:  # noqa: BLE001 - an optimisation must never fail a build
+                _forget(cached)
                 return self._fallback(f"{type(error).__name__}: {error}", images)
             if self.verify:
                 start = time.perf_counter()
@@ -145,6 +195,7 @@ class OnnxDescriptorModel:
                 self.setup_seconds += time.perf_counter() - start
                 self.agreement[size] = _min_cosine(out, reference)
                 if not self.agreement[size] >= MIN_AGREEMENT:
+                    _forget(cached)
                     return self._fallback(f"its descriptors differ from eager ones: min cosine "
                                           f"{self.agreement[size]:.6f} < {MIN_AGREEMENT}", images)
                 log.info("ONNX Runtime session for %s px agrees with eager (min cosine %.6f)", size,

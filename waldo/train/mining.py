@@ -36,17 +36,12 @@ from waldo.index.knn import exact_knn
 from waldo.models.checkpoint import model_hash
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
-from waldo.paths import PROJECT_ROOT
+from waldo.paths import default_cache_root
 
 __all__ = ["MinedNeighbours", "default_cache_root", "list_hash", "mine_from_descriptors", "mine_neighbours",
            "neighbour_key"]
 
 CACHE_FORMAT = 1
-
-
-def default_cache_root() -> Path:
-    """``$WALDO_CACHE`` or ``<project>/cache`` (git-ignored)."""
-    return Path(os.environ.get("WALDO_CACHE", PROJECT_ROOT / "cache"))
 
 
 def list_hash(paths: Sequence[str]) -> str:
