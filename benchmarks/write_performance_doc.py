@@ -112,9 +112,12 @@ def rerank(lines: list[str]) -> None:
               f"scorer compiled (`RRTReranker(precision='bf16', compile=True)`; `waldo serve` compiles by default, "
               f"in its warm-up query: {ref['compile_seconds'].get('fast-bf16-compiled')} s here), "
               f"{_verdict(best['ms_per_query'] <= 150)}. Its Recall@1 against fp32 scoring is in the accuracy "
-              f"section below. Embedding the 100 candidates (the candidate-only work the issue suggests reusing "
-              f"from the index) costs {ref['embed_candidates_ms']} ms per query, under 1% of the scoring, so no "
-              f"cache was built: storing 99 x 128 more values per image would buy almost nothing.", "",
+              f"section below. Reusing candidate-only work from the index was measured and not built: what depends "
+              f"on the candidate alone is its embedded tokens ({ref['embed_candidates_ms']} ms per query for 100 "
+              f"candidates, under 1% of the scoring) and, for the post-norm reference model, the first layer's "
+              f"query/key/value projections of those 50 tokens (about 1.2% of the FLOPs); from the first attention "
+              f"on, every token mixes query and candidate. Storing either would add 13-38 KB per image (float16) to save about "
+              f"2% of a query.", "",
               f"**What limits it.** {ref['gflop_per_query']} GFLOP per query (the FLOP count of the full model; the "
               f"CLS-only last layer does about 15% less) in {best['ms_per_query']} ms is about {gflops:.0f} GFLOP/s, "
               f"above the fp32 matmul peak (150-180 GFLOP/s): only bf16 dot products (AVX-512 BF16) get there, so "

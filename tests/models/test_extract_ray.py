@@ -140,9 +140,10 @@ def abo_paths(data_root) -> list[str]:
     return read_labels_csv(data_root / "abo_sample").paths
 
 
-def test_actors_run_the_runtime_they_are_given(abo_paths, tmp_path):
+def test_actors_run_the_runtime_they_are_given(abo_paths, tmp_path, monkeypatch):
     """The actor class in this process (no Ray needed): a runtime is passed through, and the
     fast runtime's descriptors equal the eager actor's."""
+    monkeypatch.setenv("WALDO_CACHE", str(tmp_path / "cache"))  # export afresh, not into the project cache
     from waldo.models.extract_ray import DescriptorActor, read_model_files
     from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
 
