@@ -125,3 +125,9 @@ def test_the_export_is_cached_and_a_corrupt_cache_file_is_dropped(monkeypatch, f
         out = OnnxDescriptorModel(model)(images)
     torch.testing.assert_close(out.global_desc, expected.global_desc)
     assert not cached.exists()
+
+
+def test_the_agreement_check_treats_two_zero_descriptors_as_equal_and_nothing_else():
+    a = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    torch.testing.assert_close(onnx_module._cosines(a, b), torch.tensor([1.0, 1.0, 0.0]))

@@ -139,9 +139,16 @@ def _forget(cached: Path | None) -> None:
         cached.unlink(missing_ok=True)
 
 
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row cosines; two (near-)zero rows agree (cosine 1), a zero row against a non-zero one does not."""
+    a, b = a.float(), b.float()
+    cos = F.cosine_similarity(a, b, dim=-1)
+    both_zero = (a.norm(dim=-1) < 1e-6) & (b.norm(dim=-1) < 1e-6)
+    return torch.where(both_zero, torch.ones_like(cos), cos)
+
+
 def _min_cosine(a: Descriptors, b: Descriptors) -> float:
-    return min(float(F.cosine_similarity(a.global_desc.float(), b.global_desc.float(), dim=-1).min()),
-               float(F.cosine_similarity(a.local_desc.float(), b.local_desc.float(), dim=-1).min()))
+    return min(float(_cosines(a.global_desc, b.global_desc).min()), float(_cosines(a.local_desc, b.local_desc).min()))
 
 
 class OnnxDescriptorModel:
