@@ -202,17 +202,38 @@ def test_api_search_reranks_the_indexed_top_100(reranker_dir, data_root, tmp_pat
     engine.add(images.paths, images.identities, num_workers=0, progress=False)
     assert has_rrt(tmp_path / "index" / "model")  # the reranker travels with the index's model
     plain = engine.search(images.paths[0], k=5)
-    hits = Waldo.open(tmp_path / "index").search(images.paths[0], k=5, rerank="rrt")
+    opened = Waldo.open(tmp_path / "index")
+    hits = opened.search(images.paths[0], k=5, rerank="rrt")
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and all(np.diff([h.score for h in hits]) <= 0)
     # The reranked hits are the RRT's order over the global top-100 (here: all 12 images).
     everything = engine.search(images.paths[0], k=12)
     _, query_local = engine.describe(images.paths[0])
     local = engine.store.local_descriptors([h.id for h in everything])
-    logits = create_reranker("rrt", reranker_dir).logits(RerankQuery(query_local), RerankCandidates(
+    logits = create_reranker("rrt", reranker_dir, precision=opened.rrt_precision).logits(RerankQuery(query_local), RerankCandidates(
         local, np.array([h.score for h in everything], np.float32)))
     expected = [everything[i].id for i in np.argsort(-logits, kind="stable")[:5]]
     assert [h.id for h in hits] == expected and {h.id for h in plain} <= {h.id for h in everything}
     assert len(engine.search(images.paths[0], k=3, rerank="rrt-fusion")) == 3
+
+
+def test_api_rrt_precision_and_compile_options(reranker_dir, data_root, tmp_path, one_thread):
+    from waldo.api import Waldo
+    from waldo.data.datasets import read_labels_csv
+
+    images = read_labels_csv(data_root / "abo_sample")
+    engine = Waldo.create(tmp_path / "index", model_dir=reranker_dir, progress=False, gv_features=False)
+    engine.add(images.paths, images.identities, num_workers=0, progress=False)
+    query = images.paths[3]
+    exact = Waldo.open(tmp_path / "index", rrt_precision="reference").search(query, k=12, rerank="rrt")
+    fast = Waldo.open(tmp_path / "index", rrt_precision="fp32").search(query, k=12, rerank="rrt")
+    compiled_engine = Waldo.open(tmp_path / "index", rrt_precision="fp32", rrt_compile=True)
+    compiled = compiled_engine.search(query, k=12, rerank="rrt")
+    assert compiled_engine._rerankers["rrt"]._scorer.compiled  # it really ran compiled code
+    for other in (fast, compiled):
+        assert [h.id for h in other] == [h.id for h in exact]
+        np.testing.assert_allclose([h.score for h in other], [h.score for h in exact], atol=1e-4)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Waldo.open(tmp_path / "index", rrt_precision="fp8")
 
 
 def test_cli_eval_with_rerank(reranker_dir, data_root, tmp_path, capsys, one_thread):
@@ -226,3 +247,19 @@ def test_cli_eval_with_rerank(reranker_dir, data_root, tmp_path, capsys, one_thr
     assert metrics["reranker"] == "rrt" and metrics["recall@100"] == metrics["global"]["recall@100"]
     assert main(["eval", "--protocol", "loo", "--data", str(data_root / "abo_sample"), "--rerank", "rrt",
                  "--projection", "random", "--quiet"]) == 2  # reranking needs --model
+
+
+def test_the_service_compiles_rrt_in_its_warm_up_unless_told_not_to(reranker_dir, data_root, tmp_path, one_thread):
+    from waldo.api import Waldo
+    from waldo.data.datasets import read_labels_csv
+    from waldo.serve.service import SearchService
+    from waldo.serve.settings import ServeSettings
+
+    images = read_labels_csv(data_root / "abo_sample")
+    engine = Waldo.create(tmp_path / "index", model_dir=reranker_dir, progress=False, gv_features=False)
+    engine.add(images.paths[:6], images.identities[:6], num_workers=0, progress=False)
+    service = SearchService.open(tmp_path / "index", ServeSettings())
+    assert "rrt" in service.rerankers
+    assert service.engine._rerankers["rrt"]._scorer.compiled  # compiled by the warm-up query
+    plain = SearchService.open(tmp_path / "index", ServeSettings(compile_rrt=False))
+    assert not plain.engine._rerankers["rrt"]._scorer.compiled
