@@ -27,6 +27,7 @@ optimisation did.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -75,11 +76,13 @@ class _MapsOnly(torch.nn.Module):
 
 def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
     """The descriptor model as ONNX bytes for (any batch, 3, height, width) fp32 input."""
-    wrapper = _MapsOnly(model).eval()
-    example = torch.rand(2, 3, height, width)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # Export traces with autograd state; extraction itself runs under inference_mode.
+    # Export traces with autograd state; extraction itself runs under inference_mode, where
+    # weights converted (e.g. to channels-last) become inference tensors that make the export
+    # about twice as slow (measured 21 s against 10 s): export a plain copy.
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        wrapper = _MapsOnly(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
+        example = torch.rand(2, 3, height, width)
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
                                     output_names=["global", "local"], dynamic_shapes={"images": {0: batch}},
