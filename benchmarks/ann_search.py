@@ -82,7 +82,8 @@ def find_cached_descriptors() -> tuple[np.ndarray, str] | None:
     neighbour-mining cache (or this script's own cache), with where they came from."""
     from waldo.data.protocols import get_protocol
     from waldo.models.checkpoint import load_model, model_hash
-    from waldo.train.mining import default_cache_root, list_hash
+    from waldo.paths import default_cache_root
+    from waldo.train.mining import list_hash
 
     if not UNTRAINED_MODEL.is_dir():
         return None
@@ -110,7 +111,8 @@ def extract_descriptors_once() -> tuple[np.ndarray, str]:
     from waldo.models.checkpoint import load_model, model_hash
     from waldo.models.extract import extract_descriptors
     from waldo.models.untrained import untrained_model
-    from waldo.train.mining import default_cache_root, list_hash
+    from waldo.paths import default_cache_root
+    from waldo.train.mining import list_hash
 
     protocol = get_protocol("grocery-open")
     if UNTRAINED_MODEL.is_dir():

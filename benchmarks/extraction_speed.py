@@ -24,6 +24,7 @@ throw-away cache folders, so every export timed here is a cold one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -51,6 +52,22 @@ def _photos(n: int, offset: int = 0) -> list[str]:
     paths = read_labels_csv(dataset_dir("grocery_store")).paths
     step = max(1, len(paths) // max(1, n))
     return paths[offset::step][:n]
+
+
+@contextlib.contextmanager
+def empty_export_cache():
+    """Point $WALDO_CACHE at a throw-away folder (so ONNX exports are not found cached), then
+    restore it."""
+    before = os.environ.get("WALDO_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["WALDO_CACHE"] = cache
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("WALDO_CACHE", None)
+            else:
+                os.environ["WALDO_CACHE"] = before
 
 
 def _batch(paths: list[str]) -> torch.Tensor:
@@ -130,8 +147,7 @@ def end_to_end(model: DescriptorModel, n_images: int, batch: int) -> dict:
     # onnx twice: first with an empty export cache (the export is paid), then with the cache the
     # first run filled (what a second build or add with the same model pays).
     runs = (("eager", "eager"), ("onnx", "onnx"), ("onnx-cached-export", "onnx"), ("compile", "compile"))
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["WALDO_CACHE"] = cache
+    with empty_export_cache():
         for name, runtime in runs:
             out[name] = _timed_build(model, paths, transform, batch, runtime)
     return out
@@ -159,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = DescriptorModel(create_backbone("efficientnet_lite0"), 128)
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["WALDO_CACHE"] = cache  # an empty export cache: the export below is timed cold
+    with empty_export_cache():  # the export below is timed cold
         variants, setup = build_variants(model, args.batch)
     times = time_variants(variants, args.batch, args.rounds)
     close = agreement(variants, _batch(_photos(args.batch)))

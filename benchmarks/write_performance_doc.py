@@ -26,15 +26,23 @@ def _load(name: str) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _section(lines: list[str], title: str, json_name: str, producer: str):
+    """Open a section; its data from ``results/json_name``, or None (said in the doc) when
+    ``producer`` has not been run yet."""
+    lines += [title, ""]
+    data = _load(json_name)
+    if data is None:
+        lines += [f"Not measured yet (`{producer}`).", ""]
+    return data
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
 def extraction(lines: list[str]) -> None:
-    data = _load("extraction_speed.json")
-    lines += ["## Extraction", ""]
+    data = _section(lines, "## Extraction", "extraction_speed.json", "benchmarks/extraction_speed.py")
     if data is None:
-        lines += ["Not measured yet (`benchmarks/extraction_speed.py`).", ""]
         return
     lines += [f"EfficientNet-Lite0 + 128-d projections, 224 px, batch {data['batch']}, "
               f"{data['machine']['torch_threads']} threads, median of {data['rounds']} interleaved rounds "
@@ -94,10 +102,8 @@ def extraction(lines: list[str]) -> None:
 
 
 def rerank(lines: list[str]) -> None:
-    data = _load("rerank_speed.json")
-    lines += ["## RRT reranking", ""]
+    data = _section(lines, "## RRT reranking", "rerank_speed.json", "benchmarks/rerank_speed.py")
     if data is None:
-        lines += ["Not measured yet (`benchmarks/rerank_speed.py`).", ""]
         return
     lines += [f"One query's top-100, float16 locals as stored, {data['machine']['torch_threads']} threads, median of "
               f"interleaved rounds. Command: `.venv/bin/python benchmarks/rerank_speed.py --out results/rerank_speed.json`.", "",
@@ -128,10 +134,8 @@ def rerank(lines: list[str]) -> None:
 
 
 def accuracy(lines: list[str]) -> None:
-    data = _load("performance_accuracy.json")
-    lines += ["## Does the ranking survive? (grocery-open-cross)", ""]
+    data = _section(lines, "## Does the ranking survive? (grocery-open-cross)", "performance_accuracy.json", "experiments/performance_accuracy.py")
     if data is None:
-        lines += ["Not measured yet (`experiments/performance_accuracy.py`).", ""]
         return
     lines += ["Command: `.venv/bin/python experiments/performance_accuracy.py` "
               f"({data['seconds']} s). The ms/query column is wall time inside the evaluation and swings with "
@@ -162,10 +166,8 @@ def accuracy(lines: list[str]) -> None:
 
 
 def gv(lines: list[str]) -> None:
-    data = _load("gv_results.json")
-    lines += ["## Geometric verification", ""]
+    data = _section(lines, "## Geometric verification", "gv_results.json", "experiments/gv_results.py")
     if data is None:
-        lines += ["Not measured yet (`experiments/gv_results.py`).", ""]
         return
     lines += ["| protocol | verify top-100, ms/query wall | CPU ms | workers | target <= 1 s |", "|---|---|---|---|---|"]
     for entry in data:
@@ -178,10 +180,8 @@ def gv(lines: list[str]) -> None:
 
 
 def ann(lines: list[str]) -> None:
-    data = _load("ann_search.json")
-    lines += ["## Large galleries (approximate search)", ""]
+    data = _section(lines, "## Large galleries (approximate search)", "ann_search.json", "benchmarks/ann_search.py")
     if data is None:
-        lines += ["Not measured yet (`benchmarks/ann_search.py`).", ""]
         return
     d = data["data"]
     lines += [f"{d['n']:,} vectors: {d['gallery_sources']} real grocery global descriptors tiled with seeded Gaussian "

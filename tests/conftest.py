@@ -52,3 +52,16 @@ def data_file(data_root: Path):
 def grocery_dir(data_root: Path) -> Path:
     """The Grocery Store dataset folder (labels.csv + dataset/)."""
     return require_data(data_root / "grocery_store")
+
+
+@pytest.fixture(scope="session")
+def flip_last_byte():
+    """``flip_last_byte(path, mask=0xFF)``: XOR the file's last byte with ``mask`` in place (a
+    one-byte corruption that checksums must catch)."""
+
+    def flip(path: Path, mask: int = 0xFF) -> None:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= mask
+        path.write_bytes(bytes(data))
+
+    return flip

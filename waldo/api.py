@@ -73,7 +73,11 @@ def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
 class Waldo:
     """An open index and its model. Create with :meth:`create`, reopen with :meth:`open`."""
 
-    def __init__(self, store: IndexStore, model: DescriptorModel, config: ModelConfig, root: Path) -> None:
+    def __init__(self, store: IndexStore, model: DescriptorModel, config: ModelConfig, root: Path, *,
+                 rrt_precision: str = "auto", rrt_compile: bool = False) -> None:
+        from waldo.rerank.base import resolve_precision
+
+        resolve_precision(rrt_precision)  # a typo fails here, not at the first reranked query
         self.store = store
         self.model = model.eval()
         self.config = config
@@ -81,10 +85,10 @@ class Waldo:
         self.transform = get_transform(config.transform, config.image_size)
         self._rerankers: dict = {}  # name -> Reranker, loaded on first use
         #: How RRT rerankers score (waldo.rerank.base.PRECISIONS; "auto": bf16 where the CPU has
-        #: native bf16, measured within 0.1 point of fp32 Recall@1 by experiments/performance_accuracy.py)
+        #: native bf16, measured within 0.2 point of fp32 Recall@1 by experiments/performance_accuracy.py)
         #: and whether they compile their scorer (worth it for a long-lived service, not one query).
-        self.rrt_precision = "auto"
-        self.rrt_compile = False
+        self.rrt_precision = rrt_precision
+        self.rrt_compile = rrt_compile
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
         self.gv_sift = SiftConfig.from_dict(gv) if gv else None
 
@@ -138,18 +142,13 @@ class Waldo:
         """Open an index. ``model_dir`` asks to query with another checkpoint: it must be the
         very model that built the index, or this raises IndexMismatchError. ``rrt_precision``
         and ``rrt_compile``: how RRT rerankers score (see :class:`waldo.rerank.base.RRTReranker`)."""
-        from waldo.rerank.base import resolve_precision
-
-        resolve_precision(rrt_precision)  # a typo fails here, not at the first reranked query
         root = Path(index_dir)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not a Waldo index (no manifest.json); build one with "
                                     f"`waldo index build`")
         model, config = load_model(model_dir if model_dir is not None else root / MODEL_FOLDER)
         store = IndexStore.open(root, expected={"backbone": config.backbone, "model_hash": model_hash(model)})
-        engine = cls(store, model, config, root)
-        engine.rrt_precision, engine.rrt_compile = rrt_precision, rrt_compile
-        return engine
+        return cls(store, model, config, root, rrt_precision=rrt_precision, rrt_compile=rrt_compile)
 
     # ------------------------------------------------------------------ writing
     def add(self, paths: Sequence[str], identities: Sequence[str] | None = None,

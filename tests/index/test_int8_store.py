@@ -87,13 +87,11 @@ def test_bytes_per_image(tmp_path):
         assert not any(p.name == "local_scale.npy" for p in (plain.path / "segments").rglob("*"))
 
 
-def test_check_covers_the_scale_file(tmp_path):
+def test_check_covers_the_scale_file(tmp_path, flip_last_byte):
     with create(tmp_path / "q") as store:
         store.add(*batch(4, 0))
         seg = next((store.path / "segments").iterdir())
-        data = bytearray((seg / "local_scale.npy").read_bytes())
-        data[-1] ^= 0x01
-        (seg / "local_scale.npy").write_bytes(bytes(data))
+        flip_last_byte(seg / "local_scale.npy", 0x01)
         problems = store.check()
         assert len(problems) == 1 and "local_scale.npy sha256 differs" in problems[0]
         (seg / "local_scale.npy").unlink()

@@ -239,12 +239,10 @@ def test_empty_index_and_empty_calls(store):
     assert store.get(one).identity == ""
 
 
-def test_check_detects_damage(store):
+def test_check_detects_damage(store, flip_last_byte):
     store.add(*batch(4, 0))
     seg = next((store.path / "segments").iterdir())
-    data = bytearray((seg / "local.npy").read_bytes())
-    data[-1] ^= 0xFF
-    (seg / "local.npy").write_bytes(bytes(data))
+    flip_last_byte(seg / "local.npy")
     problems = store.check()
     assert len(problems) == 1 and "local.npy sha256 differs" in problems[0]
 

@@ -112,7 +112,7 @@ def _batch(n: int, rng: np.random.Generator):
     return g, loc, feats
 
 
-def test_index_stores_verification_features_through_compact_and_check(tmp_path):
+def test_index_stores_verification_features_through_compact_and_check(tmp_path, flip_last_byte):
     rng = np.random.default_rng(0)
     store = IndexStore.create(tmp_path / "idx", manifest={"m": 1}, global_dim=8, local_shape=(4, 8))
     g1, l1, f1 = _batch(5, rng)
@@ -138,9 +138,7 @@ def test_index_stores_verification_features_through_compact_and_check(tmp_path):
     assert store.check() == []
     # Damage a verification file: check() names it.
     seg = next((store.path / "segments").iterdir())
-    data = bytearray((seg / "gv_descriptors.npy").read_bytes())
-    data[-1] ^= 0xFF
-    (seg / "gv_descriptors.npy").write_bytes(bytes(data))
+    flip_last_byte(seg / "gv_descriptors.npy")
     problems = store.check()
     assert len(problems) == 1 and "gv_descriptors.npy sha256 differs" in problems[0]
     with pytest.raises(ValueError, match="cover 2 images"):

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from waldo.compiling import pad_rows, run_frozen
 from waldo.models.descriptor import DescriptorModel, Descriptors
 
 __all__ = ["AUTO_COMPILE_MIN_IMAGES", "AUTO_ONNX_MIN_IMAGES", "RUNTIMES", "CompiledDescriptorModel", "can_compile",
@@ -64,15 +65,6 @@ class CompiledDescriptorModel:
         self._failed = False
         #: seconds of the first call, which compiles (the extraction of one batch included)
         self.setup_seconds = 0.0
-        self._called = False
-
-    def _run_compiled(self, images: torch.Tensor) -> Descriptors:
-        import torch._inductor.config as inductor_config
-
-        # Freezing treats the weights as constants (BatchNorm folding, weight prepacking); safe
-        # because extraction never changes them. Patched only around the call, not globally.
-        with inductor_config.patch(freezing=True):
-            return self._compiled(images)
 
     def __call__(self, images: torch.Tensor) -> Descriptors:
         n = images.shape[0]
@@ -80,15 +72,12 @@ class CompiledDescriptorModel:
             raise ValueError(f"batch of {n} images is larger than the compiled batch size {self.batch_size}")
         if self._failed:
             return self.model(images)
-        padded = images
-        if n < self.batch_size:  # same shape every call: one compilation
-            filler = images[-1:].expand(self.batch_size - n, -1, -1, -1)
-            padded = torch.cat([images, filler]).contiguous(memory_format=torch.channels_last)
+        padded = pad_rows(images, self.batch_size).contiguous(memory_format=torch.channels_last)
         start = time.perf_counter()
         try:
-            out = self._run_compiled(padded)
-            if not self._called:
-                self._called, self.setup_seconds = True, time.perf_counter() - start
+            out = run_frozen(self._compiled, padded)
+            if not self.setup_seconds:  # the first call compiled
+                self.setup_seconds = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - an optimisation must never fail a build
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); extracting in eager mode",
                           RuntimeWarning, stacklevel=2)

@@ -77,8 +77,8 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
                         progress: bool = True, description: str = "extract",
                         runtime: str = "eager") -> Extracted:
     """Run ``model`` over image files. ``transform(image, key)`` maps a PIL image to a (3, H, W)
-    tensor in [0, 1] (see waldo.data.transforms). ``runtime``: ``eager``, ``compile`` or
-    ``auto`` (see waldo.models.compiled; compiled descriptors equal eager ones to float rounding)."""
+    tensor in [0, 1] (see waldo.data.transforms). ``runtime``: ``eager``, ``onnx``, ``compile`` or
+    ``auto`` (see waldo.models.compiled.RUNTIMES; all give eager's descriptors to float rounding)."""
     start = time.perf_counter()
     model.eval().to(memory_format=torch.channels_last)  # NHWC kernels are faster on CPU
     run_model = prepare_runtime(model, runtime, batch_size=batch_size, n_images=len(paths))

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from waldo.compiling import pad_rows, run_frozen
 from waldo.rerank.rrt import (
     SEGMENT_CANDIDATE,
     SEGMENT_CANDIDATE_GLOBAL,
@@ -252,16 +253,11 @@ class FastRRTScorer:
         if self._compiled is None:
             return self._logits(tokens, mask)
         b = tokens.shape[0]
-        if b < batch_size:  # one shape, one compilation: pad with copies of the last pair
-            tokens = torch.cat([tokens, tokens[-1:].expand(batch_size - b, -1, -1)])
-            if mask is not None:
-                mask = torch.cat([mask, mask[-1:].expand(batch_size - b, -1, -1, -1)])
-        import torch._inductor.config as inductor_config
-
+        tokens = pad_rows(tokens, batch_size)  # one shape, one compilation
+        mask = None if mask is None else pad_rows(mask, batch_size)
         try:
-            # Freezing (weights as constants: folded, prepacked) only around this call.
-            with self._compile_lock, inductor_config.patch(freezing=True):
-                return self._compiled(tokens.contiguous(), mask)[:b]
+            with self._compile_lock:
+                return run_frozen(self._compiled, tokens.contiguous(), mask)[:b]
         except Exception as error:  # noqa: BLE001 - an optimisation must never fail a query
             warnings.warn(f"torch.compile of the RRT scorer failed ({type(error).__name__}: {error}); "
                           f"scoring in eager mode", RuntimeWarning, stacklevel=3)

@@ -41,6 +41,7 @@ from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.descriptor import DescriptorModel
 from waldo.rerank.rrt import RerankingTransformer
 from waldo.rerank.rrt_checkpoint import has_rrt, load_rrt, save_reranker
+from waldo.paths import default_cache_root
 from waldo.train.common import (
     TrainState,
     atomic_write_json,
@@ -56,7 +57,7 @@ from waldo.train.common import (
 )
 from waldo.train.global_model import split_backbone
 from waldo.train.losses import SoftmaxContrastiveLoss
-from waldo.train.mining import default_cache_root, mine_neighbours
+from waldo.train.mining import mine_neighbours
 from waldo.train.rrt_config import RRTTrainConfig
 from waldo.train.rrt_features import FeatureSource, OnlineImages, cache_features
 from waldo.train.rrt_validation import RRTValidator, describe_rows, record_fusion_weight, tail_project
