@@ -14,11 +14,12 @@ export WALDO_DATA
 
 .PHONY: setup demo test test-fast clean-demo
 
-# The venv is rebuilt only when pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
+# The venv is reinstalled only when pyproject.toml or this file changes. The ray extra is
+# installed too, so that `make test` runs the Ray engine's tests instead of skipping them.
+$(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 setup: $(BIN)/.installed

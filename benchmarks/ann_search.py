@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n", encoding="utf-8")
     if args.doc:
-        from waldo.eval.doc_blocks import markers, write_block
+        from waldo_experiments.doc_blocks import markers, write_block
 
         start, end = markers("ann")
         write_block(ROOT / "docs" / "results.md", f"{start}\n\n{markdown(report)}\n\n{end}", start, end,

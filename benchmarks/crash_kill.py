@@ -6,6 +6,8 @@ Two writers are killed over and over on one index built from real grocery photos
   commits the whole batch in one SQLite transaction and then prints ``added N images``: that
   line is the acknowledgement. The kill lands anywhere in the run (interpreter start-up, model
   load, decoding, descriptor and keypoint extraction, segment writing, the commit, the print).
+  ``--commit-kills`` of them are aimed at the commit instead: the writer is killed as soon as
+  its new segment folder appears (it has started writing the rows it is about to commit).
 * ``server``: a live ``waldo serve`` while a client posts 1 to 3 new photos per ``POST /images``
   (acknowledged by its 201) and now and then deletes an acknowledged upload (acknowledged by
   its 200). The server is killed at a random moment while the client is busy.
@@ -16,9 +18,11 @@ the index opens (``Waldo.open``), ``waldo index check`` passes (manifest, arrays
 and checksums agree), a query with an indexed photo finds that photo first, and the index holds
 exactly the acknowledged images: none lost, no acknowledged removal undone, nothing unexpected.
 The one operation in flight at the kill may have committed or not, but only whole (a partial
-add is a failure). Then the next round starts on the same index, which keeps growing.
+add is a failure). A kill that leaves a new segment folder no committed row names landed inside
+the commit protocol (rows written, not committed): ``kills_mid_commit`` counts them. Then the
+next round starts on the same index, which keeps growing.
 
-    .venv/bin/python benchmarks/crash_kill.py --cli-kills 60 --server-kills 40 \\
+    .venv/bin/python benchmarks/crash_kill.py --cli-kills 60 --commit-kills 10 --server-kills 40 \\
         --json results/crash_kill.json
 
 Timing makes each run different, but the seed fixes the photos, batch sizes and kill delays.
@@ -81,6 +85,7 @@ class ModeReport:
     writer_errors: int = 0  # a writer failed on its own (not killed): exit != 0, or a 5xx
     inflight_committed: int = 0  # the operation in flight at the kill had committed
     inflight_not_committed: int = 0
+    kills_mid_commit: int = 0  # the kill left a new segment folder that no committed row names
     leftover_before_restart: int = 0  # files under uploads/ that no live row names, right after the last kill
     orphan_uploads_cleaned: int = 0  # deleted by the start-up clean-up of one more server start
     leftover_upload_files: int = 0  # files under uploads/ that no live row names after that start
@@ -159,8 +164,17 @@ class Verifier:
         with contextlib.closing(_open_store(self.root)) as store:
             self.live = {r.path: r.id for r in store.records()}
 
-    def after_kill(self, report: ModeReport, label: str, inflight: Operation) -> bool:
-        """Run every check; True when all pass. Updates the expectation to what is there."""
+    def uncommitted_segments(self) -> set[str]:
+        """Segment folders no committed row names: a writer died between writing and committing
+        (the next writer deletes them under its lock)."""
+        with contextlib.closing(_open_store(self.root)) as store:
+            committed = {s["name"] for s in store.info()["segments"]}
+        return {p.name for p in (self.root / "segments").iterdir() if p.is_dir()} - committed
+
+    def after_kill(self, report: ModeReport, label: str, inflight: Operation, uncommitted_before: set[str]) -> bool:
+        """Run every check; True when all pass. Updates the expectation to what is there.
+        ``uncommitted_before``: :meth:`uncommitted_segments` before the killed writer started."""
+        report.kills_mid_commit += bool(self.uncommitted_segments() - uncommitted_before)
         try:
             engine = Waldo.open(self.root)
         except Exception as error:  # noqa: BLE001 - the point is to report it
@@ -215,7 +229,7 @@ class Verifier:
             return True
         path = self.rng.choice(sorted(live))
         try:
-            hits = engine.search(path, k=3)
+            hits = engine.search(path, k=3).hits
         except Exception as error:  # noqa: BLE001
             report.failed_queries += 1
             report.fail(f"{label}: query failed: {error!r}")
@@ -270,11 +284,15 @@ def _cli_command(root: Path, photos: list[str]) -> list[str]:
             "--batch-size", "4", "--identity", CLI_IDENTITY, *photos]
 
 
-def _run_cli(root: Path, photos: list[str], delay: float | None) -> tuple[bool, int | None, str]:
-    """Start ``waldo index add``; kill it after ``delay`` s (None: let it finish).
-    Returns (killed, exit code, output)."""
+def _run_cli(root: Path, photos: list[str], delay: float | None, *,
+             at_commit: bool = False) -> tuple[bool, int | None, str]:
+    """Start ``waldo index add``; kill it after ``delay`` s (None: let it finish), or with
+    ``at_commit`` as soon as its new segment folder appears. Returns (killed, exit code, output)."""
     process = subprocess.Popen(_cli_command(root, photos), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, cwd=REPO)
+    if at_commit:
+        _wait_for_new_segment(root / "segments", process)
+        delay = 0.0
     try:
         output, _ = process.communicate(timeout=delay)
         return False, process.returncode, output
@@ -282,6 +300,16 @@ def _run_cli(root: Path, photos: list[str], delay: float | None) -> tuple[bool, 
         killed = _kill_group(process)
         output, _ = process.communicate()
         return killed, process.returncode, output
+
+
+def _wait_for_new_segment(segments: Path, process: subprocess.Popen) -> None:
+    """Return once a segment folder appears under ``segments`` or ``process`` exits. Output is
+    small (one line), so the unread pipe cannot block the writer meanwhile."""
+    before = {p.name for p in segments.iterdir()}
+    while process.poll() is None:
+        if any(p.name not in before for p in segments.iterdir()):
+            return
+        time.sleep(0.0005)
 
 
 def calibrate_cli(root: Path, pool: PhotoPool, verifier: Verifier) -> float:
@@ -296,16 +324,19 @@ def calibrate_cli(root: Path, pool: PhotoPool, verifier: Verifier) -> float:
 
 
 def run_cli_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: random.Random, kills: int,
-                  window: float, report: ModeReport) -> None:
-    """Kill ``waldo index add`` ``kills`` times; runs that finish first are acknowledged adds."""
+                  window: float, report: ModeReport, commit_kills: int = 0) -> None:
+    """Kill ``waldo index add`` ``kills`` times, the last ``commit_kills`` of them as soon as its
+    new segment folder appears; runs that finish first are acknowledged adds."""
     delays: list[float] = []
     while report.kills < kills:
         photos = pool.take(rng.randint(4, 12))
-        # Half the kills anywhere in the run; half in its last stretch, where the photos are
-        # decoded, described, written and committed (start-up takes most of a short run).
+        # Half the random kills anywhere in the run; half in its last stretch, where the photos
+        # are decoded, described, written and committed (start-up takes most of a short run).
         delay = rng.uniform(0.05, window) if rng.random() < 0.5 else rng.uniform(0.5 * window, 0.9 * window)
-        killed, code, output = _run_cli(root, photos, delay)
-        label = f"cli kill {report.kills + 1} at {delay:.2f} s"
+        aimed = report.kills >= kills - commit_kills
+        uncommitted_before = verifier.uncommitted_segments()
+        killed, code, output = _run_cli(root, photos, delay, at_commit=aimed)
+        label = f"cli kill {report.kills + 1} " + ("at its commit" if aimed else f"at {delay:.2f} s")
         if not killed:
             report.runs_finished_before_kill += 1
             if code == 0 and f"added {len(photos)} images" in output:
@@ -316,8 +347,9 @@ def run_cli_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: random.R
                 report.fail(f"cli run exited {code} without being killed: {output.strip()[-400:]}")
             continue
         report.kills += 1
-        delays.append(delay)
-        ok = verifier.after_kill(report, label, Operation("add", set(photos)))
+        if not aimed:
+            delays.append(delay)
+        ok = verifier.after_kill(report, label, Operation("add", set(photos)), uncommitted_before)
         report.survived += ok
         print(f"{label}: {'survived' if ok else 'FAILED'}", flush=True)
     report.kill_delay_s = [round(min(delays), 2), round(max(delays), 2)] if delays else []
@@ -407,6 +439,7 @@ def run_server_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: rando
         client_rng = random.Random(rng.random())
         thread = threading.Thread(target=_client, args=(url, uploads, pool, client_rng, removable, stop, log))
         delay = rng.uniform(0.05, window)
+        uncommitted_before = verifier.uncommitted_segments()
         thread.start()
         time.sleep(delay)
         killed = _kill_group(process)
@@ -426,7 +459,7 @@ def run_server_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: rando
         for path in log.acked_removes:
             verifier.record_removed(path)
         before = set(verifier.live)
-        ok = verifier.after_kill(report, f"server kill {n} at {delay:.2f} s", log.inflight)
+        ok = verifier.after_kill(report, f"server kill {n} at {delay:.2f} s", log.inflight, uncommitted_before)
         report.survived += ok and killed
         print(f"server kill {n} at {delay:.2f} s: {'survived' if ok and killed else 'FAILED'}", flush=True)
         resurrected = [p for p in log.acked_removes if p in verifier.live and p not in before]
@@ -461,9 +494,10 @@ def build_index(root: Path, pool: PhotoPool) -> None:
         raise RuntimeError(f"could not build the starting index: {report.errors}")
 
 
-def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, seed: int = 0,
+def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, commit_kills: int = 0, seed: int = 0,
                    server_window: float = 6.0, grocery: Path | None = None) -> CrashReport:
-    """Build an index under ``workdir`` and kill its writers ``cli_kills + server_kills`` times."""
+    """Build an index under ``workdir`` and kill its writers ``cli_kills + server_kills`` times
+    (``commit_kills`` of the cli kills aimed at the commit)."""
     start = time.monotonic()
     rng = random.Random(seed)
     pool = PhotoPool(grocery or data_root() / "grocery_store", rng)
@@ -477,7 +511,7 @@ def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, seed: in
         duration = calibrate_cli(root, pool, verifier)
         cli.images_acknowledged += 8
         cli_window = round(1.2 * duration, 2)  # some runs finish before their kill: acknowledged adds
-        run_cli_kills(root, pool, verifier, rng, cli_kills, cli_window, cli)
+        run_cli_kills(root, pool, verifier, rng, cli_kills, cli_window, cli, commit_kills)
     server = ModeReport("server")
     if server_kills:
         run_server_kills(root, pool, verifier, rng, server_kills, server_window, server, workdir / "server.log")
@@ -490,6 +524,8 @@ def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, seed: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cli-kills", type=int, default=60)
+    parser.add_argument("--commit-kills", type=int, default=10,
+                        help="of the cli kills, how many strike as soon as the writer's segment folder appears")
     parser.add_argument("--server-kills", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-window", type=float, default=6.0,
@@ -501,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="waldo-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = run_crash_kill(workdir, cli_kills=args.cli_kills, server_kills=args.server_kills, seed=args.seed,
-                                server_window=args.server_window)
+        report = run_crash_kill(workdir, cli_kills=args.cli_kills, server_kills=args.server_kills,
+                                commit_kills=args.commit_kills, seed=args.seed, server_window=args.server_window)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -514,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{mode.corrupt_opens} corrupt opens, {mode.failed_checks} failed checks, {mode.failed_queries} "
               f"failed queries, {mode.partial_operations} partial, {mode.unexpected_images} unexpected; "
               f"{mode.images_acknowledged} images acknowledged, in flight committed/not "
-              f"{mode.inflight_committed}/{mode.inflight_not_committed}")
+              f"{mode.inflight_committed}/{mode.inflight_not_committed}, {mode.kills_mid_commit} mid-commit")
         for failure in mode.failures[:10]:
             print(f"    {failure}")
     print(f"total: {report.kills} kills, {report.survived} survived, {report.lost_images} lost images, "

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
 from waldo.rerank.gv import GeometricReranker, GVConfig  # noqa: E402
-from waldo.rerank.local_features import SiftConfig, extract_many  # noqa: E402
+from waldo.models.keypoints import SiftConfig, extract_many  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "gv_cost.json"
@@ -48,7 +48,7 @@ def measure(protocol: str, sift: SiftConfig, workers: int, n_queries: int, top_k
     with GeometricReranker(GVConfig(top_k=top_k), workers=workers) as reranker:
         reranker.verify_many(queries[0], gallery[:4])  # warm the thread pool
         _, v_wall, v_cpu = timed(lambda: [reranker.verify_many(q, gallery) for q in queries])
-    return {"protocol": protocol, "sift": sift.to_dict(), "workers": workers, "top_k": len(gallery),
+    return {"protocol": protocol, "sift": sift.model_dump(), "workers": workers, "top_k": len(gallery),
             "queries": len(queries), "sift_ms_per_image_wall": round(1000 * wall / len(gallery), 1),
             "sift_ms_per_image_cpu": round(1000 * cpu / len(gallery), 1),
             "verify_ms_per_query_wall": round(1000 * v_wall / len(queries), 1),

@@ -26,7 +26,8 @@ acknowledged removal gone.
         --queries ../shared/data/grocery_store/dataset/test --adds ../shared/data/grocery_store/dataset/test --churn \\
         --server-arg=--max-inflight-uploads=32
 
-Only loopback addresses are accepted as targets.
+Only loopback addresses are accepted as targets. ``--json FILE --doc NAME`` also rewrites the
+``NAME`` block of docs/service.md with the run's latency table (:func:`markdown`).
 """
 
 from __future__ import annotations
@@ -423,6 +424,19 @@ def _photos(folder: str) -> list[Path]:
     return [Path(p) for p in list_images(folder)]
 
 
+def markdown(summary: dict) -> str:
+    """The latency table of a ``--json`` summary, one row per rerank mode; runs with several
+    clients add the server errors and the adds lost (of those acknowledged)."""
+    several = summary["clients"] > 1
+    header = "| rerank | queries | q/s | p50 ms | p95 ms | " + ("5xx | lost adds |" if several else "p99 ms |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in summary["reports"]:
+        tail = (f"{r['server_errors']} | {r['lost_adds']} ({r['adds_acknowledged']} acknowledged) |" if several
+                else f"{r['p99_ms']:.0f} |")
+        lines.append(f"| {r['rerank']} | {r['queries']} | {r['qps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {tail}")
+    return "\n".join(lines + ["", f"Produced by `.venv/bin/python {summary['command']}`."])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
@@ -442,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--max-requests", type=int, default=10_000, help="per client and mode")
     parser.add_argument("--json", default=None, help="write the reports here")
+    parser.add_argument("--doc", default=None, metavar="NAME", help="rewrite this block of docs/service.md")
     args = parser.parse_args(argv)
 
     queries = _photos(args.queries)
@@ -487,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.doc:
+        from waldo_experiments.doc_blocks import markers, write_block
+
+        start, end = markers(args.doc)
+        write_block(Path(__file__).resolve().parents[1] / "docs" / "service.md",
+                    f"{start}\n\n{markdown(summary)}\n\n{end}", start, end)
     return 0 if all(r.queries and r.server_errors == 0 and r.lost_adds == 0 and r.duplicated_adds == 0
                     and r.resurrected_images == 0 and r.snapshot_violations == 0 for r in reports) else 1
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker
+from waldo.rerank import RerankCandidates, RerankQuery, RRTReranker
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig, flops_per_pair
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--repeats must be >= 3")
 
     data = json.loads(args.config.read_text()) if args.config else {}
-    config = RRTConfig.from_dict(data.get("rrt", data))  # an RRTConfig, or a training config's "rrt"
+    config = RRTConfig.model_validate(data.get("rrt", data))  # an RRTConfig, or a training config's "rrt"
     torch.manual_seed(0)
     rrt = RerankingTransformer(config).eval()
     side = round(args.locals ** 0.5)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": sum(p.numel() for p in rrt.parameters()),
         "flops_per_pair": flops,
         "gflop_per_query": round(flops * args.candidates / 1e9, 2),
-        "rrt_config": config.to_dict(),
+        "rrt_config": config.model_dump(),
         "by_threads": per_threads,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count(), "machine": platform.machine(),

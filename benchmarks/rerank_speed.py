@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from _report import emit_json, machine_info  # benchmarks/_report.py (run as scripts)
 
-from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker
+from waldo.rerank import RerankCandidates, RerankQuery, RRTReranker
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig, flops_per_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def measure(config: RRTConfig, n_candidates: int, rounds: int, seed: int = 0) ->
     base = statistics.median(times[BASELINE])
     gflop = flops_per_pair(config) * n_candidates / 1e9
     return {
-        "config": config.to_dict(), "candidates": n_candidates, "gflop_per_query": round(gflop, 2),
+        "config": config.model_dump(), "candidates": n_candidates, "gflop_per_query": round(gflop, 2),
         "embed_candidates_ms": round(statistics.median(embed_ms), 2), "compile_seconds": compile_seconds,
         "variants": {name: {"ms_per_query": round(statistics.median(t), 1),
                             "speedup_vs_baseline": round(base / statistics.median(t), 2),
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     data = json.loads(args.config.read_text())
-    cpu_config = RRTConfig.from_dict(data.get("rrt", data))
+    cpu_config = RRTConfig.model_validate(data.get("rrt", data))
     result = {
         "machine": machine_info(),
         "baseline": BASELINE,

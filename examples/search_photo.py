@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- search: open the index (model included), query, get SearchHit objects
     engine = Waldo.open(args.index)
-    hits = engine.search(args.photo, k=args.k)
+    hits = engine.search(args.photo, k=args.k).hits
 
     print(f"top {len(hits)} of {len(engine)} indexed images for {args.photo}")
     print(f"{'rank':>4}  {'score':>6}  {'identity':<10}  {'label':<28}  path")

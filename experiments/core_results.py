@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from waldo.eval.doc_blocks import write_block
 from waldo.eval.runner import run_eval
+from waldo_experiments.doc_blocks import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "core_eval.json"

@@ -25,15 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from waldo.eval.study_report import (
+from waldo_experiments.study_report import (
     fmt,
     fmt_delta,
     group_table,
     paired_changes,
     summary_table,
 )
-from waldo.eval.transfer import UNTRAINED, transfer_markdown
-from waldo.eval.transform_study import BASELINE, MULTISCALE
+from waldo_experiments.transfer import UNTRAINED, transfer_markdown
+from waldo_experiments.transform_study import BASELINE, MULTISCALE, NORMALIZE_EXTRA, study_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "experiments"
@@ -69,15 +69,14 @@ def input_statistics(model_dir: Path, n_images: int = STATS_IMAGES) -> dict:
 
     from waldo.data.images import load_image
     from waldo.data.protocols import get_protocol
-    from waldo.data.transforms import get_transform
     from waldo.models.checkpoint import load_model
 
     model, config = load_model(model_dir)
     paths = get_protocol(PROTOCOL).queries.paths[:n_images]
     out = {"n_images": len(paths), "backbone": config.backbone,
            "backbone_norm": {"mean": list(model.backbone.norm.mean), "std": list(model.backbone.norm.std)}}
-    for name in (BASELINE, "normalize-extra"):
-        transform = get_transform(name, config.image_size)
+    for name in (BASELINE, NORMALIZE_EXTRA):
+        transform = study_transform(name, config.image_size)
         batch = torch.stack([transform(load_image(p), i) for i, p in enumerate(paths)])
         seen = model.backbone.normalize(batch)
         out[name] = {"mean": float(seen.mean()), "std": float(seen.std()), "min": float(seen.min()),
@@ -149,17 +148,17 @@ def crop_section(study: dict) -> list[str]:
 def normalize_section(study: dict, stats: dict) -> list[str]:
     methods = study["settings"]["methods"]
     base = _entry(study["summary"], BASELINE, "global")
-    extra = _entry(study["summary"], "normalize-extra", "global")
+    extra = _entry(study["summary"], NORMALIZE_EXTRA, "global")
     ratio = extra["recall@1"] / base["recall@1"] if base and extra and base["recall@1"] else float("nan")
     collapsed = ratio < 0.5
-    b, e = stats[BASELINE], stats["normalize-extra"]
+    b, e = stats[BASELINE], stats[NORMALIZE_EXTRA]
     lines = ["## Does extra normalisation collapse retrieval?", "",
              ("The founding report's `normalize-extra` (ImageNet mean/std applied in the data pipeline *and* "
              "again inside the model) collapsed SOP Recall@1 from 84.5 to 12.8 (quoted, not measured here). Here:"), ""]
-    lines += [f"- {_change_sentence(study, 'normalize-extra', m)}." for m in methods]
+    lines += [f"- {_change_sentence(study, NORMALIZE_EXTRA, m)}." for m in methods]
     lines += ["", f"Global Recall@1 keeps {ratio:.0%} of the baseline's: it "
               + ("**collapses**, as in the founding report." if collapsed else
-                 "**does not collapse** here; " + ("it degrades." if _verdict(study, "normalize-extra", "global") == "hurts"
+                 "**does not collapse** here; " + ("it degrades." if _verdict(study, NORMALIZE_EXTRA, "global") == "hurts"
                                                     else "the change is within noise.")), "",
               f"Why: the backbone ({stats['backbone']}) normalises its [0, 1] input itself with mean "
               f"{stats['backbone_norm']['mean'][0]:.3f} and std {stats['backbone_norm']['std'][0]:.3f} per channel, "
@@ -206,7 +205,7 @@ def groups_section(study: dict) -> list[str]:
 
 
 def transfer_section(transfer: dict, figures: str) -> list[str]:
-    from waldo.eval.transfer import TransferStudy
+    from waldo_experiments.transfer import TransferStudy
 
     study = TransferStudy(transfer["rows"], transfer["models"], transfer["seconds"])
     body = transfer_markdown(study).split("\n", 2)[2]  # drop its title

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from waldo.eval.doc_blocks import write_block
 from waldo.paths import dataset_dir
 from waldo.rerank.gv import GVConfig, corner_errors, verify_pair
-from waldo.rerank.local_features import SiftConfig, extract_sift_file
+from waldo.models.keypoints import SiftConfig, extract_sift_file
+from waldo_experiments.doc_blocks import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "gv_ground_truth.json"

@@ -32,12 +32,13 @@ import numpy as np  # noqa: E402
 
 from waldo.data.protocols import COIL_GALLERY_VIEWS, COIL_QUERY_VIEWS, Protocol, get_protocol  # noqa: E402
 from waldo.data.transforms import get_transform  # noqa: E402
-from waldo.eval.doc_blocks import write_block  # noqa: E402
 from waldo.eval.evaluate import EvalRun, evaluate_protocol  # noqa: E402
-from waldo.eval.gv_eval import apply_gv, extract_features, gv_orders, ranking_metrics, verify_run  # noqa: E402
+from waldo.eval.gv_eval import extract_features  # noqa: E402
 from waldo.eval.runner import prepare_model, run_eval_full  # noqa: E402
 from waldo.rerank.gv import GeometricReranker, GVConfig  # noqa: E402
-from waldo.rerank.local_features import SiftConfig  # noqa: E402
+from waldo.models.keypoints import SiftConfig  # noqa: E402
+from waldo_experiments.doc_blocks import write_block  # noqa: E402
+from waldo_experiments.gv_study import apply_gv, gv_orders, ranking_metrics, verify_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "gv_results.json"
@@ -167,8 +168,8 @@ def evaluate_test(name: str, choice: dict, rrt_model: str | None) -> dict:
     rows = [{"row": "global (untrained lite0, 128-d PCA-whitened)", **short(metrics)},
             {"row": "+GV", **short(gv_metrics)}]
     out = {"protocol": name, "n_queries": int(metrics["n_queries"]), "n_gallery": int(metrics["n_gallery"]),
-           "rows": rows, "chosen": {"sift_option": choice["sift_option"], "sift": sift.to_dict(),
-                                    "gv": config.to_dict()},
+           "rows": rows, "chosen": {"sift_option": choice["sift_option"], "sift": sift.model_dump(),
+                                    "gv": config.model_dump()},
            "validation": choice["validation"],
            "changes_at_rank1": changes, "examples": examples, "rrt_model": rrt_model,
            "cost": {"verify_ms_per_query_wall": round(verified.ms_per_query, 1),
@@ -278,7 +279,7 @@ def main() -> int:
         saved = json.loads(RESULTS.read_text())
         for r in saved:
             r["rows"] = [row for row in r["rows"] if row["row"] in ("+GV",) or row["row"].startswith("global (untrained")]
-            sift, config = SiftConfig.from_dict(r["chosen"]["sift"]), GVConfig.from_dict(r["chosen"]["gv"])
+            sift, config = SiftConfig.model_validate(r["chosen"]["sift"]), GVConfig.model_validate(r["chosen"]["gv"])
             r["rows"] += rrt_rows(r["protocol"], get_protocol(r["protocol"]), sift, config, args.add_rrt)
             r["rrt_model"] = args.add_rrt
             log(json.dumps(r["rows"]))

@@ -38,7 +38,7 @@ from waldo.eval.runner import default_data_dir
 from waldo.index.quantize import dequantize_int8, quantize_int8
 from waldo.models.checkpoint import load_model
 from waldo.models.extract import Extracted, extract_descriptors
-from waldo.rerank.base import FusionReranker, RRTReranker
+from waldo.rerank.rrt_rerankers import FusionReranker, RRTReranker
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = "grocery-open-cross"

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from waldo.eval.doc_blocks import write_block
 from waldo.eval.rerank_eval import reranked_metrics, score_top_k
 from waldo.eval.runner import run_eval_full
-from waldo.rerank.base import RRTReranker, fuse_scores
+from waldo.rerank.rrt_rerankers import RRTReranker, fuse_scores
+from waldo_experiments.doc_blocks import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "seed_table.json"

@@ -28,13 +28,13 @@ def built(abo, tmp_path_factory):
 def test_an_indexed_photo_finds_itself_then_its_siblings(abo, built):
     _, engine = built
     for record in abo.records[::4]:
-        hits = engine.search(record.path, k=3)
+        hits = engine.search(record.path, k=3).hits
         assert hits[0].path == record.path and hits[0].score == pytest.approx(1.0, abs=1e-3)
         assert [h.rank for h in hits] == [1, 2, 3]
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
     # Catalogue shots of one product resemble each other more than other products: the second
     # hit shares the query's identity for most queries (not all: 3-5 shots of similar items).
-    second_right = np.mean([engine.search(r.path, k=2)[1].identity == r.identity for r in abo.records])
+    second_right = np.mean([engine.search(r.path, k=2).hits[1].identity == r.identity for r in abo.records])
     assert second_right >= 0.6
 
 
@@ -43,14 +43,14 @@ def test_reopen_gives_the_same_answers(abo, built):
     query = abo.records[5].path
     again = Waldo.open(root)
     assert len(again) == len(engine)
-    assert [(h.id, round(h.score, 5)) for h in again.search(query, k=5)] == \
-           [(h.id, round(h.score, 5)) for h in engine.search(query, k=5)]
+    assert [(h.id, round(h.score, 5)) for h in again.search(query, k=5).hits] == \
+           [(h.id, round(h.score, 5)) for h in engine.search(query, k=5).hits]
 
 
 def test_search_accepts_bytes_and_refuses_bad_k(abo, built):
     _, engine = built
     data = Path(abo.records[0].path).read_bytes()
-    assert engine.search(data, k=1)[0].path == abo.records[0].path
+    assert engine.search(data, k=1).hits[0].path == abo.records[0].path
     with pytest.raises(ValueError, match="k must be"):
         engine.search(data, k=0)
 
@@ -64,7 +64,7 @@ def test_add_remove_and_duplicates(abo, grocery_dir, tmp_path):
     assert len(again.added) == 2 and len(again.already_indexed) == 7  # 6 indexed + 1 repeated
     assert len(engine) == 8
     assert engine.remove(paths=[abo.paths[0]]) == 1
-    assert all(h.path != abo.paths[0] for h in engine.search(abo.paths[0], k=8))
+    assert all(h.path != abo.paths[0] for h in engine.search(abo.paths[0], k=8).hits)
     assert len(Waldo.open(tmp_path / "idx")) == 7
 
 

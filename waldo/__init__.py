@@ -5,12 +5,12 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Waldo", "SearchHit", "AddReport", "__version__"]
+__all__ = ["Waldo", "SearchHit", "SearchOutcome", "AddReport", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy: `import waldo` stays cheap (the CLI's --help, the index tools); torch loads on use.
-    if name in ("Waldo", "SearchHit", "AddReport"):
+    if name in ("Waldo", "SearchHit", "SearchOutcome", "AddReport"):
         from waldo import api
 
         return getattr(api, name)

@@ -3,7 +3,7 @@
     from waldo import Waldo
     engine = Waldo.create("my-index", backbone="efficientnet_lite0", fit_paths=paths)
     engine.add(paths, identities)
-    for hit in engine.search("query.jpg", k=10):
+    for hit in engine.search("query.jpg", k=10).hits:
         print(hit.rank, hit.score, hit.identity, hit.path)
 
 An index folder holds the store (manifest.json, SQLite metadata, descriptor segments) and the
@@ -12,40 +12,36 @@ model in ``model/`` (config.json + model.safetensors), so a query needs nothing 
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from waldo import __version__
 from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
-from waldo.index import IndexMismatchError, IndexStore
+from waldo.index import IndexMismatchError, IndexStore, Snapshot
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
+from waldo.models.keypoints import (LocalFeatures, SiftConfig, extract_many, extract_sift, pack_features,
+                                    unpack_features)
 from waldo.models.untrained import untrained_model
-from waldo.rerank.local_features import SiftConfig, extract_many, extract_sift_file, pack_features
+from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker, RerankerSetup, RerankerSpec,
+                          RerankQuery)
+from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt
+from waldo.rerank.rrt_rerankers import resolve_precision
+from waldo.results import SearchHit, SearchOutcome, StageTimer
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
 ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
-
-
-@dataclass
-class SearchHit:
-    """One result: the indexed image, its similarity to the query, and its 1-based rank."""
-
-    rank: int
-    id: int
-    path: str
-    identity: str
-    score: float
-    attrs: dict = field(default_factory=dict)
+#: A query image: a path, its bytes, a file object, or already decoded (the service's upload check).
+ImageSource = str | Path | bytes | IO[bytes] | Image.Image
 
 
 @dataclass
@@ -55,6 +51,10 @@ class AddReport:
     added: list[int] = field(default_factory=list)
     already_indexed: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _decoded(image: ImageSource) -> Image.Image:
+    return image if isinstance(image, Image.Image) else load_image(image)
 
 
 def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
@@ -75,8 +75,6 @@ class Waldo:
 
     def __init__(self, store: IndexStore, model: DescriptorModel, config: ModelConfig, root: Path, *,
                  rrt_precision: str = "auto", rrt_compile: bool = False) -> None:
-        from waldo.rerank.base import resolve_precision
-
         resolve_precision(rrt_precision)  # a typo fails here, not at the first reranked query
         self.store = store
         self.model = model.eval()
@@ -84,13 +82,13 @@ class Waldo:
         self.root = root
         self.transform = get_transform(config.transform, config.image_size)
         self._rerankers: dict = {}  # name -> Reranker, loaded on first use
-        #: How RRT rerankers score (waldo.rerank.base.PRECISIONS; "auto": bf16 where the CPU has
+        #: How RRT rerankers score (waldo.rerank.rrt_rerankers.PRECISIONS; "auto": bf16 where the CPU has
         #: native bf16, measured within 0.2 point of fp32 Recall@1 by experiments/performance_accuracy.py)
         #: and whether they compile their scorer (worth it for a long-lived service, not one query).
         self.rrt_precision = rrt_precision
         self.rrt_compile = rrt_compile
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
-        self.gv_sift = SiftConfig.from_dict(gv) if gv else None
+        self.gv_sift = SiftConfig.model_validate(gv) if gv else None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -118,19 +116,16 @@ class Waldo:
             model, config = untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed)
-        local_cells = (config.image_size // 32) ** 2
-        manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().to_dict() if gv_features else None}
+        local_cells = (config.image_size // model.backbone.stride) ** 2
+        manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().model_dump() if gv_features else None}
         store = IndexStore.create(root, manifest=manifest, global_dim=config.dim,
                                   local_shape=(local_cells, config.dim), local_dtype=local_dtype,
                                   global_index=global_index, global_search_params=global_search_params)
         try:
             save_model(model, config, root / MODEL_FOLDER)
-            if model_dir is not None:  # a reranker travels with its model, so the index can rerank
-                from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt
-
-                if has_rrt(model_dir):
-                    for name in RRT_FILES:
-                        shutil.copy2(Path(model_dir) / name, root / MODEL_FOLDER / name)
+            if model_dir is not None and has_rrt(model_dir):  # a reranker travels with its model
+                for name in RRT_FILES:
+                    shutil.copy2(Path(model_dir) / name, root / MODEL_FOLDER / name)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)  # never leave an index without its model
             raise
@@ -141,7 +136,7 @@ class Waldo:
              rrt_compile: bool = False) -> "Waldo":
         """Open an index. ``model_dir`` asks to query with another checkpoint: it must be the
         very model that built the index, or this raises IndexMismatchError. ``rrt_precision``
-        and ``rrt_compile``: how RRT rerankers score (see :class:`waldo.rerank.base.RRTReranker`)."""
+        and ``rrt_compile``: how RRT rerankers score (see :class:`waldo.rerank.rrt_rerankers.RRTReranker`)."""
         root = Path(index_dir)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not a Waldo index (no manifest.json); build one with "
@@ -230,107 +225,98 @@ class Waldo:
 
     # ------------------------------------------------------------------ reading
     @torch.inference_mode()
-    def describe(self, image: str | Path | bytes | IO[bytes]):
-        """Descriptors of one query image (path, bytes or file object): (global (D,), local (L, D))."""
-        tensor = self.transform(load_image(image), 0)[None]
+    def describe(self, image: ImageSource) -> tuple[np.ndarray, np.ndarray]:
+        """Descriptors of one query image: (global (D,), local (L, D))."""
+        tensor = self.transform(_decoded(image), 0)[None]
         out = self.model(tensor.contiguous(memory_format=torch.channels_last))
         return out.global_desc[0].numpy(), out.local_desc[0].numpy()
 
-    def search(self, image: str | Path | bytes | IO[bytes], k: int = 10,
-               rerank: str | None = None) -> list[SearchHit]:
-        """The ``k`` indexed images most similar to ``image``, best first.
+    def search(self, image: ImageSource, k: int = 10, rerank: str = NO_RERANK) -> SearchOutcome:
+        """The ``k`` indexed images most similar to ``image`` (a path, bytes, a file object or a
+        decoded PIL image), best first, with the time each stage took.
 
-        ``rerank`` ("rrt" | "rrt-fusion") re-sorts the global top-``RERANK_TOP_K`` with the
-        reranker stored beside the index's model (``model/rrt.json``), using the indexed local
-        descriptors; each hit's ``score`` is then the reranker's (logit, or fused score).
-        ``rerank="gv"`` verifies the top-``RERANK_TOP_K`` geometrically (SIFT keypoints stored
-        in the index, see waldo.rerank.gv) and puts verified images first; ``"rrt+gv"`` does so
-        on the RRT's order. Their ``score`` is the inlier count (negative: not verified).
+        Each stage runs once: decode, extract (the query's descriptors), search (one kNN, one
+        metadata read), rerank. ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS`
+        (``available_rerankers()`` lists those this index supports): it re-sorts the global
+        top-``RERANK_TOP_K`` and each hit's ``score`` becomes the reranker's (an RRT logit, a
+        fused score, or for "gv" the inlier count, negative when not verified).
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        if hasattr(image, "read"):  # a stream reads once; the model and GV both need the image
-            image = image.read()
-        query_global, query_local = self.describe(image)
-        if rerank is None or rerank == "none":
-            return self.search_descriptor(query_global, k)
-        return self._search_reranked(query_global, query_local, k, rerank, image)
+        spec, reranker = self._reranker(rerank)  # an unsupported reranker fails before any work
+        stage = StageTimer()
+        with stage("decode"):
+            picture = _decoded(image)
+        with stage("extract"):
+            query_global, query_local = self.describe(picture)
+        with stage("search"):
+            snapshot = self.store.snapshot()  # one view of the index for every read of this query
+            global_hits = self._global_hits(snapshot, query_global, k if reranker is None else max(k, RERANK_TOP_K))
+        with stage("rerank"):
+            hits = global_hits if reranker is None else self._reranked(
+                spec, reranker, snapshot, picture, RerankQuery(query_local, query_global), global_hits)
+        return SearchOutcome(hits[:k], global_hits, stage.ms)
 
-    def _search_reranked(self, query_global: np.ndarray, query_local: np.ndarray, k: int,
-                         rerank: str, image: str | Path | bytes | None = None) -> list[SearchHit]:
-        from waldo.rerank.base import RerankCandidates, RerankQuery, create_reranker
-        from waldo.rerank.rrt_checkpoint import has_rrt
-
-        uses_gv = rerank == "gv" or rerank.endswith("+gv")
-        if rerank not in self._rerankers:
-            folder = self.root / MODEL_FOLDER
-            if uses_gv:
-                import waldo.rerank.gv  # noqa: F401  (registers "gv", "rrt+gv")
-
-                if self.gv_sift is None:
-                    raise ValueError("this index was built without verification features "
-                                     "(gv_features=False); rebuild it to use --rerank gv")
-            if rerank != "gv" and not has_rrt(folder):
-                raise ValueError(f"the index's model has no reranker ({folder}/rrt.json); build the index "
-                                 f"with --model pointing at a folder made by `waldo train rrt`")
-            options = {} if rerank == "gv" else {"precision": self.rrt_precision, "compile": self.rrt_compile}
-            self._rerankers[rerank] = create_reranker(rerank, folder, **options)
-        hits = self.search_descriptor(query_global, max(k, RERANK_TOP_K))
-        head, tail = hits[:RERANK_TOP_K], hits[RERANK_TOP_K:]  # only the top-100 is re-sorted
-        if not head:
-            return []
-        local = self.store.local_descriptors([h.id for h in head])  # (n, L, D) float16
-        query = RerankQuery(query_local, query_global)
-        candidates = RerankCandidates(local, np.array([h.score for h in head], np.float32),
-                                      self.store.global_descriptors([h.id for h in head]))
-        if uses_gv:  # hit.score is then the inlier count (negative: not verified, prior order)
-            query, candidates = self._with_keypoints(query, candidates, image, [h.id for h in head])
-        result = self._rerankers[rerank].rerank(query, candidates)
-        reranked = [SearchHit(rank + 1, head[i].id, head[i].path, head[i].identity, float(score), head[i].attrs)
-                    for rank, (i, score) in enumerate(zip(result.order, result.scores))]
-        for offset, hit in enumerate(tail, start=len(reranked) + 1):
-            hit.rank = offset
-        return (reranked + tail)[:k]
-
-    def _with_keypoints(self, query, candidates, image, ids: list[int]):
-        """The rerank inputs plus keypoints: the query's extracted now, the candidates' read
-        from the index (images indexed without them get none and keep their prior order)."""
-        from waldo.rerank.gv import GVCandidates, GVQuery
-        from waldo.rerank.local_features import LocalFeatures, unpack_features
-
-        if image is None:
-            raise ValueError("geometric verification needs the query image, not only its descriptors")
-        ragged = self.store.verification_features(ids)
-        features = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty() for _ in ids]
-        return (GVQuery(query.local_desc, query.global_desc, features=extract_sift_file(image, self.gv_sift)),
-                GVCandidates(candidates.local_desc, candidates.global_scores, candidates.global_desc,
-                             features=features))
-
-    def available_rerankers(self) -> list[str]:
-        """The ``rerank`` values :meth:`search` accepts for this index: "none" always, "gv" when
-        the index stores verification keypoints, "rrt" when a reranker sits beside the model,
-        "rrt+gv" when both. Services offer exactly these (``waldo serve``'s ranking toggle)."""
-        from waldo.rerank.rrt_checkpoint import has_rrt
-
-        gv, rrt = self.gv_sift is not None, has_rrt(self.root / MODEL_FOLDER)
-        return ["none"] + ["rrt"] * rrt + ["gv"] * gv + ["rrt+gv"] * (rrt and gv)
-
-    def search_descriptor(self, query_global: np.ndarray, k: int = 10) -> list[SearchHit]:
-        result = self.store.search(np.asarray(query_global, np.float32)[None], k)
+    def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
+        result = snapshot.search(np.asarray(query_global, np.float32)[None], k)
         ids = [int(i) for i in result.ids[0] if i >= 0]
         records = {r.id: r for r in self.store.records(ids, skip_missing=True)}  # removed meanwhile: skip
-        return [SearchHit(rank + 1, i, records[i].path, records[i].identity, float(score), dict(records[i].attrs))
-                for rank, (i, score) in enumerate(zip(ids, result.scores[0])) if i in records]
+        return [SearchHit.from_global(records[i], rank, float(score))
+                for rank, (i, score) in enumerate(zip(ids, result.scores[0]), start=1) if i in records]
+
+    def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image,
+                  query: RerankQuery, global_hits: list[SearchHit]) -> list[SearchHit]:
+        """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged; the
+        reranker gets what it declared it needs (``spec.needs``) and nothing else."""
+        head, tail = global_hits[:RERANK_TOP_K], global_hits[RERANK_TOP_K:]
+        if not head:
+            return []
+        ids = [hit.id for hit in head]
+        local = Need.LOCAL_DESCRIPTORS in spec.needs
+        candidate_keypoints = None
+        if Need.KEYPOINTS in spec.needs:  # the query's from the decoded image, the candidates' from the index
+            query.keypoints = extract_sift(picture, self.gv_sift)
+            ragged = snapshot.verification_features(ids)  # images indexed without keypoints: never verified
+            candidate_keypoints = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty()] * len(ids)
+        candidates = RerankCandidates(snapshot.local_descriptors(ids) if local else None,
+                                      np.array([hit.score for hit in head], np.float32),
+                                      snapshot.global_descriptors(ids) if local else None, candidate_keypoints)
+        result = reranker.rerank(query, candidates)
+        return [head[i].model_copy(update={"rank": rank, "score": float(score)})
+                for rank, (i, score) in enumerate(zip(result.order, result.scores), start=1)] + tail
+
+    def _reranker(self, name: str) -> tuple[RerankerSpec | None, Reranker | None]:
+        """The registered reranker ``name`` (built once, then kept), or (None, None) for "none"."""
+        if name == NO_RERANK:
+            return None, None
+        spec = RERANKERS.spec(name)
+        missing = spec.needs - self._needs_met()
+        if missing:
+            raise ValueError(f"this index cannot rerank with {name!r}: it lacks "
+                             f"{'; '.join(sorted(need.value for need in missing))}")
+        if name not in self._rerankers:
+            self._rerankers[name] = spec.build(RerankerSetup(self.root / MODEL_FOLDER, self.rrt_precision,
+                                                             self.rrt_compile))
+        return spec, self._rerankers[name]
+
+    def _needs_met(self) -> set[Need]:
+        needs = {Need.LOCAL_DESCRIPTORS}
+        if self.gv_sift is not None:
+            needs.add(Need.KEYPOINTS)
+        if has_rrt(self.root / MODEL_FOLDER):
+            needs.add(Need.TRAINED_RRT)
+        return needs
+
+    def available_rerankers(self) -> list[str]:
+        """The ``rerank`` values :meth:`search` accepts for this index: "none", then every
+        registered reranker whose needs the index meets. Services offer exactly these."""
+        return [NO_RERANK, *RERANKERS.supported(self._needs_met())]
 
     def __len__(self) -> int:
         return len(self.store)
 
     def info(self) -> dict:
-        return {**self.store.info(), "model": asdict(self.config)}
+        return {**self.store.info(), "model": self.config.model_dump()}
 
 
-def hits_to_json(hits: Sequence[SearchHit]) -> str:
-    return json.dumps([asdict(h) for h in hits], indent=2)
-
-
-__all__ = ["AddReport", "IndexMismatchError", "SearchHit", "Waldo", "hits_to_json"]
+__all__ = ["AddReport", "IndexMismatchError", "SearchHit", "SearchOutcome", "Waldo"]

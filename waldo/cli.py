@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
-RERANK_CHOICES = ("none", "rrt", "rrt-fusion", "gv", "rrt+gv")
 
 
 def _fail(message: str) -> int:
@@ -161,20 +160,19 @@ def cmd_index_check(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo, hits_to_json
+    from waldo.api import Waldo
+    from waldo.results import hits_json
 
     engine = Waldo.open(args.index, model_dir=args.model)
-    start = time.perf_counter()
-    hits = engine.search(args.image, k=args.k, rerank=None if args.rerank == "none" else args.rerank)
-    elapsed_ms = (time.perf_counter() - start) * 1000
-    if args.json:
-        print(hits_to_json(hits))
+    outcome = engine.search(args.image, k=args.k, rerank=args.rerank)
+    if args.json:  # the very list `POST /search` answers under "results"
+        print(json.dumps(hits_json(outcome.hits), indent=2))
         return 0
-    print(f"top {len(hits)} of {len(engine)} images for {args.image} ({elapsed_ms:.0f} ms)")
+    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in outcome.timings_ms.items())
+    print(f"top {len(outcome.hits)} of {len(engine)} images for {args.image} (ms: {stages})")
     print(f"{'rank':>4}  {'score':>6}  {'identity':<10}  {'label':<24}  path")
-    for hit in hits:
-        label = hit.attrs.get("class_name", "")
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.identity:<10}  {label:<24}  {hit.path}")
+    for hit in outcome.hits:
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.identity:<10}  {hit.label:<24}  {hit.path}")
     return 0
 
 
@@ -185,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        model_dir=args.model, transform=args.transform, projection=args.projection,
                        dim=args.dim, batch_size=args.batch_size, num_workers=args.workers,
-                       progress=not args.quiet, rerank=None if args.rerank == "none" else args.rerank)
+                       progress=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
         baseline = metrics["global"]
@@ -214,32 +212,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- serve
-#: Where `waldo serve` looks for the write key when --api-key is not given.
-API_KEY_ENV = "WALDO_API_KEY"
+def _megabytes(text: str) -> int:
+    return int(float(text) * 1024 * 1024)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
+    from pydantic import ValidationError
 
     from waldo.serve import ServeSettings, create_app
 
     if not (Path(args.index) / "manifest.json").is_file():
         return _fail(f"{args.index} is not a Waldo index (no manifest.json); build one with `waldo index build`")
-    # The flag wins over the environment; the environment keeps the key out of `ps` listings.
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if api_key is not None and not api_key.strip():
-        return _fail("--api-key must not be empty")
-    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                             max_k=args.max_k, query_slots=args.query_slots,
-                             max_inflight_uploads=args.max_inflight_uploads, api_key=api_key,
-                             compile_rrt=not args.no_compile_rrt)
+    # Only the flags given reach ServeSettings, which fills the rest from $WALDO_* (keeping the
+    # API key out of `ps` listings), then from its defaults.
+    flags = {name: getattr(args, name) for name in ServeSettings.model_fields if hasattr(args, name)}
+    try:
+        settings = ServeSettings(**flags)
+    except ValidationError as error:  # the message names the setting, never its value (a key)
+        return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     # Printed before the model loads so a person sees where to go; uvicorn reports readiness.
     print(f"waldo: serving {args.index} at http://{shown_host}:{args.port}/ (loading the model first; "
           f"Ctrl+C stops)", flush=True)
-    if api_key is not None:
+    if settings.api_key is not None:
         print("waldo: adding and removing images needs the API key in the X-API-Key header", flush=True)
     uvicorn.run(create_app(args.index, settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=args.access_log)
@@ -274,6 +270,17 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=128, help="descriptor size")
     parser.add_argument("--projection", default="pca-whiten", choices=PROJECTIONS,
                         help="label-free projection of an untrained model")
+
+
+def _add_rerank_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--rerank``, listing every registered reranker with what it needs."""
+    from waldo.rerank import NO_RERANK, RERANKERS
+
+    listed = "; ".join(f"{spec.name}: {spec.description} [{', '.join(sorted(n.value for n in spec.needs))}]"
+                       for spec in map(RERANKERS.spec, RERANKERS.names()))
+    parser.add_argument("--rerank", default=NO_RERANK, metavar="NAME",
+                        help=f"{what}: {NO_RERANK}, or 'a+b' (a reorders, then b reranks a's order) of: "
+                             f"{listed}".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--model", default=None, help="must be the model that built the index")
     search.add_argument("--json", action="store_true", help="print results as JSON")
-    search.add_argument("--rerank", default="none", choices=RERANK_CHOICES,
-                        help="re-sort the global top-100 with the index model's reranker (rrt.json); "
-                             "gv: geometric verification (keypoints stored in the index); rrt+gv: both")
+    _add_rerank_flag(search, "re-sort the global top-100 (the index must hold what the reranker needs)")
     search.set_defaults(handler=cmd_search)
 
     evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol")
@@ -341,9 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
     evaluate.add_argument("--transform", default="resize256-crop224")
     evaluate.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON")
-    evaluate.add_argument("--rerank", default="none", choices=RERANK_CHOICES,
-                          help="re-sort each query's global top-100 with --model's reranker (rrt.json); "
-                               "gv: geometric verification (no model needed); rrt+gv: both")
+    _add_rerank_flag(evaluate, "re-sort each query's global top-100 (an RRT is read from --model)")
     _add_model_flags(evaluate)
     _add_extraction_flags(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
@@ -360,17 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", required=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width*height of an upload")
-    serve.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for")
-    serve.add_argument("--query-slots", type=int, default=2, help="queries running the model at once")
-    serve.add_argument("--max-inflight-uploads", type=int, default=16,
-                       help="requests with a body handled at once; more get 429 (bounds upload memory)")
-    serve.add_argument("--api-key", default=None,
-                       help=f"require this key (header X-API-Key) to add or remove images; default: "
-                            f"${API_KEY_ENV}, else no key. Searches stay open")
-    serve.add_argument("--no-compile-rrt", action="store_true",
-                       help="score RRT reranking in eager mode (starts 10-20 s sooner, queries about 2x slower)")
+    # Unset flags stay out of the namespace, so that ServeSettings reads $WALDO_<SETTING> instead.
+    limits = serve.add_argument_group("service settings", "each also read from $WALDO_<SETTING> (e.g. "
+                                      "WALDO_MAX_K, WALDO_MAX_UPLOAD_BYTES); a flag wins",
+                                      argument_default=argparse.SUPPRESS)
+    limits.add_argument("--max-upload-mb", dest="max_upload_bytes", type=_megabytes, metavar="MB",
+                        help="largest upload accepted, in MB (default 20)")
+    limits.add_argument("--max-pixels", type=int, help="largest width*height of an upload (default 40M)")
+    limits.add_argument("--max-k", type=int, help="largest k a search may ask for (default 100)")
+    limits.add_argument("--query-slots", type=int, help="queries running the model at once (default 2)")
+    limits.add_argument("--max-inflight-uploads", type=int,
+                        help="requests with a body handled at once; more get 429 (bounds upload memory; default 16)")
+    limits.add_argument("--api-key", help="require this key (header X-API-Key) to add or remove images; default: "
+                                          "$WALDO_API_KEY, else no key. Searches stay open")
+    limits.add_argument("--no-compile-rrt", dest="compile_rrt", action="store_false",
+                        help="score RRT reranking in eager mode (starts 10-20 s sooner, queries about 2x slower)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
@@ -384,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     from waldo.train.cli_train_rrt import register_train_rrt
 
     register_train_rrt(train_commands)
-    from waldo.eval.cli_experiment import register_experiment
+    from waldo_experiments.cli import register_experiment  # the door to the studies, kept out of waldo/
+
     register_experiment(commands)
     return parser
 

@@ -1,22 +1,54 @@
-"""Atomic file writes shared by checkpoints, reranker folders and training state.
+"""Durable files: atomic writes, fsyncs, exclusive locks and file hashes, for every package.
 
 A reader (or a process that crashed mid-write and restarts) must see the old file or the new
-one, never half of one: write a temporary sibling, fsync it, rename it over the target. The
-index has stricter helpers of its own (directory fsyncs before its SQLite commit point) in
-``waldo.index.fsutil``.
+one, never half of one: write a temporary sibling, fsync it, rename it over the target, fsync
+the folder so the rename itself survives a power loss. The index relies on the same order for
+its segments: contents and directory entries reach the disk *before* the SQLite commit that
+makes them live.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_lock", "fsync_dir",
+           "fsync_file", "sha256_file"]
+
+_HASH_CHUNK = 1 << 22  # 4 MiB: large enough to be fast, small enough to not matter for RAM
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data and size to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries, so a newly created or renamed child survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
-    """Write ``payload`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
+    """Write ``payload`` to ``path`` so readers see the old file or the new, never half.
+
+    Written to a temporary sibling ``.<name>.<random>.tmp`` (the pattern the uploads cleaner
+    deletes), fsynced, ``os.replace``-d over ``path`` (atomic on POSIX), and the folder fsynced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,8 +61,41 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented, key-sorted JSON; NaN and infinities are refused (not valid JSON)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (local descriptor files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting until it is free.
+
+    flock locks belong to the open file description and every call opens its own, so two
+    holders in one process (threads, or two ``IndexStore`` objects) exclude each other exactly
+    as two processes do; and the kernel drops the lock when its holder dies, so a SIGKILLed
+    writer never wedges the next one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

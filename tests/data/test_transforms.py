@@ -9,8 +9,6 @@ from PIL import Image
 
 from waldo.data.images import load_image
 from waldo.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     get_transform,
     resize_size_for,
     train_transform,
@@ -18,7 +16,7 @@ from waldo.data.transforms import (
 )
 
 EXPECTED = {
-    "resize256-crop224", "resize224", "grayscale", "contrast", "perspective", "blur", "flip", "normalize-extra",
+    "resize256-crop224", "resize224", "grayscale", "contrast", "perspective", "blur", "flip",
 }  # fmt: skip
 
 
@@ -37,8 +35,7 @@ def test_names() -> None:
 def test_shape_dtype_range(image: Image.Image, name: str, size: int) -> None:
     out = get_transform(name, image_size=size)(image, key=7)
     assert out.shape == (3, size, size) and out.dtype == torch.float32
-    if name != "normalize-extra":
-        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
 def test_resize_sizes() -> None:
@@ -66,20 +63,11 @@ def test_perspective_depends_on_key_and_seed_only(image: Image.Image) -> None:
 
 def test_ablations_change_the_default(image: Image.Image) -> None:
     base = get_transform("resize256-crop224")(image)
-    for name in ("grayscale", "contrast", "perspective", "blur", "flip", "normalize-extra"):
+    for name in ("grayscale", "contrast", "perspective", "blur", "flip"):
         assert not torch.allclose(get_transform(name)(image), base), name
     assert torch.equal(get_transform("flip")(image), base.flip(-1))
     grey = get_transform("grayscale")(image)
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-
-
-def test_normalize_extra_is_imagenet_normalisation_of_the_default(image: Image.Image) -> None:
-    base = get_transform("resize256-crop224")(image)
-    extra = get_transform("normalize-extra")(image)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    assert torch.allclose(extra, (base - mean) / std, atol=1e-6)
-    assert float(extra.min()) < 0.0
 
 
 def test_non_rgb_input_is_converted(image: Image.Image) -> None:

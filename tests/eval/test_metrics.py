@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from waldo.eval.metrics import (average_precision, match_matrix, mean_average_precision,
-                                recall_at_k, retrieval_metrics)
+                                recall_at_k, recall_curve, retrieval_metrics)
 
 
 def test_match_matrix_ignores_padding():
@@ -20,6 +20,15 @@ def test_recall_at_k():
     assert recall_at_k(matches, 1) == pytest.approx(1 / 3)
     assert recall_at_k(matches, 2) == pytest.approx(2 / 3)
     assert recall_at_k(matches, 3) == pytest.approx(2 / 3)
+
+
+def test_recall_curve_by_hand_and_against_recall_at_k():
+    matches = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=bool)
+    assert recall_curve(matches, 3) == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert all(math.isnan(v) for v in recall_curve(np.zeros((0, 3), bool), 2))
+    random = np.random.default_rng(0).random((50, 30)) < 0.1
+    curve = recall_curve(random, 30)
+    assert [round(curve[k - 1], 12) for k in (1, 5, 30)] == [round(recall_at_k(random, k), 12) for k in (1, 5, 30)]
 
 
 def test_average_precision_by_hand():

@@ -122,3 +122,14 @@ def test_bad_specs_and_params_are_refused(tmp_path):
     with create(tmp_path / "g", "IVF8,Flat") as store:  # fell back to exact: nprobe is accepted, unused
         add(store, 5, 0)
         assert store.search(clustered(1, 1), 2, search_params={"nprobe": 2}).ids.shape == (1, 2)
+
+
+def test_global_index_config_validates_and_round_trips_through_json(tmp_path):
+    config = gi.GlobalIndexConfig(spec="IVF8,Flat", search_params={"nprobe": 2}, trained_path=tmp_path / "t.npz")
+    assert gi.GlobalIndexConfig.model_validate_json(config.model_dump_json()) == config
+    with pytest.raises(ValueError, match="spek"):
+        gi.GlobalIndexConfig(spek="Flat")
+    with pytest.raises(ValueError, match="spec"):
+        gi.GlobalIndexConfig(spec="")
+    with pytest.raises(ValueError, match="nprobe"):
+        gi.GlobalIndexConfig(search_params={"nprobe": "many"})

@@ -99,7 +99,7 @@ def test_check_covers_the_scale_file(tmp_path, flip_last_byte):
 
 
 def test_options_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="local_dtype must be one of"):
+    with pytest.raises(ValueError, match="local_dtype"):
         create(tmp_path / "x", "int4")
     create(tmp_path / "q").close()
     with pytest.raises(IndexMismatchError, match="local_dtype"):
@@ -113,7 +113,7 @@ def test_options_are_checked(tmp_path):
     with pytest.raises(IndexCorruptError, match="needs format_version 2"):
         IndexStore.open(tmp_path / "q")
     path.write_text(json.dumps({**manifest, "local_dtype": "int4"}))
-    with pytest.raises(IndexCorruptError, match="unknown local_dtype"):
+    with pytest.raises(IndexCorruptError, match="(?s)invalid storage options.*local_dtype"):
         IndexStore.open(tmp_path / "q")
 
 

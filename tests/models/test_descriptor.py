@@ -76,3 +76,25 @@ def test_mismatched_checkpoint_is_a_clear_error(model, tmp_path):
         load_model(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="not a Waldo model folder"):
         load_model(tmp_path)
+
+
+def test_model_config_is_validated_and_its_json_is_unchanged(model, tmp_path):
+    # config.json as Waldo wrote it before ModelConfig became a pydantic model: still loads,
+    # and a save writes the same bytes again (sorted keys, no trailing newline).
+    before = ('{\n  "backbone": "efficientnet_lite0",\n  "dim": 128,\n  "extra": {\n    "note": 1\n  },\n'
+              '  "format_version": 1,\n  "image_size": 224,\n  "projection": "random",\n'
+              '  "transform": "resize256-crop224",\n  "weights_source": "imagenet"\n}')
+    save_model(model, ModelConfig(extra={"note": 1}), tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "config.json").read_text() == before
+    assert ModelConfig.model_validate_json(before) == ModelConfig(extra={"note": 1})
+    config = ModelConfig()
+    config.transform = "resize224"  # callers assign fields; assignments are validated too
+    with pytest.raises(ValueError, match="dim"):
+        config.dim = "wide"
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.model_validate({"bogus": 1})
+    with pytest.raises(ValueError, match="upgrade Waldo"):
+        ModelConfig(format_version=2)
+    (tmp_path / "ckpt" / "config.json").write_text(before.replace('"dim"', '"dims"'))
+    with pytest.raises(ValueError, match="(?s)config.json.*dims"):
+        load_model(tmp_path / "ckpt")

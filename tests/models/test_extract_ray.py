@@ -3,12 +3,11 @@ instance with 2 CPUs and real photos: same descriptors, same keypoints, same ord
 errors for unreadable files, across several committed chunks; the CLI flag works.
 
 Ray is an optional extra (``pip install -e '.[ray]'``): without it these tests are skipped
-on a developer machine and fail in CI (``CI=true``), whose .ci/run installs it.
+on a developer machine and fail in CI (``CI=true``); ``make setup`` installs it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,21 +22,12 @@ from waldo.data.datasets import read_labels_csv
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(require_module):
     """A local Ray with 2 CPUs for this module (the engine reuses an initialised Ray)."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as error:
-        message = f"ray[data] is not installed ({error}); pip install -e '.[ray]'"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_module("ray.data", "pip install -e '.[ray]'")
+    import ray
+
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -100,7 +90,7 @@ def test_ray_engine_matches_the_local_engine(ray_local, photos, tmp_path, monkey
         np.testing.assert_array_equal(kg, kw)
         np.testing.assert_array_equal(dg, dw)
     query = photos[4]
-    assert [h.path for h in remote.search(query, k=3)] == [h.path for h in local.search(query, k=3)]
+    assert [h.path for h in remote.search(query, k=3).hits] == [h.path for h in local.search(query, k=3).hits]
     assert remote.store.check() == []
     assert len(list((remote.root / "segments").iterdir())) == 3  # one commit per chunk
 
@@ -145,7 +135,7 @@ def test_actors_run_the_runtime_they_are_given(abo_paths, tmp_path, monkeypatch)
     fast runtime's descriptors equal the eager actor's."""
     monkeypatch.setenv("WALDO_CACHE", str(tmp_path / "cache"))  # export afresh, not into the project cache
     from waldo.models.extract_ray import DescriptorActor, read_model_files
-    from waldo.models.onnx_runtime import OnnxDescriptorModel, onnx_available
+    from waldo.models.onnx_runtime import OnnxDescriptorModel
 
     engine = Waldo.create(tmp_path / "idx", projection="random", progress=False, gv_features=False)
     files = read_model_files(engine.root / MODEL_FOLDER)
@@ -153,8 +143,6 @@ def test_actors_run_the_runtime_they_are_given(abo_paths, tmp_path, monkeypatch)
     eager = DescriptorActor(files, runtime="auto", batch_size=4, images_per_actor=3)
     assert eager.run_model is eager.model  # 3 images: not worth an export
     expected = eager(batch)
-    if not onnx_available():
-        pytest.skip("onnxruntime not installed")
     fast = DescriptorActor(files, runtime="onnx", batch_size=4, images_per_actor=3)
     assert isinstance(fast.run_model, OnnxDescriptorModel)
     got = fast(batch)

@@ -119,7 +119,7 @@ def served_settings(monkeypatch, small_index):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
+    monkeypatch.delenv("WALDO_API_KEY", raising=False)
 
     def serve(*args: str):
         captured.clear()
@@ -137,10 +137,10 @@ def test_cli_key_from_flag_or_environment(served_settings, monkeypatch, capsys):
     assert served_settings("--max-inflight-uploads", "32")[1].max_inflight_uploads == 32
     code, settings, _ = served_settings("--api-key", KEY)
     assert code == 0 and settings.api_key == KEY
-    monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
+    monkeypatch.setenv("WALDO_API_KEY", "from-env")
     assert served_settings()[1].api_key == "from-env"
     assert served_settings("--api-key", KEY)[1].api_key == KEY  # the flag wins
-    monkeypatch.setenv(cli.API_KEY_ENV, "")
+    monkeypatch.setenv("WALDO_API_KEY", "")
     assert served_settings()[1].api_key is None  # an empty variable means no key
     code, settings, _ = served_settings("--api-key", "")
     assert code != 0 and settings is None  # an empty flag is a mistake, not "no key"
@@ -151,7 +151,7 @@ def test_live_server_with_the_key_from_the_environment(small_index, tmp_path, mo
     """End to end: ``waldo serve`` started as a user would, with $WALDO_API_KEY, on loopback."""
     root = tmp_path / "index"
     shutil.copytree(small_index.root, root)
-    monkeypatch.setenv(cli.API_KEY_ENV, KEY)
+    monkeypatch.setenv("WALDO_API_KEY", KEY)
     with start_server(root, tmp_path / "server.log") as server:
         photo = small_index.queries[0]
         with httpx.Client(base_url=server.url, timeout=60) as client:

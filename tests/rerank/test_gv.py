@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from waldo.rerank.base import RERANKERS, Reranker
+from waldo.rerank import RERANKERS, RerankCandidates, Reranker, RerankQuery
 from waldo.rerank.explain import explain_pair, save_png
 from waldo.rerank.gv import (
     GeometricReranker,
-    GVCandidates,
     GVConfig,
-    GVQuery,
     _plausible,
     corner_errors,
     estimate_transform,
     verified_first_order,
     verify_pair,
 )
-from waldo.rerank.local_features import SiftConfig, extract_sift_file
+from waldo.models.keypoints import SiftConfig, extract_sift_file
 
 # Oxford images are 800-1000 px: keep them at native size (no downscale) for accuracy.
 OXFORD_SIFT = SiftConfig(max_keypoints=1000, max_side=1024)
@@ -86,15 +84,14 @@ def test_reranker_puts_the_verified_candidate_first_in_parallel_and_serially(sam
     with GeometricReranker(workers=2) as reranker:
         parallel = reranker.rerank_features(feats["box.png"], candidates)
         # The registered reranker speaks the shared Reranker protocol.
-        query = GVQuery(local_desc=np.zeros((1, 4)), features=feats["box.png"])
-        cands = GVCandidates(local_desc=np.zeros((4, 1, 4)), global_scores=np.array([0.9, 0.8, 0.7, 0.6]),
-                             features=candidates)
+        query = RerankQuery(None, keypoints=feats["box.png"])
+        cands = RerankCandidates(None, np.array([0.9, 0.8, 0.7, 0.6]), keypoints=candidates)
         result = reranker.rerank(query, cands)
     assert serial.order.tolist() == parallel.order.tolist() == result.order.tolist() == [2, 0, 1, 3]
     assert serial.inliers.tolist() == parallel.inliers.tolist()
     assert np.all(np.diff(result.scores) <= 0) and result.scores[0] == serial.inliers[2]
     assert "gv" in RERANKERS and "rrt+gv" in RERANKERS
-    assert isinstance(RERANKERS.create("gv", None), Reranker)
+    assert isinstance(RERANKERS.create("gv"), Reranker)
 
 
 def test_verified_first_order_is_delg_s_rule():
@@ -148,11 +145,11 @@ def test_api_indexes_keypoints_and_searches_with_gv(samples, tmp_path):
     report = engine.add([str(root / n) for n in names], names, progress=False, num_workers=0)
     ragged = engine.store.verification_features(report.added)
     assert ragged is not None and len(ragged) == 4 and ragged.counts().min() > 100
-    hits = engine.search(root / "box.png", k=4, rerank="gv")
+    hits = engine.search(root / "box.png", k=4, rerank="gv").hits
     assert hits[0].identity == "box_in_scene.png" and hits[0].score >= 50
     assert [h.rank for h in hits] == [1, 2, 3, 4] and all(h.score < 0 for h in hits[1:])
     with open(root / "box.png", "rb") as stream:  # a stream is read once, used twice
-        assert engine.search(stream, k=1, rerank="gv")[0].identity == "box_in_scene.png"
+        assert engine.search(stream, k=1, rerank="gv").hits[0].identity == "box_in_scene.png"
     assert Waldo.open(tmp_path / "idx").gv_sift == engine.gv_sift == SiftConfig()
     # An index created without verification features refuses --rerank gv clearly.
     manifest = {**engine.store.manifest, "gv_features": None}
@@ -163,16 +160,19 @@ def test_api_indexes_keypoints_and_searches_with_gv(samples, tmp_path):
     plain = Waldo(store, engine.model, engine.config, tmp_path / "plain")
     plain.add([str(root / names[0])], ["x"], progress=False, num_workers=0)
     assert plain.gv_sift is None and store.verification_features(store.snapshot().ids) is None
-    with pytest.raises(ValueError, match="without verification features"):
+    assert plain.available_rerankers() == ["none"]
+    with pytest.raises(ValueError, match="lacks SIFT keypoints"):
         plain.search(root / "box.png", k=1, rerank="gv")
 
 
-def test_gv_rerank_run_reorders_an_eval_run(samples):
+def test_gv_reranks_an_eval_run_through_the_registry(samples):
     from waldo.data.datasets import ImageRecord, ImageSet
     from waldo.data.protocols import Protocol
     from waldo.eval.evaluate import EvalRun
-    from waldo.eval.gv_eval import gv_rerank_run
+    from waldo.eval.gv_eval import run_keypoints
     from waldo.eval.metrics import retrieval_metrics
+    from waldo.eval.rerank_eval import rerank_run
+    from waldo.models.extract import Extracted
 
     root, _ = samples
     record = lambda name, identity: ImageRecord(str(root / name), identity)  # noqa: E731
@@ -183,9 +183,37 @@ def test_gv_rerank_run_reorders_an_eval_run(samples):
     knn = np.array([[0, 1, 2, 3], [2, 0, 1, 3]])  # box's true match is ranked third
     matches = np.array([[False, False, True, False], [False] * 4])
     keep = np.array([0])  # graf has no positive in this gallery: the evaluator drops it
+    def blank(n: int) -> Extracted:  # descriptors GV does not read
+        return Extracted(np.zeros((n, 4), np.float32), np.zeros((n, 1, 4), np.float16), np.ones(n, bool))
+
     run = EvalRun(retrieval_metrics(matches[keep], np.array([1])), keep, np.arange(4), knn[keep],
-                  np.zeros((1, 4), np.float32), matches[keep], np.array([1]))
-    out = gv_rerank_run(protocol, run, cache_dir=None, workers=1)
-    assert out.knn_indices.tolist() == [[2, 0, 1, 3]] and out.matches[0, 0]
+                  np.zeros((1, 4), np.float32), matches[keep], np.array([1]), blank(2), blank(4))
+    out = rerank_run(run, RERANKERS.create("gv"), keypoints=run_keypoints(protocol, cache_dir=None), progress=False)
+    assert out.run.knn_indices.tolist() == [[2, 0, 1, 3]] and out.run.matches[0, 0]
     assert out.metrics["recall@1"] == 1.0 and out.metrics["global"]["recall@1"] == 0.0
-    assert out.metrics["reranker"] == "gv" and out.metrics["gv_ms_per_query"] > 0
+    assert out.metrics["reranker"] == "gv"
+
+
+def test_a_composition_with_gv_is_the_verified_first_rule_on_the_first_order(samples):
+    """"rrt+gv" is DELG's rule applied to the first reranker's order: verified candidates lead
+    by inliers, everything else keeps the first reranker's order (here a fixed reversal)."""
+    from waldo.rerank import RerankResult, SequentialReranker
+    from waldo.rerank.gv import gv_scores
+
+    class Reverse:
+        name = "reverse"
+
+        def rerank(self, query, candidates):
+            return RerankResult(np.arange(len(candidates))[::-1].copy(), np.zeros(len(candidates), np.float32))
+
+    _, feats = samples
+    names = ["box_in_scene.png", "aero1.jpg", "leuvenA.jpg", "aloeL.jpg", "graf1.png"]
+    query = RerankQuery(None, keypoints=feats["box.png"])
+    candidates = RerankCandidates(None, np.linspace(0.9, 0.5, 5), keypoints=[feats[n] for n in names])
+    with GeometricReranker(workers=2) as gv:
+        result = SequentialReranker("reverse+gv", [Reverse(), gv]).rerank(query, candidates)
+        inliers = np.array([v.inliers for v in gv.verify_many(feats["box.png"], candidates.keypoints)])
+    prior = np.arange(5)[::-1]
+    expected = prior[verified_first_order(inliers[prior], GVConfig().min_inliers)]
+    assert result.order.tolist() == expected.tolist() and expected[0] == 0 and expected[1:].tolist() == [4, 3, 2, 1]
+    np.testing.assert_array_equal(result.scores, gv_scores(inliers[expected], GVConfig().min_inliers))

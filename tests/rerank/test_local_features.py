@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from waldo.data.images import load_image
 from waldo.index import IndexStore
-from waldo.index.verification import RaggedFeatures
+from waldo.index.keypoints import RaggedKeypoints
 from waldo.rerank.gv import GVConfig, verify_pair
-from waldo.rerank.local_features import (
+from waldo.models.keypoints import (
     LocalFeatures,
     SiftConfig,
     detection_scale,
@@ -69,11 +71,19 @@ def test_tiny_and_flat_images_give_no_keypoints_not_errors():
 
 def test_config_round_trip_and_validation():
     config = SiftConfig(max_keypoints=300, min_side=256)
-    assert SiftConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown"):
-        SiftConfig.from_dict({"max_keypoints": 3, "bogus": 1})
-    with pytest.raises(ValueError):
-        SiftConfig(max_keypoints=0)
+    assert SiftConfig.model_validate_json(config.model_dump_json()) == config
+    # Index manifests hold this under "gv_features", byte for byte as before pydantic.
+    assert json.dumps(SiftConfig().model_dump()) == ('{"kind": "sift", "max_keypoints": 1000, "min_side": 256, "max_side": '
+                                                     '1024, "contrast_threshold": 0.04, "edge_threshold": 10.0}')
+    assert json.dumps(GVConfig().model_dump()) == ('{"ratio": 0.8, "threshold_px": 4.0, "homography_min_matches": 15, '
+                                                   '"min_inliers": 8, "max_scale_change": 8.0, "confidence": 0.999, '
+                                                   '"max_iters": 2000, "top_k": 100}')
+    for bad in ({"max_keypoints": 3, "bogus": 1}, {"kind": "orb"}, {"max_keypoints": 0},
+                {"min_side": 900, "max_side": 800}):
+        with pytest.raises(ValueError):
+            SiftConfig.model_validate(bad)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        GVConfig.model_validate({"ratio": 0.7, "min_inlier": 5})
 
 
 def test_pack_unpack_round_trip(box):
@@ -85,7 +95,7 @@ def test_pack_unpack_round_trip(box):
         np.testing.assert_array_equal(a.keypoints, b.keypoints)
         np.testing.assert_array_equal(a.descriptors, b.descriptors)
     with pytest.raises(ValueError, match="offsets"):
-        RaggedFeatures(ragged.keypoints, ragged.descriptors, np.array([0, 60, 50, 70], np.int64))
+        RaggedKeypoints(ragged.keypoints, ragged.descriptors, np.array([0, 60, 50, 70], np.int64))
 
 
 def test_mutual_ratio_matches_on_a_hand_made_case():

@@ -12,15 +12,15 @@ from waldo.eval.evaluate import evaluate_descriptors
 from waldo.eval.metrics import recall_at_k
 from waldo.eval.rerank_eval import rerank_run, reranked_metrics, score_top_k
 from waldo.models.extract import Extracted
-from waldo.rerank.base import (
+from waldo.rerank import (
     RERANKERS,
     FusionReranker,
     RerankCandidates,
     Reranker,
+    RerankerSetup,
     RerankQuery,
     RerankResult,
     RRTReranker,
-    create_reranker,
     fuse_scores,
 )
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
@@ -56,15 +56,15 @@ def test_saved_and_reloaded_reranker_scores_identically(tmp_path, one_thread):
     assert has_rrt(tmp_path) and not has_rrt(tmp_path / "nothing")
     query, candidates = _inputs()
     before = RRTReranker(rrt).logits(query, candidates)
-    reloaded = create_reranker("rrt", tmp_path)
+    reloaded = RERANKERS.create("rrt", RerankerSetup(tmp_path))
     after = reloaded.logits(query, candidates)
     np.testing.assert_array_equal(before, after)
     info = json.loads((tmp_path / "rrt.json").read_text())
-    assert info["rrt"] == SMALL.to_dict() and info["grid"] == [7, 7]
+    assert info["rrt"] == SMALL.model_dump() and info["grid"] == [7, 7]
     with pytest.raises(ValueError, match="fusion_weight"):
-        create_reranker("rrt-fusion", tmp_path)
+        RERANKERS.create("rrt-fusion", RerankerSetup(tmp_path))
     update_rrt_training(tmp_path, fusion_weight=0.25)
-    fusion = create_reranker("rrt-fusion", tmp_path)
+    fusion = RERANKERS.create("rrt-fusion", RerankerSetup(tmp_path))
     assert isinstance(fusion, FusionReranker) and fusion.weight == 0.25 and isinstance(fusion, Reranker)
     assert load_rrt(tmp_path)[1]["training"] == {"mode": "frozen", "fusion_weight": 0.25}
     assert {"rrt", "rrt-fusion"} <= set(RERANKERS.names())
@@ -85,7 +85,7 @@ def test_rrt_order_is_by_logit_and_scores_all_candidates_in_one_pass(one_thread)
 
 def test_global_tokens_need_and_use_global_descriptors(one_thread):
     torch.manual_seed(0)
-    reranker = RRTReranker(RerankingTransformer(RRTConfig(**{**SMALL.to_dict(), "use_global_tokens": True})).eval())
+    reranker = RRTReranker(RerankingTransformer(RRTConfig(**{**SMALL.model_dump(), "use_global_tokens": True})).eval())
     query, candidates = _inputs(n=5)
     with pytest.raises(ValueError, match="global_desc"):
         reranker.logits(query, candidates)
@@ -201,19 +201,20 @@ def test_api_search_reranks_the_indexed_top_100(reranker_dir, data_root, tmp_pat
     engine = Waldo.create(tmp_path / "index", model_dir=reranker_dir, progress=False, gv_features=False)
     engine.add(images.paths, images.identities, num_workers=0, progress=False)
     assert has_rrt(tmp_path / "index" / "model")  # the reranker travels with the index's model
-    plain = engine.search(images.paths[0], k=5)
+    plain = engine.search(images.paths[0], k=5).hits
     opened = Waldo.open(tmp_path / "index")
-    hits = opened.search(images.paths[0], k=5, rerank="rrt")
+    hits = opened.search(images.paths[0], k=5, rerank="rrt").hits
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and all(np.diff([h.score for h in hits]) <= 0)
     # The reranked hits are the RRT's order over the global top-100 (here: all 12 images).
-    everything = engine.search(images.paths[0], k=12)
+    everything = engine.search(images.paths[0], k=12).hits
     _, query_local = engine.describe(images.paths[0])
     local = engine.store.local_descriptors([h.id for h in everything])
-    logits = create_reranker("rrt", reranker_dir, precision=opened.rrt_precision).logits(RerankQuery(query_local), RerankCandidates(
+    rrt = RERANKERS.create("rrt", RerankerSetup(reranker_dir, precision=opened.rrt_precision))
+    logits = rrt.logits(RerankQuery(query_local), RerankCandidates(
         local, np.array([h.score for h in everything], np.float32)))
     expected = [everything[i].id for i in np.argsort(-logits, kind="stable")[:5]]
     assert [h.id for h in hits] == expected and {h.id for h in plain} <= {h.id for h in everything}
-    assert len(engine.search(images.paths[0], k=3, rerank="rrt-fusion")) == 3
+    assert len(engine.search(images.paths[0], k=3, rerank="rrt-fusion").hits) == 3
 
 
 def test_api_rrt_precision_and_compile_options(reranker_dir, data_root, tmp_path, one_thread):
@@ -224,10 +225,10 @@ def test_api_rrt_precision_and_compile_options(reranker_dir, data_root, tmp_path
     engine = Waldo.create(tmp_path / "index", model_dir=reranker_dir, progress=False, gv_features=False)
     engine.add(images.paths, images.identities, num_workers=0, progress=False)
     query = images.paths[3]
-    exact = Waldo.open(tmp_path / "index", rrt_precision="reference").search(query, k=12, rerank="rrt")
-    fast = Waldo.open(tmp_path / "index", rrt_precision="fp32").search(query, k=12, rerank="rrt")
+    exact = Waldo.open(tmp_path / "index", rrt_precision="reference").search(query, k=12, rerank="rrt").hits
+    fast = Waldo.open(tmp_path / "index", rrt_precision="fp32").search(query, k=12, rerank="rrt").hits
     compiled_engine = Waldo.open(tmp_path / "index", rrt_precision="fp32", rrt_compile=True)
-    compiled = compiled_engine.search(query, k=12, rerank="rrt")
+    compiled = compiled_engine.search(query, k=12, rerank="rrt").hits
     assert compiled_engine._rerankers["rrt"]._scorer.compiled  # it really ran compiled code
     for other in (fast, compiled):
         assert [h.id for h in other] == [h.id for h in exact]

@@ -1,12 +1,13 @@
 """The Reranking Transformer: shapes, size, masking, positions, segments, training signal."""
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from waldo.rerank import (
+from waldo.rerank.rrt import (
     SEGMENT_CANDIDATE,
     SEGMENT_QUERY,
     RerankingTransformer,
@@ -30,7 +31,7 @@ def one_thread():
 
 def _small_model(seed: int = 0, **overrides) -> RerankingTransformer:
     torch.manual_seed(seed)
-    config = RRTConfig(**{**SMALL.to_dict(), **overrides})
+    config = RRTConfig(**{**SMALL.model_dump(), **overrides})
     return RerankingTransformer(config).eval()
 
 
@@ -54,11 +55,17 @@ def test_default_config_size_flops_and_shapes():
 
 def test_config_json_round_trip_and_validation():
     config = RRTConfig(d_model=64, n_layers=3, use_global_tokens=True, pos_scale=6.28)
-    assert RRTConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown"):
-        RRTConfig.from_dict({"d_model": 64, "depth": 3})
+    assert RRTConfig.model_validate_json(config.model_dump_json()) == config
+    # rrt.json holds exactly what the dataclass wrote before the config became a pydantic model.
+    assert json.dumps(RRTConfig().model_dump(), sort_keys=True) == json.dumps(
+        {"d_model": 128, "n_layers": 6, "n_heads": 4, "ff_dim": 1024, "dropout": 0.0, "activation": "relu",
+         "norm_first": False, "use_global_tokens": False, "pos_scale": 2.0, "pos_temperature": 10000.0}, sort_keys=True)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        RRTConfig.model_validate({"d_model": 64, "depth": 3})
     with pytest.raises(ValueError, match="n_heads"):
         RRTConfig(d_model=36, n_heads=8)
+    with pytest.raises(ValueError, match="frozen"):
+        config.d_model = 32
 
 
 def test_score_candidates_matches_forward_in_batches(one_thread):

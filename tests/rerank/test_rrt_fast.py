@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from waldo.models.compiled import can_compile
-from waldo.rerank.base import RerankCandidates, RerankQuery, RRTReranker, resolve_precision
+from waldo.rerank.base import RerankCandidates, RerankQuery
+from waldo.rerank.rrt_rerankers import RRTReranker, resolve_precision
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 from waldo.rerank.rrt_fast import FastRRTScorer
 

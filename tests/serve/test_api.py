@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageOps
 
 from waldo.serve import ServeSettings, create_app
 from waldo.serve.settings import STATIC_DIR
@@ -84,12 +84,17 @@ def test_rerankers_come_from_the_engine(served):
     rerankers = client.get("/stats").json()["rerankers"]
     assert rerankers[0] == "none"
     query = grocery.queries["29"]
+    # Every hit's global figures are its place and score in the plain global ranking.
+    global_hits = client.post("/search", params={"k": 40}, files=upload(query)).json()["results"]
+    global_place = {r["id"]: (r["rank"], r["score"]) for r in global_hits}
     for mode in rerankers:
         response = client.post("/search", params={"k": 5, "rerank": mode}, files=upload(query))
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["rerank"] == mode and len(body["results"]) == 5
-        assert all(r["rank_before_rerank"] >= 1 for r in body["results"])
+        for r in body["results"]:
+            rank, score = global_place[r["id"]]
+            assert r["rank_before_rerank"] == rank and r["global_score"] == pytest.approx(score, abs=1e-6), (mode, r)
     response = client.post("/search?rerank=magic", files=upload(query))
     assert response.status_code == 422 and "magic" in response.json()["detail"]
 
@@ -279,11 +284,28 @@ def test_match_returns_inlier_lines(served):
     response = client.post(f"/match/{top['id']}", files=upload(query))
     assert response.status_code == 200, response.text
     match = response.json()
-    assert match["id"] == top["id"] and len(match["query_size"]) == 2 and len(match["image_size"]) == 2
-    if match["available"]:
-        assert match["inliers"] >= 0 and all(len(line) == 4 for line in match["lines"])
+    assert match["id"] == top["id"] and match["available"]
+    with Image.open(query) as decoded:
+        assert match["query_size"] == list(ImageOps.exif_transpose(decoded).size)
+    assert len(match["lines"]) == min(match["inliers"], 300) and all(len(line) == 4 for line in match["lines"])
     assert client.post("/match/999999", files=upload(query)).status_code == 404
     assert client.post(f"/match/{top['id']}", files=upload(b"nope")).status_code == 415
+
+
+def test_match_verifies_the_same_product_only(served):
+    """Orange juice cartons: the held-out photo against an indexed photo of the same carton is
+    verified (GV's own bar, 8 inliers); against a banana photo it is not."""
+    client, _, grocery = served
+    query = grocery.queries["29"]
+    indexed = client.post("/search?k=40", files=upload(query)).json()["results"]
+    same = next(r for r in indexed if r["identity"] == "29")
+    other = next(r for r in indexed if r["identity"] == "6")
+    verified = client.post(f"/match/{same['id']}", files=upload(query)).json()
+    assert verified["verified"] and verified["inliers"] >= 8 and verified["message"].startswith("verified"), verified
+    assert len(verified["outline"]) == 4
+    refused = client.post(f"/match/{other['id']}", files=upload(query)).json()
+    assert not refused["verified"] and refused["inliers"] < 8 and refused["outline"] == [], refused
+    assert refused["message"].startswith("not verified")
 
 
 def test_health_stats_and_schema(served):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,22 +14,18 @@ import torch
 from waldo.data.datasets import read_labels_csv
 from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
+from waldo.models.backbones import backbone_names, create_backbone
 from waldo.models.checkpoint import ModelConfig, build_model, load_model, model_hash
 from waldo.train.common import (
     LooEvaluator,
     load_optimizer_state,
     save_optimizer_state,
+    split_backbone,
     split_identities,
 )
-from waldo.train.config import GlobalTrainConfig, config_from_dict, load_config
-from waldo.train.global_model import (
-    build_loss,
-    set_trainable,
-    split_backbone,
-    split_forward,
-    train_global,
-    train_step,
-)
+from waldo.train.config import GlobalTrainConfig, RRTTrainConfig, load_config
+from waldo.train.global_model import set_trainable, split_forward, train_global, train_step
+from waldo.train.losses import LOSSES, SoftmaxContrastiveLoss
 
 SIZE = 64  # small images keep every test here to seconds on 2 cores
 
@@ -52,22 +49,38 @@ def _tiny_config(**overrides) -> GlobalTrainConfig:
     settings = {"dim": 32, "image_size": SIZE, "eval_image_size": SIZE, "p": 2, "k": 3, "epochs": 2,
                 "lr": 0.01, "val_fraction": 0.5, "trainable_blocks": 1, "num_workers": 0,
                 "projection_init": "random", "max_fit_images": 20}
-    return config_from_dict(GlobalTrainConfig, {**settings, **overrides})
+    return GlobalTrainConfig.model_validate({**settings, **overrides})
 
 
 def test_config_json_round_trip_and_strictness(tmp_path: Path) -> None:
     config = _tiny_config(milestones=[0.5, 0.75])
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"_comment": "comments are skipped", **config.to_dict()}))
+    path.write_text(json.dumps({"_comment": "comments are skipped", **config.model_dump(mode="json")}))
     assert load_config(path, GlobalTrainConfig) == config
+    assert GlobalTrainConfig.model_validate_json(config.to_json()) == config
     assert config.milestones == (0.5, 0.75) and config.milestone_epochs() == [1, 2]
     assert [config.lr_at(e) for e in range(3)] == pytest.approx([0.01, 0.001, 0.0001])
-    with pytest.raises(ValueError, match="unknown GlobalTrainConfig keys"):
-        config_from_dict(GlobalTrainConfig, {"learning_rate": 0.1})
-    with pytest.raises(ValueError, match="expected int"):
-        config_from_dict(GlobalTrainConfig, {"epochs": "10"})
-    with pytest.raises(ValueError, match="k >= 2"):
-        config_from_dict(GlobalTrainConfig, {"k": 1})
+    with pytest.raises(ValueError, match="learning_rate\n.*Extra inputs are not permitted"):
+        GlobalTrainConfig.model_validate({"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="epochs\n.*valid integer"):
+        GlobalTrainConfig.model_validate({"epochs": "10"})
+    with pytest.raises(ValueError, match="k\n.*greater than or equal to 2"):
+        GlobalTrainConfig.model_validate({"k": 1})
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        GlobalTrainConfig.model_validate({"momentum": 0.0})
+    with pytest.raises(ValueError, match="unknown loss 'triplet'"):
+        GlobalTrainConfig.model_validate({"loss": "triplet"})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"milestones": [0.8, 0.6]}')
+    with pytest.raises(ValueError, match="(?s)bad.json.*milestones must be increasing"):
+        load_config(bad, GlobalTrainConfig)
+
+
+def test_every_shipped_config_loads() -> None:
+    configs = Path(__file__).parents[2] / "configs"
+    for path in sorted(configs.glob("*.json")):
+        cls = RRTTrainConfig if path.name.startswith("rrt-") else GlobalTrainConfig
+        assert load_config(path, cls).to_json() == cls.model_validate_json(path.read_text()).to_json()
 
 
 def test_split_identities_is_deterministic_and_disjoint(grocery_dir: Path, tmp_path: Path) -> None:
@@ -93,7 +106,8 @@ def test_one_step_lowers_the_loss_on_real_photos(grocery_dir: Path, tmp_path: Pa
     forward = split_forward(model, frozen, tail)
     with torch.no_grad():
         assert torch.allclose(forward(images).global_desc, model(images).global_desc, atol=1e-6)
-    loss_fn = build_loss(GlobalTrainConfig())
+    loss_fn = LOSSES.get("softmax-contrastive").from_config(GlobalTrainConfig())
+    assert isinstance(loss_fn, SoftmaxContrastiveLoss) and loss_fn.temperature == 0.05
     optimizer = torch.optim.SGD([p for _, p in named], lr=1e-3, momentum=0.9, nesterov=True, weight_decay=4e-4)
     before = train_step(forward, loss_fn, optimizer, images, labels)
     with torch.no_grad():
@@ -138,3 +152,23 @@ def test_resume_replays_the_uninterrupted_run_and_reload_scores_identically(groc
 
     with pytest.raises(ValueError, match="another config"):
         train_global(_tiny_config(lr=0.5), data_dir, "grocery-open", interrupted, progress=False)
+
+
+@pytest.mark.parametrize("name", backbone_names())
+def test_every_backbone_declares_its_stages_and_stride(name: str) -> None:
+    with warnings.catch_warnings():  # "random init": these weights are never used to retrieve
+        warnings.simplefilter("ignore")
+        backbone = create_backbone(name, pretrained=False).eval()
+    images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    stem, stages, head = backbone.stages()
+    with torch.no_grad():
+        x = backbone.normalize(images)
+        for module in stem + stages + head:
+            x = module(x)
+        assert torch.equal(x, backbone.forward_features(images))
+    assert x.shape[-2:] == (96 // backbone.stride,) * 2
+    frozen, tail = split_backbone(backbone, 1)
+    assert frozen == stem + stages[:-1] and tail == stages[-1:] + head
+    assert split_backbone(backbone, -1) == ([], stem + stages + head)
+    with pytest.raises(ValueError, match="stages"):
+        split_backbone(backbone, len(stages) + 1)

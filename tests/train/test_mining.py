@@ -7,7 +7,7 @@ import pytest
 
 from waldo.data.datasets import read_labels_csv
 from waldo.models.untrained import untrained_model
-from waldo.train.mining import list_hash, mine_from_descriptors, mine_neighbours, neighbour_key
+from waldo.train.mining import TopKMiner, list_hash, mine_from_descriptors, neighbour_key
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -52,11 +52,11 @@ def test_key_depends_on_every_input():
     assert list_hash(["x", "y"]) != list_hash(["xy"])
 
 
-def test_mine_neighbours_caches_npy_with_manifest(data_root, tmp_path, monkeypatch):
+def test_top_k_miner_caches_npy_with_manifest(data_root, tmp_path, monkeypatch):
     images = read_labels_csv(data_root / "abo_sample")
     model, config = untrained_model("efficientnet_lite0", dim=32, projection="random", progress=False)
-    first = mine_neighbours(model, images.paths, transform=config.transform, image_size=config.image_size, k=4,
-                            cache_root=tmp_path, num_workers=0, progress=False)
+    miner = TopKMiner(config.transform, config.image_size, 4, tmp_path, num_workers=0, progress=False)
+    first = miner(model, images.paths)
     assert first.indices.shape == (12, 4) and first.global_desc.shape == (12, 32)
     assert np.all(first.indices != np.arange(12)[:, None])
     assert np.all(np.diff(first.scores, axis=1) <= 0)
@@ -70,11 +70,10 @@ def test_mine_neighbours_caches_npy_with_manifest(data_root, tmp_path, monkeypat
     from waldo.train import mining
 
     monkeypatch.setattr(mining, "extract_descriptors", lambda *a, **k: pytest.fail("extracted again"))
-    again = mine_neighbours(model, images.paths, transform=config.transform, image_size=config.image_size, k=4,
-                            cache_root=tmp_path, progress=False)
+    again = TopKMiner(config.transform, config.image_size, 4, tmp_path, progress=False)(model, images.paths)
     np.testing.assert_array_equal(again.indices, first.indices)
     # Given descriptors are used only on a cache miss (another k is another folder).
-    given = mine_neighbours(model, images.paths, transform=config.transform, image_size=config.image_size, k=3,
-                            cache_root=tmp_path, global_desc=lambda: first.global_desc)
+    given = TopKMiner(config.transform, config.image_size, 3, tmp_path)(model, images.paths,
+                                                                        global_desc=lambda: first.global_desc)
     np.testing.assert_array_equal(given.indices, first.indices[:, :3])
     assert given.folder != first.folder

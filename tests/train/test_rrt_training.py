@@ -12,9 +12,8 @@ from waldo.models.checkpoint import load_model, save_model
 from waldo.models.untrained import untrained_model
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 from waldo.rerank.rrt_checkpoint import load_rrt
-from waldo.train.config import config_from_dict
+from waldo.train.config import RRTTrainConfig
 from waldo.train.reranker import RerankerBundle, _trainable, train_reranker, train_step
-from waldo.train.rrt_config import RRTTrainConfig
 from waldo.train.rrt_features import augment, cache_features
 from waldo.train.triplets import TripletSampler
 
@@ -44,19 +43,19 @@ def cache_root(tmp_path_factory):
 def _config(**overrides) -> RRTTrainConfig:
     settings = {"rrt": TINY_RRT, "epochs": 2, "batch_triplets": 4, "views": 2, "val_fraction": 0.34,
                 "val_top_k": 3, "fusion_top_k": 5, "fusion_grid": 4, "num_workers": 0, "lr": 1e-3}
-    return config_from_dict(RRTTrainConfig, {**settings, **overrides})
+    return RRTTrainConfig.model_validate({**settings, **overrides})
 
 
 def test_config_validation_and_schedule():
-    config = config_from_dict(RRTTrainConfig, {"epochs": 10, "_comment": "ignored"})
+    config = RRTTrainConfig.model_validate({"epochs": 10, "_comment": "ignored"})
     assert config.milestone_epochs() == [6, 8]
     assert config.lr_at(5) == pytest.approx(1e-4) and config.lr_at(8) == pytest.approx(1e-6)
-    warm = config_from_dict(RRTTrainConfig, {"epochs": 10, "warmup_steps": 4})
+    warm = RRTTrainConfig.model_validate({"epochs": 10, "warmup_steps": 4})
     assert [warm.lr_at(0, s) for s in range(5)] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
     with pytest.raises(ValueError, match="mode"):
-        config_from_dict(RRTTrainConfig, {"mode": "thawed"})
-    with pytest.raises(ValueError, match="unknown"):
-        config_from_dict(RRTTrainConfig, {"rrt": {"depth": 3}})
+        RRTTrainConfig.model_validate({"mode": "thawed"})
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        RRTTrainConfig.model_validate({"rrt": {"depth": 3}})
 
 
 def test_augment_is_seeded(abo):
@@ -134,7 +133,12 @@ def test_frozen_run_resumes_and_keeps_global_search(abo, init_dir, cache_root, t
     assert torch.equal(a.global_desc, b.global_desc)
     assert not torch.equal(a.local_desc, b.local_desc)  # the local projection did train
     _, info = load_rrt(best)
-    assert 0.0 <= info["training"]["fusion_weight"] <= 1.0 and info["training"]["mode"] == "frozen"
+    # The fusion weight is the grid's first best lambda (1 -> 0: ties keep the larger one).
+    fusion = info["training"]["fusion_val"]
+    assert fusion["grid"] == [1.0, 0.75, 0.5, 0.25, 0.0] and len(fusion["grid_scores"]) == 5
+    first_best = fusion["grid"][int(np.argmax(fusion["grid_scores"]))]
+    assert info["training"]["fusion_weight"] == first_best and info["training"]["mode"] == "frozen"
+    assert fusion["fusion"][config.select_metric] == max(fusion["grid_scores"])
     assert (straight / "metrics.json").is_file()
     with pytest.raises(ValueError, match="another config"):
         train_reranker(_config(lr=5e-4), abo, init_dir, out, cache_root=cache_root, progress=False)

@@ -107,37 +107,37 @@ def _grocery(data_dir: Path, protocol: str) -> tuple[ImageSet, ImageSet, ImageSe
     return train, odd_natural, odd_iconic
 
 
-@PROTOCOLS.register("grocery-open")
-def grocery_open(data_dir: Path) -> Protocol:
-    train, odd, _ = _grocery(data_dir, "grocery-open")
-    return Protocol(
-        "grocery-open", train, odd, odd, True,
-        "Grocery Store: train on natural photos of even-id classes (41); leave-one-out over the "
-        "natural photos of the 40 unseen odd-id classes.",
-    )  # fmt: skip
+def _odd_split(split: str, *splits: str):
+    """``odd -> the odd-id photos whose split column is one of (split, *splits)``."""
+    wanted = (split, *splits)
+    return lambda odd, iconic: odd.filter(lambda r: r.attrs["split"] in wanted, name=f"{odd.name}:{'+'.join(wanted)}")
 
 
-@PROTOCOLS.register("grocery-open-cross")
-def grocery_open_cross(data_dir: Path) -> Protocol:
-    train, odd, _ = _grocery(data_dir, "grocery-open-cross")
-    queries = odd.filter(lambda r: r.attrs["split"] == "test", name=f"{odd.name}:test")
-    gallery = odd.filter(lambda r: r.attrs["split"] in ("train", "val"), name=f"{odd.name}:train+val")
-    return Protocol(
-        "grocery-open-cross", train, queries, gallery, False,
-        "Grocery Store: train as grocery-open; odd-id classes, split=test photos search the "
-        "split=train/val photos of the same classes.",
-    )  # fmt: skip
+def _register_grocery(name: str, queries, gallery, leave_one_out: bool, description: str) -> None:
+    """One Grocery Store protocol: train on even-id natural photos; ``queries`` / ``gallery``
+    pick from (odd-id natural, odd-id iconic)."""
+
+    def build(data_dir: Path) -> Protocol:
+        train, odd, iconic = _grocery(data_dir, name)
+        return Protocol(name, train, queries(odd, iconic), gallery(odd, iconic), leave_one_out,
+                        f"Grocery Store: {description}")
+
+    PROTOCOLS.register(name)(build)
 
 
-@PROTOCOLS.register("grocery-iconic")
-def grocery_iconic(data_dir: Path) -> Protocol:
-    train, odd, iconic = _grocery(data_dir, "grocery-iconic")
-    queries = odd.filter(lambda r: r.attrs["split"] == "test", name=f"{odd.name}:test")
-    return Protocol(
-        "grocery-iconic", train, queries, iconic, False,
-        "Grocery Store: train as grocery-open; odd-id classes, split=test photos search the 40 "
-        "iconic (catalogue) images of the odd-id classes.",
-    )  # fmt: skip
+def _all_odd(odd, iconic):
+    return odd
+
+
+_register_grocery("grocery-open", _all_odd, _all_odd, True,
+                  "train on natural photos of even-id classes (41); leave-one-out over the natural "
+                  "photos of the 40 unseen odd-id classes.")
+_register_grocery("grocery-open-cross", _odd_split("test"), _odd_split("train", "val"), False,
+                  "train as grocery-open; odd-id classes, split=test photos search the split=train/val "
+                  "photos of the same classes.")
+_register_grocery("grocery-iconic", _odd_split("test"), lambda odd, iconic: iconic, False,
+                  "train as grocery-open; odd-id classes, split=test photos search the 40 iconic "
+                  "(catalogue) images of the odd-id classes.")
 
 
 # COIL-100 views (degrees): query views and gallery views are >= 40 degrees apart, so a match
@@ -173,22 +173,20 @@ def leave_one_out(data_dir: Path) -> Protocol:
     )  # fmt: skip
 
 
-@PROTOCOLS.register("sop")
-def stanford_online_products(data_dir: Path) -> Protocol:
-    test = read_sop(data_dir, "test")
-    return Protocol(
-        "sop", read_sop(data_dir, "train"), test, test, True,
-        "Stanford Online Products: train on Ebay_train.txt; leave-one-out over Ebay_test.txt.",
-    )  # fmt: skip
+def _register_train_test(name: str, reader, description: str) -> None:
+    """A protocol of a dataset with its own train/test lists: leave-one-out over the test split."""
+
+    def build(data_dir: Path) -> Protocol:
+        test = reader(data_dir, "test")
+        return Protocol(name, reader(data_dir, "train"), test, test, True, description)
+
+    PROTOCOLS.register(name)(build)
 
 
-@PROTOCOLS.register("products10k")
-def products10k(data_dir: Path) -> Protocol:
-    test = read_products10k(data_dir, "test")
-    return Protocol(
-        "products10k", read_products10k(data_dir, "train"), test, test, True,
-        "Products-10K: train on train.csv; leave-one-out over the test split.",
-    )  # fmt: skip
+_register_train_test("sop", read_sop,
+                     "Stanford Online Products: train on Ebay_train.txt; leave-one-out over Ebay_test.txt.")
+_register_train_test("products10k", read_products10k,
+                     "Products-10K: train on train.csv; leave-one-out over the test split.")
 
 
 def protocol_names() -> list[str]:

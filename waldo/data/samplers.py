@@ -2,7 +2,8 @@
 
 ``PKSampler`` builds batches of P identities x K images each, so every anchor in a batch has
 K - 1 positives for an in-batch loss such as ``SoftmaxContrastiveLoss`` (the reference global
-model trains on 400 identities x 2 images).
+model trains on 400 identities x 2 images). pytorch-metric-learning's MPerClassSampler is not
+used: it draws from a module-global NumPy RNG, so a resumed run could not replay its batches.
 """
 
 from __future__ import annotations

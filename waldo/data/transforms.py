@@ -1,9 +1,8 @@
 """Test-time transform presets (and the one training augmentation).
 
 Every preset returns a ``float32`` tensor of shape ``(3, H, W)`` with values in ``[0, 1]``:
-backbones normalise inside the model, so the data pipeline must *not* normalise. The one
-exception is ``normalize-extra``, an ablation from the founding report that applies ImageNet
-mean/std here as well, so the model normalises twice and sees broken input statistics.
+backbones normalise inside the model, so the data pipeline must *not* normalise (the founding
+report's ``normalize-extra`` ablation, which does, lives in the transform study only).
 
 Random presets are deterministic per image: :meth:`TestTransform.__call__` seeds a private
 ``torch.Generator`` from ``(seed, key)`` (pass the image index as ``key``), so results never
@@ -24,8 +23,6 @@ from PIL import Image
 from waldo.registry import Registry
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "TRANSFORMS",
     "TestTransform",
     "get_transform",
@@ -33,9 +30,6 @@ __all__ = [
     "train_transform",
     "transform_names",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Ablation strengths: fixed so that every run of an ablation sees exactly the same distortion.
 CONTRAST_FACTOR = 1.5
@@ -168,12 +162,6 @@ def _blur(image_size: int, seed: int) -> TestTransform:
 @TRANSFORMS.register("flip")
 def _flip(image_size: int, seed: int) -> TestTransform:
     return _default("flip", image_size, seed, lambda x, g: F.hflip(x))
-
-
-@TRANSFORMS.register("normalize-extra")
-def _normalize_extra(image_size: int, seed: int) -> TestTransform:
-    # Deliberately wrong: the model normalises again (see the module docstring).
-    return _default("normalize-extra", image_size, seed, lambda x, g: F.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def transform_names() -> list[str]:

@@ -53,6 +53,17 @@ def mean_average_precision(matches: np.ndarray, n_positives: np.ndarray, cutoff:
     return float(np.mean([average_precision(row, n) for row, n in zip(matches, n_positives)]))
 
 
+def recall_curve(matches: np.ndarray, max_k: int) -> list[float]:
+    """Recall@k for k = 1..max_k (fraction of queries with a match in their first k results)."""
+    matches = np.asarray(matches, bool)
+    if len(matches) == 0:
+        return [float("nan")] * max_k
+    hit = matches[:, :max_k].any(axis=1)
+    first = np.where(hit, matches[:, :max_k].argmax(axis=1), max_k)  # 0-based rank of the first hit
+    counts = np.bincount(first, minlength=max_k + 1)[:max_k]
+    return (np.cumsum(counts) / len(matches)).tolist()
+
+
 def retrieval_metrics(matches: np.ndarray, n_positives: np.ndarray,
                       ks: Iterable[int] = (1, 10, 100)) -> dict[str, float]:
     """The figures Waldo reports: recall@k for each k, mAP over the given ranking, mAP@100."""

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from waldo.eval.evaluate import EvalRun
+from waldo.eval.gv_eval import RunKeypoints
 from waldo.eval.metrics import retrieval_metrics
 from waldo.rerank.base import RerankCandidates, Reranker, RerankQuery
 
@@ -51,16 +52,20 @@ def query_positions(run: EvalRun) -> np.ndarray:
     return positions
 
 
-def _query_and_candidates(run: EvalRun, positions: np.ndarray, q: int,
-                          top_k: int) -> tuple[RerankQuery, RerankCandidates] | None:
-    """Query ``q``'s descriptors and its first ``top_k`` results (-1 padding only trails)."""
+def _query_and_candidates(run: EvalRun, positions: np.ndarray, q: int, top_k: int,
+                          keypoints: RunKeypoints | None = None) -> tuple[RerankQuery, RerankCandidates] | None:
+    """Query ``q``'s descriptors (and keypoints, when given) and its first ``top_k`` results
+    (-1 padding only trails)."""
     ids = run.knn_indices[q, :top_k]
     ids = ids[ids >= 0]
     if len(ids) == 0:
         return None
-    query = RerankQuery(run.queries.local_desc[positions[q]], run.queries.global_desc[positions[q]])
+    query = RerankQuery(run.queries.local_desc[positions[q]], run.queries.global_desc[positions[q]],
+                        None if keypoints is None else keypoints.query(int(run.query_rows[q])))
     return query, RerankCandidates(run.gallery.local_desc[ids], run.knn_scores[q, : len(ids)],
-                                   run.gallery.global_desc[ids])
+                                   run.gallery.global_desc[ids],
+                                   None if keypoints is None else [keypoints.candidate(int(run.gallery_rows[i]))
+                                                                   for i in ids])
 
 
 def score_top_k(run: EvalRun, score: Callable[[RerankQuery, RerankCandidates], np.ndarray], top_k: int, *,
@@ -103,10 +108,11 @@ def reranked_metrics(run: EvalRun, scores: np.ndarray, *, queries: np.ndarray | 
     return retrieval_metrics(matches, run.n_positives[chosen], ks), order
 
 
-def rerank_run(run: EvalRun, reranker: Reranker, top_k: int = 100, *, progress: bool = True,
-               ks: tuple[int, ...] = (1, 10, 100)) -> RerankedRun:
+def rerank_run(run: EvalRun, reranker: Reranker, top_k: int = 100, *, keypoints: RunKeypoints | None = None,
+               progress: bool = True, ks: tuple[int, ...] = (1, 10, 100)) -> RerankedRun:
     """Rerank every query's global top-``top_k`` with ``reranker`` and recompute the metrics.
-    The reranker's own order is used as is (not re-derived from its scores)."""
+    The reranker's own order is used as is (not re-derived from its scores). ``keypoints``: for
+    rerankers that verify geometry (see waldo.eval.gv_eval.run_keypoints)."""
     if top_k < 1:
         raise ValueError(f"top_k must be positive, got {top_k}")
     top_k = min(top_k, run.knn_indices.shape[1])
@@ -116,7 +122,7 @@ def rerank_run(run: EvalRun, reranker: Reranker, top_k: int = 100, *, progress: 
     rerank_scores = np.full((n_queries, top_k), np.nan, np.float32)
     start = time.perf_counter()
     for q in tqdm(range(n_queries), desc=f"rerank ({reranker.name})", unit="query", disable=not progress, leave=False):
-        item = _query_and_candidates(run, positions, q, top_k)
+        item = _query_and_candidates(run, positions, q, top_k, keypoints)
         if item is None:
             continue
         result = reranker.rerank(*item)

@@ -12,11 +12,14 @@ from pathlib import Path
 from waldo.data.protocols import Protocol, get_protocol
 from waldo.data.transforms import get_transform
 from waldo.eval.evaluate import EvalRun, evaluate_protocol
+from waldo.eval.gv_eval import run_keypoints
 from waldo.eval.multiscale import scale_sizes, scale_transforms
+from waldo.eval.rerank_eval import rerank_run
 from waldo.models.checkpoint import ModelConfig, load_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.untrained import untrained_model
 from waldo.paths import data_root
+from waldo.rerank import NO_RERANK, RERANKERS, Need, RerankerSetup
 
 # Which shared dataset each named protocol reads when --data is not given.
 PROTOCOL_DATASETS = {"grocery": "grocery_store", "coil100": "coil100"}
@@ -49,22 +52,22 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
                   projection: str = "pca-whiten", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
-                  seed: int = 0, rerank: str | None = None, rerank_top_k: int = 100,
+                  seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = ()) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
-    ``rerank`` ("rrt" | "rrt-fusion", see waldo.rerank.base.RERANKERS) re-sorts each query's
-    global top ``rerank_top_k`` with the reranker saved in ``model_dir``; the returned run is then
-    the reranked one and ``metrics["global"]`` holds the global-only figures. ``"gv"`` verifies
-    the top ``rerank_top_k`` geometrically (needs no model); ``"rrt+gv"`` applies GV to the
-    RRT's order (see waldo.rerank.gv.VerifiedReranker for the rule).
+    ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
+    re-sorts each query's global top ``rerank_top_k``, reading an RRT from ``model_dir`` when it
+    needs one and the images' SIFT keypoints (computed once, cached) when it verifies geometry.
+    The returned run is then the reranked one and ``metrics["global"]`` holds the global-only
+    figures.
 
     ``scales`` (factors of the model's image size, e.g. ``(0.75, 1, 1.25)``) averages the global
     descriptors over those sizes (waldo.eval.multiscale); empty, the default, is single-scale."""
-    first = rerank[: -len("+gv")] if rerank and rerank.endswith("+gv") else (None if rerank == "gv" else rerank)
-    if first is not None and model_dir is None:
-        raise ValueError(f"--rerank {rerank} needs --model: a reranker folder made by `waldo train rrt`")
     start = time.perf_counter()
+    # Built first: a reranker that cannot be built fails before minutes of extraction.
+    reranker = None if rerank == NO_RERANK else RERANKERS.create(
+        rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None))
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                   dim=dim, transform=transform, progress=progress, seed=seed)
@@ -72,16 +75,10 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
                             batch_size=batch_size, num_workers=num_workers, progress=progress,
                             extra_transforms=extra)
-    if first is not None:
-        from waldo.eval.rerank_eval import rerank_run
-        from waldo.rerank.base import create_reranker
-
-        run = rerank_run(run, create_reranker(first, model_dir), rerank_top_k, progress=progress).run
-    if first != rerank:  # "gv" or "<first>+gv": geometric verification of the current order
-        from waldo.eval.gv_eval import gv_rerank_run
-        from waldo.rerank.gv import GVConfig
-
-        run = gv_rerank_run(proto, run, config=GVConfig(top_k=rerank_top_k), progress=progress)
+    if reranker is not None:
+        verifies = Need.KEYPOINTS in RERANKERS.spec(rerank).needs
+        keypoints = run_keypoints(proto, progress=progress) if verifies else None
+        run = rerank_run(run, reranker, rerank_top_k, keypoints=keypoints, progress=progress).run
     metrics = dict(run.metrics)
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim,

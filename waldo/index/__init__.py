@@ -5,6 +5,7 @@ Flat re-exports so callers write ``from waldo.index import IndexStore, exact_knn
 
 from waldo.index.db import IndexedImage
 from waldo.index.errors import IndexCorruptError, IndexMismatchError, UnknownIdError
+from waldo.index.keypoints import RaggedKeypoints
 from waldo.index.knn import exact_knn, numpy_knn, search_flat_index
 from waldo.index.snapshot import SearchResult, Snapshot
 from waldo.index.store import IndexStore
@@ -14,6 +15,7 @@ __all__ = [
     "IndexMismatchError",
     "IndexStore",
     "IndexedImage",
+    "RaggedKeypoints",
     "SearchResult",
     "Snapshot",
     "UnknownIdError",

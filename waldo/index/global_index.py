@@ -38,19 +38,18 @@ import hashlib
 import io
 import json
 import logging
-import os
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from waldo.index.fsutil import fsync_dir
+from waldo.fsutil import atomic_write_bytes
 
 log = logging.getLogger("waldo.index")
 
@@ -75,19 +74,19 @@ DEFAULT_EF_SEARCH = 1024
 SEARCH_PARAMS = {"ivf": ("nprobe",), "hnsw": ("efSearch",), "flat": (), "other": ()}
 _ADD_CHUNK = 1 << 16  # rows per faiss add(): bounds the transient copy to one chunk
 _CACHE_FORMAT = 1
-_save_lock = threading.Lock()
 # What reading a damaged or foreign cache file can raise (zip CRC errors included).
 _CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile)
 
 
-@dataclass(frozen=True)
-class GlobalIndexConfig:
+class GlobalIndexConfig(BaseModel):
     """How a snapshot builds its faiss index: the factory ``spec``, the default search-time
-    ``search_params`` (validated, see :func:`resolve_search_params`), where the trained
-    index is cached (``trained_path``, None: never cached) and the training sample's seed."""
+    ``search_params`` (validated against the spec by :func:`resolve_search_params`), where the
+    trained index is cached (``trained_path``, None: never cached) and the training sample's seed."""
 
-    spec: str = FLAT
-    search_params: Mapping[str, int] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: str = Field(FLAT, min_length=1)
+    search_params: dict[str, int] = Field(default_factory=dict)
     trained_path: Path | None = None
     seed: int = 0
 
@@ -106,9 +105,6 @@ class GlobalIndexStatus:
     trained_cached: bool = False
     build_seconds: float = 0.0
     train_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _factory(spec: str, dim: int) -> faiss.Index:
@@ -312,18 +308,10 @@ def save_trained(path: Path, index: faiss.Index, spec: str, dim: int, rows: int)
             "sha256": hashlib.sha256(blob.tobytes()).hexdigest(), "created_at": time.time()}
     buf = io.BytesIO()
     np.savez(buf, index=blob, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        with _save_lock, open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as e:
         log.warning("could not cache the trained global index at %s: %s", path, e)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_trained_meta(path: Path) -> dict[str, Any] | None:

@@ -81,11 +81,20 @@ def _drop_excluded(
     return scores, indices
 
 
+def _no_neighbours(num_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) float32 scores of -inf and int64 indices of -1: how a missing neighbour reads."""
+    return np.full((num_queries, k), -np.inf, dtype=np.float32), np.full((num_queries, k), -1, dtype=np.int64)
+
+
+def _check_dims(queries: np.ndarray, gallery_dim: int) -> None:
+    if queries.shape[1] != gallery_dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]} but the gallery has dimension {gallery_dim}")
+
+
 def _pad(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad (Q, m<=k) results to (Q, k) with -inf / -1 and normalise faiss' "missing" marker."""
-    q, m = indices.shape
-    out_s = np.full((q, k), -np.inf, dtype=np.float32)
-    out_i = np.full((q, k), -1, dtype=np.int64)
+    m = indices.shape[1]
+    out_s, out_i = _no_neighbours(len(indices), k)
     out_s[:, :m] = scores
     out_i[:, :m] = indices
     # faiss reports missing neighbours as index -1 with score -FLT_MAX; make that -inf.
@@ -93,15 +102,9 @@ def _pad(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, n
     return out_s, out_i
 
 
-def search_flat_index(
-    index: faiss.Index,
-    queries: np.ndarray,
-    k: int,
-    *,
-    exclude: np.ndarray | None = None,
-    batch_size: int = 4096,
-    params: faiss.SearchParameters | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def search_flat_index(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
+                      batch_size: int = 4096, params: faiss.SearchParameters | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Search an already-built inner-product faiss index (e.g. a snapshot's ``IndexFlatIP``,
     or an approximate IVF/HNSW one: then the answer is approximate too).
 
@@ -114,15 +117,13 @@ def search_flat_index(
     k = _check_k(k)
     batch_size = _check_batch_size(batch_size)
     q = _as_matrix("queries", queries)
-    if q.shape[1] != index.d:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has dimension {index.d}")
+    _check_dims(q, index.d)
     n = int(index.ntotal)
     ex = _check_exclude(exclude, q.shape[0], n)
     # Ask faiss for one extra neighbour when excluding, so that dropping the self-match
     # still leaves k; never ask for more than exist (saves memory for huge k).
     k_search = min(k + (1 if ex is not None else 0), n)
-    all_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-    all_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+    all_s, all_i = _no_neighbours(q.shape[0], k)
     if k_search == 0 or q.shape[0] == 0:
         return all_s, all_i
     # Batching bounds the (batch, k+1) result buffers and faiss' per-call scratch, so Q can be
@@ -137,14 +138,8 @@ def search_flat_index(
     return all_s, all_i
 
 
-def exact_knn(
-    queries: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    *,
-    exclude: np.ndarray | None = None,
-    batch_size: int = 4096,
-) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
+              batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` gallery rows by inner product for every query, with faiss ``IndexFlatIP``.
 
     Args:
@@ -161,21 +156,14 @@ def exact_knn(
     """
     g = _as_matrix("gallery", gallery)
     q = _as_matrix("queries", queries)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has dimension {g.shape[1]}")
+    _check_dims(q, g.shape[1])
     index = faiss.IndexFlatIP(g.shape[1])
     index.add(g)
     return search_flat_index(index, q, k, exclude=exclude, batch_size=batch_size)
 
 
-def numpy_knn(
-    queries: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    *,
-    exclude: np.ndarray | None = None,
-    batch_size: int = 4096,
-) -> tuple[np.ndarray, np.ndarray]:
+def numpy_knn(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
+              batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Same contract as :func:`exact_knn`, computed with numpy only (matmul + argpartition).
 
     Kept deliberately independent of faiss: it is the baseline in
@@ -186,12 +174,10 @@ def numpy_knn(
     batch_size = _check_batch_size(batch_size)
     g = _as_matrix("gallery", gallery)
     q = _as_matrix("queries", queries)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has dimension {g.shape[1]}")
+    _check_dims(q, g.shape[1])
     n = g.shape[0]
     ex = _check_exclude(exclude, q.shape[0], n)
-    all_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-    all_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+    all_s, all_i = _no_neighbours(q.shape[0], k)
     kk = min(k, n)
     if kk == 0 or q.shape[0] == 0:
         return all_s, all_i

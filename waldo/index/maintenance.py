@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from waldo.fsutil import atomic_write_json, fsync_dir
 from waldo.index import db
 from waldo.index.errors import IndexCorruptError
-from waldo.index.fsutil import atomic_write_json, fsync_dir
 from waldo.index.global_index import TRAINED_FILE
+from waldo.index.keypoints import KeypointSource, gather_keypoints, keypoint_bytes
 from waldo.index.manifest import read_manifest
 from waldo.index.segments import (
     SegmentArrays,
@@ -33,7 +34,6 @@ from waldo.index.segments import (
     verify_segment,
     write_segment,
 )
-from waldo.index.verification import RaggedSource, gather_ragged, ragged_bytes
 
 MANIFEST_FILE = "manifest.json"
 DB_FILE = "index.sqlite"
@@ -60,8 +60,7 @@ def create_index_dir(root: Path, manifest: dict[str, Any]) -> None:
             db.init_schema(conn)
         finally:
             conn.close()
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        fsync_dir(tmp)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)  # fsyncs tmp too: rename a complete folder
         try:
             os.rename(tmp, root)
         except OSError as e:
@@ -133,17 +132,17 @@ def compact(
     return stats, dropped
 
 
-def _gv_source(arrays: list[SegmentArrays], live: db.LiveRows) -> RaggedSource | None:
-    """Stream the live rows' verification features (if any segment has them) in chunks."""
+def _gv_source(arrays: list[SegmentArrays], live: db.LiveRows) -> KeypointSource | None:
+    """Stream the live rows' keypoints (if any segment has them) in chunks."""
     parts = [a.gv for a in arrays]
     known = [p for p in parts if p is not None]
     if not known:
         return None
     counts = np.array([0 if p is None else int(p.offsets[r + 1] - p.offsets[r])
                        for p, r in ((parts[s], r) for s, r in zip(live.segments.tolist(), live.rows.tolist()))])
-    chunks = (gather_ragged(parts, live.segments[s : s + _COMPACT_CHUNK], live.rows[s : s + _COMPACT_CHUNK])
+    chunks = (gather_keypoints(parts, live.segments[s : s + _COMPACT_CHUNK], live.rows[s : s + _COMPACT_CHUNK])
               for s in range(0, len(live.ids), _COMPACT_CHUNK))
-    return RaggedSource(int(counts.sum()), known[0].dim, known[0].descriptors.dtype, chunks)
+    return KeypointSource(int(counts.sum()), known[0].dim, known[0].descriptors.dtype, chunks)
 
 
 def check(
@@ -209,7 +208,7 @@ def info(root: Path, conn: sqlite3.Connection, manifest: dict[str, Any]) -> dict
         "global": sum(s.global_bytes for s in infos),
         "local": sum(s.local_bytes for s in infos),
         "local_scale": sum(s.local_scale_bytes for s in infos),
-        "verification": sum(ragged_bytes(root / SEGMENTS_DIR / s.name) for s in infos),
+        "verification": sum(keypoint_bytes(root / SEGMENTS_DIR / s.name) for s in infos),
     }
     rows = sum(s.count for s in infos)
     per_image = {part: round(b / rows, 1) if rows else 0.0 for part, b in stored.items()}

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from waldo.index.errors import IndexCorruptError, IndexMismatchError
 
@@ -29,7 +30,7 @@ LOCAL_DTYPE = "float16"  # half precision halves the dominant on-disk cost; rera
 # How local descriptors are stored. float16: (n, L, D) half floats. int8: (n, L, D) int8 plus
 # one float16 scale per descriptor (see quantize.py): half the bytes again. Readers return
 # float16 either way.
-LOCAL_DTYPES = ("float16", "int8")
+LocalDtype = Literal["float16", "int8"]
 _FORMAT_FOR_LOCAL_DTYPE = {"float16": 1, "int8": 2}
 DEFAULT_GLOBAL_INDEX = "Flat"  # exact search; see global_index.py for the approximate ones
 
@@ -41,34 +42,28 @@ _SIZES = ("global_dim", "local_shape")
 _OPTIONS = ("global_index", "global_search_params")
 
 
-@dataclass(frozen=True)
-class StorageOptions:
+class StorageOptions(BaseModel):
     """The index's storage and search choices, fixed at creation.
 
     ``local_dtype``: "float16" or "int8". ``global_index``: faiss factory string ("Flat" =
-    exact). ``global_search_params``: default search-time parameters (``nprobe``,
-    ``efSearch``). Manifests written before these existed read as float16 / "Flat" / {}.
+    exact; the spec itself is checked by ``global_index.check_spec``). ``global_search_params``:
+    default search-time parameters (``nprobe``, ``efSearch``). Manifests written before these
+    existed read as float16 / "Flat" / {}.
     """
 
-    local_dtype: str = LOCAL_DTYPE
-    global_index: str = DEFAULT_GLOBAL_INDEX
-    global_search_params: dict[str, int] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    local_dtype: LocalDtype = LOCAL_DTYPE
+    global_index: str = Field(DEFAULT_GLOBAL_INDEX, min_length=1)
+    global_search_params: dict[str, int] = Field(default_factory=dict)
 
 
 def storage_options(data: Mapping[str, Any], where: Path | str = "manifest") -> StorageOptions:
-    """The :class:`StorageOptions` of a manifest (defaults for keys it lacks), validated in form
-    (the faiss spec itself is checked by ``global_index.check_spec``)."""
-    local_dtype = data.get("local_dtype", LOCAL_DTYPE)
-    if local_dtype not in LOCAL_DTYPES:
-        raise IndexCorruptError(f"{where}: unknown local_dtype {local_dtype!r} (this Waldo knows {LOCAL_DTYPES})")
-    spec = data.get("global_index", DEFAULT_GLOBAL_INDEX)
-    params = data.get("global_search_params") or {}
-    ok = isinstance(spec, str) and bool(spec) and isinstance(params, dict) and all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in params.items()
-    )
-    if not ok:
-        raise IndexCorruptError(f"{where}: invalid global_index {spec!r} / global_search_params {params!r}")
-    return StorageOptions(local_dtype, spec, dict(params))
+    """The :class:`StorageOptions` of a manifest (defaults for keys it lacks or holds as null)."""
+    try:
+        return StorageOptions.model_validate({k: data[k] for k in StorageOptions.model_fields if data.get(k) is not None})
+    except ValidationError as e:
+        raise IndexCorruptError(f"{where}: invalid storage options: {e}") from None
 
 
 def to_json_value(value: Any, what: str) -> Any:
@@ -92,8 +87,6 @@ def build_manifest(
         ValueError: not JSON-serialisable, a reserved key given, or sizes/options that disagree.
     """
     options = options or StorageOptions()
-    if options.local_dtype not in LOCAL_DTYPES:
-        raise ValueError(f"local_dtype must be one of {LOCAL_DTYPES}, got {options.local_dtype!r}")
     if not isinstance(user, Mapping):
         raise ValueError(f"manifest must be a dict, got {type(user).__name__}")
     for key in user:

@@ -10,7 +10,7 @@ Layout of ``segments/<name>/``:
     local.npy        (n, L, Dl) float16    local descriptors, read through np.memmap
                   or (n, L, Dl) int8       with ``local_dtype="int8"`` (see quantize.py), plus
     local_scale.npy  (n, L) float16        one scale per local descriptor (int8 only)
-    gv_*.npy, gv.json                      optional verification keypoints (see verification.py)
+    gv_*.npy, gv.json                      optional keypoints for geometric verification (keypoints.py)
 
 The local dtype is a property of the whole index (manifest ``local_dtype``), never mixed
 between segments; readers always get float16, whatever is stored.
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from waldo.fsutil import fsync_dir, fsync_file, sha256_file
 from waldo.index.errors import IndexCorruptError
-from waldo.index.fsutil import fsync_dir, fsync_file, sha256_file
-from waldo.index.quantize import SCALE_DTYPE, dequantize_int8
-from waldo.index.verification import (
-    RaggedFeatures,
-    RaggedSource,
-    open_ragged,
-    verify_ragged,
-    write_ragged,
+from waldo.index.keypoints import (
+    KeypointSource,
+    RaggedKeypoints,
+    check_keypoint_files,
+    open_keypoints,
+    write_keypoints,
 )
+from waldo.index.quantize import SCALE_DTYPE, dequantize_int8
 
 GLOBAL_FILE = "global.npy"
 LOCAL_FILE = "local.npy"
@@ -77,13 +77,13 @@ class SegmentArrays:
 
     All are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
     processes) share one copy, and a large local array never has to fit in RAM. ``gv`` holds
-    the optional verification keypoints (memory-mapped too), None if stored without them.
+    the optional keypoints (memory-mapped too), None if stored without them.
     Read locals through :func:`gather_rows` (part ``"local"``) to get float16 either way.
     """
 
     global_: np.ndarray
     local: np.ndarray
-    gv: RaggedFeatures | None = None
+    gv: RaggedKeypoints | None = None
     local_scale: np.ndarray | None = None
 
     def local_rows(self, rows: np.ndarray | int) -> np.ndarray:
@@ -151,7 +151,7 @@ def write_segment(
     global_dim: int,
     local_shape: tuple[int, int],
     fill: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None],
-    gv: RaggedSource | None = None,
+    gv: KeypointSource | None = None,
     local_dtype: str = "float16",
 ) -> SegmentInfo:
     """Create a new segment of ``count`` rows, durably, and return its :class:`SegmentInfo`.
@@ -160,7 +160,7 @@ def write_segment(
     (count, D) float32 and (count, L, Dl) of ``local_dtype`` (float16 or int8), and for int8
     into ``scale_mm`` (count, L) float16 (None for float16); writing through memmaps lets
     ``compact`` stream arbitrarily large segments in chunks. ``gv``, if given, streams the
-    rows' verification features into the same folder (fsynced with it, so before the
+    rows' keypoints into the same folder (fsynced with it, so before the
     commit). On any error the folder is removed.
     """
     if count < 1:
@@ -185,7 +185,7 @@ def write_segment(
         for p in written:
             fsync_file(p)
         if gv is not None:
-            write_ragged(folder, count, gv)
+            write_keypoints(folder, count, gv)
         fsync_dir(folder)
         fsync_dir(segments_dir)  # the new folder's entry must be durable before SQLite names it
         scaled = local_dtype == "int8"
@@ -241,7 +241,7 @@ def open_segment(
                 f"segment file {path} holds {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}"
             )
         arrays.append(arr)
-    return SegmentArrays(global_=arrays[0], local=arrays[1], gv=open_ragged(folder, count),
+    return SegmentArrays(global_=arrays[0], local=arrays[1], gv=open_keypoints(folder, count),
                          local_scale=arrays[2] if len(arrays) > 2 else None)
 
 
@@ -273,8 +273,8 @@ def verify_segment(
         path = folder / fname
         if path.is_file() and sha256_file(path) != want:
             problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")
-    # verify_ragged re-reports a failed open_segment on the gv files: keep each message once.
-    problems += [p for p in verify_ragged(folder, info.count) if not any(p in q for q in problems)]
+    # check_keypoint_files re-reports a failed open_segment on the gv files: keep each message once.
+    problems += [p for p in check_keypoint_files(folder, info.count) if not any(p in q for q in problems)]
     return problems
 
 

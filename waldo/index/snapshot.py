@@ -18,9 +18,9 @@ from waldo.index import db, global_index
 from waldo.index.db import LiveRows
 from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
 from waldo.index.global_index import GlobalIndexConfig, GlobalIndexStatus
+from waldo.index.keypoints import RaggedKeypoints, gather_keypoints
 from waldo.index.knn import search_flat_index
 from waldo.index.segments import SegmentArrays, SegmentInfo, gather_rows
-from waldo.index.verification import RaggedFeatures, gather_ragged
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Snapshot:
         """(n, L, Dl) float16 local descriptors of ``ids``, read from the memory-mapped segments."""
         return self._gather("local", self.positions(ids))
 
-    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedFeatures | None:
+    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedKeypoints | None:
         """Verification keypoints/descriptors of ``ids`` in the order given (one ragged batch).
 
         None when no live segment stores any (the index was built without them). Images of a
@@ -158,7 +158,7 @@ class Snapshot:
         if all(p is None for p in parts):
             return None
         pos = self.positions(ids)
-        return gather_ragged(parts, self._segments[pos], self._rows[pos])
+        return gather_keypoints(parts, self._segments[pos], self._rows[pos])
 
     def local_view(self, image_id: int) -> np.ndarray:
         """One image's (L, Dl) float16 local descriptors.

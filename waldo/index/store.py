@@ -23,15 +23,16 @@ import os
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from waldo.fsutil import file_lock
 from waldo.index import db, maintenance
 from waldo.index.db import IndexedImage
 from waldo.index.errors import IndexCorruptError, IndexMismatchError, describe_keys
-from waldo.index.fsutil import WriterLock
 from waldo.index.global_index import (
     FLAT,
     TRAINED_FILE,
@@ -41,6 +42,7 @@ from waldo.index.global_index import (
     read_trained_meta,
     resolve_search_params,
 )
+from waldo.index.keypoints import KeypointSource, RaggedKeypoints, check_keypoint_batch
 from waldo.index.maintenance import (
     DB_FILE,
     LOCK_FILE,
@@ -49,7 +51,6 @@ from waldo.index.maintenance import (
     create_index_dir,
 )
 from waldo.index.manifest import (
-    LOCAL_DTYPES,
     StorageOptions,
     build_manifest,
     check_expected,
@@ -67,7 +68,6 @@ from waldo.index.segments import (
 )
 from waldo.index.snapshot import SearchResult, Snapshot, load_snapshot
 from waldo.index.validate import validate_add
-from waldo.index.verification import RaggedFeatures, RaggedSource, check_batch
 
 
 class IndexStore:
@@ -89,7 +89,7 @@ class IndexStore:
             trained_path=root / TRAINED_FILE,
         )
         self._segments_dir = root / SEGMENTS_DIR
-        self._lock = WriterLock(root / LOCK_FILE)
+        self._lock_path = root / LOCK_FILE
         self._conns = db.ThreadConnections(root / DB_FILE)
         self._conn = self._conns.get  # this thread's connection
         self._snap_lock = threading.Lock()
@@ -168,10 +168,9 @@ class IndexStore:
         Callers that do expensive work before creating an index (fitting a projection) call
         this first, so a typo in a faiss spec fails in a second, not after minutes.
         """
-        if local_dtype not in LOCAL_DTYPES:
-            raise ValueError(f"local_dtype must be one of {LOCAL_DTYPES}, got {local_dtype!r}")
         spec = check_spec(global_index, global_dim)
-        return StorageOptions(local_dtype, spec, resolve_search_params(spec, global_dim, global_search_params))
+        return StorageOptions(local_dtype=local_dtype, global_index=spec,
+                              global_search_params=resolve_search_params(spec, global_dim, global_search_params))
 
     @classmethod
     def _open_matching(cls, root: Path, expected: Mapping[str, Any], options: StorageOptions) -> IndexStore:
@@ -286,18 +285,11 @@ class IndexStore:
             )
         return arrays
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        *,
-        exclude_ids: Sequence[int] | np.ndarray | None = None,
-        search_params: Mapping[str, int] | None = None,
-    ) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, **options: Any) -> SearchResult:
         """Top-``k`` by inner product over live images (exact unless the index was created with
-        an approximate ``global_index``); see :meth:`Snapshot.search`. ``search_params``
-        overrides ``nprobe`` / ``efSearch`` for this call."""
-        return self.snapshot().search(queries, k, exclude_ids=exclude_ids, search_params=search_params)
+        an approximate ``global_index``) in the current snapshot; ``options`` (exclude_ids,
+        search_params overriding ``nprobe`` / ``efSearch`` for this call): see :meth:`Snapshot.search`."""
+        return self.snapshot().search(queries, k, **options)
 
     def global_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n, D) float32 global descriptors of live ``ids`` in the order given."""
@@ -308,7 +300,7 @@ class IndexStore:
         (dequantised when the index stores them as int8)."""
         return self.snapshot().local_descriptors(ids)
 
-    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedFeatures | None:
+    def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedKeypoints | None:
         """Ragged verification keypoints of live ``ids`` in the order given (see
         :meth:`Snapshot.verification_features`); None if the index stores none."""
         return self.snapshot().verification_features(ids)
@@ -342,7 +334,7 @@ class IndexStore:
         global_desc: np.ndarray,
         local_desc: np.ndarray,
         attrs: Sequence[Mapping[str, Any]] | None = None,
-        verification: RaggedFeatures | None = None,
+        verification: RaggedKeypoints | None = None,
     ) -> list[int]:
         """Add ``n`` images atomically and return their new ids (ascending, never reused).
 
@@ -362,11 +354,11 @@ class IndexStore:
         """
         batch = validate_add(paths, identities, global_desc, local_desc, attrs, self._global_dim, self._local_shape)
         n = len(batch)
-        check_batch(verification, n)
+        check_keypoint_batch(verification, n)
         if n == 0:
             return []
         conn = self._conn()
-        with self._lock:
+        with file_lock(self._lock_path):
             self._clean_orphans(conn)
             taken = db.existing(conn, "path", batch.paths)
             if taken:
@@ -379,7 +371,7 @@ class IndexStore:
                 else:  # quantise what the caller gave (validated above), not its float16 rounding
                     loc[:], scale[:] = quantize_int8(np.asarray(local_desc, dtype=np.float32))
 
-            gv = RaggedSource.of(verification) if verification is not None else None
+            gv = KeypointSource.of(verification) if verification is not None else None
             info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill, gv,
                                  local_dtype=self._options.local_dtype)
             try:
@@ -406,7 +398,7 @@ class IndexStore:
         if not keys:
             return 0
         conn = self._conn()
-        with self._lock:
+        with file_lock(self._lock_path):
             self._clean_orphans(conn)
             removed, dropped = db.remove_images(conn, column, keys)
             remove_segment_dirs(self._segments_dir, dropped)  # after the commit: readers may still map them
@@ -423,7 +415,7 @@ class IndexStore:
         "segments_after", "rows_reclaimed"}``.
         """
         conn = self._conn()
-        with self._lock:
+        with file_lock(self._lock_path):
             self._clean_orphans(conn)
             try:
                 stats, dropped = maintenance.compact(
@@ -472,6 +464,6 @@ class IndexStore:
             "built": built,
             "reason": reason,
             "trained": read_trained_meta(self._root / TRAINED_FILE) if built != FLAT else None,
-            "snapshot": snap.global_index_status.to_dict() if snap is not None else None,
+            "snapshot": asdict(snap.global_index_status) if snap is not None else None,
         }
         return out

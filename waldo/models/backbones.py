@@ -9,7 +9,6 @@ prove that pretrained weights really loaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from waldo.fsutil import sha256_file
 from waldo.registry import Registry
 
 
@@ -36,7 +36,10 @@ IMAGENET_NORM = InputNorm(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 class Backbone(nn.Module):
-    """A feature extractor with its input normalisation and (optional) ImageNet classifier."""
+    """A feature extractor with its input normalisation and (optional) ImageNet classifier; each
+    family declares its ``stride`` (input pixels per feature-map cell) and :meth:`stages`."""
+
+    stride: int
 
     def __init__(self, name: str, body: nn.Module, out_channels: int, norm: InputNorm,
                  gflops_224: float, weights_source: str) -> None:
@@ -53,8 +56,13 @@ class Backbone(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self._mean) / self._std
 
+    def stages(self) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        """(stem, stages, head): the body's modules in forward order, for fine-tuning only the
+        last stages; chaining them on normalised images equals :meth:`forward_features`."""
+        raise NotImplementedError
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, C, H/32, W/32) feature map."""
+        """(B, 3, H, W) in [0, 1] -> (B, C, H/stride, W/stride) feature map."""
         raise NotImplementedError
 
     def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -66,6 +74,12 @@ class Backbone(nn.Module):
 
 
 class _TimmEfficientNet(Backbone):
+    stride = 32
+
+    def stages(self) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        body = self.body
+        return [body.conv_stem, body.bn1], list(body.blocks), [body.conv_head, body.bn2]
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body.forward_features(self.normalize(images))
 
@@ -74,6 +88,12 @@ class _TimmEfficientNet(Backbone):
 
 
 class _TorchvisionResNet(Backbone):
+    stride = 32
+
+    def stages(self) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        body = self.body
+        return [body.conv1, body.bn1, body.relu, body.maxpool], [body.layer1, body.layer2, body.layer3, body.layer4], []
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         b = self.body
         x = b.maxpool(b.relu(b.bn1(b.conv1(self.normalize(images)))))
@@ -102,14 +122,6 @@ def backbone_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- weight files
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing code: safetensors, or torch.load(weights_only=True)."""
@@ -194,7 +206,7 @@ def _build_lite(variant: int, pretrained: bool | str | Path, gflops: float) -> B
     if pretrained:
         path = lite_weights_file(variant) if pretrained is True else Path(pretrained)
         body.load_state_dict(lite_checkpoint_to_timm(load_state_dict_file(path), body), strict=True)
-        source = f"{'imagenet' if pretrained is True else 'file'}:{file_sha256(path)[:16]}"
+        source = f"{'imagenet' if pretrained is True else 'file'}:{sha256_file(path)[:16]}"
     return _TimmEfficientNet(name, body, body.num_features, LITE_NORM, gflops, source)
 
 
@@ -237,7 +249,7 @@ def resnet50(pretrained: bool | str | Path = True) -> Backbone:
                           f"init. Pass a local weights file to use them offline.", stacklevel=2)
     elif pretrained:
         body.load_state_dict(load_state_dict_file(pretrained), strict=True)
-        source = f"file:{file_sha256(pretrained)[:16]}"
+        source = f"file:{sha256_file(pretrained)[:16]}"
     else:
         warnings.warn("resnet50 with random init: descriptors will retrieve poorly until trained",
                       stacklevel=2)

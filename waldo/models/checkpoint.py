@@ -8,44 +8,44 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from waldo.fsutil import atomic_write_bytes as _atomic_write_bytes
+from waldo.fsutil import atomic_write_bytes, atomic_write_text
 from waldo.models.backbones import create_backbone
 from waldo.models.descriptor import DescriptorModel
 
 FORMAT_VERSION = 1
 
 
-@dataclass
-class ModelConfig:
-    """How a descriptor model was built. Saved as ``config.json`` beside the weights."""
+class ModelConfig(BaseModel):
+    """How a descriptor model was built. Saved as ``config.json`` beside the weights.
+
+    Validated on construction, on assignment and on load: an unknown key (a typo, or a file
+    from another program) or a value of the wrong type is a ``ValidationError`` naming it.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     backbone: str = "efficientnet_lite0"
-    dim: int = 128
-    image_size: int = 224
+    dim: int = Field(128, ge=1)
+    image_size: int = Field(224, ge=1)
     transform: str = "resize256-crop224"
     weights_source: str = "imagenet"  # where the backbone weights came from (recorded, not reloaded)
     projection: str = "random"  # "random" | "pca:<what it was fitted on>" | "trained"
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
+    @field_validator("format_version")
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"model format {data['format_version']} is newer than this Waldo "
-                             f"supports ({FORMAT_VERSION}); upgrade Waldo")
-        return cls(**data)
+    def _readable_format(cls, version: int) -> int:
+        if version > FORMAT_VERSION:
+            raise ValueError(f"model format {version} is newer than this Waldo supports ({FORMAT_VERSION}); "
+                             f"upgrade Waldo")
+        return version
 
 
 def model_hash(model: torch.nn.Module) -> str:
@@ -65,8 +65,9 @@ def save_model(model: DescriptorModel, config: ModelConfig, folder: str | Path) 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    _atomic_write_bytes(folder / "model.safetensors", save(state, metadata={"format": "pt"}))
-    _atomic_write_bytes(folder / "config.json", config.to_json().encode())
+    atomic_write_bytes(folder / "model.safetensors", save(state, metadata={"format": "pt"}))
+    # Sorted keys, no trailing newline: byte for byte what earlier versions wrote.
+    atomic_write_text(folder / "config.json", json.dumps(config.model_dump(), indent=2, sort_keys=True))
     return folder
 
 
@@ -85,7 +86,10 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{folder} is not a Waldo model folder (needs config.json and "
                                 f"model.safetensors)")
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    try:
+        config = ModelConfig.model_validate_json(config_path.read_text())
+    except ValidationError as error:
+        raise ValueError(f"{config_path}: {error}") from None
     import warnings
 
     with warnings.catch_warnings():  # random init is overwritten right below

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from waldo.data.images import ImageLoadError, load_image
 
 if TYPE_CHECKING:
-    from waldo.rerank.local_features import LocalFeatures, SiftConfig
+    from waldo.models.keypoints import LocalFeatures, SiftConfig
 
 #: The checkpoint files an actor needs to rebuild the model (see waldo.models.checkpoint).
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -158,13 +158,13 @@ class DescriptorActor:
         # As the local path too: "auto" weighs the export/compile cost against this actor's share.
         self.run_model = prepare_runtime(self.model, runtime, batch_size=batch_size, n_images=images_per_actor)
         self.dim = config.dim
-        self.local_cells = (config.image_size // 32) ** 2
+        self.local_cells = (config.image_size // model.backbone.stride) ** 2
         self.transform = get_transform(config.transform, config.image_size)
         self.sift: SiftConfig | None = None
         if sift is not None:
-            from waldo.rerank.local_features import SiftConfig
+            from waldo.models.keypoints import SiftConfig
 
-            self.sift = SiftConfig.from_dict(sift)
+            self.sift = SiftConfig.model_validate(sift)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,7 +189,7 @@ class DescriptorActor:
             local_desc[rows] = out.local_desc.to(torch.float16).numpy()
         result = {"key": keys, "error": errors, "global_desc": global_desc, "local_desc": local_desc}
         if self.sift is not None:
-            from waldo.rerank.local_features import extract_sift
+            from waldo.models.keypoints import extract_sift
 
             keypoints = np.full(n, b"", dtype=object)
             descriptors = np.full(n, b"", dtype=object)
@@ -202,7 +202,7 @@ class DescriptorActor:
 
 
 def _features_from_bytes(keypoints: bytes, descriptors: bytes) -> LocalFeatures:
-    from waldo.rerank.local_features import SIFT_DIM, LocalFeatures
+    from waldo.models.keypoints import SIFT_DIM, LocalFeatures
 
     return LocalFeatures(np.frombuffer(keypoints, np.float32).reshape(-1, 2).copy(),
                          np.frombuffer(descriptors, np.uint8).reshape(-1, SIFT_DIM).copy())
@@ -281,7 +281,7 @@ def iter_extract_ray(model_folder: str | Path, paths: Sequence[str], *, sift: Si
     with _data_context(progress):
         dataset = ray.data.from_arrow(blocks).map_batches(
             DescriptorActor,
-            fn_constructor_kwargs={"model_files": files, "sift": sift.to_dict() if sift is not None else None,
+            fn_constructor_kwargs={"model_files": files, "sift": sift.model_dump() if sift is not None else None,
                                    "runtime": runtime, "batch_size": batch_size,
                                    "images_per_actor": -(-n // pool)},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),

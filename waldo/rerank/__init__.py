@@ -1,55 +1,52 @@
-"""Rerankers: rescore a query's global top-K candidates from local descriptors."""
+"""Rerankers: rescore a query's global top-K candidates (local descriptors, keypoints).
 
-from waldo.rerank.rrt import (
-    SEGMENT_CANDIDATE,
-    SEGMENT_CANDIDATE_GLOBAL,
-    SEGMENT_CLS,
-    SEGMENT_QUERY,
-    SEGMENT_QUERY_GLOBAL,
-    SEGMENT_SEP,
-    RerankingTransformer,
-    RRTConfig,
-    flops_per_pair,
-    sine_position_embedding,
-)
+Every module of this package is imported here, so each reranker module registers itself in
+:data:`RERANKERS` just by existing: adding a reranker is one new file.
+"""
+
+import importlib
+import pkgutil
 
 from waldo.rerank.base import (
+    NO_RERANK,
     RERANKERS,
-    FusionReranker,
+    Need,
     RerankCandidates,
     Reranker,
+    RerankerSetup,
+    RerankerSpec,
     RerankQuery,
     RerankResult,
-    RRTReranker,
-    create_reranker,
-    fuse_scores,
-    reranker_names,
+    SequentialReranker,
 )
+from waldo.rerank.gv import GeometricReranker, GVConfig
+from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 from waldo.rerank.rrt_checkpoint import has_rrt, load_rrt, save_reranker, save_rrt
+from waldo.rerank.rrt_rerankers import FusionReranker, RRTReranker, fuse_scores
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "NO_RERANK",
     "RERANKERS",
     "FusionReranker",
+    "GVConfig",
+    "GeometricReranker",
+    "Need",
+    "RRTConfig",
+    "RRTReranker",
     "RerankCandidates",
     "RerankQuery",
     "RerankResult",
     "Reranker",
-    "RRTReranker",
-    "create_reranker",
+    "RerankerSetup",
+    "RerankerSpec",
+    "RerankingTransformer",
+    "SequentialReranker",
     "fuse_scores",
     "has_rrt",
     "load_rrt",
-    "reranker_names",
     "save_reranker",
     "save_rrt",
-    "SEGMENT_CANDIDATE",
-    "SEGMENT_CANDIDATE_GLOBAL",
-    "SEGMENT_CLS",
-    "SEGMENT_QUERY",
-    "SEGMENT_QUERY_GLOBAL",
-    "SEGMENT_SEP",
-    "RRTConfig",
-    "RerankingTransformer",
-    "flops_per_pair",
-    "sine_position_embedding",
 ]

@@ -1,19 +1,18 @@
-"""The reranker interface: re-sort one query's global candidates, plus the RRT implementations.
+"""The reranker interface and the one registry every reranker is listed in.
 
-A :class:`Reranker` gets the query's descriptors and its candidates' (local descriptors and
-global scores, best global first) and returns a new order with the scores that produced it.
-Rerankers are registered by name in :data:`RERANKERS`; each builder takes a reranker
-checkpoint folder (see waldo.rerank.rrt_checkpoint):
+A :class:`Reranker` gets the query's inputs and its candidates' (best global first) and returns
+a new order with the scores that produced it. Each reranker module registers itself in
+:data:`RERANKERS` with what it needs (:class:`Need`) and a one-line description; the package
+imports every module, so adding a reranker is one new file. ``"a+b"`` composes: ``a`` reorders
+the candidates, then ``b`` reranks ``a``'s order (:class:`SequentialReranker`).
 
-- ``rrt``: sort by the RRT logit alone, as the reference does;
-- ``rrt-fusion``: sort by ``lambda * global + (1 - lambda) * sigmoid(logit)``, with the lambda
-  chosen on held-out training identities when the reranker was trained (``rrt.json``).
-
-Sorting is stable, so candidates with equal scores keep their global order.
+Sorting is stable, so candidates with equal scores keep their prior order.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,46 +20,68 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from waldo.registry import Registry
-from waldo.rerank.rrt import RerankingTransformer
-from waldo.rerank.rrt_checkpoint import load_rrt
-from waldo.rerank.rrt_fast import FastRRTScorer, supports_fast_bf16
+from waldo.models.keypoints import LocalFeatures
 
 __all__ = [
+    "NO_RERANK",
     "RERANKERS",
-    "FusionReranker",
-    "RRTReranker",
+    "Need",
     "RerankCandidates",
     "RerankQuery",
     "RerankResult",
     "Reranker",
-    "create_reranker",
-    "fuse_scores",
-    "reranker_names",
+    "RerankerRegistry",
+    "RerankerSetup",
+    "RerankerSpec",
+    "SequentialReranker",
+    "sorted_result",
 ]
+
+
+#: The rerank value that keeps the global ranking.
+NO_RERANK = "none"
 
 
 @dataclass
 class RerankQuery:
-    """local_desc (L, D) float16/32, not normalised; global_desc (D,) float32 or None."""
+    """local_desc (L, D) float16/32, not normalised; global_desc (D,) float32; keypoints: the
+    query image's SIFT. Each is needed only by the rerankers that declare it (:class:`Need`)."""
 
-    local_desc: np.ndarray | torch.Tensor
+    local_desc: np.ndarray | torch.Tensor | None
     global_desc: np.ndarray | torch.Tensor | None = None
+    keypoints: LocalFeatures | None = None
 
 
 @dataclass
 class RerankCandidates:
     """N candidates, best global first. local_desc (N, L, D) float16/32; global_scores (N,)
     float32 inner products with the query; global_desc (N, D) float32, needed only by an RRT
-    with ``use_global_tokens``."""
+    with ``use_global_tokens``; keypoints: N images' SIFT, for geometric verification."""
 
-    local_desc: np.ndarray | torch.Tensor
+    local_desc: np.ndarray | torch.Tensor | None
     global_scores: np.ndarray
     global_desc: np.ndarray | torch.Tensor | None = None
+    keypoints: Sequence[LocalFeatures] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.local_desc) != len(self.global_scores):
-            raise ValueError(f"{len(self.local_desc)} candidate locals but {len(self.global_scores)} global scores")
+        n = len(self.global_scores)
+        for name, value in (("local_desc", self.local_desc), ("global_desc", self.global_desc),
+                            ("keypoints", self.keypoints)):
+            if value is not None and len(value) != n:
+                raise ValueError(f"{len(value)} candidate {name} but {n} global scores")
+
+    def __len__(self) -> int:
+        return len(self.global_scores)
+
+    def reordered(self, order: np.ndarray) -> RerankCandidates:
+        """The same candidates in ``order`` (positions into this list)."""
+        def pick(values):
+            if values is None:
+                return None
+            return [values[i] for i in order] if isinstance(values, list | tuple) else values[order]
+
+        return RerankCandidates(pick(self.local_desc), self.global_scores[order], pick(self.global_desc),
+                                pick(self.keypoints))
 
 
 @dataclass
@@ -79,138 +100,123 @@ class Reranker(Protocol):
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult: ...
 
 
-def _sorted(scores: np.ndarray) -> RerankResult:
+def sorted_result(scores: np.ndarray) -> RerankResult:
+    """Candidates by descending ``scores``, ties in prior order."""
     scores = np.asarray(scores, np.float32)
     order = np.argsort(-scores, kind="stable").astype(np.int64)
     return RerankResult(order, scores[order])
 
 
-def fuse_scores(global_scores: np.ndarray, logits: np.ndarray, weight: float) -> np.ndarray:
-    """``weight * global + (1 - weight) * sigmoid(logit)``, elementwise, float32. weight 1 is
-    global search alone, 0 the RRT alone (sigmoid keeps the logits' order)."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
-    logits = np.asarray(logits, np.float64)
-    probability = 1.0 / (1.0 + np.exp(-logits))
-    return (weight * np.asarray(global_scores, np.float64) + (1.0 - weight) * probability).astype(np.float32)
+class Need(enum.Enum):
+    """What a reranker needs beyond the global ranking; an index offers a reranker only when it
+    has all of them (:meth:`RerankerRegistry.supported`)."""
+
+    LOCAL_DESCRIPTORS = "local descriptors"
+    KEYPOINTS = "SIFT keypoints"
+    TRAINED_RRT = "a trained RRT (rrt.json beside the model, from `waldo train rrt`)"
 
 
-def _as_float_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
+@dataclass(frozen=True)
+class RerankerSetup:
+    """What a builder may read: the model folder (holding ``rrt.json`` when an RRT was trained)
+    and how RRTs score (see waldo.rerank.rrt_rerankers.PRECISIONS)."""
+
+    folder: Path | None = None
+    precision: str = "reference"
+    compile: bool = False
 
 
-#: How an RRTReranker computes its logits (see waldo.rerank.rrt_fast):
-#: ``reference``: the training module, fp32 (every token of every layer);
-#: ``fp32``: the inference scorer, fp32: the same logits, the last layer for CLS alone;
-#: ``bf16``: the inference scorer with bf16 matmuls and attention, fp32 residuals and norms;
-#: ``auto``: ``bf16`` where the CPU has native bf16 dot products, else ``fp32``.
-PRECISIONS = ("reference", "fp32", "bf16", "auto")
+@dataclass(frozen=True)
+class RerankerSpec:
+    """A registered reranker: ``build(setup) -> Reranker``; ``score`` names what its scores are
+    (the page words them: "inliers" are counts, negative when not verified)."""
+
+    name: str
+    description: str
+    needs: frozenset[Need]
+    build: Callable[[RerankerSetup], Reranker]
+    score: str = "score"
 
 
-def resolve_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if supports_fast_bf16() else "fp32"
-    return precision
+class SequentialReranker:
+    """``stages[0]`` reorders the candidates, each next stage reranks the previous order; the
+    scores are the last stage's."""
 
-
-class RRTReranker:
-    """Sort candidates by the RRT logit; one forward pass scores ``batch_size`` pairs (100 = the
-    whole top-100 at once). ``fusion_weight`` is what the trainer chose on validation, if any.
-    ``precision``: see :data:`PRECISIONS`. ``compile``: run the inference scorer through
-    torch.compile (waldo.rerank.rrt_fast; 10-20 s at the first query, then about 2x faster);
-    ignored for ``precision="reference"``."""
-
-    name = "rrt"
-
-    def __init__(self, rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7), batch_size: int = 100,
-                 fusion_weight: float | None = None, precision: str = "reference",
-                 compile: bool = False) -> None:
-        self.rrt = rrt
-        self.grid = tuple(grid)
-        self.batch_size = batch_size
-        self.fusion_weight = fusion_weight
-        self.precision = resolve_precision(precision)
-        self._scorer: FastRRTScorer | None = None
-        if self.precision != "reference":
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            self._scorer = FastRRTScorer(rrt, dtype=dtype, grid=self.grid, compile=compile)
-
-    @classmethod
-    def from_folder(cls, folder: str | Path, *, batch_size: int = 100, precision: str = "reference",
-                    compile: bool = False) -> RRTReranker:
-        rrt, info = load_rrt(folder)
-        weight = info.get("training", {}).get("fusion_weight")
-        return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,
-                   fusion_weight=None if weight is None else float(weight), precision=precision,
-                   compile=compile)
-
-    def logits(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
-        """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
-        if len(candidates.global_scores) == 0:
-            return np.zeros(0, np.float32)
-        globals_ = {}
-        if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
-            if query.global_desc is None or candidates.global_desc is None:
-                raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
-            globals_ = {"query_global": _as_float_tensor(query.global_desc),
-                        "cand_globals": _as_float_tensor(candidates.global_desc)}
-        if self._scorer is not None:
-            embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
-                                                     globals_.get("cand_globals"))
-            scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
-                                        query_global=globals_.get("query_global"), batch_size=self.batch_size)
-        else:
-            scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc),
-                                               _as_float_tensor(candidates.local_desc),
-                                               grid=self.grid, batch_size=self.batch_size, **globals_)
-        return scores.numpy().astype(np.float32)
+    def __init__(self, name: str, stages: Sequence[Reranker]) -> None:
+        self.name = name
+        self.stages = list(stages)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
-        return _sorted(self.logits(query, candidates))
+        order = np.arange(len(candidates), dtype=np.int64)
+        result = self.stages[0].rerank(query, candidates)
+        order = order[result.order]
+        for stage in self.stages[1:]:
+            result = stage.rerank(query, candidates.reordered(order))
+            order = order[result.order]
+        return RerankResult(order, result.scores)
 
 
-class FusionReranker:
-    """Sort by :func:`fuse_scores` of the global score and the RRT's probability."""
+class RerankerRegistry:
+    """name -> :class:`RerankerSpec`, in registration order; ``"a+b"`` names a composition."""
 
-    name = "rrt-fusion"
+    def __init__(self) -> None:
+        self._specs: dict[str, RerankerSpec] = {}
+        self._offered: dict[str, str] = {}  # composition -> its description
 
-    def __init__(self, rrt: RRTReranker, weight: float) -> None:
-        fuse_scores(np.zeros(0), np.zeros(0), weight)  # validates the weight
-        self.rrt = rrt
-        self.weight = float(weight)
+    def register(self, name: str, *, description: str, needs: Iterable[Need] = (),
+                 score: str = "score") -> Callable[[Callable[[RerankerSetup], Reranker]], Callable]:
+        """Decorate ``builder(setup) -> Reranker`` to list it under ``name``."""
+        if "+" in name or name == NO_RERANK:
+            raise ValueError(f"reranker name {name!r} is reserved ('+' composes, 'none' is no reranking)")
 
-    def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
-        logits = self.rrt.logits(query, candidates)
-        return _sorted(fuse_scores(candidates.global_scores, logits, self.weight))
+        def decorator(builder: Callable[[RerankerSetup], Reranker]) -> Callable:
+            if name in self._specs:
+                raise ValueError(f"reranker {name!r} is registered twice")
+            self._specs[name] = RerankerSpec(name, description, frozenset(needs), builder, score)
+            return builder
+
+        return decorator
+
+    def offer(self, composition: str, description: str) -> None:
+        """List a composition (e.g. ``"rrt+gv"``) beside the single rerankers; its parts may
+        register later (modules import in any order)."""
+        self._offered[composition] = description
+
+    def spec(self, name: str) -> RerankerSpec:
+        """The spec of a registered name or of any composition ``"a+b[+c...]"`` of them."""
+        if name in self._specs:
+            return self._specs[name]
+        parts = name.split("+")
+        if len(parts) < 2 or any(part not in self._specs for part in parts):
+            raise ValueError(f"unknown reranker {name!r}; known: {', '.join(self.names())} "
+                             f"(or 'a+b': a reorders, then b reranks a's order)")
+        stages = [self._specs[part] for part in parts]
+
+        def build(setup: RerankerSetup) -> Reranker:
+            return SequentialReranker(name, [stage.build(setup) for stage in stages])
+
+        description = self._offered.get(name) or ", then ".join(stage.description for stage in stages)
+        return RerankerSpec(name, description, frozenset().union(*(stage.needs for stage in stages)), build,
+                            stages[-1].score)
+
+    def names(self) -> list[str]:
+        """Registered rerankers, then offered compositions, each in registration order."""
+        return [*self._specs, *self._offered]
+
+    def supported(self, available: Iterable[Need]) -> list[str]:
+        """The listed names whose needs are all ``available``."""
+        have = set(available)
+        return [name for name in self.names() if self.spec(name).needs <= have]
+
+    def create(self, name: str, setup: RerankerSetup = RerankerSetup()) -> Reranker:
+        spec = self.spec(name)
+        if Need.TRAINED_RRT in spec.needs and setup.folder is None:
+            raise ValueError(f"reranker {name!r} needs {Need.TRAINED_RRT.value}: give its model folder (--model)")
+        return spec.build(setup)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs or name in self._offered
 
 
-#: name -> builder ``(folder, **options) -> Reranker``.
-RERANKERS: Registry[Reranker] = Registry("reranker")
-
-
-@RERANKERS.register("rrt")
-def _rrt(folder: str | Path, *, batch_size: int = 100, precision: str = "reference",
-         compile: bool = False) -> Reranker:
-    return RRTReranker.from_folder(folder, batch_size=batch_size, precision=precision, compile=compile)
-
-
-@RERANKERS.register("rrt-fusion")
-def _rrt_fusion(folder: str | Path, *, batch_size: int = 100, weight: float | None = None,
-                precision: str = "reference", compile: bool = False) -> Reranker:
-    rrt = RRTReranker.from_folder(folder, batch_size=batch_size, precision=precision, compile=compile)
-    weight = rrt.fusion_weight if weight is None else weight
-    if weight is None:
-        raise ValueError(f"{folder}/rrt.json has no fusion_weight (chosen on validation at the end of "
-                         f"training); finish training or pass a weight")
-    return FusionReranker(rrt, weight)
-
-
-def create_reranker(name: str, folder: str | Path, **options) -> Reranker:
-    """Build registered reranker ``name`` from a reranker checkpoint folder."""
-    return RERANKERS.create(name, folder, **options)
-
-
-def reranker_names() -> list[str]:
-    return RERANKERS.names()
+#: Every reranker, registered by its module (``waldo.rerank`` imports them all).
+RERANKERS = RerankerRegistry()

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from waldo.data.images import load_image
+from waldo.models.keypoints import LocalFeatures, SiftConfig, extract_sift
 from waldo.rerank.gv import GVConfig, Verification, verify_pair
-from waldo.rerank.local_features import LocalFeatures, SiftConfig, extract_sift
 
 INLIER_RGB = (40, 220, 60)
 OUTLIER_RGB = (230, 60, 40)

@@ -18,21 +18,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from waldo.rerank.base import RERANKERS, RerankCandidates, Reranker, RerankQuery, RerankResult, create_reranker
-from waldo.rerank.local_features import LocalFeatures, rootsift
+from waldo.models.keypoints import LocalFeatures, rootsift
+from waldo.rerank.base import RERANKERS, Need, RerankCandidates, RerankerSetup, RerankQuery, RerankResult
 from waldo.rerank.matching import mutual_ratio_matches
 
 MODEL_NONE, MODEL_AFFINE, MODEL_HOMOGRAPHY = "none", "affine", "homography"
 
 
-@dataclass(frozen=True)
-class GVConfig:
+class GVConfig(BaseModel):
     """Matching, fitting and reranking parameters (chosen on training data; see docs/results.md).
 
     ratio: Lowe's ratio threshold.  threshold_px: MAGSAC++ reprojection threshold, in pixels
@@ -41,30 +40,16 @@ class GVConfig:
     linear scale between query and candidate.  top_k: candidates verified per query.
     """
 
-    ratio: float = 0.8
-    threshold_px: float = 4.0
-    homography_min_matches: int = 15
-    min_inliers: int = 8  # chosen on grocery-open-cross validation (docs/results.md)
-    max_scale_change: float = 8.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float = Field(0.8, gt=0, le=1)
+    threshold_px: float = Field(4.0, gt=0)
+    homography_min_matches: int = Field(15, ge=4)
+    min_inliers: int = Field(8, ge=3)  # chosen on grocery-open-cross validation (docs/results.md)
+    max_scale_change: float = Field(8.0, ge=1)
     confidence: float = 0.999
     max_iters: int = 2000
-    top_k: int = 100
-
-    def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1 or self.threshold_px <= 0 or self.max_scale_change < 1:
-            raise ValueError(f"invalid GV config {self}")
-        if self.homography_min_matches < 4 or self.min_inliers < 3 or self.top_k < 1:
-            raise ValueError("need homography_min_matches >= 4, min_inliers >= 3, top_k >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GVConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown GV config keys {unknown}")
-        return cls(**data)
+    top_k: int = Field(100, ge=1)
 
 
 @dataclass(frozen=True)
@@ -228,9 +213,11 @@ class GeometricReranker:
         return GVRerank(verified_first_order(inliers, self.config.min_inliers), inliers, verifications)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
-        """The :class:`~waldo.rerank.base.Reranker` interface; needs :class:`GVQuery` /
-        :class:`GVCandidates` (the keypoints). Scores: see :func:`gv_scores`."""
-        result = self.rerank_features(_features(query), _candidate_features(candidates))
+        """The :class:`~waldo.rerank.base.Reranker` interface: verifies the keypoints of the
+        query and of every candidate. Scores: see :func:`gv_scores`."""
+        if query.keypoints is None or candidates.keypoints is None:
+            raise ValueError("geometric verification needs the keypoints of the query and of every candidate")
+        result = self.rerank_features(query.keypoints, candidates.keypoints)
         return RerankResult(result.order, gv_scores(result.inliers[result.order], self.config.min_inliers))
 
     def close(self) -> None:
@@ -245,32 +232,6 @@ class GeometricReranker:
         self.close()
 
 
-# --------------------------------------------------------------------------- Reranker registry
-@dataclass
-class GVQuery(RerankQuery):
-    features: LocalFeatures | None = None  # the query image's keypoints
-
-
-@dataclass
-class GVCandidates(RerankCandidates):
-    features: Sequence[LocalFeatures] = ()  # each candidate's keypoints (N items)
-
-
-def _features(query: RerankQuery) -> LocalFeatures:
-    features = getattr(query, "features", None)
-    if features is None:
-        raise ValueError("geometric verification needs the query's keypoints: pass a GVQuery with features")
-    return features
-
-
-def _candidate_features(candidates: RerankCandidates) -> Sequence[LocalFeatures]:
-    features = getattr(candidates, "features", ())
-    if len(features) != len(candidates.global_scores):
-        raise ValueError(f"geometric verification needs keypoints for all {len(candidates.global_scores)} "
-                         f"candidates (GVCandidates.features), got {len(features)}")
-    return features
-
-
 def gv_scores(inliers_in_order: np.ndarray, min_inliers: int) -> np.ndarray:
     """Descending (N,) float32 scores for a verified-first order: verified candidates score
     their inlier count (>= min_inliers); the unverified, kept in prior order behind them, score
@@ -281,41 +242,12 @@ def gv_scores(inliers_in_order: np.ndarray, min_inliers: int) -> np.ndarray:
     return np.where(inliers >= min_inliers, inliers, prior).astype(np.float32)
 
 
-class VerifiedReranker:
-    """``first`` reranks (e.g. the RRT), then GV-verified candidates are promoted.
-
-    The documented combination rule for ``rrt+gv``: DELG's verified-first rule applied to the
-    first reranker's order instead of the global one. Verified candidates lead, by inliers;
-    everything else keeps ``first``'s order. So the RRT decides among candidates GV has no
-    geometric evidence for (textureless produce), and geometry overrides it where it has.
-    """
-
-    def __init__(self, first: Reranker, gv: GeometricReranker) -> None:
-        self.first, self.gv = first, gv
-        self.name = f"{first.name}+gv"
-
-    def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
-        prior = np.asarray(self.first.rerank(query, candidates).order, np.int64)
-        verifications = self.gv.verify_many(_features(query), _candidate_features(candidates))
-        inliers = np.array([v.inliers for v in verifications], np.int32)
-        order = prior[verified_first_order(inliers[prior], self.gv.config.min_inliers)]
-        return RerankResult(order, gv_scores(inliers[order], self.gv.config.min_inliers))
+@RERANKERS.register("gv", description="geometric verification (SIFT + MAGSAC++): verified images first, by inliers",
+                    needs=(Need.KEYPOINTS,), score="inliers")
+def _gv(setup: RerankerSetup) -> GeometricReranker:
+    return GeometricReranker()
 
 
-def _gv_config(config: GVConfig | dict[str, Any] | None) -> GVConfig:
-    return config if isinstance(config, GVConfig) else GVConfig.from_dict(config or {})
-
-
-@RERANKERS.register("gv")
-def _gv(folder: Any = None, *, config: GVConfig | dict[str, Any] | None = None,
-        workers: int | None = None) -> Reranker:
-    """GV needs no checkpoint: ``folder`` is accepted (and ignored) for a uniform signature."""
-    return GeometricReranker(_gv_config(config), workers)
-
-
-@RERANKERS.register("rrt+gv")
-def _rrt_gv(folder: Any, *, config: GVConfig | dict[str, Any] | None = None, workers: int | None = None,
-            batch_size: int = 100, precision: str = "reference", compile: bool = False) -> Reranker:
-    return VerifiedReranker(create_reranker("rrt", folder, batch_size=batch_size, precision=precision,
-                                            compile=compile),
-                            GeometricReranker(_gv_config(config), workers))
+# DELG's verified-first rule on the RRT's order: the RRT decides among candidates GV has no
+# geometric evidence for (textureless produce), geometry overrides it where it has.
+RERANKERS.offer("rrt+gv", "the RRT's order, then geometrically verified images first")

@@ -18,9 +18,10 @@ each image's global descriptor as one extra token right after CLS (query) and ri
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 SEGMENT_CLS = 0
@@ -31,41 +32,30 @@ SEGMENT_QUERY_GLOBAL = 4  # only with use_global_tokens
 SEGMENT_CANDIDATE_GLOBAL = 5  # only with use_global_tokens
 
 
-@dataclass
-class RRTConfig:
-    """Hyper-parameters of the reranker; the defaults are the reference SOP model (~1.98M params)."""
+class RRTConfig(BaseModel):
+    """Hyper-parameters of the reranker; the defaults are the reference SOP model (~1.98M params).
+    Saved in ``rrt.json`` (see waldo.rerank.rrt_checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     d_model: int = 128  # must equal the local (and global) descriptor dim: there is no input projection
-    n_layers: int = 6
+    n_layers: int = Field(6, ge=1)
     n_heads: int = 4
-    ff_dim: int = 1024
+    ff_dim: int = Field(1024, ge=1)
     dropout: float = 0.0
-    activation: str = "relu"  # "relu" | "gelu"
+    activation: Literal["relu", "gelu"] = "relu"
     norm_first: bool = False  # post-norm, as the reference (DETR) encoder
     use_global_tokens: bool = False
     pos_scale: float = 2.0  # normalised coordinates in (0, pos_scale]; the reference uses 2, not 2*pi
     pos_temperature: float = 10000.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _heads_and_sine_pairs_fit(self) -> RRTConfig:
         if self.d_model % 4 != 0:
             raise ValueError(f"d_model must be a multiple of 4 (sin/cos pairs per axis), got {self.d_model}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
-        if self.n_layers < 1 or self.ff_dim < 1:
-            raise ValueError("n_layers and ff_dim must be positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RRTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RRT config keys {unknown}")
-        return cls(**data)
+        return self
 
 
 def sine_position_embedding(
@@ -163,7 +153,13 @@ class RerankingTransformer(nn.Module):
         cand_global: torch.Tensor | None = None,
         grid: tuple[int, int] = (7, 7),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Build the input sequence. Arguments as :meth:`forward`.
+        """Build the input sequence of :meth:`forward`.
+
+        query_local (B, Lq, D), cand_local (B, Lc, D): float locals (D = d_model), not normalised.
+        Token i < h*w sits at grid cell (i // w, i % w) of ``grid`` (the same grid for the whole
+        batch); tokens past h*w must be padding.
+        query_mask (B, Lq), cand_mask (B, Lc): bool, True = padding (ignored by attention, so it
+        does not change the logit). query_global, cand_global (B, D): only with use_global_tokens.
 
         Returns tokens (B, T, d_model) in the locals' dtype, T = Lq + Lc + 2 (+2 with global
         tokens), and the key padding mask (B, T) bool (True = padding), or None when no mask is
@@ -199,46 +195,19 @@ class RerankingTransformer(nn.Module):
         padding = torch.cat([keep, as_mask(query_mask, query_local), keep, as_mask(cand_mask, cand_local)], 1)
         return tokens, padding
 
-    def forward(
-        self,
-        query_local: torch.Tensor,
-        cand_local: torch.Tensor,
-        *,
-        query_mask: torch.Tensor | None = None,
-        cand_mask: torch.Tensor | None = None,
-        query_global: torch.Tensor | None = None,
-        cand_global: torch.Tensor | None = None,
-        grid: tuple[int, int] = (7, 7),
-    ) -> torch.Tensor:
+    def forward(self, query_local: torch.Tensor, cand_local: torch.Tensor, **inputs: Any) -> torch.Tensor:
         """Score pairs: one logit per (query_local[b], cand_local[b]); higher = more likely a match.
-
-        query_local (B, Lq, D), cand_local (B, Lc, D): float locals (D = d_model), not normalised.
-        Token i < h*w sits at grid cell (i // w, i % w) of ``grid`` (the same grid for the whole
-        batch); tokens past h*w must be padding.
-        query_mask (B, Lq), cand_mask (B, Lc): bool, True = padding (ignored by attention, so it
-        does not change the logit). query_global, cand_global (B, D): only with use_global_tokens.
-        Returns logits (B,) in the locals' dtype.
-        """
-        tokens, padding = self.embed(
-            query_local, cand_local, query_mask=query_mask, cand_mask=cand_mask,
-            query_global=query_global, cand_global=cand_global, grid=grid,
-        )
+        ``inputs``: the masks, global descriptors and grid, as :meth:`embed` takes them.
+        Returns logits (B,) in the locals' dtype."""
+        tokens, padding = self.embed(query_local, cand_local, **inputs)
         for layer in self.layers:
             tokens = layer(tokens, src_key_padding_mask=padding)
         return self.classifier(self.final_norm(tokens[:, 0])).squeeze(-1)
 
-    def score_candidates(
-        self,
-        query_local: torch.Tensor,
-        cand_locals: torch.Tensor,
-        *,
-        query_mask: torch.Tensor | None = None,
-        cand_masks: torch.Tensor | None = None,
-        query_global: torch.Tensor | None = None,
-        cand_globals: torch.Tensor | None = None,
-        grid: tuple[int, int] = (7, 7),
-        batch_size: int = 100,
-    ) -> torch.Tensor:
+    def score_candidates(self, query_local: torch.Tensor, cand_locals: torch.Tensor, *,
+                         query_mask: torch.Tensor | None = None, cand_masks: torch.Tensor | None = None,
+                         query_global: torch.Tensor | None = None, cand_globals: torch.Tensor | None = None,
+                         grid: tuple[int, int] = (7, 7), batch_size: int = 100) -> torch.Tensor:
         """Score one query against N candidates (e.g. its global top-100), ``batch_size`` per pass.
 
         query_local (L, D), query_mask (L,), query_global (D,); cand_locals (N, L', D),

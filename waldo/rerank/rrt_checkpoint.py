@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from waldo.fsutil import atomic_write_bytes as _atomic_write
+from waldo.fsutil import atomic_write_bytes, atomic_write_json
 from waldo.models.checkpoint import ModelConfig, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
@@ -40,10 +40,10 @@ def save_rrt(folder: str | Path, rrt: RerankingTransformer, *, grid: tuple[int, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in rrt.state_dict().items()}
-    _atomic_write(folder / "rrt.safetensors", save(state, metadata={"format": "pt"}))
-    info = {"format_version": RRT_FORMAT, "rrt": rrt.config.to_dict(), "grid": list(grid),
+    atomic_write_bytes(folder / "rrt.safetensors", save(state, metadata={"format": "pt"}))
+    info = {"format_version": RRT_FORMAT, "rrt": rrt.config.model_dump(), "grid": list(grid),
             "training": dict(training or {})}
-    _atomic_write(folder / "rrt.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(folder / "rrt.json", info)
     return folder
 
 
@@ -72,7 +72,7 @@ def load_rrt(folder: str | Path) -> tuple[RerankingTransformer, dict[str, Any]]:
     from safetensors.torch import load_file
 
     info = read_rrt_info(folder)
-    rrt = RerankingTransformer(RRTConfig.from_dict(info["rrt"]))
+    rrt = RerankingTransformer(RRTConfig.model_validate(info["rrt"]))
     try:
         rrt.load_state_dict(load_file(str(Path(folder) / "rrt.safetensors")), strict=True)
     except RuntimeError as error:
@@ -85,5 +85,5 @@ def update_rrt_training(folder: str | Path, **entries: Any) -> dict[str, Any]:
     info = read_rrt_info(folder)
     info["training"] = {**info.get("training", {}), **entries}
     path = Path(folder) / "rrt.json"
-    _atomic_write(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, info)
     return info

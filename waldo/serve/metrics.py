@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ServiceMetrics", "resident_memory_bytes"]
+__all__ = ["ServiceMetrics", "process_memory_bytes", "resident_memory_bytes"]
 
 
 class ServiceMetrics:
@@ -60,15 +61,23 @@ class ServiceMetrics:
         return {**counts, "uptime_s": round(time.time() - self.started_at, 1), "query_latency": summary}
 
 
+def process_memory_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory figure of a process from Linux ``/proc/<pid>/status`` (``VmRSS``: resident now,
+    ``VmHWM``: peak resident), or None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def resident_memory_bytes() -> int:
     """This process's resident set size now (Linux ``VmRSS``), or its peak where that is unknown."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = process_memory_bytes("VmRSS")
+    if rss is not None:
+        return rss
     import resource  # not on Windows; only reached off Linux
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

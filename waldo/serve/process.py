@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from waldo.serve.metrics import process_memory_bytes
+
 __all__ = ["ServerProcess", "free_port", "start_server"]
 
 
@@ -40,13 +42,7 @@ class ServerProcess:
 
     def peak_memory_bytes(self) -> int | None:
         """The child's peak resident memory (Linux VmHWM), or None where unknown."""
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return process_memory_bytes("VmHWM", self.process.pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (uvicorn drains and runs the lifespan's shutdown), SIGKILL if it hangs."""

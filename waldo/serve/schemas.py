@@ -5,28 +5,13 @@ Inputs are multipart uploads and query parameters declared on the routes; these 
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
-
-class SearchResult(BaseModel):
-    """One hit. ``score`` orders the list; ``global_score`` and ``rank_before_rerank`` are the
-    global-descriptor similarity and rank before any reranker moved the hit."""
-
-    id: int = Field(description="image id in the index (stable, never reused)")
-    rank: int = Field(description="1-based rank in this list")
-    path: str = Field(description="the indexed file")
-    identity: str = Field(description="the instance label stored with the image")
-    label: str = Field(description="a display name: class_name attribute, identity or file name")
-    score: float = Field(description="final score (the reranker's when one ran)")
-    global_score: float = Field(description="cosine similarity of the global descriptors")
-    rank_before_rerank: int = Field(description="rank in the global-only list")
-    attrs: dict[str, Any] = Field(default_factory=dict, description="metadata stored with the image")
+from waldo.results import SearchHit
 
 
 class SearchResponse(BaseModel):
-    results: list[SearchResult]
+    results: list[SearchHit] = Field(description="best first; `waldo search --json` prints the same list")
     timings: dict[str, float] = Field(
         description="milliseconds per stage: decode, extract, search, rerank, total")
     k: int
@@ -34,6 +19,8 @@ class SearchResponse(BaseModel):
 
 
 class AddedImage(BaseModel):
+    """One uploaded file's fate: its id and whether this request added it or it was there."""
+
     id: int
     path: str = Field(description="where the upload is stored: INDEX/uploads/<sha256>.<ext>")
     identity: str

@@ -15,11 +15,9 @@ Built once in the app's lifespan. Concurrency model:
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +26,11 @@ from PIL import Image
 
 from waldo.api import Waldo
 from waldo.data.images import ImageLoadError
+from waldo.rerank import NO_RERANK, RERANKERS
 from waldo.serve.errors import ClientError
+from waldo.serve.match import match_pair
 from waldo.serve.metrics import ServiceMetrics, resident_memory_bytes
-from waldo.serve.query import (
-    NO_RERANK,
-    QueryRun,
-    available_rerankers,
-    match_pair,
-    run_query,
-)
+from waldo.serve.schemas import AddedImage, SearchResponse
 from waldo.serve.settings import ServeSettings
 from waldo.serve.thumbnails import ThumbnailCache, render_thumbnail
 from waldo.serve.uploads import (
@@ -48,28 +42,15 @@ from waldo.serve.uploads import (
     uploads_lock,
 )
 
-__all__ = ["AddedImage", "SearchService"]
+__all__ = ["SearchService"]
 
 log = logging.getLogger("waldo.serve")
 
 
-@dataclass
-class AddedImage:
-    """One uploaded file's fate: its id and whether this request added it or it was there."""
-
-    id: int
-    path: str
-    identity: str
-    name: str
-    created: bool
-
-
-@dataclass
-class SearchOutcome:
-    k: int
-    rerank: str
-    results: list[dict[str, Any]]
-    timings_ms: dict[str, float] = field(default_factory=dict)
+def _reranker_info(names: list[str]) -> dict[str, dict[str, str]]:
+    """What the page shows of each offered reranker, from the registry."""
+    specs = [RERANKERS.spec(name) for name in names if name != NO_RERANK]
+    return {spec.name: {"description": spec.description, "score": spec.score} for spec in specs}
 
 
 class SearchService:
@@ -83,7 +64,7 @@ class SearchService:
         self.metrics = ServiceMetrics()
         self.thumbnails = ThumbnailCache(settings.thumbnail_cache)
         self._write_lock = threading.Lock()
-        self._rerankers = available_rerankers(engine)
+        self._rerankers = engine.available_rerankers()
         self.orphan_uploads_removed = 0  # by clean_orphan_uploads() since start
 
     @classmethod
@@ -103,11 +84,10 @@ class SearchService:
         """One throw-away query per rank mode, so the first client neither waits for lazy
         initialisation nor for a reranker's weights to load. A reranker that fails here is
         withdrawn from the offer (logged) instead of failing every query that asks for it."""
-        blank = io.BytesIO()
-        Image.new("RGB", (64, 64), (128, 128, 128)).save(blank, format="PNG")
+        blank = Image.new("RGB", (64, 64), (128, 128, 128))
         for mode in list(self._rerankers):
             try:
-                run_query(self.engine, blank.getvalue(), 1, mode)
+                self.engine.search(blank, 1, mode)
             except Exception as error:
                 if mode == NO_RERANK:
                     raise
@@ -145,17 +125,20 @@ class SearchService:
             self.metrics.record_rejected()
             raise
 
-    def search(self, data: bytes, filename: str | None, k: int, rerank: str = NO_RERANK) -> SearchOutcome:
-        """Decode and check the upload, then query; ImageLoadError/ClientError for bad input."""
+    def search(self, data: bytes, filename: str | None, k: int, rerank: str = NO_RERANK) -> SearchResponse:
+        """Decode and check the upload, then query the engine with the decoded image (the
+        upload's one decode); ImageLoadError/ClientError for bad input."""
         self.check_query(k, rerank)
         start = time.perf_counter()
         upload = self._checked_upload(data, filename)
         decode_ms = round((time.perf_counter() - start) * 1000, 2)
-        run: QueryRun = run_query(self.engine, upload.data, k, rerank)
-        timings = {"decode": decode_ms, **run.timings_ms}
-        timings["total"] = round((time.perf_counter() - start) * 1000, 2)
+        try:
+            outcome = self.engine.search(upload.image, k, rerank)
+        except ValueError as error:  # e.g. the reranker's checkpoint lacks what it needs
+            raise ClientError(422, f"cannot rerank with {rerank!r}: {error}") from None
+        timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
         self.metrics.record_query(rerank, timings["total"])
-        return SearchOutcome(k=k, rerank=rerank, results=run.results, timings_ms=timings)
+        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=rerank)
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
@@ -194,6 +177,7 @@ class SearchService:
             "model": {"backbone": config.backbone, "dim": config.dim, "transform": config.transform,
                       "image_size": config.image_size},
             "rerankers": self.rerankers,
+            "reranker_info": _reranker_info(self.rerankers),
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
                        "max_pixels": self.settings.max_pixels, "max_k": self.settings.max_k,
                        "default_k": self.settings.default_k,

@@ -1,23 +1,28 @@
-"""Limits and knobs of the search service, in one immutable object.
+"""Limits and knobs of the search service, in one immutable object read in one place.
 
 Every limit a client can run into lives here so that the CLI, the tests and the docs agree on
-one set of numbers; the app reads them once at start-up.
+one set of numbers; the app reads them once at start-up. Each field can also be set from the
+environment as ``WALDO_<FIELD>`` (e.g. ``WALDO_API_KEY``, ``WALDO_MAX_K``): keyword arguments
+(``waldo serve``'s flags) win over the environment, which wins over the defaults below.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from waldo.data.images import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
 #: The page's files (index.html, app.js, style.css), served by the app itself: no CDN, no build.
 STATIC_DIR = Path(__file__).parent / "static"
+#: ``WALDO_API_KEY`` sets ``api_key``, and so on for every field.
+ENV_PREFIX = "WALDO_"
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(BaseSettings):
     """How the service limits and shapes its work.
 
     Attributes:
@@ -47,29 +52,35 @@ class ServeSettings:
             about 2x faster queries for 10-20 s more start-up, paid in the warm-up query.
     """
 
-    max_upload_bytes: int = 20 * MB
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_k: int = 100
-    default_k: int = 10
-    max_files_per_add: int = 32
-    query_slots: int = 2
-    thumbnail_size: int = 256
-    thumbnail_cache: int = 4096
-    body_slack_bytes: int = 64 * 1024
-    max_inflight_uploads: int = 16
-    api_key: str | None = field(default=None, repr=False)
+    # An empty variable counts as unset (``WALDO_API_KEY=`` means no key); a wrong type or an
+    # unknown keyword is a ValidationError (a ValueError) at start-up, not on the first request.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
+
+    max_upload_bytes: int = Field(20 * MB, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_k: int = Field(100, ge=1)
+    default_k: int = Field(10, ge=1)
+    max_files_per_add: int = Field(32, ge=1)
+    query_slots: int = Field(2, ge=1)
+    thumbnail_size: int = Field(256, ge=1)
+    thumbnail_cache: int = Field(4096, ge=1)
+    body_slack_bytes: int = Field(64 * 1024, ge=0)
+    max_inflight_uploads: int = Field(16, ge=1)
+    api_key: str | None = Field(None, repr=False)
     compile_rrt: bool = True
 
-    def __post_init__(self) -> None:
-        # Fail at start-up, not on the first request, when a limit makes no sense.
-        for name in ("max_upload_bytes", "max_pixels", "max_k", "default_k", "max_files_per_add",
-                     "query_slots", "thumbnail_size", "thumbnail_cache", "max_inflight_uploads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.api_key is not None and not self.api_key.strip():
+    @field_validator("api_key")
+    @classmethod
+    def _not_blank(cls, api_key: str | None) -> str | None:
+        if api_key is not None and not api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no key)")
-        if not 1 <= self.default_k <= self.max_k:
+        return api_key
+
+    @model_validator(mode="after")
+    def _default_k_within_max_k(self) -> ServeSettings:
+        if self.default_k > self.max_k:
             raise ValueError(f"default_k must lie in 1..max_k={self.max_k}, got {self.default_k}")
+        return self
 
     @property
     def max_body_bytes(self) -> int:

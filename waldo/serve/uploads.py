@@ -18,22 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from waldo.data.images import SUPPORTED_FORMATS, load_image
-from waldo.fsutil import atomic_write_bytes
+from waldo.fsutil import atomic_write_bytes, file_lock, fsync_dir
 from waldo.serve.errors import ClientError
-
-try:  # POSIX; elsewhere writers are only serialised within one process
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "clean_orphan_uploads",
            "store_upload", "uploads_lock"]
@@ -92,40 +86,15 @@ def store_upload(upload: CheckedUpload, uploads_dir: Path) -> tuple[Path, bool]:
     Written to a temporary file in the same folder, fsynced, then renamed: a crash leaves the
     old state or the whole file, never half an image under its final name.
     """
-    uploads_dir.mkdir(parents=True, exist_ok=True)
     target = uploads_dir / upload.stored_name
     if target.is_file():
         return target, False  # content-addressed: same name means same bytes
-    atomic_write_bytes(target, upload.data)
-    _fsync_dir(uploads_dir)
-    return target, True
+    return atomic_write_bytes(target, upload.data), True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-@contextlib.contextmanager
-def uploads_lock(uploads_dir: Path) -> Iterator[None]:
+def uploads_lock(uploads_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Hold the uploads folder's exclusive lock (blocking) across processes."""
-    uploads_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    descriptor = os.open(uploads_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)  # closing releases the flock
+    return file_lock(uploads_dir / LOCK_NAME)
 
 
 def clean_orphan_uploads(uploads_dir: Path, is_live: Callable[[Sequence[str]], list[bool]]) -> list[Path]:
@@ -144,5 +113,5 @@ def clean_orphan_uploads(uploads_dir: Path, is_live: Callable[[Sequence[str]], l
         for path in doomed:
             path.unlink(missing_ok=True)
         if doomed:
-            _fsync_dir(uploads_dir)
+            fsync_dir(uploads_dir)
     return doomed

@@ -12,31 +12,31 @@ import time
 
 
 def cmd_train_global(args: argparse.Namespace) -> int:
-    from waldo.train.common import read_train_state
     from waldo.train.config import GlobalTrainConfig, load_config
     from waldo.train.global_model import train_global
+    from waldo.train.loop import run_summary
 
     config = load_config(args.config, GlobalTrainConfig)
     start = time.perf_counter()
-    best = train_global(config, args.data, args.protocol, args.out, progress=not args.quiet,
-                        stop_after=args.stop_after)
-    state = read_train_state(f"{args.out}/state")
-    if state is not None:
-        print(f"{state.epoch}/{config.epochs} epochs done ({time.perf_counter() - start:.0f} s in this call, "
-              f"{state.images / max(state.seconds, 1e-9):.1f} training images/s); best validation mAP "
-              f"{state.best_metric:.4f} at epoch {state.best_epoch}: {best}")
+    train_global(config, args.data, args.protocol, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    print(run_summary(args.out, config, "mAP", time.perf_counter() - start))
     return 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """The arguments of every resumable ``waldo train`` run."""
+    parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
+    parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop after N epochs in this call (resume later with the same command)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def register_train_global(train_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``global`` sub-command to ``waldo train``'s sub-parsers."""
     parser = train_commands.add_parser("global", help="train the global descriptor (resumable)")
-    parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
-    parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    parser.add_argument("--config", required=True, help="a GlobalTrainConfig JSON file (see configs/)")
-    parser.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="stop after N epochs in this call (resume later with the same command)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(parser, "a GlobalTrainConfig JSON file (see configs/)")
     parser.set_defaults(handler=cmd_train_global)
     return parser

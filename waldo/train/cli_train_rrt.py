@@ -15,44 +15,37 @@ import argparse
 import json
 import time
 
+from waldo.train.cli_train import add_run_arguments
+
 
 def cmd_train_rrt(args: argparse.Namespace) -> int:
     from waldo.data.protocols import get_protocol
-    from waldo.train.common import read_train_state
-    from waldo.train.config import load_config
+    from waldo.train.config import RRTTrainConfig, load_config
+    from waldo.train.loop import run_summary
     from waldo.train.reranker import train_reranker
-    from waldo.train.rrt_config import RRTTrainConfig
 
     config = load_config(args.config, RRTTrainConfig)
     if args.mode is not None and args.mode != config.mode:
         raise ValueError(f"--mode {args.mode} but {args.config} is a {config.mode!r} config")
     protocol = get_protocol(args.protocol, args.data)
     start = time.perf_counter()
-    best = train_reranker(config, protocol.train, args.init, args.out, cache_root=args.cache,
-                          progress=not args.quiet, stop_after=args.stop_after,
-                          source_name=f"{args.protocol}:train")
-    state = read_train_state(f"{args.out}/state")
-    if state is not None and state.best_metric is not None:
-        print(f"{state.epoch}/{config.epochs} epochs done ({time.perf_counter() - start:.0f} s in this call, "
-              f"{state.images / max(state.seconds, 1e-9) * 2 / 3:.1f} training pairs/s); best validation "
-              f"{config.select_metric} {state.best_metric:.4f} at epoch {state.best_epoch}: {best}")
+    train_reranker(config, protocol.train, args.init, args.out, cache_root=args.cache, progress=not args.quiet,
+                   stop_after=args.stop_after, source_name=f"{args.protocol}:train")
+    print(run_summary(args.out, config, config.select_metric, time.perf_counter() - start))
     return 0
 
 
 def cmd_train_mine(args: argparse.Namespace) -> int:
     from waldo.data.protocols import get_protocol
     from waldo.models.checkpoint import load_model
-    from waldo.train.mining import mine_neighbours
+    from waldo.train.mining import TopKMiner
 
     model, config = load_model(args.model)
     protocol = get_protocol(args.protocol, args.data)
-    common = {"transform": config.transform, "image_size": config.image_size, "k": args.k, "cache_root": args.cache,
-              "batch_size": args.batch_size, "num_workers": args.workers, "progress": not args.quiet}
-    parts = {"train": mine_neighbours(model, protocol.train.paths, **common)}
-    if protocol.leave_one_out:
-        parts["test"] = mine_neighbours(model, protocol.queries.paths, **common)
-    else:
-        parts["test"] = mine_neighbours(model, protocol.queries.paths, gallery_paths=protocol.gallery.paths, **common)
+    miner = TopKMiner(config.transform, config.image_size, args.k, args.cache, batch_size=args.batch_size,
+                      num_workers=args.workers, progress=not args.quiet)
+    gallery = None if protocol.leave_one_out else protocol.gallery.paths
+    parts = {"train": miner(model, protocol.train.paths), "test": miner(model, protocol.queries.paths, gallery)}
     print(json.dumps({name: {"folder": str(result.folder), "shape": list(result.indices.shape),
                              "n_unreadable": int((~result.ok).sum())} for name, result in parts.items()}, indent=2))
     return 0
@@ -61,18 +54,12 @@ def cmd_train_mine(args: argparse.Namespace) -> int:
 def register_train_rrt(train_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``rrt`` and ``mine`` sub-commands to ``waldo train``'s sub-parsers."""
     parser = train_commands.add_parser("rrt", help="train the Reranking Transformer (resumable)")
-    parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
-    parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    parser.add_argument("--config", required=True, help="an RRTTrainConfig JSON file (see configs/rrt-*.json)")
+    add_run_arguments(parser, "an RRTTrainConfig JSON file (see configs/rrt-*.json)")
     parser.add_argument("--init", required=True, metavar="MODEL_DIR",
                         help="model folder to start from (finetune: a frozen reranker folder)")
     parser.add_argument("--mode", choices=("frozen", "finetune"), default=None,
                         help="must match the config's mode (a guard against the wrong config)")
-    parser.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
     parser.add_argument("--cache", default=None, help="neighbour/feature cache root (default: ./cache)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="stop after N epochs in this call (resume later with the same command)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=cmd_train_rrt)
 
     mine = train_commands.add_parser("mine", help="cache every training and test image's global top-k")

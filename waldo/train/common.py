@@ -1,8 +1,9 @@
 """Pieces shared by Waldo's training loops (global model now, reranker next).
 
 - reproducibility: :func:`seed_everything`, :func:`epoch_seed`;
-- the reference's BatchNorm policy: :func:`train_mode` (BatchNorm stays in eval mode);
-- crash-safe files: :func:`atomic_write_bytes`, :func:`write_dir_atomically`;
+- what trains: :func:`train_mode` (BatchNorm stays in eval mode, as in the reference) and
+  :func:`split_backbone` (frozen prefix, trainable tail);
+- crash-safe folders: :func:`write_dir_atomically` (files: :mod:`waldo.fsutil`);
 - resumable runs: :class:`TrainState` plus :func:`save_resume_state` / :func:`load_resume_state`,
   which keep weights, optimizer buffers (safetensors, keyed by parameter name) and the loop's
   counters (JSON) in one folder that is swapped in atomically, so an interruption at any moment
@@ -27,15 +28,14 @@ import torch
 from torch import nn
 
 from waldo.data.datasets import ImageSet
-from waldo.fsutil import atomic_write_bytes, atomic_write_text
+from waldo.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from waldo.data.protocols import Protocol
+from waldo.models.backbones import Backbone
 
 __all__ = [
-    "LooEvaluator", "TrainState", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-    "epoch_seed", "load_optimizer_state", "load_resume_state", "recover_dir", "restore_autograd_tensors",
-    "save_optimizer_state",
-    "save_resume_state", "seed_everything", "set_bn_eval", "split_identities", "train_mode",
-    "write_dir_atomically",
+    "LooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state", "read_train_state",
+    "recover_dir", "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
+    "set_bn_eval", "split_backbone", "split_identities", "train_mode", "write_dir_atomically",
 ]
 
 
@@ -54,7 +54,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-# ----------------------------------------------------------------------------- BatchNorm policy
+# ----------------------------------------------------------------------------- what trains
 def set_bn_eval(model: nn.Module) -> int:
     """Put every BatchNorm layer in eval mode (running statistics used and not updated), as the
     reference does: metric-learning batches of P x K images are too small and too correlated for
@@ -75,11 +75,21 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------- atomic files
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def split_backbone(backbone: Backbone, trainable_blocks: int) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The backbone's modules in forward order (:meth:`Backbone.stages`), cut into (frozen
+    prefix, trainable tail): the tail is the last ``trainable_blocks`` stages plus the head;
+    -1 makes everything trainable, 0 only the head."""
+    stem, stages, head = backbone.stages()
+    if trainable_blocks == -1:
+        return [], stem + stages + head
+    if trainable_blocks > len(stages):
+        raise ValueError(f"trainable_blocks={trainable_blocks} but {backbone.name} has {len(stages)} "
+                         f"stages; use -1 to train everything")
+    cut = len(stages) - trainable_blocks
+    return stem + stages[:cut], stages[cut:] + head
 
 
+# ----------------------------------------------------------------------------- atomic folders
 def _side_paths(target: Path) -> tuple[Path, Path]:
     return target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
 

@@ -8,36 +8,27 @@ part of fine-tuning a 2-core CPU cannot afford. The checkpoint kept is the best 
 mAP on identities held out of the training split; the protocol's queries and gallery are never
 read here.
 
-Output folder::
-
-    train_config.json   the GlobalTrainConfig of the run (a rerun must match it)
-    best/               model folder (waldo.models.checkpoint.load_model) + metrics.json + train_config.json
-    last/               model folder of the last completed epoch
-    state/              resume state: weights, optimizer buffers, counters (waldo.train.common)
-    log.jsonl           one JSON line per epoch (0 = the initial model): loss, lr, val metrics, images/s
+The epochs, resume, checkpoints and log are waldo.train.loop's; ``best/`` and ``last/`` are
+model folders (waldo.models.checkpoint.load_model) with the run's train_config.json.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
+from waldo.data.datasets import ImageSet
 from waldo.data.images import load_image
 from waldo.data.protocols import get_protocol
 from waldo.data.samplers import PKSampler
 from waldo.data.transforms import get_transform, train_transform
-from waldo.models.backbones import Backbone
 from waldo.models.checkpoint import ModelConfig, build_model, load_model, save_model
 from waldo.models.descriptor import DescriptorModel, Descriptors
 from waldo.models.extract import extract_pooled_features
@@ -45,50 +36,21 @@ from waldo.models.untrained import untrained_model
 from waldo.train.common import (
     LooEvaluator,
     TrainState,
-    atomic_write_json,
-    atomic_write_text,
     epoch_seed,
-    load_resume_state,
-    read_train_state,
-    save_resume_state,
     seed_everything,
+    split_backbone,
     split_identities,
-    train_mode,
-    write_dir_atomically,
 )
 from waldo.train.config import GlobalTrainConfig
-from waldo.train.losses import LOSSES
+from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
+from waldo.train.losses import LOSSES, MetricLoss
 
-__all__ = ["build_loss", "set_trainable", "split_backbone", "train_global", "train_step"]
+__all__ = ["GlobalTrainer", "set_trainable", "split_forward", "train_global", "train_step"]
 
 Forward = Callable[[torch.Tensor], Descriptors]
 
 
 # ----------------------------------------------------------------------------- model pieces
-def split_backbone(backbone: Backbone, trainable_blocks: int) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The backbone's modules in forward order, cut into (frozen prefix, trainable tail).
-
-    Stages are timm's ``blocks[i]`` for EfficientNet-Lite (7) and ``layer1..4`` for ResNet-50;
-    the tail is the last ``trainable_blocks`` stages plus the head (Lite's conv_head + bn2);
-    -1 makes everything trainable, 0 only the head.
-    """
-    body = backbone.body
-    if hasattr(body, "blocks") and hasattr(body, "conv_head"):  # timm EfficientNet(-Lite)
-        stem, stages, head = [body.conv_stem, body.bn1], list(body.blocks), [body.conv_head, body.bn2]
-    elif hasattr(body, "layer4"):  # torchvision ResNet
-        stem, stages, head = [body.conv1, body.bn1, body.relu, body.maxpool], \
-            [body.layer1, body.layer2, body.layer3, body.layer4], []
-    else:
-        raise ValueError(f"backbone {backbone.name!r}: unknown layout, cannot split it into stages")
-    if trainable_blocks == -1:
-        return [], stem + stages + head
-    if trainable_blocks > len(stages):
-        raise ValueError(f"trainable_blocks={trainable_blocks} but {backbone.name} has {len(stages)} "
-                         f"stages; use -1 to train everything")
-    cut = len(stages) - trainable_blocks
-    return stem + stages[:cut], stages[cut:] + head
-
-
 def set_trainable(model: DescriptorModel, trainable: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
     """Freeze everything except ``trainable`` modules and the global projection; the local
     projection is untouched by the global loss, so it is frozen too. Returns the trainable
@@ -112,14 +74,6 @@ def split_forward(model: DescriptorModel, frozen: list[nn.Module], tail: list[nn
         return model.project(x)
 
     return forward
-
-
-def build_loss(config: GlobalTrainConfig) -> nn.Module:
-    if config.loss == "softmax-contrastive":
-        return LOSSES.create(config.loss, temperature=config.temperature)
-    if config.loss == "margin-contrastive":
-        return LOSSES.create(config.loss, pos_margin=config.pos_margin, neg_margin=config.neg_margin)
-    return LOSSES.create(config.loss)
 
 
 def train_step(forward: Forward, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -161,16 +115,57 @@ class _Passes(Sampler[list[int]]):
             yield from self.sampler
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _save_model_folder(target: Path, model: DescriptorModel, model_config: ModelConfig,
-                       config: GlobalTrainConfig, metrics: dict | None) -> None:
-    def write(staging: Path) -> None:
-        save_model(model, model_config, staging)
-        atomic_write_text(staging / "train_config.json", config.to_json() + "\n")
-        if metrics is not None:
-            atomic_write_json(staging / "metrics.json", metrics)
+# ----------------------------------------------------------------------------- the trainer
+class GlobalTrainer(Trainer):
+    """SGD on P x K batches of training images with a metric loss on the global descriptors;
+    validation is leave-one-out mAP on the held-out identities."""
 
-    write_dir_atomically(target, write)
+    unit = "images"
+    metric = "map"
+
+    def __init__(self, config: GlobalTrainConfig, model: DescriptorModel, model_config: ModelConfig,
+                 trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator) -> None:
+        self.config, self.module, self.evaluator = config, model, evaluator
+        self.model_config, self.trained_config = model_config, trained_config
+        self.train_paths = train_set.paths
+        frozen, tail = split_backbone(model.backbone, config.trainable_blocks)
+        self.optimizer = torch.optim.SGD([p for _, p in set_trainable(model, tail)], lr=config.lr,
+                                         momentum=config.momentum, nesterov=config.nesterov,
+                                         weight_decay=config.weight_decay)
+        self.forward = split_forward(model, frozen, tail)
+        self.loss_fn: MetricLoss = LOSSES.get(config.loss).from_config(config)
+        labels = train_set.identity_codes().tolist()
+        self.passes = _Passes(PKSampler(labels, config.p, config.k, seed=config.seed), config.sampler_passes)
+        self.dataset = _TrainImages(train_set.paths, labels, train_transform(config.image_size))
+        if config.refit_local_projection and config.projection_init != "random":
+            self.finish_flag = "local_projection_refit"
+
+    def batches(self, epoch: int) -> DataLoader:
+        # The loader itself, not a generator over it: tqdm.auto starts an iterator at once and
+        # each start draws a worker base seed from torch's RNG, so wrapping it would shift
+        # every augmentation of the epoch.
+        seed_everything(epoch_seed(self.config.seed, epoch))  # augmentations replayable after a resume
+        self.passes.epoch = epoch
+        return DataLoader(self.dataset, batch_sampler=self.passes, num_workers=self.config.num_workers)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.passes)
+
+    def step(self, epoch: int, index: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        images, labels = batch
+        loss = train_step(self.forward, self.loss_fn, self.optimizer,
+                          images.contiguous(memory_format=torch.channels_last), labels)
+        return StepResult({"loss": loss}, weight=1, count=len(images), images=len(images))
+
+    def validate(self) -> dict:
+        return self.evaluator(self.module)
+
+    def save(self, target: Path, epoch: int, metrics: dict | None) -> None:
+        config = self.model_config if epoch == 0 else self.trained_config
+        write_checkpoint(target, self.config, metrics, lambda folder: save_model(self.module, config, folder))
+
+    def finish(self, best: Path) -> None:
+        _refit_local_projection(best, self.config, self.train_paths, self.evaluator.progress)
 
 
 def _refit_local_projection(folder: Path, config: GlobalTrainConfig, paths: list[str], progress: bool) -> None:
@@ -187,33 +182,10 @@ def _refit_local_projection(folder: Path, config: GlobalTrainConfig, paths: list
     model.global_proj.load_state_dict(trained_global)
     model_config.extra["local_projection"] = f"{config.projection_init} refit on {len(sample)} training images"
     metrics = json.loads((folder / "metrics.json").read_text())
-    _save_model_folder(folder, model, model_config, config, {**metrics, "local_projection_refit": True})
+    write_checkpoint(folder, config, {**metrics, "local_projection_refit": True},
+                     lambda staging: save_model(model, model_config, staging))
 
 
-def _check_config(out: Path, config: GlobalTrainConfig) -> None:
-    saved_path = out / "train_config.json"
-    if saved_path.is_file():
-        from waldo.train.config import load_config
-
-        differences = load_config(saved_path, GlobalTrainConfig).diff(config)
-        if differences:
-            raise ValueError(f"{out} holds a run with another config ({differences}); resume with the "
-                             f"same config or choose a new --out")
-    else:
-        atomic_write_text(saved_path, config.to_json() + "\n")
-
-
-def _log(out: Path, record: dict, keep_below: int | None = None) -> None:
-    """Append one line to log.jsonl; with ``keep_below``, first drop lines of epochs >= it
-    (written by an interrupted run after its last saved state)."""
-    path = out / "log.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if keep_below is not None:
-        lines = [line for line in lines if line.strip() and json.loads(line)["epoch"] < keep_below]
-    atomic_write_text(path, "".join(f"{line}\n" for line in [*lines, json.dumps(record)]))
-
-
-# ----------------------------------------------------------------------------- the loop
 def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protocol_name: str,
                  out_dir: str | Path, progress: bool = True, *, stop_after: int | None = None) -> Path:
     """Train (or resume training) a global model on ``protocol_name``'s training images.
@@ -221,18 +193,11 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
     Re-running with the same ``out_dir`` continues from the last completed epoch. ``stop_after``
     ends this call after that many epochs (resumable later). Returns ``out_dir / "best"``.
     """
-    config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
+    out, state = start_run(out_dir, config)
     protocol = get_protocol(protocol_name, data_dir)
     train_set, val_set = split_identities(protocol.train, config.val_fraction, config.seed)
     evaluator = LooEvaluator(val_set, get_transform(config.transform, config.eval_image_size),
                              batch_size=config.eval_batch_size, num_workers=config.num_workers, progress=progress)
-    state = read_train_state(out / "state")
     if state is None:
         model, model_config = untrained_model(
             config.backbone, dim=config.dim, projection=config.projection_init, fit_paths=train_set.paths,
@@ -240,80 +205,18 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
             image_size=config.eval_image_size, max_fit_images=config.max_fit_images, seed=config.seed,
             progress=progress)
     else:
-        model_config = ModelConfig.from_dict(state.extra["model_config"])
+        model_config = ModelConfig.model_validate(state.extra["model_config"])
         with warnings.catch_warnings():  # "random init" warnings: the saved weights load below
             warnings.simplefilter("ignore")
             model = build_model(model_config, pretrained=False)
     # NHWC convolutions are faster on CPU; converting here, outside inference mode, also keeps
     # validation (which converts under inference_mode) from touching the parameters.
     model.to(memory_format=torch.channels_last)
-    frozen, tail = split_backbone(model.backbone, config.trainable_blocks)
-    named = set_trainable(model, tail)
-    optimizer = torch.optim.SGD([p for _, p in named], lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    if state is not None:
-        load_resume_state(out / "state", model, optimizer)
-    else:  # epoch 0: the initial model is the first candidate, so training can only improve on it
-        metrics = evaluator(model)
-        state = TrainState(seed=config.seed, best_metric=metrics["map"], best_epoch=0,
-                           extra={"model_config": asdict(model_config), "n_train": len(train_set),
-                                  "n_val": len(val_set), "val_identities": sorted(set(val_set.identities))})
-        _save_model_folder(out / "best", model, model_config, config, {"epoch": 0, "val": metrics})
-        save_resume_state(out / "state", model, optimizer, state, config.to_json())
-        _log(out, {"epoch": 0, "val": metrics}, keep_below=0)
-    trained_config = ModelConfig(**{**asdict(model_config), "projection": f"trained:{protocol_name}:train-split"})
-
-    labels = train_set.identity_codes().tolist()
-    passes = _Passes(PKSampler(labels, config.p, config.k, seed=config.seed), config.sampler_passes)
-    dataset = _TrainImages(train_set.paths, labels, train_transform(config.image_size))
-    loss_fn = build_loss(config)
-    forward = split_forward(model, frozen, tail)
-    first_epoch = state.epoch
-    for epoch in range(first_epoch, config.epochs):
-        if stop_after is not None and epoch - first_epoch >= stop_after:
-            break
-        seed_everything(epoch_seed(config.seed, epoch))  # replayable after a resume
-        lr = config.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        passes.epoch = epoch
-        loader = DataLoader(dataset, batch_sampler=passes, num_workers=config.num_workers)
-        train_mode(model)
-        losses, images, start = [], 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress, leave=False)
-        for batch, batch_labels in bar:
-            losses.append(train_step(forward, loss_fn, optimizer, batch.contiguous(memory_format=torch.channels_last),
-                                     batch_labels))
-            images += len(batch)
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
-        bar.close()
-        seconds = time.perf_counter() - start
-        mean_loss = sum(losses) / max(1, len(losses))
-        if not math.isfinite(mean_loss):
-            raise RuntimeError(f"epoch {epoch + 1}: loss is {mean_loss}; lower the lr")
-        record = {"epoch": epoch + 1, "lr": lr, "loss": mean_loss, "images": images,
-                  "images_per_s": images / seconds, "seconds": seconds}
-        state.epoch, state.seconds, state.images = epoch + 1, state.seconds + seconds, state.images + images
-        state.scheduler = {"kind": "multistep", "milestone_epochs": config.milestone_epochs(),
-                           "gamma": config.gamma, "lr": lr}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            eval_start = time.perf_counter()
-            record["val"] = evaluator(model)
-            record["eval_seconds"] = time.perf_counter() - eval_start
-            if state.best_metric is None or record["val"]["map"] > state.best_metric:
-                state.best_metric, state.best_epoch = record["val"]["map"], epoch + 1
-                _save_model_folder(out / "best", model, trained_config, config, {"epoch": epoch + 1, "val": record["val"]})
-        record["best_epoch"] = state.best_epoch
-        save_resume_state(out / "state", model, optimizer, state, config.to_json())
-        _save_model_folder(out / "last", model, trained_config, config, None)
-        _log(out, record, keep_below=epoch + 1)
-        if progress:
-            val = f", val mAP {record['val']['map']:.4f}" if "val" in record else ""
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss:.4f}, {images / seconds:.1f} img/s{val}")
-    done = state.epoch == config.epochs
-    if done and config.refit_local_projection and config.projection_init != "random" \
-            and not state.extra.get("local_projection_refit"):
-        _refit_local_projection(out / "best", config, train_set.paths, progress)
-        state.extra["local_projection_refit"] = True
-        save_resume_state(out / "state", model, optimizer, state, config.to_json())
-    return out / "best"
+    trained_config = ModelConfig(**{**model_config.model_dump(), "projection": f"trained:{protocol_name}:train-split"})
+    trainer = GlobalTrainer(config, model, model_config, trained_config, train_set, evaluator)
+    resume = state is not None
+    if state is None:
+        state = TrainState(seed=config.seed, extra={
+            "model_config": model_config.model_dump(), "n_train": len(train_set), "n_val": len(val_set),
+            "val_identities": sorted(set(val_set.identities))})
+    return fit(trainer, out, state, resume=resume, progress=progress, stop_after=stop_after)

@@ -1,8 +1,10 @@
-"""Metric-learning losses for the global descriptor.
+"""Metric-learning losses for the global descriptor, as objects in a registry of classes.
 
 ``SoftmaxContrastiveLoss`` is the reference system's global loss (its code calls it
 "contrastive"); ``MarginContrastiveLoss`` is the classic pairwise contrastive loss, as an option.
 Both take L2-normalised descriptors (B, D) and integer identity labels (B,) and return a scalar.
+A config names its loss (``GlobalTrainConfig.loss``) and the class reads its own settings from
+the config (:meth:`MetricLoss.from_config`), so adding a loss touches this file only.
 """
 
 from __future__ import annotations
@@ -12,17 +14,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from waldo.registry import Registry
+from waldo.train.config import GlobalTrainConfig
 
-LOSSES: Registry[nn.Module] = Registry("loss")
+__all__ = ["LOSSES", "MarginContrastiveLoss", "MetricLoss", "SoftmaxContrastiveLoss"]
 
 
-def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be (B, D), got {tuple(embeddings.shape)}")
-    if labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integer identity ids, got {labels.dtype}")
+class MetricLoss(nn.Module):
+    """A loss over embeddings (B, D) and identity labels (B,): checks both, then its subclass's
+    ``compute_loss``."""
+
+    @classmethod
+    def from_config(cls, config: GlobalTrainConfig) -> MetricLoss:
+        return cls()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings (B, D) float; labels (B,) int. Returns a scalar (float32)."""
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be (B, D), got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point():
+            raise ValueError(f"labels must be integer identity ids, got {labels.dtype}")
+        return self.compute_loss(embeddings, labels)
+
+
+LOSSES: Registry[type[MetricLoss]] = Registry("loss")
 
 
 def _zero_with_grad(embeddings: torch.Tensor) -> torch.Tensor:
@@ -31,7 +47,7 @@ def _zero_with_grad(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("softmax-contrastive")
-class SoftmaxContrastiveLoss(nn.Module):
+class SoftmaxContrastiveLoss(MetricLoss):
     """-log of the softmax mass each anchor puts on its own identity.
 
     S = G·Gᵀ with the diagonal excluded; p = softmax(S / T) per row; the loss of anchor i is
@@ -48,9 +64,11 @@ class SoftmaxContrastiveLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B, D) float, L2-normalised; labels (B,) int. Returns a scalar (float32)."""
-        _check_batch(embeddings, labels)
+    @classmethod
+    def from_config(cls, config: GlobalTrainConfig) -> SoftmaxContrastiveLoss:
+        return cls(temperature=config.temperature)
+
+    def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         batch = embeddings.shape[0]
         self_mask = torch.eye(batch, dtype=torch.bool, device=embeddings.device)
         positive = (labels[:, None] == labels[None, :]) & ~self_mask  # (B, B)
@@ -71,7 +89,7 @@ class SoftmaxContrastiveLoss(nn.Module):
 
 
 @LOSSES.register("margin-contrastive")
-class MarginContrastiveLoss(nn.Module):
+class MarginContrastiveLoss(MetricLoss):
     """Pairwise contrastive loss on cosine distance d = 1 - cos (in [0, 2]).
 
     Positive pairs (same label) cost relu(d - pos_margin); negative pairs cost
@@ -89,9 +107,11 @@ class MarginContrastiveLoss(nn.Module):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B, D) float; labels (B,) int. Returns a scalar (float32)."""
-        _check_batch(embeddings, labels)
+    @classmethod
+    def from_config(cls, config: GlobalTrainConfig) -> MarginContrastiveLoss:
+        return cls(pos_margin=config.pos_margin, neg_margin=config.neg_margin)
+
+    def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normalised = F.normalize(embeddings.float(), dim=1)
         # Rounding can push 1 - cos slightly below 0 for identical vectors.
         distance = (1.0 - normalised @ normalised.T).clamp_min(0.0)  # (B, B)

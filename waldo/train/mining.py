@@ -38,7 +38,7 @@ from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
 from waldo.paths import default_cache_root
 
-__all__ = ["MinedNeighbours", "default_cache_root", "list_hash", "mine_from_descriptors", "mine_neighbours",
+__all__ = ["MinedNeighbours", "TopKMiner", "default_cache_root", "list_hash", "mine_from_descriptors",
            "neighbour_key"]
 
 CACHE_FORMAT = 1
@@ -125,7 +125,7 @@ def _load(folder: Path, inputs: dict) -> MinedNeighbours | None:
     return MinedNeighbours(arrays["indices"], arrays["scores"], arrays["global"], arrays["ok"], manifest, folder)
 
 
-def _publish(folder: Path, result: MinedNeighbours) -> None:
+def _publish(folder: Path, result: MinedNeighbours) -> MinedNeighbours:
     """Write into a staging folder and rename it into place: readers never see half a cache."""
     staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -138,57 +138,66 @@ def _publish(folder: Path, result: MinedNeighbours) -> None:
         os.replace(staging, folder)
     except OSError:  # another process published the same inputs first: theirs is equivalent
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def mine_neighbours(model: DescriptorModel, query_paths: Sequence[str], *, transform: str, image_size: int,
-                    k: int = 100, gallery_paths: Sequence[str] | None = None,
-                    cache_root: str | Path | None = None,
-                    global_desc: np.ndarray | Callable[[], np.ndarray] | None = None,
-                    batch_size: int = 32, num_workers: int | None = None,
-                    progress: bool = True) -> MinedNeighbours:
-    """Top-``k`` global neighbours of every image of ``query_paths`` among ``gallery_paths``
-    (None = leave-one-out within ``query_paths``), from the cache when it holds them.
-
-    ``global_desc`` (N, D) float32, or a function returning them (called only on a cache miss),
-    may pass descriptors the caller computes more cheaply *with this model, transform and image
-    size on query_paths* (e.g. from cached feature maps); leave-one-out only.
-    ``cache_root`` None = :func:`default_cache_root`. Every result is cached: its inputs
-    determine it fully, so a later run with the same model and images reuses it.
-    """
-    sha = model_hash(model)
-    name, inputs = neighbour_key(sha, query_paths, gallery_paths, transform, image_size, k)
-    folder = Path(cache_root or default_cache_root()) / "neighbours" / name
-    cached = _load(folder, inputs)
-    if cached is not None:
-        return cached
-    start = time.perf_counter()
-    tf = get_transform(transform, image_size)
-    if global_desc is not None:
-        if callable(global_desc):
-            global_desc = global_desc()
-        if gallery_paths is not None or len(global_desc) != len(query_paths):
-            raise ValueError("global_desc is only accepted for leave-one-out, one row per query path")
-        query_global, query_ok = np.asarray(global_desc, np.float32), np.ones(len(query_paths), bool)
-    else:
-        extracted = extract_descriptors(model, query_paths, tf, batch_size=batch_size, num_workers=num_workers,
-                                        progress=progress, description="mine")
-        query_global, query_ok = _scatter(extracted.global_desc, extracted.ok), extracted.ok
-    gallery_global = gallery_ok = None
-    if gallery_paths is not None:
-        gallery = extract_descriptors(model, gallery_paths, tf, batch_size=batch_size, num_workers=num_workers,
-                                      progress=progress, description="mine gallery")
-        gallery_global, gallery_ok = _scatter(gallery.global_desc, gallery.ok), gallery.ok
-    indices, scores = mine_from_descriptors(query_global, k, gallery_global, query_ok=query_ok, gallery_ok=gallery_ok)
-    manifest = {"inputs": inputs, "descriptors": "extracted" if global_desc is None else "given by the caller", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": round(time.perf_counter() - start, 1), "n_unreadable": int((~query_ok).sum()),
-                "shapes": {"indices": list(indices.shape), "global": list(query_global.shape)}}
-    result = MinedNeighbours(indices, scores, query_global, query_ok, manifest, folder)
-    _publish(folder, result)
     return result
 
 
-def _scatter(rows: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """(n_ok, D) descriptors of the readable inputs -> (N, D) with zero rows for the others."""
-    full = np.zeros((len(ok), rows.shape[1] if rows.ndim == 2 else 0), np.float32)
-    full[ok] = rows
-    return full
+@dataclass(frozen=True)
+class TopKMiner:
+    """The hard-negative miner: every query image's top-``k`` global neighbours, by the
+    descriptors of a model with test-time ``transform`` at ``image_size``, cached under
+    ``cache_root`` (None = :func:`default_cache_root`). Every result is cached: its inputs
+    determine it fully, so a later run with the same model and images reuses it."""
+
+    transform: str
+    image_size: int
+    k: int = 100
+    cache_root: str | Path | None = None
+    batch_size: int = 32
+    num_workers: int | None = None
+    progress: bool = True
+
+    def __call__(self, model: DescriptorModel, query_paths: Sequence[str], gallery_paths: Sequence[str] | None = None,
+                 global_desc: np.ndarray | Callable[[], np.ndarray] | None = None) -> MinedNeighbours:
+        """Neighbours of ``query_paths`` among ``gallery_paths`` (None = leave-one-out within
+        ``query_paths``), from the cache when it holds them.
+
+        ``global_desc`` (N, D) float32, or a function returning them (called only on a cache
+        miss), may pass descriptors the caller computes more cheaply *with this model, transform
+        and image size on query_paths* (e.g. from cached feature maps); leave-one-out only.
+        """
+        name, inputs = neighbour_key(model_hash(model), query_paths, gallery_paths, self.transform,
+                                     self.image_size, self.k)
+        folder = Path(self.cache_root or default_cache_root()) / "neighbours" / name
+        cached = _load(folder, inputs)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        if global_desc is not None:
+            if callable(global_desc):
+                global_desc = global_desc()
+            if gallery_paths is not None or len(global_desc) != len(query_paths):
+                raise ValueError("global_desc is only accepted for leave-one-out, one row per query path")
+            query_global, query_ok = np.asarray(global_desc, np.float32), np.ones(len(query_paths), bool)
+        else:
+            query_global, query_ok = self._describe(model, query_paths, "mine")
+        gallery_global = gallery_ok = None
+        if gallery_paths is not None:
+            gallery_global, gallery_ok = self._describe(model, gallery_paths, "mine gallery")
+        indices, scores = mine_from_descriptors(query_global, self.k, gallery_global, query_ok=query_ok,
+                                                gallery_ok=gallery_ok)
+        return _publish(folder, MinedNeighbours(indices, scores, query_global, query_ok, {
+            "inputs": inputs, "descriptors": "extracted" if global_desc is None else "given by the caller",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - start, 1),
+            "n_unreadable": int((~query_ok).sum()),
+            "shapes": {"indices": list(indices.shape), "global": list(query_global.shape)}}, folder))
+
+    def _describe(self, model: DescriptorModel, paths: Sequence[str], description: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(global (N, D) float32 with zero rows for unreadable images, ok (N,) bool)."""
+        extracted = extract_descriptors(model, paths, get_transform(self.transform, self.image_size),
+                                        batch_size=self.batch_size, num_workers=self.num_workers,
+                                        progress=self.progress, description=description)
+        rows = extracted.global_desc  # (n_ok, D) of the readable images
+        full = np.zeros((len(extracted.ok), rows.shape[1] if rows.ndim == 2 else 0), np.float32)
+        full[extracted.ok] = rows
+        return full, extracted.ok

@@ -11,22 +11,13 @@ the global head, adding ``global_loss_weight`` x the softmax-contrastive loss on
 global descriptors (anchors, positives and negatives with their identities), so the one model
 keeps serving global search. Negatives keep coming from the mined (init model's) top-k.
 
-Output folder (same layout as the global trainer's)::
-
-    train_config.json  the run's RRTTrainConfig (a rerun must match it)
-    best/              reranker folder (model + rrt.json/rrt.safetensors) + metrics.json
-    last/              reranker folder of the last completed epoch
-    state/             resume state (waldo.train.common): weights, AdamW buffers, counters
-    log.jsonl          one JSON line per epoch: losses, lr, pairs/s, validation
+The epochs, resume, checkpoints and log are waldo.train.loop's; ``best/`` and ``last/`` are
+reranker folders (model + rrt.json/rrt.safetensors).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +30,19 @@ from waldo.data.datasets import ImageSet
 from waldo.data.transforms import get_transform
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.descriptor import DescriptorModel
+from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
 from waldo.rerank.rrt_checkpoint import has_rrt, load_rrt, save_reranker
-from waldo.paths import default_cache_root
-from waldo.train.common import (
-    TrainState,
-    atomic_write_json,
-    atomic_write_text,
-    epoch_seed,
-    load_resume_state,
-    read_train_state,
-    save_resume_state,
-    seed_everything,
-    split_identities,
-    train_mode,
-    write_dir_atomically,
-)
-from waldo.train.global_model import split_backbone
+from waldo.train.common import TrainState, epoch_seed, split_backbone, split_identities
+from waldo.train.config import RRTTrainConfig
+from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
 from waldo.train.losses import SoftmaxContrastiveLoss
-from waldo.train.mining import mine_neighbours
-from waldo.train.rrt_config import RRTTrainConfig
+from waldo.train.mining import TopKMiner
 from waldo.train.rrt_features import FeatureSource, OnlineImages, cache_features
 from waldo.train.rrt_validation import RRTValidator, describe_rows, record_fusion_weight, tail_project
-from waldo.train.triplets import TripletSampler
+from waldo.train.triplets import Triplets, TripletSampler
 
-__all__ = ["RerankerBundle", "train_reranker", "train_step"]
+__all__ = ["RerankerBundle", "RerankerTrainer", "train_reranker", "train_step"]
 
 
 class RerankerBundle(nn.Module):
@@ -121,36 +100,57 @@ def _trainable(bundle: RerankerBundle, tail: Sequence[nn.Module], mode: str) -> 
     return [p for p in bundle.parameters() if p.requires_grad]
 
 
-def _save(target: Path, bundle: RerankerBundle, model_config: ModelConfig, grid: tuple[int, int], training: dict,
-          config: RRTTrainConfig, metrics: dict | None) -> None:
-    def write(staging: Path) -> None:
-        save_reranker(staging, bundle.descriptor, model_config, bundle.rrt, grid=grid, training=training)
-        atomic_write_text(staging / "train_config.json", config.to_json() + "\n")
-        if metrics is not None:
-            atomic_write_json(staging / "metrics.json", metrics)
+class RerankerTrainer(Trainer):
+    """AdamW on batches of mined triplets read from a feature source; validation reranks the
+    held-out identities' global top-k (see :class:`RRTValidator`)."""
 
-    write_dir_atomically(target, write)
+    unit = "pairs"
+    finish_flag = "fusion_weight_chosen"
 
+    def __init__(self, config: RRTTrainConfig, bundle: RerankerBundle, tail: list[nn.Module], source: FeatureSource,
+                 labels: np.ndarray, sampler: TripletSampler, validator: RRTValidator, checkpoint: dict) -> None:
+        self.config, self.module, self.tail, self.source = config, bundle, tail, source
+        self.labels, self.sampler, self.validator, self.checkpoint = labels, sampler, validator, checkpoint
+        self.metric = config.select_metric
+        self.optimizer = torch.optim.AdamW(_trainable(bundle, tail, config.mode), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.global_loss = SoftmaxContrastiveLoss(config.temperature) if config.mode == "finetune" else None
 
-def _log(out: Path, record: dict, keep_below: int) -> None:
-    """Append to log.jsonl, first dropping lines of epochs >= keep_below (an interrupted run's)."""
-    path = out / "log.jsonl"
-    lines = [line for line in (path.read_text().splitlines() if path.is_file() else [])
-             if line.strip() and json.loads(line)["epoch"] < keep_below]
-    atomic_write_text(path, "".join(f"{line}\n" for line in [*lines, json.dumps(record)]))
+    def batches(self, epoch: int) -> Iterator[Triplets]:
+        return self.sampler.epoch(epoch, self.config.batch_triplets)
 
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.sampler.anchors) // self.config.batch_triplets)
 
-def _check_config(out: Path, config: RRTTrainConfig) -> None:
-    path = out / "train_config.json"
-    if path.is_file():
-        from waldo.train.config import load_config
+    def step(self, epoch: int, index: int, batch: Triplets) -> StepResult:
+        config = self.config
+        for group in self.optimizer.param_groups:  # pure function of (epoch, step): nothing to resume
+            group["lr"] = config.lr_at(epoch, epoch * self.batches_per_epoch() + index)
+        anchors, positives, negatives, fallbacks = batch
+        rows = np.concatenate([anchors, positives, negatives])
+        views = np.random.default_rng([config.seed, epoch, index]).integers(self.source.n_views, size=len(rows))
+        features = self.source.get(rows, views, seed=epoch_seed(config.seed, epoch) + index)
+        losses = train_step(self.module, self.tail, self.optimizer, features, torch.from_numpy(self.labels[rows]),
+                            global_loss=self.global_loss, global_weight=config.global_loss_weight,
+                            grad_clip=config.grad_clip)
+        n = len(anchors)
+        return StepResult(losses, weight=n, count=2 * n, images=3 * n, counters={"negative_fallbacks": fallbacks})
 
-        differences = load_config(path, RRTTrainConfig).diff(config)
-        if differences:
-            raise ValueError(f"{out} holds a run with another config ({differences}); resume with the same "
-                             f"config or choose a new --out")
-    else:
-        atomic_write_text(path, config.to_json() + "\n")
+    def validate(self) -> dict:
+        return self.validator(self.module.descriptor, self.tail, self.module.rrt, self.source,
+                              self.config.val_top_k).metrics
+
+    def score(self, metrics: dict) -> float:
+        return metrics["rrt"][self.config.select_metric]
+
+    def save(self, target: Path, epoch: int, metrics: dict | None) -> None:
+        checkpoint = self.checkpoint
+        write_checkpoint(target, self.config, metrics, lambda folder: save_reranker(
+            folder, self.module.descriptor, checkpoint["model_config"], self.module.rrt, grid=checkpoint["grid"],
+            training={**checkpoint["training"], "epoch": epoch}))
+
+    def finish(self, best: Path) -> None:
+        record_fusion_weight(best, bool(self.tail), self.source, self.validator, self.config)
 
 
 def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Path, out_dir: str | Path, *,
@@ -160,20 +160,15 @@ def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Pat
     from the model folder ``init_dir`` (a frozen reranker folder for ``finetune``: its RRT is
     loaded too). Rerunning with the same ``out_dir`` resumes after the last completed epoch.
     Returns ``out_dir / "best"``, whose rrt.json holds the fusion weight chosen on validation."""
-    config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
+    out, state = start_run(out_dir, config)
     cache_root = Path(cache_root or default_cache_root())
     model, init_config = load_model(init_dir)
     init_hash = model_hash(model)
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:
         raise ValueError(f"the RRT's d_model ({rrt_config.d_model}) must equal the model's descriptor dim ({model.dim})")
-    if config.mode == "finetune" and has_rrt(init_dir):
+    starts_from_rrt = config.mode == "finetune" and has_rrt(init_dir)
+    if starts_from_rrt:
         rrt, _ = load_rrt(init_dir)
         if rrt.config != rrt_config:
             raise ValueError(f"{init_dir}/rrt.json differs from the config's rrt settings")
@@ -201,94 +196,28 @@ def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Pat
     is_val = np.array([i in val_ids for i in images.identities])
     usable = source.ok & (labels >= 0)
     # Before any resume state is loaded, so the descriptors are the init model's (the cache key).
-    mined = mine_neighbours(model, paths, transform=transform.name, image_size=transform.image_size,
-                            k=config.negatives_top_k, cache_root=cache_root,
-                            global_desc=lambda: describe_rows(model, tail, source, np.arange(len(paths)))[0])
+    miner = TopKMiner(transform.name, transform.image_size, config.negatives_top_k, cache_root)
+    mined = miner(model, paths, global_desc=lambda: describe_rows(model, tail, source, np.arange(len(paths)))[0])
     sampler = TripletSampler(labels, usable & ~is_val, mined.indices, seed=config.seed)
     val_rows = np.flatnonzero(usable & is_val)
     validator = RRTValidator(images.subset(val_rows, f"{images.name}:val-split"), val_rows,
                              max_queries=config.val_max_queries, seed=config.seed)
 
-    params = _trainable(bundle, tail, config.mode)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    global_loss = SoftmaxContrastiveLoss(config.temperature) if config.mode == "finetune" else None
-    grid = (init_config.image_size // 32,) * 2
-    saved_config = ModelConfig(**asdict(init_config))
-    saved_config.extra = {**init_config.extra, "rrt": {"mode": config.mode, "init_model_hash": init_hash,
-                                                        "trained_on": source_name or images.name}}
+    trained_on = source_name or images.name
+    training = {"mode": config.mode, "init_model_hash": init_hash, "trained_on": trained_on}
+    saved_config = ModelConfig(**init_config.model_dump())
+    saved_config.extra = {**init_config.extra, "rrt": dict(training)}
     if config.mode == "finetune":
-        saved_config.projection = f"trained:rrt-finetune:{source_name or images.name}"
-    training = {"mode": config.mode, "init_model_hash": init_hash, "trained_on": source_name or images.name}
-    state = read_train_state(out / "state")
-    if state is not None:
-        if state.extra.get("init_model_hash") != init_hash:
-            raise ValueError(f"{out} was started from another init model; pass the same --init")
-        load_resume_state(out / "state", bundle, optimizer)
-    else:
+        saved_config.projection = f"trained:rrt-finetune:{trained_on}"
+    checkpoint = {"model_config": saved_config, "grid": (init_config.image_size // model.backbone.stride,) * 2,
+                  "training": training}
+    trainer = RerankerTrainer(config, bundle, tail, source, labels, sampler, validator, checkpoint)
+    trainer.validate_start = starts_from_rrt  # the frozen start is the first candidate
+    resume = state is not None
+    if state is None:
         state = TrainState(seed=config.seed, extra={
             "init_model_hash": init_hash, "mined": mined.folder.name if mined.folder else "",
-            "n_train_anchors": len(sampler.anchors), "n_val": len(val_rows),
-            "val_identities": sorted(val_ids)})
-        if config.mode == "finetune" and has_rrt(init_dir):  # the frozen start is the first candidate
-            val = validator(bundle.descriptor, tail, bundle.rrt, source, config.val_top_k).metrics
-            state.best_metric, state.best_epoch = val["rrt"][config.select_metric], 0
-            _save(out / "best", bundle, saved_config, grid, {**training, "epoch": 0}, config, {"epoch": 0, "val": val})
-            save_resume_state(out / "state", bundle, optimizer, state, config.to_json())
-            _log(out, {"epoch": 0, "val": val}, keep_below=0)
-    first_epoch = state.epoch
-    for epoch in range(first_epoch, config.epochs):
-        if stop_after is not None and epoch - first_epoch >= stop_after:
-            break
-        lr = config.lr_at(epoch)
-        train_mode(bundle)
-        totals, pairs, fallbacks, start = {"loss": 0.0, "bce": 0.0, "global": 0.0}, 0, 0, time.perf_counter()
-        n_batches = math.ceil(len(sampler.anchors) / config.batch_triplets)
-        bar = tqdm(sampler.epoch(epoch, config.batch_triplets), total=n_batches, unit="batch",
-                   desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for step, (anchors, positives, negatives, fell_back) in enumerate(bar):
-            for group in optimizer.param_groups:  # pure function of (epoch, step): nothing to resume
-                group["lr"] = config.lr_at(epoch, epoch * n_batches + step)
-            rows = np.concatenate([anchors, positives, negatives])
-            views = np.random.default_rng([config.seed, epoch, step]).integers(source.n_views, size=len(rows))
-            features = source.get(rows, views, seed=epoch_seed(config.seed, epoch) + step)
-            parts = train_step(bundle, tail, optimizer, features, torch.from_numpy(labels[rows]),
-                               global_loss=global_loss, global_weight=config.global_loss_weight,
-                               grad_clip=config.grad_clip)
-            for key in totals:
-                totals[key] += parts[key] * len(anchors)
-            pairs += 2 * len(anchors)
-            fallbacks += fell_back
-            bar.set_postfix(loss=f"{totals['loss'] / (pairs / 2):.4f}",
-                            pairs_s=f"{pairs / (time.perf_counter() - start):.1f}")
-        bar.close()
-        seconds = time.perf_counter() - start
-        means = {key: value / max(1, pairs / 2) for key, value in totals.items()}
-        if not math.isfinite(means["loss"]):
-            raise RuntimeError(f"epoch {epoch + 1}: loss is {means['loss']}; lower the lr")
-        record = {"epoch": epoch + 1, "lr": lr, **means, "pairs": pairs, "pairs_per_s": pairs / seconds,
-                  "seconds": seconds, "negative_fallbacks": fallbacks}
-        state.epoch, state.seconds, state.images = epoch + 1, state.seconds + seconds, state.images + 3 * pairs // 2
-        state.scheduler = {"kind": "multistep", "milestone_epochs": config.milestone_epochs(),
-                           "gamma": config.gamma, "lr": lr}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            eval_start = time.perf_counter()
-            record["val"] = validator(bundle.descriptor, tail, bundle.rrt, source, config.val_top_k).metrics
-            record["eval_seconds"] = time.perf_counter() - eval_start
-            score = record["val"]["rrt"][config.select_metric]
-            if state.best_metric is None or score > state.best_metric:
-                state.best_metric, state.best_epoch = score, epoch + 1
-                _save(out / "best", bundle, saved_config, grid, {**training, "epoch": epoch + 1}, config,
-                      {"epoch": epoch + 1, "val": record["val"]})
-        record["best_epoch"] = state.best_epoch
-        save_resume_state(out / "state", bundle, optimizer, state, config.to_json())
-        _save(out / "last", bundle, saved_config, grid, {**training, "epoch": epoch + 1}, config, None)
-        _log(out, record, keep_below=epoch + 1)
-        if progress:
-            val = f", val {config.select_metric} {score:.4f}" if "val" in record else ""
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {means['loss']:.4f}, "
-                       f"{pairs / seconds:.1f} pairs/s{val}")
-    if state.epoch == config.epochs and not state.extra.get("fusion_weight_chosen"):
-        record_fusion_weight(out / "best", bool(tail), source, validator, config)
-        state.extra["fusion_weight_chosen"] = True
-        save_resume_state(out / "state", bundle, optimizer, state, config.to_json())
-    return out / "best"
+            "n_train_anchors": len(sampler.anchors), "n_val": len(val_rows), "val_identities": sorted(val_ids)})
+    elif state.extra.get("init_model_hash") != init_hash:
+        raise ValueError(f"{out} was started from another init model; pass the same --init")
+    return fit(trainer, out, state, resume=resume, progress=progress, stop_after=stop_after)

@@ -26,12 +26,13 @@ from waldo.eval.metrics import retrieval_metrics
 from waldo.eval.rerank_eval import reranked_metrics, score_top_k
 from waldo.models.descriptor import DescriptorModel, Descriptors
 from waldo.models.extract import Extracted
-from waldo.rerank.base import RRTReranker, fuse_scores
+from waldo.rerank.rrt_rerankers import RRTReranker, fuse_scores
 from waldo.rerank.rrt import RerankingTransformer
+from waldo.train.common import split_backbone
 from waldo.train.rrt_features import FeatureSource
 
 if TYPE_CHECKING:
-    from waldo.train.rrt_config import RRTTrainConfig
+    from waldo.train.config import RRTTrainConfig
 
 __all__ = ["RRTValidator", "choose_fusion_weight", "describe_rows", "record_fusion_weight", "tail_project"]
 
@@ -127,8 +128,7 @@ def record_fusion_weight(best: Path, has_tail: bool, source: FeatureSource, vali
     and metrics.json. ``has_tail``: the backbone tail trained (finetune), so it must run."""
     from waldo.models.checkpoint import load_model
     from waldo.rerank.rrt_checkpoint import load_rrt, update_rrt_training
-    from waldo.train.common import atomic_write_json
-    from waldo.train.global_model import split_backbone
+    from waldo.fsutil import atomic_write_json
 
     model, _ = load_model(best)
     rrt, _ = load_rrt(best)

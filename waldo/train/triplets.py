@@ -18,6 +18,8 @@ from waldo.train.common import epoch_seed
 
 __all__ = ["TripletSampler"]
 
+Triplets = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
 
 class TripletSampler:
     """(anchor, positive, negative) rows for each epoch; depends only on (seed, epoch).
@@ -42,7 +44,7 @@ class TripletSampler:
         if len(self.groups) < 2:
             raise ValueError("training needs at least 2 identities (negatives)")
 
-    def epoch(self, epoch: int, batch_triplets: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def epoch(self, epoch: int, batch_triplets: int) -> Iterator[Triplets]:
         """Batches of (anchors, positives, negatives) (B,) int64 rows + how many negatives fell back."""
         rng = np.random.default_rng(epoch_seed(self.seed, epoch))
         order = rng.permutation(len(self.anchors))

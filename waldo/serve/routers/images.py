@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from waldo.serve.deps import require_write_key
 from waldo.serve.errors import ClientError
 from waldo.serve.routers.search import QUERY_ERRORS, Service, Slots, read_upload
-from waldo.serve.schemas import AddedImage, AddResponse, ErrorResponse, RemoveResponse
+from waldo.serve.schemas import AddResponse, ErrorResponse, RemoveResponse
 from waldo.serve.service import SearchService
 from waldo.serve.uploads import clean_name
 
@@ -49,7 +49,7 @@ async def add_images(
     files = [(await read_upload(upload, service.settings.max_upload_bytes), upload.filename) for upload in image]
     async with slots:
         added = await run_in_threadpool(service.add, files, clean_name(identity, limit=200) if identity else "")
-    return AddResponse(images=[AddedImage(**vars(a)) for a in added], count=len(service.engine))
+    return AddResponse(images=added, count=len(service.engine))
 
 
 @router.get("/images/{image_id}", response_class=FileResponse, responses=NOT_FOUND)

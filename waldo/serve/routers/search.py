@@ -10,12 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from waldo.serve.deps import get_service, get_slots
 from waldo.serve.errors import ClientError
-from waldo.serve.schemas import (
-    ErrorResponse,
-    MatchResponse,
-    SearchResponse,
-    SearchResult,
-)
+from waldo.serve.schemas import ErrorResponse, MatchResponse, SearchResponse
 from waldo.serve.service import SearchService
 
 router = APIRouter(tags=["search"])
@@ -48,16 +43,14 @@ async def search(
     service: Service,
     slots: Slots,
     k: Annotated[int | None, Query(description="how many results (1..max_k, see /stats)")] = None,
-    rerank: Annotated[str, Query(description="none, or a reranker listed by /stats: rrt, gv, rrt+gv")] = "none",
+    rerank: Annotated[str, Query(description="none, or a reranker /stats lists for this index")] = "none",
 ) -> SearchResponse:
     """The ``k`` indexed images most like the uploaded photo, best first, with stage timings."""
     k = service.settings.default_k if k is None else k
     service.check_query(k, rerank)  # before reading the upload or waiting for a slot
     data = await read_upload(image, service.settings.max_upload_bytes)
     async with slots:
-        outcome = await run_in_threadpool(service.search, data, image.filename, k, rerank)
-    return SearchResponse(results=[SearchResult(**row) for row in outcome.results], timings=outcome.timings_ms,
-                          k=outcome.k, rerank=outcome.rerank)
+        return await run_in_threadpool(service.search, data, image.filename, k, rerank)
 
 
 @router.post("/match/{image_id}", response_model=MatchResponse, responses={**QUERY_ERRORS, 404: {

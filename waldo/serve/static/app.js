@@ -1,14 +1,14 @@
 // Waldo's search page: plain ES module, no build step, no third-party code.
 // Flow: pick/drop/paste a photo -> show it at once -> POST /search -> grid of thumbnails.
-// The ranking toggle re-queries with each reranker the server offers (GET /stats), and a
-// click on a result opens the pair side by side with the verifier's inlier lines.
+// The ranking toggle re-queries with each reranker the server offers (GET /stats: its names,
+// descriptions and score kinds come from the server's reranker registry; none is named here), and
+// a click on a result opens the pair side by side with the verifier's inlier lines.
 
-const MODE_NAMES = { none: "Global only", rrt: "RRT", gv: "Geometric", "rrt+gv": "RRT + GV" };
 const STAGES = [["extract", "Extract"], ["search", "Search"], ["rerank", "Rerank"]];
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  config: null,        // GET /stats: rerankers, limits, images
+  config: null,        // GET /stats: rerankers, reranker_info, limits, images
   file: null,          // the query photo (File or Blob)
   fileUrl: null,       // object URL of it, for the preview and the pair view
   mode: "none",
@@ -76,11 +76,22 @@ function renderModes(rerankers) {
     button.type = "button";
     button.dataset.mode = mode;
     button.setAttribute("role", "radio");
-    button.textContent = MODE_NAMES[mode] || mode;
+    button.textContent = modeName(mode);
+    button.title = state.config.reranker_info[mode]?.description || "the global ranking alone";
     button.addEventListener("click", () => { state.mode = mode; updateModes(); search(); });
     group.append(button);
   }
   updateModes();
+}
+
+function modeName(mode) {
+  return mode === "none" ? "Global only" : mode;
+}
+
+// What a reranker's scores are, as the server's registry declares it ("inliers": counts, negative
+// when the image was not verified); undefined for the global ranking.
+function scoreKind(mode) {
+  return state.config.reranker_info[mode]?.score;
 }
 
 function updateModes() {
@@ -117,7 +128,7 @@ async function search() {
   state.inflight = controller;
   const form = new FormData();
   form.append("image", state.file, state.file.name || "pasted.png");
-  showStatus(`Searching (${MODE_NAMES[state.mode] || state.mode})…`, "busy");
+  showStatus(`Searching (${modeName(state.mode)})…`, "busy");
   $("results").classList.add("stale");
   const started = performance.now();
   try {
@@ -141,9 +152,9 @@ async function search() {
 function render(body) {
   const reranked = body.rerank !== "none";
   $("results-title").textContent = `Top ${body.results.length}`;
-  const verified = body.rerank.includes("gv") ? body.results.filter((r) => r.score >= 0).length : null;
+  const verified = scoreKind(body.rerank) === "inliers" ? body.results.filter((r) => r.score >= 0).length : null;
   $("results-note").textContent = reranked
-    ? `Reranked with ${MODE_NAMES[body.rerank] || body.rerank}${verified === null ? "" : ` (${verified} verified)`}; ` +
+    ? `Reranked with ${modeName(body.rerank)}${verified === null ? "" : ` (${verified} verified)`}; ` +
       "badges show the move from the global ranking."
     : "Ranked by global-descriptor similarity. Click a result to compare.";
   // Bars show the global similarity (a cosine, comparable across modes); the number is the
@@ -158,12 +169,12 @@ function render(body) {
   showStatus(body.results.length ? "" : "The index is empty.", body.results.length ? "" : "error");
 }
 
-// The score in the words of the ranking that produced it: GV scores are inlier counts
-// (negative when the image was not verified), RRT scores are logits.
+// The score in the words of the ranking that produced it (its kind comes from /stats).
 function scoreText(result, mode) {
-  if (mode === "none") return result.score.toFixed(3);
-  if (mode.includes("gv")) return result.score >= 0 ? `${Math.round(result.score)} inliers` : "unverified";
-  return `${mode} ${result.score.toFixed(2)}`;
+  const kind = scoreKind(mode);
+  if (!kind) return result.score.toFixed(3);
+  if (kind === "inliers") return result.score >= 0 ? `${Math.round(result.score)} inliers` : "unverified";
+  return `${kind} ${result.score.toFixed(2)}`;
 }
 
 function card(result, mode, topGlobal) {

@@ -1,5 +1,5 @@
 """Write a transform study to disk: JSON (everything), CSV (one line per number set), Markdown
-tables, and the figures (waldo.eval.plots).
+tables, and the figures (waldo_experiments.plots).
 
 Layout of ``out``::
 
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from waldo.eval.transform_study import BASELINE, MULTISCALE, TransformStudy
+from waldo_experiments.transform_study import BASELINE, MULTISCALE, NORMALIZE_EXTRA, TransformStudy
 
 __all__ = ["TRANSFORM_NOTES", "fmt", "fmt_delta", "group_table", "paired_changes", "paired_top1", "sign_test",
-           "study_markdown", "summary_table", "write_study"]
+           "study_markdown", "summary_table", "write_csv", "write_study"]
 
 # What each row changes, in the founding report's words where it had them.
 TRANSFORM_NOTES = {
@@ -34,7 +34,7 @@ TRANSFORM_NOTES = {
     "contrast": "contrast x1.5",
     "blur": "Gaussian blur (5x5, sigma 1.5)",
     "perspective": "random perspective (seeded per image)",
-    "normalize-extra": "ImageNet mean/std applied before the model's own normalisation",
+    NORMALIZE_EXTRA: "ImageNet mean/std applied before the model's own normalisation",
     MULTISCALE: "mean of the baseline's global descriptors at several sizes",
 }
 CSV_KEYS = ("recall@1", "recall@10", "recall@100", "map", "map@100", "n_queries")
@@ -173,7 +173,7 @@ def study_markdown(study: TransformStudy, command: str = "", figures: dict[str, 
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, header: Sequence[str], lines: Sequence[Sequence]) -> None:
+def write_csv(path: Path, header: Sequence[str], lines: Sequence[Sequence]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -182,22 +182,22 @@ def _write_csv(path: Path, header: Sequence[str], lines: Sequence[Sequence]) -> 
 
 def write_study(study: TransformStudy, out: str | Path, *, command: str = "", plots: bool = True) -> dict[str, Path]:
     """Write every file of the module docstring into ``out``; returns name -> path."""
-    from waldo.eval import plots as figures
+    from waldo_experiments import plots as figures  # matplotlib loads only when a report is written
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "transforms.json"}
     written["json"].write_text(json.dumps({**asdict(study), "command": command}, indent=1) + "\n")
     written["csv"] = out / "transforms.csv"
-    _write_csv(written["csv"], ["transform", "seed", "method", *CSV_KEYS, "rerank_ms_per_query"],
+    write_csv(written["csv"], ["transform", "seed", "method", *CSV_KEYS, "rerank_ms_per_query"],
                [[r["transform"], r["seed"], r["method"], *(r.get(k) for k in CSV_KEYS), r.get("rerank_ms_per_query")]
                 for r in study.rows])
     written["summary_csv"] = out / "transforms_summary.csv"
     keys = [k for k in study.summary[0] if k not in ("transform", "method", "seeds")] if study.summary else []
-    _write_csv(written["summary_csv"], ["transform", "method", *keys],
+    write_csv(written["summary_csv"], ["transform", "method", *keys],
                [[e["transform"], e["method"], *(e.get(k) for k in keys)] for e in study.summary])
     written["groups_csv"] = out / "transforms_groups.csv"
-    _write_csv(written["groups_csv"], ["transform", "seed", "method", "group", *CSV_KEYS],
+    write_csv(written["groups_csv"], ["transform", "seed", "method", "group", *CSV_KEYS],
                [[r["transform"], r["seed"], r["method"], g, *(m.get(k) for k in CSV_KEYS)]
                 for r in study.rows for g, m in r["groups"].items()])
     links: dict[str, str] = {}

@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Literal
 
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from waldo.data.images import load_image
-from waldo.index.verification import RaggedFeatures
+from waldo.index.keypoints import RaggedKeypoints
 
 SIFT_DIM = 128
 
 
-@dataclass(frozen=True)
-class SiftConfig:
-    """How keypoints are detected. Stored in the index manifest, so an index's features are
-    reproducible and a query is described the same way as the gallery.
+class SiftConfig(BaseModel):
+    """How keypoints are detected. Stored in the index manifest (``gv_features``), so an index's
+    features are reproducible and a query is described the same way as the gallery.
 
+    kind: the local feature ("sift", the only one so far).
     max_keypoints: cap per image (the strongest by detector response are kept).
     min_side: upscale an image whose shorter side is below this, before detection (0: never).
         Defaults chosen on validation splits (see docs/results.md).
@@ -44,35 +45,20 @@ class SiftConfig:
         OpenCV divides contrast by the number of octave layers, as Lowe's code does).
     """
 
-    max_keypoints: int = 1000
-    min_side: int = 256  # COIL-100's 128 px: upscaling was (marginally) preferred on validation
-    max_side: int = 1024
-    contrast_threshold: float = 0.04
-    edge_threshold: float = 10.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.max_keypoints < 1:
-            raise ValueError(f"max_keypoints must be at least 1, got {self.max_keypoints}")
-        if self.min_side < 0 or self.max_side < 16 or (self.min_side and self.min_side > self.max_side):
-            raise ValueError(f"need 0 <= min_side <= max_side, max_side >= 16; got {self.min_side}, {self.max_side}")
-        if self.contrast_threshold <= 0 or self.edge_threshold <= 0:
-            raise ValueError("contrast_threshold and edge_threshold must be positive")
+    kind: Literal["sift"] = "sift"
+    max_keypoints: int = Field(1000, ge=1)
+    min_side: int = Field(256, ge=0)  # COIL-100's 128 px: upscaling was (marginally) preferred on validation
+    max_side: int = Field(1024, ge=16)
+    contrast_threshold: float = Field(0.04, gt=0)
+    edge_threshold: float = Field(10.0, gt=0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "sift", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SiftConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (they would be silently ignored)."""
-        data = dict(data)
-        kind = data.pop("kind", "sift")
-        if kind != "sift":
-            raise ValueError(f"unsupported local feature kind {kind!r} (only 'sift')")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SIFT config keys {unknown}")
-        return cls(**data)
+    @model_validator(mode="after")
+    def _sides_in_order(self) -> SiftConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"need min_side <= max_side, got {self.min_side} > {self.max_side}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -176,8 +162,8 @@ def extract_sift_file(source: str | Path | bytes | IO[bytes], config: SiftConfig
     return extract_sift(load_image(source), config)
 
 
-def pack_features(features: Sequence[LocalFeatures]) -> RaggedFeatures:
-    """Concatenate per-image features into the index's ragged layout (see :class:`RaggedFeatures`)."""
+def pack_features(features: Sequence[LocalFeatures]) -> RaggedKeypoints:
+    """Concatenate per-image features into the index's ragged layout (see :class:`RaggedKeypoints`)."""
     counts = np.array([len(f) for f in features], dtype=np.int64)
     offsets = np.zeros(len(features) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -186,10 +172,10 @@ def pack_features(features: Sequence[LocalFeatures]) -> RaggedFeatures:
         descriptors = np.concatenate([f.descriptors for f in features])
     else:
         keypoints, descriptors = np.zeros((0, 2), np.float32), np.zeros((0, SIFT_DIM), np.uint8)
-    return RaggedFeatures(keypoints, descriptors, offsets)
+    return RaggedKeypoints(keypoints, descriptors, offsets)
 
 
-def unpack_features(ragged: RaggedFeatures) -> list[LocalFeatures]:
+def unpack_features(ragged: RaggedKeypoints) -> list[LocalFeatures]:
     """Split ragged arrays back into per-image :class:`LocalFeatures` (views, no copy)."""
     return [LocalFeatures(kp, desc) for kp, desc in ragged]
 

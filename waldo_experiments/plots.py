@@ -1,4 +1,8 @@
-"""Figures for the experiment reports (matplotlib, Agg backend: no display needed).
+"""Figures for the experiment reports (matplotlib).
+
+Figures are built as ``matplotlib.figure.Figure`` objects, never through pyplot, so no backend
+is chosen, no display is needed and no global figure state is left behind; ``savefig`` renders
+PNGs with Agg.
 
 Each function takes plain numbers (the rows and curves the studies return, also what their JSON
 holds), writes one PNG and returns its path. Sizes and DPI keep each file well under 1 MB so the
@@ -10,12 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
-
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
@@ -28,11 +29,10 @@ EXAMPLES_DPI = 80
 CORRECT, WRONG = "#1a9641", "#d7191c"
 
 
-def _save(figure: plt.Figure, path: str | Path, dpi: int = DPI) -> Path:
+def _save(figure: Figure, path: str | Path, dpi: int = DPI) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
     return path
 
 
@@ -44,7 +44,8 @@ def plot_recall_by_transform(summary: Sequence[dict], path: str | Path, *, key: 
     methods = list(dict.fromkeys(e["method"] for e in summary))
     lookup = {(e["transform"], e["method"]): e for e in summary}
     width = 0.8 / max(1, len(methods))
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(transforms) + 2), 4.2))
+    figure = Figure(figsize=(max(6.0, 1.1 * len(transforms) + 2), 4.2))
+    axes = figure.subplots()
     x = np.arange(len(transforms))
     for i, method in enumerate(methods):
         entries = [lookup.get((t, method)) for t in transforms]
@@ -71,7 +72,8 @@ def plot_recall_by_transform(summary: Sequence[dict], path: str | Path, *, key: 
 
 def plot_recall_curves(curves: dict[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
     """Recall@k against k (log scale) for each method."""
-    figure, axes = plt.subplots(figsize=(6.0, 4.2))
+    figure = Figure(figsize=(6.0, 4.2))
+    axes = figure.subplots()
     styles = ("-", "--", ":", "-.")  # curves often coincide: dashes keep each one visible
     for i, (method, values) in enumerate(curves.items()):
         ks = np.arange(1, len(values) + 1)
@@ -91,7 +93,8 @@ def plot_transfer(rows: Sequence[dict], path: str | Path, *, key: str = "recall@
     models = list(dict.fromkeys(r["model_name"] for r in rows))
     lookup = {(r["eval_protocol"], r["model_name"]): r[key] for r in rows}
     width = 0.8 / max(1, len(models))
-    figure, axes = plt.subplots(figsize=(max(5.0, 2.2 * len(protocols) + 2), 4.0))
+    figure = Figure(figsize=(max(5.0, 2.2 * len(protocols) + 2), 4.0))
+    axes = figure.subplots()
     x = np.arange(len(protocols))
     for i, model in enumerate(models):
         values = [lookup.get((p, model), np.nan) for p in protocols]
@@ -114,7 +117,7 @@ def _thumbnail(path: Path, side: int) -> np.ndarray:
     return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR))
 
 
-def _tile(axes: plt.Axes, picture: np.ndarray, border: str | None, label: str) -> None:
+def _tile(axes: Axes, picture: np.ndarray, border: str | None, label: str) -> None:
     axes.imshow(picture)
     axes.set_xticks([])
     axes.set_yticks([])
@@ -133,7 +136,8 @@ def plot_examples(examples: Sequence[dict], root: str | Path, path: str | Path, 
     root = Path(root)
     n_rows = max(1, 2 * len(examples))
     n_cols = 1 + max([len(e["before"]) for e in examples] + [1])
-    figure, grid = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols, 1.35 * n_rows), squeeze=False)
+    figure = Figure(figsize=(1.25 * n_cols, 1.35 * n_rows))
+    grid = figure.subplots(n_rows, n_cols, squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
     for i, example in enumerate(examples):

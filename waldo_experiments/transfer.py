@@ -10,16 +10,19 @@ figure; the off-diagonal cells show how much of what was learnt carries over.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from waldo.data.protocols import get_protocol
-from waldo.eval.groups import group_metrics, query_groups
+from waldo.eval.metrics import recall_curve
 from waldo.eval.runner import run_eval_full
-from waldo.eval.transform_study import METRIC_KEYS, recall_curve, subset_protocol
 from waldo.paths import PROJECT_ROOT
+from waldo_experiments.groups import group_metrics, query_groups
+from waldo_experiments.study_report import fmt, fmt_delta, write_csv
+from waldo_experiments.transform_study import METRIC_KEYS, subset_protocol
 
 __all__ = ["DEFAULT_CONFIGS", "UNTRAINED", "TransferStudy", "dataset_of", "run_transfer", "train_models",
            "transfer_markdown"]
@@ -112,8 +115,6 @@ def run_transfer(train_protocols: Sequence[str], eval_protocols: Sequence[str], 
 def transfer_markdown(study: TransferStudy, command: str = "", figures: dict[str, str] | None = None) -> str:
     """Tables: per evaluation protocol, each model with its change against the untrained
     reference; then per-group figures."""
-    from waldo.eval.study_report import fmt, fmt_delta
-
     lines = ["# Cross-dataset transfer", "",
              ("Each global model is trained on one protocol's training identities only (CPU configs); "
              f"`{UNTRAINED}` fits its projection without labels on each evaluation protocol's training "
@@ -149,26 +150,18 @@ def transfer_markdown(study: TransferStudy, command: str = "", figures: dict[str
 
 def write_transfer(study: TransferStudy, out: str | Path, *, command: str = "", plots: bool = True) -> dict[str, Path]:
     """transfer.json, transfer.csv, transfer_groups.csv, report.md and two figures in ``out``."""
-    import csv
-    import json
-    from dataclasses import asdict
-
-    from waldo.eval import plots as figures
+    from waldo_experiments import plots as figures  # matplotlib loads only when a report is written
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "transfer.json", "csv": out / "transfer.csv", "groups_csv": out / "transfer_groups.csv"}
     written["json"].write_text(json.dumps({**asdict(study), "command": command}, indent=1) + "\n")
-    with open(written["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["eval_protocol", "model_name", "train_protocol", "in_domain", *METRIC_KEYS])
-        writer.writerows([[r["eval_protocol"], r["model_name"], r["train_protocol"], r["in_domain"],
-                           *(r[k] for k in METRIC_KEYS)] for r in study.rows])
-    with open(written["groups_csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["eval_protocol", "model_name", "group", *METRIC_KEYS])
-        writer.writerows([[r["eval_protocol"], r["model_name"], g, *(m[k] for k in METRIC_KEYS)]
-                          for r in study.rows for g, m in r["groups"].items()])
+    write_csv(written["csv"], ["eval_protocol", "model_name", "train_protocol", "in_domain", *METRIC_KEYS],
+              [[r["eval_protocol"], r["model_name"], r["train_protocol"], r["in_domain"], *(r[k] for k in METRIC_KEYS)]
+               for r in study.rows])
+    write_csv(written["groups_csv"], ["eval_protocol", "model_name", "group", *METRIC_KEYS],
+              [[r["eval_protocol"], r["model_name"], g, *(m[k] for k in METRIC_KEYS)]
+               for r in study.rows for g, m in r["groups"].items()])
     links = {}
     if plots and study.rows:
         written["bars"] = figures.plot_transfer(study.rows, out / "transfer_recall1.png")

@@ -1,14 +1,15 @@
 """The test-time transform study: one model, every test-time preset, global and reranked.
 
-For each preset of waldo.data.transforms (and multi-scale averaging of the baseline's global
-descriptors, see waldo.eval.multiscale) the protocol's queries and gallery are described once,
-searched exactly, and the global top-k is reranked by each available reranker. The RRT scores a
-query's top-k once (``score_top_k``); the ``rrt`` and ``rrt-fusion`` orders both come from those
-logits, so the fusion row costs no extra forward pass. Random presets (perspective) run once per
-seed, so the report can show the spread next to the mean and a change can be told from noise.
+For each preset of waldo.data.transforms, the study's own ``normalize-extra`` ablation, and
+multi-scale averaging of the baseline's global descriptors (see waldo.eval.multiscale), the
+protocol's queries and gallery are described once, searched exactly, and the global top-k is
+reranked by each available reranker. The RRT scores a query's top-k once (``score_top_k``); the
+``rrt`` and ``rrt-fusion`` orders both come from those logits, so the fusion row costs no extra
+forward pass. Random presets (perspective) run once per seed, so the report can show the spread
+next to the mean and a change can be told from noise.
 
 Everything is kept as plain rows (one per transform, seed and method, with per-group figures)
-for the CSV/JSON writers and plots in waldo.eval.study_report and waldo.eval.plots.
+for the CSV/JSON writers and plots in waldo_experiments.study_report and waldo_experiments.plots.
 """
 
 from __future__ import annotations
@@ -19,35 +20,53 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
+import torchvision.transforms.functional as F
 
 from waldo.data.datasets import ImageSet
 from waldo.data.protocols import Protocol
-from waldo.data.transforms import get_transform, transform_names
+from waldo.data.transforms import TestTransform, get_transform, resize_size_for, transform_names
 from waldo.eval.evaluate import EvalRun, evaluate_descriptors
-from waldo.eval.groups import group_metrics, query_groups
+from waldo.eval.metrics import recall_curve
 from waldo.eval.multiscale import extract_multiscale, scale_sizes, scale_transforms
-from waldo.eval.rerank_eval import reranked_metrics, score_top_k
+from waldo.eval.rerank_eval import rerank_run, reranked_metrics, score_top_k
 from waldo.models.checkpoint import load_model
 from waldo.models.extract import Extracted, extract_descriptors
+from waldo_experiments.groups import group_metrics, query_groups
 
 __all__ = [
-    "BASELINE", "DEFAULT_SCALES", "METRIC_KEYS", "MULTISCALE", "MethodResult", "StudySettings", "TransformStudy",
-    "available_methods", "default_transforms", "pick_examples", "rank_methods", "recall_curve",
-    "run_transform_study", "subset_protocol", "summarise",
+    "BASELINE", "DEFAULT_SCALES", "IMAGENET_MEAN", "IMAGENET_STD", "METRIC_KEYS", "MULTISCALE", "NORMALIZE_EXTRA",
+    "MethodResult", "StudySettings", "TransformStudy", "available_methods", "default_transforms", "pick_examples",
+    "rank_methods", "run_transform_study", "study_transform", "subset_protocol", "summarise",
 ]
 
 BASELINE = "resize256-crop224"
 MULTISCALE = "multiscale"
+NORMALIZE_EXTRA = "normalize-extra"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALES = (0.75, 1.0, 1.25)
 METRIC_KEYS = ("recall@1", "recall@10", "recall@100", "map", "map@100", "n_queries")
 # The order rows appear in: the baseline, then the founding report's ablations, ours last.
 _ORDER = ("resize256-crop224", "resize224", "flip", "grayscale", "contrast", "blur", "perspective",
-          "normalize-extra")
+          NORMALIZE_EXTRA)
+
+
+def study_transform(name: str, image_size: int, seed: int = 0) -> TestTransform:
+    """A shipped test-time preset, or the founding report's ``normalize-extra`` ablation.
+
+    ``normalize-extra`` is deliberately wrong: it applies ImageNet mean/std in the data pipeline
+    although the model normalises its input itself, so the model sees broken input statistics.
+    It lives here, not among the shipped presets, so no model or index can be configured with it.
+    """
+    if name == NORMALIZE_EXTRA:
+        return TestTransform(NORMALIZE_EXTRA, image_size, resize_size_for(image_size), True, seed,
+                             lambda x, g: F.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    return get_transform(name, image_size, seed)
 
 
 def default_transforms() -> list[str]:
-    """Every registered test-time preset (baseline first) plus the multi-scale variant."""
-    names = transform_names()
+    """Every shipped test-time preset and ``normalize-extra`` (baseline first), plus multi-scale."""
+    names = transform_names() + [NORMALIZE_EXTRA]
     return [n for n in _ORDER if n in names] + [n for n in names if n not in _ORDER] + [MULTISCALE]
 
 
@@ -103,7 +122,7 @@ def rank_methods(run: EvalRun, protocol: Protocol, methods: Sequence[str], *, re
     if "rrt" in methods or "rrt-fusion" in methods:
         if reranker is None:
             raise ValueError("rrt / rrt-fusion need a reranker")
-        from waldo.rerank.base import fuse_scores
+        from waldo.rerank.rrt_rerankers import fuse_scores
 
         start = time.perf_counter()
         logits = score_top_k(run, reranker.logits, top_k, progress=progress)
@@ -119,24 +138,14 @@ def rank_methods(run: EvalRun, protocol: Protocol, methods: Sequence[str], *, re
             metrics["fusion_weight"] = reranker.fusion_weight
             results["rrt-fusion"] = MethodResult(metrics, *_reordered(run, order), round(ms, 2))
     if "gv" in methods:
-        from waldo.eval.gv_eval import gv_rerank_run
-        from waldo.rerank.gv import GVConfig
+        from waldo.eval.gv_eval import run_keypoints
+        from waldo.rerank import RERANKERS
 
-        verified = gv_rerank_run(protocol, run, config=GVConfig(top_k=top_k), progress=progress)
-        results["gv"] = MethodResult(dict(verified.metrics), verified.knn_indices, verified.matches,
-                                     verified.metrics.get("gv_ms_per_query"))
+        verified = rerank_run(run, RERANKERS.create("gv"), top_k, keypoints=run_keypoints(protocol, progress=progress),
+                              progress=progress)
+        results["gv"] = MethodResult(verified.metrics, verified.run.knn_indices, verified.run.matches,
+                                     verified.metrics["rerank_ms_per_query"])
     return results
-
-
-def recall_curve(matches: np.ndarray, max_k: int) -> list[float]:
-    """Recall@k for k = 1..max_k (fraction of queries with a match in their first k results)."""
-    matches = np.asarray(matches, bool)
-    if len(matches) == 0:
-        return [float("nan")] * max_k
-    hit = matches[:, :max_k].any(axis=1)
-    first = np.where(hit, matches[:, :max_k].argmax(axis=1), max_k)  # 0-based rank of the first hit
-    counts = np.bincount(first, minlength=max_k + 1)[:max_k]
-    return (np.cumsum(counts) / len(matches)).tolist()
 
 
 def subset_protocol(protocol: Protocol, identities: int | None = None, per_identity: int | None = None,
@@ -228,10 +237,10 @@ def _variants(name: str, settings: StudySettings, image_size: int) -> list[tuple
     """(seed or None, base transform, extra-scale transforms) for one study transform."""
     if name == MULTISCALE:
         return [(None, get_transform(BASELINE, image_size), scale_transforms(BASELINE, image_size, settings.scales))]
-    probe = get_transform(name, image_size)
+    probe = study_transform(name, image_size)
     if not probe.random:
         return [(None, probe, [])]
-    return [(seed, get_transform(name, image_size, seed=seed), []) for seed in settings.seeds]
+    return [(seed, study_transform(name, image_size, seed=seed), []) for seed in settings.seeds]
 
 
 def _row(transform: str, seed: int | None, method: str, result: MethodResult, groups: dict, seconds: dict) -> dict:
@@ -249,7 +258,7 @@ def _row(transform: str, seed: int | None, method: str, result: MethodResult, gr
 def run_transform_study(protocol: Protocol, model_dir: str | Path, settings: StudySettings,
                         log: Callable[[str], None] = print) -> TransformStudy:
     """Run the study (see the module docstring). ``log`` gets one line per finished variant."""
-    from waldo.rerank.base import RRTReranker
+    from waldo.rerank.rrt_rerankers import RRTReranker
 
     start = time.perf_counter()
     model, config = load_model(model_dir)

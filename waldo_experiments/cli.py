@@ -1,4 +1,5 @@
-"""``waldo experiment``: the studies of issue 6, each one command that writes a full report.
+"""The studies of issue 6, each one command that writes a full report; ``waldo experiment ...``
+and ``python -m waldo_experiments ...`` are the same commands.
 
     waldo experiment transforms --protocol grocery-open-cross --model runs/seed/rrt-finetune-lite0/best \\
                                 --out results/experiments/transforms
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
-__all__ = ["register_experiment"]
+__all__ = ["build_parser", "main", "register_experiment"]
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -51,8 +53,8 @@ def _command_line(args: argparse.Namespace, study: str) -> str:
 def cmd_transforms(args: argparse.Namespace) -> int:
     from waldo.data.protocols import get_protocol
     from waldo.eval.runner import default_data_dir
-    from waldo.eval.study_report import write_study
-    from waldo.eval.transform_study import (
+    from waldo_experiments.study_report import write_study
+    from waldo_experiments.transform_study import (
         StudySettings,
         available_methods,
         default_transforms,
@@ -81,7 +83,7 @@ def cmd_transforms(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from waldo.eval.transfer import run_transfer, write_transfer
+    from waldo_experiments.transfer import run_transfer, write_transfer
 
     configs = {}
     for item in args.config or []:
@@ -107,10 +109,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def register_experiment(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``waldo experiment transforms|transfer`` to the top-level sub-parsers."""
-    experiment = commands.add_parser("experiment", help="studies with a full report (transforms, transfer)")
-    studies = experiment.add_subparsers(dest="experiment_command", required=True)
+def _add_studies(parser: argparse.ArgumentParser) -> None:
+    """The ``transforms`` and ``transfer`` sub-commands, each with its ``handler``."""
+    studies = parser.add_subparsers(dest="experiment_command", required=True)
 
     transforms = studies.add_parser("transforms", help="every test-time transform, global and reranked")
     transforms.add_argument("--protocol", required=True)
@@ -120,7 +121,8 @@ def register_experiment(commands: argparse._SubParsersAction) -> argparse.Argume
                             help="comma list of rrt, rrt-fusion, or 'all' (default: every reranker the model "
                                  "has) or 'none'")
     transforms.add_argument("--gv", action="store_true", help="also geometric verification (slow: SIFT + RANSAC)")
-    transforms.add_argument("--transforms", default=None, help="comma list (default: every preset + multiscale)")
+    transforms.add_argument("--transforms", default=None,
+                            help="comma list (default: every preset, normalize-extra and multiscale)")
     transforms.add_argument("--seeds", type=int, default=3, help="seeds per random transform")
     transforms.add_argument("--scales", default="0.75,1,1.25",
                             help="multiscale: factors of the model's image size whose global descriptors are averaged")
@@ -144,6 +146,26 @@ def register_experiment(commands: argparse._SubParsersAction) -> argparse.Argume
     _add_common(transfer)
     transfer.set_defaults(handler=cmd_transfer)
 
-    for parser in (transforms, transfer):  # each report records the command that reproduces it
-        parser.set_defaults(parser=parser)
-    return experiment
+    for study in (transforms, transfer):  # each report records the command that reproduces it
+        study.set_defaults(parser=study)
+
+
+def register_experiment(commands: argparse._SubParsersAction) -> None:
+    """Add ``waldo experiment transforms|transfer`` to the ``waldo`` command's sub-parsers."""
+    _add_studies(commands.add_parser("experiment", help="studies with a full report (transforms, transfer)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m waldo_experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_studies(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"waldo experiment: error: {error}", file=sys.stderr)
+        return 2

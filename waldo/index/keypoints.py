@@ -1,6 +1,6 @@
-"""Optional per-segment verification features: ragged keypoints + descriptors per image.
+"""Optional per-segment keypoints: ragged keypoints + descriptors per image.
 
-Geometric verification needs each indexed image's keypoints, and their number varies per
+Geometric verification (a reranker) needs each indexed image's keypoints, and their number varies per
 image, so they are stored as ragged arrays: image ``i`` of a segment owns rows
 ``offsets[i]:offsets[i + 1]`` of the keypoint and descriptor arrays. The files live in the
 segment folder and are written and fsynced with it, *before* the SQLite commit, so the
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from waldo.index.errors import IndexCorruptError
-from waldo.index.fsutil import fsync_file, sha256_file
+from waldo.fsutil import fsync_file, sha256_file
 
 GV_KEYPOINTS = "gv_keypoints.npy"
 GV_DESCRIPTORS = "gv_descriptors.npy"
@@ -36,7 +36,7 @@ DESCRIPTOR_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
 @dataclass(frozen=True)
-class RaggedFeatures:
+class RaggedKeypoints:
     """Keypoints of ``n`` images in one ragged layout.
 
     keypoints: (M, 2) float32.  descriptors: (M, D) uint8 or float16.
@@ -82,23 +82,23 @@ class RaggedFeatures:
         return np.diff(self.offsets)
 
     @classmethod
-    def empty(cls, n: int, dim: int, dtype: np.dtype) -> RaggedFeatures:
+    def empty(cls, n: int, dim: int, dtype: np.dtype) -> RaggedKeypoints:
         """``n`` images with no keypoints (e.g. rows of a segment stored without features)."""
         return cls(np.zeros((0, 2), np.float32), np.zeros((0, dim), dtype), np.zeros(n + 1, np.int64))
 
 
-def gather_ragged(parts: list[RaggedFeatures | None], segments: np.ndarray, rows: np.ndarray) -> RaggedFeatures:
-    """Images ``(segments[i], rows[i])`` as one new :class:`RaggedFeatures`, in that order.
+def gather_keypoints(parts: list[RaggedKeypoints | None], segments: np.ndarray, rows: np.ndarray) -> RaggedKeypoints:
+    """Images ``(segments[i], rows[i])`` as one new :class:`RaggedKeypoints`, in that order.
 
     ``parts[s]`` is segment s's features, or None for a segment stored without them: its
     images get zero keypoints (they cannot be verified and keep their global rank).
     """
     known = [p for p in parts if p is not None]
     if not known:
-        raise ValueError("no segment holds verification features")
+        raise ValueError("no segment holds keypoints")
     dim, dtype = known[0].dim, known[0].descriptors.dtype
     if any(p.dim != dim or p.descriptors.dtype != dtype for p in known):
-        raise IndexCorruptError("segments hold verification descriptors of different sizes or dtypes")
+        raise IndexCorruptError("segments hold keypoint descriptors of different sizes or dtypes")
     spans = []
     for s, r in zip(segments.tolist(), rows.tolist()):
         part = parts[s]
@@ -111,38 +111,38 @@ def gather_ragged(parts: list[RaggedFeatures | None], segments: np.ndarray, rows
         if part is not None and b > a:
             keypoints[start : start + b - a] = part.keypoints[a:b]
             descriptors[start : start + b - a] = part.descriptors[a:b]
-    return RaggedFeatures(keypoints, descriptors, offsets)
+    return RaggedKeypoints(keypoints, descriptors, offsets)
 
 
 @dataclass(frozen=True)
-class RaggedSource:
-    """What :func:`write_ragged` streams into a new segment: ``total`` keypoints of ``dim``
+class KeypointSource:
+    """What :func:`write_keypoints` streams into a new segment: ``total`` keypoints of ``dim``
     descriptors of ``dtype``, yielded by ``chunks`` as consecutive images' features."""
 
     total: int
     dim: int
     dtype: np.dtype
-    chunks: Iterable[RaggedFeatures]
+    chunks: Iterable[RaggedKeypoints]
 
     @classmethod
-    def of(cls, features: RaggedFeatures) -> RaggedSource:
+    def of(cls, features: RaggedKeypoints) -> KeypointSource:
         """A source that writes one in-memory batch."""
         return cls(len(features.keypoints), features.dim, features.descriptors.dtype, [features])
 
 
-def check_batch(features: RaggedFeatures | None, n: int) -> None:
+def check_keypoint_batch(features: RaggedKeypoints | None, n: int) -> None:
     """Refuse a batch whose features do not cover exactly the ``n`` images being added."""
     if features is None:
         return
-    if not isinstance(features, RaggedFeatures):
-        raise ValueError(f"verification features must be RaggedFeatures, got {type(features).__name__}")
+    if not isinstance(features, RaggedKeypoints):
+        raise ValueError(f"keypoints must be RaggedKeypoints, got {type(features).__name__}")
     if len(features) != n:
-        raise ValueError(f"verification features cover {len(features)} images, but {n} are being added")
+        raise ValueError(f"keypoints cover {len(features)} images, but {n} are being added")
     if not np.isfinite(features.keypoints).all():
-        raise ValueError("verification keypoints hold NaN/inf coordinates")
+        raise ValueError("keypoints hold NaN/inf coordinates")
 
 
-def write_ragged(folder: Path, count: int, source: RaggedSource) -> None:
+def write_keypoints(folder: Path, count: int, source: KeypointSource) -> None:
     """Write ``count`` images' features into ``folder``, streaming from ``source``.
 
     ``source.chunks`` yields consecutive images' features (e.g. 4096 images at a time, so
@@ -157,13 +157,13 @@ def write_ragged(folder: Path, count: int, source: RaggedSource) -> None:
     for chunk in source.chunks:
         m = len(chunk.keypoints)
         if row + m > total or image + len(chunk) > count or chunk.dim != dim:
-            raise ValueError("verification feature chunks do not add up to the declared sizes")
+            raise ValueError("keypoint chunks do not add up to the declared sizes")
         kp_mm[row : row + m] = chunk.keypoints
         desc_mm[row : row + m] = chunk.descriptors
         offsets[image + 1 : image + len(chunk) + 1] = row + chunk.offsets[1:]
         image, row = image + len(chunk), row + m
     if image != count or row != total:
-        raise ValueError(f"verification features: got {image} images / {row} keypoints, "
+        raise ValueError(f"keypoints: got {image} images / {row} keypoints, "
                          f"expected {count} / {total}")
     kp_mm.flush()
     desc_mm.flush()
@@ -177,8 +177,8 @@ def write_ragged(folder: Path, count: int, source: RaggedSource) -> None:
     fsync_file(folder / GV_META)
 
 
-def open_ragged(folder: Path, count: int) -> RaggedFeatures | None:
-    """Memory-map a segment's verification features; None if it was stored without them.
+def open_keypoints(folder: Path, count: int) -> RaggedKeypoints | None:
+    """Memory-map a segment's keypoints; None if it was stored without them.
 
     Raises IndexCorruptError if only some files exist or they disagree with each other.
     """
@@ -187,26 +187,26 @@ def open_ragged(folder: Path, count: int) -> RaggedFeatures | None:
         return None
     if not all(present):
         missing = [n for n, p in zip(GV_FILES, present) if not p]
-        raise IndexCorruptError(f"segment {folder.name}: verification files {missing} are missing")
+        raise IndexCorruptError(f"segment {folder.name}: keypoint files {missing} are missing")
     try:
         kp = np.load(folder / GV_KEYPOINTS, mmap_mode="r", allow_pickle=False)
         desc = np.load(folder / GV_DESCRIPTORS, mmap_mode="r", allow_pickle=False)
         offsets = np.load(folder / GV_OFFSETS, allow_pickle=False)  # small: read into RAM
     except (OSError, ValueError) as e:
-        raise IndexCorruptError(f"segment {folder.name}: verification files unreadable: {e}") from None
+        raise IndexCorruptError(f"segment {folder.name}: keypoint files unreadable: {e}") from None
     if offsets.shape != (count + 1,):
         raise IndexCorruptError(f"segment {folder.name}: {GV_OFFSETS} has shape {offsets.shape}, "
                                 f"expected ({count + 1},)")
     try:
-        return RaggedFeatures(kp, desc, offsets)
+        return RaggedKeypoints(kp, desc, offsets)
     except ValueError as e:
-        raise IndexCorruptError(f"segment {folder.name}: inconsistent verification files: {e}") from None
+        raise IndexCorruptError(f"segment {folder.name}: inconsistent keypoint files: {e}") from None
 
 
-def verify_ragged(folder: Path, count: int) -> list[str]:
-    """Integrity problems of a segment's verification files (none if it has none)."""
+def check_keypoint_files(folder: Path, count: int) -> list[str]:
+    """Integrity problems of a segment's keypoint files (none if it has none)."""
     try:
-        if open_ragged(folder, count) is None:
+        if open_keypoints(folder, count) is None:
             return []
     except IndexCorruptError as e:
         return [str(e)]
@@ -218,6 +218,6 @@ def verify_ragged(folder: Path, count: int) -> list[str]:
             for name in GV_FILES if sha256_file(folder / name) != meta.get(name, {}).get("sha256")]
 
 
-def ragged_bytes(folder: Path) -> int:
-    """Bytes of a segment's verification files (0 without them)."""
+def keypoint_bytes(folder: Path) -> int:
+    """Bytes of a segment's keypoint files (0 without them)."""
     return sum((folder / n).stat().st_size for n in (*GV_FILES, GV_META) if (folder / n).is_file())

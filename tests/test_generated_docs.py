@@ -1,0 +1,48 @@
+"""Every generated figure in the docs traces to a JSON under results/: regenerating the docs
+from those files changes nothing, so a figure edited by hand, or a JSON rerun without
+regenerating the doc, fails here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"waldo_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_performance_doc_is_generated():
+    assert _script("write_performance_doc").render() == (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_results_doc_blocks_are_generated():
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert _script("write_results_doc").render(doc) == doc
+
+
+def _block(doc: str, name: str) -> str:
+    from waldo_experiments.doc_blocks import markers
+
+    start, end = markers(name)
+    return (ROOT / doc).read_text().split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "results" / name).read_text())
+
+
+def test_ann_table_is_generated():
+    assert _block("docs/results.md", "ann") == _script("ann_search").markdown(_results("ann_search.json"))
+
+
+def test_readme_ray_timings_are_generated():
+    assert _block("README.md", "ray-build") == _script("ray_build").markdown(_results("ray_build.json"))

@@ -1,0 +1,141 @@
+"""The RRT rerankers, registered in :data:`~waldo.rerank.base.RERANKERS`; each reads the trained
+RRT stored beside the model (``rrt.json``, see waldo.rerank.rrt_checkpoint):
+
+- ``rrt``: sort by the RRT logit alone, as the reference does;
+- ``rrt-fusion``: sort by ``lambda * global + (1 - lambda) * sigmoid(logit)``, with the lambda
+  chosen on held-out training identities when the reranker was trained (``rrt.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from waldo.rerank.base import RERANKERS, Need, RerankCandidates, RerankerSetup, RerankQuery, RerankResult, sorted_result
+from waldo.rerank.rrt import RerankingTransformer
+from waldo.rerank.rrt_checkpoint import load_rrt
+from waldo.rerank.rrt_fast import FastRRTScorer, supports_fast_bf16
+
+__all__ = ["PRECISIONS", "FusionReranker", "RRTReranker", "fuse_scores", "resolve_precision"]
+
+
+def fuse_scores(global_scores: np.ndarray, logits: np.ndarray, weight: float) -> np.ndarray:
+    """``weight * global + (1 - weight) * sigmoid(logit)``, elementwise, float32. weight 1 is
+    global search alone, 0 the RRT alone (sigmoid keeps the logits' order)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+    logits = np.asarray(logits, np.float64)
+    probability = 1.0 / (1.0 + np.exp(-logits))
+    return (weight * np.asarray(global_scores, np.float64) + (1.0 - weight) * probability).astype(np.float32)
+
+
+def _as_float_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
+
+
+#: How an RRTReranker computes its logits (see waldo.rerank.rrt_fast):
+#: ``reference``: the training module, fp32 (every token of every layer);
+#: ``fp32``: the inference scorer, fp32: the same logits, the last layer for CLS alone;
+#: ``bf16``: the inference scorer with bf16 matmuls and attention, fp32 residuals and norms;
+#: ``auto``: ``bf16`` where the CPU has native bf16 dot products, else ``fp32``.
+PRECISIONS = ("reference", "fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if supports_fast_bf16() else "fp32"
+    return precision
+
+
+class RRTReranker:
+    """Sort candidates by the RRT logit; one forward pass scores ``batch_size`` pairs (100 = the
+    whole top-100 at once). ``fusion_weight`` is what the trainer chose on validation, if any.
+    ``precision``: see :data:`PRECISIONS`. ``compile``: run the inference scorer through
+    torch.compile (waldo.rerank.rrt_fast; 10-20 s at the first query, then about 2x faster);
+    ignored for ``precision="reference"``."""
+
+    name = "rrt"
+
+    def __init__(self, rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7), batch_size: int = 100,
+                 fusion_weight: float | None = None, precision: str = "reference",
+                 compile: bool = False) -> None:
+        self.rrt = rrt
+        self.grid = tuple(grid)
+        self.batch_size = batch_size
+        self.fusion_weight = fusion_weight
+        self.precision = resolve_precision(precision)
+        self._scorer: FastRRTScorer | None = None
+        if self.precision != "reference":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self._scorer = FastRRTScorer(rrt, dtype=dtype, grid=self.grid, compile=compile)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, batch_size: int = 100, precision: str = "reference",
+                    compile: bool = False) -> RRTReranker:
+        rrt, info = load_rrt(folder)
+        weight = info.get("training", {}).get("fusion_weight")
+        return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,
+                   fusion_weight=None if weight is None else float(weight), precision=precision,
+                   compile=compile)
+
+    def logits(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
+        """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
+        if len(candidates.global_scores) == 0:
+            return np.zeros(0, np.float32)
+        globals_ = {}
+        if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
+            if query.global_desc is None or candidates.global_desc is None:
+                raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
+            globals_ = {"query_global": _as_float_tensor(query.global_desc),
+                        "cand_globals": _as_float_tensor(candidates.global_desc)}
+        if self._scorer is not None:
+            embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
+                                                     globals_.get("cand_globals"))
+            scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
+                                        query_global=globals_.get("query_global"), batch_size=self.batch_size)
+        else:
+            scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc),
+                                               _as_float_tensor(candidates.local_desc),
+                                               grid=self.grid, batch_size=self.batch_size, **globals_)
+        return scores.numpy().astype(np.float32)
+
+    def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
+        return sorted_result(self.logits(query, candidates))
+
+
+class FusionReranker:
+    """Sort by :func:`fuse_scores` of the global score and the RRT's probability."""
+
+    name = "rrt-fusion"
+
+    def __init__(self, rrt: RRTReranker, weight: float) -> None:
+        fuse_scores(np.zeros(0), np.zeros(0), weight)  # validates the weight
+        self.rrt = rrt
+        self.weight = float(weight)
+
+    def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
+        logits = self.rrt.logits(query, candidates)
+        return sorted_result(fuse_scores(candidates.global_scores, logits, self.weight))
+
+
+_RRT_NEEDS = (Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT)
+
+
+@RERANKERS.register("rrt", description="the trained RRT's logit over the global top-100's local descriptors",
+                    needs=_RRT_NEEDS, score="logit")
+def _rrt(setup: RerankerSetup) -> RRTReranker:
+    return RRTReranker.from_folder(setup.folder, precision=setup.precision, compile=setup.compile)
+
+
+@RERANKERS.register("rrt-fusion", description="the RRT's probability fused with the global score "
+                                              "(weight chosen on validation)", needs=_RRT_NEEDS, score="fused score")
+def _rrt_fusion(setup: RerankerSetup) -> FusionReranker:
+    rrt = _rrt(setup)
+    if rrt.fusion_weight is None:
+        raise ValueError(f"{setup.folder}/rrt.json has no fusion_weight (chosen on validation at the end of "
+                         f"training); finish training first")
+    return FusionReranker(rrt, rrt.fusion_weight)

@@ -1,0 +1,73 @@
+"""What a search returns: one hit type from the engine to the CLI's ``--json`` and the HTTP body.
+
+:class:`SearchHit` is the service's response schema too, so ``waldo search --json`` and
+``POST /search``'s ``results`` are the same JSON (:func:`hits_json`) for the same query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from waldo.index import IndexedImage
+
+__all__ = ["SearchHit", "SearchOutcome", "StageTimer", "hits_json"]
+
+
+class SearchHit(BaseModel):
+    """One hit. ``score`` orders the list; ``global_score`` and ``rank_before_rerank`` are the
+    global-descriptor similarity and rank before any reranker moved the hit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int = Field(description="image id in the index (stable, never reused)")
+    rank: int = Field(description="1-based rank in this list")
+    path: str = Field(description="the indexed file")
+    identity: str = Field(description="the instance label stored with the image")
+    label: str = Field(description="a display name: class_name attribute, identity or file name")
+    score: float = Field(description="final score (the reranker's when one ran)")
+    global_score: float = Field(description="cosine similarity of the global descriptors")
+    rank_before_rerank: int = Field(description="rank in the global-only list")
+    attrs: dict[str, Any] = Field(default_factory=dict, description="metadata stored with the image")
+
+    @classmethod
+    def from_global(cls, record: IndexedImage, rank: int, score: float) -> SearchHit:
+        """A hit of the global ranking (before any reranker)."""
+        attrs = dict(record.attrs)
+        label = attrs.get("class_name") or attrs.get("label") or record.identity or attrs.get("original_name", "")
+        return cls(id=record.id, rank=rank, path=record.path, identity=record.identity, label=str(label),
+                   score=score, global_score=score, rank_before_rerank=rank, attrs=attrs)
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """One query's answer: ``hits`` (best first), ``global_hits`` (the global ranking the
+    reranker started from; the hits themselves without one) and the milliseconds each stage took
+    (decode, extract, search, rerank)."""
+
+    hits: list[SearchHit]
+    global_hits: list[SearchHit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def hits_json(hits: Sequence[SearchHit]) -> list[dict[str, Any]]:
+    """The JSON of ``hits``, exactly as ``POST /search`` returns them under ``results``."""
+    return [hit.model_dump(mode="json") for hit in hits]
+
+
+class StageTimer:
+    """``with timer("extract"): ...`` records that block's wall time in ``timer.ms``."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.ms[stage] = round((time.perf_counter() - start) * 1000, 2)
