@@ -12,6 +12,7 @@ import base64
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -105,3 +106,55 @@ def test_drop_and_paste_start_a_search(browser, live_server, grocery_index):
         }""", [event, data])
         cards = page.locator(f"#results .card[data-identity='{identity}'][data-rank='1']")
         _wait(lambda cards=cards: cards.count() == 1, f"{identity} first after the {event}")
+
+
+class _Reverse:
+    """A toy reranker registered by this test alone: the global order, backwards."""
+
+    name = "toy-reverse"
+
+    def rerank(self, query, candidates):
+        from waldo.rerank import RerankResult
+
+        n = len(candidates)
+        return RerankResult(np.arange(n)[::-1].copy(), np.arange(n, 0, -1).astype(np.float32))
+
+
+def test_a_reranker_registered_in_a_test_gets_a_button_on_the_page(browser, grocery_index, tmp_path, monkeypatch):
+    """The page offers what the registry holds: a reranker no other file knows of gets its button,
+    and choosing it shows its order (the global ranks, reversed)."""
+    import shutil
+    import socket
+    import threading
+
+    import uvicorn
+
+    from waldo.rerank import RERANKERS
+    from waldo.serve.app import create_app
+    from waldo.serve.settings import ServeSettings
+
+    monkeypatch.setattr(RERANKERS, "_specs", dict(RERANKERS._specs))  # restored after the test
+    RERANKERS.register("toy-reverse", description="the global order, backwards")(lambda setup: _Reverse())
+    shutil.copytree(grocery_index.root, tmp_path / "index")
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(tmp_path / "index", ServeSettings(compile_rrt=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, "the in-process server", timeout=120)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/")
+        button = page.wait_for_selector("#mode-toggle button[data-mode='toy-reverse']")
+        page.set_input_files("#file-input", str(grocery_index.queries["29"]))
+        page.wait_for_selector("#results .card", timeout=60_000)
+        button.click()
+        moved = page.locator("#results[data-rerank='toy-reverse'] .card .move:not([hidden])")
+        _wait(lambda: moved.count() == 20, "toy-reverse results")
+        before = [int(badge.get_attribute("title").removeprefix("global rank #")) for badge in moved.all()]
+        assert before == sorted(before, reverse=True) and before[0] > 20  # the global top-100, backwards
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
