@@ -79,6 +79,7 @@ class LoadReport:
     adds_acknowledged: int = 0
     lost_adds: int = 0
     server_rss_bytes: int = 0
+    stage_p50_ms: dict[str, float] = field(default_factory=dict)  # the server's own timings, per stage
     # --churn only: removals, duplicates, and the probe's snapshot checks.
     removes_acknowledged: int = 0
     duplicated_adds: int = 0  # an image indexed twice, or a re-post that did not return the same id
@@ -320,6 +321,7 @@ def run_load(url: str, query_photos: list[Path], *, clients: int = 4, seconds: f
     spread = query_photos[:: max(1, len(query_photos) // 64)][:64]
     payloads = [(p.name, p.read_bytes()) for p in spread]
     latencies: list[float] = []
+    stages: dict[str, list[float]] = {}  # the server's per-stage timings of each answered query
     statuses: Counter[str] = Counter()
     transport_errors = 0
     acknowledged: list[tuple[int, bytes]] = []
@@ -348,6 +350,10 @@ def run_load(url: str, query_photos: list[Path], *, clients: int = 4, seconds: f
                     continue
                 elapsed = (time.perf_counter() - start) * 1000
                 record(str(response.status_code), elapsed if response.status_code == 200 else None)
+                if response.status_code == 200:
+                    with lock:
+                        for stage, ms in response.json()["timings"].items():
+                            stages.setdefault(stage, []).append(ms)
                 _back_off(response)
 
     def add_client() -> None:
@@ -393,7 +399,8 @@ def run_load(url: str, query_photos: list[Path], *, clients: int = 4, seconds: f
                         p95_ms=_percentile(latencies, 95), p99_ms=_percentile(latencies, 99),
                         max_ms=round(max(latencies, default=0.0), 1), statuses=dict(sorted(statuses.items())),
                         server_errors=sum(v for s, v in statuses.items() if s.removeprefix("add-").startswith("5")),
-                        transport_errors=transport_errors, adds_acknowledged=len(acknowledged))
+                        transport_errors=transport_errors, adds_acknowledged=len(acknowledged),
+                        stage_p50_ms={stage: _percentile(values, 50) for stage, values in stages.items()})
     with httpx.Client(base_url=url, timeout=60) as probe:
         lost = sum(probe.get(f"/images/{image_id}").status_code != 200 for image_id, _ in acknowledged)
         for image_id, data in acknowledged[-3:]:  # an acknowledged add is found by its own bytes
@@ -425,16 +432,23 @@ def _photos(folder: str) -> list[Path]:
 
 
 def markdown(summary: dict) -> str:
-    """The latency table of a ``--json`` summary, one row per rerank mode; runs with several
+    """The latency table of a ``--json`` summary, one row per rerank mode (client-side latency,
+    the server's own median per stage, its resident memory after the mode); runs with several
     clients add the server errors and the adds lost (of those acknowledged)."""
     several = summary["clients"] > 1
-    header = "| rerank | queries | q/s | p50 ms | p95 ms | " + ("5xx | lost adds |" if several else "p99 ms |")
+    stages = ("decode", "extract", "search", "rerank", "total")
+    header = ("| rerank | queries | q/s | p50 ms | p95 ms | " + ("5xx | lost adds |" if several else "p99 ms |")
+              + " server p50 ms: " + " / ".join(stages) + " | server RSS MiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in summary["reports"]:
         tail = (f"{r['server_errors']} | {r['lost_adds']} ({r['adds_acknowledged']} acknowledged) |" if several
                 else f"{r['p99_ms']:.0f} |")
-        lines.append(f"| {r['rerank']} | {r['queries']} | {r['qps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {tail}")
-    return "\n".join(lines + ["", f"Produced by `.venv/bin/python {summary['command']}`."])
+        server = " / ".join(f"{r['stage_p50_ms'].get(stage, 0):.0f}" for stage in stages)
+        lines.append(f"| {r['rerank']} | {r['queries']} | {r['qps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                     f"{tail} {server} | {r['server_rss_bytes'] / 2**20:.0f} |")
+    peak = summary.get("server_peak_rss_bytes")
+    lines += ["", f"Server peak resident memory over the run: {peak / 2**20:.0f} MiB." if peak else ""]
+    return "\n".join(lines + [f"Produced by `.venv/bin/python {summary['command']}`."])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,3 +46,9 @@ def test_ann_table_is_generated():
 
 def test_readme_ray_timings_are_generated():
     assert _block("README.md", "ray-build") == _script("ray_build").markdown(_results("ray_build.json"))
+
+
+def test_service_latency_tables_are_generated():
+    load_test = _script("load_test")
+    for block, result in (("load-one-client", "load_one_client.json"), ("load-four-clients", "load_four_clients.json")):
+        assert _block("docs/service.md", block) == load_test.markdown(_results(result)).strip()
