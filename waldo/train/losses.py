@@ -9,12 +9,16 @@ the config (:meth:`MetricLoss.from_config`), so adding a loss touches this file 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from waldo.registry import Registry
-from waldo.train.config import GlobalTrainConfig
+
+if TYPE_CHECKING:  # for annotations only: config.py checks a loss name against LOSSES
+    from waldo.train.config import GlobalTrainConfig
 
 __all__ = ["LOSSES", "MarginContrastiveLoss", "MetricLoss", "SoftmaxContrastiveLoss"]
 
