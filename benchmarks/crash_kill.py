@@ -521,6 +521,34 @@ def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, commit_k
                        cli_window_s=cli_window, server_window_s=server_window, modes=[cli, server])
 
 
+WRITERS = {"cli": "`waldo index add`", "server": "`waldo serve` (`POST /images`, `DELETE`)"}
+
+
+def markdown(body: dict) -> str:
+    """docs/reliability.md's table of a ``--json`` report, and what the run left behind."""
+    header = ("| writer | kills | survived | lost images | corrupt opens | failed checks / queries | partial ops "
+              "| acknowledged | in flight at the kill: committed / not | kills mid-commit |")
+    lines = [header, "|---" * 10 + "|"]
+    for m in body["modes"]:
+        acknowledged = (f"{m['images_acknowledged']} images ({m['runs_finished_before_kill']} runs finished before "
+                        f"their kill)" if m["mode"] == "cli" else
+                        f"{m['images_acknowledged']} images added, {m['removes_acknowledged']} removed")
+        lines.append(f"| {WRITERS[m['mode']]} | {m['kills']} | {m['survived']} | {m['lost_images']} | "
+                     f"{m['corrupt_opens']} | {m['failed_checks']} / {m['failed_queries']} | {m['partial_operations']} "
+                     f"| {acknowledged} | {m['inflight_committed']} / {m['inflight_not_committed']} | "
+                     f"{m['kills_mid_commit']} |")
+    delays = {m["mode"]: m["kill_delay_s"] for m in body["modes"]}
+    server = next(m for m in body["modes"] if m["mode"] == "server")
+    lines += ["", f"The index ended with {body['images_in_index']} images; the run took {body['seconds']:.0f} s (each "
+              f"restart loads torch and the model). Kill delays: {min(delays['cli']):.2f} to {max(delays['cli']):.2f} s "
+              f"into a CLI run, {min(delays['server']):.2f} to {max(delays['server']):.2f} s into a server's life. "
+              f"Upload files of adds that never committed, left by the last server kill: "
+              f"{server['leftover_before_restart']}; deleted by the restart that closes the run: "
+              f"{server['orphan_uploads_cleaned']}; left after it: {server['leftover_upload_files']}. "
+              f"Produced by `.venv/bin/python {body['command']}` (`results/crash_kill.json`)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cli-kills", type=int, default=60)
@@ -533,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the index is built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--doc", action="store_true", help="also rewrite the crash-kill block of docs/reliability.md")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="waldo-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -558,6 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
+    if args.doc:
+        from waldo_experiments.doc_blocks import markers, write_block
+
+        start, end = markers("crash-kill")
+        write_block(Path(__file__).resolve().parents[1] / "docs" / "reliability.md",
+                    f"{start}\n\n{markdown(body)}\n\n{end}", start, end)
     ok = report.survived == report.kills and all(not m.failures for m in report.modes)
     return 0 if ok else 1
 

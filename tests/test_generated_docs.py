@@ -52,3 +52,7 @@ def test_service_latency_tables_are_generated():
     load_test = _script("load_test")
     for block, result in (("load-one-client", "load_one_client.json"), ("load-four-clients", "load_four_clients.json")):
         assert _block("docs/service.md", block) == load_test.markdown(_results(result)).strip()
+
+
+def test_reliability_crash_table_is_generated():
+    assert _block("docs/reliability.md", "crash-kill") == _script("crash_kill").markdown(_results("crash_kill.json"))
