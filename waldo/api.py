@@ -81,7 +81,8 @@ class Waldo:
         self.config = config
         self.root = root
         self.transform = get_transform(config.transform, config.image_size)
-        self._rerankers: dict = {}  # name -> Reranker, loaded on first use
+        self._rerankers: dict[str, Reranker] = {}  # name -> Reranker, checked and built on first use
+        self._reranker_specs: dict[str, RerankerSpec] = {}
         #: How RRT rerankers score (waldo.rerank.rrt_rerankers.PRECISIONS; "auto": bf16 where the CPU has
         #: native bf16, measured within 0.2 point of fp32 Recall@1 by experiments/performance_accuracy.py)
         #: and whether they compile their scorer (worth it for a long-lived service, not one query).
@@ -286,18 +287,20 @@ class Waldo:
                 for rank, (i, score) in enumerate(zip(result.order, result.scores), start=1)] + tail
 
     def _reranker(self, name: str) -> tuple[RerankerSpec | None, Reranker | None]:
-        """The registered reranker ``name`` (built once, then kept), or (None, None) for "none"."""
+        """The registered reranker ``name`` and its spec, checked and built on first use, then
+        kept (a query pays neither the check nor the build), or (None, None) for "none"."""
         if name == NO_RERANK:
             return None, None
-        spec = RERANKERS.spec(name)
-        missing = spec.needs - self._needs_met()
-        if missing:
-            raise ValueError(f"this index cannot rerank with {name!r}: it lacks "
-                             f"{'; '.join(sorted(need.value for need in missing))}")
         if name not in self._rerankers:
+            spec = RERANKERS.spec(name)
+            missing = spec.needs - self._needs_met()
+            if missing:
+                raise ValueError(f"this index cannot rerank with {name!r}: it lacks "
+                                 f"{'; '.join(sorted(need.value for need in missing))}")
             self._rerankers[name] = spec.build(RerankerSetup(self.root / MODEL_FOLDER, self.rrt_precision,
                                                              self.rrt_compile))
-        return spec, self._rerankers[name]
+            self._reranker_specs[name] = spec
+        return self._reranker_specs[name], self._rerankers[name]
 
     def _needs_met(self) -> set[Need]:
         needs = {Need.LOCAL_DESCRIPTORS}
