@@ -132,10 +132,7 @@ class SearchService:
         start = time.perf_counter()
         upload = self._checked_upload(data, filename)
         decode_ms = round((time.perf_counter() - start) * 1000, 2)
-        try:
-            outcome = self.engine.search(upload.image, k, rerank)
-        except ValueError as error:  # e.g. the reranker's checkpoint lacks what it needs
-            raise ClientError(422, f"cannot rerank with {rerank!r}: {error}") from None
+        outcome = self.engine.search(upload.image, k, rerank)  # k and rerank were checked above
         timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
         self.metrics.record_query(rerank, timings["total"])
         return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=rerank)
