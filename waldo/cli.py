@@ -364,16 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     # Unset flags stay out of the namespace, so that ServeSettings reads $WALDO_<SETTING> instead.
+    from waldo.serve.settings import ServeSettings
+
+    default = {name: field.default for name, field in ServeSettings.model_fields.items()}
     limits = serve.add_argument_group("service settings", "each also read from $WALDO_<SETTING> (e.g. "
                                       "WALDO_MAX_K, WALDO_MAX_UPLOAD_BYTES); a flag wins",
                                       argument_default=argparse.SUPPRESS)
     limits.add_argument("--max-upload-mb", dest="max_upload_bytes", type=_megabytes, metavar="MB",
-                        help="largest upload accepted, in MB (default 20)")
-    limits.add_argument("--max-pixels", type=int, help="largest width*height of an upload (default 40M)")
-    limits.add_argument("--max-k", type=int, help="largest k a search may ask for (default 100)")
-    limits.add_argument("--query-slots", type=int, help="queries running the model at once (default 2)")
+                        help=f"largest upload accepted, in MB (default {default['max_upload_bytes'] / 2**20:g})")
+    limits.add_argument("--max-pixels", type=int,
+                        help=f"largest width*height of an upload (default {default['max_pixels']:,})")
+    limits.add_argument("--max-k", type=int, help=f"largest k a search may ask for (default {default['max_k']})")
+    limits.add_argument("--query-slots", type=int,
+                        help=f"queries running the model at once (default {default['query_slots']})")
     limits.add_argument("--max-inflight-uploads", type=int,
-                        help="requests with a body handled at once; more get 429 (bounds upload memory; default 16)")
+                        help=f"requests with a body handled at once; more get 429 (bounds upload memory; "
+                             f"default {default['max_inflight_uploads']})")
     limits.add_argument("--api-key", help="require this key (header X-API-Key) to add or remove images; default: "
                                           "$WALDO_API_KEY, else no key. Searches stay open")
     limits.add_argument("--no-compile-rrt", dest="compile_rrt", action="store_false",
