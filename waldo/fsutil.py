@@ -14,13 +14,14 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_lock", "fsync_dir",
-           "fsync_file", "sha256_file"]
+           "fsync_file", "recover_dir", "sha256_file", "write_dir_atomically"]
 
 _HASH_CHUNK = 1 << 22  # 4 MiB: large enough to be fast, small enough to not matter for RAM
 
@@ -99,3 +100,38 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# Folders: a checkpoint or resume state is several files that must change together.
+def _side_paths(target: Path) -> tuple[Path, Path]:
+    return target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
+
+
+def recover_dir(target: str | Path) -> Path:
+    """Finish or undo an interrupted :func:`write_dir_atomically`: if ``target`` is missing but
+    its previous version was parked, put it back; drop a half-written staging folder."""
+    target = Path(target)
+    staging, old = _side_paths(target)
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def write_dir_atomically(target: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Fill a staging folder with ``writer(folder)``, then swap it in for ``target``.
+
+    POSIX cannot rename over a non-empty folder, so the old one is parked first; the window in
+    which ``target`` is missing is two renames wide, and :func:`recover_dir` repairs it.
+    """
+    target = Path(target)
+    recover_dir(target)
+    staging, old = _side_paths(target)
+    staging.mkdir(parents=True)
+    writer(staging)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -3,7 +3,6 @@
 - reproducibility: :func:`seed_everything`, :func:`epoch_seed`;
 - what trains: :func:`train_mode` (BatchNorm stays in eval mode, as in the reference) and
   :func:`split_backbone` (frozen prefix, trainable tail);
-- crash-safe folders: :func:`write_dir_atomically` (files: :mod:`waldo.fsutil`);
 - resumable runs: :class:`TrainState` plus :func:`save_resume_state` / :func:`load_resume_state`,
   which keep weights, optimizer buffers (safetensors, keyed by parameter name) and the loop's
   counters (JSON) in one folder that is swapped in atomically, so an interruption at any moment
@@ -15,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,14 +25,15 @@ import torch
 from torch import nn
 
 from waldo.data.datasets import ImageSet
-from waldo.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from waldo.data.protocols import Protocol
+from waldo.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, recover_dir,
+                          write_dir_atomically)
 from waldo.models.backbones import Backbone
 
 __all__ = [
     "LooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state", "read_train_state",
-    "recover_dir", "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
-    "set_bn_eval", "split_backbone", "split_identities", "train_mode", "write_dir_atomically",
+    "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
+    "set_bn_eval", "split_backbone", "split_identities", "train_mode",
 ]
 
 
@@ -87,41 +85,6 @@ def split_backbone(backbone: Backbone, trainable_blocks: int) -> tuple[list[nn.M
                          f"stages; use -1 to train everything")
     cut = len(stages) - trainable_blocks
     return stem + stages[:cut], stages[cut:] + head
-
-
-# ----------------------------------------------------------------------------- atomic folders
-def _side_paths(target: Path) -> tuple[Path, Path]:
-    return target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
-
-
-def recover_dir(target: str | Path) -> Path:
-    """Finish or undo an interrupted :func:`write_dir_atomically`: if ``target`` is missing but
-    its previous version was parked, put it back; drop a half-written staging folder."""
-    target = Path(target)
-    staging, old = _side_paths(target)
-    if not target.exists() and old.exists():
-        os.replace(old, target)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def write_dir_atomically(target: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Fill a staging folder with ``writer(folder)``, then swap it in for ``target``.
-
-    POSIX cannot rename over a non-empty folder, so the old one is parked first; the window in
-    which ``target`` is missing is two renames wide, and :func:`recover_dir` repairs it.
-    """
-    target = Path(target)
-    recover_dir(target)
-    staging, old = _side_paths(target)
-    staging.mkdir(parents=True)
-    writer(staging)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 # ----------------------------------------------------------------------------- optimizer state

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from waldo.fsutil import atomic_write_json, atomic_write_text
+from waldo.fsutil import atomic_write_json, atomic_write_text, write_dir_atomically
 from waldo.train.common import (
     TrainState,
     load_resume_state,
@@ -36,7 +36,6 @@ from waldo.train.common import (
     save_resume_state,
     seed_everything,
     train_mode,
-    write_dir_atomically,
 )
 from waldo.train.config import TrainConfig, load_config
 
