@@ -33,7 +33,7 @@ from waldo.models.keypoints import (LocalFeatures, SiftConfig, extract_many, ext
 from waldo.models.untrained import untrained_model
 from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker, RerankerSetup, RerankerSpec,
                           RerankQuery)
-from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt
+from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt, read_rrt_info
 from waldo.rerank.rrt_rerankers import resolve_precision
 from waldo.results import SearchHit, SearchOutcome, StageTimer
 
@@ -88,6 +88,7 @@ class Waldo:
         #: and whether they compile their scorer (worth it for a long-lived service, not one query).
         self.rrt_precision = rrt_precision
         self.rrt_compile = rrt_compile
+        self._stored_default: tuple[str | None] | None = None  # rrt.json's default_reranker, read once
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
         self.gv_sift = SiftConfig.model_validate(gv) if gv else None
 
@@ -232,7 +233,7 @@ class Waldo:
         out = self.model(tensor.contiguous(memory_format=torch.channels_last))
         return out.global_desc[0].numpy(), out.local_desc[0].numpy()
 
-    def search(self, image: ImageSource, k: int = 10, rerank: str = NO_RERANK) -> SearchOutcome:
+    def search(self, image: ImageSource, k: int = 10, rerank: str | None = None) -> SearchOutcome:
         """The ``k`` indexed images most similar to ``image`` (a path, bytes, a file object or a
         decoded PIL image), best first, with the time each stage took.
 
@@ -240,10 +241,14 @@ class Waldo:
         metadata read), rerank. ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS`
         (``available_rerankers()`` lists those this index supports): it re-sorts the global
         top-``RERANK_TOP_K`` and each hit's ``score`` becomes the reranker's (an RRT logit, a
-        fused score, or for "gv" the inlier count, negative when not verified).
+        fused score, or for "gv" the inlier count, negative when not verified). ``None`` (the
+        default) uses :attr:`default_reranker`, the one chosen on validation when the index's
+        reranker folder names one; "none" is the global ranking alone. The outcome's ``rerank``
+        says which ran.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        rerank = self.default_reranker if rerank is None else rerank
         spec, reranker = self._reranker(rerank)  # an unsupported reranker fails before any work
         stage = StageTimer()
         with stage("decode"):
@@ -256,7 +261,7 @@ class Waldo:
         with stage("rerank"):
             hits = global_hits if reranker is None else self._reranked(
                 spec, reranker, snapshot, picture, RerankQuery(query_local, query_global), global_hits)
-        return SearchOutcome(hits[:k], global_hits, stage.ms)
+        return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank)
 
     def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
         result = snapshot.search(np.asarray(query_global, np.float32)[None], k)
@@ -314,6 +319,30 @@ class Waldo:
         """The ``rerank`` values :meth:`search` accepts for this index: "none", then every
         registered reranker whose needs the index meets. Services offer exactly these."""
         return [NO_RERANK, *RERANKERS.supported(self._needs_met())]
+
+    @property
+    def stored_default_reranker(self) -> str | None:
+        """The reranker the index's reranker folder names as chosen on validation
+        (``rrt.json``'s ``training["default_reranker"]``, written by RRT training), or None when
+        there is no such file or entry (older folders). Read once, then kept."""
+        if self._stored_default is None:
+            choice = None
+            try:
+                training = read_rrt_info(self.root / MODEL_FOLDER).get("training")
+            except (OSError, ValueError):  # no reranker, unreadable or newer-format rrt.json
+                training = None
+            if isinstance(training, dict) and isinstance(training.get("default_reranker"), str):
+                choice = training["default_reranker"]
+            self._stored_default = (choice,)
+        return self._stored_default[0]
+
+    @property
+    def default_reranker(self) -> str:
+        """What :meth:`search` reranks with when asked for no reranker: the stored choice
+        (:attr:`stored_default_reranker`) when this index offers it (:meth:`available_rerankers`),
+        else "none" (the global ranking alone)."""
+        choice = self.stored_default_reranker
+        return choice if choice is not None and choice in self.available_rerankers() else NO_RERANK
 
     def __len__(self) -> int:
         return len(self.store)

@@ -47,12 +47,14 @@ class SearchHit(BaseModel):
 @dataclass(frozen=True)
 class SearchOutcome:
     """One query's answer: ``hits`` (best first), ``global_hits`` (the global ranking the
-    reranker started from; the hits themselves without one) and the milliseconds each stage took
-    (decode, extract, search, rerank)."""
+    reranker started from; the hits themselves without one), the milliseconds each stage took
+    (decode, extract, search, rerank) and ``rerank``, the reranker that ran ("none": the
+    global ranking alone; a search that named none ran the index's default)."""
 
     hits: list[SearchHit]
     global_hits: list[SearchHit]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    rerank: str = "none"
 
 
 def hits_json(hits: Sequence[SearchHit]) -> list[dict[str, Any]]:

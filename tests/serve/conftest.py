@@ -55,6 +55,29 @@ def grocery_index(grocery_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def default_rrt_index(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A small index whose reranker folder stores a default chosen on validation: a (random,
+    tiny) RRT beside a 64-pixel model, ``rrt.json``'s training naming ``rrt-fusion``, keypoints
+    for gv, and 8 abo_sample photos (returned with the index folder). Copy it before changing it."""
+    import torch
+
+    from waldo.models.untrained import untrained_model
+    from waldo.rerank import RerankingTransformer, RRTConfig, save_reranker
+
+    folder = tmp_path_factory.mktemp("default-rrt")
+    model, config = untrained_model("efficientnet_lite0", dim=32, projection="random", image_size=64, progress=False)
+    torch.manual_seed(0)
+    rrt = RerankingTransformer(RRTConfig(d_model=32, n_layers=1, n_heads=4, ff_dim=32))
+    save_reranker(folder / "reranker", model, config, rrt, grid=(2, 2),
+                  training={"fusion_weight": 0.5, "default_reranker": "rrt-fusion"})
+    images = read_labels_csv(data_root / "abo_sample")
+    engine = Waldo.create(folder / "index", model_dir=folder / "reranker", progress=False)
+    engine.add(images.paths[:8], images.identities[:8], num_workers=0, progress=False)
+    engine.store.close()
+    return folder / "index", images.paths[:8]
+
+
+@pytest.fixture(scope="session")
 def live_server(grocery_index: GroceryIndex, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A live ``waldo serve`` over a private copy of the grocery index, shared by the browser
     and load tests (the load test only adds non-grocery photos, so the browser's query still

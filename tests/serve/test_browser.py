@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,33 @@ def _wait(predicate, what: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def _in_process_server(index: Path) -> Iterator[str]:
+    """``waldo serve``'s app under uvicorn in a thread of this process (so a test's registry or
+    monkeypatches hold there too), on a free loopback port; yields its URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from waldo.serve.app import create_app
+    from waldo.serve.settings import ServeSettings
+
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(index, ServeSettings(compile_rrt=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, "the in-process server", timeout=120)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -124,29 +153,15 @@ def test_a_reranker_registered_in_a_test_gets_a_button_on_the_page(browser, groc
     """The page offers what the registry holds: a reranker no other file knows of gets its button,
     and choosing it shows its order (the global ranks, reversed)."""
     import shutil
-    import socket
-    import threading
-
-    import uvicorn
 
     from waldo.rerank import RERANKERS
-    from waldo.serve.app import create_app
-    from waldo.serve.settings import ServeSettings
 
     monkeypatch.setattr(RERANKERS, "_specs", dict(RERANKERS._specs))  # restored after the test
     RERANKERS.register("toy-reverse", description="the global order, backwards")(lambda setup: _Reverse())
     shutil.copytree(grocery_index.root, tmp_path / "index")
-    with socket.socket() as probe:  # a free loopback port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(tmp_path / "index", ServeSettings(compile_rrt=False))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: server.started, "the in-process server", timeout=120)
+    with _in_process_server(tmp_path / "index") as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(url)
         button = page.wait_for_selector("#mode-toggle button[data-mode='toy-reverse']")
         page.set_input_files("#file-input", str(grocery_index.queries["29"]))
         page.wait_for_selector("#results .card", timeout=60_000)
@@ -155,6 +170,32 @@ def test_a_reranker_registered_in_a_test_gets_a_button_on_the_page(browser, groc
         _wait(lambda: moved.count() == 20, "toy-reverse results")
         before = [int(badge.get_attribute("title").removeprefix("global rank #")) for badge in moved.all()]
         assert before == sorted(before, reverse=True) and before[0] > 20  # the global top-100, backwards
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+
+
+def test_the_default_chosen_on_validation_is_preselected_and_marked(browser, default_rrt_index, artifacts_dir):
+    """An index whose reranker folder stores a default (rrt-fusion): the page starts on it, marks
+    its button, and the first search runs it; the global ranking stays one click away."""
+    index, paths = default_rrt_index
+    with _in_process_server(index) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        button = page.wait_for_selector("#mode-toggle button[data-mode='rrt-fusion']")
+        assert button.get_attribute("aria-checked") == "true" and button.get_attribute("data-default") == "true"
+        assert "default (chosen on validation)" in button.inner_text()
+        assert page.locator("#mode-toggle button[aria-checked='true']").count() == 1
+        assert page.locator("#mode-toggle button[data-default]").count() == 1
+        page.set_input_files("#file-input", paths[0])
+        page.wait_for_selector("#results[data-rerank='rrt-fusion'] .card", timeout=60_000)
+        assert "the default" in page.locator("#results-note").inner_text()
+        page.screenshot(path=str(artifacts_dir / "search_page_default_reranker.png"))
+        page.click("#mode-toggle button[data-mode='none']")
+        page.wait_for_selector("#results[data-rerank='none'] .card", timeout=60_000)
+        assert page.locator("#mode-toggle button[data-mode='none']").get_attribute("aria-checked") == "true"
+
+
+def test_without_a_stored_default_the_page_starts_on_the_global_ranking(browser, live_server):
+    page = browser.new_page(viewport={"width": 900, "height": 800})
+    page.goto(live_server.url)
+    button = page.wait_for_selector("#mode-toggle button[data-mode='none']")
+    assert button.get_attribute("aria-checked") == "true"
+    assert page.locator("#mode-toggle button[data-default]").count() == 0

@@ -15,7 +15,8 @@ class SearchResponse(BaseModel):
     timings: dict[str, float] = Field(
         description="milliseconds per stage: decode, extract, search, rerank, total")
     k: int
-    rerank: str
+    rerank: str = Field(description="the reranker that ran (\"none\": the global ranking alone); a request "
+                                    "without rerank runs the index's default (/stats default_reranker)")
 
 
 class AddedImage(BaseModel):

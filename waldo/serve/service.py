@@ -93,6 +93,9 @@ class SearchService:
                     raise
                 log.warning("reranker %r withdrawn: it failed on a warm-up query (%s)", mode, error)
                 self._rerankers.remove(mode)
+                if mode == self.engine.default_reranker:
+                    log.warning("the index's default reranker %r is withdrawn: a query that names "
+                                "no reranker gets the global ranking alone", mode)
 
     def clean_orphan_uploads(self) -> int:
         """Delete stored uploads that no live image names (left by a crash between storing a
@@ -108,8 +111,21 @@ class SearchService:
     def rerankers(self) -> list[str]:
         return list(self._rerankers)
 
+    @property
+    def default_reranker(self) -> str:
+        """What a query that names no reranker gets: the index's default (chosen on validation,
+        see ``Waldo.default_reranker``) while this service offers it, else "none" (a default
+        withdrawn at warm-up falls back to the global ranking)."""
+        default = self.engine.default_reranker
+        return default if default in self._rerankers else NO_RERANK
+
+    def resolve_rerank(self, rerank: str | None) -> str:
+        """The reranker a query runs: ``rerank``, or the default when it is None."""
+        return self.default_reranker if rerank is None else rerank
+
     def check_query(self, k: int, rerank: str) -> None:
-        """Raise ClientError (422) for a ``k`` or ``rerank`` this service cannot honour."""
+        """Raise ClientError (422) for a ``k`` or ``rerank`` this service cannot honour (a
+        name: resolve None with :meth:`resolve_rerank` first)."""
         if not 1 <= k <= self.settings.max_k:
             raise ClientError(422, f"k must be between 1 and {self.settings.max_k}, got {k}")
         if rerank not in self._rerankers:
@@ -125,17 +141,19 @@ class SearchService:
             self.metrics.record_rejected()
             raise
 
-    def search(self, data: bytes, filename: str | None, k: int, rerank: str = NO_RERANK) -> SearchResponse:
+    def search(self, data: bytes, filename: str | None, k: int, rerank: str | None = None) -> SearchResponse:
         """Decode and check the upload, then query the engine with the decoded image (the
-        upload's one decode); ImageLoadError/ClientError for bad input."""
+        upload's one decode); ImageLoadError/ClientError for bad input. ``rerank`` None: the
+        service's :attr:`default_reranker`; the response's ``rerank`` names the one that ran."""
+        rerank = self.resolve_rerank(rerank)
         self.check_query(k, rerank)
         start = time.perf_counter()
         upload = self._checked_upload(data, filename)
         decode_ms = round((time.perf_counter() - start) * 1000, 2)
         outcome = self.engine.search(upload.image, k, rerank)  # k and rerank were checked above
         timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
-        self.metrics.record_query(rerank, timings["total"])
-        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=rerank)
+        self.metrics.record_query(outcome.rerank, timings["total"])
+        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank)
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
@@ -175,6 +193,12 @@ class SearchService:
                       "image_size": config.image_size},
             "rerankers": self.rerankers,
             "reranker_info": _reranker_info(self.rerankers),
+            # what POST /search runs without a rerank field; "validation" when it is the choice the
+            # reranker's training made on held-out identities, "fallback" when none was stored or
+            # this index/service cannot offer the stored one (then the global ranking alone)
+            "default_reranker": self.default_reranker,
+            "default_reranker_source": ("validation" if self.engine.stored_default_reranker == self.default_reranker
+                                        else "fallback"),
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
                        "max_pixels": self.settings.max_pixels, "max_k": self.settings.max_k,
                        "default_k": self.settings.default_k,

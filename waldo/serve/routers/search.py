@@ -43,10 +43,14 @@ async def search(
     service: Service,
     slots: Slots,
     k: Annotated[int | None, Query(description="how many results (1..max_k, see /stats)")] = None,
-    rerank: Annotated[str, Query(description="none, or a reranker /stats lists for this index")] = "none",
+    rerank: Annotated[str | None, Query(
+        description="none (the global ranking alone), or a reranker /stats lists for this index; "
+                    "omitted: the index's default (/stats default_reranker, chosen on validation)")] = None,
 ) -> SearchResponse:
-    """The ``k`` indexed images most like the uploaded photo, best first, with stage timings."""
+    """The ``k`` indexed images most like the uploaded photo, best first, with stage timings;
+    ``rerank`` in the answer names the reranker that ran."""
     k = service.settings.default_k if k is None else k
+    rerank = service.resolve_rerank(rerank)
     service.check_query(k, rerank)  # before reading the upload or waiting for a slot
     data = await read_upload(image, service.settings.max_upload_bytes)
     async with slots:

@@ -2,16 +2,18 @@
 // Flow: pick/drop/paste a photo -> show it at once -> POST /search -> grid of thumbnails.
 // The ranking toggle re-queries with each reranker the server offers (GET /stats: its names,
 // descriptions and score kinds come from the server's reranker registry; none is named here), and
-// a click on a result opens the pair side by side with the verifier's inlier lines.
+// a click on a result opens the pair side by side with the verifier's inlier lines. The index's
+// default reranker (/stats default_reranker: chosen on validation when its training stored one)
+// is preselected and marked.
 
 const STAGES = [["extract", "Extract"], ["search", "Search"], ["rerank", "Rerank"]];
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  config: null,        // GET /stats: rerankers, reranker_info, limits, images
+  config: null,        // GET /stats: rerankers, reranker_info, default_reranker, limits, images
   file: null,          // the query photo (File or Blob)
   fileUrl: null,       // object URL of it, for the preview and the pair view
-  mode: "none",
+  mode: "none",        // the ranking shown; starts at the server's default_reranker
   cache: new Map(),    // "mode|k" -> search response, for the current file
   inflight: null,      // AbortController of the running search
 };
@@ -28,7 +30,8 @@ async function init() {
     $("index-info").textContent = "server unreachable";
     return;
   }
-  const { images, model, rerankers, limits } = state.config;
+  const { images, model, rerankers, limits, default_reranker: preset } = state.config;
+  if (rerankers.includes(preset)) state.mode = preset;
   for (const option of [...$("k-select").options]) { // offer only what the server allows
     if (Number(option.value) > limits.max_k) option.remove();
   }
@@ -78,10 +81,24 @@ function renderModes(rerankers) {
     button.setAttribute("role", "radio");
     button.textContent = modeName(mode);
     button.title = state.config.reranker_info[mode]?.description || "the global ranking alone";
+    if (isValidatedDefault(mode)) {
+      button.dataset.default = "true";
+      button.title = `${DEFAULT_NOTE} · ${button.title}`;
+      button.append(Object.assign(document.createElement("small"), { className: "default-mark", textContent: DEFAULT_NOTE }));
+    }
     button.addEventListener("click", () => { state.mode = mode; updateModes(); search(); });
     group.append(button);
   }
   updateModes();
+}
+
+const DEFAULT_NOTE = "default (chosen on validation)";
+
+// Whether ``mode`` is the index's default as its reranker's training chose it on validation
+// (not merely the fallback to the global ranking).
+function isValidatedDefault(mode) {
+  const { default_reranker: preset, default_reranker_source: source } = state.config;
+  return mode === preset && source === "validation";
 }
 
 function modeName(mode) {
@@ -154,7 +171,8 @@ function render(body) {
   $("results-title").textContent = `Top ${body.results.length}`;
   const verified = scoreKind(body.rerank) === "inliers" ? body.results.filter((r) => r.score >= 0).length : null;
   $("results-note").textContent = reranked
-    ? `Reranked with ${modeName(body.rerank)}${verified === null ? "" : ` (${verified} verified)`}; ` +
+    ? `Reranked with ${modeName(body.rerank)}${isValidatedDefault(body.rerank) ? ", the default" : ""}` +
+      `${verified === null ? "" : ` (${verified} verified)`}; ` +
       "badges show the move from the global ranking."
     : "Ranked by global-descriptor similarity. Click a result to compare.";
   // Bars show the global similarity (a cosine, comparable across modes); the number is the
