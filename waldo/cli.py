@@ -83,8 +83,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         return _fail(f"{out} already exists and is not empty; use `waldo index add` to grow it")
     start = time.perf_counter()
+    from waldo.models.shipped import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model) if args.model else None
     engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
-                          fit_paths=image_set.paths, fit_source=str(args.data), model_dir=args.model,
+                          fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
                           transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
                           global_index=args.global_index,
                           global_search_params=_parse_search_params(args.global_search_params))
@@ -95,6 +98,28 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     _print_errors(report.errors)
     print(f"indexed {len(report.added)} images into {out} in {seconds:.1f} s "
           f"({len(report.errors)} unreadable, {len(report.already_indexed)} duplicates skipped)")
+    return 0
+
+
+def cmd_index_adapt(args: argparse.Namespace) -> int:
+    from waldo.train.adapt import adapt_index
+
+    config = None
+    if args.config:
+        from waldo.train.config import RRTTrainConfig, load_config
+
+        config = load_config(args.config, RRTTrainConfig)
+    start = time.perf_counter()
+    result = adapt_index(args.index, config=config, epochs=args.epochs, progress=not args.quiet,
+                         stop_after=args.stop_after)
+    seconds = time.perf_counter() - start
+    if not result["installed"]:
+        print(f"training paused after {seconds:.0f} s ({result['run']}); rerun the command to resume")
+        return 0
+    macro = result.get("validation") or {}
+    figures = ", ".join(f"{name} R@1 {m['recall@1']:.3f}" for name, m in macro.items())
+    print(f"adapted the reranker of {args.index} in {seconds:.0f} s; validation (augmented views of held-out "
+          f"photos): {figures}; default reranker: {result.get('default_reranker')}")
     return 0
 
 
@@ -164,12 +189,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from waldo.results import hits_json
 
     engine = Waldo.open(args.index, model_dir=args.model)
-    outcome = engine.search(args.image, k=args.k, rerank=args.rerank)
-    if args.json:  # the very list `POST /search` answers under "results"
+    outcome = engine.search(args.image, k=args.k, rerank=args.rerank)  # None: the index's default
+    if args.json:  # the very list `POST /search` answers under "results"; which reranker ran on stderr
         print(json.dumps(hits_json(outcome.hits), indent=2))
+        print(f"rerank: {outcome.rerank}", file=sys.stderr)
         return 0
     stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in outcome.timings_ms.items())
-    print(f"top {len(outcome.hits)} of {len(engine)} images for {args.image} (ms: {stages})")
+    print(f"top {len(outcome.hits)} of {len(engine)} images for {args.image}, rerank {outcome.rerank} "
+          f"(ms: {stages})")
     print(f"{'rank':>4}  {'score':>6}  {'identity':<10}  {'label':<24}  path")
     for hit in outcome.hits:
         print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.identity:<10}  {hit.label:<24}  {hit.path}")
@@ -179,9 +206,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from waldo.eval.runner import run_eval
+    from waldo.models.shipped import resolve_model_dir
 
+    model_dir = resolve_model_dir(args.model) if args.model else None
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
-                       model_dir=args.model, transform=args.transform, projection=args.projection,
+                       model_dir=model_dir, transform=args.transform, projection=args.projection,
                        dim=args.dim, batch_size=args.batch_size, num_workers=args.workers,
                        progress=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
@@ -266,7 +295,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     from waldo.models.untrained import PROJECTIONS
 
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--model", default=None, help="a trained checkpoint folder (overrides --backbone)")
+    parser.add_argument("--model", default=None,
+                        help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
+                             "(overrides --backbone)")
     parser.add_argument("--dim", type=int, default=128, help="descriptor size")
     parser.add_argument("--projection", default="pca-whiten", choices=PROJECTIONS,
                         help="label-free projection of an untrained model")
@@ -328,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--index", required=True)
     info.set_defaults(handler=cmd_index_info)
 
+    adapt = index_commands.add_parser(
+        "adapt", help="train the reranker on the index's own photos (no labels; resumable)",
+        description="Train the index's reranker on its own photos: each photo's positives are strong augmented "
+                    "views of it, its negatives other photos of its global top-k. The descriptor model is kept, "
+                    "so the stored descriptors stay valid. Resumable (rerun the command); the index changes only "
+                    "when training ends, when its rrt.json/rrt.safetensors are replaced (waldo serve offers the "
+                    "new reranker from its next start).")
+    adapt.add_argument("--index", required=True)
+    adapt.add_argument("--config", default=None, help="an rrt-only RRTTrainConfig JSON (default: the built-in "
+                                                      "CPU recipe, fine-tuning the index's RRT if it has one)")
+    adapt.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
+                       help="stop after N epochs in this call (resume later with the same command)")
+    adapt.add_argument("--quiet", action="store_true", help="no progress bars")
+    adapt.set_defaults(handler=cmd_index_adapt)
+
     check = index_commands.add_parser("check", help="verify an index's integrity")
     check.add_argument("--index", required=True)
     check.set_defaults(handler=cmd_index_check)
@@ -338,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--model", default=None, help="must be the model that built the index")
     search.add_argument("--json", action="store_true", help="print results as JSON")
-    _add_rerank_flag(search, "re-sort the global top-100 (the index must hold what the reranker needs)")
-    search.set_defaults(handler=cmd_search)
+    _add_rerank_flag(search, "re-sort the global top-100 (the index must hold what the reranker needs; "
+                             "without --rerank, the index's default: the one its reranker's training "
+                             "chose on validation, else none)")
+    search.set_defaults(handler=cmd_search, rerank=None)  # None: Waldo.default_reranker
 
     evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol")
     evaluate.add_argument("--protocol", required=True)

@@ -18,7 +18,7 @@ from waldo.data.datasets import ImageRecord, ImageSet, load_dataset, read_labels
 from waldo.paths import dataset_dir
 from waldo.registry import Registry
 
-__all__ = ["PROTOCOLS", "Protocol", "get_protocol", "protocol_names"]
+__all__ = ["PROTOCOLS", "VALIDATION_SPLITS", "Protocol", "get_protocol", "protocol_names", "reported_protocols"]
 
 
 @dataclass
@@ -187,6 +187,24 @@ _register_train_test("sop", read_sop,
                      "Stanford Online Products: train on Ebay_train.txt; leave-one-out over Ebay_test.txt.")
 _register_train_test("products10k", read_products10k,
                      "Products-10K: train on train.csv; leave-one-out over the test split.")
+
+
+#: How a protocol splits its *test* identities into queries and gallery, applied to records of
+#: held-out *training* identities: validation then searches a gallery built like the test's
+#: (the views as far apart, the same kind of photos), so what is chosen on it predicts the
+#: test. (is_query, is_gallery) per record; protocols missing here are leave-one-out.
+VALIDATION_SPLITS: dict[str, tuple[Callable[[ImageRecord], bool], Callable[[ImageRecord], bool]]] = {
+    "grocery-open-cross": (lambda r: r.attrs.get("split") == "test",
+                           lambda r: r.attrs.get("split") in ("train", "val")),
+    "coil100-open": (lambda r: int(r.attrs["view_deg"]) in COIL_QUERY_VIEWS,
+                     lambda r: int(r.attrs["view_deg"]) in COIL_GALLERY_VIEWS),
+}
+
+
+def reported_protocols() -> list[str]:
+    """The protocols results are quoted on (those of the shared data): training must never see
+    an identity they query."""
+    return sorted(_DEFAULT_DIRS)
 
 
 def protocol_names() -> list[str]:

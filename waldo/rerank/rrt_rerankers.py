@@ -97,6 +97,10 @@ class RRTReranker:
                                                      globals_.get("cand_globals"))
             scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
                                         query_global=globals_.get("query_global"), batch_size=self.batch_size)
+            with torch.inference_mode():  # the fast scorer reads the encoder only; the residual is added here
+                skip = self.rrt.skip_logit(globals_.get("query_global"), globals_.get("cand_globals"))
+            if skip is not None:
+                scores = scores + skip.float()
         else:
             scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc),
                                                _as_float_tensor(candidates.local_desc),

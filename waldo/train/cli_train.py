@@ -23,10 +23,19 @@ def cmd_train_global(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
-    """The arguments of every resumable ``waldo train`` run."""
-    parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
-    parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
+def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, *, sources: bool = False) -> None:
+    """The arguments of every resumable ``waldo train`` run. ``sources``: ``--data`` may be
+    repeated and name protocols or folders (waldo.train.sources), ``--protocol`` is optional."""
+    if sources:
+        parser.add_argument("--protocol", default=None,
+                            help="named protocol; only its training images are used (frozen/finetune modes)")
+        parser.add_argument("--data", action="append", default=None, metavar="SPEC",
+                            help="frozen/finetune: the protocol's dataset folder. rrt-only: a training source, "
+                                 "repeatable: a protocol name (its training split), a folder, with ,weight=W "
+                                 "and/or ,labels=no")
+    else:
+        parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
+        parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",

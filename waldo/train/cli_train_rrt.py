@@ -5,6 +5,8 @@
     waldo train rrt --protocol grocery-open --config configs/rrt-finetune-cpu.json \\
         --init runs/rrt-frozen-lite0/best --mode finetune --out runs/rrt-finetune-lite0
     waldo train mine --protocol grocery-open --model runs/global-lite0/best
+    waldo train rrt --config configs/rrt-views-cpu.json --init MODEL_DIR --out runs/rrt-views \
+        --data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample
 
 Re-running ``train rrt`` with the same ``--out`` resumes after the last completed epoch.
 """
@@ -27,8 +29,24 @@ def cmd_train_rrt(args: argparse.Namespace) -> int:
     config = load_config(args.config, RRTTrainConfig)
     if args.mode is not None and args.mode != config.mode:
         raise ValueError(f"--mode {args.mode} but {args.config} is a {config.mode!r} config")
-    protocol = get_protocol(args.protocol, args.data)
     start = time.perf_counter()
+    if config.mode == "rrt-only":
+        from waldo.train.rrt_online import train_rrt_on_views
+        from waldo.train.sources import parse_source
+
+        specs = ([args.protocol] if args.protocol else []) + list(args.data or [])
+        if not specs:
+            raise ValueError("rrt-only training needs at least one --data source (or --protocol)")
+        sources = [parse_source(spec) for spec in specs]
+        train_rrt_on_views(config, sources, args.init, args.out, cache_root=args.cache, progress=not args.quiet,
+                           stop_after=args.stop_after, init_rrt=args.init_rrt)
+        print(run_summary(args.out, config, config.select_metric, time.perf_counter() - start))
+        return 0
+    if not args.protocol:
+        raise ValueError(f"a {config.mode!r} run needs --protocol")
+    if args.data and len(args.data) > 1:
+        raise ValueError(f"a {config.mode!r} run takes one --data folder (the protocol's dataset)")
+    protocol = get_protocol(args.protocol, args.data[0] if args.data else None)
     train_reranker(config, protocol.train, args.init, args.out, cache_root=args.cache, progress=not args.quiet,
                    stop_after=args.stop_after, source_name=f"{args.protocol}:train")
     print(run_summary(args.out, config, config.select_metric, time.perf_counter() - start))
@@ -54,10 +72,12 @@ def cmd_train_mine(args: argparse.Namespace) -> int:
 def register_train_rrt(train_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``rrt`` and ``mine`` sub-commands to ``waldo train``'s sub-parsers."""
     parser = train_commands.add_parser("rrt", help="train the Reranking Transformer (resumable)")
-    add_run_arguments(parser, "an RRTTrainConfig JSON file (see configs/rrt-*.json)")
+    add_run_arguments(parser, "an RRTTrainConfig JSON file (see configs/rrt-*.json)", sources=True)
     parser.add_argument("--init", required=True, metavar="MODEL_DIR",
                         help="model folder to start from (finetune: a frozen reranker folder)")
-    parser.add_argument("--mode", choices=("frozen", "finetune"), default=None,
+    parser.add_argument("--init-rrt", default=None, metavar="RERANKER_DIR",
+                        help="rrt-only: start from this reranker's RRT (same rrt settings)")
+    parser.add_argument("--mode", choices=("frozen", "finetune", "rrt-only"), default=None,
                         help="must match the config's mode (a guard against the wrong config)")
     parser.add_argument("--cache", default=None, help="neighbour/feature cache root (default: ./cache)")
     parser.set_defaults(handler=cmd_train_rrt)

@@ -149,7 +149,7 @@ class RRTTrainConfig(TrainConfig):
     that one model keeps serving global search and reranking.
     """
 
-    mode: Literal["frozen", "finetune"] = "frozen"
+    mode: Literal["frozen", "finetune", "rrt-only"] = "frozen"
     rrt: dict[str, Any] = Field(default_factory=dict)  # RRTConfig overrides; {} = the reference model
     global_loss_weight: float = Field(1.0, ge=0)  # finetune only: weight of the global loss beside the BCE
     # data: cached views per image (view 0 = test transform, the others seeded train augmentations)
@@ -167,10 +167,24 @@ class RRTTrainConfig(TrainConfig):
     fusion_grid: int = Field(20, ge=1)  # lambda in {0, 1/grid, ..., 1}
     select_metric: Literal["map@100", "map", "recall@1"] = "map@100"
     batch_size: int = Field(32, ge=1)  # feature extraction
+    # rrt-only (waldo.train.rrt_online): the RRT alone on a fixed model, pairs from waldo.train.pairs
+    online_views: bool = True  # fresh augmented candidate views every step (False: `views` cached views per image)
+    real_positive_prob: float = Field(0.5, ge=0, le=1)  # labelled anchors: a real same-identity photo, else a view of itself
+    hard_negative_prob: float = Field(0.7, ge=0, le=1)  # a negative from the anchor's mined top-k, else a random one
+    hard_negative_k: int = Field(20, ge=1)
+    in_batch_negatives: bool = True
+    anchors_per_epoch: int = Field(0, ge=0)  # 0 = each source's training images x its weight
+    augment: dict[str, Any] = Field(default_factory=dict)  # waldo.train.views.ViewAugment overrides
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
         self.rrt_config()  # unknown or inconsistent RRT keys fail here, before any work
+        from waldo.train.views import ViewAugment
+
+        try:
+            ViewAugment(**self.augment)
+        except TypeError as error:
+            raise ValueError(f"augment: {error}") from None
         return self
 
     def rrt_config(self) -> RRTConfig:

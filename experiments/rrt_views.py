@@ -1,0 +1,143 @@
+"""Issue 15: the reranker trained from augmented views, its base model, its test figures.
+
+    # the fixed descriptor model the reranker is trained on (lite0, PCA-whitened 128-d,
+    # fitted on the training images of grocery-open and coil100-open only)
+    python experiments/rrt_views.py base --out runs/base-lite0
+
+    # train (waldo train rrt, rrt-only mode), then evaluate on the test protocols
+    waldo train rrt --config configs/rrt-views-cpu.json --init runs/base-lite0 --out runs/rrt-views \\
+        --data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample
+    python experiments/rrt_views.py eval --model runs/rrt-views/best --name views-all \\
+        --rerank none,rrt,rrt-fusion,gv,rrt+gv
+
+``eval`` extracts each protocol once and reranks its global top-100 with every named reranker
+(test queries choose nothing: the model, fusion weight and default come from training
+validation); ``--precision`` adds bf16 against fp32 scoring of the RRT (R@1 and top-1
+agreement). Results: ``results/rrt_views/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROTOCOLS = ("grocery-open-cross", "coil100-open")
+RESULTS = ROOT / "results" / "rrt_views"
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from waldo.data.protocols import get_protocol
+    from waldo.models.checkpoint import save_model
+    from waldo.models.untrained import untrained_model
+
+    paths = [p for name in PROTOCOLS for p in get_protocol(name).train.paths]
+    model, config = untrained_model("efficientnet_lite0", projection="pca-whiten", fit_paths=paths,
+                                    fit_source="grocery-open:train+coil100-open:train", max_fit_images=1500,
+                                    progress=not args.quiet)
+    save_model(model, config, args.out)
+    print(f"{args.out}: {config.projection}")
+    return 0
+
+
+def _metrics(m: dict) -> dict:
+    keep = ("recall@1", "recall@10", "recall@100", "map", "map@100", "n_queries", "rerank_ms_per_query")
+    return {key: m[key] for key in keep if key in m}
+
+
+def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, precision_study: bool,
+             progress: bool) -> dict:
+    from waldo.data.protocols import get_protocol
+    from waldo.data.transforms import get_transform
+    from waldo.eval.evaluate import evaluate_protocol
+    from waldo.eval.gv_eval import run_keypoints
+    from waldo.eval.rerank_eval import rerank_run
+    from waldo.models.checkpoint import load_model
+    from waldo.rerank import NO_RERANK, RERANKERS, Need, RerankerSetup
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    model, config = load_model(model_dir)
+    training = read_rrt_info(model_dir).get("training", {})
+    out = {"model": str(model_dir), "default_reranker": training.get("default_reranker"),
+           "fusion_weight": training.get("fusion_weight"), "protocols": {}}
+    for name in protocols:
+        protocol = get_protocol(name)
+        start = time.perf_counter()
+        run = evaluate_protocol(model, protocol, get_transform(config.transform, config.image_size), progress=progress)
+        entry = {"global": _metrics(run.metrics), "extract_seconds": round(time.perf_counter() - start, 1)}
+        keypoints = None
+        for reranker_name in rerankers:
+            if reranker_name == NO_RERANK:
+                continue
+            if Need.KEYPOINTS in RERANKERS.spec(reranker_name).needs and keypoints is None:
+                keypoints = run_keypoints(protocol, progress=progress)
+            reranker = RERANKERS.create(reranker_name, RerankerSetup(Path(model_dir), precision="fp32"))
+            reranked = rerank_run(run, reranker, 100, keypoints=keypoints, progress=progress)
+            entry[reranker_name] = _metrics(reranked.metrics)
+            if reranker_name == "rrt" and precision_study:
+                entry["precision"] = _precision(run, model_dir, reranked, progress)
+        if training.get("default_reranker"):
+            entry["default"] = entry.get(training["default_reranker"] if training["default_reranker"] != NO_RERANK
+                                         else "global")
+        out["protocols"][name] = entry
+        print(json.dumps({name: {k: v.get("recall@1") if isinstance(v, dict) else v for k, v in entry.items()}}),
+              flush=True)
+    return out
+
+
+def _precision(run, model_dir: Path, fp32, progress: bool) -> dict:
+    """bf16 against fp32 scoring of the same RRT on the same candidates: R@1 and how often the
+    top-1 is the same image."""
+    from waldo.eval.rerank_eval import rerank_run
+    from waldo.rerank import RERANKERS, RerankerSetup
+
+    bf16 = rerank_run(run, RERANKERS.create("rrt", RerankerSetup(model_dir, precision="bf16")), 100,
+                      progress=progress)
+    agree = float(np.mean(fp32.run.knn_indices[:, 0] == bf16.run.knn_indices[:, 0]))
+    return {"fp32": {"recall@1": fp32.metrics["recall@1"], "ms_per_query": fp32.metrics["rerank_ms_per_query"]},
+            "bf16": {"recall@1": bf16.metrics["recall@1"], "ms_per_query": bf16.metrics["rerank_ms_per_query"]},
+            "top1_agreement": agree}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from waldo.models.shipped import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    result = evaluate(model_dir, args.protocols.split(","), args.rerank.split(","),
+                      precision_study=args.precision, progress=not args.quiet)
+    result["command"] = " ".join(["python", "experiments/rrt_views.py", *sys.argv[1:]])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    base = commands.add_parser("base", help="build the fixed descriptor model")
+    base.add_argument("--out", required=True)
+    base.add_argument("--quiet", action="store_true")
+    base.set_defaults(handler=cmd_base)
+    ev = commands.add_parser("eval", help="test figures of a reranker folder")
+    ev.add_argument("--model", required=True, help="a reranker folder or a shipped model's name")
+    ev.add_argument("--name", required=True, help="results/rrt_views/<name>.json")
+    ev.add_argument("--protocols", default=",".join(PROTOCOLS))
+    ev.add_argument("--rerank", default="none,rrt,rrt-fusion")
+    ev.add_argument("--precision", action="store_true", help="also score the RRT in bf16 (agreement with fp32)")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(handler=cmd_eval)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Reranker training from augmented views: views, sources, the pair source, validation, a real run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from waldo.data.datasets import ImageRecord, ImageSet, read_labels_csv
+from waldo.data.protocols import COIL_GALLERY_VIEWS, COIL_QUERY_VIEWS
+from waldo.models.checkpoint import save_model
+from waldo.models.untrained import untrained_model
+from waldo.rerank.rrt import RerankingTransformer, RRTConfig
+from waldo.rerank.rrt_checkpoint import load_rrt
+from waldo.train.config import RRTTrainConfig
+from waldo.train.pairs import PairSampler, split_rows, top_k_neighbours, validation_sets
+from waldo.train.rrt_online import train_rrt_on_views
+from waldo.train.sources import TrainingSource, check_no_test_images, parse_source, pool_sources
+from waldo.train.views import ViewAugment, strong_view
+
+
+def _photo(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+
+
+def test_strong_view_is_a_pure_function_of_its_seed():
+    image = _photo()
+    a = strong_view(image, 64, np.random.default_rng([1, 2]))
+    b = strong_view(image, 64, np.random.default_rng([1, 2]))
+    c = strong_view(image, 64, np.random.default_rng([1, 3]))
+    assert a.shape == (3, 64, 64) and a.dtype == torch.float32
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_strong_view_without_any_change_is_the_resized_photo():
+    """With every augmentation switched off the view is the photo resized: the augmentations
+    are what makes it differ (not a bug in the plumbing)."""
+    none = ViewAugment(min_crop=1.0, p_rotation=0, p_perspective=0, jitter=0, hue=0, p_blur=0, p_jpeg=0, p_occlusion=0)
+    image = _photo().resize((64, 64))
+    view = strong_view(image, 64, np.random.default_rng(0), none)
+    expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    assert torch.allclose(view, expected, atol=1 / 255)
+
+
+def _pool(labelled_ids, unlabelled: int):
+    labelled = ImageSet([ImageRecord(f"/x/l{i}.jpg", str(identity)) for i, identity in enumerate(labelled_ids)],
+                        "/x", "lab")
+    plain = ImageSet([ImageRecord(f"/x/u{i}.jpg", "") for i in range(unlabelled)], "/x", "plain")
+    return pool_sources([TrainingSource("lab", labelled, True), TrainingSource("plain", plain, False, weight=2.0)])
+
+
+def test_pooled_identities_keep_sources_apart_and_unlabelled_photos_alone():
+    pool = _pool([1, 1, 2, 2], unlabelled=3)
+    assert pool.identity[0] == pool.identity[1] != pool.identity[2]
+    assert len(set(pool.identity[4:].tolist())) == 3  # every unlabelled photo its own identity
+    assert not set(pool.identity[:4].tolist()) & set(pool.identity[4:].tolist())
+
+
+def test_pair_source_positives_are_the_same_photo_or_identity_and_negatives_never_are():
+    pool = _pool([i // 4 for i in range(40)], unlabelled=30)
+    held_out = split_rows(pool, 0.2, seed=0)
+    # identities are held out whole: no identity is on both sides
+    assert not set(pool.identity[held_out].tolist()) & set(pool.identity[~held_out].tolist())
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(len(pool), 8)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    neighbours = top_k_neighbours(desc, np.flatnonzero(~held_out), 10)
+    sampler = PairSampler(pool, ~held_out, neighbours, seed=0, real_positive_prob=0.5, hard_negative_prob=0.7)
+    seen_real = seen_self = 0
+    for epoch in range(3):
+        for batch in sampler.epoch(epoch, 8):
+            anchors = batch.anchors[batch.pair_anchor]
+            candidates = batch.candidates[batch.pair_candidate]
+            assert not held_out[batch.anchors].any() and not held_out[batch.candidates].any()
+            same_identity = pool.identity[anchors] == pool.identity[candidates]
+            assert (same_identity == (batch.targets == 1)).all()  # positive <=> same identity
+            positives = batch.targets == 1
+            seen_self += int((anchors[positives] == candidates[positives]).sum())
+            seen_real += int((anchors[positives] != candidates[positives]).sum())
+            unlabelled = ~pool.labelled[anchors[positives]]
+            assert (anchors[positives][unlabelled] == candidates[positives][unlabelled]).all()
+    assert seen_self > 0 and seen_real > 0
+    # weights: the unlabelled source (weight 2) gives about twice its share of anchors
+    assert sampler.counts[1] == round(2.0 * np.sum(~held_out & (pool.source == 1)))
+
+
+def test_neighbours_exclude_the_row_itself_and_follow_similarity():
+    desc = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]
+    desc[1] = np.array([0.9, 0.1, 0, 0]) / np.linalg.norm([0.9, 0.1])
+    top = top_k_neighbours(desc, np.arange(5), 2)
+    assert top[0, 0] == 1 and top[1, 0] == 0
+    assert all(row not in top[row] for row in range(5))
+
+
+def test_sources_from_the_command_line(data_root, tmp_path):
+    source = parse_source("coil100-open,weight=0.5")
+    assert source.labelled and source.weight == 0.5 and source.validation_split is not None
+    assert {int(r.identity) for r in source.images.records} == set(range(1, 51))  # training objects only
+    folder = parse_source(f"{data_root / 'abo_sample'},labels=no")
+    assert not folder.labelled and len(folder.images) == 12
+    assert parse_source(str(data_root / "abo_sample")).labelled
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_source("coil100-open,wieght=2")
+    with pytest.raises(ValueError, match="neither a protocol"):
+        parse_source(str(tmp_path / "nothing-here"))
+    # The whole grocery folder holds test images of the reported protocols: refused.
+    whole = TrainingSource("grocery", read_labels_csv(data_root / "grocery_store"), True)
+    with pytest.raises(ValueError, match="test images of protocol"):
+        check_no_test_images([whole])
+    check_no_test_images([source, folder])  # training splits and other folders are fine
+
+
+def test_validation_mirrors_the_protocol(data_root):
+    source = parse_source("coil100-open")
+    pool = pool_sources([source])
+    held_out = split_rows(pool, 0.2, seed=0)
+    [vset] = validation_sets(pool, held_out)
+    views = lambda rows: {int(pool.records[r].attrs["view_deg"]) for r in rows}  # noqa: E731
+    assert vset.kind == "protocol twin"
+    assert views(vset.queries) <= COIL_QUERY_VIEWS and views(vset.gallery) <= COIL_GALLERY_VIEWS
+    assert held_out[vset.queries].all()
+    # distractors from every identity, held out or not
+    assert len({pool.identity[r] for r in vset.gallery}) == 50
+
+
+DIM, SIZE = 32, 96  # a small model (3 x 3 grid) keeps the run to seconds
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    model, config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
+                                    progress=False)
+    return save_model(model, config, tmp_path_factory.mktemp("init") / "model")
+
+
+def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, small_model, tmp_path):
+    """Unlabelled grocery photos, a transformer without the global path (so all it knows is
+    learned): the loss falls, and the held-out photos' augmented views find their own photo
+    first more often than before training."""
+    images = read_labels_csv(data_root / "grocery_store")
+    images = images.subset(range(0, 2400, 30), "grocery sample")  # 80 photos of many products
+    source = TrainingSource("grocery sample", ImageSet([ImageRecord(r.path, "") for r in images], images.root,
+                                                       "grocery sample"), labelled=False)
+    config = RRTTrainConfig.model_validate({
+        "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64},
+        "anchors_per_epoch": 192, "batch_triplets": 16, "epochs": 4, "lr": 2e-3, "milestones": [1.0],
+        "val_fraction": 0.25, "val_top_k": 20, "negatives_top_k": 20, "threads": 2, "seed": 0})
+    best = train_rrt_on_views(config, [source], small_model, tmp_path / "run", cache_root=tmp_path / "cache",
+                              progress=False, allow_test_images=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in log if entry["epoch"] > 0]
+    assert losses[-1] < losses[0]
+    before = log[0]["val"]["macro"]["rrt"]["recall@1"]
+    after = max(entry["val"]["macro"]["rrt"]["recall@1"] for entry in log if entry["epoch"] > 0)
+    assert after > before
+    rrt, info = load_rrt(best)
+    assert info["training"]["default_reranker"] in ("none", "rrt", "rrt-fusion")
+    assert 0.0 <= info["training"]["fusion_weight"] <= 1.0
+    assert info["training"]["trained_on"][0]["labelled"] is False
+
+
+def test_global_skip_starts_as_global_search():
+    rrt = RerankingTransformer(RRTConfig(d_model=32, n_layers=1, n_heads=4, ff_dim=64, use_global_tokens=True,
+                                         global_skip=True))
+    rng = torch.Generator().manual_seed(0)
+    q_local, c_local = torch.randn(1, 4, 32, generator=rng), torch.randn(10, 4, 32, generator=rng)
+    q_global = torch.nn.functional.normalize(torch.randn(32, generator=rng), dim=0)
+    c_global = torch.nn.functional.normalize(torch.randn(10, 32, generator=rng), dim=1)
+    logits = rrt.score_candidates(q_local[0], c_local, query_global=q_global, cand_globals=c_global, grid=(2, 2))
+    cosine = c_global @ q_global
+    assert torch.equal(torch.argsort(logits, descending=True), torch.argsort(cosine, descending=True))
+    with pytest.raises(ValueError, match="global_skip needs use_global_tokens"):
+        RRTConfig(global_skip=True)

@@ -1,0 +1,385 @@
+"""Train the reranker alone on a fixed descriptor model, from online augmented views.
+
+``waldo train rrt --mode rrt-only`` and ``waldo index adapt``. The descriptor model (backbone,
+local and global projections) never changes, so a reranker trained here serves any index built
+with that model, its stored descriptors included: only ``rrt.json``/``rrt.safetensors`` are new.
+
+Per epoch (see waldo.train.pairs for the pairs): anchors are seen as the index sees a query (the
+test transform, descriptors computed once and cached as ``.npy``); every candidate is a fresh
+strong view (waldo.train.views) made now, for this step, and described by the frozen model
+through ONNX Runtime where it is installed (eager PyTorch otherwise). So the reranker never sees
+the same candidate map twice: with a fixed cache of maps (``online_views: false``, kept as an
+option: ``views`` augmented views per image made once) it memorises them instead.
+
+Validation and choice (waldo.train.pairs.validation_sets): per source, a gallery built like its
+test; the checkpoint with the best macro-average (over sources) of ``select_metric`` after
+reranking the global top-``val_top_k`` is ``best/``. At the end, on ``best/``: the fusion
+weight, and the *default reranker* among none / rrt / rrt-fusion (the best on validation; ties
+go to the cheaper), stored in its rrt.json with the figures they were chosen on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from waldo.data.images import load_image
+from waldo.data.transforms import get_transform
+from waldo.eval.metrics import retrieval_metrics
+from waldo.models.checkpoint import ModelConfig, load_model, model_hash
+from waldo.models.compiled import prepare_runtime
+from waldo.models.descriptor import DescriptorModel
+from waldo.models.extract import extract_descriptors
+from waldo.paths import default_cache_root
+from waldo.rerank.rrt import RerankingTransformer
+from waldo.rerank.rrt_checkpoint import load_rrt, save_rrt
+from waldo.rerank.rrt_rerankers import fuse_scores
+from waldo.train.common import TrainState
+from waldo.train.config import RRTTrainConfig
+from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
+from waldo.train.mining import list_hash
+from waldo.train.pairs import PairBatch, PairSampler, ValidationSet, split_rows, top_k_neighbours, validation_sets
+from waldo.train.sources import PooledImages, TrainingSource, check_no_test_images, pool_sources
+from waldo.train.views import ViewAugment, strong_view
+
+__all__ = ["OnlineRRTTrainer", "ViewMaker", "clean_descriptors", "train_rrt_on_views"]
+
+
+# ----------------------------------------------------------------------------- descriptors
+def clean_descriptors(model: DescriptorModel, model_config: ModelConfig, paths: list[str], cache_root: Path, *,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Test-transform descriptors of ``paths``: (global (N, D) float32, local (N, L, D) float16,
+    ok (N,) bool), cached under ``<cache_root>/descriptors/`` by model hash and path list."""
+    key = hashlib.sha256(f"{model_hash(model)}|{list_hash(paths)}|{model_config.transform}|"
+                         f"{model_config.image_size}".encode()).hexdigest()[:20]
+    folder = cache_root / "descriptors" / key
+    if (folder / "ok.npy").is_file():
+        return (np.load(folder / "global.npy"), np.load(folder / "local.npy"), np.load(folder / "ok.npy"))
+    transform = get_transform(model_config.transform, model_config.image_size)
+    out = extract_descriptors(model, paths, transform, progress=progress, description="describe training images",
+                              runtime="auto")
+    ok = out.ok
+    global_desc = np.zeros((len(paths), model.dim), np.float32)
+    local_desc = np.zeros((len(paths), *out.local_desc.shape[1:]), np.float16)
+    global_desc[ok], local_desc[ok] = out.global_desc, out.local_desc
+    staging = folder.parent / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    np.save(staging / "global.npy", global_desc, allow_pickle=False)
+    np.save(staging / "local.npy", local_desc, allow_pickle=False)
+    np.save(staging / "ok.npy", ok, allow_pickle=False)
+    try:
+        os.replace(staging, folder)
+    except OSError:  # published concurrently by another run
+        shutil.rmtree(staging, ignore_errors=True)
+    return global_desc, local_desc, ok
+
+
+class ViewMaker:
+    """Strong views of pooled rows, described by the frozen model.
+
+    Decoded photos are kept in memory, shrunk so the short side is at most ``keep_side`` (views
+    are ``image_size`` px crops of at least 30% of the area, so little detail is lost), and the
+    views are made by threads (PIL releases the GIL)."""
+
+    def __init__(self, model: DescriptorModel, paths: list[str], image_size: int, augment: ViewAugment, *,
+                 keep_side: int = 320, threads: int = 4) -> None:
+        self.model, self.paths, self.image_size, self.augment = model.eval(), paths, image_size, augment
+        self.keep_side = keep_side
+        self.run_model = prepare_runtime(model, "auto", batch_size=64, n_images=10_000)
+        self._images: dict[int, Image.Image] = {}
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+
+    def _photo(self, row: int) -> Image.Image:
+        image = self._images.get(row)
+        if image is None:
+            image = load_image(self.paths[row])
+            short = min(image.size)
+            if short > self.keep_side:
+                scale = self.keep_side / short
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.BILINEAR)
+            self._images[row] = image
+        return image
+
+    def images(self, rows: np.ndarray, seeds: list[list[int]]) -> torch.Tensor:
+        def one(row: int, seed: list[int]) -> torch.Tensor:
+            return strong_view(self._photo(row), self.image_size, np.random.default_rng(seed), self.augment)
+
+        return torch.stack(list(self._pool.map(one, [int(r) for r in rows], seeds)))
+
+    @torch.inference_mode()
+    def describe(self, rows: np.ndarray, seeds: list[list[int]], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global (n, D), local (n, L, D)) float32 of one view per (row, seed)."""
+        globals_, locals_ = [], []
+        for start in range(0, len(rows), batch_size):
+            images = self.images(rows[start:start + batch_size], seeds[start:start + batch_size])
+            out = self.run_model(images.contiguous(memory_format=torch.channels_last))
+            globals_.append(out.global_desc.float())
+            locals_.append(out.local_desc.float())
+        return torch.cat(globals_), torch.cat(locals_)
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.inference_mode()
+def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: torch.Tensor, c_global: torch.Tensor,
+                 c_local: torch.Tensor, grid: tuple[int, int], batch: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(q_local), batch):
+        part = slice(start, start + batch)
+        extra = {}
+        if rrt.config.use_global_tokens:
+            extra = {"query_global": q_global[part], "cand_global": c_global[part]}
+        out.append(rrt(q_local[part], c_local[part], grid=grid, **extra).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class ViewValidator:
+    """Scores global / rrt / rrt-fusion on every :class:`ValidationSet` (see module doc)."""
+
+    def __init__(self, sets: list[ValidationSet], pool: PooledImages, global_desc: np.ndarray, local_desc: np.ndarray,
+                 views: ViewMaker, *, top_k: int, seed: int, grid: tuple[int, int]) -> None:
+        self.sets, self.top_k, self.grid = sets, top_k, grid
+        self.prepared = []
+        for vset in sets:
+            if vset.augmented:  # fixed views, made once: every validation sees the same queries
+                seeds = [[seed, 99, int(row)] for row in vset.queries]
+                q_global, q_local = views.describe(vset.queries, seeds)
+                q_global, q_local = q_global.numpy(), q_local.numpy()
+            else:
+                q_global, q_local = global_desc[vset.queries], local_desc[vset.queries].astype(np.float32)
+            g_global = global_desc[vset.gallery]
+            sims = q_global @ g_global.T
+            if vset.exclude_self:
+                sims[vset.queries[:, None] == vset.gallery[None, :]] = -np.inf
+            k = min(top_k, len(vset.gallery) - (1 if vset.exclude_self else 0))
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            scores = np.take_along_axis(sims, order, 1)
+            candidates = vset.gallery[order]
+            same = pool.identity[candidates] == pool.identity[vset.queries][:, None]
+            gallery_same = pool.identity[vset.gallery][None, :] == pool.identity[vset.queries][:, None]
+            if vset.exclude_self:
+                gallery_same &= vset.queries[:, None] != vset.gallery[None, :]
+            self.prepared.append({"q_global": q_global, "q_local": q_local, "candidates": candidates,
+                                  "scores": scores, "matches": same, "n_positives": gallery_same.sum(1)})
+        self.local_desc, self.global_desc = local_desc, global_desc
+
+    def logits(self, rrt: RerankingTransformer) -> list[np.ndarray]:
+        out = []
+        for data in self.prepared:
+            q, k = data["candidates"].shape
+            q_index = np.repeat(np.arange(q), k)
+            cands = data["candidates"].reshape(-1)
+            logits = _pair_logits(rrt, torch.from_numpy(data["q_global"][q_index]),
+                                  torch.from_numpy(data["q_local"][q_index]),
+                                  torch.from_numpy(self.global_desc[cands]),
+                                  torch.from_numpy(self.local_desc[cands].astype(np.float32)), self.grid)
+            out.append(logits.numpy().reshape(q, k))
+        return out
+
+    def _metrics(self, data: dict, scores: np.ndarray | None) -> dict:
+        matches = data["matches"]
+        if scores is not None:
+            order = np.argsort(-scores, axis=1, kind="stable")
+            matches = np.take_along_axis(matches, order, 1)
+        return retrieval_metrics(matches, data["n_positives"], ks=(1, 10))
+
+    def __call__(self, rrt: RerankingTransformer, logits: list[np.ndarray] | None = None,
+                 fusion_weight: float | None = None) -> dict:
+        rrt.eval()
+        logits = self.logits(rrt) if logits is None else logits
+        per_set = {}
+        for vset, data, set_logits in zip(self.sets, self.prepared, logits):
+            entry = {"kind": vset.kind, "n_queries": len(vset.queries), "gallery": len(vset.gallery),
+                     "none": self._metrics(data, None), "rrt": self._metrics(data, set_logits)}
+            if fusion_weight is not None:
+                entry["rrt-fusion"] = self._metrics(data, fuse_scores(data["scores"], set_logits, fusion_weight))
+            per_set[vset.name] = entry
+        names = ["none", "rrt"] + (["rrt-fusion"] if fusion_weight is not None else [])
+        macro = {name: {metric: float(np.mean([e[name][metric] for e in per_set.values()]))
+                        for metric in ("recall@1", "recall@10", "map@100")} for name in names}
+        return {"macro": macro, "sets": per_set, "top_k": self.top_k}
+
+
+def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: str, grid: int) -> dict:
+    """The fusion weight (grid search; ties go to the larger global weight) and the default
+    reranker: the best of none / rrt / rrt-fusion on ``metric``, a tie going to the cheaper
+    (none, then rrt, then rrt-fusion, which needs both scores)."""
+    logits = validator.logits(rrt)
+    best_weight, best_score = 1.0, -1.0
+    grid_scores = []
+    for weight in [i / grid for i in range(grid, -1, -1)]:
+        score = validator(rrt, logits, weight)["macro"]["rrt-fusion"][metric]
+        grid_scores.append(score)
+        if score > best_score + 1e-12:
+            best_weight, best_score = weight, score
+    metrics = validator(rrt, logits, best_weight)
+    default = "none"
+    for name in ("rrt", "rrt-fusion"):  # strictly better than everything cheaper, or not chosen
+        if metrics["macro"][name][metric] > metrics["macro"][default][metric] + 1e-12:
+            default = name
+    return {"fusion_weight": best_weight, "default_reranker": default, "select_metric": metric,
+            "validation": metrics, "fusion_grid_scores": grid_scores}
+
+
+# ----------------------------------------------------------------------------- trainer
+class OnlineRRTTrainer(Trainer):
+    unit = "pairs"
+    finish_flag = "default_chosen"
+
+    def __init__(self, config: RRTTrainConfig, rrt: RerankingTransformer, sampler: PairSampler, views: ViewMaker,
+                 global_desc: np.ndarray, local_desc: np.ndarray, validator: ViewValidator, grid: tuple[int, int],
+                 save_model_files, info: dict) -> None:
+        self.config, self.module, self.sampler, self.views = config, rrt, sampler, views
+        self.global_desc, self.local_desc, self.validator, self.grid = global_desc, local_desc, validator, grid
+        self.save_model_files, self.info = save_model_files, info
+        self.metric = config.select_metric
+        self.optimizer = torch.optim.AdamW(rrt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self._cached_views = None
+        if not config.online_views:  # the option: a fixed cache of `views` augmented views per image
+            rows = np.arange(len(global_desc))
+            g, l_ = [], []
+            for view in range(config.views):
+                gv, lv = views.describe(rows, [[config.seed, 1000 + view, int(r)] for r in rows])
+                g.append(gv.half())
+                l_.append(lv.half())
+            self._cached_views = (torch.stack(g, 1), torch.stack(l_, 1))  # (N, V, D), (N, V, L, D)
+
+    def batches(self, epoch: int) -> Iterator[PairBatch]:
+        return self.sampler.epoch(epoch, self.config.batch_triplets)
+
+    def batches_per_epoch(self) -> int:
+        return -(-self.sampler.anchors_per_epoch // self.config.batch_triplets)
+
+    def _candidates(self, epoch: int, index: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = self.config.seed
+        if self._cached_views is not None:
+            pick = np.random.default_rng([seed, epoch, index, 5]).integers(self.config.views, size=len(rows))
+            g, l_ = self._cached_views
+            return g[rows, pick].float(), l_[rows, pick].float()
+        return self.views.describe(rows, [[seed, epoch, index, j] for j in range(len(rows))])
+
+    def step(self, epoch: int, index: int, batch: PairBatch) -> StepResult:
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr_at(epoch, epoch * self.batches_per_epoch() + index)
+        c_global, c_local = self._candidates(epoch, index, batch.candidates)
+        a_global = torch.from_numpy(self.global_desc[batch.anchors])
+        a_local = torch.from_numpy(self.local_desc[batch.anchors].astype(np.float32))
+        qa, qc = torch.from_numpy(batch.pair_anchor), torch.from_numpy(batch.pair_candidate)
+        extra = {}
+        if self.module.config.use_global_tokens:
+            extra = {"query_global": a_global[qa], "cand_global": c_global[qc]}
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.module(a_local[qa], c_local[qc], grid=self.grid, **extra)
+        targets = torch.from_numpy(batch.targets)
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), config.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            positive, negative = logits[targets == 1], logits[targets == 0]
+            ranked = float((positive[:, None] > negative[None, :]).float().mean()) if len(negative) else 1.0
+        return StepResult({"loss": float(loss.detach()), "pair_auc": ranked}, weight=len(targets),
+                          count=len(targets), images=len(batch.candidates), counters=batch.counters)
+
+    def validate(self) -> dict:
+        return self.validator(self.module)
+
+    def score(self, metrics: dict) -> float:
+        return metrics["macro"]["rrt"][self.metric]
+
+    def save(self, target: Path, epoch: int, metrics: dict | None) -> None:
+        write_checkpoint(target, self.config, metrics, lambda folder: (
+            self.save_model_files(folder),
+            save_rrt(folder, self.module, grid=self.grid, training={**self.info, "epoch": epoch})))
+
+    def finish(self, best: Path) -> None:
+        from waldo.fsutil import atomic_write_json
+        from waldo.rerank.rrt_checkpoint import update_rrt_training
+
+        rrt, _ = load_rrt(best)
+        chosen = choose_default(self.validator, rrt, self.metric, self.config.fusion_grid)
+        update_rrt_training(best, fusion_weight=chosen["fusion_weight"], default_reranker=chosen["default_reranker"],
+                            fusion_metric=self.metric, fusion_val={"macro": chosen["validation"]["macro"],
+                                                                   "grid_scores": chosen["fusion_grid_scores"]})
+        metrics_path = best / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        atomic_write_json(metrics_path, {**metrics, "choice": chosen})
+
+
+def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], init_dir: str | Path,
+                       out_dir: str | Path, *, cache_root: str | Path | None = None, progress: bool = True,
+                       stop_after: int | None = None, allow_test_images: bool = False,
+                       init_rrt: str | Path | None = None, copy_model: bool = True) -> Path:
+    """Train (or resume) an RRT on ``sources`` over the fixed model in ``init_dir`` (module doc).
+    ``init_rrt``: a reranker folder to start from (its RRT config must equal the config's), e.g.
+    the shipped one; ``copy_model``: checkpoints are complete reranker folders (the model files
+    copied beside rrt.*), else rrt.* alone. Returns ``out_dir / "best"``."""
+    if config.mode != "rrt-only":
+        raise ValueError(f"train_rrt_on_views needs an rrt-only config, got mode {config.mode!r}")
+    out, state = start_run(out_dir, config)
+    cache_root = Path(cache_root or default_cache_root())
+    if not allow_test_images:
+        check_no_test_images(sources)
+    model, model_config = load_model(init_dir)
+    init_hash = model_hash(model)
+    rrt_config = config.rrt_config()
+    if rrt_config.d_model != model.dim:
+        raise ValueError(f"the RRT's d_model ({rrt_config.d_model}) must equal the model's descriptor dim ({model.dim})")
+    if init_rrt is not None:
+        rrt, _ = load_rrt(init_rrt)
+        if rrt.config != rrt_config:
+            raise ValueError(f"{init_rrt}/rrt.json differs from the config's rrt settings")
+        rrt.train()
+    else:
+        torch.manual_seed(config.seed)
+        rrt = RerankingTransformer(rrt_config)
+    pool = pool_sources(sources)
+    global_desc, local_desc, ok = clean_descriptors(model, model_config, pool.paths, cache_root, progress=progress)
+    if not ok.all():
+        tqdm.write(f"warning: {int((~ok).sum())} unreadable training images are left out")
+    held_out = split_rows(pool, config.val_fraction, config.seed)
+    train = ok & ~held_out
+    neighbours = top_k_neighbours(global_desc, np.flatnonzero(train), config.negatives_top_k)
+    sampler = PairSampler(pool, train, neighbours, seed=config.seed, real_positive_prob=config.real_positive_prob,
+                          hard_negative_prob=config.hard_negative_prob, hard_negative_k=config.hard_negative_k,
+                          in_batch_negatives=config.in_batch_negatives, anchors_per_epoch=config.anchors_per_epoch)
+    grid = (model_config.image_size // model.backbone.stride,) * 2
+    views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment(**config.augment))
+    sets = validation_sets(pool, held_out & ok, max_queries=config.val_max_queries, seed=config.seed)
+    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=config.val_top_k, seed=config.seed,
+                              grid=grid)
+    info = {"mode": "rrt-only", "init_model_hash": init_hash, "online_views": config.online_views,
+            "trained_on": [source.describe() for source in sources],
+            "validation_sets": [{"name": s.name, "kind": s.kind, "queries": len(s.queries), "gallery": len(s.gallery)}
+                                for s in sets]}
+    init_dir = Path(init_dir)
+
+    def save_model_files(folder: Path) -> None:
+        if copy_model:
+            for name in ("config.json", "model.safetensors"):
+                shutil.copyfile(init_dir / name, folder / name)
+
+    trainer = OnlineRRTTrainer(config, rrt, sampler, views, global_desc, local_desc, validator, grid,
+                               save_model_files, info)
+    resume = state is not None
+    if state is None:
+        state = TrainState(seed=config.seed, extra={"init_model_hash": init_hash, "n_train": int(train.sum()),
+                                                    "n_held_out": int(held_out.sum())})
+    elif state.extra.get("init_model_hash") != init_hash:
+        raise ValueError(f"{out} was started from another model; pass the same --init")
+    return fit(trainer, out, state, resume=resume, progress=progress, stop_after=stop_after)
