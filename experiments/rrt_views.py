@@ -172,6 +172,106 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- docs/results.md blocks
+def _r(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _test_block(result: dict, title: str) -> str:
+    rows = ["| protocol | reranker | R@1 | R@10 | mAP | mAP@100 |", "|---|---|---|---|---|---|"]
+    for protocol, entry in result["protocols"].items():
+        for name in ("global", "rrt", "rrt-fusion", "gv", "rrt+gv"):
+            if name in entry:
+                m = entry[name]
+                rows.append(f"| {protocol} | {name} | {_r(m.get('recall@1'))} | {_r(m.get('recall@10'))} | "
+                            f"{_r(m.get('map'))} | {_r(m.get('map@100'))} |")
+    default = result.get("default_reranker")
+    return (f"{title}: default reranker chosen on validation: **{default}**, fusion weight "
+            f"{result.get('fusion_weight')}. `{result.get('command', '')}`\n\n" + "\n".join(rows))
+
+
+def _precision_block(result: dict) -> str:
+    rows = ["| protocol | fp32 R@1 | bf16 R@1 | top-1 agreement | fp32 ms/query | bf16 ms/query |",
+            "|---|---|---|---|---|---|"]
+    for protocol, entry in result["protocols"].items():
+        p = entry.get("precision")
+        if p:
+            rows.append(f"| {protocol} | {_r(p['fp32']['recall@1'])} | {_r(p['bf16']['recall@1'])} | "
+                        f"{p['top1_agreement']:.4f} | {p['fp32']['ms_per_query']} | {p['bf16']['ms_per_query']} |")
+    return "\n".join(rows)
+
+
+def _ablation_block(result: dict) -> str:
+    rows = ["| variant | identities | val R@1 grocery twin (global -> rrt) | val R@1 coil twin | "
+            "test R@1 grocery-open-cross (global -> rrt) | test R@1 coil100-open | loss first/last 50 steps |",
+            "|---|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        val = list(v["validation_sets"].values())
+        test = v["test"]
+
+        def pair(m):
+            return f"{m['none' if 'none' in m else 'global']['recall@1']:.3f} -> {m['rrt']['recall@1']:.3f}"
+
+        rows.append(f"| {name} | {v['identities']} | {pair(val[0])} | {pair(val[1]) if len(val) > 1 else '-'} | "
+                    f"{pair(test['grocery-open-cross'])} | {pair(test['coil100-open'])} | "
+                    f"{v['loss_first_50']:.3f} / {v['loss_last_50']:.3f} |")
+    return f"`{result['command']}` ({result['steps']} steps of 32 anchors, {result['views']} cached views " \
+           f"per image)\n\n" + "\n".join(rows)
+
+
+BLOCKS = {  # block name -> (results file, renderer)
+    "rrt-views-test": ("views-all.json", lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
+    "rrt-views-precision": ("views-all.json", _precision_block),
+    "rrt-views-adapt": ("adapt-coil.json", lambda r: _test_block(r, "`waldo index adapt` on the coil100-open images "
+                                                                    "(labels unused)")),
+    "rrt-views-ablation": ("ablation.json", _ablation_block),
+}
+
+
+def render(doc: str) -> str:
+    """docs/results.md with every block whose results file exists regenerated."""
+    from waldo_experiments.doc_blocks import markers, replace_block
+
+    for name, (file, renderer) in BLOCKS.items():
+        path = RESULTS / file
+        if not path.is_file():
+            continue
+        start, end = markers(name)
+        block = f"{start}\n{renderer(json.loads(path.read_text()))}\n{end}"
+        doc = replace_block(doc, block, start, end, heading=f"### {name}")
+    return doc
+
+
+def cmd_doc(args: argparse.Namespace) -> int:
+    doc = ROOT / "docs" / "results.md"
+    doc.write_text(render(doc.read_text()))
+    if (RESULTS / "ablation.json").is_file():
+        _identities_plot(json.loads((RESULTS / "ablation.json").read_text()), RESULTS / "identities.png")
+    print(f"wrote {doc}")
+    return 0
+
+
+def _identities_plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((v["identities"], {p: t["rrt"]["recall@1"] - t["global"]["recall@1"] for p, t in v["test"].items()})
+                    for name, v in result["variants"].items() if v["pairs"] == "both" and v["global_skip"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for protocol in ("grocery-open-cross", "coil100-open"):
+        ax.plot([p[0] for p in points], [p[1][protocol] for p in points], marker="o", label=protocol)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("training identities")
+    ax.set_ylabel("RRT R@1 - global R@1 (test)")
+    ax.set_title("RRT gain vs training identities (both pairs, global skip)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--check-queries", type=int, default=40)
     ship.add_argument("--quiet", action="store_true")
     ship.set_defaults(handler=cmd_ship)
+    doc = commands.add_parser("doc", help="regenerate the docs/results.md blocks from results/rrt_views/")
+    doc.set_defaults(handler=cmd_doc)
     args = parser.parse_args(argv)
     return args.handler(args)
 

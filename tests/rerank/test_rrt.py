@@ -56,10 +56,12 @@ def test_default_config_size_flops_and_shapes():
 def test_config_json_round_trip_and_validation():
     config = RRTConfig(d_model=64, n_layers=3, use_global_tokens=True, pos_scale=6.28)
     assert RRTConfig.model_validate_json(config.model_dump_json()) == config
-    # rrt.json holds exactly what the dataclass wrote before the config became a pydantic model.
-    assert json.dumps(RRTConfig().model_dump(), sort_keys=True) == json.dumps(
-        {"d_model": 128, "n_layers": 6, "n_heads": 4, "ff_dim": 1024, "dropout": 0.0, "activation": "relu",
-         "norm_first": False, "use_global_tokens": False, "pos_scale": 2.0, "pos_temperature": 10000.0}, sort_keys=True)
+    # rrt.json holds what the dataclass wrote before the config became a pydantic model, plus the
+    # global-skip option; a file written before that option reads as the same (skip-less) model.
+    before = {"d_model": 128, "n_layers": 6, "n_heads": 4, "ff_dim": 1024, "dropout": 0.0, "activation": "relu",
+              "norm_first": False, "use_global_tokens": False, "pos_scale": 2.0, "pos_temperature": 10000.0}
+    assert RRTConfig().model_dump() == {**before, "global_skip": False, "global_skip_init": 10.0}
+    assert RRTConfig.model_validate(before) == RRTConfig()
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         RRTConfig.model_validate({"d_model": 64, "depth": 3})
     with pytest.raises(ValueError, match="n_heads"):

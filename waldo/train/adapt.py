@@ -27,7 +27,7 @@ __all__ = ["ADAPT_DEFAULTS", "adapt_index"]
 ADAPT_DEFAULTS = {
     "mode": "rrt-only",
     "rrt": {"n_layers": 2, "ff_dim": 256, "use_global_tokens": True, "global_skip": True},
-    "anchors_per_epoch": 1024, "batch_triplets": 32, "epochs": 8, "lr": 5e-4, "warmup_steps": 20,
+    "anchors_per_epoch": 1024, "batch_triplets": 32, "epochs": 8, "lr": 2e-3, "warmup_steps": 50,
     "milestones": [0.75], "val_fraction": 0.1, "val_top_k": 100, "val_max_queries": 200, "negatives_top_k": 100,
 }
 
