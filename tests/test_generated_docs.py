@@ -56,3 +56,15 @@ def test_service_latency_tables_are_generated():
 
 def test_reliability_crash_table_is_generated():
     assert _block("docs/reliability.md", "crash-kill") == _script("crash_kill").markdown(_results("crash_kill.json"))
+
+
+def test_rrt_views_blocks_are_generated():
+    """docs/results.md's issue-15 blocks (shipped reranker, precision, adapt, ablation) are what
+    experiments/rrt_views.py renders from results/rrt_views/."""
+    spec = importlib.util.spec_from_file_location("waldo_rrt_views", ROOT / "experiments" / "rrt_views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert module.render(doc) == doc
+    for name in module.BLOCKS:
+        assert f"<!-- {name}:start -->" in doc, name

@@ -112,12 +112,15 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
         warnings.simplefilter("ignore")
         model = build_model(config, pretrained=False)
     state = load_file(str(weights_path))
-    if not any(name.startswith("backbone.") for name in state) and "backbone_weights" in config.extra:
+    head_only = not any(name.startswith("backbone.") for name in state) and "backbone_weights" in config.extra
+    if head_only:
         state = _with_package_backbone(state, config, weights_path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{weights_path} does not match a {config.backbone} model with "
                          f"dim {config.dim}: {error}") from error
+    if head_only:
+        model.backbone.weights_source = config.extra["backbone_weights"]["weights_source"]
     model.eval()
     return model, config

@@ -213,10 +213,17 @@ class ViewValidator:
         return {"macro": macro, "sets": per_set, "top_k": self.top_k}
 
 
-def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: str, grid: int) -> dict:
+#: A reranker becomes the default only when it beats every cheaper choice on validation by more
+#: than this (in the selection metric): a gain smaller than about one validation query is noise,
+#: and noise should not buy a slower search.
+DEFAULT_MARGIN = 0.005
+
+
+def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: str, grid: int,
+                   margin: float = DEFAULT_MARGIN) -> dict:
     """The fusion weight (grid search; ties go to the larger global weight) and the default
-    reranker: the best of none / rrt / rrt-fusion on ``metric``, a tie going to the cheaper
-    (none, then rrt, then rrt-fusion, which needs both scores)."""
+    reranker: the best of none / rrt / rrt-fusion on ``metric``, where a costlier one (none,
+    then rrt, then rrt-fusion, which needs both scores) must win by more than ``margin``."""
     logits = validator.logits(rrt)
     best_weight, best_score = 1.0, -1.0
     grid_scores = []
@@ -227,10 +234,10 @@ def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: 
             best_weight, best_score = weight, score
     metrics = validator(rrt, logits, best_weight)
     default = "none"
-    for name in ("rrt", "rrt-fusion"):  # strictly better than everything cheaper, or not chosen
-        if metrics["macro"][name][metric] > metrics["macro"][default][metric] + 1e-12:
+    for name in ("rrt", "rrt-fusion"):  # better than everything cheaper by the margin, or not chosen
+        if metrics["macro"][name][metric] > metrics["macro"][default][metric] + margin:
             default = name
-    return {"fusion_weight": best_weight, "default_reranker": default, "select_metric": metric,
+    return {"fusion_weight": best_weight, "default_reranker": default, "select_metric": metric, "margin": margin,
             "validation": metrics, "fusion_grid_scores": grid_scores}
 
 
@@ -308,17 +315,28 @@ class OnlineRRTTrainer(Trainer):
             save_rrt(folder, self.module, grid=self.grid, training={**self.info, "epoch": epoch})))
 
     def finish(self, best: Path) -> None:
-        from waldo.fsutil import atomic_write_json
-        from waldo.rerank.rrt_checkpoint import update_rrt_training
+        # last/ too: when validation keeps the starting model as best/, the trained one stays
+        # usable (and honestly labelled) beside it.
+        for folder in (best, best.parent / "last"):
+            if (folder / "rrt.json").is_file():
+                record_choice(folder, self.validator, self.metric, self.config.fusion_grid)
 
-        rrt, _ = load_rrt(best)
-        chosen = choose_default(self.validator, rrt, self.metric, self.config.fusion_grid)
-        update_rrt_training(best, fusion_weight=chosen["fusion_weight"], default_reranker=chosen["default_reranker"],
-                            fusion_metric=self.metric, fusion_val={"macro": chosen["validation"]["macro"],
-                                                                   "grid_scores": chosen["fusion_grid_scores"]})
-        metrics_path = best / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        atomic_write_json(metrics_path, {**metrics, "choice": chosen})
+
+def record_choice(folder: Path, validator: ViewValidator, metric: str, grid: int) -> dict:
+    """:func:`choose_default` for the reranker in ``folder``, written into its rrt.json and
+    metrics.json."""
+    from waldo.fsutil import atomic_write_json
+    from waldo.rerank.rrt_checkpoint import update_rrt_training
+
+    rrt, _ = load_rrt(folder)
+    chosen = choose_default(validator, rrt, metric, grid)
+    update_rrt_training(folder, fusion_weight=chosen["fusion_weight"], default_reranker=chosen["default_reranker"],
+                        fusion_metric=metric, fusion_val={"macro": chosen["validation"]["macro"],
+                                                          "grid_scores": chosen["fusion_grid_scores"]})
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    atomic_write_json(metrics_path, {**metrics, "choice": chosen})
+    return chosen
 
 
 def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], init_dir: str | Path,
@@ -387,17 +405,34 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
 
 def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, val_fraction: float, seed: int,
                       max_queries: int = 0, top_k: int = 100, cache_root: str | Path | None = None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, record: str | None = None, only: list[str] | None = None) -> dict:
     """The validation of :func:`train_rrt_on_views` (same split, same sets) for a finished
-    reranker folder: lets anyone recheck the figures a model card quotes."""
+    reranker folder: lets anyone recheck the figures a model card quotes. ``record`` (a metric
+    name): first choose and write the folder's fusion weight and default on it. ``only``: the
+    names of the validation sets to score (the split still comes from all ``sources``, so it is
+    the training run's)."""
     model, model_config = load_model(model_dir)
     rrt, info = load_rrt(model_dir)
     pool = pool_sources(sources)
-    global_desc, local_desc, ok = clean_descriptors(model, model_config, pool.paths,
-                                                    Path(cache_root or default_cache_root()), progress=progress)
     held_out = split_rows(pool, val_fraction, seed)
-    sets = validation_sets(pool, held_out & ok, max_queries=max_queries, seed=seed)
+    sets = validation_sets(pool, held_out, max_queries=max_queries, seed=seed)
+    if only is not None:
+        sets = [s for s in sets if s.name in only]
+        if not sets:
+            raise ValueError(f"no validation set named {only}")
+    # Only the images the validation reads are described (the rest stay zero, never read).
+    needed = np.unique(np.concatenate([np.concatenate([s.queries, s.gallery]) for s in sets]))
+    part_global, part_local, part_ok = clean_descriptors(model, model_config, [pool.paths[i] for i in needed],
+                                                         Path(cache_root or default_cache_root()), progress=progress)
+    if not part_ok.all():
+        raise ValueError(f"{int((~part_ok).sum())} validation images could not be read")
+    global_desc = np.zeros((len(pool), part_global.shape[1]), np.float32)
+    local_desc = np.zeros((len(pool), *part_local.shape[1:]), np.float16)
+    global_desc[needed], local_desc[needed] = part_global, part_local
     grid = (model_config.image_size // model.backbone.stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment())
     validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=top_k, seed=seed, grid=grid)
+    if record:
+        record_choice(Path(model_dir), validator, record, grid=20)
+        _, info = load_rrt(model_dir)
     return validator(rrt, fusion_weight=info.get("training", {}).get("fusion_weight"))
