@@ -278,7 +278,8 @@ def _identities_plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = sorted((v["identities"], {p: t["rrt"]["recall@1"] - t["global"]["recall@1"] for p, t in v["test"].items()})
-                    for name, v in result["variants"].items() if v["pairs"] == "both" and v["global_skip"])
+                    for name, v in result["variants"].items()
+                    if v["pairs"] == "both" and v["global_skip"] and "only" not in name)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for protocol in ("grocery-open-cross", "coil100-open"):
         ax.plot([p[0] for p in points], [p[1][protocol] for p in points], marker="o", label=protocol)
