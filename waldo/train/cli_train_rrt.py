@@ -29,6 +29,9 @@ def cmd_train_rrt(args: argparse.Namespace) -> int:
     config = load_config(args.config, RRTTrainConfig)
     if args.mode is not None and args.mode != config.mode:
         raise ValueError(f"--mode {args.mode} but {args.config} is a {config.mode!r} config")
+    from waldo.models.shipped import resolve_model_dir
+
+    args.init = resolve_model_dir(args.init)  # a folder, or a shipped model's name (lite0-rrt)
     start = time.perf_counter()
     if config.mode == "rrt-only":
         from waldo.train.rrt_online import train_rrt_on_views
@@ -39,7 +42,8 @@ def cmd_train_rrt(args: argparse.Namespace) -> int:
             raise ValueError("rrt-only training needs at least one --data source (or --protocol)")
         sources = [parse_source(spec) for spec in specs]
         train_rrt_on_views(config, sources, args.init, args.out, cache_root=args.cache, progress=not args.quiet,
-                           stop_after=args.stop_after, init_rrt=args.init_rrt)
+                           stop_after=args.stop_after,
+                           init_rrt=resolve_model_dir(args.init_rrt) if args.init_rrt else None)
         print(run_summary(args.out, config, config.select_metric, time.perf_counter() - start))
         return 0
     if not args.protocol:
@@ -74,7 +78,8 @@ def register_train_rrt(train_commands: argparse._SubParsersAction) -> argparse.A
     parser = train_commands.add_parser("rrt", help="train the Reranking Transformer (resumable)")
     add_run_arguments(parser, "an RRTTrainConfig JSON file (see configs/rrt-*.json)", sources=True)
     parser.add_argument("--init", required=True, metavar="MODEL_DIR",
-                        help="model folder to start from (finetune: a frozen reranker folder)")
+                        help="model folder (or shipped model name) to start from (finetune: a frozen reranker "
+                             "folder; rrt-only: the fixed model the RRT is trained for)")
     parser.add_argument("--init-rrt", default=None, metavar="RERANKER_DIR",
                         help="rrt-only: start from this reranker's RRT (same rrt settings)")
     parser.add_argument("--mode", choices=("frozen", "finetune", "rrt-only"), default=None,
