@@ -227,7 +227,7 @@ def _ablation_block(result: dict) -> str:
            f"per image)\n\n" + "\n".join(rows)
 
 
-SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json")
+SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
     "rrt-views-test": (SHIPPED_RESULTS, lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
     "rrt-views-precision": (SHIPPED_RESULTS, _precision_block),
@@ -237,13 +237,20 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
 }
 
 
+OPTIONAL_RESULTS = {"views-last-grocery-gv.json"}  # GV over grocery-open-cross: ~15 min, may be missing
+
+
 def _merged(files: tuple[str, ...]) -> dict | None:
     parts = [json.loads((RESULTS / f).read_text()) for f in files if (RESULTS / f).is_file()]
-    if len(parts) != len(files):
+    if len(parts) != len([f for f in files if f not in OPTIONAL_RESULTS or (RESULTS / f).is_file()]):
         return None
     merged = dict(parts[0])
-    if "protocols" in merged:
-        merged["protocols"] = {name: entry for part in parts for name, entry in part["protocols"].items()}
+    if "protocols" in merged:  # entries of one protocol from several runs are merged reranker by reranker
+        protocols: dict = {}
+        for part in parts:
+            for name, entry in part["protocols"].items():
+                protocols.setdefault(name, {}).update(entry)
+        merged["protocols"] = protocols
         merged["command"] = "; ".join(part.get("command", "") for part in parts)
     return merged
 
