@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from waldo.train.mining import mine_from_descriptors
 from waldo.train.sources import PooledImages
 
 __all__ = ["PairBatch", "PairSampler", "ValidationSet", "split_rows", "top_k_neighbours", "validation_sets"]
@@ -52,26 +53,13 @@ def split_rows(pool: PooledImages, val_fraction: float, seed: int) -> np.ndarray
     return held_out
 
 
-def top_k_neighbours(global_desc: np.ndarray, rows: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """(N, k) int64: for every row of ``global_desc``, its ``k`` most similar rows among ``rows``
-    (itself excluded), most similar first; -1 pads when there are fewer."""
-    candidates = global_desc[rows].astype(np.float32)
-    k_eff = min(k, len(rows))
-    out = np.full((len(global_desc), k), -1, np.int64)
-    for start in range(0, len(global_desc), chunk):
-        block = global_desc[start:start + chunk].astype(np.float32) @ candidates.T
-        own = np.arange(start, min(start + chunk, len(global_desc)))
-        position = {int(r): i for i, r in enumerate(rows)}
-        for i, row in enumerate(own):
-            if int(row) in position:
-                block[i, position[int(row)]] = -np.inf
-        top = np.argpartition(-block, k_eff - 1, axis=1)[:, :k_eff]
-        order = np.take_along_axis(block, top, 1).argsort(1)[:, ::-1]
-        top = np.take_along_axis(top, order, 1)
-        picked = rows[top]
-        picked[np.take_along_axis(block, top, 1) == -np.inf] = -1
-        out[start:start + chunk, :k_eff] = picked
-    return out
+def top_k_neighbours(global_desc: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) int64: for each of ``rows``, its ``k`` most similar other rows among ``rows``, most
+    similar first (waldo.train.mining's exact leave-one-out search); rows outside ``rows``, and
+    padding, are -1."""
+    among = np.zeros(len(global_desc), bool)
+    among[np.asarray(rows, np.int64)] = True
+    return mine_from_descriptors(global_desc, k, query_ok=among)[0]
 
 
 @dataclass

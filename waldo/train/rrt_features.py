@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -42,6 +41,7 @@ from waldo.data.images import load_image
 from waldo.data.transforms import TestTransform
 from waldo.models.backbones import Backbone
 from waldo.train.mining import list_hash
+from waldo.train.views import crop_box
 
 __all__ = ["CachedFeatures", "FeatureSource", "OnlineImages", "augment", "cache_features", "prefix_forward"]
 
@@ -65,16 +65,7 @@ def augment(image: Image.Image, size: int, rng: np.random.Generator) -> torch.Te
     """RandomResizedCrop(size) + horizontal flip drawn from ``rng`` (torchvision's uses the
     global RNG, which neither worker processes nor threads can share reproducibly).
     Returns (3, size, size) float32 in [0, 1]."""
-    width, height = image.size
-    area = width * height
-    box = (0, 0, height, width)
-    for _ in range(10):  # torchvision's rejection sampling, then the whole image as fallback
-        target = area * rng.uniform(*CROP_SCALE)
-        aspect = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
-        crop_w, crop_h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            box = (int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w)
-            break
+    box = crop_box(*image.size, rng, CROP_SCALE, CROP_RATIO)
     image = F.resized_crop(image, *box, [size, size], interpolation=F.InterpolationMode.BILINEAR)
     if rng.random() < 0.5:
         image = F.hflip(image)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
 from waldo.eval.metrics import retrieval_metrics
+from waldo.fsutil import write_dir_atomically
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.compiled import prepare_runtime
 from waldo.models.descriptor import DescriptorModel
@@ -74,16 +74,11 @@ def clean_descriptors(model: DescriptorModel, model_config: ModelConfig, paths: 
     global_desc = np.zeros((len(paths), model.dim), np.float32)
     local_desc = np.zeros((len(paths), *out.local_desc.shape[1:]), np.float16)
     global_desc[ok], local_desc[ok] = out.global_desc, out.local_desc
-    staging = folder.parent / f".{key}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    np.save(staging / "global.npy", global_desc, allow_pickle=False)
-    np.save(staging / "local.npy", local_desc, allow_pickle=False)
-    np.save(staging / "ok.npy", ok, allow_pickle=False)
-    try:
-        os.replace(staging, folder)
-    except OSError:  # published concurrently by another run
-        shutil.rmtree(staging, ignore_errors=True)
+    def write(staging: Path) -> None:  # ok.npy last: its presence marks a complete cache
+        for name, array in (("global.npy", global_desc), ("local.npy", local_desc), ("ok.npy", ok)):
+            np.save(staging / name, array, allow_pickle=False)
+
+    write_dir_atomically(folder, write)
     return global_desc, local_desc, ok
 
 

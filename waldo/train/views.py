@@ -23,7 +23,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
 
-__all__ = ["ViewAugment", "strong_view"]
+__all__ = ["ViewAugment", "crop_box", "strong_view"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,14 @@ class ViewAugment:
     max_occlusion: float = 0.25  # of the view's area
 
 
-def _crop_box(width: int, height: int, min_crop: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random resized crop; the whole photo as fallback."""
+def crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.3, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random resized crop, drawn as torchvision's
+    RandomResizedCrop draws it (10 tries, then the whole photo)."""
     area = width * height
     for _ in range(10):
-        target = area * rng.uniform(min_crop, 1.0)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         crop_w, crop_h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < crop_w <= width and 0 < crop_h <= height:
             return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w
@@ -76,7 +78,7 @@ def strong_view(image: Image.Image, size: int, rng: np.random.Generator,
     Returns (3, size, size) float32 in [0, 1]."""
     a = augment
     image = image.convert("RGB")
-    box = _crop_box(*image.size, a.min_crop, rng)
+    box = crop_box(*image.size, rng, (a.min_crop, 1.0))
     image = F.resized_crop(image, *box, [size, size], interpolation=F.InterpolationMode.BILINEAR)
     if rng.random() < a.p_rotation:
         image = F.rotate(image, float(rng.uniform(-a.max_rotation, a.max_rotation)),
