@@ -22,18 +22,23 @@ RESULTS = ROOT / "results" / "core_eval.json"
 DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- core:start -->", "<!-- core:end -->"
 
-# (protocol, row name, eval kwargs). The first row of each protocol is Waldo's default.
-DEFAULT = {"backbone": "efficientnet_lite0", "projection": "pca-whiten", "dim": 128}
+# (protocol, row name, eval kwargs). The first row of each protocol is Waldo's default (issue 16:
+# average pooling, 128-d PCA-whitened locals, 1024-d global with shrunk partial whitening).
+DEFAULT = {"backbone": "efficientnet_lite0"}
+PREVIOUS = {**DEFAULT, "projection": "pca-whiten", "dim": 128}
+PLAIN = {**DEFAULT, "projection": "identity", "dim": 1280}
 ROWS = [
-    ("grocery-open", "lite0, 128-d PCA-whitened (default)", DEFAULT),
-    ("grocery-open", "lite0, 128-d PCA", {**DEFAULT, "projection": "pca"}),
-    ("grocery-open", "lite0, 128-d random orthogonal", {**DEFAULT, "projection": "random"}),
-    ("grocery-open", "lite0, 1280-d plain average pooling (reference)", {**DEFAULT, "projection": "identity", "dim": 1280}),
-    ("grocery-open-cross", "lite0, 128-d PCA-whitened (default)", DEFAULT),
-    ("grocery-open-cross", "lite0, 1280-d plain average pooling (reference)", {**DEFAULT, "projection": "identity", "dim": 1280}),
-    ("grocery-iconic", "lite0, 128-d PCA-whitened (default)", DEFAULT),
-    ("coil100-open", "lite0, 128-d PCA-whitened (default)", DEFAULT),
-    ("coil100-open", "lite0, 1280-d plain average pooling (reference)", {**DEFAULT, "projection": "identity", "dim": 1280}),
+    ("grocery-open", "lite0, avg, 1024-d shrunk whitening (default)", DEFAULT),
+    ("grocery-open", "lite0, 1280-d plain average pooling (reference)", PLAIN),
+    ("grocery-open-cross", "lite0, avg, 1024-d shrunk whitening (default)", DEFAULT),
+    ("grocery-open-cross", "lite0, avg, 128-d PCA-whitened (default before issue 16)", PREVIOUS),
+    ("grocery-open-cross", "lite0, GeM p=3, 1024-d shrunk whitening", {**DEFAULT, "pooling": "gem:3"}),
+    ("grocery-open-cross", "lite0, 1280-d plain average pooling (reference)", PLAIN),
+    ("grocery-iconic", "lite0, avg, 1024-d shrunk whitening (default)", DEFAULT),
+    ("coil100-open", "lite0, avg, 1024-d shrunk whitening (default)", DEFAULT),
+    ("coil100-open", "lite0, avg, 128-d PCA-whitened (default before issue 16)", PREVIOUS),
+    ("coil100-open", "lite0, GeM p=3, 1024-d shrunk whitening", {**DEFAULT, "pooling": "gem:3"}),
+    ("coil100-open", "lite0, 1280-d plain average pooling (reference)", PLAIN),
 ]
 
 
@@ -46,8 +51,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['recall@1']:.4f} | {r['recall@10']:.4f} | {r['recall@100']:.4f} | "
                      f"{r['map']:.4f} | {r['map@100']:.4f} |")
     lines += ["", "Produced by `.venv/bin/python experiments/core_results.py` (numbers in "
-              "`results/core_eval.json`). Transform `resize256-crop224`; PCA fitted on each "
-              "protocol's training images only.", "", END]
+              "`results/core_eval.json`). Transform `resize256-crop224`; projections fitted without "
+              "labels on each protocol's training images only (up to 1000 sampled). The default "
+              "was chosen on validation identities (`experiments/global_sweep.py`, section "
+              "\"Global descriptors\").", "", END]
     return "\n".join(lines)
 
 
@@ -58,14 +65,19 @@ def write_doc(block: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the default row of each protocol")
+    parser.add_argument("--only", action="append", default=[], metavar="PROTOCOL",
+                        help="run only this protocol's rows (repeatable); the other rows keep their "
+                             "numbers from results/core_eval.json")
     args = parser.parse_args()
-    rows = [r for r in ROWS if not args.quick or r[2] is DEFAULT]
-    results = []
+    rows = [r for r in ROWS if (not args.quick or r[2] is DEFAULT) and (not args.only or r[0] in args.only)]
+    # Rows not rerun keep their last measured numbers (same row name = same settings).
+    kept = {(r["protocol"], r["row"]): r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
     for protocol, name, kwargs in rows:
         print(f"== {protocol}: {name}", file=sys.stderr, flush=True)
         metrics = run_eval(protocol, **kwargs)
-        results.append({"protocol": protocol, "row": name, **metrics})
-        print(json.dumps(results[-1]), flush=True)
+        kept[(protocol, name)] = {"protocol": protocol, "row": name, **metrics}
+        print(json.dumps(kept[(protocol, name)]), flush=True)
+    results = [kept[(protocol, name)] for protocol, name, _ in ROWS if (protocol, name) in kept]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     write_doc(markdown(results))

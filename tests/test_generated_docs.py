@@ -68,3 +68,12 @@ def test_rrt_views_blocks_are_generated():
     assert module.render(doc) == doc
     for name in module.BLOCKS:
         assert f"<!-- {name}:start -->" in doc, name
+
+
+def test_global_sweep_block_is_generated():
+    """docs/results.md's issue-16 pooling x projection table is what experiments/global_sweep.py
+    renders from results/global/."""
+    spec = importlib.util.spec_from_file_location("waldo_global_sweep", ROOT / "experiments" / "global_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.block().split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "global-sweep")

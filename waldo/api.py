@@ -67,6 +67,8 @@ def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
         "transform": config.transform,
         "image_size": config.image_size,
         "descriptor_dim": config.dim,
+        "global_dim": config.global_width,
+        "pooling": config.pooling,
     }
 
 
@@ -95,21 +97,30 @@ class Waldo:
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
-               projection: str = "pca-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
+               projection: str = "pca-shrink", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
                progress: bool = True, seed: int = 0, gv_features: bool = True,
                local_dtype: str = "float16", global_index: str = "Flat",
-               global_search_params: dict | None = None) -> "Waldo":
+               global_search_params: dict | None = None, pooling: str | None = None,
+               global_dim: int | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores SIFT keypoints of every added image (about
         100 KB per image) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
         local descriptors in half the bytes; ``global_index`` ("Flat" = exact, or e.g.
         "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the
-        global search; see :meth:`IndexStore.create`."""
+        global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` shape an
+        untrained model's global descriptor (waldo.models.untrained; defaults chosen on
+        validation identities)."""
         root = Path(index_dir)
-        if model_dir is None:  # refuse bad storage options before fitting a projection (minutes)
-            IndexStore.check_options(dim, local_dtype, global_index, global_search_params)
+        if model_dir is None:  # refuse bad options before fitting a projection (minutes)
+            from waldo.models.pooling import validate_pooling
+            from waldo.models.untrained import DEFAULT_GLOBAL_DIM
+
+            if pooling is not None:
+                validate_pooling(pooling)
+            wide = global_dim or (DEFAULT_GLOBAL_DIM if projection == "pca-shrink" else dim)
+            IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
             model, config = load_model(model_dir)
             if transform:
@@ -117,10 +128,10 @@ class Waldo:
         else:
             model, config = untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
-                                            progress=progress, seed=seed)
+                                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim)
         local_cells = (config.image_size // model.backbone.stride) ** 2
         manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().model_dump() if gv_features else None}
-        store = IndexStore.create(root, manifest=manifest, global_dim=config.dim,
+        store = IndexStore.create(root, manifest=manifest, global_dim=config.global_width,
                                   local_shape=(local_cells, config.dim), local_dtype=local_dtype,
                                   global_index=global_index, global_search_params=global_search_params)
         try:

@@ -87,6 +87,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model) if args.model else None
     engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
+                          pooling=args.pooling, global_dim=args.global_dim,
                           fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
                           transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
                           global_index=args.global_index,
@@ -211,7 +212,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model) if args.model else None
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
-                       dim=args.dim, batch_size=args.batch_size, num_workers=args.workers,
+                       dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
+                       batch_size=args.batch_size, num_workers=args.workers,
                        progress=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
@@ -292,15 +294,24 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    from waldo.models.untrained import PROJECTIONS
+    from waldo.models.untrained import DEFAULT_GLOBAL_DIM, DEFAULT_POOLING, PROJECTIONS
+
+    POOLING_HELP = ("avg", "max", "gem (learnable p)", "gem:P (fixed p)")
 
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--model", default=None,
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
                              "(overrides --backbone)")
-    parser.add_argument("--dim", type=int, default=128, help="descriptor size")
-    parser.add_argument("--projection", default="pca-whiten", choices=PROJECTIONS,
-                        help="label-free projection of an untrained model")
+    parser.add_argument("--dim", type=int, default=128, help="local descriptor size (the RRT's tokens)")
+    parser.add_argument("--projection", default="pca-shrink", choices=PROJECTIONS,
+                        help="label-free projection of an untrained model (default pca-shrink: 128-d "
+                             "PCA-whitened locals, a wider global descriptor with shrunk partial whitening)")
+    parser.add_argument("--pooling", default=None, metavar="SPEC",
+                        help=f"global pooling of an untrained model: {', '.join(POOLING_HELP)} "
+                             f"(default {DEFAULT_POOLING})")
+    parser.add_argument("--global-dim", type=int, default=None, metavar="N",
+                        help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
+                             f"pca-shrink, else --dim)")
 
 
 def _add_rerank_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -437,11 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
 
-    from waldo.train.cli_train import register_train_global
+    from waldo.train.cli_train import register_train_global, register_train_whiten
 
     train = commands.add_parser("train", help="train models (resumable)")
     train_commands = train.add_subparsers(dest="train_command", required=True)
     register_train_global(train_commands)
+    register_train_whiten(train_commands)
 
     from waldo.train.cli_train_rrt import register_train_rrt
 

@@ -213,3 +213,28 @@ def test_flops_formula_counts_tokens():
     assert flops_per_pair(config) == expected
     with_globals = flops_per_pair(RRTConfig(use_global_tokens=True))
     assert with_globals > flops_per_pair(config)
+
+
+def test_a_wider_global_descriptor_reaches_the_tokens_as_the_locals_mean(one_thread):
+    """An index whose global descriptor is wider than the RRT's tokens (DescriptorModel.
+    global_dim) hands the reranker the locals' normalised mean instead, which is the global
+    descriptor of a shared-projection model."""
+    import numpy as np
+
+    from waldo.models.descriptor import token_global
+    from waldo.rerank.base import RerankCandidates, RerankQuery
+    from waldo.rerank.rrt_rerankers import RRTReranker
+
+    reranker = RRTReranker(_small_model(use_global_tokens=True), grid=(3, 3))
+    query_locals, cand_locals = _locals(1, 9, 32, 1)[0], _locals(5, 9, 32, 2)
+    scores = np.linspace(0.9, 0.5, 5).astype(np.float32)
+
+    def logits(query_global, cand_globals):
+        return reranker.logits(RerankQuery(query_locals.numpy(), query_global),
+                               RerankCandidates(cand_locals.numpy(), scores, cand_globals))
+
+    wide = logits(F.normalize(torch.randn(48), dim=0).numpy(), F.normalize(torch.randn(5, 48), dim=1).numpy())
+    expected = logits(token_global(query_locals[None])[0].numpy(), token_global(cand_locals).numpy())
+    assert np.allclose(wide, expected, atol=1e-5)
+    assert not np.allclose(expected, logits(-token_global(query_locals[None])[0].numpy(),
+                                            token_global(cand_locals).numpy()), atol=1e-4)

@@ -33,8 +33,9 @@ def default_data_dir(protocol: str) -> Path:
 
 
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
-                  projection: str = "pca-whiten", dim: int = 128, transform: str = "resize256-crop224",
-                  progress: bool = True, seed: int = 0) -> tuple[DescriptorModel, ModelConfig]:
+                  projection: str = "pca-shrink", dim: int = 128, transform: str = "resize256-crop224",
+                  progress: bool = True, seed: int = 0, pooling: str | None = None,
+                  global_dim: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery)."""
     if model_dir is not None:
@@ -45,15 +46,16 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                          f"on; use --projection random")
     return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                            fit_source=f"{protocol.name}:train", transform=transform,
-                           progress=progress, seed=seed)
+                           progress=progress, seed=seed, pooling=pooling, global_dim=global_dim)
 
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
-                  projection: str = "pca-whiten", dim: int = 128, batch_size: int = 32,
+                  projection: str = "pca-shrink", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
-                  scales: Sequence[float] = ()) -> tuple[EvalRun, dict]:
+                  scales: Sequence[float] = (), pooling: str | None = None,
+                  global_dim: int | None = None) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -70,7 +72,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
         rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None))
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
-                                  dim=dim, transform=transform, progress=progress, seed=seed)
+                                  dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
+                                  global_dim=global_dim)
     extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
     run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
                             batch_size=batch_size, num_workers=num_workers, progress=progress,
@@ -81,7 +84,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
         run = rerank_run(run, reranker, rerank_top_k, keypoints=keypoints, progress=progress).run
     metrics = dict(run.metrics)
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
-                    "projection": config.projection, "dim": config.dim,
+                    "projection": config.projection, "dim": config.dim, "pooling": config.pooling,
+                    "global_dim": config.global_width,
                     "model": str(model_dir) if model_dir else None,
                     "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
     if scales:

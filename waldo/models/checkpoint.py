@@ -36,8 +36,25 @@ class ModelConfig(BaseModel):
     transform: str = "resize256-crop224"
     weights_source: str = "imagenet"  # where the backbone weights came from (recorded, not reloaded)
     projection: str = "random"  # "random" | "pca:<what it was fitted on>" | "trained"
+    #: how the feature map is pooled into the global descriptor (waldo.models.pooling); older
+    #: configs have no key and mean "avg"
+    pooling: str = "avg"
+    #: width of the global descriptor when it differs from ``dim`` (the locals' width); None = dim
+    global_dim: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, spec: str) -> str:
+        from waldo.models.pooling import validate_pooling
+
+        return validate_pooling(spec)
+
+    @property
+    def global_width(self) -> int:
+        """The global descriptor's width (``global_dim``, or ``dim`` when not set)."""
+        return self.global_dim or self.dim
 
     @field_validator("format_version")
     @classmethod
@@ -55,6 +72,9 @@ def model_hash(model: torch.nn.Module) -> str:
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    pooling = getattr(model, "pooling", "avg")
+    if pooling != "avg":  # avg and max have the same weights; avg adds nothing (old hashes hold)
+        digest.update(f"pooling|{pooling}|".encode())
     return digest.hexdigest()
 
 
@@ -66,14 +86,25 @@ def save_model(model: DescriptorModel, config: ModelConfig, folder: str | Path) 
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     atomic_write_bytes(folder / "model.safetensors", save(state, metadata={"format": "pt"}))
-    # Sorted keys, no trailing newline: byte for byte what earlier versions wrote.
-    atomic_write_text(folder / "config.json", json.dumps(config.model_dump(), indent=2, sort_keys=True))
+    atomic_write_text(folder / "config.json", config_json(config))
     return folder
+
+
+def config_json(config: ModelConfig) -> str:
+    """``config.json``'s text. Sorted keys, no trailing newline, and the keys added later only
+    when they differ from what their absence means: a model without them is byte for byte what
+    earlier versions wrote (and earlier versions can still read it)."""
+    data = config.model_dump()
+    for key, absent in (("pooling", "avg"), ("global_dim", None)):
+        if data[key] == absent:
+            del data[key]
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel:
     """A fresh descriptor model for ``config`` (ImageNet backbone weights when ``pretrained``)."""
-    return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim)
+    return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim,
+                           pooling=config.pooling, global_dim=config.global_dim)
 
 
 def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:
@@ -119,7 +150,8 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{weights_path} does not match a {config.backbone} model with "
-                         f"dim {config.dim}: {error}") from error
+                         f"dim {config.dim}, global dim {config.global_width}, pooling {config.pooling}: "
+                         f"{error}") from error
     if head_only:
         model.backbone.weights_source = config.extra["backbone_weights"]["weights_source"]
     model.eval()

@@ -1,10 +1,17 @@
 """The descriptor model: backbone feature map -> 49 local descriptors and one global descriptor.
 
 Faithful to the reference: locals are a 1x1 convolution of the last feature map (not
-normalised); the global descriptor is the spatial average of the map through a linear layer, then
-L2-normalised. Before any training the two projections are initialised without labels, either by
-PCA fitted on training images (``fit_pca``) or by a seeded random orthogonal matrix, so that an
+normalised); the global descriptor is the pooled map (``pooling``: the reference's spatial
+average by default, waldo.models.pooling) through a linear layer, then L2-normalised. Before any
+training the projections are initialised without labels, either by PCA fitted on training images
+(``fit_pca``, ``fit_global_whitening``) or by a seeded random orthogonal matrix, so that an
 untrained model already retrieves well.
+
+The global descriptor may be wider than the locals (``global_dim``): the RRT's tokens stay
+``dim`` (128) wide, while global search gains from keeping more of the backbone's channels
+(docs/results.md, "Global descriptors"). A reranker that wants a ``dim``-wide global token
+takes the normalised mean of the locals (:func:`token_global`), which is exactly the global
+descriptor of a model whose two projections are shared (every model before ``global_dim``).
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from waldo.models.backbones import Backbone
+from waldo.models.pooling import make_pooling
 
 
 @dataclass
 class Descriptors:
     """One batch of descriptors.
 
-    global_desc: (B, D) float32, L2-normalised.
+    global_desc: (B, G) float32, L2-normalised (G = the model's global_dim, D unless wider).
     local_desc:  (B, L, D) float32, L = h*w cells of the feature map in row-major order (49 at
                  224 px), not normalised.
     grid: (h, w) of the feature map, so a cell's position is (index // w, index % w).
@@ -34,20 +42,42 @@ class Descriptors:
     grid: tuple[int, int]
 
 
-class DescriptorModel(nn.Module):
-    """Backbone + local 1x1 projection + global linear projection (both to ``dim``)."""
+def token_global(local_desc: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) locals -> (B, D) L2-normalised mean: the ``dim``-wide global token of a model
+    whose global descriptor is wider (module doc)."""
+    return F.normalize(local_desc.float().mean(dim=1), dim=-1)
 
-    def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0) -> None:
+
+class DescriptorModel(nn.Module):
+    """Backbone + local 1x1 projection (to ``dim``) + pooling + global linear projection (to
+    ``global_dim``, default ``dim``)."""
+
+    def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0, *, pooling: str = "avg",
+                 global_dim: int | None = None) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"descriptor dim must be positive, got {dim}")
-        if dim > backbone.out_channels:
-            raise ValueError(f"descriptor dim {dim} exceeds the backbone's {backbone.out_channels} channels")
+        global_dim = dim if global_dim is None else global_dim
+        for name, value in (("descriptor dim", dim), ("global descriptor dim", global_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+            if value > backbone.out_channels:
+                raise ValueError(f"{name} {value} exceeds the backbone's {backbone.out_channels} channels")
         self.backbone = backbone
         self.dim = dim
+        self.global_dim = global_dim
+        self.pool = make_pooling(pooling)
         self.local_proj = nn.Conv2d(backbone.out_channels, dim, kernel_size=1)
-        self.global_proj = nn.Linear(backbone.out_channels, dim)
+        self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
+
+    @property
+    def pooling(self) -> str:
+        return self.pool.spec
+
+    @property
+    def shared_projection(self) -> bool:
+        """True when locals and the global descriptor share one projection (same width, average
+        pooling): the global descriptor is then the normalised mean of the locals."""
+        return self.global_dim == self.dim and self.pooling == "avg"
 
     @torch.no_grad()
     def init_random_orthogonal(self, seed: int = 0) -> None:
@@ -57,14 +87,19 @@ class DescriptorModel(nn.Module):
         gaussian = torch.randn(self.backbone.out_channels, self.dim, generator=generator)
         basis, _ = torch.linalg.qr(gaussian)  # (C, D), orthonormal columns
         self._set_projection(basis.T.contiguous(), torch.zeros(self.backbone.out_channels))
+        if self.global_dim != self.dim:
+            gaussian = torch.randn(self.backbone.out_channels, self.global_dim, generator=generator)
+            basis, _ = torch.linalg.qr(gaussian)
+            self._set_global_projection(basis.T.contiguous(), torch.zeros(self.backbone.out_channels))
 
     @torch.no_grad()
     def fit_pca(self, features: np.ndarray | torch.Tensor, whiten: bool = False) -> None:
         """Fit both projections by PCA on backbone features.
 
         features: (M, C) vectors from training images only (pooled maps or local cells); never
-        the evaluation images. The same centred projection serves locals and the global
-        descriptor, so the global descriptor stays the (normalised) average of the locals.
+        the evaluation images. When the model's global descriptor is as wide as its locals, the
+        same centred projection serves both, so the global descriptor stays the (normalised)
+        average of the locals; a wider global descriptor is left to :meth:`fit_global_whitening`.
         ``whiten`` divides each component by its standard deviation.
         """
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
@@ -84,17 +119,51 @@ class DescriptorModel(nn.Module):
             components = components / eigenvalues[order].clamp_min(1e-12).sqrt()[:, None]
         self._set_projection(components.float(), mean.float())
 
+    @torch.no_grad()
+    def fit_global_whitening(self, pooled: np.ndarray | torch.Tensor, power: float = 0.25,
+                             shrink: float = 0.1) -> None:
+        """Fit the global projection alone, without labels, on pooled training vectors (M, C).
+
+        PCA to ``global_dim`` with each component scaled by (eigenvalue + shrink * mean
+        eigenvalue) ** -power: power 0 is plain PCA, 0.5 full whitening. Full whitening of the
+        weakest components amplifies noise (and divides by ~0 when M < global_dim); shrinkage and
+        a partial power keep what whitening is good for, evening out the dominant "bursty"
+        directions. Chosen on validation identities (docs/results.md, "Global descriptors").
+        """
+        x = torch.as_tensor(np.asarray(pooled), dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.backbone.out_channels:
+            raise ValueError(f"whitening features must be (M, {self.backbone.out_channels}), got {tuple(x.shape)}")
+        if x.shape[0] < 2:
+            raise ValueError(f"whitening needs at least 2 vectors, got {x.shape[0]}")
+        if not (0 <= power <= 0.5 and shrink >= 0):
+            raise ValueError(f"whitening power must be in [0, 0.5] and shrink >= 0, got {power}, {shrink}")
+        mean = x.mean(0)
+        covariance = (x - mean).T @ (x - mean) / max(1, x.shape[0] - 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        order = torch.argsort(eigenvalues, descending=True)[: self.global_dim]
+        components = eigenvectors[:, order].T  # (G, C)
+        signs = torch.sign(components[torch.arange(self.global_dim), components.abs().argmax(1)])
+        components = components * signs[:, None]
+        lam = eigenvalues[order].clamp_min(0)
+        scale = (lam + shrink * lam.mean()).clamp_min(1e-12) ** -power
+        self._set_global_projection((components * scale[:, None]).float(), mean.float())
+
     def _set_projection(self, weight: torch.Tensor, mean: torch.Tensor) -> None:
         bias = -(weight @ mean)
         self.local_proj.weight.copy_(weight[:, :, None, None])
         self.local_proj.bias.copy_(bias)
+        if self.global_dim == self.dim:
+            self.global_proj.weight.copy_(weight)
+            self.global_proj.bias.copy_(bias)
+
+    def _set_global_projection(self, weight: torch.Tensor, mean: torch.Tensor) -> None:
         self.global_proj.weight.copy_(weight)
-        self.global_proj.bias.copy_(bias)
+        self.global_proj.bias.copy_(-(weight @ mean))
 
     def project(self, feature_map: torch.Tensor) -> Descriptors:
         """(B, C, h, w) backbone map -> Descriptors."""
         local = self.local_proj(feature_map)  # (B, D, h, w)
-        pooled = feature_map.mean(dim=(2, 3))
+        pooled = self.pool(feature_map)
         global_desc = F.normalize(self.global_proj(pooled), dim=-1)
         b, d, h, w = local.shape
         return Descriptors(global_desc, local.flatten(2).transpose(1, 2), (h, w))

@@ -110,7 +110,7 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
         global_desc = np.concatenate(global_parts)
         local_desc = np.concatenate(local_parts)
     else:
-        global_desc = np.zeros((0, dim), np.float32)
+        global_desc = np.zeros((0, model.global_dim), np.float32)
         local_desc = np.zeros((0, 0, dim), np.float16)
     timings = {"wall": time.perf_counter() - start, "model": model_seconds,
                "setup": float(getattr(run_model, "setup_seconds", 0.0))}
@@ -124,8 +124,9 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Raw backbone features for fitting label-free projections (PCA).
 
-    Returns (pooled (N, C) float32, locals (N * local_per_image, C) float32): the spatial mean of
-    each image's feature map and, optionally, a seeded sample of its cells."""
+    Returns (pooled (N, C) float32, locals (N * local_per_image, C) float32): each image's
+    feature map pooled the model's way (waldo.models.pooling) and, optionally, a seeded sample of
+    its cells."""
     model.eval()
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
@@ -136,7 +137,7 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
         if batch is None:
             continue
         fmap = model.backbone.forward_features(batch.contiguous(memory_format=torch.channels_last))
-        pooled.append(fmap.mean(dim=(2, 3)).float().numpy())
+        pooled.append(model.pool(fmap.float()).float().numpy())
         if local_per_image:
             flat = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
             pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)

@@ -158,6 +158,7 @@ class DescriptorActor:
         # As the local path too: "auto" weighs the export/compile cost against this actor's share.
         self.run_model = prepare_runtime(self.model, runtime, batch_size=batch_size, n_images=images_per_actor)
         self.dim = config.dim
+        self.global_dim = config.global_dim or config.dim
         self.local_cells = (config.image_size // model.backbone.stride) ** 2
         self.transform = get_transform(config.transform, config.image_size)
         self.sift: SiftConfig | None = None
@@ -181,7 +182,7 @@ class DescriptorActor:
                 tensors.append(tensor)
                 rows.append(row)
                 images.append(image)
-        global_desc = np.zeros((n, self.dim), np.float32)
+        global_desc = np.zeros((n, self.global_dim), np.float32)
         local_desc = np.zeros((n, self.local_cells, self.dim), np.float16)
         if tensors:
             out = self.run_model(torch.stack(tensors).contiguous(memory_format=torch.channels_last))

@@ -61,7 +61,7 @@ def onnx_available() -> bool:
 
 
 class _MapsOnly(torch.nn.Module):
-    """The descriptor model with plain tensor outputs: (global (B, D), local map (B, D, h, w))."""
+    """The descriptor model with plain tensor outputs: (global (B, G), local map (B, D, h, w))."""
 
     def __init__(self, model: DescriptorModel) -> None:
         super().__init__()
@@ -70,7 +70,7 @@ class _MapsOnly(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.backbone.forward_features(images)
         local = self.model.local_proj(features)
-        global_desc = F.normalize(self.model.global_proj(features.mean(dim=(2, 3))), dim=-1)
+        global_desc = F.normalize(self.model.global_proj(self.model.pool(features)), dim=-1)
         return global_desc, local
 
 
@@ -101,7 +101,8 @@ def cache_path(model: DescriptorModel, height: int, width: int) -> Path:
     from waldo.models.checkpoint import model_hash
     from waldo.paths import default_cache_root
 
-    key = hashlib.sha256(f"{model_hash(model)}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
+    # The pooling is in the key: avg and max pooling have the same weights (and weights hash).
+    key = hashlib.sha256(f"{model_hash(model)}|{model.pooling}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
                          f"format {EXPORT_FORMAT}".encode()).hexdigest()
     return default_cache_root() / "onnx" / f"descriptor-{key[:40]}.onnx"
 
@@ -161,6 +162,7 @@ class OnnxDescriptorModel:
     def __init__(self, model: DescriptorModel, *, threads: int | None = None, verify: bool = True) -> None:
         self.model = model.eval()
         self.dim = model.dim
+        self.global_dim = model.global_dim
         self.threads = threads or torch.get_num_threads()
         self.verify = verify
         self._sessions: dict[tuple[int, int], object] = {}

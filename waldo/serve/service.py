@@ -189,8 +189,8 @@ class SearchService:
             "index_path": str(self.root),
             "index_bytes": sum(info["bytes"].values()),
             "segments": len(info["segments"]),
-            "model": {"backbone": config.backbone, "dim": config.dim, "transform": config.transform,
-                      "image_size": config.image_size},
+            "model": {"backbone": config.backbone, "dim": config.dim, "global_dim": config.global_width,
+                      "pooling": config.pooling, "transform": config.transform, "image_size": config.image_size},
             "rerankers": self.rerankers,
             "reranker_info": _reranker_info(self.rerankers),
             # what POST /search runs without a rerank field; "validation" when it is the choice the

@@ -167,6 +167,10 @@ def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Pat
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:
         raise ValueError(f"the RRT's d_model ({rrt_config.d_model}) must equal the model's descriptor dim ({model.dim})")
+    if model.global_dim != model.dim and rrt_config.use_global_tokens:
+        raise ValueError(f"this RRT reads global tokens, which training takes from the model's global descriptor: "
+                         f"it must be {model.dim}-d like the locals, not {model.global_dim}-d (use a model with "
+                         f"global_dim = dim, or an RRT without global tokens)")
     starts_from_rrt = config.mode == "finetune" and has_rrt(init_dir)
     if starts_from_rrt:
         rrt, _ = load_rrt(init_dir)

@@ -353,6 +353,10 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:
         raise ValueError(f"the RRT's d_model ({rrt_config.d_model}) must equal the model's descriptor dim ({model.dim})")
+    if model.global_dim != model.dim and rrt_config.use_global_tokens:
+        raise ValueError(f"this RRT reads global tokens, which training takes from the model's global descriptor: "
+                         f"it must be {model.dim}-d like the locals, not {model.global_dim}-d (use a model with "
+                         f"global_dim = dim, or an RRT without global tokens)")
     if init_rrt is not None:
         rrt, _ = load_rrt(init_rrt)
         if rrt.config != rrt_config:
