@@ -223,9 +223,19 @@ def main() -> int:
     d.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "transductive.json")
     d.add_argument("--regime", choices=("searched", "own"), default="searched")
     sub.add_parser("doc")
+    w = sub.add_parser("selfsup")
+    w.add_argument("--size", type=int, default=224)
+    w.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "selfsup.json")
+    v = sub.add_parser("views")
+    v.add_argument("--size", type=int, default=224)
+    v.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "view_agreement.json")
     args = parser.parse_args()
     if args.command == "doc":
         doc()
+    elif args.command == "selfsup":
+        selfsup(args.size, args.out)
+    elif args.command == "views":
+        view_agreement(args.size, args.out)
     elif args.command == "transductive":
         transductive(args.size, args.out, args.regime)
     elif args.command == "maps":
@@ -360,12 +370,124 @@ def block() -> str:
                      f"{'none' if row['projection'] == 'none' else '1024-d, power 0.25, shrink 0.1'} | "
                      f"{_validation(row, 'grocery'):.4f} | {_validation(row, 'coil'):.4f} | "
                      f"{fmt(row['grocery-open-cross'])} | {fmt(row['coil100-open'])} | {fmt(row['grocery-open'])} |")
+    agreement = folder / "view_agreement.json"
+    if agreement.exists():
+        data = json.loads(agreement.read_text())
+        lines += ["", f"Label-free pooling choice tested: {data['n']} photos of each collection searched for by "
+                  "a strong augmented view of themselves (waldo.train.views) among the whole collection "
+                  "(1024-d shrunk whitening fitted on it). Self-retrieval MRR, against the labelled "
+                  "validation mAP (other-images fit) of the same pooling:", "",
+                  "| collection | pooling | view -> own photo R@1 | MRR | labelled validation mAP |",
+                  "|---|---|---|---|---|"]
+        by_key = {(r["pooling"], r["projection"]): r for r in sweep if not r["l2_first"]}
+        for row in data["rows"]:
+            collection = "grocery" if row["collection"].startswith("grocery") else "coil"
+            labelled = _validation(by_key[(row["pooling"], "pca1024-a0.25-s0.1")], collection)
+            lines.append(f"| {row['collection']} | {row['pooling']} | {row['self_r1']:.3f} | {row['self_mrr']:.3f} | "
+                         f"{labelled:.4f} |")
     lines += ["", "Produced by `.venv/bin/python experiments/global_sweep.py maps` (ImageNet lite0 feature "
               "maps, 224 px, cached once), then `sweep` (results/global/sweep.json), `transductive` "
-              "(transductive.json), `transductive --regime own` (inductive-grid.json) and `doc`. Computed "
+              "(transductive.json), `transductive --regime own` (inductive-grid.json), `views` "
+              "(view_agreement.json) and `doc`. Computed "
               "in numpy from the cached maps with all training images as the fit; the product path's "
               "figures (1000 sampled fit images) are in the retrieval-core table above.", "", END]
     return "\n".join(lines)
+
+
+def view_agreement(size: int, out: Path, n: int = 300) -> None:
+    """The label-free pooling choice the issue suggests, tested: does an image's strong augmented
+    view (waldo.train.views) find the image itself among its collection more often with one
+    pooling than another, and does that order agree with the labelled validation's?"""
+    from waldo.data.images import load_image
+    from waldo.train.views import strong_view
+
+    maps, index = load_maps(size)
+    sets = splits(index)
+    paths = {row: path for path, row in index.items()}
+    model = build_model(ModelConfig(), pretrained=True).eval()
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in ("grocery-open-cross", "coil100-open"):
+        s = sets[name]
+        searched = np.unique(np.concatenate([s["q"], s["g"]]))
+        sample = np.sort(rng.choice(searched, min(n, len(searched)), replace=False))
+        views = torch.stack([strong_view(load_image(paths[i]), size, np.random.default_rng(int(i))) for i in sample])
+        with torch.inference_mode():
+            view_maps = torch.cat([model.backbone.forward_features(views[k:k + 50]) for k in range(0, len(views), 50)])
+        view_maps = view_maps.flatten(2).transpose(1, 2).numpy()
+        target = np.searchsorted(searched, sample)
+        for how in ("avg", "gem2", "gem3", "max"):
+            originals, viewed = pool(maps[searched], how), pool(view_maps, how)
+            projection = fit_projection(originals, 1024, 0.25, 10.0, l2_first=False)
+            sims = project(viewed, projection, False) @ project(originals, projection, False).T
+            rank = (sims > sims[np.arange(len(sample)), target][:, None]).sum(1)
+            rows.append({"collection": name, "pooling": how, "self_r1": float(np.mean(rank == 0)),
+                         "self_mrr": float(np.mean(1 / (rank + 1)))})
+            print(json.dumps(rows[-1]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"size": size, "n": n, "rows": rows}, indent=1))
+
+
+SELF_SETTINGS = ((512, 0.3, 0.0), (1024, 1.0, 0.0), (1024, 3.0, 0.0), (1024, 1.0, 0.5), (1024, 10.0, 0.0))
+
+
+def view_features(rows: np.ndarray, paths: dict[int, str], size: int, views: int = 2) -> np.ndarray:
+    """(views, len(rows), C) average-pooled ImageNet features of strong views of each row's
+    image (seeded by row and view: a row's views are the same in every run), cached."""
+    from waldo.data.images import load_image
+    from waldo.train.views import strong_view
+
+    cache = CACHE / f"views-{size}.npz"
+    known: dict[tuple[int, int], np.ndarray] = {}
+    if cache.exists():
+        data = np.load(cache)
+        known = {(int(r), int(k)): f for r, k, f in zip(data["rows"], data["views"], data["features"])}
+    missing = [(int(r), k) for k in range(views) for r in rows if (int(r), k) not in known]
+    if missing:
+        model = build_model(ModelConfig(), pretrained=True).eval()
+        for start in tqdm(range(0, len(missing), 50), desc="views", unit="batch"):
+            chunk = missing[start:start + 50]
+            batch = torch.stack([strong_view(load_image(paths[r]), size, np.random.default_rng([r, k, 5]))
+                                 for r, k in chunk])
+            with torch.inference_mode():
+                pooled = model.backbone.forward_features(batch).mean(dim=(2, 3)).numpy()
+            known.update({key: f for key, f in zip(chunk, pooled)})
+        keys = sorted(known)
+        np.savez(cache, rows=np.array([k[0] for k in keys]), views=np.array([k[1] for k in keys]),
+                 features=np.stack([known[k] for k in keys]))
+    return np.stack([[known[(int(r), k)] for r in rows] for k in range(views)])
+
+
+def selfsup(size: int, out: Path, n: int = 600) -> None:
+    """Self-supervised learned whitening (waldo.train.whitening on a photo and its strong views as
+    one identity; no labels): fitted on other images and on the searched ones, validation folds
+    (which choose) and tests (reported), as ``sweep`` and ``transductive`` score the untrained
+    projections."""
+    from waldo.train.whitening import WhiteningSetting, _describe, learned_projection
+
+    maps, index = load_maps(size)
+    sets = splits(index)
+    paths = {row: path for path, row in index.items()}
+    pooled = pool(maps, "avg").astype(np.float64)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, s in sets.items():
+        for regime in ("own", "searched"):
+            fit = s["fit"] if regime == "own" else np.unique(np.concatenate([s["q"], s["g"]]))
+            sample = np.sort(rng.choice(fit, min(n, len(fit)), replace=False))
+            viewed = view_features(sample, paths, size)
+            x = np.concatenate([pooled[sample], *viewed])
+            groups = np.tile(np.arange(len(sample)), 1 + len(viewed))
+            for dim, shrink, mix in SELF_SETTINGS:
+                mean, projection = learned_projection(x, groups, pooled[fit], WhiteningSetting(dim, shrink, mix))
+                q = _describe(pooled[s["q"]], mean, projection)
+                g = q if s["loo"] else _describe(pooled[s["g"]], mean, projection)
+                row = {"set": name, "fit": regime, "setting": [dim, shrink, mix],
+                       **score(q, g, s["qid"], s["gid"], s["loo"])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"size": size, "n": n, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -67,8 +67,7 @@ def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
         "transform": config.transform,
         "image_size": config.image_size,
         "descriptor_dim": config.dim,
-        "global_dim": config.global_width,
-        "pooling": config.pooling,
+        "pooling": config.pooling,  # the store records global_dim itself
     }
 
 

@@ -134,3 +134,52 @@ def test_onnx_runtime_pools_like_the_model(tmp_path, monkeypatch):
     with torch.inference_mode():
         got_max = OnnxDescriptorModel(other)(images)
         assert torch.nn.functional.cosine_similarity(got_max.global_desc, other(images).global_desc).min() > 0.9999
+
+
+def test_an_index_from_before_pooling_opens_and_searches_unchanged(tmp_path, grocery_dir):
+    """An index written before pooling and global_dim existed (no such keys in its model's
+    config.json nor in its manifest) opens as average pooling, global width = dim, and answers
+    exactly as before."""
+    import json as json_module
+
+    from waldo.api import MODEL_FOLDER, Waldo
+    from waldo.data.datasets import read_labels_csv
+
+    paths = [r.path for r in read_labels_csv(grocery_dir).records if r.attrs.get("split") == "val"][:12]
+    root = tmp_path / "old"
+    engine = Waldo.create(root, dim=32, projection="random", progress=False, gv_features=False)
+    engine.add(paths, progress=False)
+    before = [(h.id, round(h.score, 6)) for h in engine.search(paths[0], k=5).hits]
+    engine.store.close()
+    config_text = (root / MODEL_FOLDER / "config.json").read_text()
+    assert "pooling" not in config_text and "global_dim" not in config_text  # what older versions wrote
+    manifest_path = root / "manifest.json"
+    manifest = json_module.loads(manifest_path.read_text())
+    manifest.pop("pooling")  # (global_dim was always there: the store's own size record)
+    manifest_path.write_text(json_module.dumps(manifest))
+    reopened = Waldo.open(root)
+    try:
+        assert reopened.model.pooling == "avg" and reopened.model.global_dim == 32
+        assert [(h.id, round(h.score, 6)) for h in reopened.search(paths[0], k=5).hits] == before
+    finally:
+        reopened.store.close()
+
+
+def test_views_whiten_learns_from_each_photo_and_its_views(grocery_dir, monkeypatch):
+    """The label-free learned whitening: every fit photo and its strong views form one group; the
+    global projection is that whitening (not the PCA one), the locals stay PCA-whitened."""
+    import waldo.models.untrained as untrained
+    from waldo.data.datasets import read_labels_csv
+
+    monkeypatch.setattr(untrained, "VIEW_IMAGES", 12)  # a quick fit
+    paths = [r.path for r in read_labels_csv(grocery_dir).records if r.attrs.get("split") == "val"][:20]
+    model, config = untrained.untrained_model("efficientnet_lite0", projection="views-whiten", fit_paths=paths,
+                                              progress=False, global_dim=256)
+    assert config.projection == "views-whiten(shrink=1,views=2x12):custom:20 images"
+    assert config.global_width == 256 and model.global_proj.weight.shape == (256, 1280)
+    plain, _ = untrained.untrained_model("efficientnet_lite0", projection="pca-shrink", fit_paths=paths,
+                                         progress=False, global_dim=256)
+    assert torch.equal(model.local_proj.weight, plain.local_proj.weight)  # same locals
+    assert not torch.allclose(model.global_proj.weight, plain.global_proj.weight, atol=1e-3)
+    groups_x, groups = untrained._view_groups(model, paths[:3], "resize256-crop224", 224, 0, False)
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and groups_x.shape == (9, 1280)

@@ -18,8 +18,11 @@ from waldo.data.transforms import get_transform
 from waldo.models.checkpoint import ModelConfig, build_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_pooled_features
+from waldo.models.whitening import WHITEN_POWER, WHITEN_SHRINK, WhiteningSetting, learned_projection
 
-PROJECTIONS = ("pca-shrink", "pca", "pca-whiten", "random", "identity")
+PROJECTIONS = ("views-whiten", "pca-shrink", "pca", "pca-whiten", "random", "identity")
+#: projections whose global descriptor is fitted on its own, wider than the locals by default
+_WIDE = ("views-whiten", "pca-shrink")
 
 #: The untrained default, chosen on *validation* identities, never test queries: each protocol's
 #: training identities in two folds, the other half searched like the test, with the projection
@@ -31,8 +34,11 @@ PROJECTIONS = ("pca-shrink", "pca", "pca-whiten", "random", "identity")
 #: the global descriptor keeps 1024 of the 1280 channels, gently whitened.
 DEFAULT_POOLING = "avg"
 DEFAULT_GLOBAL_DIM = 1024
-WHITEN_POWER = 0.25
-WHITEN_SHRINK = 10.0
+#: ``views-whiten``: learned whitening without labels, each photo and its strong augmented views
+#: one group (waldo.models.whitening); up to VIEW_IMAGES photos of the fit set, VIEWS views each.
+VIEW_SHRINK = 1.0
+VIEW_IMAGES = 600
+VIEWS = 2
 
 
 def untrained_model(backbone: str, *, dim: int = 128, projection: str = "pca-shrink",
@@ -56,13 +62,13 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "pca-shr
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
-    if projection == "pca-shrink":
+    if projection in _WIDE:
         global_dim = DEFAULT_GLOBAL_DIM if global_dim is None else global_dim
     pooling = DEFAULT_POOLING if pooling is None else pooling
     config = ModelConfig(backbone=backbone, dim=dim, image_size=image_size, transform=transform, pooling=pooling,
                          global_dim=None if global_dim in (None, dim) else global_dim)
     model = build_model(config, pretrained=pretrained)
-    if projection == "pca-shrink" and config.global_width > model.backbone.out_channels:
+    if projection in _WIDE and config.global_width > model.backbone.out_channels:
         raise ValueError(f"global dim {config.global_width} exceeds the backbone's {model.backbone.out_channels} "
                          f"channels")
     config.weights_source = model.backbone.weights_source
@@ -85,20 +91,71 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "pca-shr
         # The locals' basis sees average-pooled vectors beside the cells, as it always has.
         averaged = pooled if model.pooling == "avg" else _average_pooled(model, paths, transform, image_size, progress)
         features = np.concatenate([averaged, cells]) if len(cells) else averaged
-        if len(features) < dim or (projection == "pca-shrink" and len(pooled) < 2):
+        if len(features) < dim or (projection in _WIDE and len(pooled) < 2):
             warnings.warn(f"only {len(features)} feature vectors to fit a {dim}-d PCA; using a random "
                           f"orthogonal projection instead", stacklevel=2)
             model.init_random_orthogonal(seed)
             config.projection = f"random:{seed}"
         else:
-            model.fit_pca(features, whiten=projection in ("pca-whiten", "pca-shrink"))
+            model.fit_pca(features, whiten=projection in ("pca-whiten", *_WIDE))
             name = projection
             if projection == "pca-shrink":
                 model.fit_global_whitening(pooled, power=whiten_power, shrink=whiten_shrink)
                 name = f"pca-shrink(power={whiten_power:g},shrink={whiten_shrink:g})"
+            elif projection == "views-whiten":
+                groups_x, groups = _view_groups(model, paths, transform, image_size, seed, progress)
+                if len(np.unique(groups)) < 2:
+                    warnings.warn("no readable photos to make views of; fitting pca-shrink instead", stacklevel=2)
+                    model.fit_global_whitening(pooled, power=whiten_power, shrink=whiten_shrink)
+                    name = f"pca-shrink(power={whiten_power:g},shrink={whiten_shrink:g})"
+                else:
+                    setting = WhiteningSetting(config.global_width, VIEW_SHRINK, 0.0)
+                    mean, projection_matrix = learned_projection(groups_x, groups, pooled, setting)
+                    with torch.no_grad():
+                        model._set_global_projection(torch.as_tensor(projection_matrix.T, dtype=torch.float32),
+                                                     torch.as_tensor(mean, dtype=torch.float32))
+                    name = (f"views-whiten(shrink={VIEW_SHRINK:g},views={VIEWS}x"
+                            f"{len(np.unique(groups))})")
             config.projection = f"{name}:{fit_source or 'custom'}:{len(pooled)} images"
     model.eval()
     return model, config
+
+
+@torch.inference_mode()
+def _view_groups(model: DescriptorModel, paths: Sequence[str], transform: str, image_size: int, seed: int,
+                 progress: bool, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of up to :data:`VIEW_IMAGES` photos (seeded sample) and :data:`VIEWS`
+    strong augmented views of each (waldo.train.views), with a group number per photo: the
+    labels of a label-free learned whitening. Unreadable photos are skipped."""
+    from tqdm import tqdm
+
+    from waldo.data.images import ImageLoadError, load_image
+    from waldo.train.views import strong_view
+
+    chosen = list(paths) if len(paths) <= VIEW_IMAGES else random.Random(seed + 1).sample(list(paths), VIEW_IMAGES)
+    base = get_transform(transform, image_size)
+    model.eval()
+    pending, groups, features = [], [], []
+
+    def flush() -> None:  # a batch at a time: 600 photos x 3 views of tensors would be ~1 GB
+        batch = torch.stack(pending).contiguous(memory_format=torch.channels_last)
+        features.append(model.pool(model.backbone.forward_features(batch).float()).numpy())
+        pending.clear()
+
+    for group, path in enumerate(tqdm(chosen, desc="views", unit="img", disable=not progress, leave=False)):
+        try:
+            image = load_image(path)
+        except ImageLoadError:
+            continue
+        rng = np.random.default_rng([seed, group])
+        pending += [base(image, group)] + [strong_view(image, image_size, rng) for _ in range(VIEWS)]
+        groups += [group] * (1 + VIEWS)
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    x = np.concatenate(features) if features else np.zeros((0, model.backbone.out_channels), np.float32)
+    return x.astype(np.float64), np.array(groups, np.int64)
 
 
 def _average_pooled(model: DescriptorModel, paths: Sequence[str], transform: str, image_size: int,

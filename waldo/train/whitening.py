@@ -43,122 +43,24 @@ from waldo.eval.metrics import retrieval_metrics
 from waldo.fsutil import atomic_write_json
 from waldo.models.checkpoint import save_model
 from waldo.models.extract import extract_pooled_features
-from waldo.models.untrained import WHITEN_POWER, WHITEN_SHRINK, untrained_model
+from waldo.models.untrained import untrained_model
+from waldo.models.whitening import (
+    WhiteningSetting,
+    _FitStatistics,
+    learned_projection,
+    untrained_metric_projection,
+    within_scatter,
+)
+from waldo.models.whitening import describe as _describe
 from waldo.train.sources import PooledImages, TrainingSource, check_no_test_images, pool_sources
 
-__all__ = ["WhiteningSetting", "learned_projection", "train_whitening", "validate", "within_scatter"]
+__all__ = ["WhiteningSetting", "learned_projection", "train_whitening", "untrained_metric_projection", "validate",
+           "within_scatter"]
 
 #: The settings validation chooses among.
 DIMS = (512, 1024)
 SHRINKS = (0.1, 0.3, 1.0)
 MIXES = (0.0, 0.25, 0.5)
-
-
-@dataclass(frozen=True)
-class WhiteningSetting:
-    dim: int
-    shrink: float
-    mix: float
-
-    def describe(self) -> str:
-        return f"dim={self.dim},shrink={self.shrink:g},mix={self.mix:g}"
-
-
-def within_scatter(features: np.ndarray, identities: np.ndarray) -> np.ndarray:
-    """(C, C) mean within-identity scatter of (N, C) features: each row minus its identity's
-    mean. Identities with one image contribute nothing (they have no variation to learn from)."""
-    x = np.asarray(features, np.float64)
-    scatter = np.zeros((x.shape[1], x.shape[1]))
-    counted = 0
-    for identity in np.unique(identities):
-        rows = x[identities == identity]
-        if len(rows) < 2:
-            continue
-        centred = rows - rows.mean(0)
-        scatter += centred.T @ centred
-        counted += len(rows)
-    if counted == 0:
-        raise ValueError("learned whitening needs identities with at least two photos; none has")
-    return scatter / counted
-
-
-def _top_eigen(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    order = np.argsort(values)[::-1][:k]
-    vectors = vectors[:, order]
-    # Deterministic signs across LAPACK builds: each vector's largest entry positive.
-    vectors = vectors * np.sign(vectors[np.abs(vectors).argmax(0), np.arange(vectors.shape[1])])
-    return values[order], vectors
-
-
-def untrained_metric_projection(features: np.ndarray, dim: int, power: float = WHITEN_POWER,
-                                shrink: float = WHITEN_SHRINK) -> np.ndarray:
-    """(C, dim): the untrained default's projection (DescriptorModel.fit_global_whitening)."""
-    x = np.asarray(features, np.float64)
-    values, vectors = _top_eigen(np.cov((x - x.mean(0)).T), dim)
-    values = np.clip(values, 0, None)
-    return vectors * ((values + shrink * values.mean()) ** -power)[None, :]
-
-
-def learned_projection(labelled: np.ndarray, identities: np.ndarray, collection: np.ndarray,
-                       setting: WhiteningSetting) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (C,), projection (C, dim)): global descriptor = normalise((x - mean) @ projection).
-
-    labelled: (N, C) pooled features of labelled photos with their ``identities``; collection:
-    (M, C) pooled features of every training photo (labelled or not), for the mean and the total
-    covariance (module doc)."""
-    return _FitStatistics(labelled, identities, collection).projection(setting)
-
-
-class _FitStatistics:
-    """What every setting's fit shares (means, scatters, eigen-decompositions), computed once."""
-
-    def __init__(self, labelled: np.ndarray, identities: np.ndarray, collection: np.ndarray) -> None:
-        x = np.asarray(collection, np.float64)
-        self.mean = x.mean(0)
-        self.total = np.cov((x - self.mean).T)
-        self.within = within_scatter(labelled, identities)
-        self.collection = x
-        self._cache: dict = {}
-
-    def _cached(self, key, compute):
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
-    def projection(self, setting: WhiteningSetting) -> tuple[np.ndarray, np.ndarray]:
-        channels = self.within.shape[0]
-        if not 0 < setting.dim <= channels:
-            raise ValueError(f"whitening dim must be in 1..{channels}, got {setting.dim}")
-
-        def whitened_total():
-            shrunk = self.within + setting.shrink * np.trace(self.within) / channels * np.eye(channels)
-            values, vectors = _top_eigen(shrunk, channels)
-            inverse_sqrt = (vectors * values.clip(1e-12) ** -0.5) @ vectors.T
-            return inverse_sqrt, _top_eigen(inverse_sqrt @ self.total @ inverse_sqrt, channels)[1]
-
-        inverse_sqrt, directions = self._cached(("lw", setting.shrink), whitened_total)
-        learned = inverse_sqrt @ directions[:, : setting.dim]
-        if setting.mix <= 0:
-            return self.mean, learned
-        untrained = self._cached(("untrained", setting.dim),
-                                 lambda: untrained_metric_projection(self.collection, setting.dim))
-        return self.mean, _mix(untrained, learned, self.total, setting)
-
-
-def _mix(untrained: np.ndarray, learned: np.ndarray, total: np.ndarray, setting: WhiteningSetting) -> np.ndarray:
-    metrics = []
-    for projection in (untrained, learned):
-        metric = projection @ projection.T
-        metrics.append(metric / np.trace(metric @ total))  # same total variance after projection
-    mixed = setting.mix * metrics[0] + (1 - setting.mix) * metrics[1]
-    values, vectors = _top_eigen(mixed, setting.dim)
-    return vectors * np.sqrt(values.clip(0))[None, :]
-
-
-def _describe(features: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    out = (features - mean) @ projection
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def _search_map(queries: np.ndarray, gallery: np.ndarray, query_ids: np.ndarray, gallery_ids: np.ndarray,
