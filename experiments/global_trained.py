@@ -33,7 +33,7 @@ MODELS = {
     "lw-mixed": (["grocery-open-cross", "coil100-open", str(DATA / "abo_sample")], []),
 }
 PROTOCOLS = ("grocery-open-cross", "coil100-open", "grocery-open")
-UNTRAINED_ROW = "lite0, avg, 1024-d shrunk whitening (default)"
+UNTRAINED_ROW = "lite0, avg, 1024-d views-whiten (default)"
 
 
 def train(name: str) -> Path:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from waldo.train.pairs import PairSampler, split_rows, top_k_neighbours, validation_sets
     from waldo.train.rrt_online import ViewMaker, ViewValidator, clean_descriptors
     from waldo.train.sources import parse_source, pool_sources
-    from waldo.train.views import ViewAugment
+    from waldo.data.views import ViewAugment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/base-lite0")

@@ -77,3 +77,13 @@ def test_global_sweep_block_is_generated():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.block().split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "global-sweep")
+
+
+def test_global_trained_block_is_generated():
+    """docs/results.md's learned-whitening table is what experiments/global_trained.py renders
+    from results/global/trained.json and results/core_eval.json."""
+    spec = importlib.util.spec_from_file_location("waldo_global_trained", ROOT / "experiments" / "global_trained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.block().split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md",
+                                                                                              "global-trained")

@@ -96,7 +96,7 @@ class Waldo:
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
-               projection: str = "pca-shrink", fit_paths: Sequence[str] = (), fit_source: str = "",
+               projection: str = "views-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
                progress: bool = True, seed: int = 0, gv_features: bool = True,
                local_dtype: str = "float16", global_index: str = "Flat",
@@ -118,7 +118,7 @@ class Waldo:
 
             if pooling is not None:
                 validate_pooling(pooling)
-            wide = global_dim or (DEFAULT_GLOBAL_DIM if projection == "pca-shrink" else dim)
+            wide = global_dim or (DEFAULT_GLOBAL_DIM if projection in ("pca-shrink", "views-whiten") else dim)
             IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
             model, config = load_model(model_dir)

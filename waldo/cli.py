@@ -303,15 +303,17 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
                              "(overrides --backbone)")
     parser.add_argument("--dim", type=int, default=128, help="local descriptor size (the RRT's tokens)")
-    parser.add_argument("--projection", default="pca-shrink", choices=PROJECTIONS,
-                        help="label-free projection of an untrained model (default pca-shrink: 128-d "
-                             "PCA-whitened locals, a wider global descriptor with shrunk partial whitening)")
+    parser.add_argument("--projection", default="views-whiten", choices=PROJECTIONS,
+                        help="label-free projection of an untrained model (default views-whiten: 128-d "
+                             "PCA-whitened locals; a 1024-d global descriptor whitened against how each "
+                             "photo varies under strong augmentation, no labels; pca-shrink: the same "
+                             "width by a gently whitened PCA, faster to fit)")
     parser.add_argument("--pooling", default=None, metavar="SPEC",
                         help=f"global pooling of an untrained model: {', '.join(POOLING_HELP)} "
                              f"(default {DEFAULT_POOLING})")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
-                             f"pca-shrink, else --dim)")
+                             f"views-whiten or pca-shrink, else --dim)")
 
 
 def _add_rerank_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -175,7 +175,7 @@ def test_views_whiten_learns_from_each_photo_and_its_views(grocery_dir, monkeypa
     paths = [r.path for r in read_labels_csv(grocery_dir).records if r.attrs.get("split") == "val"][:20]
     model, config = untrained.untrained_model("efficientnet_lite0", projection="views-whiten", fit_paths=paths,
                                               progress=False, global_dim=256)
-    assert config.projection == "views-whiten(shrink=1,views=2x12):custom:20 images"
+    assert config.projection == "views-whiten(shrink=3,views=2x12):custom:20 images"
     assert config.global_width == 256 and model.global_proj.weight.shape == (256, 1280)
     plain, _ = untrained.untrained_model("efficientnet_lite0", projection="pca-shrink", fit_paths=paths,
                                          progress=False, global_dim=256)

@@ -17,7 +17,7 @@ from waldo.train.config import RRTTrainConfig
 from waldo.train.pairs import PairSampler, split_rows, top_k_neighbours, validation_sets
 from waldo.train.rrt_online import train_rrt_on_views
 from waldo.train.sources import TrainingSource, check_no_test_images, parse_source, pool_sources
-from waldo.train.views import ViewAugment, strong_view
+from waldo.data.views import ViewAugment, strong_view
 
 
 def _photo(seed: int = 0) -> Image.Image:

@@ -33,7 +33,7 @@ def default_data_dir(protocol: str) -> Path:
 
 
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
-                  projection: str = "pca-shrink", dim: int = 128, transform: str = "resize256-crop224",
+                  projection: str = "views-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
                   global_dim: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
@@ -51,7 +51,7 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
                   model_dir: str | Path | None = None, transform: str = "resize256-crop224",
-                  projection: str = "pca-shrink", dim: int = 128, batch_size: int = 32,
+                  projection: str = "views-whiten", dim: int = 128, batch_size: int = 32,
                   num_workers: int | None = None, progress: bool = True,
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = (), pooling: str | None = None,

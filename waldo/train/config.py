@@ -174,12 +174,12 @@ class RRTTrainConfig(TrainConfig):
     hard_negative_k: int = Field(20, ge=1)
     in_batch_negatives: bool = True
     anchors_per_epoch: int = Field(0, ge=0)  # 0 = each source's training images x its weight
-    augment: dict[str, Any] = Field(default_factory=dict)  # waldo.train.views.ViewAugment overrides
+    augment: dict[str, Any] = Field(default_factory=dict)  # waldo.data.views.ViewAugment overrides
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
         self.rrt_config()  # unknown or inconsistent RRT keys fail here, before any work
-        from waldo.train.views import ViewAugment
+        from waldo.data.views import ViewAugment
 
         try:
             ViewAugment(**self.augment)

@@ -9,7 +9,7 @@ its identity, that real photo with probability ``real_positive_prob``, else the 
 photo; its negative candidate is, with probability ``hard_negative_prob``, one of the first
 ``hard_negative_k`` rows of its global top-k (mined over all training rows) that has another
 identity, else a random row of another identity. Every candidate is seen through a fresh strong
-augmented view (waldo.train.views), positives and negatives alike, so "was augmented" tells the
+augmented view (waldo.data.views), positives and negatives alike, so "was augmented" tells the
 model nothing. ``in_batch_negatives`` also pairs each anchor with the next anchor's positive
 view when their identities differ: one more negative per anchor for no extra backbone pass.
 

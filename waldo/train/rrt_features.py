@@ -41,7 +41,7 @@ from waldo.data.images import load_image
 from waldo.data.transforms import TestTransform
 from waldo.models.backbones import Backbone
 from waldo.train.mining import list_hash
-from waldo.train.views import crop_box
+from waldo.data.views import crop_box
 
 __all__ = ["CachedFeatures", "FeatureSource", "OnlineImages", "augment", "cache_features", "prefix_forward"]
 

@@ -6,7 +6,7 @@ with that model, its stored descriptors included: only ``rrt.json``/``rrt.safete
 
 Per epoch (see waldo.train.pairs for the pairs): anchors are seen as the index sees a query (the
 test transform, descriptors computed once and cached as ``.npy``); every candidate is a fresh
-strong view (waldo.train.views) made now, for this step, and described by the frozen model
+strong view (waldo.data.views) made now, for this step, and described by the frozen model
 through ONNX Runtime where it is installed (eager PyTorch otherwise). So the reranker never sees
 the same candidate map twice: with a fixed cache of maps (``online_views: false``, kept as an
 option: ``views`` augmented views per image made once) it memorises them instead.
@@ -52,7 +52,7 @@ from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoi
 from waldo.train.mining import list_hash
 from waldo.train.pairs import PairBatch, PairSampler, ValidationSet, split_rows, top_k_neighbours, validation_sets
 from waldo.train.sources import PooledImages, TrainingSource, check_no_test_images, pool_sources
-from waldo.train.views import ViewAugment, strong_view
+from waldo.data.views import ViewAugment, strong_view
 
 __all__ = ["OnlineRRTTrainer", "ViewMaker", "clean_descriptors", "train_rrt_on_views"]
 

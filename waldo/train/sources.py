@@ -8,7 +8,7 @@ A source is named on the command line (``waldo train rrt --data SPEC [--data SPE
     coil100-open,weight=0.5       any of these with a sampling weight (default 1)
 
 Every image of an unlabelled source is an identity of its own (its positives are augmented views
-of itself, see waldo.train.views); labelled sources add real same-identity pairs. Identities are
+of itself, see waldo.data.views); labelled sources add real same-identity pairs. Identities are
 kept apart across sources (``source:identity``), so two sources never share one by accident.
 
 A source must not contain an image that a reported protocol (waldo.data.protocols.

@@ -147,7 +147,9 @@ def train_whitening(sources: list[TrainingSource], out: str | Path, *, check_sou
                             pool.identity[keep], pool.source[keep], pool.labelled[keep])
     fit_rows = np.flatnonzero(pool.source < len(sources))
     fit_paths = [pool.paths[i] for i in fit_rows]
-    model, config = untrained_model(backbone, fit_paths=random.Random(seed).sample(fit_paths, min(1000, len(fit_paths))),
+    # pca-shrink: the locals as every untrained model's; the global projection is replaced below
+    model, config = untrained_model(backbone, projection="pca-shrink",
+                                    fit_paths=random.Random(seed).sample(fit_paths, min(1000, len(fit_paths))),
                                     fit_source="training sources", pooling=pooling, progress=progress, seed=seed)
     features, _ = extract_pooled_features(model, pool.paths, get_transform(config.transform, config.image_size),
                                           progress=progress)
