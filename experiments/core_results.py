@@ -71,8 +71,10 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], metavar="PROTOCOL",
                         help="run only this protocol's rows (repeatable); the other rows keep their "
                              "numbers from results/core_eval.json")
+    parser.add_argument("--match", default="", metavar="TEXT", help="run only rows whose name contains TEXT")
     args = parser.parse_args()
-    rows = [r for r in ROWS if (not args.quick or r[2] is DEFAULT) and (not args.only or r[0] in args.only)]
+    rows = [r for r in ROWS if (not args.quick or r[2] is DEFAULT) and (not args.only or r[0] in args.only)
+            and args.match in r[1]]
     # Rows not rerun keep their last measured numbers (same row name = same settings).
     kept = {(r["protocol"], r["row"]): r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
     for protocol, name, kwargs in rows:

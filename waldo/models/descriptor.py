@@ -130,23 +130,18 @@ class DescriptorModel(nn.Module):
         a partial power keep what whitening is good for, evening out the dominant "bursty"
         directions. Chosen on validation identities (docs/results.md, "Global descriptors").
         """
-        x = torch.as_tensor(np.asarray(pooled), dtype=torch.float64)
+        from waldo.models.whitening import untrained_metric_projection
+
+        x = np.asarray(pooled, np.float64)
         if x.ndim != 2 or x.shape[1] != self.backbone.out_channels:
             raise ValueError(f"whitening features must be (M, {self.backbone.out_channels}), got {tuple(x.shape)}")
         if x.shape[0] < 2:
             raise ValueError(f"whitening needs at least 2 vectors, got {x.shape[0]}")
         if not (0 <= power <= 0.5 and shrink >= 0):
             raise ValueError(f"whitening power must be in [0, 0.5] and shrink >= 0, got {power}, {shrink}")
-        mean = x.mean(0)
-        covariance = (x - mean).T @ (x - mean) / max(1, x.shape[0] - 1)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        order = torch.argsort(eigenvalues, descending=True)[: self.global_dim]
-        components = eigenvectors[:, order].T  # (G, C)
-        signs = torch.sign(components[torch.arange(self.global_dim), components.abs().argmax(1)])
-        components = components * signs[:, None]
-        lam = eigenvalues[order].clamp_min(0)
-        scale = (lam + shrink * lam.mean()).clamp_min(1e-12) ** -power
-        self._set_global_projection((components * scale[:, None]).float(), mean.float())
+        projection = untrained_metric_projection(x, self.global_dim, power=power, shrink=shrink)  # (C, G)
+        self._set_global_projection(torch.as_tensor(projection.T, dtype=torch.float32),
+                                    torch.as_tensor(x.mean(0), dtype=torch.float32))
 
     def _set_projection(self, weight: torch.Tensor, mean: torch.Tensor) -> None:
         bias = -(weight @ mean)

@@ -63,11 +63,13 @@ def _top_eigen(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def untrained_metric_projection(features: np.ndarray, dim: int, power: float = WHITEN_POWER,
                                 shrink: float = WHITEN_SHRINK) -> np.ndarray:
-    """(C, dim): the untrained default's projection (DescriptorModel.fit_global_whitening)."""
+    """(C, dim): a label-free PCA to ``dim`` whose components are scaled by (eigenvalue +
+    ``shrink`` x their mean eigenvalue)^-``power`` (power 0: plain PCA, 0.5: full whitening); the
+    ``pca-shrink`` projection (DescriptorModel.fit_global_whitening)."""
     x = np.asarray(features, np.float64)
     values, vectors = _top_eigen(np.cov((x - x.mean(0)).T), dim)
     values = np.clip(values, 0, None)
-    return vectors * ((values + shrink * values.mean()) ** -power)[None, :]
+    return vectors * (np.maximum(values + shrink * values.mean(), 1e-12) ** -power)[None, :]
 
 
 def learned_projection(labelled: np.ndarray, identities: np.ndarray, collection: np.ndarray,
