@@ -27,10 +27,11 @@ RESULTS = ROOT / "results" / "global" / "trained.json"
 DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- global-trained:start -->", "<!-- global-trained:end -->"
 DATA = ROOT.parent / "shared" / "data"
-MODELS = {
-    "lw-grocery": (["grocery-open-cross"], ["coil100-open"]),
-    "lw-coil": (["coil100-open"], ["grocery-open-cross"]),
-    "lw-mixed": (["grocery-open-cross", "coil100-open", str(DATA / "abo_sample")], []),
+MODELS = {  # name: (--data sources, --check sources, other arguments)
+    "lw-grocery": (["grocery-open-cross"], ["coil100-open"], []),
+    "lw-coil": (["coil100-open"], ["grocery-open-cross"], []),
+    "lw-mixed": (["grocery-open-cross", "coil100-open", str(DATA / "abo_sample")], [], []),
+    "lw-grocery-288": (["grocery-open-cross"], ["coil100-open"], ["--image-size", "288"]),
 }
 PROTOCOLS = ("grocery-open-cross", "coil100-open", "grocery-open")
 UNTRAINED_ROW = "lite0, avg, 1024-d views-whiten (default)"
@@ -41,21 +42,22 @@ def train(name: str) -> Path:
     if (out / "whitening.json").exists():
         print(f"{out} exists: not retrained", file=sys.stderr)
         return out
-    data, checks = MODELS[name]
-    command = [sys.executable, "-m", "waldo.cli", "train", "whiten", "--out", str(out)]
+    data, checks, extra = MODELS[name]
+    command = [sys.executable, "-m", "waldo.cli", "train", "whiten", "--out", str(out), *extra]
     command += [arg for spec in data for arg in ("--data", spec)] + [arg for spec in checks for arg in ("--check", spec)]
     subprocess.run(command, check=True, cwd=ROOT)
     return out
 
 
-def run() -> None:
+def run(only: list[str]) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in MODELS:
+    for name in only or MODELS:
         model = train(name)
         report = json.loads((model / "whitening.json").read_text())
         entry = {"setting": report["setting"], "validation": report["validation"][0],
                  "train_seconds": report["seconds"], "sources": [s["name"] for s in report["sources"]],
-                 "checks": [s["name"] for s in report["check_sources"]], "eval": {}}
+                 "checks": [s["name"] for s in report["check_sources"]], "eval": {},
+                 "image_size": json.loads((model / "config.json").read_text())["image_size"]}
         for protocol in PROTOCOLS:
             print(f"== {name} on {protocol}", file=sys.stderr, flush=True)
             entry["eval"][protocol] = run_eval(protocol, model_dir=model)
@@ -78,6 +80,8 @@ def block() -> str:
     for name, entry in results.items():
         setting = entry["setting"]
         checked = f"; checked on {', '.join(entry['checks'])}" if entry["checks"] else ""
+        if entry.get("image_size", 224) != 224:
+            checked += f"; {entry['image_size']} px input"
         lines.append(f"| `{name}` | {', '.join(Path(s).name for s in entry['sources'])}{checked} | dim {setting['dim']}, "
                      f"shrink {setting['shrink']:g}, mix {setting['mix']:g} (val mAP {entry['validation']['mean_map']:.4f}) | "
                      + " | ".join(fmt(entry["eval"][p]) for p in PROTOCOLS) + " |")
@@ -90,9 +94,11 @@ def block() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "doc"))
+    parser.add_argument("--only", action="append", default=[], choices=sorted(MODELS),
+                        help="train/evaluate only this model (repeatable); the others keep their results")
     args = parser.parse_args()
     if args.command == "run":
-        run()
+        run(args.only)
     write_block(DOC, block(), START, END, heading="## Trained global descriptors: learned whitening (issue 16)")
     return 0
 

@@ -84,13 +84,14 @@ def test_a_trained_model_on_real_photos(tmp_path, grocery_dir):
     settings = [WhiteningSetting(512, 0.3, 0.0), WhiteningSetting(512, 0.3, 1.0)]
     out = tmp_path / "lw"
     report = train_whitening(sources, out, check_sources=checks, settings=settings, max_images=260,
-                             progress=False)
+                             image_size=160, progress=False)
     names = set(report["validation"][0]["validation_map"])
     assert names == {"grocery-open-cross:train:fold0", "grocery-open-cross:train:fold1", "check:coil100-open:train"}
     means = [row["mean_map"] for row in report["validation"]]
     assert means == sorted(means, reverse=True) and report["setting"] == report["validation"][0]["setting"]
     model, config = load_model(out)
     assert config.global_width == 512 and config.projection.startswith("learned-whitening(dim=512")
+    assert config.image_size == 160  # the size the model was fitted at travels with it
     assert json.loads((out / "whitening.json").read_text())["setting"] == report["setting"]
     with torch.inference_mode():
         out_desc = model(torch.rand(2, 3, 224, 224))

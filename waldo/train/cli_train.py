@@ -58,7 +58,7 @@ def cmd_train_whiten(args: argparse.Namespace) -> int:
     sources = [parse_source(spec) for spec in args.data]
     checks = [parse_source(spec) for spec in args.check or []]
     report = train_whitening(sources, args.out, check_sources=checks, backbone=args.backbone, pooling=args.pooling,
-                             max_images=args.max_images, progress=not args.quiet)
+                             max_images=args.max_images, image_size=args.image_size, progress=not args.quiet)
     best = report["validation"][0]
     print(f"learned whitening {report['setting']} chosen on validation (mean mAP {best['mean_map']:.4f}: "
           + ", ".join(f"{name} {value:.4f}" for name, value in best["validation_map"].items())
@@ -83,6 +83,8 @@ def register_train_whiten(train_commands: argparse._SubParsersAction) -> argpars
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--pooling", default=None, metavar="SPEC", help="global pooling (default avg)")
+    parser.add_argument("--image-size", type=int, default=224, metavar="PX",
+                        help="input side the model describes at (224: a 7x7 map; 288: 9x9, slower)")
     parser.add_argument("--max-images", type=int, default=0, metavar="N",
                         help="use a seeded sample of N images (quick runs); 0 = all")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

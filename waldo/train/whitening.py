@@ -131,7 +131,7 @@ def validate(features: np.ndarray, pool: PooledImages, n_fit_sources: int,
 def train_whitening(sources: list[TrainingSource], out: str | Path, *, check_sources: list[TrainingSource] = (),
                     backbone: str = "efficientnet_lite0", pooling: str | None = None,
                     settings: list[WhiteningSetting] | None = None, max_images: int = 0, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    image_size: int = 224, progress: bool = True) -> dict:
     """Fit a learned-whitening model on ``sources`` (labelled ones teach, all give the collection
     statistics), choose its setting on validation (module doc), save the model folder ``out``
     (config.json, model.safetensors, whitening.json: the validation table). Returns the report."""
@@ -148,7 +148,7 @@ def train_whitening(sources: list[TrainingSource], out: str | Path, *, check_sou
     fit_rows = np.flatnonzero(pool.source < len(sources))
     fit_paths = [pool.paths[i] for i in fit_rows]
     # pca-shrink: the locals as every untrained model's; the global projection is replaced below
-    model, config = untrained_model(backbone, projection="pca-shrink",
+    model, config = untrained_model(backbone, projection="pca-shrink", image_size=image_size,
                                     fit_paths=random.Random(seed).sample(fit_paths, min(1000, len(fit_paths))),
                                     fit_source="training sources", pooling=pooling, progress=progress, seed=seed)
     features, _ = extract_pooled_features(model, pool.paths, get_transform(config.transform, config.image_size),
