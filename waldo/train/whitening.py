@@ -159,18 +159,17 @@ def train_whitening(sources: list[TrainingSource], out: str | Path, *, check_sou
     best = WhiteningSetting(**table[0]["setting"])
     labelled = fit_rows[pool.labelled[fit_rows]]
     mean, projection = learned_projection(features[labelled], pool.identity[labelled], features[fit_rows], best)
-    # The chosen width may differ from the untrained model's: rebuild the head at that width.
-    config.global_dim = None if best.dim == config.dim else best.dim
-    from waldo.models.checkpoint import build_model
-
-    trained = build_model(config, pretrained=True)
-    trained.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("global_proj.")},
-                            strict=False)
+    # The chosen width may differ from the untrained model's: swap in a head of that width
+    # (the backbone, pooling and locals stay; no second model load).
     import torch
 
+    config.global_dim = None if best.dim == config.dim else best.dim
+    model.global_proj = torch.nn.Linear(model.backbone.out_channels, best.dim)
+    model.global_dim = best.dim
     with torch.no_grad():
         weight = torch.as_tensor(projection.T, dtype=torch.float32)
-        trained._set_global_projection(weight, torch.as_tensor(mean, dtype=torch.float32))
+        model._set_global_projection(weight, torch.as_tensor(mean, dtype=torch.float32))
+    trained = model
     names = "+".join(source.name for source in sources)
     config.projection = f"learned-whitening({best.describe()}):{names}"
     report = {"setting": asdict(best), "sources": [s.describe() for s in sources],
