@@ -127,6 +127,16 @@ def project(x: np.ndarray, projection: tuple | None, l2_first: bool) -> np.ndarr
     return l2n(((l2n(x) if l2_first else x) - mean) @ w)
 
 
+def _print_row(row: dict) -> None:
+    print(json.dumps({k: (v if not isinstance(v, dict) else f"{v['r1']:.4f}/{v['map']:.4f}")
+                      for k, v in row.items()}), flush=True)
+
+
+def _save(out: Path, data: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+
+
 def score(q: np.ndarray, g: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray, exclude_self: bool) -> dict:
     sims = q @ g.T
     if exclude_self:
@@ -201,10 +211,8 @@ def sweep(size: int, out: Path) -> None:
                     g = q if s["loo"] else project(pooled[s["g"]], proj, l2_first)
                     row[sname] = score(q, g, s["qid"], s["gid"], s["loo"])
                 rows.append(row)
-                print(json.dumps({k: (v if not isinstance(v, dict) else f"{v['r1']:.4f}/{v['map']:.4f}")
-                                  for k, v in row.items()}), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "rows": rows}, indent=1))
+                _print_row(row)
+    _save(out, {"size": size, "rows": rows})
 
 
 def main() -> int:
@@ -273,12 +281,10 @@ def transfer(size: int, out: Path) -> None:
                 g = q if s["loo"] else project(pooled[s["g"]], proj, False)
                 row[name] = score(q, g, s["qid"], s["gid"], s["loo"])
             rows.append(row)
-            print(json.dumps({k: (v if not isinstance(v, dict) else f"{v['r1']:.4f}/{v['map']:.4f}")
-                              for k, v in row.items()}), flush=True)
+            _print_row(row)
             if params is None:
                 break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "rows": rows}, indent=1))
+    _save(out, {"size": size, "rows": rows})
 
 
 def transductive(size: int, out: Path, regime: str = "searched") -> None:
@@ -304,10 +310,8 @@ def transductive(size: int, out: Path, regime: str = "searched") -> None:
                 g = q if s["loo"] else project(pooled[s["g"]], proj, False)
                 row[name] = score(q, g, s["qid"], s["gid"], s["loo"])
             rows.append(row)
-            print(json.dumps({k: (v if not isinstance(v, dict) else f"{v['r1']:.4f}/{v['map']:.4f}")
-                              for k, v in row.items()}), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "rows": rows}, indent=1))
+            _print_row(row)
+    _save(out, {"size": size, "rows": rows})
 
 
 DOC = ROOT / "docs" / "results.md"
@@ -445,8 +449,7 @@ def view_agreement(size: int, out: Path, n: int = 300) -> None:
             rows.append({"collection": name, "pooling": how, "self_r1": float(np.mean(rank == 0)),
                          "self_mrr": float(np.mean(1 / (rank + 1)))})
             print(json.dumps(rows[-1]), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "n": n, "rows": rows}, indent=1))
+    _save(out, {"size": size, "n": n, "rows": rows})
 
 
 SELF_SETTINGS = ((512, 0.3, 0.0), (1024, 1.0, 0.0), (1024, 3.0, 0.0), (1024, 1.0, 0.5), (1024, 10.0, 0.0))
@@ -507,8 +510,7 @@ def selfsup(size: int, out: Path, n: int = 600) -> None:
                        **score(q, g, s["qid"], s["gid"], s["loo"])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": size, "n": n, "rows": rows}, indent=1))
+    _save(out, {"size": size, "n": n, "rows": rows})
 
 
 if __name__ == "__main__":
