@@ -21,6 +21,10 @@ export WALDO_DATA
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# opencv-python-headless (before TEBLID) and the contrib build both install cv2: remove both
+	@# so that the contrib build installs whole.
+	@if $(BIN)/python -m pip show -q opencv-python-headless >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-contrib-python-headless; fi
 	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
 	touch $@
 

@@ -207,6 +207,26 @@ def gv(lines: list[str]) -> None:
               "OpenCV's matcher and RANSAC per pair, in C++, parallel over candidates.", ""]
 
 
+def gv_cost(lines: list[str]) -> None:
+    data = _section(lines, "## Geometric verification through the product (issue 17)", "gv_cost.json",
+                    "benchmarks/gv_cost.py")
+    if data is None:
+        return
+    first = data["rows"][0]
+    lines += [f"{first['protocol']}'s gallery indexed by `Waldo.create` + `add` ({first['images']} images, keypoints "
+              f"included), then {first['queries']} of its test queries searched with `rerank=\"gv\"` (top-100 "
+              "verified). The rerank stage is the query's keypoints, reading the candidates' and verifying them "
+              "on 2 threads. Targets: keypoints <= 24 KB per image, rerank p50 <= 250 ms, build >= 60 images/s.", "",
+              "| local features | build, images/s | keypoints, bytes/image | whole image, bytes | "
+              "rerank p50 / p95 ms | search p50 ms |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        b = r["bytes_per_image"]
+        lines.append(f"| {r['kind']} ({r['features']['max_keypoints']} keypoints) | {r['build_images_per_s']} | "
+                     f"{b['verification'] / 1024:.1f} KB | {b['total'] / 1024:.1f} KB | "
+                     f"{r['rerank_ms_p50']:.0f} / {r['rerank_ms_p95']:.0f} | {r['search_ms_p50']:.0f} |")
+    lines += ["", f"Command: `.venv/bin/python {data['command']}` (`results/gv_cost.json`); {data['machine']}.", ""]
+
+
 def ann(lines: list[str]) -> None:
     data = _section(lines, "## Large galleries (approximate search)", "ann_search.json", "benchmarks/ann_search.py")
     if data is None:
@@ -257,7 +277,8 @@ def _keypoint_bytes() -> str:
     return (f"Verification keypoints: {per_image['verification'] / 1000:.0f} KB per grocery photo "
             f"({info['gv_features']['max_keypoints']}-keypoint SIFT), {per_image['verification'] / per_image['total']:.0%} "
             f"of the {per_image['total'] / 1000:.0f} KB an image takes (`{info['command']}` on {info['index']}; "
-            f"`results/index_info_grocery_full.json`).")
+            f"`results/index_info_grocery_full.json`). New indexes store TEBLID instead (issue 17): see "
+            f"\"Geometric verification through the product\" above.")
 
 
 def render() -> str:
@@ -269,6 +290,7 @@ def render() -> str:
     rerank(lines)
     accuracy(lines)
     gv(lines)
+    gv_cost(lines)
     ann(lines)
     lines += ["## Bytes per image", "",
               "`waldo index info` reports `bytes_per_image` for each stored part. Global descriptor: 128 x 4 = 512 "

@@ -87,3 +87,24 @@ def test_global_trained_block_is_generated():
     spec.loader.exec_module(module)
     assert module.block().split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md",
                                                                                               "global-trained")
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(f"waldo_experiment_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gv_compact_block_is_generated():
+    """docs/results.md's issue-17 verification tables are what experiments/gv_compact.py renders
+    from results/gv_compact.json."""
+    module = _experiment("gv_compact")
+    rendered = module.markdown(_results("gv_compact.json"))
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-compact")
+
+
+def test_global_adapt_table_is_generated():
+    """The issue-16 adaptation table in docs/results.md is `experiments/global_adapt.py --table`."""
+    table = _experiment("global_adapt").table(_results("global/adapt.json")["rows"])
+    assert table in (ROOT / "docs" / "results.md").read_text()

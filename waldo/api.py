@@ -28,8 +28,8 @@ from waldo.index import IndexMismatchError, IndexStore, Snapshot
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
-from waldo.models.keypoints import (LocalFeatures, SiftConfig, extract_many, extract_sift, pack_features,
-                                    unpack_features)
+from waldo.models.keypoints import (LocalFeatureConfig, LocalFeatures, SiftConfig, extract_many, extract_sift,
+                                    local_features_for, pack_features, unpack_features)
 from waldo.models.untrained import untrained_model
 from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker, RerankerSetup, RerankerSpec,
                           RerankQuery)
@@ -98,14 +98,15 @@ class Waldo:
     def create(cls, index_dir: str | Path, *, backbone: str = "efficientnet_lite0", dim: int = 128,
                projection: str = "views-whiten", fit_paths: Sequence[str] = (), fit_source: str = "",
                model_dir: str | Path | None = None, transform: str | None = None,
-               progress: bool = True, seed: int = 0, gv_features: bool = True,
+               progress: bool = True, seed: int = 0, gv_features: bool | str | LocalFeatureConfig = True,
                local_dtype: str = "float16", global_index: str = "Flat",
                global_search_params: dict | None = None, pooling: str | None = None,
                global_dim: int | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
-        about to be indexed). ``gv_features`` stores SIFT keypoints of every added image (about
-        100 KB per image) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
+        about to be indexed). ``gv_features`` stores local features of every added image
+        (True: the default TEBLID, about 18 KB per image; a kind of
+        waldo.models.keypoints.LOCAL_FEATURE_KINDS or a LocalFeatureConfig; False: none) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
         local descriptors in half the bytes; ``global_index`` ("Flat" = exact, or e.g.
         "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the
         global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` shape an
@@ -129,7 +130,8 @@ class Waldo:
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim)
         local_cells = (config.image_size // model.backbone.stride) ** 2
-        manifest = {**_manifest_for(model, config), "gv_features": SiftConfig().model_dump() if gv_features else None}
+        features = local_features_for(gv_features)
+        manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}
         store = IndexStore.create(root, manifest=manifest, global_dim=config.global_width,
                                   local_shape=(local_cells, config.dim), local_dtype=local_dtype,
                                   global_index=global_index, global_search_params=global_search_params)
@@ -203,7 +205,7 @@ class Waldo:
             kept = [paths[i] for i in rows]
             # Keypoints for geometric verification: computed once here, never per query.
             verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None,
-                                                       progress=progress))
+                                                       progress=progress), self.gv_sift.descriptor_bytes)
                             if self.gv_sift is not None else None)
             report.added = self.store.add(kept, [identities[i] for i in rows],
                                           extracted.global_desc, extracted.local_desc,
@@ -223,7 +225,8 @@ class Waldo:
             report.errors += chunk.errors
             rows = [keep[chunk.start + j] for j in np.flatnonzero(chunk.ok)]  # positions in add()'s input
             if rows:
-                verification = pack_features(chunk.keypoints) if chunk.keypoints is not None else None
+                verification = (pack_features(chunk.keypoints, self.gv_sift.descriptor_bytes)
+                                if chunk.keypoints is not None and self.gv_sift is not None else None)
                 report.added += self.store.add([paths[i] for i in rows], [identities[i] for i in rows],
                                                chunk.global_desc, chunk.local_desc,
                                                attrs=[attrs[i] for i in rows], verification=verification)
@@ -269,9 +272,9 @@ class Waldo:
             snapshot = self.store.snapshot()  # one view of the index for every read of this query
             global_hits = self._global_hits(snapshot, query_global, k if reranker is None else max(k, RERANK_TOP_K))
         with stage("rerank"):
-            hits = global_hits if reranker is None else self._reranked(
+            hits, note = (global_hits, "") if reranker is None else self._reranked(
                 spec, reranker, snapshot, picture, RerankQuery(query_local, query_global), global_hits)
-        return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank)
+        return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank, note=note)
 
     def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
         result = snapshot.search(np.asarray(query_global, np.float32)[None], k)
@@ -281,25 +284,33 @@ class Waldo:
                 for rank, (i, score) in enumerate(zip(ids, result.scores[0]), start=1) if i in records]
 
     def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image,
-                  query: RerankQuery, global_hits: list[SearchHit]) -> list[SearchHit]:
-        """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged; the
-        reranker gets what it declared it needs (``spec.needs``) and nothing else."""
+                  query: RerankQuery, global_hits: list[SearchHit]) -> tuple[list[SearchHit], str]:
+        """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged, and
+        the reranker's note; the reranker gets what it declared it needs (``spec.needs``) and
+        nothing else."""
         head, tail = global_hits[:RERANK_TOP_K], global_hits[RERANK_TOP_K:]
         if not head:
-            return []
+            return [], ""
         ids = [hit.id for hit in head]
         local = Need.LOCAL_DESCRIPTORS in spec.needs
         candidate_keypoints = None
         if Need.KEYPOINTS in spec.needs:  # the query's from the decoded image, the candidates' from the index
             query.keypoints = extract_sift(picture, self.gv_sift)
             ragged = snapshot.verification_features(ids)  # images indexed without keypoints: never verified
-            candidate_keypoints = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty()] * len(ids)
+            candidate_keypoints = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty(self.gv_sift.descriptor_bytes)] * len(ids)
         candidates = RerankCandidates(snapshot.local_descriptors(ids) if local else None,
                                       np.array([hit.score for hit in head], np.float32),
                                       snapshot.global_descriptors(ids) if local else None, candidate_keypoints)
         result = reranker.rerank(query, candidates)
-        return [head[i].model_copy(update={"rank": rank, "score": float(score)})
-                for rank, (i, score) in enumerate(zip(result.order, result.scores), start=1)] + tail
+        hits = []
+        for position, (i, score) in enumerate(zip(result.order, result.scores)):
+            update = {"rank": position + 1, "score": float(score)}
+            if result.inliers is not None:
+                update["inliers"] = int(result.inliers[position])
+            if result.verified is not None:
+                update["verified"] = bool(result.verified[position])
+            hits.append(head[i].model_copy(update=update))
+        return hits + tail, result.note
 
     def _reranker(self, name: str) -> tuple[RerankerSpec | None, Reranker | None]:
         """The registered reranker ``name`` and its spec, checked and built on first use, then

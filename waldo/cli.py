@@ -90,7 +90,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                           pooling=args.pooling, global_dim=args.global_dim,
                           fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
                           transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
-                          global_index=args.global_index,
+                          global_index=args.global_index, gv_features=args.local_features,
                           global_search_params=_parse_search_params(args.global_search_params))
     report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
                         batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
@@ -193,14 +193,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     outcome = engine.search(args.image, k=args.k, rerank=args.rerank)  # None: the index's default
     if args.json:  # the very list `POST /search` answers under "results"; which reranker ran on stderr
         print(json.dumps(hits_json(outcome.hits), indent=2))
-        print(f"rerank: {outcome.rerank}", file=sys.stderr)
+        print(f"rerank: {outcome.rerank}" + (f" ({outcome.note})" if outcome.note else ""), file=sys.stderr)
         return 0
     stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in outcome.timings_ms.items())
     print(f"top {len(outcome.hits)} of {len(engine)} images for {args.image}, rerank {outcome.rerank} "
           f"(ms: {stages})")
-    print(f"{'rank':>4}  {'score':>6}  {'identity':<10}  {'label':<24}  path")
+    if outcome.note:
+        print(f"note: {outcome.note}")
+    verifying = any(hit.inliers is not None for hit in outcome.hits)
+    print(f"{'rank':>4}  {'score':>6}  " + ("inliers  " if verifying else "") + f"{'identity':<10}  {'label':<24}  path")
     for hit in outcome.hits:
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.identity:<10}  {hit.label:<24}  {hit.path}")
+        evidence = ""
+        if verifying:
+            evidence = f"{hit.inliers:>7}{'*' if hit.verified else ' '} " if hit.inliers is not None else f"{'':>8} "
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {evidence}{hit.identity:<10}  {hit.label:<24}  {hit.path}")
+    if verifying:
+        print("* verified by geometry")
     return 0
 
 
@@ -236,7 +244,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explanation = explain_pair(args.query, args.candidate, height=args.height, show_outliers=args.outliers)
     out = save_png(explanation.picture, args.out)
     v = explanation.verification
-    verdict = "verified" if v.inliers >= GVConfig().min_inliers else "not verified"
+    verdict = "verified" if GVConfig().verifies(v) else "not verified"
     print(f"{v.inliers} inliers / {v.n_matches} matches ({v.inlier_ratio:.0%}), model {v.model}: {verdict}; "
           f"wrote {out}")
     return 0
@@ -342,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--transform", default=None, help="test-time transform preset")
     build.add_argument("--where", action="append", metavar="COLUMN=V1,V2",
                        help="keep only images whose labels column has one of the values (repeatable)")
+    build.add_argument("--local-features", default="teblid", choices=("teblid", "orb-teblid", "sift", "none"),
+                       help="keypoints stored for --rerank gv: TEBLID binary descriptors on SIFT keypoints "
+                            "(default, ~18 KB/image), on ORB keypoints (quicker to extract), SIFT (~100 KB/image, "
+                            "as indexes before TEBLID), or none")
     build.add_argument("--local-dtype", default="float16", choices=("float16", "int8"),
                        help="how local descriptors are stored: int8 (+ a scale per descriptor) halves them")
     build.add_argument("--global-index", default="Flat", metavar="FAISS_SPEC",

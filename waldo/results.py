@@ -33,6 +33,8 @@ class SearchHit(BaseModel):
     score: float = Field(description="final score (the reranker's when one ran)")
     global_score: float = Field(description="cosine similarity of the global descriptors")
     rank_before_rerank: int = Field(description="rank in the global-only list")
+    inliers: int | None = Field(None, description="geometric verification's inlier count, where it ran")
+    verified: bool | None = Field(None, description="whether geometric verification accepted the match, where it ran")
     attrs: dict[str, Any] = Field(default_factory=dict, description="metadata stored with the image")
 
     @classmethod
@@ -49,12 +51,14 @@ class SearchOutcome:
     """One query's answer: ``hits`` (best first), ``global_hits`` (the global ranking the
     reranker started from; the hits themselves without one), the milliseconds each stage took
     (decode, extract, search, rerank) and ``rerank``, the reranker that ran ("none": the
-    global ranking alone; a search that named none ran the index's default)."""
+    global ranking alone; a search that named none ran the index's default); ``note``: what the
+    reranker wants the user to know (e.g. the query has too few keypoints to verify)."""
 
     hits: list[SearchHit]
     global_hits: list[SearchHit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     rerank: str = "none"
+    note: str = ""
 
 
 def hits_json(hits: Sequence[SearchHit]) -> list[dict[str, Any]]:

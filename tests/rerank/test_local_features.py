@@ -12,10 +12,13 @@ from waldo.index import IndexStore
 from waldo.index.keypoints import RaggedKeypoints
 from waldo.rerank.gv import GVConfig, verify_pair
 from waldo.models.keypoints import (
+    LEGACY_SIFT,
+    LocalFeatureConfig,
     LocalFeatures,
     SiftConfig,
     detection_scale,
     extract_sift,
+    matching_vectors,
     pack_features,
     rootsift,
     unpack_features,
@@ -37,14 +40,30 @@ def test_rootsift_is_the_square_root_of_the_l1_normalised_histogram():
     np.testing.assert_allclose(np.linalg.norm(out[[0, 2]], axis=1), 1.0, rtol=1e-6)
 
 
-def test_extract_respects_the_cap_and_returns_original_pixel_coordinates(box):
-    features = extract_sift(box, SiftConfig(max_keypoints=150))
+@pytest.mark.parametrize("kind", ["sift", "teblid", "orb-teblid"])
+def test_extract_respects_the_cap_and_returns_original_pixel_coordinates(box, kind):
+    config = LocalFeatureConfig(kind=kind, max_keypoints=150)
+    features = extract_sift(box, config)
     assert 100 <= len(features) <= 150
     assert features.keypoints.dtype == np.float32 and features.descriptors.dtype == np.uint8
     w, h = box.size
     assert features.keypoints[:, 0].max() < w and features.keypoints[:, 1].max() < h
     assert features.keypoints.min() > -1
-    assert features.nbytes == len(features) * (2 * 4 + 128)
+    assert features.descriptors.shape[1] == config.descriptor_bytes == (128 if kind == "sift" else 32)
+    assert features.nbytes == len(features) * (2 * 4 + config.descriptor_bytes)
+
+
+def test_teblid_bits_match_by_hamming_distance():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (5, 32), dtype=np.uint8), rng.integers(0, 256, (7, 32), dtype=np.uint8)
+    va, vb = matching_vectors(a), matching_vectors(b)
+    np.testing.assert_allclose(np.linalg.norm(va, axis=1), 1.0, rtol=1e-6)
+    hamming = np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(axis=2)
+    squared = ((va[:, None, :] - vb[None, :, :]) ** 2).sum(axis=2)
+    np.testing.assert_allclose(squared, hamming / 64.0, rtol=1e-5)
+    # SIFT's 128 bytes still match as RootSIFT
+    raw = rng.integers(0, 256, (3, 128), dtype=np.uint8)
+    np.testing.assert_array_equal(matching_vectors(raw), rootsift(raw))
 
 
 def test_resizing_before_detection_keeps_coordinates_in_the_original_frame(box):
@@ -72,12 +91,13 @@ def test_tiny_and_flat_images_give_no_keypoints_not_errors():
 def test_config_round_trip_and_validation():
     config = SiftConfig(max_keypoints=300, min_side=256)
     assert SiftConfig.model_validate_json(config.model_dump_json()) == config
-    # Index manifests hold this under "gv_features", byte for byte as before pydantic.
-    assert json.dumps(SiftConfig().model_dump()) == ('{"kind": "sift", "max_keypoints": 1000, "min_side": 256, "max_side": '
-                                                     '1024, "contrast_threshold": 0.04, "edge_threshold": 10.0}')
-    assert json.dumps(GVConfig().model_dump()) == ('{"ratio": 0.8, "threshold_px": 4.0, "homography_min_matches": 15, '
-                                                   '"min_inliers": 8, "max_scale_change": 8.0, "confidence": 0.999, '
-                                                   '"max_iters": 2000, "top_k": 100}')
+    # The manifests of indexes built before TEBLID hold this under "gv_features": it still reads
+    # as what it was, and is written byte for byte as it was.
+    old = ('{"kind": "sift", "max_keypoints": 1000, "min_side": 256, "max_side": 1024, "contrast_threshold": 0.04, '
+           '"edge_threshold": 10.0}')
+    assert json.dumps(LEGACY_SIFT.model_dump()) == old
+    assert LocalFeatureConfig.model_validate(json.loads(old)) == LEGACY_SIFT
+    assert LocalFeatureConfig().kind == "teblid" and LocalFeatureConfig().descriptor_bytes == 32
     for bad in ({"max_keypoints": 3, "bogus": 1}, {"kind": "orb"}, {"max_keypoints": 0},
                 {"min_side": 900, "max_side": 800}):
         with pytest.raises(ValueError):
@@ -90,10 +110,15 @@ def test_pack_unpack_round_trip(box):
     items = [extract_sift(box, SiftConfig(max_keypoints=50)), LocalFeatures.empty(),
              extract_sift(box, SiftConfig(max_keypoints=20))]
     ragged = pack_features(items)
+    assert ragged.dim == 32  # an image without keypoints takes the others' width
+    with pytest.raises(ValueError, match="different local features"):
+        pack_features([items[0], extract_sift(box, LocalFeatureConfig(kind="sift", max_keypoints=20))])
+    assert pack_features([LocalFeatures.empty()], width=32).dim == 32
     assert len(ragged) == 3 and ragged.offsets.tolist() == [0, 50, 50, 70]
     for a, b in zip(items, unpack_features(ragged)):
         np.testing.assert_array_equal(a.keypoints, b.keypoints)
-        np.testing.assert_array_equal(a.descriptors, b.descriptors)
+        if len(a):  # an empty image has no descriptors, of whatever width
+            np.testing.assert_array_equal(a.descriptors, b.descriptors)
     with pytest.raises(ValueError, match="offsets"):
         RaggedKeypoints(ragged.keypoints, ragged.descriptors, np.array([0, 60, 50, 70], np.int64))
 

@@ -83,7 +83,7 @@ def extract_features(paths: Sequence[str], config: SiftConfig = SiftConfig(), *,
     features = extract_many(paths, config, workers=workers)
     if progress:
         print(f"gv: SIFT of {len(paths)} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    ragged = pack_features(features)
+    ragged = pack_features(features, config.descriptor_bytes)
     if folder is not None:
         _save_cached(folder, ragged, paths, config)
     return ragged

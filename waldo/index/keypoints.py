@@ -8,7 +8,7 @@ index's crash safety is unchanged: they become visible exactly when the segment 
 
 Layout added to ``segments/<name>/`` (all optional, all or none):
     gv_keypoints.npy    (M, 2) float32      (x, y) in the original image's pixels
-    gv_descriptors.npy  (M, D) uint8|float16 e.g. raw SIFT bytes
+    gv_descriptors.npy  (M, D) uint8|float16 e.g. packed TEBLID bits or raw SIFT bytes
     gv_offsets.npy      (n + 1,) int64      offsets[0] = 0, offsets[n] = M, non-decreasing
     gv.json             sha256 and size of the three files, for ``check()``
 
@@ -96,8 +96,10 @@ def gather_keypoints(parts: list[RaggedKeypoints | None], segments: np.ndarray, 
     known = [p for p in parts if p is not None]
     if not known:
         raise ValueError("no segment holds keypoints")
-    dim, dtype = known[0].dim, known[0].descriptors.dtype
-    if any(p.dim != dim or p.descriptors.dtype != dtype for p in known):
+    # A segment whose images all lack keypoints has nothing to disagree with.
+    filled = [p for p in known if len(p.descriptors)] or known
+    dim, dtype = filled[0].dim, filled[0].descriptors.dtype
+    if any(p.dim != dim or p.descriptors.dtype != dtype for p in filled):
         raise IndexCorruptError("segments hold keypoint descriptors of different sizes or dtypes")
     spans = []
     for s, r in zip(segments.tolist(), rows.tolist()):

@@ -203,10 +203,13 @@ class DescriptorActor:
 
 
 def _features_from_bytes(keypoints: bytes, descriptors: bytes) -> LocalFeatures:
-    from waldo.models.keypoints import SIFT_DIM, LocalFeatures
+    from waldo.models.keypoints import LocalFeatures
 
-    return LocalFeatures(np.frombuffer(keypoints, np.float32).reshape(-1, 2).copy(),
-                         np.frombuffer(descriptors, np.uint8).reshape(-1, SIFT_DIM).copy())
+    xy = np.frombuffer(keypoints, np.float32).reshape(-1, 2).copy()
+    if len(xy) == 0:
+        return LocalFeatures.empty()
+    # Each keypoint's descriptor bytes (SIFT's 128 or TEBLID's 32): what the actor was asked for.
+    return LocalFeatures(xy, np.frombuffer(descriptors, np.uint8).reshape(len(xy), -1).copy())
 
 
 @contextlib.contextmanager

@@ -1,16 +1,27 @@
-"""Local features for geometric verification: SIFT keypoints with RootSIFT matching.
+"""Local features for geometric verification: keypoints and their descriptors.
 
-Storage vs. matching form. OpenCV's SIFT descriptor is already quantised to integers in
-0..255 (it scales by 512 and saturates to uchar), so the raw descriptor is stored *losslessly*
-as ``uint8`` (128 bytes per keypoint). RootSIFT (Arandjelovic & Zisserman, 2012: L1-normalise,
-then element-wise square root) is applied only when matching, by :func:`rootsift`; it is a
-pure function of the stored bytes, so nothing is lost by deferring it. Keypoint positions are
-``float32`` (x, y) in the pixel frame of the *original* image (as :func:`load_image` returns
-it), whatever resizing was done for detection: homographies then relate the real images, and
-the match picture can draw on them directly.
+Three kinds (``LocalFeatureConfig.kind``, stored in the index manifest as ``gv_features``):
 
-Small images (COIL-100 is 128x128) give few keypoints; ``SiftConfig.min_side`` upscales them
-before detection. Large photos are downscaled to ``max_side`` to bound the cost.
+- ``teblid`` (default for new indexes): SIFT's detector (scale-space extrema: repeatable on
+  packaging, upscaled thumbnails and rotated objects) with OpenCV contrib's TEBLID binary
+  descriptor (Suarez et al. 2021; its learned parameters are compiled into OpenCV), 256 bits =
+  32 bytes per keypoint, a quarter of SIFT's, matched by Hamming distance.
+- ``orb-teblid``: ORB's FAST detector (about 4x quicker to detect than SIFT) with TEBLID.
+- ``sift``: SIFT with RootSIFT matching, 128 bytes per keypoint; what indexes built before
+  TEBLID hold (they keep working unchanged).
+
+Storage vs. matching form. Descriptors are stored as ``uint8`` rows: OpenCV's SIFT descriptor is
+already integers in 0..255 (stored losslessly), TEBLID's is 32 packed bytes.
+:func:`matching_vectors` turns either into unit float32 rows whose Euclidean distance ranks like
+the descriptor's own distance (RootSIFT: Arandjelovic & Zisserman 2012, the Hellinger distance
+of the SIFT histograms; TEBLID: bits as +-1/16, squared distance = Hamming / 64), so one matrix
+product matches both (waldo.rerank.matching). Keypoint positions are ``float32`` (x, y) in the
+pixel frame of the *original* image (as :func:`load_image` returns it), whatever resizing was
+done for detection: homographies then relate the real images, and the match picture can draw on
+them directly.
+
+Small images (COIL-100 is 128x128) give few keypoints; ``min_side`` upscales them before
+detection. Large photos are downscaled to ``max_side`` to bound the cost.
 """
 
 from __future__ import annotations
@@ -30,35 +41,72 @@ from waldo.data.images import load_image
 from waldo.index.keypoints import RaggedKeypoints
 
 SIFT_DIM = 128
+#: Bytes per stored descriptor of each kind.
+DESCRIPTOR_BYTES = {"sift": SIFT_DIM, "teblid": 32, "orb-teblid": 32}
+#: TEBLID's sampling window per detector (OpenCV's documentation: 6.75 for SIFT keypoints, 1.00
+#: for ORB's).
+_TEBLID_SCALE = {"teblid": 6.75, "orb-teblid": 1.0}
 
 
-class SiftConfig(BaseModel):
-    """How keypoints are detected. Stored in the index manifest (``gv_features``), so an index's
-    features are reproducible and a query is described the same way as the gallery.
+class LocalFeatureConfig(BaseModel):
+    """How keypoints are detected and described. Stored in the index manifest
+    (``gv_features``), so an index's features are reproducible and a query is described the same
+    way as the gallery.
 
-    kind: the local feature ("sift", the only one so far).
+    kind: the local feature (module doc). The defaults (kind and cap) were chosen on validation
+        identities: experiments/gv_results.py, docs/results.md.
     max_keypoints: cap per image (the strongest by detector response are kept).
     min_side: upscale an image whose shorter side is below this, before detection (0: never).
         Defaults chosen on validation splits (see docs/results.md).
     max_side: downscale an image whose longer side is above this (bounds time and keypoints).
     contrast_threshold, edge_threshold: OpenCV's SIFT detector thresholds (Lowe's 0.04 / 10;
-        OpenCV divides contrast by the number of octave layers, as Lowe's code does).
+        OpenCV divides contrast by the number of octave layers, as Lowe's code does); unused by
+        ``orb-teblid``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["sift"] = "sift"
-    max_keypoints: int = Field(1000, ge=1)
+    kind: Literal["sift", "teblid", "orb-teblid"] = "teblid"
+    max_keypoints: int = Field(500, ge=1)
     min_side: int = Field(256, ge=0)  # COIL-100's 128 px: upscaling was (marginally) preferred on validation
     max_side: int = Field(1024, ge=16)
     contrast_threshold: float = Field(0.04, gt=0)
     edge_threshold: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
-    def _sides_in_order(self) -> SiftConfig:
+    def _sides_in_order(self) -> LocalFeatureConfig:
         if self.min_side > self.max_side:
             raise ValueError(f"need min_side <= max_side, got {self.min_side} > {self.max_side}")
         return self
+
+    @property
+    def descriptor_bytes(self) -> int:
+        return DESCRIPTOR_BYTES[self.kind]
+
+
+#: The name the config had when SIFT was the only kind (old code and scripts import it).
+SiftConfig = LocalFeatureConfig
+#: What indexes built before TEBLID store (``gv_features`` of their manifests).
+LEGACY_SIFT = LocalFeatureConfig(kind="sift", max_keypoints=1000)
+#: ``waldo index build --local-features`` choices ("none": no keypoints, no ``--rerank gv``).
+LOCAL_FEATURE_KINDS = ("teblid", "orb-teblid", "sift", "none")
+
+
+def local_features_for(choice: bool | str | LocalFeatureConfig | None) -> LocalFeatureConfig | None:
+    """An index's local features from a user's choice: a config as is; True / "teblid": the
+    default; "sift": :data:`LEGACY_SIFT`; "orb-teblid": ORB with the default cap; False /
+    None / "none": none."""
+    if isinstance(choice, LocalFeatureConfig):
+        return choice
+    if choice in (False, None, "none"):
+        return None
+    if choice is True:
+        return LocalFeatureConfig()
+    if choice == "sift":
+        return LEGACY_SIFT
+    if choice in ("teblid", "orb-teblid"):
+        return LocalFeatureConfig(kind=choice)
+    raise ValueError(f"unknown local features {choice!r}; choose one of {', '.join(LOCAL_FEATURE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +114,8 @@ class LocalFeatures:
     """One image's keypoints.
 
     keypoints: (K, 2) float32 (x, y) in original-image pixels (pixel centres at integers).
-    descriptors: (K, 128) uint8 raw SIFT; use :func:`rootsift` to match.
+    descriptors: (K, D) uint8: raw SIFT (D = 128) or packed TEBLID bits (D = 32); use
+    :func:`matching_vectors` to match.
     """
 
     keypoints: np.ndarray
@@ -74,13 +123,15 @@ class LocalFeatures:
 
     def __post_init__(self) -> None:
         k = self.keypoints.shape[0] if self.keypoints.ndim == 2 else -1
-        if self.keypoints.shape != (k, 2) or self.descriptors.shape != (k, SIFT_DIM):
+        widths = sorted(set(DESCRIPTOR_BYTES.values()))
+        if (self.keypoints.shape != (k, 2) or self.descriptors.ndim != 2 or self.descriptors.shape[0] != k
+                or self.descriptors.shape[1] not in widths):
             raise ValueError(
-                f"keypoints must be (K, 2) and descriptors (K, {SIFT_DIM}) with the same K, got "
+                f"keypoints must be (K, 2) and descriptors (K, D) with the same K and D in {widths}, got "
                 f"{self.keypoints.shape} and {self.descriptors.shape}"
             )
         if self.descriptors.dtype != np.uint8:
-            raise ValueError(f"descriptors must be uint8 raw SIFT, got {self.descriptors.dtype}")
+            raise ValueError(f"descriptors must be uint8, got {self.descriptors.dtype}")
 
     def __len__(self) -> int:
         return int(self.keypoints.shape[0])
@@ -91,8 +142,8 @@ class LocalFeatures:
         return int(self.keypoints.nbytes + self.descriptors.nbytes)
 
     @classmethod
-    def empty(cls) -> LocalFeatures:
-        return cls(np.zeros((0, 2), np.float32), np.zeros((0, SIFT_DIM), np.uint8))
+    def empty(cls, width: int = SIFT_DIM) -> LocalFeatures:
+        return cls(np.zeros((0, 2), np.float32), np.zeros((0, width), np.uint8))
 
 
 def rootsift(descriptors: np.ndarray) -> np.ndarray:
@@ -107,6 +158,18 @@ def rootsift(descriptors: np.ndarray) -> np.ndarray:
     return np.sqrt(d / np.maximum(l1, 1e-12))
 
 
+def matching_vectors(descriptors: np.ndarray) -> np.ndarray:
+    """(K, D) stored descriptors -> unit float32 rows for :func:`waldo.rerank.matching.
+    mutual_ratio_matches`: RootSIFT for SIFT's 128 bytes, bits as +-1/16 for TEBLID's 32
+    (256 bits; squared Euclidean distance = Hamming distance / 64, so nearest neighbours and the
+    ratio test rank as Hamming does, the ratio applying to sqrt(Hamming))."""
+    d = np.asarray(descriptors)
+    if d.ndim == 2 and d.shape[1] == DESCRIPTOR_BYTES["teblid"]:
+        bits = np.unpackbits(np.ascontiguousarray(d, np.uint8), axis=1).astype(np.float32)
+        return (bits * 2.0 - 1.0) * np.float32(1.0 / 16.0)
+    return rootsift(d)
+
+
 def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
     """RGB PIL image or (H, W, 3) / (H, W) uint8 array -> (H, W) uint8 grey."""
     array = np.asarray(image)
@@ -117,7 +180,7 @@ def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an RGB or grey uint8 image, got shape {array.shape} dtype {array.dtype}")
 
 
-def detection_scale(height: int, width: int, config: SiftConfig) -> float:
+def detection_scale(height: int, width: int, config: LocalFeatureConfig) -> float:
     """The factor the image is resized by before detection (1.0: untouched)."""
     short, long = min(height, width), max(height, width)
     if long > config.max_side:
@@ -127,11 +190,13 @@ def detection_scale(height: int, width: int, config: SiftConfig) -> float:
     return 1.0
 
 
-def extract_sift(image: Image.Image | np.ndarray, config: SiftConfig = SiftConfig()) -> LocalFeatures:
-    """SIFT keypoints and raw descriptors of one image, at most ``config.max_keypoints``.
+def extract_local_features(image: Image.Image | np.ndarray,
+                           config: LocalFeatureConfig = LocalFeatureConfig()) -> LocalFeatures:
+    """Keypoints and descriptors of one image, at most ``config.max_keypoints``, of
+    ``config.kind`` (module doc).
 
-    A new detector per call: ``cv2.SIFT`` objects are cheap to build, and this keeps the
-    function safe to call from many threads at once.
+    New detector objects per call: they are cheap to build, and this keeps the function safe to
+    call from many threads at once.
     """
     grey = _grey(image)
     scale = detection_scale(*grey.shape, config)
@@ -139,39 +204,65 @@ def extract_sift(image: Image.Image | np.ndarray, config: SiftConfig = SiftConfi
         size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
         # INTER_AREA when shrinking (no aliasing), cubic when enlarging (smoother gradients).
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    detector = cv2.SIFT_create(
-        nfeatures=config.max_keypoints,
-        contrastThreshold=config.contrast_threshold,
-        edgeThreshold=config.edge_threshold,
-    )
-    keypoints, descriptors = detector.detectAndCompute(grey, None)
+    if config.kind == "orb-teblid":
+        detector = cv2.ORB_create(nfeatures=config.max_keypoints)
+    else:
+        detector = cv2.SIFT_create(nfeatures=config.max_keypoints, contrastThreshold=config.contrast_threshold,
+                                   edgeThreshold=config.edge_threshold)
+    if config.kind == "sift":
+        keypoints, descriptors = detector.detectAndCompute(grey, None)
+    else:
+        keypoints = detector.detect(grey, None)
+        # nfeatures keeps ties at the cut: cap before describing (TEBLID drops keypoints whose
+        # window leaves the image, so its output may be shorter than its input).
+        keypoints = sorted(keypoints, key=lambda kp: -kp.response)[: config.max_keypoints] if keypoints else []
+        keypoints, descriptors = _teblid(config.kind).compute(grey, keypoints) if keypoints else ((), None)
     if descriptors is None or not keypoints:
-        return LocalFeatures.empty()
+        return LocalFeatures.empty(config.descriptor_bytes)
     # nfeatures keeps ties at the cut, so OpenCV can return a few more than asked.
     keypoints, descriptors = keypoints[: config.max_keypoints], descriptors[: config.max_keypoints]
     xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
     if scale != 1.0:
         # cv2.resize maps pixel centres: x_resized + 0.5 = (x + 0.5) * scale.
         xy = (xy + 0.5) / np.float32(scale) - 0.5
-    raw = np.clip(np.rint(descriptors), 0, 255).astype(np.uint8)
+    raw = np.clip(np.rint(descriptors), 0, 255).astype(np.uint8) if config.kind == "sift" else \
+        np.ascontiguousarray(descriptors, np.uint8)
     return LocalFeatures(np.ascontiguousarray(xy, dtype=np.float32), raw)
 
 
-def extract_sift_file(source: str | Path | bytes | IO[bytes], config: SiftConfig = SiftConfig()) -> LocalFeatures:
-    """:func:`extract_sift` of an image file (path, bytes or file object) via the safe loader."""
+def _teblid(kind: str):
+    if not hasattr(cv2, "xfeatures2d"):  # opencv-python instead of opencv-contrib-python
+        raise RuntimeError("TEBLID needs OpenCV's contrib build: pip install opencv-contrib-python-headless "
+                           "(and uninstall opencv-python-headless)")
+    return cv2.xfeatures2d.TEBLID_create(_TEBLID_SCALE[kind], cv2.xfeatures2d.TEBLID_SIZE_256_BITS)
+
+
+#: The name extraction had when SIFT was the only kind.
+extract_sift = extract_local_features
+
+
+def extract_sift_file(source: str | Path | bytes | IO[bytes],
+                      config: LocalFeatureConfig = LocalFeatureConfig()) -> LocalFeatures:
+    """:func:`extract_local_features` of an image file (path, bytes or file object) via the safe loader."""
     return extract_sift(load_image(source), config)
 
 
-def pack_features(features: Sequence[LocalFeatures]) -> RaggedKeypoints:
-    """Concatenate per-image features into the index's ragged layout (see :class:`RaggedKeypoints`)."""
+def pack_features(features: Sequence[LocalFeatures], width: int | None = None) -> RaggedKeypoints:
+    """Concatenate per-image features into the index's ragged layout (see :class:`RaggedKeypoints`).
+    ``width``: descriptor bytes (default: the first image with keypoints', else SIFT's); images
+    without keypoints may have any width."""
     counts = np.array([len(f) for f in features], dtype=np.int64)
     offsets = np.zeros(len(features) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    if features:
-        keypoints = np.concatenate([f.keypoints for f in features]).astype(np.float32, copy=False)
-        descriptors = np.concatenate([f.descriptors for f in features])
-    else:
-        keypoints, descriptors = np.zeros((0, 2), np.float32), np.zeros((0, SIFT_DIM), np.uint8)
+    filled = [f for f in features if len(f)]
+    width = width or (filled[0].descriptors.shape[1] if filled else SIFT_DIM)
+    if any(f.descriptors.shape[1] != width for f in filled):
+        raise ValueError("images described by different local features cannot share one index")
+    keypoints = np.zeros((0, 2), np.float32)
+    descriptors = np.zeros((0, width), np.uint8)
+    if filled:
+        keypoints = np.concatenate([f.keypoints for f in filled]).astype(np.float32, copy=False)
+        descriptors = np.concatenate([f.descriptors for f in filled])
     return RaggedKeypoints(keypoints, descriptors, offsets)
 
 
@@ -180,7 +271,7 @@ def unpack_features(ragged: RaggedKeypoints) -> list[LocalFeatures]:
     return [LocalFeatures(kp, desc) for kp, desc in ragged]
 
 
-def extract_many(sources: Sequence[str | Path | bytes], config: SiftConfig = SiftConfig(), *,
+def extract_many(sources: Sequence[str | Path | bytes], config: LocalFeatureConfig = LocalFeatureConfig(), *,
                  workers: int | None = None, progress: bool = False,
                  description: str = "keypoints") -> list[LocalFeatures]:
     """:func:`extract_sift_file` of many images in threads (OpenCV releases the GIL), in order.
@@ -196,7 +287,7 @@ def extract_many(sources: Sequence[str | Path | bytes], config: SiftConfig = Sif
         try:
             return extract_sift_file(source, config)
         except ImageLoadError:
-            return LocalFeatures.empty()
+            return LocalFeatures.empty(config.descriptor_bytes)
 
     show = progress and len(sources) > 1
     if len(sources) <= 1 or workers == 1:

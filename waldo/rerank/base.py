@@ -56,12 +56,15 @@ class RerankQuery:
 class RerankCandidates:
     """N candidates, best global first. local_desc (N, L, D) float16/32; global_scores (N,)
     float32 inner products with the query; global_desc (N, D) float32, needed only by an RRT
-    with ``use_global_tokens``; keypoints: N images' SIFT, for geometric verification."""
+    with ``use_global_tokens``; keypoints: N images' local features, for geometric
+    verification. ``ordered_by``: whose order the candidates are in ("global", or the reranker
+    before this one in a composition)."""
 
     local_desc: np.ndarray | torch.Tensor | None
     global_scores: np.ndarray
     global_desc: np.ndarray | torch.Tensor | None = None
     keypoints: Sequence[LocalFeatures] | None = None
+    ordered_by: str = "global"
 
     def __post_init__(self) -> None:
         n = len(self.global_scores)
@@ -73,24 +76,30 @@ class RerankCandidates:
     def __len__(self) -> int:
         return len(self.global_scores)
 
-    def reordered(self, order: np.ndarray) -> RerankCandidates:
-        """The same candidates in ``order`` (positions into this list)."""
+    def reordered(self, order: np.ndarray, by: str) -> RerankCandidates:
+        """The same candidates in ``order`` (positions into this list), which reranker ``by``
+        chose."""
         def pick(values):
             if values is None:
                 return None
             return [values[i] for i in order] if isinstance(values, list | tuple) else values[order]
 
         return RerankCandidates(pick(self.local_desc), self.global_scores[order], pick(self.global_desc),
-                                pick(self.keypoints))
+                                pick(self.keypoints), by)
 
 
 @dataclass
 class RerankResult:
     """order (N,) int64: candidate positions, best first; scores (N,) float32: each reordered
-    candidate's score (descending)."""
+    candidate's score (descending). A verifying reranker also says, in the same order, each
+    candidate's ``inliers`` (N,) int32 and whether it was ``verified`` (N,) bool, and may leave a
+    ``note`` for the user (e.g. why nothing could be verified)."""
 
     order: np.ndarray
     scores: np.ndarray
+    inliers: np.ndarray | None = None
+    verified: np.ndarray | None = None
+    note: str = ""
 
 
 @runtime_checkable
@@ -112,7 +121,7 @@ class Need(enum.Enum):
     has all of them (:meth:`RerankerRegistry.supported`)."""
 
     LOCAL_DESCRIPTORS = "local descriptors"
-    KEYPOINTS = "SIFT keypoints"
+    KEYPOINTS = "local-feature keypoints"
     TRAINED_RRT = "a trained RRT (rrt.json beside the model, from `waldo train rrt`)"
 
 
@@ -140,7 +149,7 @@ class RerankerSpec:
 
 class SequentialReranker:
     """``stages[0]`` reorders the candidates, each next stage reranks the previous order; the
-    scores are the last stage's."""
+    scores (and verification evidence, notes) are the last stage's."""
 
     def __init__(self, name: str, stages: Sequence[Reranker]) -> None:
         self.name = name
@@ -150,10 +159,10 @@ class SequentialReranker:
         order = np.arange(len(candidates), dtype=np.int64)
         result = self.stages[0].rerank(query, candidates)
         order = order[result.order]
-        for stage in self.stages[1:]:
-            result = stage.rerank(query, candidates.reordered(order))
+        for before, stage in zip(self.stages, self.stages[1:]):
+            result = stage.rerank(query, candidates.reordered(order, before.name))
             order = order[result.order]
-        return RerankResult(order, result.scores)
+        return RerankResult(order, result.scores, result.inliers, result.verified, result.note)
 
 
 class RerankerRegistry:

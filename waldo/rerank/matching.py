@@ -25,7 +25,8 @@ def mutual_ratio_matches(query_desc: np.ndarray, candidate_desc: np.ndarray, rat
     nearest neighbour, and i's nearest is closer than ``ratio`` times its second nearest.
 
     Args:
-        query_desc: (Kq, D) float32, unit L2 rows (e.g. RootSIFT), so that the squared
+        query_desc: (Kq, D) float32, unit L2 rows (RootSIFT, or TEBLID bits as +-1/16:
+            waldo.models.keypoints.matching_vectors), so that the squared
             Euclidean distance is ``2 - 2 * dot``: one matrix product gives every distance.
         candidate_desc: (Kc, D) float32, unit L2 rows.
         ratio: Lowe's threshold on distances (not squared), in (0, 1]; 1 disables the test.
@@ -39,10 +40,10 @@ def mutual_ratio_matches(query_desc: np.ndarray, candidate_desc: np.ndarray, rat
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     q = _unit_rows(query_desc, "query_desc")
     c = _unit_rows(candidate_desc, "candidate_desc")
+    if len(q) == 0 or len(c) == 0:  # nothing to match, whatever the (empty side's) width
+        return np.zeros((0, 2), np.int32)
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"descriptor sizes differ: query {q.shape[1]}, candidate {c.shape[1]}")
-    if len(q) == 0 or len(c) == 0:
-        return np.zeros((0, 2), np.int32)
     similarity = q @ c.T  # (Kq, Kc); the only O(Kq * Kc * D) step
     rows = np.arange(len(q))
     # Row-wise argmax/max and column-wise max are contiguous reductions; much cheaper than

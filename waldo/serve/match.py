@@ -9,26 +9,39 @@ import numpy as np
 from PIL import Image
 
 from waldo.data.images import load_image
-from waldo.models.keypoints import extract_sift
+from waldo.models.keypoints import LocalFeatureConfig, extract_local_features
 from waldo.rerank.gv import GVConfig, verify_pair
 
 __all__ = ["match_pair"]
 
 
-def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int,
-               max_lines: int = 300) -> dict[str, Any]:
+def _missing(verification, config: GVConfig) -> str:
+    """Why a match is not called verified, in the user's words."""
+    if verification.inliers < config.min_inliers:
+        return f"{config.min_inliers} inliers needed"
+    if verification.spread < config.claim_min_spread:
+        return (f"the inliers cover {verification.spread:.0%} of the query's extent, "
+                f"{config.claim_min_spread:.0%} needed: a shared logo or background, not the object")
+    return "the fitted model distorts the object implausibly"
+
+
+def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int, max_lines: int = 300,
+               features: LocalFeatureConfig | None = None) -> dict[str, Any]:
     """Geometric verification of ``query`` against indexed image ``image_id`` (file ``path``),
     as ``MatchResponse`` fields: inlier lines ``[xq, yq, xc, yc]`` in each image's pixels and
-    the outline of the query's keypoints as the fitted model maps it onto the candidate."""
+    the outline of the query's keypoints as the fitted model maps it onto the candidate.
+    ``features``: the index's local features (its manifest's ``gv_features``; default: the
+    default kind), so the picture shows what the index's verification sees."""
+    features = features or LocalFeatureConfig()
     # Decoded (EXIF rotation applied), as the browser shows it and as keypoints are measured.
     candidate = load_image(path, max_pixels=max_pixels)
     base = {"id": image_id, "query_size": list(query.size), "image_size": list(candidate.size)}
-    query_features = extract_sift(query)
+    query_features = extract_local_features(query, features)
     # Both sides are described the same way, from pixels, so the lines show what GV sees.
-    candidate_features = extract_sift(candidate)
+    candidate_features = extract_local_features(candidate, features)
     config = GVConfig()
     verification = verify_pair(query_features, candidate_features, config)
-    verified = verification.inliers >= config.min_inliers  # the reranker's own bar
+    verified = config.verifies(verification)  # the reranker's own claim
     inliers = verification.matches[verification.inlier_mask]
     if len(inliers) > max_lines:  # evenly thinned: a strong match stays readable
         inliers = inliers[np.linspace(0, len(inliers) - 1, max_lines).round().astype(int)]
@@ -42,7 +55,7 @@ def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int
         outline = (mapped[:, :2] / mapped[:, 2:3]).round(1).tolist()
     counts = f"{verification.inliers} inliers of {verification.n_matches} tentative matches"
     message = (f"verified, {counts} ({verification.model})" if verified else
-               f"not verified, {counts} ({config.min_inliers} inliers needed)")
-    return {**base, "available": True, "verified": verified, "method": f"sift+{verification.model}",
+               f"not verified, {counts} ({_missing(verification, config)})")
+    return {**base, "available": True, "verified": verified, "method": f"{features.kind}+{verification.model}",
             "inliers": verification.inliers, "matches": verification.n_matches, "lines": lines,
             "outline": outline, "message": message}

@@ -17,6 +17,7 @@ class SearchResponse(BaseModel):
     k: int
     rerank: str = Field(description="the reranker that ran (\"none\": the global ranking alone); a request "
                                     "without rerank runs the index's default (/stats default_reranker)")
+    note: str = Field("", description="what the reranker wants the user to know, e.g. why nothing was verified")
 
 
 class AddedImage(BaseModel):

@@ -153,13 +153,14 @@ class SearchService:
         outcome = self.engine.search(upload.image, k, rerank)  # k and rerank were checked above
         timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
         self.metrics.record_query(outcome.rerank, timings["total"])
-        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank)
+        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank, note=outcome.note)
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
         upload = self._checked_upload(data, filename)
         path = self.image_path(image_id)
-        return match_pair(upload.image, image_id, path, max_pixels=self.settings.max_pixels)
+        return match_pair(upload.image, image_id, path, max_pixels=self.settings.max_pixels,
+                          features=self.engine.gv_sift)
 
     def image_path(self, image_id: int) -> Path:
         """The file of a live image; UnknownIdError if no live image has this id, and

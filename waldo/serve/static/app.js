@@ -169,10 +169,13 @@ async function search() {
 function render(body) {
   const reranked = body.rerank !== "none";
   $("results-title").textContent = `Top ${body.results.length}`;
-  const verified = scoreKind(body.rerank) === "inliers" ? body.results.filter((r) => r.score >= 0).length : null;
+  // Verification says per hit what it found (`verified`, `inliers`); other rankings leave them null.
+  const verifying = body.results.some((r) => r.verified !== null && r.verified !== undefined);
+  const verified = verifying ? body.results.filter((r) => r.verified).length : null;
   $("results-note").textContent = reranked
     ? `Reranked with ${modeName(body.rerank)}${isValidatedDefault(body.rerank) ? ", the default" : ""}` +
       `${verified === null ? "" : ` (${verified} verified)`}; ` +
+      (body.note ? `${body.note}; ` : "") +
       "badges show the move from the global ranking."
     : "Ranked by global-descriptor similarity. Click a result to compare.";
   // Bars show the global similarity (a cosine, comparable across modes); the number is the
@@ -191,6 +194,9 @@ function render(body) {
 function scoreText(result, mode) {
   const kind = scoreKind(mode);
   if (!kind) return result.score.toFixed(3);
+  if (result.verified !== null && result.verified !== undefined) {
+    return result.verified ? `${result.inliers} inliers` : "unverified";
+  }
   if (kind === "inliers") return result.score >= 0 ? `${Math.round(result.score)} inliers` : "unverified";
   return `${kind} ${result.score.toFixed(2)}`;
 }
