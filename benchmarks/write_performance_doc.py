@@ -214,7 +214,7 @@ def gv_cost(lines: list[str]) -> None:
         return
     first = data["rows"][0]
     lines += [f"{first['protocol']}'s gallery indexed by `Waldo.create` + `add` ({first['images']} images, keypoints "
-              f"included), then {first['queries']} of its test queries searched with `rerank=\"gv\"` (top-100 "
+              f"included, descriptors on ONNX Runtime as `--runtime auto` runs builds of 2000 images or more), then {first['queries']} of its test queries searched with `rerank=\"gv\"` (top-100 "
               "verified). The rerank stage is the query's keypoints, reading the candidates' and verifying them "
               "on 2 threads. Targets: keypoints <= 24 KB per image, rerank p50 <= 250 ms, build >= 60 images/s.", "",
               "| local features | build, images/s | keypoints, bytes/image | whole image, bytes | "

@@ -7,9 +7,10 @@
    checks off, keeping per pair the inliers, the inliers' spread over the query and the fitted
    model's box distortion; every rule (min_inliers x max_anisotropy x min_spread x verified-first
    or fused with the global similarity) is then applied without verifying again. The option and
-   rule with the best mean validation mAP over both protocols win, among options that store at
-   most 24 KB per image and rules that fix at least as many validation top-1 results as they
-   break in every query group (packages, fruit, vegetables; coil's objects).
+   rule win by :func:`choose`: among options that store at most 24 KB per image and rules that
+   fix at least as many validation top-1 results as they break in every query group (packages,
+   fruit, vegetables; coil's objects), the quickest to extract within 0.005 of the best mean
+   validation mAP over both protocols (the issue asks for index builds >= 60 images/s too).
 2. **Test**: the protocols' test queries reranked by the product's GeometricReranker with the
    chosen setting, and with the setting of before this issue (SIFT 1000 keypoints, verified
    first, min_inliers 8) on the same global ranking: R@1 / mAP, fixed / broken top-1 per query
@@ -67,6 +68,8 @@ START, END = "<!-- gv-compact:start -->", "<!-- gv-compact:end -->"
 PROTOCOLS = ("grocery-open-cross", "coil100-open")
 VAL_QUERIES = 300
 MAX_BYTES = 24 * 1024
+#: Validation mAP the choice may give up for quicker extraction (choose()).
+MAP_TOLERANCE = 0.005
 #: (name, features, Lowe ratios tried); "before" is what indexes stored before this issue.
 OPTIONS = [("sift 1000 (before)", LEGACY_SIFT, (0.8,)),
            ("teblid 300", LocalFeatureConfig(kind="teblid", max_keypoints=300), (0.9, 0.95)),
@@ -138,6 +141,10 @@ def validate(name: str) -> dict:
     for option, features, ratios in OPTIONS:
         keypoints = run_keypoints(val, features)
         bytes_per_image = float(keypoints.gallery.counts().mean() * (8 + features.descriptor_bytes) + 8)
+        sample = val.gallery.paths[:: max(1, len(val.gallery) // 100)][:100]
+        start = time.perf_counter()
+        extract_many(sample, features, workers=1)  # uncached: what indexing pays per image, one thread
+        extract_ms = 1000 * (time.perf_counter() - start) / len(sample)
         for ratio in ratios:
             with GeometricReranker(GVConfig(ratio=ratio, **OPEN)) as reranker:
                 stats = np.stack([pair_stats(keypoints.query(int(run.query_rows[q])),
@@ -149,30 +156,34 @@ def validate(name: str) -> dict:
                 rules[json.dumps([m, a, s, w])] = {
                     **short(ranking_metrics(val, run, reordered(run.knn_indices, order))),
                     "changes": rank1_changes(run.matches, np.take_along_axis(run.matches[:, :k], order, axis=1), groups)}
-            out["options"][f"{option} r{ratio}"] = {"bytes_per_image": bytes_per_image, "rules": rules}
+            out["options"][f"{option} r{ratio}"] = {"bytes_per_image": bytes_per_image, "extract_ms": extract_ms,
+                                                     "rules": rules}
             best = max(rules.items(), key=lambda kv: kv[1]["map"])
             log(f"  {option} r{ratio}: {bytes_per_image / 1024:.1f} KB/image, best {best}")
     return out
 
 
 def choose(validation: dict[str, dict]) -> tuple[str, dict]:
-    """The (option, rule) with the best mean validation mAP over the protocols (then R@1), among
-    those that store at most MAX_BYTES per image and, in every query group of every protocol's
-    validation, fix at least as many top-1 results as they break (the issue's bar, held on
-    validation so that the test only reports it)."""
-    best = None
+    """The (option, rule) to ship. Allowed: options storing at most MAX_BYTES per image, rules
+    that in every query group of every protocol's validation fix at least as many top-1 results
+    as they break (the issue's bar, held on validation so that the test only reports it). Among
+    those within MAP_TOLERANCE of the best mean validation mAP, the option quickest to extract
+    (the issue also asks for index builds >= 60 images/s), then the best mAP, then R@1."""
     names = list(validation)
+    allowed = []
     for option in validation[names[0]]["options"]:
         if validation[names[0]]["options"][option]["bytes_per_image"] > MAX_BYTES:
             continue
+        extract_ms = float(np.mean([validation[n]["options"][option]["extract_ms"] for n in names]))
         for rule in validation[names[0]]["options"][option]["rules"]:
             cells = [validation[n]["options"][option]["rules"][rule] for n in names]
             if any(fixed < broken for c in cells for fixed, broken in c["changes"].values()):
                 continue
-            key = (np.mean([c["map"] for c in cells]), np.mean([c["recall@1"] for c in cells]))
-            if best is None or key > best[0]:
-                best = (key, option, rule)
-    _, option, rule = best
+            allowed.append((float(np.mean([c["map"] for c in cells])), float(np.mean([c["recall@1"] for c in cells])),
+                            extract_ms, option, rule))
+    best_map = max(a[0] for a in allowed)
+    _, _, _, option, rule = min((a for a in allowed if a[0] >= best_map - MAP_TOLERANCE),
+                                key=lambda a: (a[2], -a[0], -a[1]))
     m, a, s, w = json.loads(rule)
     return option, {"min_inliers": m, "max_anisotropy": a, "min_spread": s, "fusion_weight": w,
                     "ratio": float(option.rsplit(" r", 1)[1])}

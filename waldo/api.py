@@ -105,7 +105,7 @@ class Waldo:
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
-        (True: the default TEBLID, about 18 KB per image; a kind of
+        (True: the default ORB + TEBLID, about 19 KB per image; a kind of
         waldo.models.keypoints.LOCAL_FEATURE_KINDS or a LocalFeatureConfig; False: none) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
         local descriptors in half the bytes; ``global_index`` ("Flat" = exact, or e.g.
         "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the

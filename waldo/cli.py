@@ -350,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--transform", default=None, help="test-time transform preset")
     build.add_argument("--where", action="append", metavar="COLUMN=V1,V2",
                        help="keep only images whose labels column has one of the values (repeatable)")
-    build.add_argument("--local-features", default="teblid", choices=("teblid", "orb-teblid", "sift", "none"),
-                       help="keypoints stored for --rerank gv: TEBLID binary descriptors on SIFT keypoints "
-                            "(default, ~18 KB/image), on ORB keypoints (quicker to extract), SIFT (~100 KB/image, "
+    build.add_argument("--local-features", default="orb-teblid", choices=("orb-teblid", "teblid", "sift", "none"),
+                       help="keypoints stored for --rerank gv: TEBLID binary descriptors on ORB keypoints "
+                            "(default, ~19 KB/image), on SIFT keypoints (slower to extract), SIFT (~100 KB/image, "
                             "as indexes before TEBLID), or none")
     build.add_argument("--local-dtype", default="float16", choices=("float16", "int8"),
                        help="how local descriptors are stored: int8 (+ a scale per descriptor) halves them")

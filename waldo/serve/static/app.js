@@ -195,7 +195,9 @@ function scoreText(result, mode) {
   const kind = scoreKind(mode);
   if (!kind) return result.score.toFixed(3);
   if (result.verified !== null && result.verified !== undefined) {
-    return result.verified ? `${result.inliers} inliers` : "unverified";
+    // "verified" is the server's claim (same object); inliers alone are weaker evidence.
+    if (result.verified) return `verified, ${result.inliers} inliers`;
+    return result.inliers ? `${result.inliers} inliers, not verified` : "no geometric match";
   }
   if (kind === "inliers") return result.score >= 0 ? `${Math.round(result.score)} inliers` : "unverified";
   return `${kind} ${result.score.toFixed(2)}`;
