@@ -216,44 +216,30 @@ def sweep(size: int, out: Path) -> None:
 
 
 def main() -> int:
+    # command -> (what it runs with --size and --out, its default results file)
+    studies = {"sweep": (sweep, "sweep.json"), "transfer": (transfer, "transfer.json"),
+               "transductive": (transductive, "transductive.json"), "selfsup": (selfsup, "selfsup.json"),
+               "views": (view_agreement, "view_agreement.json")}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("maps")
-    m.add_argument("--size", type=int, default=224)
-    s = sub.add_parser("sweep")
-    s.add_argument("--size", type=int, default=224)
-    s.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "sweep.json")
-    t = sub.add_parser("transfer")
-    t.add_argument("--size", type=int, default=224)
-    t.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "transfer.json")
-    d = sub.add_parser("transductive")
-    d.add_argument("--size", type=int, default=224)
-    d.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "transductive.json")
-    d.add_argument("--regime", choices=("searched", "own"), default="searched")
+    sub.add_parser("maps").add_argument("--size", type=int, default=224)
     sub.add_parser("doc")
-    w = sub.add_parser("selfsup")
-    w.add_argument("--size", type=int, default=224)
-    w.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "selfsup.json")
-    v = sub.add_parser("views")
-    v.add_argument("--size", type=int, default=224)
-    v.add_argument("--out", type=Path, default=ROOT / "results" / "global" / "view_agreement.json")
+    for name, (_, file) in studies.items():
+        study = sub.add_parser(name)
+        study.add_argument("--size", type=int, default=224)
+        study.add_argument("--out", type=Path, default=ROOT / "results" / "global" / file)
+        if name == "transductive":
+            study.add_argument("--regime", choices=("searched", "own"), default="searched")
     args = parser.parse_args()
     if args.command == "doc":
         doc()
-    elif args.command == "selfsup":
-        selfsup(args.size, args.out)
-    elif args.command == "views":
-        view_agreement(args.size, args.out)
-    elif args.command == "transductive":
-        transductive(args.size, args.out, args.regime)
     elif args.command == "maps":
         extract_maps(args.size)
-    elif args.command == "transfer":
-        transfer(args.size, args.out)
+    elif args.command == "transductive":
+        transductive(args.size, args.out, args.regime)
     else:
-        sweep(args.size, args.out)
+        studies[args.command][0](args.size, args.out)
     return 0
-
 
 
 def transfer(size: int, out: Path) -> None:

@@ -54,7 +54,6 @@ from waldo.rerank.gv import (  # noqa: E402
     GVConfig,
     box_distortion,
     fused_scores,
-    inlier_spread,
     verified_first_order,
     verify_pair,
 )
@@ -95,9 +94,10 @@ def pair_stats(query: LocalFeatures, candidates: list[LocalFeatures], config: GV
         if v.transform is None or v.inliers == 0:
             out[i] = (0, 0.0, np.inf)
             continue
-        src = query.keypoints[v.matches[v.inlier_mask, 0]]
+        # The ranking's max_anisotropy check measures the query's whole keypoint box (as
+        # estimate_transform does), not the inliers' box that Verification.anisotropy holds.
         distortion = box_distortion(v.transform, query.keypoints)
-        out[i] = (v.inliers, inlier_spread(query.keypoints, src), np.inf if distortion is None else distortion[1])
+        out[i] = (v.inliers, v.spread, np.inf if distortion is None else distortion[1])
     return out
 
 

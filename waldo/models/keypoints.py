@@ -45,6 +45,7 @@ from waldo.index.keypoints import RaggedKeypoints
 SIFT_DIM = 128
 #: Bytes per stored descriptor of each kind.
 DESCRIPTOR_BYTES = {"sift": SIFT_DIM, "teblid": 32, "orb-teblid": 32}
+_WIDTHS = sorted(set(DESCRIPTOR_BYTES.values()))
 #: TEBLID's sampling window per detector (OpenCV's documentation: 6.75 for SIFT keypoints, 1.00
 #: for ORB's).
 _TEBLID_SCALE = {"teblid": 6.75, "orb-teblid": 1.0}
@@ -125,11 +126,10 @@ class LocalFeatures:
 
     def __post_init__(self) -> None:
         k = self.keypoints.shape[0] if self.keypoints.ndim == 2 else -1
-        widths = sorted(set(DESCRIPTOR_BYTES.values()))
         if (self.keypoints.shape != (k, 2) or self.descriptors.ndim != 2 or self.descriptors.shape[0] != k
-                or self.descriptors.shape[1] not in widths):
+                or self.descriptors.shape[1] not in _WIDTHS):
             raise ValueError(
-                f"keypoints must be (K, 2) and descriptors (K, D) with the same K and D in {widths}, got "
+                f"keypoints must be (K, 2) and descriptors (K, D) with the same K and D in {_WIDTHS}, got "
                 f"{self.keypoints.shape} and {self.descriptors.shape}"
             )
         if self.descriptors.dtype != np.uint8:

@@ -103,23 +103,23 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
         else:
             model.fit_pca(features, whiten=projection in ("pca-whiten", *_WIDE))
             name = projection
-            if projection == "pca-shrink":
-                model.fit_global_whitening(pooled, power=whiten_power, shrink=whiten_shrink)
-                name = f"pca-shrink(power={whiten_power:g},shrink={whiten_shrink:g})"
-            elif projection == "views-whiten":
+            shrink_pca = projection == "pca-shrink"
+            if projection == "views-whiten":
                 groups_x, groups = _view_groups(model, paths, transform, image_size, seed, progress)
-                if len(np.unique(groups)) < 2:
+                n_groups = len(np.unique(groups))
+                if n_groups < 2:
                     warnings.warn("no readable photos to make views of; fitting pca-shrink instead", stacklevel=2)
-                    model.fit_global_whitening(pooled, power=whiten_power, shrink=whiten_shrink)
-                    name = f"pca-shrink(power={whiten_power:g},shrink={whiten_shrink:g})"
+                    shrink_pca = True
                 else:
                     setting = WhiteningSetting(config.global_width, VIEW_SHRINK, 0.0)
                     mean, projection_matrix = learned_projection(groups_x, groups, pooled, setting)
                     with torch.no_grad():
                         model._set_global_projection(torch.as_tensor(projection_matrix.T, dtype=torch.float32),
                                                      torch.as_tensor(mean, dtype=torch.float32))
-                    name = (f"views-whiten(shrink={VIEW_SHRINK:g},views={VIEWS}x"
-                            f"{len(np.unique(groups))})")
+                    name = f"views-whiten(shrink={VIEW_SHRINK:g},views={VIEWS}x{n_groups})"
+            if shrink_pca:
+                model.fit_global_whitening(pooled, power=whiten_power, shrink=whiten_shrink)
+                name = f"pca-shrink(power={whiten_power:g},shrink={whiten_shrink:g})"
             config.projection = f"{name}:{fit_source or 'custom'}:{len(pooled)} images"
     model.eval()
     return model, config

@@ -257,11 +257,13 @@ def fused_scores(inliers: np.ndarray, global_scores: np.ndarray, min_inliers: in
 @dataclass(frozen=True)
 class GVRerank:
     """``order`` (K,) int64 input positions, best first; ``inliers`` (K,) int32 and
-    ``verifications`` in *input* order."""
+    ``verifications`` in *input* order; ``scores`` (K,) float32 in ``order`` (the rule's:
+    :func:`gv_scores` or :func:`fused_scores`)."""
 
     order: np.ndarray
     inliers: np.ndarray
     verifications: list[Verification]
+    scores: np.ndarray
 
 
 class GeometricReranker:
@@ -304,12 +306,15 @@ class GeometricReranker:
         are given)."""
         verifications = self.verify_many(query, candidates)
         inliers = np.array([v.inliers for v in verifications], np.int32)
+        need = self.config.min_inliers
         if self.config.fusion_weight is None or global_scores is None:
-            order = verified_first_order(inliers, self.config.min_inliers)
+            order = verified_first_order(inliers, need)
+            scores = gv_scores(inliers[order], need)
         else:
-            fused = fused_scores(inliers, global_scores, self.config.min_inliers, self.config.fusion_weight)
+            fused = fused_scores(inliers, global_scores, need, self.config.fusion_weight)
             order = np.argsort(-fused, kind="stable").astype(np.int64)
-        return GVRerank(order, inliers, verifications)
+            scores = fused[order]
+        return GVRerank(order, inliers, verifications, scores)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
         """The :class:`~waldo.rerank.base.Reranker` interface: verifies the keypoints of the
@@ -329,17 +334,13 @@ class GeometricReranker:
                       else gv_scores(np.zeros(n), need))
             return RerankResult(order, scores, np.zeros(n, np.int32), np.zeros(n, bool),
                                 f"not verified: the query has {len(query.keypoints)} keypoints and verifying "
-                                f"needs {need} matching ones (a plain or blurred photo); global order kept")
+                                f"needs {need} matching ones (a plain or blurred photo); prior order kept")
         result = self.rerank_features(query.keypoints, candidates.keypoints,
                                       candidates.global_scores if fusion is not None else None)
         inliers = result.inliers[result.order]
         verified = np.array([self.config.verifies(result.verifications[i]) for i in result.order], bool)
-        if fusion is not None:
-            scores = fused_scores(result.inliers, candidates.global_scores, need, fusion)[result.order]
-        else:
-            scores = gv_scores(inliers, need)
-        note = "" if (inliers >= need).any() else "no geometric evidence for any candidate: the order is the global one"
-        return RerankResult(result.order, scores, inliers, verified, note)
+        note = "" if (inliers >= need).any() else "no geometric evidence for any candidate: prior order kept"
+        return RerankResult(result.order, result.scores, inliers, verified, note)
 
     def close(self) -> None:
         if self._pool is not None:
