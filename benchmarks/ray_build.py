@@ -49,7 +49,7 @@ def timed_build(workdir: Path, engine: str, selection: str) -> dict:
     start = time.perf_counter()
     subprocess.run([str(Path(sys.executable).with_name("waldo")), *command[1:]], check=True, cwd=ROOT)
     seconds = time.perf_counter() - start
-    info = subprocess.run([str(Path(sys.executable).with_name("waldo")), "index", "info", "--index", str(out)],
+    info = subprocess.run([str(Path(sys.executable).with_name("waldo")), "index", "info", "--index", str(out), "--json"],
                           check=True, capture_output=True, text=True, cwd=ROOT)
     return {"images": json.loads(info.stdout)["count"], "seconds": round(seconds, 1)}
 

@@ -227,6 +227,39 @@ def _ablation_block(result: dict) -> str:
            f"per image)\n\n" + "\n".join(rows)
 
 
+WHICH_RERANKER = "shipped-which-reranker.json"
+WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt+gv")
+
+
+def which_reranker_block(result: dict) -> str:
+    """README's "which reranker when" table: every ranking of the shipped model (what `make demo`
+    serves) on both test protocols, R@1 / mAP. (Its times come from the dedicated benchmarks:
+    this run may share the cores with other work.)"""
+    protocols = list(result["protocols"])
+    rows = ["| ranking | " + " | ".join(f"{p} R@1 / mAP" for p in protocols) + " |",
+            "|---|" + "---|" * len(protocols)]
+    for name in WHICH_ORDER:
+        cells = []
+        for protocol in protocols:
+            m = result["protocols"][protocol].get(name)
+            cells.append("-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}")
+        rows.append(f"| {'global (none)' if name == 'global' else name} | " + " | ".join(cells) + " |")
+    return (f"`{result.get('command', '')}` (default reranker stored with the model, chosen on validation: "
+            f"**{result.get('default_reranker')}**)\n\n" + "\n".join(rows))
+
+
+def render_readme(readme: str) -> str:
+    """README.md with its "which reranker when" block regenerated (when its results exist)."""
+    from waldo_experiments.doc_blocks import markers, replace_block
+
+    path = RESULTS / WHICH_RERANKER
+    if not path.is_file():
+        return readme
+    start, end = markers("which-reranker")
+    block = f"{start}\n{which_reranker_block(json.loads(path.read_text()))}\n{end}"
+    return replace_block(readme, block, start, end, heading="## Which reranker when")
+
+
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
     "rrt-views-test": (SHIPPED_RESULTS, lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
@@ -272,6 +305,8 @@ def render(doc: str) -> str:
 def cmd_doc(args: argparse.Namespace) -> int:
     doc = ROOT / "docs" / "results.md"
     doc.write_text(render(doc.read_text()))
+    readme = ROOT / "README.md"
+    readme.write_text(render_readme(readme.read_text()))
     if (RESULTS / "ablation.json").is_file():
         _identities_plot(json.loads((RESULTS / "ablation.json").read_text()), RESULTS / "identities.png")
     print(f"wrote {doc}")

@@ -24,16 +24,38 @@ def index_dir(tmp_path_factory, data_root):
     return out
 
 
+def _first_hit_row(out: str) -> str:
+    return next(line for line in out.splitlines() if line.lstrip().startswith("1 "))
+
+
 def test_build_search_info_check(capsys, index_dir, data_root):
     query = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
     code, out, _ = run(capsys, "search", query, "--index", index_dir, "-k", "3")
-    assert code == 0 and "9ea6992d.jpg" in out.splitlines()[2]
-    code, out, _ = run(capsys, "search", query, "--index", index_dir, "-k", "3", "--json")
-    hits = json.loads(out)
+    assert code == 0 and "9ea6992d.jpg" in _first_hit_row(out) and "rank  similarity" in out
+    code, out, _ = run(capsys, "search", query, "--index", index_dir, "-k", "3", "--rerank", "gv")
+    # Scores in their own unit under a header naming it; inliers as whole numbers, * verified.
+    assert code == 0 and "similarity + geometry bonus" in out and "inliers" in out
+    assert "*" in _first_hit_row(out) and "* verified by geometry" in out
+    code, out, err = run(capsys, "search", query, "--index", index_dir, "-k", "3", "--json")
+    body = json.loads(out)  # the body POST /search answers, key for key
+    from waldo.serve.schemas import SearchResponse
+
+    assert set(body) == set(SearchResponse.model_fields) and body["k"] == 3 and body["rerank"] == "none"
+    assert body["score_kind"] == "similarity" and body["note"] == "" and "rerank: none" in err
+    assert {"decode", "extract", "search", "rerank", "total"} <= set(body["timings"])
+    hits = body["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["identity"] == "0"
     code, out, _ = run(capsys, "index", "info", "--index", index_dir)
+    assert code == 0
+    summary = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert summary["images"].startswith("images      12 (3 identities) in 1 segment")
+    assert "efficientnet_lite0" in summary["model"] and "orb-teblid" in summary["keypoints"]
+    assert "per image" in summary["storage"] and "local descriptors" in out
+    assert summary["rerankers"].split(None, 1)[1] == "none, gv"  # keypoints by default: gv; no RRT trained
+    assert summary["default"] == "default     none (no reranker was chosen on validation)"
+    code, out, _ = run(capsys, "index", "info", "--index", index_dir, "--json")
     info = json.loads(out)
-    assert code == 0 and info["model"]["backbone"] == "efficientnet_lite0"
+    assert code == 0 and info["model"]["backbone"] == "efficientnet_lite0" and info["count"] == 12
     code, out, _ = run(capsys, "index", "check", "--index", index_dir)
     assert code == 0 and out.strip().endswith("ok")
 
@@ -71,9 +93,12 @@ def _leave_one_out_metrics(descriptors: np.ndarray, identities: list[str]) -> di
 
 def test_eval_writes_json(capsys, tmp_path, index_dir, data_root):
     out_json = tmp_path / "m.json"
-    code, out, _ = run(capsys, "eval", "--protocol", "loo", "--data", data_root / "abo_sample",
-                       "--projection", "random", "--json", out_json, "--workers", "0", "--quiet")
-    assert code == 0 and "R@1" in out
+    code, out, err = run(capsys, "eval", "--protocol", "loo", "--data", data_root / "abo_sample",
+                         "--projection", "random", "--json", out_json, "--workers", "0")
+    assert code == 0 and "R@1" in out and out.splitlines()[-1].startswith("total ")
+    # One line per stage, counted and timed (the progress bars in between clear themselves).
+    stages = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("[")]
+    assert [line[:5] for line in stages] == ["[1/2]", "[2/2]"] and all(line.endswith(" s") for line in stages)
     metrics = json.loads(out_json.read_text())
     assert metrics["n_queries"] == 12
     # The same untrained model (random projection, seed 0) built index_dir: its stored
@@ -98,8 +123,22 @@ def test_clear_errors(capsys, tmp_path, index_dir, data_root):
     assert code == 2 and "labels.csv" in err
     code, _, err = run(capsys, "search", data_root / "abo_sample" / "labels.csv", "--index", tmp_path)
     assert code == 2 and "not a Waldo index" in err
-    code, _, err = run(capsys, "eval", "--protocol", "no-such-protocol", "--data", tmp_path)
-    assert code == 2 and "unknown protocol" in err
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing: before any import or data read
+        main(["eval", "--protocol", "no-such-protocol", "--data", str(tmp_path)])
+    assert exit_.value.code == 2 and "unknown protocol 'no-such-protocol'; known: " in capsys.readouterr().err
+
+
+def test_output_files_need_an_existing_folder(capsys, tmp_path, data_root):
+    """explain -o and eval --json refuse a missing folder at once, creating nothing: a typo in a
+    path must not leave a folder tree behind, nor fail after minutes of work."""
+    missing = tmp_path / "missing" / "dir"
+    image = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
+    code, _, err = run(capsys, "explain", image, image, "-o", missing / "x.png")
+    assert code == 2 and f"folder {missing} does not exist" in err
+    code, _, err = run(capsys, "eval", "--protocol", "loo", "--data", data_root / "abo_sample",
+                       "--json", missing / "m.json")
+    assert code == 2 and f"folder {missing} does not exist" in err
+    assert not (tmp_path / "missing").exists()
 
 
 def test_build_with_int8_locals_and_an_approximate_global_index(capsys, tmp_path, data_root):
@@ -110,6 +149,9 @@ def test_build_with_int8_locals_and_an_approximate_global_index(capsys, tmp_path
     assert code == 0
     capsys.readouterr()
     code, out, _ = run(capsys, "index", "info", "--index", out_dir)
+    assert code == 0 and "locals 49 x 128 int8" in out and "int8 scales of the locals" in out
+    assert "search      IVF4,Flat (approximate; nprobe=2); searching with Flat for now: " in out
+    code, out, _ = run(capsys, "index", "info", "--index", out_dir, "--json")
     info = json.loads(out)
     assert info["local_dtype"] == "int8" and info["manifest"]["global_search_params"] == {"nprobe": 2}
     per_image = info["bytes_per_image"]
@@ -118,7 +160,7 @@ def test_build_with_int8_locals_and_an_approximate_global_index(capsys, tmp_path
     assert info["global_index"]["built"] == "Flat" and "fewer than the 156 needed" in info["global_index"]["reason"]
     query = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
     code, out, _ = run(capsys, "search", query, "--index", out_dir, "-k", "2", "--json")
-    assert code == 0 and json.loads(out)[0]["path"].endswith("9ea6992d.jpg")
+    assert code == 0 and json.loads(out)["results"][0]["path"].endswith("9ea6992d.jpg")
     code, out, _ = run(capsys, "index", "check", "--index", out_dir)
     assert code == 0 and out.strip().endswith("ok")
     for flags, message in ((["--global-index", "Nonsense"], "not a faiss index factory string"),

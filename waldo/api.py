@@ -32,13 +32,19 @@ from waldo.models.keypoints import (LocalFeatureConfig, LocalFeatures, SiftConfi
                                     local_features_for, pack_features, unpack_features)
 from waldo.models.untrained import untrained_model
 from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker, RerankerSetup, RerankerSpec,
-                          RerankQuery)
+                          RerankQuery, RerankResult)
+from waldo.rerank.base import SCORE_SIMILARITY
 from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt, read_rrt_info
 from waldo.rerank.rrt_rerankers import resolve_precision
 from waldo.results import SearchHit, SearchOutcome, StageTimer
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
+
+
+def result_kind(spec: RerankerSpec, result: RerankResult | None) -> str:
+    """What a reranked list's scores are: the result's own word, else its spec's."""
+    return (result.score_kind if result is not None else None) or spec.score
 ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
 #: A query image: a path, its bytes, a file object, or already decoded (the service's upload check).
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
@@ -272,9 +278,9 @@ class Waldo:
             snapshot = self.store.snapshot()  # one view of the index for every read of this query
             global_hits = self._global_hits(snapshot, query_global, k if reranker is None else max(k, RERANK_TOP_K))
         with stage("rerank"):
-            hits, note = (global_hits, "") if reranker is None else self._reranked(
+            hits, note, kind = (global_hits, "", SCORE_SIMILARITY) if reranker is None else self._reranked(
                 spec, reranker, snapshot, picture, RerankQuery(query_local, query_global), global_hits)
-        return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank, note=note)
+        return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank, note=note, score_kind=kind)
 
     def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
         result = snapshot.search(np.asarray(query_global, np.float32)[None], k)
@@ -284,13 +290,13 @@ class Waldo:
                 for rank, (i, score) in enumerate(zip(ids, result.scores[0]), start=1) if i in records]
 
     def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image,
-                  query: RerankQuery, global_hits: list[SearchHit]) -> tuple[list[SearchHit], str]:
-        """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged, and
-        the reranker's note; the reranker gets what it declared it needs (``spec.needs``) and
-        nothing else."""
+                  query: RerankQuery, global_hits: list[SearchHit]) -> tuple[list[SearchHit], str, str]:
+        """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged, the
+        reranker's note and its score kind; the reranker gets what it declared it needs
+        (``spec.needs``) and nothing else."""
         head, tail = global_hits[:RERANK_TOP_K], global_hits[RERANK_TOP_K:]
         if not head:
-            return [], ""
+            return [], "", result_kind(spec, None)
         ids = [hit.id for hit in head]
         local = Need.LOCAL_DESCRIPTORS in spec.needs
         candidate_keypoints = None
@@ -309,8 +315,11 @@ class Waldo:
                 update["inliers"] = int(result.inliers[position])
             if result.verified is not None:
                 update["verified"] = bool(result.verified[position])
+            if result.rrt_scores is not None:
+                update["rrt_score"] = float(result.rrt_scores[position])
             hits.append(head[i].model_copy(update=update))
-        return hits + tail, result.note
+        # Hits past the reranked head (k > RERANK_TOP_K) keep their global rank and similarity.
+        return hits + tail, result.note, result_kind(spec, result)
 
     def _reranker(self, name: str) -> tuple[RerankerSpec | None, Reranker | None]:
         """The registered reranker ``name`` and its spec, checked and built on first use, then

@@ -9,6 +9,9 @@
     waldo explain QUERY CANDIDATE -o match.png        (inlier lines of a verification)
     waldo train rrt --protocol NAME --config FILE --init MODEL_DIR --mode frozen|finetune --out DIR
     waldo serve --index DIR [--host 127.0.0.1 --port 8000]
+
+Building the parser imports nothing heavy (no torch, torchvision, OpenCV, faiss or ONNX Runtime):
+each handler imports what it runs, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from waldo.cli_args import (BACKBONE_NAMES, DEFAULT_GLOBAL_DIM, DEFAULT_POOLING, ENGINES, LOCAL_DTYPES,
+                            LOCAL_FEATURE_KINDS, POOLING_NAMES, PROJECTIONS, RUNTIMES, TRANSFORM_NAMES, Parser,
+                            protocol_name, protocol_names)
 
 EXIT_USAGE = 2
 
@@ -65,6 +72,23 @@ def _load_records(data: str, where: list[str] | None):
     if len(image_set) == 0:
         raise ValueError(f"no images selected from {data}")
     return image_set
+
+
+def _missing_folder(path: str | Path) -> Path | None:
+    """The folder an output file would go into, when it does not exist (None: it does). Output
+    files never create folders: a typo in a path fails at once, before the work, rather than
+    leaving a stray folder tree behind."""
+    folder = Path(path).expanduser().absolute().parent
+    return None if folder.is_dir() else folder
+
+
+def _human_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"; whole bytes below 1 KiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def _print_errors(errors: list[tuple[str, str]], limit: int = 10) -> None:
@@ -169,9 +193,86 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
 def cmd_index_info(args: argparse.Namespace) -> int:
     from waldo.api import Waldo
 
-    info = Waldo.open(args.index).info()
-    print(json.dumps(info, indent=2, default=str))
+    engine = Waldo.open(args.index)
+    info = engine.info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for line in _index_summary(info, engine.available_rerankers(), engine.default_reranker,
+                               engine.stored_default_reranker):
+        print(line)
     return 0
+
+
+# Storage parts in the order a reader cares about, with what each holds.
+_STORAGE_PARTS = {
+    "global": "global descriptors",
+    "global_trained": "trained approximate index",
+    "local": "local descriptors (RRT tokens)",
+    "local_scale": "int8 scales of the locals",
+    "verification": "keypoints for geometric verification",
+    "sqlite": "metadata (SQLite)",
+    "manifest": "manifest",
+    "orphans": "orphan segments (reclaimable)",
+}
+
+
+def _index_summary(info: dict, rerankers: list[str], default: str, stored_default: str | None) -> list[str]:
+    """The lines `waldo index info` prints: what a person asks of an index first. Everything
+    else (segments by name, checksums, the faiss training header) is in ``--json``."""
+    from waldo.rerank import NO_RERANK, RERANKERS
+
+    manifest, model = info.get("manifest", {}), info.get("model", {})
+    count = int(info.get("count", 0))
+    segments = info.get("segments", [])
+    lines = [f"index       {info.get('path')} (generation {info.get('generation')}, waldo "
+             f"{manifest.get('waldo_version', '?')})",
+             f"images      {count} ({info.get('identities', 0)} identities) in {len(segments)} segment"
+             f"{'' if len(segments) == 1 else 's'}"
+             + (f" ({info['dead_rows']} removed rows not yet compacted)" if info.get("dead_rows") else "")]
+    local_rows, local_dim = (manifest.get("local_shape") or [None, None])[:2]
+    lines.append(f"model       {model.get('backbone', manifest.get('backbone'))} at "
+                 f"{manifest.get('image_size', model.get('image_size'))} px ({manifest.get('transform')}); "
+                 f"global {manifest.get('global_dim')}-d, {manifest.get('pooling')} pooling; "
+                 f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}")
+    lines.append(f"            projection {model.get('projection')}; weights {model.get('weights_source')}")
+    search = info.get("global_index") or {}
+    if search:
+        built = search.get("built")
+        described = "exact" if search.get("spec") == "Flat" else "approximate"
+        params = ", ".join(f"{k}={v}" for k, v in (search.get("search_params") or {}).items())
+        line = f"search      {search.get('spec')} ({described}{'; ' + params if params else ''})"
+        if built != search.get("spec"):
+            line += f"; searching with {built} for now: {search.get('reason')}"
+        lines.append(line)
+    features = manifest.get("gv_features")
+    per_image = info.get("bytes_per_image", {})
+    if features:
+        lines.append(f"keypoints   {features.get('kind')}, up to {features.get('max_keypoints')} per image, "
+                     f"{_human_bytes(per_image.get('verification', 0))} per image")
+    else:
+        lines.append("keypoints   none (built with --local-features none: no geometric verification)")
+    sizes = {part: n for part, n in info.get("bytes", {}).items() if n}
+    total = sum(sizes.values())
+    lines.append(f"storage     {_human_bytes(total)} in all, {_human_bytes(total / count) if count else '-'} per image")
+    for part in [*_STORAGE_PARTS, *sorted(set(sizes) - set(_STORAGE_PARTS))]:
+        if part in sizes:
+            each = per_image.get(part)
+            lines.append(f"  {_STORAGE_PARTS.get(part, part):<38} {_human_bytes(sizes[part]):>10}"
+                         + (f"  {_human_bytes(each):>10} per image" if each is not None else ""))
+    lines.append(f"rerankers   {', '.join(rerankers)}")
+    for name in rerankers:
+        if name != NO_RERANK:
+            spec = RERANKERS.spec(name)
+            lines.append(f"  {name:<12} {spec.title}: scores are {spec.score}")
+    if stored_default is None:
+        why = "no reranker was chosen on validation"
+    elif stored_default == default:
+        why = "chosen on validation when its reranker was trained"
+    else:
+        why = f"the choice made on validation, {stored_default}, is not available in this index"
+    lines.append(f"default     {default} ({why})")
+    return lines
 
 
 def cmd_index_check(args: argparse.Namespace) -> int:
@@ -187,33 +288,72 @@ def cmd_index_check(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
     from waldo.api import Waldo
-    from waldo.results import hits_json
 
     engine = Waldo.open(args.index, model_dir=args.model)
+    start = time.perf_counter()
     outcome = engine.search(args.image, k=args.k, rerank=args.rerank)  # None: the index's default
-    if args.json:  # the very list `POST /search` answers under "results"; which reranker ran on stderr
-        print(json.dumps(hits_json(outcome.hits), indent=2))
+    total_ms = round((time.perf_counter() - start) * 1000, 2)
+    if args.json:
+        from waldo.serve.schemas import SearchResponse
+
+        # The very body `POST /search` answers. The engine timed decode (it read the file), so
+        # timings are its stages plus the total, as the service reports them.
+        response = SearchResponse(results=outcome.hits, timings={**outcome.timings_ms, "total": total_ms},
+                                  k=args.k, rerank=outcome.rerank, score_kind=outcome.score_kind, note=outcome.note)
+        print(json.dumps(response.model_dump(mode="json"), indent=2))
+        # For a person watching a pipe: which reranker ran, without parsing the JSON.
         print(f"rerank: {outcome.rerank}" + (f" ({outcome.note})" if outcome.note else ""), file=sys.stderr)
         return 0
-    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in outcome.timings_ms.items())
-    print(f"top {len(outcome.hits)} of {len(engine)} images for {args.image}, rerank {outcome.rerank} "
-          f"(ms: {stages})")
-    if outcome.note:
-        print(f"note: {outcome.note}")
-    verifying = any(hit.inliers is not None for hit in outcome.hits)
-    print(f"{'rank':>4}  {'score':>6}  " + ("inliers  " if verifying else "") + f"{'identity':<10}  {'label':<24}  path")
-    for hit in outcome.hits:
-        evidence = ""
-        if verifying:
-            evidence = f"{hit.inliers:>7}{'*' if hit.verified else ' '} " if hit.inliers is not None else f"{'':>8} "
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {evidence}{hit.identity:<10}  {hit.label:<24}  {hit.path}")
-    if verifying:
-        print("* verified by geometry")
+    for line in _search_table(outcome, len(engine), args.image, total_ms):
+        print(line)
     return 0
+
+
+def _search_table(outcome, n_images: int, image: str, total_ms: float) -> list[str]:
+    """The text of `waldo search`: each score in its own unit (inlier counts as integers,
+    similarities and probabilities to 3 decimals) under a header naming what it is, the evidence
+    of whichever reranker ran (inliers, * verified, RRT probability) and its note."""
+    from waldo.rerank.base import SCORE_INLIERS, SCORE_KINDS, SCORE_RRT_PROBABILITY, SCORE_SIMILARITY
+
+    kind = outcome.score_kind
+    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in {**outcome.timings_ms, "total": total_ms}.items())
+    lines = [f"top {len(outcome.hits)} of {n_images} images for {image}, rerank {outcome.rerank} (ms: {stages})",
+             f"score: {kind}: {SCORE_KINDS.get(kind, '')}"]
+    if outcome.note:
+        lines.append(f"note: {outcome.note}")
+    hits = outcome.hits
+    verifying = any(hit.inliers is not None for hit in hits)
+    # The RRT probability gets its own column unless it already is the score.
+    rrt_column = kind != SCORE_RRT_PROBABILITY and any(hit.rrt_score is not None for hit in hits)
+    global_column = kind != SCORE_SIMILARITY  # reranked: the similarity it started from, for comparison
+    width = max(len(kind), 6)
+
+    def score_text(value: float) -> str:
+        return f"{value:{width}.0f}" if kind == SCORE_INLIERS else f"{value:{width}.3f}"
+
+    header = f"{'rank':>4}  {kind:>{width}}"
+    header += f"  {'global':>6}" if global_column else ""
+    header += f"  {'inliers':>8}" if verifying else ""
+    header += f"  {'RRT p':>6}" if rrt_column else ""
+    lines.append(header + f"  {'identity':<10}  {'label':<24}  path")
+    for hit in hits:
+        row = f"{hit.rank:>4}  {score_text(hit.score)}"
+        row += f"  {hit.global_score:6.3f}" if global_column else ""
+        if verifying:
+            row += f"  {hit.inliers:>7}{'*' if hit.verified else ' '}" if hit.inliers is not None else f"  {'':>8}"
+        if rrt_column:
+            row += f"  {hit.rrt_score:6.3f}" if hit.rrt_score is not None else f"  {'':>6}"
+        lines.append(row + f"  {hit.identity:<10}  {hit.label:<24}  {hit.path}")
+    if verifying:
+        lines.append("* verified by geometry")
+    return lines
 
 
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.json and (folder := _missing_folder(args.json)):  # checked before minutes of extraction
+        return _fail(f"folder {folder} does not exist (for --json {args.json})")
     from waldo.eval.runner import run_eval
     from waldo.models.shipped import resolve_model_dir
 
@@ -222,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
                        dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
                        batch_size=args.batch_size, num_workers=args.workers,
-                       progress=not args.quiet, rerank=args.rerank)
+                       progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
         baseline = metrics["global"]
@@ -230,14 +370,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{baseline['recall@10']:7.4f} {baseline['recall@100']:7.4f} {baseline['map']:7.4f}")
     print(f"{args.protocol:<20} {metrics['n_queries']:>7} {metrics['recall@1']:7.4f} "
           f"{metrics['recall@10']:7.4f} {metrics['recall@100']:7.4f} {metrics['map']:7.4f}")
+    total = time.perf_counter() - started  # the stages' time, plus loading PyTorch and the model code
+    print(f"total {total:.1f} s ({total - metrics['seconds']:.1f} s of it loading libraries)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
 # ----------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
+    if folder := _missing_folder(args.out):  # before reading and matching the images
+        return _fail(f"folder {folder} does not exist (for -o {args.out})")
     from waldo.rerank.explain import explain_pair, save_png
     from waldo.rerank.gv import GVConfig
 
@@ -283,105 +426,157 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def _add_extraction_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--runtime", default="auto", choices=("auto", "eager", "onnx", "compile"),
-                        help="eager PyTorch; onnx: ONNX Runtime (about 4x faster, 10-15 s to export); "
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model forward pass")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="DataLoader worker processes that decode images (default: one per CPU but one, "
+                             "at most 4; 0 decodes in this process)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, metavar="NAME",
+                        help="how the model runs, one of: %(choices)s. eager: PyTorch; onnx: ONNX Runtime "
+                             "(about 4x faster, 10-15 s to export); "
                              "compile: torch.compile (about 2x, 30-60 s to compile). All give the same "
-                             "descriptors to float rounding. auto: onnx from 2000 images on, else eager")
+                             "descriptors to float rounding. auto (default): onnx from 2000 images on (or from 200 when this model's export is cached), else eager")
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Where `index build` / `index add` extract: this process, or Ray actors (a cluster)."""
-    parser.add_argument("--engine", default="local", choices=("local", "ray"),
-                        help="local: this process and its --workers; ray: a Ray Data pipeline of model "
+    parser.add_argument("--engine", default="local", choices=ENGINES, metavar="NAME",
+                        help="where images are described, one of: %(choices)s. local: this process and its "
+                             "--workers; ray: a Ray Data pipeline of model "
                              "actors, on the cluster at $RAY_ADDRESS or a local Ray (needs waldo[ray])")
-    parser.add_argument("--actors", type=int, default=None,
+    parser.add_argument("--actors", type=int, default=None, metavar="N",
                         help="--engine ray: model actors (default: one per CPU of the Ray cluster)")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    from waldo.models.untrained import DEFAULT_GLOBAL_DIM, DEFAULT_POOLING, PROJECTIONS
-
-    POOLING_HELP = ("avg", "max", "gem (learnable p)", "gem:P (fixed p)")
-
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONE_NAMES, metavar="NAME",
+                        help="ImageNet backbone of an untrained model, one of: %(choices)s")
+    parser.add_argument("--model", default=None, metavar="DIR|NAME",
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
-                             "(overrides --backbone)")
-    parser.add_argument("--dim", type=int, default=128, help="local descriptor size (the RRT's tokens)")
-    parser.add_argument("--projection", default="views-whiten", choices=PROJECTIONS,
-                        help="label-free projection of an untrained model (default views-whiten: 128-d "
-                             "PCA-whitened locals; a 1024-d global descriptor whitened against how each "
-                             "photo varies under strong augmentation, no labels; pca-shrink: the same "
-                             "width by a gently whitened PCA, faster to fit)")
+                             "(overrides --backbone and the untrained-model options; default: an untrained model)")
+    parser.add_argument("--dim", type=int, default=128, metavar="N",
+                        help="local descriptor size of an untrained model (the RRT's tokens)")
+    parser.add_argument("--projection", default="views-whiten", choices=PROJECTIONS, metavar="NAME",
+                        help="label-free projection of an untrained model, one of: %(choices)s. Default "
+                             "views-whiten: 128-d PCA-whitened locals and a 1024-d global descriptor whitened "
+                             "against how each photo varies under strong augmentation, no labels; pca-shrink: "
+                             "the same width by a gently whitened PCA, faster to fit")
     parser.add_argument("--pooling", default=None, metavar="SPEC",
-                        help=f"global pooling of an untrained model: {', '.join(POOLING_HELP)} "
-                             f"(default {DEFAULT_POOLING})")
+                        help=f"global pooling of an untrained model: {', '.join(POOLING_NAMES)}; gem learns "
+                             f"its p, gem:P fixes it (default {DEFAULT_POOLING})")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")
 
 
-def _add_rerank_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--rerank``, listing every registered reranker with what it needs."""
+def _reranker_name(text: str) -> str:
+    """``type=`` of ``--rerank``: "none", a registered reranker or a composition "a+b", else
+    the registry's error (it lists the known names) before any model loads."""
     from waldo.rerank import NO_RERANK, RERANKERS
 
-    listed = "; ".join(f"{spec.name}: {spec.description} [{', '.join(sorted(n.value for n in spec.needs))}]"
-                       for spec in map(RERANKERS.spec, RERANKERS.names()))
-    parser.add_argument("--rerank", default=NO_RERANK, metavar="NAME",
-                        help=f"{what}: {NO_RERANK}, or 'a+b' (a reorders, then b reranks a's order) of: "
-                             f"{listed}".replace("%", "%%"))
+    if text != NO_RERANK:
+        try:
+            RERANKERS.spec(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _add_rerank_flag(parser: argparse.ArgumentParser, what: str, default: str | None) -> None:
+    """``--rerank`` naming every registered reranker, and the command's epilog listing each one
+    with what it does and needs, from the registry (a new reranker module shows up here)."""
+    from waldo.rerank import NO_RERANK, RERANKERS
+    from waldo.rerank.base import NO_RERANK_DESCRIPTION
+
+    names = [NO_RERANK, *RERANKERS.names()]
+    parser.add_argument("--rerank", default=default, type=_reranker_name, metavar="NAME",
+                        help=f"{what}: one of {', '.join(names)} (listed below), or 'a+b': a reorders, then b "
+                             f"reranks a's order".replace("%", "%%"))
+    entries = [f"  {NO_RERANK:<11} {NO_RERANK_DESCRIPTION}"]
+    for spec in map(RERANKERS.spec, RERANKERS.names()):
+        needs = "; ".join(sorted(need.value for need in spec.needs))
+        entries.append(f"  {spec.name:<11} {spec.title}: {spec.description}." + (f" Needs {needs}." if needs else ""))
+    parser.epilog = "rerankers (--rerank):\n" + "\n".join(entries).replace("%", "%%")
+
+
+def _protocol_help() -> str:
+    return f"named evaluation protocol (see ../shared/data/README.md), one of: {', '.join(protocol_names())}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from waldo import __version__
+    from waldo.rerank import NO_RERANK
 
-    parser = argparse.ArgumentParser(prog="waldo", description="Instance-level image retrieval.")
-    parser.add_argument("--version", action="version", version=f"waldo {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="waldo", description="Instance-level image retrieval: index photos, search them with a "
+                                              "photo, evaluate and train. `waldo COMMAND --help` describes each "
+                                              "command.")
+    parser.add_argument("--version", action="version", version=f"waldo {__version__}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    index = commands.add_parser("index", help="build and maintain a persistent index")
-    index_commands = index.add_subparsers(dest="index_command", required=True)
-    build = index_commands.add_parser("build", help="index a dataset folder")
-    build.add_argument("--data", required=True, help="a labels.csv folder, SOP/Products-10K root or image folder")
-    build.add_argument("--out", required=True, help="the new index folder")
-    build.add_argument("--transform", default=None, help="test-time transform preset")
+    index = commands.add_parser("index", help="build and maintain a persistent index",
+                                description="Build, grow, shrink, inspect and check an index folder.")
+    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
+    build = index_commands.add_parser("build", help="index a dataset folder",
+                                      description="Index every image of a folder into a new index: describe "
+                                                  "each with the model (trained with --model, else fitted "
+                                                  "without labels on the folder itself) and store the "
+                                                  "descriptors, keypoints and metadata.")
+    build.add_argument("--data", required=True, metavar="DIR",
+                       help="a labels.csv folder (path,instance_id[,...]), a Stanford Online Products or "
+                            "Products-10K root, an ImageFolder tree (one folder per identity) or any image folder")
+    build.add_argument("--out", required=True, metavar="INDEX", help="the new index folder (must be empty or absent)")
+    build.add_argument("--transform", default=None, choices=TRANSFORM_NAMES, metavar="NAME",
+                       help="test-time transform preset, one of: %(choices)s (default: the model's, "
+                            "resize256-crop224 for an untrained one)")
     build.add_argument("--where", action="append", metavar="COLUMN=V1,V2",
-                       help="keep only images whose labels column has one of the values (repeatable)")
-    build.add_argument("--local-features", default="orb-teblid", choices=("orb-teblid", "teblid", "sift", "none"),
-                       help="keypoints stored for --rerank gv: TEBLID binary descriptors on ORB keypoints "
-                            "(default, ~19 KB/image), on SIFT keypoints (slower to extract), SIFT (~100 KB/image, "
-                            "as indexes before TEBLID), or none")
-    build.add_argument("--local-dtype", default="float16", choices=("float16", "int8"),
-                       help="how local descriptors are stored: int8 (+ a scale per descriptor) halves them")
+                       help="keep only images whose labels column has one of the values (repeatable; "
+                            "default: every image)")
+    build.add_argument("--local-features", default="orb-teblid", choices=LOCAL_FEATURE_KINDS, metavar="KIND",
+                       help="keypoints stored for --rerank gv, one of: %(choices)s. orb-teblid (default): TEBLID "
+                            "binary descriptors on ORB keypoints, ~19 KB/image; teblid: on SIFT keypoints "
+                            "(slower to extract); sift: ~100 KB/image, as indexes before TEBLID; none: no "
+                            "geometric verification")
+    build.add_argument("--local-dtype", default="float16", choices=LOCAL_DTYPES, metavar="DTYPE",
+                       help="how local descriptors are stored, one of: %(choices)s; int8 (+ a scale per "
+                            "descriptor) halves them")
     build.add_argument("--global-index", default="Flat", metavar="FAISS_SPEC",
                        help="global search: Flat (exact, default) or an approximate faiss index such as "
                             "IVF4096,Flat or HNSW32 (for galleries of about a million images)")
     build.add_argument("--global-search-params", default=None, metavar="NAME=V[,NAME=V]",
-                       help="default search parameters of --global-index: nprobe=N (IVF), efSearch=N (HNSW)")
+                       help="default search parameters of --global-index: nprobe=N (IVF), efSearch=N (HNSW) "
+                            "(default: faiss's)")
     _add_model_flags(build)
     _add_extraction_flags(build)
     _add_engine_flags(build)
     build.set_defaults(handler=cmd_index_build)
 
-    add = index_commands.add_parser("add", help="add images (files, folders or labels.csv)")
-    add.add_argument("--index", required=True)
-    add.add_argument("inputs", nargs="+")
-    add.add_argument("--identity", default=None, help="identity label for single image files")
+    add = index_commands.add_parser("add", help="add images (files, folders or labels.csv)",
+                                    description="Describe and add images to an index with the model that "
+                                                "built it; images already indexed (same bytes) are skipped.")
+    add.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
+    add.add_argument("inputs", nargs="+", metavar="PATH",
+                     help="image files, image folders or labels.csv folders (their labels are kept)")
+    add.add_argument("--identity", default=None,
+                     help="identity label for single image files (default: none)")
     _add_extraction_flags(add)
     _add_engine_flags(add)
     add.set_defaults(handler=cmd_index_add)
 
     remove = index_commands.add_parser("remove", help="remove images by id or path")
-    remove.add_argument("--index", required=True)
-    remove.add_argument("--id", type=int, action="append")
-    remove.add_argument("--path", action="append")
+    remove.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
+    remove.add_argument("--id", type=int, action="append", metavar="N", help="image id to remove (repeatable)")
+    remove.add_argument("--path", action="append", metavar="PATH",
+                        help="indexed file path to remove, as stored (repeatable)")
     remove.set_defaults(handler=cmd_index_remove)
 
-    info = index_commands.add_parser("info", help="what an index holds")
-    info.add_argument("--index", required=True)
+    info = index_commands.add_parser("info", help="what an index holds: counts, model, bytes, rerankers",
+                                     description="Summarise an index: images and identities, the model, "
+                                                 "storage per part (in all and per image), its keypoints, "
+                                                 "the rerankers it supports and its default one.")
+    info.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
+    info.add_argument("--json", action="store_true",
+                      help="print everything the index reports (segments, manifest, faiss state) as JSON instead")
     info.set_defaults(handler=cmd_index_info)
 
     adapt = index_commands.add_parser(
@@ -391,52 +586,76 @@ def build_parser() -> argparse.ArgumentParser:
                     "so the stored descriptors stay valid. Resumable (rerun the command); the index changes only "
                     "when training ends, when its rrt.json/rrt.safetensors are replaced (waldo serve offers the "
                     "new reranker from its next start).")
-    adapt.add_argument("--index", required=True)
-    adapt.add_argument("--config", default=None, help="an rrt-only RRTTrainConfig JSON (default: the built-in "
-                                                      "CPU recipe, fine-tuning the index's RRT if it has one)")
-    adapt.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    adapt.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
+    adapt.add_argument("--config", default=None, metavar="FILE",
+                       help="an rrt-only RRTTrainConfig JSON (default: the built-in CPU recipe, fine-tuning the "
+                            "index's RRT if it has one)")
+    adapt.add_argument("--epochs", type=int, default=None, metavar="N",
+                       help="override the config's epochs (default: the config's)")
     adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
-                       help="stop after N epochs in this call (resume later with the same command)")
+                       help="stop after N epochs in this call (resume later with the same command; "
+                            "default: train to the end)")
     adapt.add_argument("--quiet", action="store_true", help="no progress bars")
     adapt.set_defaults(handler=cmd_index_adapt)
 
-    check = index_commands.add_parser("check", help="verify an index's integrity")
-    check.add_argument("--index", required=True)
+    check = index_commands.add_parser("check", help="verify an index's integrity",
+                                      description="Check that the manifest, the descriptor arrays, the SQLite "
+                                                  "catalogue and the checksums agree; exit 1 on a problem.")
+    check.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
     check.set_defaults(handler=cmd_index_check)
 
-    search = commands.add_parser("search", help="query an index with a photo")
-    search.add_argument("image")
-    search.add_argument("--index", required=True)
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--model", default=None, help="must be the model that built the index")
-    search.add_argument("--json", action="store_true", help="print results as JSON")
-    _add_rerank_flag(search, "re-sort the global top-100 (the index must hold what the reranker needs; "
-                             "without --rerank, the index's default: the one its reranker's training "
-                             "chose on validation, else none)")
-    search.set_defaults(handler=cmd_search, rerank=None)  # None: Waldo.default_reranker
+    search = commands.add_parser("search", help="query an index with a photo",
+                                 description="The k indexed images most like a photo, best first: the global "
+                                             "descriptor's nearest neighbours, reranked (see --rerank).")
+    search.add_argument("image", metavar="IMAGE", help="the query photo (a JPEG, PNG, WebP, ... file)")
+    search.add_argument("--index", required=True, metavar="INDEX", help="the index folder to search")
+    search.add_argument("-k", type=int, default=10, metavar="K", help="how many results to show")
+    search.add_argument("--model", default=None, metavar="DIR",
+                        help="query with this model folder instead of the index's own (it must be the model "
+                             "that built the index; default: the index's)")
+    search.add_argument("--json", action="store_true",
+                        help="print the response as JSON: the same object POST /search answers (results, "
+                             "timings, k, rerank, score_kind, note)")
+    _add_rerank_flag(search, "re-sort the global top-100 (the index must hold what the reranker needs; default: "
+                             "the index's default reranker, the one its reranker's training chose on validation, "
+                             "else none; `waldo index info` names it)", default=None)  # None: Waldo.default_reranker
+    search.set_defaults(handler=cmd_search)
 
-    evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol")
-    evaluate.add_argument("--protocol", required=True)
-    evaluate.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    evaluate.add_argument("--transform", default="resize256-crop224")
-    evaluate.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON")
-    _add_rerank_flag(evaluate, "re-sort each query's global top-100 (an RRT is read from --model)")
+    evaluate = commands.add_parser("eval", help="evaluate retrieval on a named protocol",
+                                   description="Describe a protocol's gallery and queries, search, optionally "
+                                               "rerank, and print recall@1/10/100 and mAP.")
+    evaluate.add_argument("--protocol", required=True, type=protocol_name, metavar="NAME", help=_protocol_help())
+    evaluate.add_argument("--data", default=None, metavar="DIR",
+                          help="dataset folder (default: the protocol's shared dataset)")
+    evaluate.add_argument("--transform", default="resize256-crop224", choices=TRANSFORM_NAMES, metavar="NAME",
+                          help="test-time transform preset, one of: %(choices)s")
+    evaluate.add_argument("--json", default=None, metavar="OUT",
+                          help="also write the metrics, with what produced them, to this JSON file (its folder "
+                               "must exist)")
+    _add_rerank_flag(evaluate, "re-sort each query's global top-100 (an RRT is read from --model)",
+                     default=NO_RERANK)
     _add_model_flags(evaluate)
     _add_extraction_flags(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
-    explain = commands.add_parser("explain", help="draw the geometric match of two images (PNG)")
-    explain.add_argument("query")
-    explain.add_argument("candidate")
-    explain.add_argument("-o", "--out", required=True, help="the PNG to write")
-    explain.add_argument("--height", type=int, default=480, help="pixel height of each image in the picture")
+    explain = commands.add_parser("explain", help="draw the geometric match of two images (PNG)",
+                                  description="Verify two photos geometrically (SIFT keypoints, MAGSAC++) and "
+                                              "draw them side by side with the inlier matches.")
+    explain.add_argument("query", metavar="QUERY", help="the first image (the query)")
+    explain.add_argument("candidate", metavar="CANDIDATE", help="the second image (the candidate)")
+    explain.add_argument("-o", "--out", required=True, metavar="PNG",
+                         help="the picture to write (its folder must exist)")
+    explain.add_argument("--height", type=int, default=480, metavar="PX",
+                         help="pixel height of each image in the picture")
     explain.add_argument("--outliers", action="store_true", help="also draw rejected matches (red)")
     explain.set_defaults(handler=cmd_explain)
 
-    serve = commands.add_parser("serve", help="the search service and web page (FastAPI under uvicorn)")
-    serve.add_argument("--index", required=True)
+    serve = commands.add_parser("serve", help="the search service and web page (FastAPI under uvicorn)",
+                                description="Serve an index: the search page at / and the HTTP API "
+                                            "(POST /search, /add, /remove; GET /stats).")
+    serve.add_argument("--index", required=True, metavar="INDEX", help="the index folder to serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     # Unset flags stay out of the namespace, so that ServeSettings reads $WALDO_<SETTING> instead.
     from waldo.serve.settings import ServeSettings
 
@@ -446,26 +665,31 @@ def build_parser() -> argparse.ArgumentParser:
                                       argument_default=argparse.SUPPRESS)
     limits.add_argument("--max-upload-mb", dest="max_upload_bytes", type=_megabytes, metavar="MB",
                         help=f"largest upload accepted, in MB (default {default['max_upload_bytes'] / 2**20:g})")
-    limits.add_argument("--max-pixels", type=int,
+    limits.add_argument("--max-pixels", type=int, metavar="N",
                         help=f"largest width*height of an upload (default {default['max_pixels']:,})")
-    limits.add_argument("--max-k", type=int, help=f"largest k a search may ask for (default {default['max_k']})")
-    limits.add_argument("--query-slots", type=int,
+    limits.add_argument("--max-k", type=int, metavar="K",
+                        help=f"largest k a search may ask for (default {default['max_k']})")
+    limits.add_argument("--query-slots", type=int, metavar="N",
                         help=f"queries running the model at once (default {default['query_slots']})")
-    limits.add_argument("--max-inflight-uploads", type=int,
+    limits.add_argument("--max-inflight-uploads", type=int, metavar="N",
                         help=f"requests with a body handled at once; more get 429 (bounds upload memory; "
                              f"default {default['max_inflight_uploads']})")
-    limits.add_argument("--api-key", help="require this key (header X-API-Key) to add or remove images; default: "
-                                          "$WALDO_API_KEY, else no key. Searches stay open")
+    limits.add_argument("--api-key", metavar="KEY",
+                        help="require this key (header X-API-Key) to add or remove images; default: "
+                             "$WALDO_API_KEY, else no key. Searches stay open")
     limits.add_argument("--no-compile-rrt", dest="compile_rrt", action="store_false",
                         help="score RRT reranking in eager mode (starts 10-20 s sooner, queries about 2x slower)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       metavar="LEVEL", help="uvicorn's log level, one of: %(choices)s")
     serve.set_defaults(handler=cmd_serve)
 
     from waldo.train.cli_train import register_train_global, register_train_whiten
 
-    train = commands.add_parser("train", help="train models (resumable)")
-    train_commands = train.add_subparsers(dest="train_command", required=True)
+    train = commands.add_parser("train", help="train models (resumable)",
+                                description="Train the global descriptor or the reranker; rerunning a command "
+                                            "with the same --out resumes it.")
+    train_commands = train.add_subparsers(dest="train_command", required=True, metavar="SUBCOMMAND")
     register_train_global(train_commands)
     register_train_whiten(train_commands)
 

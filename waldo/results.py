@@ -20,8 +20,10 @@ __all__ = ["SearchHit", "SearchOutcome", "StageTimer", "hits_json"]
 
 
 class SearchHit(BaseModel):
-    """One hit. ``score`` orders the list; ``global_score`` and ``rank_before_rerank`` are the
-    global-descriptor similarity and rank before any reranker moved the hit."""
+    """One hit. ``score`` ordered the list (its kind is the outcome's ``score_kind``: see
+    :data:`waldo.rerank.base.SCORE_KINDS`); ``global_score`` and ``rank_before_rerank`` are the
+    global-descriptor similarity and rank before any reranker moved the hit; ``inliers`` /
+    ``verified`` where geometric verification ran, ``rrt_score`` where an RRT did, else null."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -30,11 +32,16 @@ class SearchHit(BaseModel):
     path: str = Field(description="the indexed file")
     identity: str = Field(description="the instance label stored with the image")
     label: str = Field(description="a display name: class_name attribute, identity or file name")
-    score: float = Field(description="final score (the reranker's when one ran)")
+    score: float = Field(description="the score that ordered this list, of the response's score_kind: "
+                                     "similarity (no reranker), 'similarity + geometry bonus' (gv), inliers "
+                                     "(gv on another reranker's order: 0 without a geometric match), "
+                                     "'RRT probability' (rrt), 'similarity + RRT probability' (rrt-fusion)")
     global_score: float = Field(description="cosine similarity of the global descriptors")
     rank_before_rerank: int = Field(description="rank in the global-only list")
     inliers: int | None = Field(None, description="geometric verification's inlier count, where it ran")
     verified: bool | None = Field(None, description="whether geometric verification accepted the match, where it ran")
+    rrt_score: float | None = Field(None, description="the RRT's probability that both show the same object, "
+                                                      "where an RRT ran")
     attrs: dict[str, Any] = Field(default_factory=dict, description="metadata stored with the image")
 
     @classmethod
@@ -52,13 +59,15 @@ class SearchOutcome:
     reranker started from; the hits themselves without one), the milliseconds each stage took
     (decode, extract, search, rerank) and ``rerank``, the reranker that ran ("none": the
     global ranking alone; a search that named none ran the index's default); ``note``: what the
-    reranker wants the user to know (e.g. the query has too few keypoints to verify)."""
+    reranker wants the user to know (e.g. the query has too few keypoints to verify);
+    ``score_kind``: what the hits' ``score`` is (a key of waldo.rerank.base.SCORE_KINDS)."""
 
     hits: list[SearchHit]
     global_hits: list[SearchHit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     rerank: str = "none"
     note: str = ""
+    score_kind: str = "similarity"
 
 
 def hits_json(hits: Sequence[SearchHit]) -> list[dict[str, Any]]:

@@ -98,48 +98,71 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+# Registering `waldo experiment` imports nothing from waldo (tests/experiments/test_cli.py): the
+# protocol names are checked when an argument is parsed, not listed in the help.
+def _protocol(text: str) -> str:
+    """``type=`` of ``--protocol``: a registered protocol (checked before any work)."""
+    from waldo.cli_args import protocol_name
+
+    return protocol_name(text)
+
+
+def _protocol_list(text: str) -> str:
+    """``type=`` of a comma list of protocols: each must be registered."""
+    for name in _csv(text) or []:
+        _protocol(name)
+    return text
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for the report, CSV/JSON and figures")
-    parser.add_argument("--identities", type=int, default=None,
-                        help="quick run: evaluate only this many identities (seeded choice)")
-    parser.add_argument("--per-identity", type=int, default=None,
-                        help="quick run: at most this many queries and gallery images per identity")
-    parser.add_argument("--max-train", type=int, default=None,
-                        help="quick run: fit untrained projections on at most this many training images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the report, CSV/JSON and figures")
+    parser.add_argument("--identities", type=int, default=None, metavar="N",
+                        help="quick run: evaluate only this many identities (seeded choice; default: all)")
+    parser.add_argument("--per-identity", type=int, default=None, metavar="N",
+                        help="quick run: at most this many queries and gallery images per identity (default: all)")
+    parser.add_argument("--max-train", type=int, default=None, metavar="N",
+                        help="quick run: fit untrained projections on at most this many training images "
+                             "(default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_studies(parser: argparse.ArgumentParser) -> None:
     """The ``transforms`` and ``transfer`` sub-commands, each with its ``handler``."""
-    studies = parser.add_subparsers(dest="experiment_command", required=True)
+    studies = parser.add_subparsers(dest="experiment_command", required=True, metavar="STUDY")
 
     transforms = studies.add_parser("transforms", help="every test-time transform, global and reranked")
-    transforms.add_argument("--protocol", required=True)
-    transforms.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    transforms.add_argument("--model", required=True, help="a trained model folder (with rrt.json to rerank)")
+    transforms.add_argument("--protocol", required=True, type=_protocol, metavar="NAME",
+                            help="named protocol (`waldo eval --help` lists them)")
+    transforms.add_argument("--data", default=None, metavar="DIR",
+                            help="dataset folder (default: the protocol's shared dataset)")
+    transforms.add_argument("--model", required=True, metavar="DIR",
+                            help="a trained model folder (with rrt.json to rerank)")
     transforms.add_argument("--rerank", default="all",
                             help="comma list of rrt, rrt-fusion, or 'all' (default: every reranker the model "
                                  "has) or 'none'")
     transforms.add_argument("--gv", action="store_true", help="also geometric verification (slow: SIFT + RANSAC)")
     transforms.add_argument("--transforms", default=None,
                             help="comma list (default: every preset, normalize-extra and multiscale)")
-    transforms.add_argument("--seeds", type=int, default=3, help="seeds per random transform")
-    transforms.add_argument("--scales", default="0.75,1,1.25",
+    transforms.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per random transform")
+    transforms.add_argument("--scales", default="0.75,1,1.25", metavar="F,F,...",
                             help="multiscale: factors of the model's image size whose global descriptors are averaged")
-    transforms.add_argument("--examples", type=int, default=4, help="example queries in the picture grid")
-    transforms.add_argument("--group-column", default=None,
+    transforms.add_argument("--examples", type=int, default=4, metavar="N", help="example queries in the picture grid")
+    transforms.add_argument("--group-column", default=None, metavar="COLUMN",
                             help="labels column naming each query's group (default: group, super_class_id, "
                                  "or the folder under train/val/test)")
-    transforms.add_argument("--batch-size", type=int, default=32)
-    transforms.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    transforms.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model forward pass")
+    transforms.add_argument("--workers", type=int, default=None, metavar="N",
+                            help="DataLoader worker processes (default: one per CPU but one, at most 4)")
     _add_common(transforms)
     transforms.set_defaults(handler=cmd_transforms)
 
     transfer = studies.add_parser("transfer", help="train on one dataset, evaluate on others")
-    transfer.add_argument("--train", default="grocery-open,coil100-open", help="comma list of training protocols")
-    transfer.add_argument("--eval", default="grocery-open-cross,coil100-open",
-                          help="comma list of evaluation protocols")
-    transfer.add_argument("--runs", default="runs/transfer", help="where the trained models go (resumable)")
+    transfer.add_argument("--train", default="grocery-open,coil100-open", type=_protocol_list, metavar="P,P,...",
+                          help="comma list of training protocols (`waldo eval --help` lists them)")
+    transfer.add_argument("--eval", default="grocery-open-cross,coil100-open", type=_protocol_list,
+                          metavar="P,P,...", help="comma list of evaluation protocols")
+    transfer.add_argument("--runs", default="runs/transfer", metavar="DIR",
+                          help="where the trained models go (resumable)")
     transfer.add_argument("--config", action="append", metavar="PROTOCOL=FILE",
                           help="training config for a protocol (default: configs/global-cpu.json for grocery-open, "
                                "configs/global-cpu-coil.json for coil100-open)")
@@ -152,12 +175,18 @@ def _add_studies(parser: argparse.ArgumentParser) -> None:
 
 def register_experiment(commands: argparse._SubParsersAction) -> None:
     """Add ``waldo experiment transforms|transfer`` to the ``waldo`` command's sub-parsers."""
-    _add_studies(commands.add_parser("experiment", help="studies with a full report (transforms, transfer)"))
+    _add_studies(commands.add_parser("experiment", help="studies with a full report (transforms, transfer)",
+                                     description="Studies that each write a full report (Markdown, CSV/JSON, "
+                                                 "PNG figures) into --out."))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m waldo_experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Raw: the description is this module's docstring, laid out by hand. The studies' own
+    # parsers are Parsers too (argparse makes sub-parsers of the parent's class): defaults shown.
+    from waldo.cli_args import Parser
+
+    parser = Parser(prog="python -m waldo_experiments", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_studies(parser)
     return parser
 

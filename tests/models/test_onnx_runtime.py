@@ -11,7 +11,7 @@ import waldo.models.onnx_runtime as onnx_module
 from waldo.data.datasets import read_labels_csv
 from waldo.data.transforms import get_transform
 from waldo.models.backbones import create_backbone
-from waldo.models.compiled import AUTO_ONNX_MIN_IMAGES, prepare_runtime
+from waldo.models.compiled import AUTO_ONNX_CACHED_MIN_IMAGES, AUTO_ONNX_MIN_IMAGES, prepare_runtime
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
 from waldo.models.onnx_runtime import OnnxDescriptorModel
@@ -81,9 +81,30 @@ def test_a_failing_export_falls_back_to_eager_with_a_warning(monkeypatch):
 
 def test_auto_picks_onnx_for_big_runs_only():
     model = _model()
-    assert isinstance(prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES), OnnxDescriptorModel)
-    assert prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES - 1) is model
+    big = prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES)
+    assert isinstance(big, OnnxDescriptorModel) and not big.cached_only
+    assert prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_CACHED_MIN_IMAGES - 1) is model
     assert isinstance(prepare_runtime(model, "onnx", batch_size=8, n_images=1), OnnxDescriptorModel)
+
+
+def test_auto_uses_a_cached_export_for_smaller_runs_and_never_exports_for_them(fresh_cache):
+    """A run too small to pay for an export runs eager (no export, no warning) until a big run
+    has cached this model's export; then it runs on ONNX Runtime too."""
+    model = _model()
+    images = torch.rand(2, 3, 64, 64)
+    small = prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES - 1)
+    assert isinstance(small, OnnxDescriptorModel) and small.cached_only
+    with torch.inference_mode():
+        small(images)
+    assert not small._sessions and not any(fresh_cache.rglob("*.onnx"))  # eager: nothing exported
+    with torch.inference_mode():
+        OnnxDescriptorModel(model)(images)  # a big run's export, now cached
+    again = prepare_runtime(model, "auto", batch_size=8, n_images=AUTO_ONNX_MIN_IMAGES - 1)
+    with torch.inference_mode():
+        out = again(images)
+        reference = model(images)
+    assert (64, 64) in again._sessions and again.agreement[(64, 64)] > 0.9999
+    torch.testing.assert_close(out.global_desc, reference.global_desc, atol=1e-4, rtol=1e-4)
 
 
 def test_extract_descriptors_with_onnx_matches_eager_on_real_photos(grocery_dir):

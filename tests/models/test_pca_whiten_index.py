@@ -33,7 +33,7 @@ def built(grocery_dir, tmp_path_factory):
 
 def test_the_default_projection_is_a_fitted_pca_whitening(built, grocery_dir, capsys):
     capsys.readouterr()
-    assert main(["index", "info", "--index", str(built)]) == 0
+    assert main(["index", "info", "--index", str(built), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     # The PCA fit, not the random fallback taken when there are fewer vectors than dimensions.
     assert info["model"]["projection"] == f"views-whiten(shrink=3,views=2x26):{grocery_dir}:26 images"

@@ -276,3 +276,6 @@ def test_a_composition_with_gv_is_the_verified_first_rule_on_the_first_order(sam
     expected = prior[verified_first_order(inliers[prior], GVConfig().min_inliers)]
     assert result.order.tolist() == expected.tolist() and expected[0] == 0 and expected[1:].tolist() == [4, 3, 2, 1]
     np.testing.assert_array_equal(result.scores, gv_scores(inliers[expected], GVConfig().min_inliers))
+    # Scores are inlier counts, 0 without a match (never a made-up negative); said so.
+    assert result.score_kind == "inliers" and result.scores[0] == inliers[0] and np.all(result.scores[1:] == 0)
+    assert result.inliers.tolist() == inliers[expected].tolist()

@@ -70,7 +70,7 @@ def test_saved_and_reloaded_reranker_scores_identically(tmp_path, one_thread):
     assert {"rrt", "rrt-fusion"} <= set(RERANKERS.names())
 
 
-def test_rrt_order_is_by_logit_and_scores_all_candidates_in_one_pass(one_thread):
+def test_rrt_order_is_by_logit_and_scores_are_its_probability_of_one_pass(one_thread):
     reranker = RRTReranker(_rrt())
     query, candidates = _inputs(n=100)
     calls = []
@@ -80,7 +80,21 @@ def test_rrt_order_is_by_logit_and_scores_all_candidates_in_one_pass(one_thread)
     assert calls == [100]  # the whole top-100 in one forward pass
     logits = reranker.logits(query, candidates)
     np.testing.assert_array_equal(result.order, np.argsort(-logits, kind="stable"))
-    np.testing.assert_array_equal(result.scores, logits[result.order])
+    # Shown as the logit's probability (same order; a unit a person reads), and said so.
+    np.testing.assert_allclose(result.scores, 1 / (1 + np.exp(-logits[result.order].astype(np.float64))), rtol=1e-6)
+    np.testing.assert_array_equal(result.rrt_scores, result.scores)
+    assert result.score_kind == "RRT probability" and np.all((result.scores >= 0) & (result.scores <= 1))
+
+
+def test_rrt_fusion_reports_the_fused_score_and_the_rrts_probability(one_thread):
+    reranker = FusionReranker(RRTReranker(_rrt()), 0.4)
+    query, candidates = _inputs(n=20)
+    result = reranker.rerank(query, candidates)
+    logits = reranker.rrt.logits(query, candidates)
+    fused = fuse_scores(candidates.global_scores, logits, 0.4)
+    np.testing.assert_array_equal(result.scores, fused[result.order])
+    np.testing.assert_allclose(result.rrt_scores, 1 / (1 + np.exp(-logits[result.order].astype(np.float64))), rtol=1e-6)
+    assert result.score_kind == "similarity + RRT probability"
 
 
 def test_global_tokens_need_and_use_global_descriptors(one_thread):

@@ -99,6 +99,71 @@ def test_rerankers_come_from_the_engine(served):
     assert response.status_code == 422 and "magic" in response.json()["detail"]
 
 
+def test_every_ranking_says_what_its_scores_are_and_fills_only_its_own_fields(served):
+    """``score`` is the number that ordered the list, in the unit ``score_kind`` names (/stats
+    explains each); verification's and the RRT's fields are set where they ran, null elsewhere,
+    and never a made-up placeholder (no negative "unverified" scores)."""
+    client, _, grocery = served
+    stats = client.get("/stats").json()
+    assert set(stats["reranker_info"]) == set(stats["rerankers"])  # "none" included, for the page
+    assert stats["reranker_info"]["none"]["title"] == "Global only"
+    assert all(info["title"] and info["description"] for info in stats["reranker_info"].values())
+    for mode in stats["rerankers"]:
+        body = client.post("/search", params={"k": 20, "rerank": mode}, files=upload(grocery.queries["29"])).json()
+        kind, hits = body["score_kind"], body["results"]
+        assert kind in stats["score_kinds"], (mode, kind)
+        scores = [hit["score"] for hit in hits]
+        assert scores == sorted(scores, reverse=True), mode  # the score is the ordering's own
+        verifying, rrt = "gv" in mode.split("+"), mode.startswith("rrt")
+        for hit in hits:
+            assert (hit["inliers"] is not None) == verifying and (hit["verified"] is not None) == verifying, (mode, hit)
+            assert (hit["rrt_score"] is not None) == rrt, (mode, hit)
+            if rrt:
+                assert 0.0 <= hit["rrt_score"] <= 1.0
+        if kind == "similarity":
+            assert all(hit["score"] == hit["global_score"] for hit in hits)
+        elif kind == "inliers":
+            assert all(hit["score"] == (hit["inliers"] if hit["score"] > 0 else 0) for hit in hits)
+            assert all(hit["score"] >= 0 for hit in hits)
+        elif kind == "RRT probability":
+            assert all(hit["score"] == pytest.approx(hit["rrt_score"]) for hit in hits)
+        elif kind == "similarity + geometry bonus":  # the bonus only where geometry matched
+            for hit in hits:
+                assert hit["score"] >= hit["global_score"] - 1e-6
+                if hit["score"] > hit["global_score"] + 1e-6:
+                    assert hit["inliers"] >= 8
+
+
+def test_rrt_rankings_report_the_rrts_probability_beside_their_own_score(default_rrt_index):
+    """On an index with a trained RRT and keypoints: rrt scores by the RRT's probability,
+    rrt-fusion by its fused score with the probability beside it, rrt+gv by inliers (0 without
+    a geometric match) with both the probability and the verification fields."""
+    from waldo.api import Waldo
+
+    root, paths = default_rrt_index
+    engine = Waldo.open(root)
+    assert {"rrt", "rrt-fusion", "rrt+gv"} <= set(engine.available_rerankers())
+    expected_kind = {"none": "similarity", "rrt": "RRT probability", "rrt-fusion": "similarity + RRT probability",
+                     "rrt+gv": "inliers", "gv": {"similarity + geometry bonus", "similarity"}}
+    for mode in engine.available_rerankers():
+        outcome = engine.search(paths[0], k=8, rerank=mode)
+        kinds = expected_kind[mode] if isinstance(expected_kind[mode], set) else {expected_kind[mode]}
+        assert outcome.score_kind in kinds, (mode, outcome.score_kind)
+        scores = [hit.score for hit in outcome.hits]
+        assert scores == sorted(scores, reverse=True), mode
+        for hit in outcome.hits:
+            assert (hit.rrt_score is not None) == mode.startswith("rrt"), (mode, hit)
+            assert (hit.inliers is not None) == mode.endswith("gv"), (mode, hit)
+            if mode == "rrt":
+                assert hit.score == pytest.approx(hit.rrt_score)
+            if mode == "rrt+gv":
+                assert hit.score == (hit.inliers if hit.score > 0 else 0) and hit.score >= 0
+    # rrt+gv without a geometric match keeps the RRT's order: its probabilities then descend.
+    combined = engine.search(paths[0], k=8, rerank="rrt+gv").hits
+    unmatched = [hit.rrt_score for hit in combined if hit.score == 0]
+    assert unmatched == sorted(unmatched, reverse=True)
+
+
 @pytest.mark.parametrize("payload, status, words", [
     (b"", 400, "empty"),
     (b"just some text, not an image", 415, "not a recognised image format"),

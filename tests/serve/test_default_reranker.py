@@ -99,11 +99,11 @@ def test_cli_search_uses_the_default_and_says_which_ran(default_rrt_index, ranki
     root, paths = default_rrt_index
     assert main(["search", paths[0], "--index", str(root), "-k", "5", "--json"]) == 0
     captured = capsys.readouterr()
-    assert _json_ranking(json.loads(captured.out)) == rankings[DEFAULT]
+    assert _json_ranking(json.loads(captured.out)["results"]) == rankings[DEFAULT]
     assert f"rerank: {DEFAULT}" in captured.err
     assert main(["search", paths[0], "--index", str(root), "-k", "5", "--rerank", "none", "--json"]) == 0
     captured = capsys.readouterr()
-    assert _json_ranking(json.loads(captured.out)) == rankings["none"] and "rerank: none" in captured.err
+    assert _json_ranking(json.loads(captured.out)["results"]) == rankings["none"] and "rerank: none" in captured.err
     assert main(["search", paths[0], "--index", str(root), "-k", "5"]) == 0
     assert f"rerank {DEFAULT} " in capsys.readouterr().out.splitlines()[0]
 

@@ -81,7 +81,7 @@ def test_one_decode_one_knn_one_metadata_read_per_request(index, client, counted
     counted.clear()
     assert main(["search", paths[0], "--index", str(root), "-k", "3", "--rerank", mode, "--json"]) == 0
     assert counted == {"decode": 1, "knn": 1, "records": 1}, "CLI"
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)["results"]  # the CLI prints POST /search's whole body
     counted.clear()
     response = client.post("/search", params={"k": 3, "rerank": mode},
                            files={"image": ("q.jpg", Path(paths[0]).read_bytes())})

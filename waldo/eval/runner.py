@@ -5,9 +5,12 @@ Shared by ``waldo eval`` and the scripts under ``benchmarks/`` and ``experiments
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from waldo.data.protocols import Protocol, get_protocol
 from waldo.data.transforms import get_transform
@@ -26,10 +29,44 @@ PROTOCOL_DATASETS = {"grocery": "grocery_store", "coil100": "coil100"}
 
 
 def default_data_dir(protocol: str) -> Path:
+    from waldo.data.protocols import protocol_names
+
+    if protocol not in protocol_names():  # a typo is an unknown name, not a missing dataset
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(protocol_names())}")
     for prefix, folder in PROTOCOL_DATASETS.items():
         if protocol.startswith(prefix):
             return data_root() / folder
     raise ValueError(f"protocol {protocol!r} has no default dataset; pass --data DIR")
+
+
+class StageLog:
+    """``waldo eval``'s progress: one line per stage, "[2/4] extract 1443 images, search 300
+    queries ... 12.3 s", on ``stream`` (stderr). On a terminal the line is written when the stage
+    starts and completed in place when it ends (the stage's progress bars, which clear
+    themselves, run over it meanwhile); elsewhere (a log file) it is written once, at the end."""
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.stream = stream if stream is not None else sys.stderr
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        self.done += 1
+        label = f"[{self.done}/{self.total}] {what} ..."
+        live = self.enabled and self.stream.isatty()
+        if live:
+            self.stream.write(label)
+            self.stream.flush()
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if live:  # the error message starts on a line of its own
+                self.stream.write("\n")
+            raise
+        if self.enabled:  # \r and erase-line: rewrite whatever a progress bar left on the line
+            self.stream.write(("\r\x1b[K" if live else "") + f"{label} {time.perf_counter() - start:.1f} s\n")
+            self.stream.flush()
 
 
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
@@ -55,7 +92,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   num_workers: int | None = None, progress: bool = True,
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = (), pooling: str | None = None,
-                  global_dim: int | None = None) -> tuple[EvalRun, dict]:
+                  global_dim: int | None = None, log_stages: bool = False) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -65,23 +102,35 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     figures.
 
     ``scales`` (factors of the model's image size, e.g. ``(0.75, 1, 1.25)``) averages the global
-    descriptors over those sizes (waldo.eval.multiscale); empty, the default, is single-scale."""
+    descriptors over those sizes (waldo.eval.multiscale); empty, the default, is single-scale.
+
+    ``log_stages``: print a line per stage with its time to stderr (:class:`StageLog`)."""
     start = time.perf_counter()
     # Built first: a reranker that cannot be built fails before minutes of extraction.
     reranker = None if rerank == NO_RERANK else RERANKERS.create(
         rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None))
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
-    model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
-                                  dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
-                                  global_dim=global_dim)
+    verifies = reranker is not None and Need.KEYPOINTS in RERANKERS.spec(rerank).needs
+    stage = StageLog(2 + verifies + (reranker is not None), enabled=log_stages)
+    n_images = len(proto.gallery) + (0 if proto.leave_one_out else len(proto.queries))
+    with stage(f"load the model {model_dir}" if model_dir is not None else
+               f"prepare the untrained {backbone} ({projection} projection, {len(proto.train)} training images)"):
+        model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
+                                      dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
+                                      global_dim=global_dim)
     extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
-    run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
-                            batch_size=batch_size, num_workers=num_workers, progress=progress,
-                            extra_transforms=extra)
+    with stage(f"extract {n_images} images{f' at {1 + len(extra)} sizes' if extra else ''}, "
+               f"search {len(proto.queries)} queries"):
+        run = evaluate_protocol(model, proto, get_transform(transform, config.image_size, seed=seed),
+                                batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                extra_transforms=extra)
     if reranker is not None:
-        verifies = Need.KEYPOINTS in RERANKERS.spec(rerank).needs
-        keypoints = run_keypoints(proto, progress=progress) if verifies else None
-        run = rerank_run(run, reranker, rerank_top_k, keypoints=keypoints, progress=progress).run
+        keypoints = None
+        if verifies:
+            with stage(f"keypoints of {n_images} images (cached after the first run)"):
+                keypoints = run_keypoints(proto, progress=progress)
+        with stage(f"rerank the top {rerank_top_k} of {len(proto.queries)} queries with {rerank}"):
+            run = rerank_run(run, reranker, rerank_top_k, keypoints=keypoints, progress=progress).run
     metrics = dict(run.metrics)
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim, "pooling": config.pooling,

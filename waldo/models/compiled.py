@@ -27,7 +27,7 @@ import torch
 from waldo.compiling import pad_rows, run_frozen
 from waldo.models.descriptor import DescriptorModel, Descriptors
 
-__all__ = ["AUTO_COMPILE_MIN_IMAGES", "AUTO_ONNX_MIN_IMAGES", "RUNTIMES", "CompiledDescriptorModel", "can_compile",
+__all__ = ["AUTO_COMPILE_MIN_IMAGES", "AUTO_ONNX_CACHED_MIN_IMAGES", "AUTO_ONNX_MIN_IMAGES", "RUNTIMES", "CompiledDescriptorModel", "can_compile",
            "prepare_runtime"]
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,16 @@ log = logging.getLogger(__name__)
 #: ``eager``: PyTorch eager, channels-last; ``compile``: torch.compile with freezing;
 #: ``onnx``: ONNX Runtime (waldo.models.onnx_runtime), the fastest on CPU;
 #: ``auto``: for runs of at least ``AUTO_ONNX_MIN_IMAGES`` images ONNX Runtime if installed, else
-#: compile from ``AUTO_COMPILE_MIN_IMAGES``; eager below (all three give the same descriptors).
+#: compile from ``AUTO_COMPILE_MIN_IMAGES``; from ``AUTO_ONNX_CACHED_MIN_IMAGES`` ONNX Runtime
+#: where this model's export is cached already (an earlier big run made it); eager below (all
+#: give the same descriptors).
 RUNTIMES = ("eager", "compile", "onnx", "auto")
 #: Below these many images exporting (about 10-20 s) or compiling (about 30-60 s on 2 cores)
 #: costs more than it saves.
 AUTO_ONNX_MIN_IMAGES = 2000
 AUTO_COMPILE_MIN_IMAGES = 3000
+#: With the export cached, a session costs about a second to create and check against eager.
+AUTO_ONNX_CACHED_MIN_IMAGES = 200
 
 
 def can_compile() -> bool:
@@ -99,6 +103,8 @@ def prepare_runtime(model: DescriptorModel, runtime: str, *, batch_size: int, n_
             runtime = "onnx"
         elif n_images >= AUTO_COMPILE_MIN_IMAGES and can_compile():
             runtime = "compile"
+        elif n_images >= AUTO_ONNX_CACHED_MIN_IMAGES and onnx_available():
+            return OnnxDescriptorModel(model, cached_only=True)  # eager unless the export is cached
         else:
             runtime = "eager"
     if runtime == "eager":

@@ -12,8 +12,9 @@ exactly these shapes. Arithmetic stays fp32, so descriptors match eager ones to 
 How: the model is exported with the torch.export-based exporter (``torch.onnx.export(...,
 dynamo=True)``; the older TorchScript exporter mis-exports timm's BatchNormAct2d, so it is not
 used), the ONNX bytes are handed to an InferenceSession, one session per input size, any batch
-size. Exporting costs about 10-20 s, so ``runtime="auto"`` uses this path only for runs of at
-least ``AUTO_ONNX_MIN_IMAGES`` images; the exported bytes are also kept in
+size. Exporting costs about 10-20 s, so ``runtime="auto"`` exports only for runs of at least
+``AUTO_ONNX_MIN_IMAGES`` images, and uses an export already cached for runs of at least
+``AUTO_ONNX_CACHED_MIN_IMAGES`` (a small ``index add`` after the build); the exported bytes are kept in
 ``$WALDO_CACHE/onnx/`` (an ONNX protobuf, no pickle), keyed by a hash of the weights, the input
 size and the torch/onnx versions, so the next build or add with the same model skips the export.
 The cache is best effort: an unwritable cache folder only costs the export again.
@@ -126,6 +127,13 @@ def exported_onnx(model: DescriptorModel, height: int, width: int) -> tuple[byte
     return onnx_bytes, None
 
 
+def _export_cached(model: DescriptorModel, height: int, width: int) -> bool:
+    try:
+        return cache_path(model, height, width).is_file()
+    except (OSError, ImportError):
+        return False
+
+
 def _session(onnx_bytes: bytes, threads: int):
     import onnxruntime as ort
 
@@ -159,8 +167,12 @@ class OnnxDescriptorModel:
     """Calls ``model`` through ONNX Runtime; behaves like ``DescriptorModel.__call__`` on batches
     of (B, 3, H, W) float images in [0, 1] and returns :class:`Descriptors` (float32)."""
 
-    def __init__(self, model: DescriptorModel, *, threads: int | None = None, verify: bool = True) -> None:
+    def __init__(self, model: DescriptorModel, *, threads: int | None = None, verify: bool = True,
+                 cached_only: bool = False) -> None:
         self.model = model.eval()
+        #: use a session only where this model's export is already cached (no export cost): the
+        #: choice of ``runtime="auto"`` for runs too small to pay for an export
+        self.cached_only = cached_only
         self.dim = model.dim
         self.global_dim = model.global_dim
         self.threads = threads or torch.get_num_threads()
@@ -190,6 +202,10 @@ class OnnxDescriptorModel:
             return self.model(images)
         size = (int(images.shape[2]), int(images.shape[3]))
         session = self._sessions.get(size)
+        if session is None and self.cached_only and not _export_cached(self.model, *size):
+            log.info("no cached ONNX export for %s px; extracting in eager mode", size)
+            self._failed = True  # not a failure: too few images to pay for an export
+            return self.model(images)
         if session is None:
             start = time.perf_counter()
             cached = None

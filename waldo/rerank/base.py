@@ -6,7 +6,9 @@ a new order with the scores that produced it. Each reranker module registers its
 imports every module, so adding a reranker is one new file. ``"a+b"`` composes: ``a`` reorders
 the candidates, then ``b`` reranks ``a``'s order (:class:`SequentialReranker`).
 
-Sorting is stable, so candidates with equal scores keep their prior order.
+Sorting is stable, so candidates with equal scores keep their prior order. Every result says
+what its scores are (:data:`SCORE_KINDS`): a user is shown the number that ordered the list, in
+its own unit, never a placeholder.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-from waldo.models.keypoints import LocalFeatures
+if TYPE_CHECKING:  # annotations only: listing the registry (`waldo --help`) must not load torch or OpenCV
+    import torch
+
+    from waldo.models.keypoints import LocalFeatures
 
 __all__ = [
     "NO_RERANK",
+    "NO_RERANK_DESCRIPTION",
+    "NO_RERANK_TITLE",
     "RERANKERS",
     "Need",
     "RerankCandidates",
@@ -33,13 +39,35 @@ __all__ = [
     "RerankerRegistry",
     "RerankerSetup",
     "RerankerSpec",
+    "SCORE_KINDS",
     "SequentialReranker",
     "sorted_result",
 ]
 
 
-#: The rerank value that keeps the global ranking.
+#: The rerank value that keeps the global ranking; its short name and explanation for people.
 NO_RERANK = "none"
+NO_RERANK_TITLE = "Global only"
+NO_RERANK_DESCRIPTION = ("ranks by overall appearance: one descriptor per photo, compared by cosine similarity. "
+                         "Fastest; finds look-alikes, may mix up variants of one brand")
+
+#: What a ranking's ``score`` is (``RerankResult.score_kind``, a search response's
+#: ``score_kind``): the kind -> one sentence a user reads. Each reranker names its kind.
+SCORE_SIMILARITY = "similarity"
+SCORE_GV_FUSED = "similarity + geometry bonus"
+SCORE_INLIERS = "inliers"
+SCORE_RRT_PROBABILITY = "RRT probability"
+SCORE_RRT_FUSED = "similarity + RRT probability"
+SCORE_KINDS: dict[str, str] = {
+    SCORE_SIMILARITY: "cosine similarity of the global descriptors (-1 to 1; higher is more alike)",
+    SCORE_GV_FUSED: "the global similarity plus a bonus for an image with at least the minimum inliers of a "
+                    "geometric match, growing slowly with their number",
+    SCORE_INLIERS: "inlier count of a geometric match (at least the minimum); 0 for an image without one, "
+                   "which keeps the prior order behind the matched ones",
+    SCORE_RRT_PROBABILITY: "the Reranking Transformer's probability that both photos show the same object (0 to 1)",
+    SCORE_RRT_FUSED: "a weighted sum of the global similarity and the RRT's probability (weight chosen on "
+                     "validation)",
+}
 
 
 @dataclass
@@ -91,15 +119,19 @@ class RerankCandidates:
 @dataclass
 class RerankResult:
     """order (N,) int64: candidate positions, best first; scores (N,) float32: each reordered
-    candidate's score (descending). A verifying reranker also says, in the same order, each
-    candidate's ``inliers`` (N,) int32 and whether it was ``verified`` (N,) bool, and may leave a
-    ``note`` for the user (e.g. why nothing could be verified)."""
+    candidate's score (descending), of kind ``score_kind`` (a key of :data:`SCORE_KINDS`; None:
+    the registered spec's). A verifying reranker also says, in the same order, each
+    candidate's ``inliers`` (N,) int32 and whether it was ``verified`` (N,) bool; an RRT each
+    candidate's ``rrt_scores`` (N,) float32 probability; any may leave a ``note`` for the user
+    (e.g. why nothing could be verified)."""
 
     order: np.ndarray
     scores: np.ndarray
     inliers: np.ndarray | None = None
     verified: np.ndarray | None = None
     note: str = ""
+    rrt_scores: np.ndarray | None = None
+    score_kind: str | None = None
 
 
 @runtime_checkable
@@ -137,19 +169,22 @@ class RerankerSetup:
 
 @dataclass(frozen=True)
 class RerankerSpec:
-    """A registered reranker: ``build(setup) -> Reranker``; ``score`` names what its scores are
-    (the page words them: "inliers" are counts, negative when not verified)."""
+    """A registered reranker: ``build(setup) -> Reranker``; ``score`` names what its scores
+    usually are (a key of :data:`SCORE_KINDS`; a result may say otherwise, e.g. "gv" on another
+    reranker's order counts inliers); ``title`` is its short name on the page."""
 
     name: str
     description: str
     needs: frozenset[Need]
     build: Callable[[RerankerSetup], Reranker]
-    score: str = "score"
+    score: str = SCORE_SIMILARITY
+    title: str = ""
 
 
 class SequentialReranker:
     """``stages[0]`` reorders the candidates, each next stage reranks the previous order; the
-    scores (and verification evidence, notes) are the last stage's."""
+    scores and notes are the last stage's; evidence (inliers, verified, RRT probabilities) is
+    the last stage's that reported it, carried to the final order."""
 
     def __init__(self, name: str, stages: Sequence[Reranker]) -> None:
         self.name = name
@@ -157,12 +192,26 @@ class SequentialReranker:
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
         order = np.arange(len(candidates), dtype=np.int64)
+        evidence: dict[str, np.ndarray] = {}  # name -> values per candidate position
+
+        def keep_evidence(result: RerankResult, order: np.ndarray) -> None:
+            for name in ("inliers", "verified", "rrt_scores"):
+                values = getattr(result, name)
+                if values is not None:
+                    by_position = np.empty_like(values)
+                    by_position[order] = values
+                    evidence[name] = by_position
+
         result = self.stages[0].rerank(query, candidates)
         order = order[result.order]
+        keep_evidence(result, order)
         for before, stage in zip(self.stages, self.stages[1:]):
             result = stage.rerank(query, candidates.reordered(order, before.name))
             order = order[result.order]
-        return RerankResult(order, result.scores, result.inliers, result.verified, result.note)
+            keep_evidence(result, order)
+        final = {name: values[order] for name, values in evidence.items()}
+        return RerankResult(order, result.scores, final.get("inliers"), final.get("verified"), result.note,
+                            final.get("rrt_scores"), result.score_kind)
 
 
 class RerankerRegistry:
@@ -170,26 +219,29 @@ class RerankerRegistry:
 
     def __init__(self) -> None:
         self._specs: dict[str, RerankerSpec] = {}
-        self._offered: dict[str, str] = {}  # composition -> its description
+        self._offered: dict[str, tuple[str, str]] = {}  # composition -> (description, title)
 
     def register(self, name: str, *, description: str, needs: Iterable[Need] = (),
-                 score: str = "score") -> Callable[[Callable[[RerankerSetup], Reranker]], Callable]:
-        """Decorate ``builder(setup) -> Reranker`` to list it under ``name``."""
+                 score: str = SCORE_SIMILARITY, title: str = "") -> Callable[[Callable[[RerankerSetup], Reranker]], Callable]:
+        """Decorate ``builder(setup) -> Reranker`` to list it under ``name`` (``title``: its short
+        name for people, default ``name``; ``score``: a key of :data:`SCORE_KINDS`)."""
         if "+" in name or name == NO_RERANK:
             raise ValueError(f"reranker name {name!r} is reserved ('+' composes, 'none' is no reranking)")
+        if score not in SCORE_KINDS:
+            raise ValueError(f"score kind {score!r} is not one of {', '.join(SCORE_KINDS)}")
 
         def decorator(builder: Callable[[RerankerSetup], Reranker]) -> Callable:
             if name in self._specs:
                 raise ValueError(f"reranker {name!r} is registered twice")
-            self._specs[name] = RerankerSpec(name, description, frozenset(needs), builder, score)
+            self._specs[name] = RerankerSpec(name, description, frozenset(needs), builder, score, title or name)
             return builder
 
         return decorator
 
-    def offer(self, composition: str, description: str) -> None:
+    def offer(self, composition: str, description: str, title: str = "") -> None:
         """List a composition (e.g. ``"rrt+gv"``) beside the single rerankers; its parts may
         register later (modules import in any order)."""
-        self._offered[composition] = description
+        self._offered[composition] = (description, title)
 
     def spec(self, name: str) -> RerankerSpec:
         """The spec of a registered name or of any composition ``"a+b[+c...]"`` of them."""
@@ -204,9 +256,10 @@ class RerankerRegistry:
         def build(setup: RerankerSetup) -> Reranker:
             return SequentialReranker(name, [stage.build(setup) for stage in stages])
 
-        description = self._offered.get(name) or ", then ".join(stage.description for stage in stages)
+        offered, title = self._offered.get(name, ("", ""))
+        description = offered or ", then ".join(stage.description for stage in stages)
         return RerankerSpec(name, description, frozenset().union(*(stage.needs for stage in stages)), build,
-                            stages[-1].score)
+                            stages[-1].score, title or " then ".join(stage.title for stage in stages))
 
     def names(self) -> list[str]:
         """Registered rerankers, then offered compositions, each in registration order."""

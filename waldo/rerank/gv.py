@@ -25,14 +25,29 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from waldo.models.keypoints import LocalFeatures, matching_vectors
-from waldo.rerank.base import RERANKERS, Need, RerankCandidates, RerankerSetup, RerankQuery, RerankResult
+# OpenCV and waldo.models.keypoints (which loads OpenCV and the index package) are imported by
+# the functions that fit or match: importing this module registers "gv", which `waldo --help`
+# lists, and must stay cheap.
+from waldo.rerank.base import (
+    RERANKERS,
+    SCORE_GV_FUSED,
+    SCORE_INLIERS,
+    SCORE_SIMILARITY,
+    Need,
+    RerankCandidates,
+    RerankerSetup,
+    RerankQuery,
+    RerankResult,
+)
 from waldo.rerank.matching import mutual_ratio_matches
+
+if TYPE_CHECKING:
+    from waldo.models.keypoints import LocalFeatures
 
 MODEL_NONE, MODEL_AFFINE, MODEL_HOMOGRAPHY = "none", "affine", "homography"
 
@@ -178,6 +193,8 @@ def estimate_transform(src: np.ndarray, dst: np.ndarray, config: GVConfig,
     src, dst: (P, 2) float32 matched positions in the query and candidate. ``query_xy``
     (default: src) spans the query object for the plausibility test.
     """
+    import cv2
+
     n = len(src)
     none = (MODEL_NONE, None, np.zeros(n, bool))
     if n < 3:
@@ -205,6 +222,8 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig
                 query_vectors: np.ndarray | None = None) -> Verification:
     """Match and fit one pair. ``query_vectors`` (the query's :func:`matching_vectors`) saves
     recomputing them for each of a query's candidates."""
+    from waldo.models.keypoints import matching_vectors
+
     q_vectors = matching_vectors(query.descriptors) if query_vectors is None else query_vectors
     ratio = config.ratio_for(query.descriptors.shape[1])
     matches = mutual_ratio_matches(q_vectors, matching_vectors(candidate.descriptors), ratio)
@@ -282,6 +301,8 @@ class GeometricReranker:
 
     def verify_many(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[Verification]:
         """One :class:`Verification` per candidate, in input order."""
+        from waldo.models.keypoints import matching_vectors
+
         q_vectors = matching_vectors(query.descriptors)
         if self.workers == 1 or len(candidates) < 2:
             return [verify_pair(query, c, self.config, query_vectors=q_vectors) for c in candidates]
@@ -328,19 +349,24 @@ class GeometricReranker:
             raise ValueError("geometric verification needs the keypoints of the query and of every candidate")
         n, need = len(candidates), self.config.min_inliers
         fusion = self.config.fusion_weight if candidates.ordered_by == "global" else None
+        kept = "global order kept" if candidates.ordered_by == "global" else f"{candidates.ordered_by} order kept"
         if len(query.keypoints) < need:
             order = np.arange(n, dtype=np.int64)
-            scores = (np.asarray(candidates.global_scores, np.float32) if fusion is not None
-                      else gv_scores(np.zeros(n), need))
+            if fusion is not None:  # the global order, scored by what ordered it
+                scores, kind = np.asarray(candidates.global_scores, np.float32), SCORE_SIMILARITY
+            else:
+                scores, kind = gv_scores(np.zeros(n), need), SCORE_INLIERS
             return RerankResult(order, scores, np.zeros(n, np.int32), np.zeros(n, bool),
                                 f"not verified: the query has {len(query.keypoints)} keypoints and verifying "
-                                f"needs {need} matching ones (a plain or blurred photo); prior order kept")
+                                f"needs {need} matching ones (a plain or blurred photo); {kept}",
+                                score_kind=kind)
         result = self.rerank_features(query.keypoints, candidates.keypoints,
                                       candidates.global_scores if fusion is not None else None)
         inliers = result.inliers[result.order]
         verified = np.array([self.config.verifies(result.verifications[i]) for i in result.order], bool)
-        note = "" if (inliers >= need).any() else "no geometric evidence for any candidate: prior order kept"
-        return RerankResult(result.order, result.scores, inliers, verified, note)
+        note = "" if (inliers >= need).any() else f"no geometric match: {kept}"
+        return RerankResult(result.order, result.scores, inliers, verified, note,
+                            score_kind=SCORE_GV_FUSED if fusion is not None else SCORE_INLIERS)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -355,23 +381,23 @@ class GeometricReranker:
 
 
 def gv_scores(inliers_in_order: np.ndarray, min_inliers: int) -> np.ndarray:
-    """Descending (N,) float32 scores for a verified-first order: verified candidates score
-    their inlier count (>= min_inliers); the unverified, kept in prior order behind them, score
-    -(position + 1) / (N + 1), in (-1, 0): negative means "not verified"."""
+    """(N,) float32 scores of a verified-first order: a candidate with a geometric match scores
+    its inlier count (>= min_inliers), one without scores 0 and keeps its prior place behind
+    them (the order is :func:`verified_first_order`'s; a stable sort by these scores gives it)."""
     inliers = np.asarray(inliers_in_order, np.float32)
-    n = len(inliers)
-    prior = -(np.arange(1, n + 1, dtype=np.float32)) / (n + 1)
-    return np.where(inliers >= min_inliers, inliers, prior).astype(np.float32)
+    return np.where(inliers >= min_inliers, inliers, 0.0).astype(np.float32)
 
 
-@RERANKERS.register("gv", description="geometric verification (local features + MAGSAC++): global similarity "
-                    "plus a bonus for images with geometric evidence, growing with their inliers",
-                    needs=(Need.KEYPOINTS,),
-                    score="inliers" if GVConfig().fusion_weight is None else "similarity + verification bonus")
+@RERANKERS.register("gv", description="matches keypoints between the photos and checks that they fit one view of "
+                    "the same flat or rigid object (MAGSAC++); images with such a match move up, more with more "
+                    "inliers. Strong on printed packaging and labels, no help on plain produce",
+                    needs=(Need.KEYPOINTS,), title="Geometric",
+                    score=SCORE_INLIERS if GVConfig().fusion_weight is None else SCORE_GV_FUSED)
 def _gv(setup: RerankerSetup) -> GeometricReranker:
     return GeometricReranker()
 
 
 # DELG's verified-first rule on the RRT's order: the RRT decides among candidates GV has no
 # geometric evidence for (textureless produce), geometry overrides it where it has.
-RERANKERS.offer("rrt+gv", "the RRT's order, then geometrically verified images first")
+RERANKERS.offer("rrt+gv", "the RRT's order, then images with a geometric match first (by inliers)",
+                title="RRT then Geometric")

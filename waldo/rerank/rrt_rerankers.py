@@ -1,7 +1,8 @@
 """The RRT rerankers, registered in :data:`~waldo.rerank.base.RERANKERS`; each reads the trained
 RRT stored beside the model (``rrt.json``, see waldo.rerank.rrt_checkpoint):
 
-- ``rrt``: sort by the RRT logit alone, as the reference does;
+- ``rrt``: sort by the RRT logit alone, as the reference does (scores reported as the logit's
+  probability, sigmoid(logit): same order, a unit people read);
 - ``rrt-fusion``: sort by ``lambda * global + (1 - lambda) * sigmoid(logit)``, with the lambda
   chosen on held-out training identities when the reranker was trained (``rrt.json``).
 """
@@ -9,15 +10,29 @@ RRT stored beside the model (``rrt.json``, see waldo.rerank.rrt_checkpoint):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from waldo.models.descriptor import token_global
-from waldo.rerank.base import RERANKERS, Need, RerankCandidates, RerankerSetup, RerankQuery, RerankResult, sorted_result
-from waldo.rerank.rrt import RerankingTransformer
-from waldo.rerank.rrt_checkpoint import load_rrt
-from waldo.rerank.rrt_fast import FastRRTScorer, supports_fast_bf16
+# torch and the RRT modules are imported where a reranker is built or scores: importing this
+# module registers "rrt" and "rrt-fusion", which `waldo --help` lists, and must not load torch.
+from waldo.rerank.base import (
+    RERANKERS,
+    SCORE_RRT_FUSED,
+    SCORE_RRT_PROBABILITY,
+    Need,
+    RerankCandidates,
+    RerankerSetup,
+    RerankQuery,
+    RerankResult,
+    sorted_result,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from waldo.rerank.rrt import RerankingTransformer
+    from waldo.rerank.rrt_fast import FastRRTScorer
 
 __all__ = ["PRECISIONS", "FusionReranker", "RRTReranker", "fuse_scores", "resolve_precision"]
 
@@ -32,7 +47,14 @@ def fuse_scores(global_scores: np.ndarray, logits: np.ndarray, weight: float) ->
     return (weight * np.asarray(global_scores, np.float64) + (1.0 - weight) * probability).astype(np.float32)
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """sigmoid(logits) as float32, computed in float64 (no overflow warnings for large logits)."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)
+
+
 def _as_float_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
 
 
@@ -48,6 +70,8 @@ def resolve_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
+        from waldo.rerank.rrt_fast import supports_fast_bf16
+
         return "bf16" if supports_fast_bf16() else "fp32"
     return precision
 
@@ -71,12 +95,18 @@ class RRTReranker:
         self.precision = resolve_precision(precision)
         self._scorer: FastRRTScorer | None = None
         if self.precision != "reference":
+            import torch
+
+            from waldo.rerank.rrt_fast import FastRRTScorer
+
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
             self._scorer = FastRRTScorer(rrt, dtype=dtype, grid=self.grid, compile=compile)
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, batch_size: int = 100, precision: str = "reference",
                     compile: bool = False) -> RRTReranker:
+        from waldo.rerank.rrt_checkpoint import load_rrt
+
         rrt, info = load_rrt(folder)
         weight = info.get("training", {}).get("fusion_weight")
         return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,
@@ -85,6 +115,10 @@ class RRTReranker:
 
     def logits(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
         """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
+        import torch
+
+        from waldo.models.descriptor import token_global
+
         if len(candidates.global_scores) == 0:
             return np.zeros(0, np.float32)
         globals_ = {}
@@ -114,7 +148,12 @@ class RRTReranker:
         return scores.numpy().astype(np.float32)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
-        return sorted_result(self.logits(query, candidates))
+        """Sorted by logit (float32 probabilities saturate at 1 and would tie); scored by the
+        logit's probability."""
+        logits = self.logits(query, candidates)
+        result = sorted_result(logits)
+        probability = probabilities(result.scores)
+        return RerankResult(result.order, probability, rrt_scores=probability, score_kind=SCORE_RRT_PROBABILITY)
 
 
 class FusionReranker:
@@ -129,20 +168,25 @@ class FusionReranker:
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
         logits = self.rrt.logits(query, candidates)
-        return sorted_result(fuse_scores(candidates.global_scores, logits, self.weight))
+        result = sorted_result(fuse_scores(candidates.global_scores, logits, self.weight))
+        return RerankResult(result.order, result.scores, rrt_scores=probabilities(logits[result.order]),
+                            score_kind=SCORE_RRT_FUSED)
 
 
 _RRT_NEEDS = (Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT)
 
 
-@RERANKERS.register("rrt", description="the trained RRT's logit over the global top-100's local descriptors",
-                    needs=_RRT_NEEDS, score="logit")
+@RERANKERS.register("rrt", description="a trained Reranking Transformer reads the local features of both photos "
+                                       "and scores whether they show the same object; its score alone orders "
+                                       "the global top-100", needs=_RRT_NEEDS, score=SCORE_RRT_PROBABILITY,
+                    title="RRT")
 def _rrt(setup: RerankerSetup) -> RRTReranker:
     return RRTReranker.from_folder(setup.folder, precision=setup.precision, compile=setup.compile)
 
 
-@RERANKERS.register("rrt-fusion", description="the RRT's probability fused with the global score "
-                                              "(weight chosen on validation)", needs=_RRT_NEEDS, score="fused score")
+@RERANKERS.register("rrt-fusion", description="the RRT's probability mixed with the global similarity "
+                                              "(weight chosen on validation)", needs=_RRT_NEEDS,
+                    score=SCORE_RRT_FUSED, title="RRT + global")
 def _rrt_fusion(setup: RerankerSetup) -> FusionReranker:
     rrt = _rrt(setup)
     if rrt.fusion_weight is None:

@@ -17,6 +17,10 @@ class SearchResponse(BaseModel):
     k: int
     rerank: str = Field(description="the reranker that ran (\"none\": the global ranking alone); a request "
                                     "without rerank runs the index's default (/stats default_reranker)")
+    score_kind: str = Field("similarity", description="what each result's score is: similarity, "
+                                                      "'similarity + geometry bonus', inliers, 'RRT probability' "
+                                                      "or 'similarity + RRT probability' (/stats score_kinds "
+                                                      "explains each)")
     note: str = Field("", description="what the reranker wants the user to know, e.g. why nothing was verified")
 
 

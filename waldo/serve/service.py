@@ -27,6 +27,7 @@ from PIL import Image
 from waldo.api import Waldo
 from waldo.data.images import ImageLoadError
 from waldo.rerank import NO_RERANK, RERANKERS
+from waldo.rerank.base import NO_RERANK_DESCRIPTION, NO_RERANK_TITLE, SCORE_KINDS, SCORE_SIMILARITY
 from waldo.serve.errors import ClientError
 from waldo.serve.match import match_pair
 from waldo.serve.metrics import ServiceMetrics, resident_memory_bytes
@@ -48,9 +49,12 @@ log = logging.getLogger("waldo.serve")
 
 
 def _reranker_info(names: list[str]) -> dict[str, dict[str, str]]:
-    """What the page shows of each offered reranker, from the registry."""
-    specs = [RERANKERS.spec(name) for name in names if name != NO_RERANK]
-    return {spec.name: {"description": spec.description, "score": spec.score} for spec in specs}
+    """What the page shows of each offered ranking (its short title, what it does, its usual
+    score kind), from the registry; "none" (the global ranking) included."""
+    info = {NO_RERANK: {"title": NO_RERANK_TITLE, "description": NO_RERANK_DESCRIPTION, "score": SCORE_SIMILARITY}}
+    for spec in (RERANKERS.spec(name) for name in names if name != NO_RERANK):
+        info[spec.name] = {"title": spec.title or spec.name, "description": spec.description, "score": spec.score}
+    return {name: info[name] for name in names}
 
 
 class SearchService:
@@ -153,7 +157,8 @@ class SearchService:
         outcome = self.engine.search(upload.image, k, rerank)  # k and rerank were checked above
         timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
         self.metrics.record_query(outcome.rerank, timings["total"])
-        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank, note=outcome.note)
+        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank,
+                              score_kind=outcome.score_kind, note=outcome.note)
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
@@ -194,6 +199,7 @@ class SearchService:
                       "pooling": config.pooling, "transform": config.transform, "image_size": config.image_size},
             "rerankers": self.rerankers,
             "reranker_info": _reranker_info(self.rerankers),
+            "score_kinds": dict(SCORE_KINDS),  # score_kind -> what it means, in one sentence
             # what POST /search runs without a rerank field; "validation" when it is the choice the
             # reranker's training made on held-out identities, "fallback" when none was stored or
             # this index/service cannot offer the stored one (then the global ranking alone)

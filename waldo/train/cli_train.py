@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from waldo.cli_args import BACKBONE_NAMES, POOLING_NAMES, protocol_name, protocol_names
+
 
 def cmd_train_global(args: argparse.Namespace) -> int:
     from waldo.train.config import GlobalTrainConfig, load_config
@@ -27,19 +29,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, *, sour
     """The arguments of every resumable ``waldo train`` run. ``sources``: ``--data`` may be
     repeated and name protocols or folders (waldo.train.sources), ``--protocol`` is optional."""
     if sources:
-        parser.add_argument("--protocol", default=None,
-                            help="named protocol; only its training images are used (frozen/finetune modes)")
+        parser.add_argument("--protocol", default=None, type=protocol_name, metavar="NAME",
+                            help="named protocol whose training images are used (frozen/finetune modes; "
+                                 f"default: none), one of: {', '.join(protocol_names())}")
         parser.add_argument("--data", action="append", default=None, metavar="SPEC",
                             help="frozen/finetune: the protocol's dataset folder. rrt-only: a training source, "
                                  "repeatable: a protocol name (its training split), a folder, with ,weight=W "
-                                 "and/or ,labels=no")
+                                 "and/or ,labels=no (default: the protocol's shared dataset)")
     else:
-        parser.add_argument("--protocol", required=True, help="named protocol; only its training images are used")
-        parser.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    parser.add_argument("--config", required=True, help=config_help)
-    parser.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+        parser.add_argument("--protocol", required=True, type=protocol_name, metavar="NAME",
+                            help="named protocol whose training images are used, one of: "
+                                 f"{', '.join(protocol_names())}")
+        parser.add_argument("--data", default=None, metavar="DIR",
+                            help="dataset folder (default: the protocol's shared dataset)")
+    parser.add_argument("--config", required=True, metavar="FILE", help=config_help)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder (created); rerun with the same folder to resume")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="stop after N epochs in this call (resume later with the same command)")
+                        help="stop after N epochs in this call (resume later with the same command; default: "
+                             "train to the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -80,9 +88,12 @@ def register_train_whiten(train_commands: argparse._SubParsersAction) -> argpars
     parser.add_argument("--check", action="append", default=None, metavar="SPEC",
                         help="a labelled source only searched during validation, never fitted on "
                              "(e.g. another collection's training split), repeatable")
-    parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--pooling", default=None, metavar="SPEC", help="global pooling (default avg)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="model folder to write (created)")
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONE_NAMES, metavar="NAME",
+                        help="ImageNet backbone whose features are whitened, one of: %(choices)s")
+    parser.add_argument("--pooling", default=None, metavar="SPEC",
+                        help=f"global pooling: {', '.join(POOLING_NAMES)}; gem learns its p, gem:P fixes it "
+                             f"(default avg)")
     parser.add_argument("--image-size", type=int, default=224, metavar="PX",
                         help="input side the model describes at (224: a 7x7 map; 288: 9x9, slower)")
     parser.add_argument("--max-images", type=int, default=0, metavar="N",

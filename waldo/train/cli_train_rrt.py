@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+from waldo.cli_args import TRAIN_MODES, protocol_name, protocol_names
 from waldo.train.cli_train import add_run_arguments
 
 
@@ -81,20 +82,27 @@ def register_train_rrt(train_commands: argparse._SubParsersAction) -> argparse.A
                         help="model folder (or shipped model name) to start from (finetune: a frozen reranker "
                              "folder; rrt-only: the fixed model the RRT is trained for)")
     parser.add_argument("--init-rrt", default=None, metavar="RERANKER_DIR",
-                        help="rrt-only: start from this reranker's RRT (same rrt settings)")
-    parser.add_argument("--mode", choices=("frozen", "finetune", "rrt-only"), default=None,
-                        help="must match the config's mode (a guard against the wrong config)")
-    parser.add_argument("--cache", default=None, help="neighbour/feature cache root (default: ./cache)")
+                        help="rrt-only: start from this reranker's RRT (same rrt settings; default: a new RRT)")
+    parser.add_argument("--mode", choices=TRAIN_MODES, default=None, metavar="MODE",
+                        help="one of: %(choices)s; must match the config's mode (a guard against the wrong "
+                             "config; default: no check)")
+    parser.add_argument("--cache", default=None, metavar="DIR", help="neighbour/feature cache root (default: ./cache)")
     parser.set_defaults(handler=cmd_train_rrt)
 
-    mine = train_commands.add_parser("mine", help="cache every training and test image's global top-k")
-    mine.add_argument("--protocol", required=True)
-    mine.add_argument("--data", default=None, help="dataset folder (default: the protocol's shared dataset)")
-    mine.add_argument("--model", required=True, help="the model folder whose global descriptors rank")
-    mine.add_argument("-k", type=int, default=100)
-    mine.add_argument("--cache", default=None, help="cache root (default: ./cache)")
-    mine.add_argument("--batch-size", type=int, default=32)
-    mine.add_argument("--workers", type=int, default=None)
-    mine.add_argument("--quiet", action="store_true")
+    mine = train_commands.add_parser("mine", help="cache every training and test image's global top-k",
+                                     description="Rank every training and test image of a protocol by a model's "
+                                                 "global descriptors and cache each one's top-k (.npy) for "
+                                                 "reranker training.")
+    mine.add_argument("--protocol", required=True, type=protocol_name, metavar="NAME",
+                      help=f"named protocol, one of: {', '.join(protocol_names())}")
+    mine.add_argument("--data", default=None, metavar="DIR",
+                      help="dataset folder (default: the protocol's shared dataset)")
+    mine.add_argument("--model", required=True, metavar="DIR", help="the model folder whose global descriptors rank")
+    mine.add_argument("-k", type=int, default=100, metavar="K", help="neighbours cached per image")
+    mine.add_argument("--cache", default=None, metavar="DIR", help="cache root (default: ./cache)")
+    mine.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model forward pass")
+    mine.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="DataLoader worker processes (default: one per CPU but one, at most 4)")
+    mine.add_argument("--quiet", action="store_true", help="no progress bars")
     mine.set_defaults(handler=cmd_train_mine)
     return parser
