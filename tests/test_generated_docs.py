@@ -108,3 +108,12 @@ def test_global_adapt_table_is_generated():
     """The issue-16 adaptation table in docs/results.md is `experiments/global_adapt.py --table`."""
     table = _experiment("global_adapt").table(_results("global/adapt.json")["rows"])
     assert table in (ROOT / "docs" / "results.md").read_text()
+
+
+def test_readme_which_reranker_table_is_generated():
+    spec = importlib.util.spec_from_file_location("waldo_exp_rrt_views", ROOT / "experiments" / "rrt_views.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert _block("README.md", "which-reranker") == module.which_reranker_block(
+        _results("rrt_views/shipped-which-reranker.json"))
