@@ -158,6 +158,11 @@ def test_rrt_rankings_report_the_rrts_probability_beside_their_own_score(default
                 assert hit.score == pytest.approx(hit.rrt_score)
             if mode == "rrt+gv":
                 assert hit.score == (hit.inliers if hit.score > 0 else 0) and hit.score >= 0
+    # What the registry says of each (index info, /stats) is what a search reports.
+    from waldo.rerank import RERANKERS
+
+    assert [RERANKERS.spec(m).score for m in ("rrt", "rrt-fusion", "rrt+gv")] == [
+        "RRT probability", "similarity + RRT probability", "inliers"]
     # rrt+gv without a geometric match keeps the RRT's order: its probabilities then descend.
     combined = engine.search(paths[0], k=8, rerank="rrt+gv").hits
     unmatched = [hit.rrt_score for hit in combined if hit.score == 0]

@@ -179,6 +179,8 @@ class RerankerSpec:
     build: Callable[[RerankerSetup], Reranker]
     score: str = SCORE_SIMILARITY
     title: str = ""
+    #: its score kind as a later stage of a composition ("gv" after "rrt" counts inliers); None: ``score``
+    score_after: str | None = None
 
 
 class SequentialReranker:
@@ -222,18 +224,21 @@ class RerankerRegistry:
         self._offered: dict[str, tuple[str, str]] = {}  # composition -> (description, title)
 
     def register(self, name: str, *, description: str, needs: Iterable[Need] = (),
-                 score: str = SCORE_SIMILARITY, title: str = "") -> Callable[[Callable[[RerankerSetup], Reranker]], Callable]:
+                 score: str = SCORE_SIMILARITY, title: str = "",
+                 score_after: str | None = None) -> Callable[[Callable[[RerankerSetup], Reranker]], Callable]:
         """Decorate ``builder(setup) -> Reranker`` to list it under ``name`` (``title``: its short
         name for people, default ``name``; ``score``: a key of :data:`SCORE_KINDS`)."""
         if "+" in name or name == NO_RERANK:
             raise ValueError(f"reranker name {name!r} is reserved ('+' composes, 'none' is no reranking)")
-        if score not in SCORE_KINDS:
-            raise ValueError(f"score kind {score!r} is not one of {', '.join(SCORE_KINDS)}")
+        for kind in (score, score_after or score):
+            if kind not in SCORE_KINDS:
+                raise ValueError(f"score kind {kind!r} is not one of {', '.join(SCORE_KINDS)}")
 
         def decorator(builder: Callable[[RerankerSetup], Reranker]) -> Callable:
             if name in self._specs:
                 raise ValueError(f"reranker {name!r} is registered twice")
-            self._specs[name] = RerankerSpec(name, description, frozenset(needs), builder, score, title or name)
+            self._specs[name] = RerankerSpec(name, description, frozenset(needs), builder, score, title or name,
+                                             score_after)
             return builder
 
         return decorator
@@ -259,7 +264,8 @@ class RerankerRegistry:
         offered, title = self._offered.get(name, ("", ""))
         description = offered or ", then ".join(stage.description for stage in stages)
         return RerankerSpec(name, description, frozenset().union(*(stage.needs for stage in stages)), build,
-                            stages[-1].score, title or " then ".join(stage.title for stage in stages))
+                            stages[-1].score_after or stages[-1].score,
+                            title or " then ".join(stage.title for stage in stages))
 
     def names(self) -> list[str]:
         """Registered rerankers, then offered compositions, each in registration order."""

@@ -392,7 +392,8 @@ def gv_scores(inliers_in_order: np.ndarray, min_inliers: int) -> np.ndarray:
                     "the same flat or rigid object (MAGSAC++); images with such a match move up, more with more "
                     "inliers. Strong on printed packaging and labels, no help on plain produce",
                     needs=(Need.KEYPOINTS,), title="Geometric",
-                    score=SCORE_INLIERS if GVConfig().fusion_weight is None else SCORE_GV_FUSED)
+                    score=SCORE_INLIERS if GVConfig().fusion_weight is None else SCORE_GV_FUSED,
+                    score_after=SCORE_INLIERS)  # on another reranker's order: verified first, by inliers
 def _gv(setup: RerankerSetup) -> GeometricReranker:
     return GeometricReranker()
 
