@@ -40,14 +40,14 @@ from waldo.results import SearchHit, SearchOutcome, StageTimer
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
+ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
+#: A query image: a path, its bytes, a file object, or already decoded (the service's upload check).
+ImageSource = str | Path | bytes | IO[bytes] | Image.Image
 
 
 def result_kind(spec: RerankerSpec, result: RerankResult | None) -> str:
     """What a reranked list's scores are: the result's own word, else its spec's."""
     return (result.score_kind if result is not None else None) or spec.score
-ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
-#: A query image: a path, its bytes, a file object, or already decoded (the service's upload check).
-ImageSource = str | Path | bytes | IO[bytes] | Image.Image
 
 
 @dataclass

@@ -298,8 +298,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         # The very body `POST /search` answers. The engine timed decode (it read the file), so
         # timings are its stages plus the total, as the service reports them.
-        response = SearchResponse(results=outcome.hits, timings={**outcome.timings_ms, "total": total_ms},
-                                  k=args.k, rerank=outcome.rerank, score_kind=outcome.score_kind, note=outcome.note)
+        response = SearchResponse.from_outcome(outcome, args.k, {**outcome.timings_ms, "total": total_ms})
         print(json.dumps(response.model_dump(mode="json"), indent=2))
         # For a person watching a pipe: which reranker ran, without parsing the JSON.
         print(f"rerank: {outcome.rerank}" + (f" ({outcome.note})" if outcome.note else ""), file=sys.stderr)
@@ -639,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     explain = commands.add_parser("explain", help="draw the geometric match of two images (PNG)",
-                                  description="Verify two photos geometrically (SIFT keypoints, MAGSAC++) and "
+                                  description="Verify two photos geometrically (the default local features, MAGSAC++) and "
                                               "draw them side by side with the inlier matches.")
     explain.add_argument("query", metavar="QUERY", help="the first image (the query)")
     explain.add_argument("candidate", metavar="CANDIDATE", help="the second image (the candidate)")
@@ -652,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="the search service and web page (FastAPI under uvicorn)",
                                 description="Serve an index: the search page at / and the HTTP API "
-                                            "(POST /search, /add, /remove; GET /stats).")
+                                            "(POST /search, POST /images, DELETE /images/{id}, GET /stats).")
     serve.add_argument("--index", required=True, metavar="INDEX", help="the index folder to serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from waldo.data.protocols import Protocol, get_protocol
+from waldo.data.protocols import Protocol, get_protocol, protocol_names
 from waldo.data.transforms import get_transform
 from waldo.eval.evaluate import EvalRun, evaluate_protocol
 from waldo.eval.gv_eval import run_keypoints
@@ -29,8 +29,6 @@ PROTOCOL_DATASETS = {"grocery": "grocery_store", "coil100": "coil100"}
 
 
 def default_data_dir(protocol: str) -> Path:
-    from waldo.data.protocols import protocol_names
-
     if protocol not in protocol_names():  # a typo is an unknown name, not a missing dataset
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(protocol_names())}")
     for prefix, folder in PROTOCOL_DATASETS.items():

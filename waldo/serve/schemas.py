@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from waldo.results import SearchHit
+from waldo.results import SearchHit, SearchOutcome
 
 
 class SearchResponse(BaseModel):
@@ -22,6 +22,12 @@ class SearchResponse(BaseModel):
                                                       "or 'similarity + RRT probability' (/stats score_kinds "
                                                       "explains each)")
     note: str = Field("", description="what the reranker wants the user to know, e.g. why nothing was verified")
+
+    @classmethod
+    def from_outcome(cls, outcome: SearchOutcome, k: int, timings: dict[str, float]) -> SearchResponse:
+        """The body for one engine answer (``Waldo.search``), with the caller's ``timings``."""
+        return cls(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank,
+                   score_kind=outcome.score_kind, note=outcome.note)
 
 
 class AddedImage(BaseModel):

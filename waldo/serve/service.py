@@ -157,8 +157,7 @@ class SearchService:
         outcome = self.engine.search(upload.image, k, rerank)  # k and rerank were checked above
         timings = {**outcome.timings_ms, "decode": decode_ms, "total": round((time.perf_counter() - start) * 1000, 2)}
         self.metrics.record_query(outcome.rerank, timings["total"])
-        return SearchResponse(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank,
-                              score_kind=outcome.score_kind, note=outcome.note)
+        return SearchResponse.from_outcome(outcome, k, timings)
 
     def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
         """Correspondences between an uploaded query and indexed image ``image_id``."""
