@@ -11,6 +11,11 @@ Two writers are killed over and over on one index built from real grocery photos
 * ``server``: a live ``waldo serve`` while a client posts 1 to 3 new photos per ``POST /images``
   (acknowledged by its 201) and now and then deletes an acknowledged upload (acknowledged by
   its 200). The server is killed at a random moment while the client is busy.
+* ``merge`` (``--merge-kills``, off by default): this process adds 2 to 4 photos one at a time
+  without merging (one segment each), then a child process merges small segments
+  (``IndexStore.merge_small_segments`` with merge factor 2, so every segment takes part) and is
+  killed at a random moment of its merge, or as soon as its merged segment folder appears. A
+  merge adds and removes nothing: after the kill the index must hold exactly what it held.
 
 Each kill is SIGKILL to the writer's whole process group (no handler, no flush, no atexit:
 what a power cut or the OOM killer does to the process). After each kill, in this process:
@@ -62,6 +67,11 @@ __all__ = ["CrashReport", "ModeReport", "run_crash_kill"]
 
 CLI_IDENTITY = "crash-cli"
 SERVER_IDENTITY = "crash-server"
+MERGE_IDENTITY = "crash-merge"
+# The merging child: factor 2 merges every small segment; "ready" once the index is open.
+MERGE_CHILD = ("import sys\nfrom waldo.index import IndexStore, MergePolicy\n"
+               "store = IndexStore.open(sys.argv[1])\nstore.merge_policy = MergePolicy(factor=2)\n"
+               "print('ready', flush=True)\nprint(store.merge_small_segments(), flush=True)\n")
 
 
 @dataclass
@@ -371,6 +381,12 @@ def _stored_path(uploads: Path, data: bytes) -> str:
     return str(uploads / f"{hashlib.sha256(data).hexdigest()}.jpg")
 
 
+def _indexed_path(uploads: Path, answered: str) -> str:
+    """The path the index stores for an upload the service answered with: the service names
+    files relative to the index folder (older versions: absolute)."""
+    return answered if Path(answered).is_absolute() else str(uploads.parent / answered)
+
+
 def _client(url: str, uploads: Path, pool: PhotoPool, rng: random.Random, removable: list[tuple[str, int]],
             stop: threading.Event, log: ClientLog) -> None:
     """Add 1 to 3 photos per request; every fourth request or so, delete an acknowledged upload."""
@@ -392,8 +408,9 @@ def _client(url: str, uploads: Path, pool: PhotoPool, rng: random.Random, remova
                                                   for p, d in zip(photos, payload)])
                     if response.status_code == 201:
                         for image in response.json()["images"]:
-                            log.acked_adds[image["path"]] = image["id"]
-                            removable.append((image["path"], image["id"]))
+                            path = _indexed_path(uploads, image["path"])
+                            log.acked_adds[path] = image["id"]
+                            removable.append((path, image["id"]))
             except httpx.HTTPError:
                 return  # the server died under this request: it stays in flight
             if response.status_code >= 500 or response.status_code not in (200, 201):
@@ -483,6 +500,75 @@ def run_server_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: rando
     report.kill_delay_s = [round(min(delays), 2), round(max(delays), 2)] if delays else []
 
 
+# ----------------------------------------------------------------------------- merge
+def _run_merge(root: Path, delay: float | None, *,
+               at_commit: bool = False) -> tuple[bool, int | None, str, float]:
+    """Start a merging child; kill it ``delay`` s after it opened the index (None: let it
+    finish), or with ``at_commit`` as soon as its merged segment folder appears. Returns
+    (killed, exit code, output, seconds from its "ready" to its end)."""
+    process = subprocess.Popen([sys.executable, "-c", MERGE_CHILD, str(root)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+    first = process.stdout.readline()
+    ready = time.monotonic()
+    if first.strip() != "ready":
+        process.wait(timeout=60)
+        return False, process.returncode, first + process.stdout.read(), 0.0
+    if at_commit:
+        _wait_for_new_segment(root / "segments", process)
+        delay = 0.0
+    try:
+        process.wait(timeout=delay)
+        killed = False
+    except subprocess.TimeoutExpired:
+        killed = _kill_group(process)
+    return killed, process.returncode, first + process.stdout.read(), time.monotonic() - ready
+
+
+def run_merge_kills(root: Path, pool: PhotoPool, verifier: Verifier, rng: random.Random, kills: int,
+                    report: ModeReport) -> float:
+    """Kill merges of small segments ``kills`` times (every other one aimed at its commit);
+    returns the window the random delays were drawn from (1.2 times an uninterrupted merge)."""
+    engine = Waldo.open(root)
+
+    def small_segments() -> None:
+        for photo in pool.take(rng.randint(2, 4)):  # one segment each: the merge's work
+            added = engine.add([photo], [MERGE_IDENTITY], progress=False, num_workers=0, merge=False).added
+            report.images_acknowledged += len(added)
+            verifier.live.update({photo: added[0]} if added else {})
+
+    try:
+        small_segments()
+        killed, code, output, seconds = _run_merge(root, None)
+        if killed or code != 0:
+            raise RuntimeError(f"a merge failed without a kill:\n{output}")
+        verifier.adopt()  # what the uninterrupted merge left is the truth (ids included)
+        window = round(1.2 * seconds, 3)
+        delays: list[float] = []
+        while report.kills < kills:
+            small_segments()
+            aimed = report.kills % 2 == 1
+            delay = rng.uniform(0.0, window)
+            uncommitted_before = verifier.uncommitted_segments()
+            killed, code, output, _ = _run_merge(root, delay, at_commit=aimed)
+            label = f"merge kill {report.kills + 1} " + ("at its commit" if aimed else f"at {delay:.2f} s")
+            if not killed:
+                report.runs_finished_before_kill += 1
+                if code != 0:
+                    report.writer_errors += 1
+                    report.fail(f"merge exited {code} without being killed: {output.strip()[-400:]}")
+                continue
+            report.kills += 1
+            if not aimed:
+                delays.append(delay)
+            ok = verifier.after_kill(report, label, Operation(""), uncommitted_before)
+            report.survived += ok
+            print(f"{label}: {'survived' if ok else 'FAILED'}", flush=True)
+        report.kill_delay_s = [round(min(delays), 2), round(max(delays), 2)] if delays else []
+    finally:
+        engine.store.close()
+    return window
+
+
 # ----------------------------------------------------------------------------- driver
 def build_index(root: Path, pool: PhotoPool) -> None:
     """A fresh index (random projection: no fitting pass) holding 8 photos, keypoints included."""
@@ -495,9 +581,10 @@ def build_index(root: Path, pool: PhotoPool) -> None:
 
 
 def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, commit_kills: int = 0, seed: int = 0,
-                   server_window: float = 6.0, grocery: Path | None = None) -> CrashReport:
-    """Build an index under ``workdir`` and kill its writers ``cli_kills + server_kills`` times
-    (``commit_kills`` of the cli kills aimed at the commit)."""
+                   server_window: float = 6.0, grocery: Path | None = None, merge_kills: int = 0) -> CrashReport:
+    """Build an index under ``workdir`` and kill its writers ``cli_kills + server_kills +
+    merge_kills`` times (``commit_kills`` of the cli kills aimed at the commit). The report's
+    modes are cli and server, then merge when ``merge_kills``."""
     start = time.monotonic()
     rng = random.Random(seed)
     pool = PhotoPool(grocery or data_root() / "grocery_store", rng)
@@ -515,13 +602,19 @@ def run_crash_kill(workdir: Path, *, cli_kills: int, server_kills: int, commit_k
     server = ModeReport("server")
     if server_kills:
         run_server_kills(root, pool, verifier, rng, server_kills, server_window, server, workdir / "server.log")
+    modes = [cli, server]
+    if merge_kills:
+        merge = ModeReport("merge")
+        run_merge_kills(root, pool, verifier, rng, merge_kills, merge)
+        modes.append(merge)
     with contextlib.closing(_open_store(root)) as store:
         size = len(store)
     return CrashReport(seed=seed, images_in_index=size, seconds=round(time.monotonic() - start, 1),
-                       cli_window_s=cli_window, server_window_s=server_window, modes=[cli, server])
+                       cli_window_s=cli_window, server_window_s=server_window, modes=modes)
 
 
-WRITERS = {"cli": "`waldo index add`", "server": "`waldo serve` (`POST /images`, `DELETE`)"}
+WRITERS = {"cli": "`waldo index add`", "server": "`waldo serve` (`POST /images`, `DELETE`)",
+           "merge": "merge of small segments (`IndexStore.merge_small_segments`)"}
 
 
 def markdown(body: dict) -> str:
@@ -545,7 +638,10 @@ def markdown(body: dict) -> str:
               f"Upload files of adds that never committed, left by the last server kill: "
               f"{server['leftover_before_restart']}; deleted by the restart that closes the run: "
               f"{server['orphan_uploads_cleaned']}; left after it: {server['leftover_upload_files']}. "
-              f"Produced by `.venv/bin/python {body['command']}` (`results/crash_kill.json`)."]
+              + (f"Merges were killed {min(delays['merge']):.2f} to {max(delays['merge']):.2f} s after the merging "
+                 f"process opened the index (or as soon as its merged segment appeared). "
+                 if delays.get("merge") else "")
+              + f"Produced by `.venv/bin/python {body['command']}` (`results/crash_kill.json`)."]
     return "\n".join(lines)
 
 
@@ -555,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit-kills", type=int, default=10,
                         help="of the cli kills, how many strike as soon as the writer's segment folder appears")
     parser.add_argument("--server-kills", type=int, default=40)
+    parser.add_argument("--merge-kills", type=int, default=0,
+                        help="also kill merges of small segments this many times (half as soon as the merged "
+                             "segment folder appears)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-window", type=float, default=6.0,
                         help="kill the server up to this many seconds after it answers")
@@ -567,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         report = run_crash_kill(workdir, cli_kills=args.cli_kills, server_kills=args.server_kills,
-                                commit_kills=args.commit_kills, seed=args.seed, server_window=args.server_window)
+                                commit_kills=args.commit_kills, seed=args.seed, server_window=args.server_window,
+                                merge_kills=args.merge_kills)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

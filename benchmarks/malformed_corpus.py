@@ -9,7 +9,8 @@ JPEGs) by one mutation, and carries what a correct Waldo must do with it:
   bytes): decoded to 8-bit RGB of the right size (EXIF rotation applied), indexed, searchable.
 * ``refuse``: not an image Waldo accepts (empty, zeros, random bytes, SVG/HTML/text/PDF/ZIP/EPS
   named ``.jpg``, an ICO, a header alone, a PNG/JPEG/GIF/BMP header declaring billions of
-  pixels, a real 48-megapixel PNG): refused with a clear message, 4xx from the service.
+  pixels, a real 48-megapixel PNG, a JPEG of hundreds of scans, a JPEG claiming arithmetic
+  coding, a 1-pixel strip): refused with a clear message, 4xx from the service.
 * ``either``: damaged photos (truncated, bits flipped, bytes overwritten, header cut): refused
   with a clear message, or decoded if the damage left a decodable image.
 
@@ -46,8 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.decode_bombs import add_eob_scans  # noqa: E402
 from waldo.data.datasets import read_labels_csv  # noqa: E402
-from waldo.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image  # noqa: E402
+from waldo.data.images import (  # noqa: E402
+    DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, MAX_JPEG_SCANS, ImageLoadError, load_image)
 from waldo.paths import data_root  # noqa: E402
 
 __all__ = ["CorpusFile", "CorpusReport", "build_corpus", "run_corpus", "source_photos"]
@@ -256,6 +259,32 @@ def _bomb_png(*_):
     return _BOMB["png"], "png", None
 
 
+def _scan_bomb(_: bytes, photo: Image.Image, rng: random.Random):
+    """The photo as a progressive JPEG plus hundreds of end-of-band scans: valid, decodes to
+    the photo, but each scan costs a pass over the image (minutes at 6000x6000 and 20,000
+    scans), so files over the scan limit are refused before decoding."""
+    jpeg = _encode(_small(photo), "JPEG", quality=85, progressive=True)
+    return add_eob_scans(jpeg, MAX_JPEG_SCANS + rng.choice([1, 50, 500])), "jpg", None
+
+
+def _arithmetic_jpeg(_: bytes, photo: Image.Image, rng: random.Random):
+    """A Huffman-coded JPEG whose start-of-frame claims arithmetic coding (SOF9/SOF10):
+    libjpeg would decode it to noise without an error."""
+    progressive = rng.random() < 0.5
+    out = bytearray(_encode(_small(photo), "JPEG", quality=85, progressive=progressive))
+    at = out.find(b"\xff\xc2" if progressive else b"\xff\xc0")
+    out[at + 1] += 9
+    return bytes(out), "jpg", None
+
+
+def _long_strip(_: bytes, photo: Image.Image, rng: random.Random):
+    """A strip far thinner than any photo (a real one decodes fine but squashes to nonsense
+    in the square model input; at 1x40,000,000 it took 1.2 GB to load)."""
+    length = rng.choice([MAX_ASPECT_RATIO + 1, 1000, 20000])
+    size = (1, length) if rng.random() < 0.5 else (length, 1)
+    return _encode(photo.resize(size), "PNG"), "png", None
+
+
 def _cmyk_jpeg(_: bytes, photo: Image.Image, __: random.Random):
     small = _small(photo)
     return _encode(small.convert("CMYK"), "JPEG", quality=85), "jpg", small.size
@@ -355,6 +384,9 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "huge-gif": (_huge_gif, "refuse"),
     "huge-bmp": (_huge_bmp, "refuse"),
     "bomb-png": (_bomb_png, "refuse"),
+    "scan-bomb-jpeg": (_scan_bomb, "refuse"),
+    "arithmetic-jpeg": (_arithmetic_jpeg, "refuse"),
+    "long-strip": (_long_strip, "refuse"),
     "cmyk-jpeg": (_cmyk_jpeg, "ok"),
     "cmyk-tiff": (_cmyk_tiff, "ok"),
     "16-bit-png": (_png16, "ok"),

@@ -169,3 +169,99 @@ def test_build_with_int8_locals_and_an_approximate_global_index(capsys, tmp_path
         code, _, err = run(capsys, "index", "build", "--data", data_root / "abo_sample", "--out", tmp_path / "bad",
                            "--projection", "random", "--workers", "0", "--quiet", *flags)
         assert code == 2 and message in err and not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- index compact; write failures
+def _grocery_photos(data_root, n: int) -> list[str]:
+    from waldo.data.datasets import read_labels_csv
+
+    records = read_labels_csv(data_root / "grocery_store").records
+    return [r.path for r in records if r.attrs.get("kind") == "natural"][:: 211][:n]
+
+
+def test_index_compact_reclaims_removed_rows(capsys, tmp_path, index_dir):
+    import shutil
+
+    root = shutil.copytree(index_dir, tmp_path / "ix")
+    with IndexStore.open(root) as store:
+        store.remove([r.id for r in store.records()][:2])
+    code, out, _ = run(capsys, "index", "compact", "--index", root)
+    assert code == 0 and out.startswith(f"compacted {root}: segments 1 -> 1, 2 removed rows reclaimed, 10 images, ")
+    code, out, _ = run(capsys, "index", "compact", "--index", root, "--json")
+    body = json.loads(out)
+    assert code == 0 and body["path"] == str(root) and body["images"] == 10 and body["seconds"] >= 0
+    assert (body["segments_before"], body["segments_after"], body["rows_reclaimed"]) == (1, 1, 0)
+    code, out, _ = run(capsys, "index", "compact", "--index", root)
+    assert code == 0 and out.startswith(f"{root} is already compact: 10 images in 1 segment (")
+    code, out, _ = run(capsys, "index", "check", "--index", root)
+    assert code == 0 and out.strip().endswith("ok")
+    code, _, err = run(capsys, "index", "compact", "--index", tmp_path / "nothing")
+    assert code == 2 and "no index at" in err
+
+
+def test_index_add_on_a_full_disk_says_so_and_exits_1(capsys, tmp_path, index_dir, data_root, missing_dependency):
+    """No traceback, no signal: one line saying what happened and that nothing was added."""
+    import errno
+    import shutil
+    import subprocess
+
+    size = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file())
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 2**20 + 4}m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        missing_dependency(f"cannot mount a tmpfs to fill ({done.stderr.strip()}): this test needs root")
+    try:
+        root = shutil.copytree(index_dir, mount / "ix")
+        filler = mount / "filler"
+        with open(filler, "wb") as f:  # fill the disk, then give back 64 KiB: less than 3 photos need
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+            f.truncate(f.tell() - 65536 if f.tell() >= 65536 else 0)
+        code, out, err = run(capsys, "index", "add", "--index", root, *_grocery_photos(data_root, 3),
+                             "--workers", "0", "--quiet")
+        assert code == 1 and out == "" and "Traceback" not in err
+        assert err == (f"waldo: error: no space left on device while writing the index at {root}: nothing was "
+                       f"added; free space and retry\n")
+        filler.unlink()
+        with IndexStore.open(root) as store:
+            assert len(store) == 12 and store.check() == [] and store.info()["orphan_segments"] == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_index_add_says_once_that_it_waits_for_the_write_lock(capsys, tmp_path, index_dir, data_root, monkeypatch):
+    import shutil
+    import threading
+
+    import waldo.cli as cli
+    from waldo.fsutil import file_lock
+
+    root = shutil.copytree(index_dir, tmp_path / "ix")
+    said, held = threading.Event(), threading.Event()
+    say = cli._say_waiting_for_lock
+
+    def say_and_release() -> None:
+        say()
+        said.set()
+
+    monkeypatch.setattr(cli, "_say_waiting_for_lock", say_and_release)
+
+    def hold() -> None:  # another writer, holding the lock until the waiting one has said so
+        with file_lock(root / "write.lock"):
+            held.set()
+            said.wait(timeout=120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    code, out, err = run(capsys, "index", "add", "--index", root, *_grocery_photos(data_root, 1),
+                         "--workers", "0", "--quiet")
+    holder.join()
+    assert code == 0 and out.startswith("added 1 images") and said.is_set()
+    assert err.count("waiting for the index's write lock") == 1

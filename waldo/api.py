@@ -12,7 +12,9 @@ model in ``model/`` (config.json + model.safetensors), so a query needs nothing 
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
@@ -24,7 +26,8 @@ from PIL import Image
 from waldo import __version__
 from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
-from waldo.index import IndexMismatchError, IndexStore, Snapshot
+from waldo.index import (IndexBusyError, IndexMismatchError, IndexResourceError, IndexStore, RaggedKeypoints,
+                         Snapshot, StorageFullError)
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash, save_model
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import extract_descriptors
@@ -37,6 +40,8 @@ from waldo.rerank.base import SCORE_SIMILARITY
 from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt, read_rrt_info
 from waldo.rerank.rrt_rerankers import resolve_precision
 from waldo.results import SearchHit, SearchOutcome, StageTimer
+
+log = logging.getLogger("waldo.index")
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
@@ -169,14 +174,26 @@ class Waldo:
     def add(self, paths: Sequence[str], identities: Sequence[str] | None = None,
             attrs: Sequence[dict] | None = None, *, batch_size: int = 32,
             num_workers: int | None = None, progress: bool = True, engine: str = "local",
-            actors: int | None = None, runtime: str = "auto") -> AddReport:
+            actors: int | None = None, runtime: str = "auto", merge: bool = True) -> AddReport:
         """Extract and add images. Paths already in the index, and duplicates within ``paths``,
         are skipped (reported, not re-added); unreadable images are reported and skipped.
+        Paths another writer adds meanwhile are skipped too: the final check runs under the
+        index's write lock, so two concurrent adds of overlapping paths both succeed.
 
         ``engine="local"`` extracts in this process (``num_workers`` decoding processes) and
         commits all images at once; ``engine="ray"`` extracts on Ray actors (``actors`` of them;
         a cluster when ``RAY_ADDRESS`` is set, see waldo.models.extract_ray) and commits every
-        few thousand images, so an interrupted add keeps what it committed."""
+        few thousand images, so an interrupted add keeps what it committed.
+
+        ``merge``: after committing, merge small segments when the index's merge policy asks
+        for it (:meth:`IndexStore.merge_small_segments`), so that adding photos one at a time
+        does not pile up segments. A merge that fails (a full disk, a busy lock) is logged and
+        leaves the committed add as it is. A long-lived service passes False and merges from a
+        background thread instead.
+
+        Raises (besides ValueError for bad input): StorageFullError when the disk filled up
+        while writing (nothing of that commit was added), IndexBusyError when the store's
+        ``lock_timeout`` passed."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         paths = [str(Path(p).resolve()) for p in paths]
@@ -199,7 +216,7 @@ class Waldo:
         todo = [paths[i] for i in keep]
         if engine == "ray":
             self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
-                          progress=progress, runtime=runtime)
+                          progress=progress, runtime=runtime, merge=merge)
             return report
         # runtime "auto" exports the model to ONNX Runtime (waldo.models.onnx_runtime) for big adds only.
         extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
@@ -213,16 +230,49 @@ class Waldo:
             verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None,
                                                        progress=progress), self.gv_sift.descriptor_bytes)
                             if self.gv_sift is not None else None)
-            report.added = self.store.add(kept, [identities[i] for i in rows],
-                                          extracted.global_desc, extracted.local_desc,
-                                          attrs=[attrs[i] for i in rows], verification=verification)
+            self._commit(report, kept, [identities[i] for i in rows], extracted.global_desc,
+                         extracted.local_desc, [attrs[i] for i in rows], verification, merge)
         return report
+
+    def _commit(self, report: AddReport, paths: list[str], identities: list[str], global_desc: np.ndarray,
+                local_desc: np.ndarray, attrs: list[dict], verification: RaggedKeypoints | None,
+                merge: bool) -> None:
+        """Add one extracted batch: paths that became live since :meth:`add` looked (another
+        writer) are skipped under the write lock and reported as already indexed; then merge
+        small segments if the policy asks for it and ``merge``."""
+        result = self.store.add_new(paths, identities, global_desc, local_desc, attrs=attrs,
+                                    verification=verification)
+        report.added += result.ids
+        report.already_indexed += result.skipped_paths
+        if merge:
+            self.merge_small_segments()
+
+    def merge_small_segments(self) -> dict | None:
+        """Merge small segments if the index's merge policy asks for it (cheap to call when it
+        does not); returns what was merged, or None. Housekeeping: a failure (a full disk, a
+        busy lock, no file descriptors) is logged as a warning and the index stays valid."""
+        try:
+            if not self.store.needs_merge():
+                return None
+            return self.store.merge_small_segments()
+        except (StorageFullError, IndexBusyError, IndexResourceError) as error:
+            log.warning("merging small segments of %s skipped: %s", self.root, error)
+            return None
+
+    def compact(self) -> dict:
+        """Rewrite every live image into one segment (reclaims removed rows); see
+        :meth:`IndexStore.compact`. Returns its statistics plus ``seconds``."""
+        start = time.perf_counter()
+        stats: dict = dict(self.store.compact())
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        return stats
 
     def _add_ray(self, paths: list[str], keep: list[int], identities: list[str], attrs: list[dict],
                  report: AddReport, *, batch_size: int, actors: int | None, progress: bool,
-                 runtime: str = "auto") -> None:
+                 runtime: str = "auto", merge: bool = True) -> None:
         """The ray engine of :meth:`add`: actors extract (descriptors and, when the index stores
-        them, keypoints), this process writes each chunk of results as one segment, in order."""
+        them, keypoints), this process writes each chunk of results as one segment, in order
+        (merging small segments after each when ``merge``)."""
         from waldo.models.extract_ray import iter_extract_ray
 
         for chunk in iter_extract_ray(self.root / MODEL_FOLDER, [paths[i] for i in keep], sift=self.gv_sift,
@@ -233,9 +283,8 @@ class Waldo:
             if rows:
                 verification = (pack_features(chunk.keypoints, self.gv_sift.descriptor_bytes)
                                 if chunk.keypoints is not None and self.gv_sift is not None else None)
-                report.added += self.store.add([paths[i] for i in rows], [identities[i] for i in rows],
-                                               chunk.global_desc, chunk.local_desc,
-                                               attrs=[attrs[i] for i in rows], verification=verification)
+                self._commit(report, [paths[i] for i in rows], [identities[i] for i in rows], chunk.global_desc,
+                             chunk.local_desc, [attrs[i] for i in rows], verification, merge)
 
     def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
         """Remove images by id and/or path; returns how many were removed."""

@@ -1,7 +1,7 @@
 """``waldo`` command line: a thin layer over the Python API.
 
     waldo index build --data DIR --backbone NAME --out INDEX
-    waldo index add|remove|info|check ...
+    waldo index add|remove|info|check|compact ...
     waldo search IMAGE --index DIR -k 10
     waldo eval --data DIR --protocol NAME --backbone NAME [--transform NAME] [--json OUT]
     waldo eval --protocol NAME --model RERANKER_DIR --rerank rrt|rrt-fusion
@@ -27,11 +27,32 @@ from waldo.cli_args import (BACKBONE_NAMES, DEFAULT_GLOBAL_DIM, DEFAULT_POOLING,
                             protocol_name, protocol_names)
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the command was right but the machine could not do it (a full disk, a busy index)
 
 
 def _fail(message: str) -> int:
     print(f"waldo: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _index_failure(error: OSError) -> int:
+    """``waldo: error: <message>`` and EXIT_FAILURE when the machine could not do what an index
+    command asked (a full disk, out of file descriptors, a busy lock): said plainly, without a
+    traceback. Any other OSError is re-raised."""
+    from waldo.index.errors import IndexBusyError, IndexResourceError, StorageFullError, storage_full_errno
+
+    if isinstance(error, (StorageFullError, IndexResourceError, IndexBusyError)):
+        message = str(error)
+    elif storage_full_errno(error) is not None:  # e.g. while writing the new index's model folder
+        message = f"{error.strerror or error} while writing {error.filename or 'the index'}: free space and retry"
+    else:
+        raise error
+    print(f"waldo: error: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _say_waiting_for_lock() -> None:
+    print("waiting for the index's write lock (another process is writing to it)...", file=sys.stderr, flush=True)
 
 
 def _parse_where(items: list[str] | None) -> dict[str, set[str]]:
@@ -110,15 +131,19 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from waldo.models.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model) if args.model else None
-    engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
-                          pooling=args.pooling, global_dim=args.global_dim,
-                          fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
-                          transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
-                          global_index=args.global_index, gv_features=args.local_features,
-                          global_search_params=_parse_search_params(args.global_search_params))
-    report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
-                        batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
-                        engine=args.engine, actors=args.actors, runtime=args.runtime)
+    try:
+        engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
+                              pooling=args.pooling, global_dim=args.global_dim,
+                              fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
+                              transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
+                              global_index=args.global_index, gv_features=args.local_features,
+                              global_search_params=_parse_search_params(args.global_search_params))
+        engine.store.on_lock_wait = _say_waiting_for_lock
+        report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
+                            batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
+                            engine=args.engine, actors=args.actors, runtime=args.runtime)
+    except OSError as error:
+        return _index_failure(error)
     seconds = time.perf_counter() - start
     _print_errors(report.errors)
     print(f"indexed {len(report.added)} images into {out} in {seconds:.1f} s "
@@ -153,7 +178,10 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     from waldo.data.datasets import load_dataset
     from waldo.data.images import IMAGE_EXTENSIONS
 
-    engine = Waldo.open(args.index)
+    try:
+        engine = Waldo.open(args.index)
+    except OSError as error:  # e.g. out of file descriptors: never "corrupt"
+        return _index_failure(error)
     paths, identities, attrs = [], [], []
     for item in args.inputs:
         item_path = Path(item)
@@ -170,9 +198,13 @@ def cmd_index_add(args: argparse.Namespace) -> int:
             attrs.append({})
         else:
             return _fail(f"{item} does not exist")
-    report = engine.add(paths, identities, attrs, batch_size=args.batch_size,
-                        num_workers=args.workers, progress=not args.quiet, engine=args.engine, actors=args.actors,
-                        runtime=args.runtime)
+    engine.store.on_lock_wait = _say_waiting_for_lock  # the CLI waits for the lock as long as it takes
+    try:
+        report = engine.add(paths, identities, attrs, batch_size=args.batch_size,
+                            num_workers=args.workers, progress=not args.quiet, engine=args.engine,
+                            actors=args.actors, runtime=args.runtime)
+    except OSError as error:
+        return _index_failure(error)
     _print_errors(report.errors)
     print(f"added {len(report.added)} images ({len(report.already_indexed)} already indexed, "
           f"{len(report.errors)} unreadable); the index holds {len(engine)}")
@@ -283,6 +315,32 @@ def cmd_index_check(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problems")
     return 0 if not problems else 1
+
+
+def cmd_index_compact(args: argparse.Namespace) -> int:
+    from waldo.index import IndexStore
+
+    start = time.perf_counter()
+    try:
+        with IndexStore.open(args.index) as store:  # no model needed: faster than Waldo.open
+            store.on_lock_wait = _say_waiting_for_lock
+            stats = store.compact()
+            images = len(store)
+    except OSError as error:
+        return _index_failure(error)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"path": str(Path(args.index).absolute()), **stats, "images": images,
+                          "seconds": round(seconds, 3)}, indent=2))
+        return 0
+    before, after = stats["segments_before"], stats["segments_after"]
+    if before == after and not stats["rows_reclaimed"]:
+        print(f"{args.index} is already compact: {images} images in {after} segment{'' if after == 1 else 's'} "
+              f"({seconds:.1f} s)")
+    else:
+        print(f"compacted {args.index}: segments {before} -> {after}, {stats['rows_reclaimed']} removed rows "
+              f"reclaimed, {images} images, {seconds:.1f} s")
+    return 0
 
 
 # ----------------------------------------------------------------------------- search
@@ -412,6 +470,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = ServeSettings(**flags)
     except ValidationError as error:  # the message names the setting, never its value (a key)
         return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
+    if settings.allowed_hosts is None:
+        # Host/Origin checks on by default for a loopback binding (DNS rebinding, cross-site
+        # writes); a network binding allows any host unless --allowed-host names them.
+        from waldo.serve.origin import default_allowed_hosts
+
+        settings = settings.model_copy(update={"allowed_hosts": default_allowed_hosts(args.host)})
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     # Printed before the model loads so a person sees where to go; uvicorn reports readiness.
     print(f"waldo: serving {args.index} at http://{shown_host}:{args.port}/ (loading the model first; "
@@ -603,6 +667,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
     check.set_defaults(handler=cmd_index_check)
 
+    compact = index_commands.add_parser(
+        "compact", help="rewrite the index into one segment (reclaims removed rows)",
+        description="Rewrite every image of the index into one segment and delete the old ones: reclaims the "
+                    "space of removed images and merges the small segments adds leave (adds already merge "
+                    "small segments as they go). Crash-safe; ids and search results are unchanged. Needs free "
+                    "space for a copy of the index's descriptors.")
+    compact.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
+    compact.add_argument("--json", action="store_true",
+                         help="print segments before/after, rows reclaimed, images and seconds as JSON")
+    compact.set_defaults(handler=cmd_index_compact)
+
     search = commands.add_parser("search", help="query an index with a photo",
                                  description="The k indexed images most like a photo, best first: the global "
                                              "descriptor's nearest neighbours, reranked (see --rerank).")
@@ -673,6 +748,15 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-inflight-uploads", type=int, metavar="N",
                         help=f"requests with a body handled at once; more get 429 (bounds upload memory; "
                              f"default {default['max_inflight_uploads']})")
+    limits.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="HOST",
+                        help="a host name the Host header may carry (repeat for several; * for any). Default: "
+                             "localhost, 127.0.0.1 and ::1 when --host is a loopback address, else any")
+    limits.add_argument("--write-wait", dest="write_wait_s", type=float, metavar="S",
+                        help=f"seconds a write waits for its turn and for the index's write lock before 503 "
+                             f"(default {default['write_wait_s']:g})")
+    limits.add_argument("--decode-memory-mb", dest="decode_memory_bytes", type=_megabytes, metavar="MB",
+                        help=f"memory all image decodes may hold at once, in MB "
+                             f"(default {default['decode_memory_bytes'] / 2**20:g})")
     limits.add_argument("--api-key", metavar="KEY",
                         help="require this key (header X-API-Key) to add or remove images; default: "
                              "$WALDO_API_KEY, else no key. Searches stay open")

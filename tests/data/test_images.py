@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
+import os
 import resource
 import struct
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
-from waldo.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image
+import waldo.data.images
+from waldo.data.images import (DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, MAX_JPEG_SCANS, DecodeBudget, DecodeBusyError,
+                               ImageLoadError, list_images, load_image)
 
 JPEG_REL = "grocery_store/dataset/train/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg"
 PNG_REL = "coil100/images/obj1__0.png"
@@ -293,3 +300,352 @@ def test_list_images_empty_and_missing_folder(tmp_path: Path) -> None:
         list_images(tmp_path / "empty")
     with pytest.raises(ValueError, match="does not exist"):
         list_images(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- decode bombs (issue 19)
+def _bombs():
+    """benchmarks/decode_bombs.py: the crafted attack files the benchmark measures."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_bombs.py"
+    spec = importlib.util.spec_from_file_location("waldo_decode_bombs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    return _bombs()
+
+
+@pytest.fixture
+def no_decode(monkeypatch: pytest.MonkeyPatch):
+    """Fails the test if any image is decoded (Pillow's load) while it runs."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{self.format} image was decoded; it should have been refused from its header")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+def _scans(data: bytes) -> int:
+    # Exact for files Pillow and decode_bombs write: entropy-coded 0xFF bytes are always stuffed.
+    return data.count(b"\xff\xda")
+
+
+def test_scan_bomb_is_refused_before_decoding(bombs, no_decode) -> None:
+    data = bombs.scan_bomb_jpeg(64, 64, 3 * MAX_JPEG_SCANS)
+    err = _refuses(data, f"more than {MAX_JPEG_SCANS} scans")
+    assert "<upload>" in str(err)
+
+
+def test_scan_limit_is_exact_and_a_keyword(bombs) -> None:
+    data = bombs.scan_bomb_jpeg(40, 24, 25)
+    scans = _scans(data)
+    assert scans > 25  # Pillow's own progressive scans come first
+    decoded = load_image(data, max_jpeg_scans=scans)
+    # The extra scans are a legal progression that changes no coefficient: same pixels.
+    assert np.array_equal(np.asarray(decoded), np.asarray(load_image(bombs.scan_bomb_jpeg(40, 24, 0))))
+    with pytest.raises(ImageLoadError, match=f"more than {scans - 1} scans"):
+        load_image(data, max_jpeg_scans=scans - 1)
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["1MB-window", "5-byte-window"])
+def test_scan_count_skips_segment_payloads_and_entropy_data(photo: Image.Image, bombs, window: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An APP1 holding a thumbnail JPEG (here one claiming arithmetic coding, with hundreds of
+    scans) is skipped by its length; stuffed bytes and restart markers inside entropy-coded
+    data are not markers. Counting any of them would refuse this valid photo. The file is
+    read through a window; a 5-byte one puts markers and 0xFF runs across its edges."""
+    if window is not None:
+        monkeypatch.setattr(waldo.data.images._ChunkedStream, "CHUNK", window)
+    thumbnail = bytearray(bombs.scan_bomb_jpeg(16, 16, 2 * MAX_JPEG_SCANS))
+    thumbnail[thumbnail.index(b"\xff\xc2") + 1] = 0xCA  # "progressive, arithmetic-coded"
+    noisy = np.clip(np.asarray(photo, np.int16) + np.random.default_rng(0).integers(-40, 40, (200, 300, 3)), 0, 255)
+    out = io.BytesIO()
+    Image.fromarray(noisy.astype(np.uint8)).save(out, format="JPEG", quality=95, progressive=True,
+                                                 restart_marker_blocks=4)
+    main = out.getvalue()
+    assert b"\xff\x00" in main and b"\xff\xd0" in main  # stuffed bytes and restart markers present
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(thumbnail)) + b"Exif\x00\x00" + bytes(thumbnail)
+    data = main[:2] + app1 + main[2:]
+    image = load_image(data, max_jpeg_scans=_scans(main))
+    assert image.size == (300, 200)
+    assert np.array_equal(np.asarray(image), np.asarray(load_image(main)))
+
+
+@pytest.mark.parametrize("sof", [0xC0, 0xC2])
+def test_arithmetic_coded_jpeg_is_refused(photo: Image.Image, sof: int, no_decode) -> None:
+    """A header claiming arithmetic coding over Huffman data decodes to noise without an error
+    (libjpeg's arithmetic decoder reports nothing), so arithmetic coding is refused."""
+    out = io.BytesIO()
+    photo.save(out, format="JPEG", progressive=sof == 0xC2)
+    data = bytearray(out.getvalue())
+    at = data.index(bytes([0xFF, sof]))
+    data[at + 1] = sof + 9  # SOF0 -> SOF9, SOF2 -> SOF10: the arithmetic-coded twins
+    err = _refuses(bytes(data), "arithmetic-coded JPEG is not supported")
+    assert f"SOF{sof - 0xC0 + 9}" in err.reason
+
+
+def test_extreme_aspect_ratio_is_refused_from_the_header(bombs, no_decode) -> None:
+    assert MAX_ASPECT_RATIO == 100
+    _refuses(bombs.long_strip_png(), "too elongated")  # the 1x39,999,999 PNG: 78 KB, 1.2 GB to load
+    _refuses(bombs.long_strip_png(101), "more than 100 times")
+
+
+def test_aspect_ratio_limit_is_inclusive_and_a_keyword(bombs) -> None:
+    assert load_image(bombs.long_strip_png(100)).size == (1, 100)
+    with pytest.raises(ImageLoadError, match="more than 10 times"):
+        load_image(bombs.long_strip_png(11), max_aspect_ratio=10)
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=92, **options)
+    return out.getvalue()
+
+
+def _drafts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Records the size each JPEG decodes at after draft()."""
+    seen: list[tuple[int, int]] = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        seen.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return seen
+
+
+def test_max_side_decodes_jpegs_at_reduced_scale(photo: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = photo.resize((1200, 800), Image.Resampling.BICUBIC)
+    data = _jpeg(big)
+    drafts = _drafts(monkeypatch)
+    small = load_image(data, max_side=280)
+    # 1/4 scale (300x200) is the smallest that keeps the longest side >= 280; then resized.
+    assert drafts == [(300, 200)] and small.size == (280, 187)
+    reference = load_image(data).resize(small.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(small, np.float64) - np.asarray(reference, np.float64)).mean() < 3
+    assert load_image(data, max_side=150).size == (150, 100)  # 1/8 scale: 150x100 exactly, no resize
+    assert drafts[-1] == (150, 100)
+    assert load_image(data, max_side=5000).size == (1200, 800)  # never enlarged, full scale
+    assert load_image(data).size == (1200, 800)  # without max_side: full resolution
+    assert len(drafts) == 2  # neither of the last two drafted
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_max_side_keeps_exif_orientation(photo: Image.Image, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(photo.resize((1200, 800)), exif=exif)
+    out = load_image(data, max_side=300)
+    assert out.size == ((200, 300) if orientation in (6, 8) else (300, 200))
+    full = load_image(data)
+    assert full.size == ((800, 1200) if orientation in (6, 8) else (1200, 800))
+    expected = full.resize(out.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(out, np.float64) - np.asarray(expected, np.float64)).mean() < 3
+
+
+def test_max_side_other_formats(photo: Image.Image, tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    assert load_image(path, max_side=150).size == (150, 100)
+    assert load_image(path, max_side=300).size == (300, 200)
+    with pytest.raises(ValueError, match="max_side"):
+        load_image(path, max_side=0)
+
+
+def _tall(mode: str) -> Image.Image:
+    """An image taller than one conversion band (2**18 pixels), with different values per row."""
+    rng = np.random.default_rng(3)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (700, 500), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-5000, 90000, (700, 500), dtype=np.int32))
+    if mode == "F":
+        values = rng.normal(0, 300, (700, 500)).astype(np.float32)
+        values[3, 4], values[600, 7] = np.nan, np.inf
+        return Image.fromarray(values)
+    return Image.fromarray(rng.integers(0, 256, (700, 500, 4), dtype=np.uint8), "RGBA").convert(mode)
+
+
+def _expected_grey(image: Image.Image) -> np.ndarray:
+    """What the loader's documented rules give, computed on the whole image at once."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "I;16":
+        return np.rint(values * 255 / 65535).astype(np.uint8)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = values.min(), values.max()
+    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_banded_high_depth_conversion_equals_the_whole_image_rule(mode: str, tmp_path: Path) -> None:
+    image = _tall(mode)
+    path = tmp_path / "deep.tif"
+    image.save(path)
+    out = np.asarray(load_image(path))
+    assert np.array_equal(out[..., 0], _expected_grey(image)) and (out[..., 0] == out[..., 2]).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_banded_alpha_conversion_equals_compositing_the_whole_image(mode: str, tmp_path: Path) -> None:
+    image = _tall(mode)
+    path = tmp_path / "alpha.png"
+    image.save(path, **({"transparency": 7} if mode == "P" else {}))
+    with Image.open(path) as stored:
+        whole = Image.alpha_composite(Image.new("RGBA", stored.size, "white"), stored.convert("RGBA")).convert("RGB")
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(whole))
+
+
+def _budget_need(data: bytes, **kwargs) -> int:
+    """What load_image reserves for ``data`` (read from a budget that never waits)."""
+    probe = DecodeBudget(1 << 40)
+    load_image(data, budget=probe, **kwargs)
+    assert probe.in_use == 0  # released after the decode
+    return probe.peak
+
+
+def test_budget_estimate_follows_size_format_and_draft(photo: Image.Image, bombs) -> None:
+    big = photo.resize((1600, 1200))
+    baseline = _budget_need(_jpeg(big))
+    progressive = _budget_need(_jpeg(big, progressive=True))
+    # A progressive JPEG also holds libjpeg's coefficients: 64 x 2 bytes per block, 4:2:0.
+    assert progressive - baseline >= 1600 * 1200 * 2 * 1.5 * 0.95
+    assert _budget_need(_jpeg(big), max_side=200) < baseline
+    bilevel = _budget_need(bombs.bilevel_png(1000))
+    assert bilevel >= 1000 * 1000 * (1 + 4)  # the 1-byte decoded image and its 4-byte RGB copy
+
+
+def test_image_over_the_whole_budget_is_refused(photo: Image.Image, no_decode) -> None:
+    budget = DecodeBudget(20 * 2**20)
+    err = _refuses_with(budget, _jpeg(Image.new("RGB", (3000, 3000))))
+    assert "exceeds the decode memory limit" in err.reason and budget.peak == 0
+
+
+def _refuses_with(budget: DecodeBudget, data: bytes) -> ImageLoadError:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data, budget=budget, budget_timeout=0)
+    return info.value
+
+
+def test_budget_timeout_raises_decode_busy(photo: Image.Image) -> None:
+    data = _jpeg(photo)
+    budget = DecodeBudget(_budget_need(data) + 1000)
+    with budget.reserve(2000):
+        with pytest.raises(DecodeBusyError, match="retry"):
+            load_image(data, budget=budget, budget_timeout=0.05)
+    assert isinstance(DecodeBusyError("x"), RuntimeError)
+    assert load_image(data, budget=budget, budget_timeout=0).size == photo.size  # room again
+    assert budget.in_use == 0
+
+
+def test_concurrent_decodes_never_hold_more_than_the_budget(bombs) -> None:
+    """Eight threads decode big images through one budget that fits two of them: the bytes
+    held at once (counted independently of the budget's own books) never exceed it."""
+    files = [bombs.bilevel_png(1500, seed=i) for i in range(8)]
+    need = _budget_need(files[0])
+
+    class Counted(DecodeBudget):
+        def __init__(self, max_bytes: int) -> None:
+            super().__init__(max_bytes)
+            self.lock = threading.Lock()
+            self.held = self.most = self.holders = self.most_holders = 0
+
+        @contextlib.contextmanager
+        def reserve(self, nbytes: int, timeout: float | None = None):
+            with super().reserve(nbytes, timeout):
+                with self.lock:
+                    self.held += nbytes
+                    self.holders += 1
+                    self.most, self.most_holders = max(self.most, self.held), max(self.most_holders, self.holders)
+                try:
+                    yield
+                finally:
+                    with self.lock:
+                        self.held -= nbytes
+                        self.holders -= 1
+
+    budget = Counted(2 * need + need // 2)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        images = list(pool.map(lambda data: load_image(data, budget=budget), files))
+    assert [im.size for im in images] == [(1500, 1500)] * 8
+    assert 0 < budget.most <= budget.max_bytes and budget.most_holders <= 2
+    assert budget.held == 0 and budget.in_use == 0
+
+
+def test_budget_serves_waiters_in_order() -> None:
+    """A big reservation queued first is served before small ones queued after it, so a
+    stream of small decodes cannot starve a big one."""
+    budget = DecodeBudget(100)
+    order: list[str] = []
+
+    def take(label: str, nbytes: int) -> None:
+        with budget.reserve(nbytes, timeout=10):
+            order.append(label)
+
+    with budget.reserve(60):
+        big = threading.Thread(target=take, args=("big", 90))
+        big.start()
+        while not budget.waiting:  # the big one is waiting
+            time.sleep(0.001)
+        small = threading.Thread(target=take, args=("small", 20))
+        small.start()
+        while budget.waiting < 2:  # the small one would fit now, yet waits behind the big one
+            time.sleep(0.001)
+        assert order == []
+    big.join(10)
+    small.join(10)
+    assert order == ["big", "small"]  # and the small one only once the big one was done (90 + 20 > 100)
+    with pytest.raises(ValueError, match="cannot reserve"):
+        with budget.reserve(101):
+            pass
+
+
+def test_render_thumbnail_decodes_small_and_uses_the_budget(photo: Image.Image, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from waldo.serve.thumbnails import render_thumbnail
+
+    path = tmp_path / "big.jpg"
+    photo.resize((2400, 1600)).save(path, quality=90)
+    drafts = _drafts(monkeypatch)
+    budget = DecodeBudget(1 << 30)
+    data = render_thumbnail(str(path), 128, DEFAULT_MAX_PIXELS, budget=budget, budget_timeout=1)
+    width, height = Image.open(io.BytesIO(data)).size
+    assert width == 128 and abs(height - 128 * 1600 / 2400) <= 1  # rounded twice: 85 or 86
+    assert drafts == [(300, 200)]  # 1/8 scale: still at least twice the thumbnail
+    assert 0 < budget.peak < _budget_need(path.read_bytes())
+    with budget.reserve(budget.max_bytes), pytest.raises(DecodeBusyError):
+        render_thumbnail(str(path), 128, DEFAULT_MAX_PIXELS, budget=budget, budget_timeout=0)
+
+
+def _rgb_noise(width: int, height: int) -> Image.Image:
+    """A ramp with noise: photo-like entropy, so the encoders write realistic files."""
+    ramp = np.linspace(0, 215, width).astype(np.uint8)[None, :, None]
+    return Image.fromarray(ramp + np.random.default_rng(5).integers(0, 40, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["1-bit-png", "16-bit-png", "rgba-png", "progressive-444-jpeg", "webp"])
+def test_budget_estimate_bounds_the_measured_peak(kind: str, bombs, tmp_path: Path) -> None:
+    """What load_image reserves covers the peak RSS its decode adds, measured (VmHWM) in a fresh
+    process, and is not far above it (an estimate twice too high would halve the service's
+    concurrency for nothing)."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    side = 3000
+    path = tmp_path / f"{kind}.{kind.rsplit('-', 1)[-1]}"
+    if kind == "1-bit-png":
+        path.write_bytes(bombs.bilevel_png(side))
+    elif kind == "16-bit-png":
+        path.write_bytes(bombs.deep_png(side, side))
+    elif kind == "rgba-png":
+        path.write_bytes(bombs.alpha_png(side, side))
+    elif kind == "progressive-444-jpeg":
+        _rgb_noise(side, side).save(path, quality=90, progressive=True, subsampling=0)
+    else:
+        _rgb_noise(side, side).save(path, quality=80, method=0)  # method 0: the fastest encoder
+    measured = bombs.measure_file(path)
+    assert measured.get("size") == [side, side], measured
+    estimate, peak = measured["estimated_peak_mib"], measured["peak_rss_added_mib"]
+    assert peak <= estimate <= peak * 1.25 + 16, measured

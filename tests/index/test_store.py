@@ -215,15 +215,23 @@ def test_bad_inputs_refused(store):
     assert len(store) == 0
 
 
-def test_local_descriptors_are_memory_mapped(store):
-    ids = store.add(*batch(6, 0))
+def test_big_segment_files_are_memory_mapped_small_ones_read(store, monkeypatch):
+    """Big files stay memory-mapped (never all in RAM); small ones are read, holding no fd."""
+    from waldo.index import npy_files
+
+    small = store.add(*batch(6, 0))
+    first = store.snapshot()  # opens (and caches) the small segment: read into RAM
+    monkeypatch.setattr(npy_files, "MMAP_MIN_BYTES", 0)  # every file opened from here on is "big"
+    ids = store.add(*batch(6, 1))
     snap = store.snapshot()
     view = snap.local_view(ids[2])
     assert isinstance(view, np.memmap) and view.dtype == np.float16 and view.shape == (L, DL)
+    in_ram = snap.local_view(small[2])
+    assert not isinstance(in_ram, np.memmap) and not in_ram.flags.writeable and in_ram.dtype == np.float16
     assert store.local_descriptors(ids[:2]).dtype == np.float16
     assert store.snapshot() is snap  # no write: the snapshot is reused, not rebuilt
-    store.add(*batch(1, 1))
-    assert store.snapshot() is not snap and len(snap) == 6  # old snapshot unchanged
+    store.add(*batch(1, 2))
+    assert store.snapshot() is not snap and len(snap) == 12 and len(first) == 6  # old snapshots unchanged
 
 
 def test_empty_index_and_empty_calls(store):

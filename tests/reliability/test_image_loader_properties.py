@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from waldo.data.images import ImageLoadError, load_image
+from waldo.data.images import MAX_ASPECT_RATIO, ImageLoadError, load_image
 
 # Decoding is quick, but the machine is shared: a fixed, modest number of examples, no deadline.
 # No example database: it would leave a .hypothesis/ folder in the working tree.
@@ -122,12 +122,18 @@ def _png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+# Small sides too: most huge pairs are over any pixel limit, small ones reach the strip and decode checks.
+SIDE = st.one_of(st.integers(1, 2**31 - 1), st.integers(1, 3000))
+
+
 @FUZZ
-@given(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1), st.integers(1, 10**7))
+@given(SIDE, SIDE, st.integers(1, 10**7))
 def test_declared_size_over_the_limit_is_refused_from_the_header(width, height, limit):
     result = _outcome(_png_declaring(width, height), max_pixels=limit)
     if width * height > limit:
         assert isinstance(result, ImageLoadError) and "pixels" in result.reason, result
+    elif max(width, height) > MAX_ASPECT_RATIO * min(width, height):  # a strip: refused from the header too
+        assert isinstance(result, ImageLoadError) and "too elongated" in result.reason, result
     elif (width, height) == (1, 1):
         assert isinstance(result, Image.Image) and result.size == (1, 1)  # the file as written
     else:

@@ -133,7 +133,7 @@ def test_cli_key_from_flag_or_environment(served_settings, monkeypatch, capsys):
     code, settings, host = served_settings()
     assert code == 0 and settings.api_key is None
     assert host == "127.0.0.1"  # private by default
-    assert settings.max_inflight_uploads == 16
+    assert settings.max_inflight_uploads == 64
     assert served_settings("--max-inflight-uploads", "32")[1].max_inflight_uploads == 32
     code, settings, _ = served_settings("--api-key", KEY)
     assert code == 0 and settings.api_key == KEY

@@ -33,6 +33,14 @@ def served(grocery_index, tmp_path_factory):
         yield client, root, grocery_index
 
 
+def stored_path(root: Path, image_id: int) -> Path:
+    """The file the index holds for ``image_id`` (answers name it relative, not absolutely)."""
+    from waldo.index import IndexStore
+
+    with IndexStore.open(root) as store:
+        return Path(store.get(image_id).path)
+
+
 def upload(path: Path | bytes, name: str = "photo.jpg") -> dict:
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     return {"image": (name, data, "application/octet-stream")}
@@ -271,8 +279,8 @@ def test_add_stores_inside_the_index_and_becomes_searchable(served, data_file, t
     response = client.post("/images", files=upload(photo, "../../../../tmp/evil.jpg"), data={"identity": "lamp"})
     assert response.status_code == 201, response.text
     (added,) = response.json()["images"]
-    stored = Path(added["path"])
-    assert stored.parent == root.resolve() / "uploads" and re.fullmatch(r"[0-9a-f]{64}\.jpg", stored.name)
+    assert re.fullmatch(r"uploads/[0-9a-f]{64}\.jpg", added["path"])  # relative to the index, never absolute
+    stored = root.resolve() / added["path"]
     assert stored.read_bytes() == photo.read_bytes() and added["created"] and added["name"] == "evil.jpg"
     assert sorted(p.name for p in root.parent.iterdir()) == outside_before  # nothing written beside the index
     assert response.json()["count"] == before + 1
@@ -303,11 +311,11 @@ def test_add_is_all_or_nothing(served, data_file):
 
 
 def test_get_image_and_thumbnail(served):
-    client, _, _ = served
+    client, root, _ = served
     top = client.post("/search?k=1", files=upload(served[2].queries["45"])).json()["results"][0]
     original = client.get(f"/images/{top['id']}")
     assert original.status_code == 200 and original.headers["content-type"] == "image/jpeg"
-    assert original.content == Path(top["path"]).read_bytes()
+    assert original.content == stored_path(root, top["id"]).read_bytes()
     thumb = client.get(f"/thumbnails/{top['id']}")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
@@ -340,10 +348,11 @@ def test_delete(served, data_file):
 
 
 def test_deleting_a_dataset_image_keeps_its_file(served):
-    client, _, grocery = served
+    client, root, grocery = served
     victim = client.post("/search?k=40", files=upload(grocery.queries["62"])).json()["results"][-1]
+    victim_file = stored_path(root, victim["id"])
     assert client.delete(f"/images/{victim['id']}").status_code == 200
-    assert Path(victim["path"]).is_file()  # the dataset is not the service's to delete
+    assert victim_file.is_file()  # the dataset is not the service's to delete
 
 
 # ----------------------------------------------------------------------------- match, meta, page
@@ -386,7 +395,7 @@ def test_health_stats_and_schema(served):
     client, root, _ = served
     assert client.get("/healthz").json()["status"] == "ok"
     stats = client.get("/stats").json()
-    assert stats["images"] > 0 and stats["index_path"] == str(root.resolve())
+    assert stats["images"] > 0 and stats["index_name"] == root.name and "index_path" not in stats
     assert stats["limits"]["max_upload_bytes"] == 2 * 1024 * 1024 and stats["limits"]["max_k"] == 40
     assert stats["resident_memory_bytes"] > 50 * 1024 * 1024 and stats["queries"] > 0
     assert stats["query_latency"]["none"]["p50_ms"] > 0

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys
+from waldo.index.errors import IndexCorruptError, UnknownIdError, describe_keys, is_resource_error, resource_error
 from waldo.index.segments import SegmentInfo
 
 # Columns added later without a version bump are optional and nullable (``local_scale_*``,
@@ -170,15 +170,35 @@ def read_txn(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def check_catalogue(conns: ThreadConnections, where: Path) -> None:
-    """Raise :class:`IndexCorruptError` unless ``where`` is a readable catalogue we understand."""
+    """Raise :class:`IndexCorruptError` unless ``where`` is a readable catalogue we understand
+    (:class:`IndexResourceError` when it could not even be opened for lack of file descriptors
+    or memory: SQLite says only "unable to open database file" then)."""
     try:
         conn = conns.get()  # connecting already fails on a file that is not SQLite
         generation(conn)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):
+            raise_if_out_of_resources(where)
         raise IndexCorruptError(f"{where} is not a readable index catalogue: {e}") from None
     if row is None or not 1 <= int(row[0]) <= SCHEMA_VERSION:
         raise IndexCorruptError(f"{where}: unsupported catalogue schema version {row[0] if row else None}")
+
+
+def raise_if_out_of_resources(where: Path) -> None:
+    """SQLite reports a failed open(2) without its errno: repeat its opens ourselves (the
+    database, its -wal and its -shm: three descriptors, plus one to spare), and raise
+    :class:`IndexResourceError` if the process is out of descriptors or memory."""
+    fds: list[int] = []
+    try:
+        for _ in range(4):
+            fds.append(os.open(where, os.O_RDONLY))
+    except OSError as e:
+        if is_resource_error(e):
+            raise resource_error(e, str(where)) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def generation(conn: sqlite3.Connection) -> int:
@@ -226,12 +246,22 @@ def next_ids(conn: sqlite3.Connection, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
-def live_rows(conn: sqlite3.Connection) -> LiveRows:
-    """Generation, segments and every live image, read in one consistent transaction."""
+def live_rows(conn: sqlite3.Connection, segments: Collection[str] | None = None) -> LiveRows:
+    """Generation, segments and every live image, read in one consistent transaction; with
+    ``segments``, only those segments and the images they hold (what a merge rewrites)."""
     with read_txn(conn):
         gen = generation(conn)
         infos = segment_infos(conn)
-        data = conn.execute("SELECT id, segment, row, path, identity FROM images ORDER BY id").fetchall()
+        if segments is None:
+            data = conn.execute("SELECT id, segment, row, path, identity FROM images ORDER BY id").fetchall()
+        else:
+            wanted = set(segments)
+            infos = [info for info in infos if info.name in wanted]
+            data = []
+            for part in chunks(sorted(wanted)):
+                data += conn.execute("SELECT id, segment, row, path, identity FROM images WHERE segment IN "
+                                     f"({','.join('?' * len(part))})", part).fetchall()
+            data.sort(key=lambda r: r[0])
     pos = {info.name: i for i, info in enumerate(infos)}
     n = len(data)
     ids = np.fromiter((r[0] for r in data), dtype=np.int64, count=n)

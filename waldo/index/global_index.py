@@ -50,6 +50,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from waldo.fsutil import atomic_write_bytes
+from waldo.index.errors import is_resource_error, resource_error
 
 log = logging.getLogger("waldo.index")
 
@@ -341,5 +342,7 @@ def load_trained(path: Path, spec: str, dim: int) -> tuple[faiss.Index, int] | N
             raise ValueError("not a trained empty index of the right dimension")
         return index, int(meta["train_rows"])
     except _CACHE_ERRORS as e:
+        if isinstance(e, OSError) and is_resource_error(e):  # the cache is fine: retraining would waste minutes
+            raise resource_error(e, str(path)) from None
         log.warning("ignoring the cached trained global index %s (%s); retraining", path, e)
         return None

@@ -18,14 +18,16 @@ The index does not interpret the descriptors (the caller's manifest says what th
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from waldo.index.errors import IndexCorruptError
-from waldo.fsutil import fsync_file, sha256_file
+from waldo.fsutil import sha256_file
+from waldo.index.errors import IndexCorruptError, is_resource_error
+from waldo.index.npy_files import NpyWriter, read_index_array, save_npy
 
 GV_KEYPOINTS = "gv_keypoints.npy"
 GV_DESCRIPTORS = "gv_descriptors.npy"
@@ -148,41 +150,41 @@ def write_keypoints(folder: Path, count: int, source: KeypointSource) -> None:
     """Write ``count`` images' features into ``folder``, streaming from ``source``.
 
     ``source.chunks`` yields consecutive images' features (e.g. 4096 images at a time, so
-    that ``compact`` never holds all of an index's keypoints in RAM). Files are flushed and
-    fsynced; the caller fsyncs the folder. ``gv.json`` is written last with the hashes.
+    that ``compact`` never holds all of an index's keypoints in RAM). Written with ordinary
+    writes (a full disk is an OSError, never a SIGBUS: see npy_files.py) and fsynced; the
+    caller fsyncs the folder. ``gv.json`` is written last with the hashes.
     """
     total, dim, dtype = source.total, source.dim, np.dtype(source.dtype)
-    kp_mm = np.lib.format.open_memmap(folder / GV_KEYPOINTS, mode="w+", dtype=np.float32, shape=(total, 2))
-    desc_mm = np.lib.format.open_memmap(folder / GV_DESCRIPTORS, mode="w+", dtype=dtype, shape=(total, dim))
     offsets = np.zeros(count + 1, np.int64)
     image, row = 0, 0
-    for chunk in source.chunks:
-        m = len(chunk.keypoints)
-        if row + m > total or image + len(chunk) > count or chunk.dim != dim:
-            raise ValueError("keypoint chunks do not add up to the declared sizes")
-        kp_mm[row : row + m] = chunk.keypoints
-        desc_mm[row : row + m] = chunk.descriptors
-        offsets[image + 1 : image + len(chunk) + 1] = row + chunk.offsets[1:]
-        image, row = image + len(chunk), row + m
-    if image != count or row != total:
-        raise ValueError(f"keypoints: got {image} images / {row} keypoints, "
-                         f"expected {count} / {total}")
-    kp_mm.flush()
-    desc_mm.flush()
-    del kp_mm, desc_mm  # unmap before hashing
-    np.save(folder / GV_OFFSETS, offsets, allow_pickle=False)
-    meta = {}
-    for name in GV_FILES:
-        fsync_file(folder / name)
-        meta[name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-    (folder / GV_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    fsync_file(folder / GV_META)
+    with (NpyWriter(folder / GV_KEYPOINTS, np.float32, (total, 2)) as kp_w,
+          NpyWriter(folder / GV_DESCRIPTORS, dtype, (total, dim)) as desc_w):
+        for chunk in source.chunks:
+            m = len(chunk.keypoints)
+            if row + m > total or image + len(chunk) > count or chunk.dim != dim:
+                raise ValueError("keypoint chunks do not add up to the declared sizes")
+            kp_w.append(chunk.keypoints)
+            desc_w.append(chunk.descriptors)
+            offsets[image + 1 : image + len(chunk) + 1] = row + chunk.offsets[1:]
+            image, row = image + len(chunk), row + m
+        if image != count or row != total:
+            raise ValueError(f"keypoints: got {image} images / {row} keypoints, "
+                             f"expected {count} / {total}")
+        written = {GV_KEYPOINTS: kp_w.finish(), GV_DESCRIPTORS: desc_w.finish()}
+    written[GV_OFFSETS] = save_npy(folder / GV_OFFSETS, offsets)
+    meta = {name: {"sha256": sha, "bytes": size} for name, (sha, size) in written.items()}
+    with open(folder / GV_META, "x", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def open_keypoints(folder: Path, count: int) -> RaggedKeypoints | None:
-    """Memory-map a segment's keypoints; None if it was stored without them.
+    """Open a segment's keypoints read-only (read into RAM when small, memory-mapped when big:
+    see npy_files.py); None if it was stored without them.
 
-    Raises IndexCorruptError if only some files exist or they disagree with each other.
+    Raises IndexCorruptError if only some files exist or they disagree with each other, and
+    IndexResourceError (not corruption) when the process is out of file descriptors or memory.
     """
     present = [(folder / name).is_file() for name in GV_FILES]
     if not any(present):
@@ -191,10 +193,12 @@ def open_keypoints(folder: Path, count: int) -> RaggedKeypoints | None:
         missing = [n for n, p in zip(GV_FILES, present) if not p]
         raise IndexCorruptError(f"segment {folder.name}: keypoint files {missing} are missing")
     try:
-        kp = np.load(folder / GV_KEYPOINTS, mmap_mode="r", allow_pickle=False)
-        desc = np.load(folder / GV_DESCRIPTORS, mmap_mode="r", allow_pickle=False)
-        offsets = np.load(folder / GV_OFFSETS, allow_pickle=False)  # small: read into RAM
-    except (OSError, ValueError) as e:
+        kp = read_index_array(folder / GV_KEYPOINTS)
+        desc = read_index_array(folder / GV_DESCRIPTORS)
+        offsets = read_index_array(folder / GV_OFFSETS)
+    except FileNotFoundError as e:  # vanished since the check above: a concurrent compact/merge
+        raise FileNotFoundError(e.errno, f"segment {folder.name}: keypoint file vanished", e.filename) from None
+    except IndexCorruptError as e:
         raise IndexCorruptError(f"segment {folder.name}: keypoint files unreadable: {e}") from None
     if offsets.shape != (count + 1,):
         raise IndexCorruptError(f"segment {folder.name}: {GV_OFFSETS} has shape {offsets.shape}, "
@@ -210,14 +214,22 @@ def check_keypoint_files(folder: Path, count: int) -> list[str]:
     try:
         if open_keypoints(folder, count) is None:
             return []
-    except IndexCorruptError as e:
+    except (IndexCorruptError, FileNotFoundError) as e:
         return [str(e)]
     try:
         meta = json.loads((folder / GV_META).read_text())
     except (OSError, ValueError) as e:
+        if is_resource_error(e):
+            raise
         return [f"segment {folder.name}: {GV_META} unreadable ({e})"]
-    return [f"segment {folder.name}: {name} sha256 differs from {GV_META} (file damaged)"
-            for name in GV_FILES if sha256_file(folder / name) != meta.get(name, {}).get("sha256")]
+    problems = []
+    for name in GV_FILES:
+        try:
+            if sha256_file(folder / name) != meta.get(name, {}).get("sha256"):
+                problems.append(f"segment {folder.name}: {name} sha256 differs from {GV_META} (file damaged)")
+        except FileNotFoundError:  # deleted meanwhile: check() repeats itself if a writer dropped it
+            problems.append(f"segment {folder.name}: {name} is missing")
+    return problems
 
 
 def keypoint_bytes(folder: Path) -> int:

@@ -1,4 +1,5 @@
-"""Less frequent index operations: creating the directory, compaction, integrity check, info.
+"""Less frequent index operations: creating the directory, compaction and tiered merges,
+integrity check, info.
 
 Kept out of ``store.py`` so the class there reads as the public API. Functions here take the
 pieces they need explicitly; the caller (``IndexStore``) is responsible for locking.
@@ -12,7 +13,8 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from waldo.index.keypoints import KeypointSource, gather_keypoints, keypoint_byt
 from waldo.index.manifest import read_manifest
 from waldo.index.segments import (
     SegmentArrays,
+    SegmentChunk,
     SegmentInfo,
     dir_bytes,
     gather_rows,
@@ -39,7 +42,7 @@ MANIFEST_FILE = "manifest.json"
 DB_FILE = "index.sqlite"
 SEGMENTS_DIR = "segments"
 LOCK_FILE = "write.lock"
-_COMPACT_CHUNK = 4096  # rows copied per step by compact(): bounds its RAM use
+_COMPACT_CHUNK = 4096  # rows copied per step by compact() and merges: bounds their RAM use
 
 
 def create_index_dir(root: Path, manifest: dict[str, Any]) -> None:
@@ -92,12 +95,10 @@ def compact(
     open_seg: Callable[[SegmentInfo], SegmentArrays],
     local_dtype: str = "float16",
 ) -> tuple[dict[str, int], list[str]]:
-    """Rewrite live rows (id order) into one new segment and commit; caller holds the lock.
+    """Rewrite all live rows (id order) into one new segment and commit; caller holds the lock.
 
-    Local descriptors are copied as stored (int8 rows with their scales), never dequantised
-    and re-quantised, so compacting any number of times changes no value.
-    Returns the stats and the names of the dropped segments, whose folders the caller deletes
-    *after* this commit. If the commit does not happen the new folder is an orphan.
+    Returns ``({"segments_before", "segments_after", "rows_reclaimed"}, dropped segment
+    names)``: see :func:`rewrite_segments`, which does the work.
     """
     live = db.live_rows(conn)
     before = len(live.segment_infos)
@@ -106,21 +107,40 @@ def compact(
     if before <= 1 and dead == 0:
         return stats, []
     stats.update(segments_after=0 if len(live.ids) == 0 else 1, rows_reclaimed=dead)
+    return stats, rewrite_segments(conn, segments_dir, global_dim, local_shape, open_seg, live, local_dtype)
+
+
+def rewrite_segments(
+    conn: sqlite3.Connection,
+    segments_dir: Path,
+    global_dim: int,
+    local_shape: tuple[int, int],
+    open_seg: Callable[[SegmentInfo], SegmentArrays],
+    live: db.LiveRows,
+    local_dtype: str = "float16",
+) -> list[str]:
+    """Rewrite the live rows of ``live`` (all segments, or the subset a merge chose: see
+    ``db.live_rows``) into one new segment, in id order, and commit; caller holds the lock.
+
+    Order matters for crash safety: the new segment is written and fsynced, then one
+    transaction re-points its rows and drops the segments left empty. Local descriptors are
+    copied as stored (int8 rows with their scales), never dequantised and re-quantised, so
+    rewriting any number of times changes no value; keypoints are carried along; ids are
+    unchanged. Returns the names of the dropped segments, whose folders the caller deletes
+    *after* this commit. If the commit does not happen the new folder is an orphan.
+    """
     if len(live.ids) == 0:
         with db.write_txn(conn):
-            dropped = db.drop_empty_segments(conn)
-        return stats, dropped
+            return db.drop_empty_segments(conn)
     arrays = [open_seg(info) for info in live.segment_infos]
 
-    def fill(g: np.ndarray, loc: np.ndarray, scale: np.ndarray | None) -> None:
+    def chunks() -> Iterator[SegmentChunk]:
         for s in range(0, len(live.ids), _COMPACT_CHUNK):
             seg, rows = live.segments[s : s + _COMPACT_CHUNK], live.rows[s : s + _COMPACT_CHUNK]
-            g[s : s + len(rows)] = gather_rows(arrays, seg, rows, "global_")
-            loc[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local_stored")
-            if scale is not None:
-                scale[s : s + len(rows)] = gather_rows(arrays, seg, rows, "local_scale")
+            scale = gather_rows(arrays, seg, rows, "local_scale") if local_dtype == "int8" else None
+            yield gather_rows(arrays, seg, rows, "global_"), gather_rows(arrays, seg, rows, "local_stored"), scale
 
-    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, fill, _gv_source(arrays, live),
+    info = write_segment(segments_dir, len(live.ids), global_dim, local_shape, chunks(), _gv_source(arrays, live),
                          local_dtype=local_dtype)
     with db.write_txn(conn):
         db.insert_segment(conn, info, time.time())
@@ -128,8 +148,79 @@ def compact(
             "UPDATE images SET segment = ?, row = ? WHERE id = ?",
             ((info.name, r, int(i)) for r, i in enumerate(live.ids)),
         )
-        dropped = db.drop_empty_segments(conn)
-    return stats, dropped
+        return db.drop_empty_segments(conn)
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """When small segments are merged: a tiered (log-structured) policy, as in Lucene's
+    LogMergePolicy or RocksDB's universal compaction.
+
+    Every ``add`` commits one segment, so an index grown one photo at a time would otherwise
+    hold one segment per photo (each costs file descriptors, catalogue rows and time on every
+    snapshot). A segment of ``r`` stored rows is in tier ``floor(log_factor(r))``: with the
+    default factor 10, tier 0 holds 1-9 rows, tier 1 10-99, and so on. When a tier holds
+    ``factor`` segments or more, they are merged into one segment of a higher tier. Each row
+    is therefore rewritten about once per tier, ``O(log n)`` times in all (total merge work
+    ``O(n log n)``), and a tier never keeps more than ``factor - 1`` segments, so an index of
+    ``n`` rows holds at most about ``(factor - 1) * (log_factor(n) + 1)`` segments.
+
+    ``max_segment_bytes``: segments at least this big (descriptor bytes, keypoints not
+    counted) are left alone, and a merge stops adding segments before its output would pass
+    it, so the background work of one merge stays bounded; ``compact()`` still rewrites
+    everything. Tiers count stored rows (removed rows included: the catalogue knows them
+    without scanning the images), so deciding is cheap.
+    """
+
+    factor: int = 10
+    max_segment_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factor, int) or self.factor < 2:
+            raise ValueError(f"merge factor must be an integer >= 2, got {self.factor!r}")
+        if self.max_segment_bytes < 1:
+            raise ValueError(f"max_segment_bytes must be positive, got {self.max_segment_bytes!r}")
+
+    def tier(self, rows: int) -> int:
+        """``floor(log_factor(rows))`` in integers (no float rounding at exact powers)."""
+        tier, size = 0, self.factor
+        while rows >= size:
+            tier, size = tier + 1, size * self.factor
+        return tier
+
+    def plan(self, infos: Sequence[SegmentInfo]) -> list[str]:
+        """Names of the segments to merge next (oldest first), or [] when the policy is met.
+
+        The lowest tier holding ``factor`` or more mergeable segments goes first; its
+        segments are taken oldest first, each one that keeps the output under
+        ``max_segment_bytes``, and a merge needs at least two of them.
+        """
+        tiers: dict[int, list[SegmentInfo]] = {}
+        for info in sorted(infos, key=lambda i: i.name):  # names sort by creation time
+            if _segment_bytes(info) < self.max_segment_bytes:
+                tiers.setdefault(self.tier(info.count), []).append(info)
+        for tier in sorted(tiers):
+            members = tiers[tier]
+            if len(members) < self.factor:
+                continue
+            chosen, size = [], 0
+            for info in members:
+                if size + _segment_bytes(info) > self.max_segment_bytes:
+                    continue  # too big to join this merge; a smaller, younger one may still fit
+                chosen.append(info.name)
+                size += _segment_bytes(info)
+            if len(chosen) >= 2:
+                return chosen
+        return []
+
+    def bound(self, rows: int) -> int:
+        """The most segments the policy leaves behind for ``rows`` rows, all under the size cap:
+        ``factor - 1`` per tier up to the tier of ``rows``."""
+        return (self.factor - 1) * (self.tier(max(rows, 1)) + 1)
+
+
+def _segment_bytes(info: SegmentInfo) -> int:
+    return info.global_bytes + info.local_bytes + info.local_scale_bytes
 
 
 def _gv_source(arrays: list[SegmentArrays], live: db.LiveRows) -> KeypointSource | None:
@@ -161,6 +252,8 @@ def check(
     concurrent writer changed the catalogue while files were being hashed (a compact deletes
     folders), the check is repeated on the new state.
     Orphan folders are not problems: readers ignore them and the next writer deletes them.
+    Running out of file descriptors or memory is not a problem of the index either: it raises
+    :class:`IndexResourceError` instead of being reported.
     """
     problems: list[str] = []
     try:
@@ -178,6 +271,8 @@ def check(
                 dangling = db.dangling_images(conn)
                 infos = db.segment_infos(conn)
         except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):  # out of descriptors is not damage: raise instead
+                db.raise_if_out_of_resources(root / DB_FILE)
             return problems + [f"{DB_FILE} is unreadable: {e}"]
         if quick != ["ok"]:
             found += [f"SQLite quick_check: {q}" for q in quick]

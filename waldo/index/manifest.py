@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from waldo.index.errors import IndexCorruptError, IndexMismatchError
+from waldo.index.errors import IndexCorruptError, IndexMismatchError, is_resource_error, resource_error
 
 FORMAT_NAME = "waldo-index"
 # Version 2 added int8 local descriptors. An index is written with the lowest version that
@@ -117,12 +117,15 @@ def build_manifest(
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and validate ``manifest.json``; any problem is an :class:`IndexCorruptError`."""
+    """Parse and validate ``manifest.json``; any problem is an :class:`IndexCorruptError`, except
+    running out of file descriptors or memory (:class:`IndexResourceError`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise IndexCorruptError(f"{path.parent} is not a Waldo index: {path.name} is missing") from None
     except OSError as e:
+        if is_resource_error(e):
+            raise resource_error(e, str(path)) from None
         raise IndexCorruptError(f"cannot read {path}: {e}") from None
     try:
         data = json.loads(text)

@@ -14,6 +14,10 @@ Layout of ``segments/<name>/``:
 
 The local dtype is a property of the whole index (manifest ``local_dtype``), never mixed
 between segments; readers always get float16, whatever is stored.
+
+Files are written with ordinary writes and read into RAM when small, memory-mapped when big
+(see npy_files.py for why: a full disk must be an exception, not a SIGBUS, and thousands of
+small segments must not hold thousands of file descriptors).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from waldo.fsutil import fsync_dir, fsync_file, sha256_file
+from waldo.fsutil import fsync_dir, sha256_file
 from waldo.index.errors import IndexCorruptError
 from waldo.index.keypoints import (
     KeypointSource,
@@ -37,6 +42,7 @@ from waldo.index.keypoints import (
     open_keypoints,
     write_keypoints,
 )
+from waldo.index.npy_files import NpyWriter, read_index_array
 from waldo.index.quantize import SCALE_DTYPE, dequantize_int8
 
 GLOBAL_FILE = "global.npy"
@@ -75,9 +81,10 @@ class SegmentArrays:
     """A committed segment opened read-only: ``global_`` (n, D) float32 and ``local`` (n, L, Dl)
     as stored: float16, or int8 with ``local_scale`` (n, L) float16 (None for float16).
 
-    All are ``np.memmap``: pages come from the OS page cache, so many snapshots (and
-    processes) share one copy, and a large local array never has to fit in RAM. ``gv`` holds
-    the optional keypoints (memory-mapped too), None if stored without them.
+    All are read-only: ``np.memmap`` for big files (pages come from the OS page cache, so many
+    snapshots and processes share one copy, and a large local array never has to fit in RAM),
+    plain arrays for files under ``npy_files.MMAP_MIN_BYTES`` (read once, no file descriptor
+    kept). ``gv`` holds the optional keypoints (loaded the same way), None if stored without them.
     Read locals through :func:`gather_rows` (part ``"local"``) to get float16 either way.
     """
 
@@ -145,60 +152,57 @@ def new_segment_name() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
 
 
+# What write_segment streams: consecutive rows as (global (m, D) float32, local (m, L, Dl) as
+# stored, local scales (m, L) float16 for int8 storage, else None).
+SegmentChunk = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
 def write_segment(
     segments_dir: Path,
     count: int,
     global_dim: int,
     local_shape: tuple[int, int],
-    fill: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None],
+    chunks: Iterable[SegmentChunk],
     gv: KeypointSource | None = None,
     local_dtype: str = "float16",
 ) -> SegmentInfo:
     """Create a new segment of ``count`` rows, durably, and return its :class:`SegmentInfo`.
 
-    ``fill(global_mm, local_mm, scale_mm)`` writes the rows into writable memmaps of shape
-    (count, D) float32 and (count, L, Dl) of ``local_dtype`` (float16 or int8), and for int8
-    into ``scale_mm`` (count, L) float16 (None for float16); writing through memmaps lets
-    ``compact`` stream arbitrarily large segments in chunks. ``gv``, if given, streams the
-    rows' keypoints into the same folder (fsynced with it, so before the
-    commit). On any error the folder is removed.
+    ``chunks`` yields consecutive rows (see :data:`SegmentChunk`; scales only for
+    ``local_dtype="int8"``), so ``compact`` can stream arbitrarily large segments. Files are
+    written with ordinary writes (never through a mapping: see npy_files.py), hashed as they
+    are written, and fsynced. ``gv``, if given, streams the rows' keypoints into the same
+    folder (fsynced with it, so before the commit). On any error, a full disk included, the
+    folder is removed and the error re-raised.
     """
     if count < 1:
         raise ValueError("a segment must hold at least one row")
     l_dtype = local_np_dtype(local_dtype)
+    scaled = local_dtype == "int8"
     name = new_segment_name()
     folder = segments_dir / name
     folder.mkdir()
     try:
-        g_path, l_path, s_path = folder / GLOBAL_FILE, folder / LOCAL_FILE, folder / LOCAL_SCALE_FILE
-        g_mm = np.lib.format.open_memmap(g_path, mode="w+", dtype=np.float32, shape=(count, global_dim))
-        l_mm = np.lib.format.open_memmap(l_path, mode="w+", dtype=l_dtype, shape=(count, *local_shape))
-        s_mm = None
-        if local_dtype == "int8":
-            s_mm = np.lib.format.open_memmap(s_path, mode="w+", dtype=SCALE_DTYPE, shape=(count, local_shape[0]))
-        fill(g_mm, l_mm, s_mm)
-        written = [g_path, l_path] + ([s_path] if s_mm is not None else [])
-        for mm in (g_mm, l_mm, s_mm):
-            if mm is not None:
-                mm.flush()
-        del g_mm, l_mm, s_mm  # unmap before hashing/fsync so nothing can still be dirty in our mapping
-        for p in written:
-            fsync_file(p)
+        with ExitStack() as files:
+            g_w = files.enter_context(NpyWriter(folder / GLOBAL_FILE, np.float32, (count, global_dim)))
+            l_w = files.enter_context(NpyWriter(folder / LOCAL_FILE, l_dtype, (count, *local_shape)))
+            s_w = (files.enter_context(NpyWriter(folder / LOCAL_SCALE_FILE, SCALE_DTYPE, (count, local_shape[0])))
+                   if scaled else None)
+            for g, loc, scale in chunks:
+                g_w.append(g)
+                l_w.append(loc)
+                if s_w is not None:
+                    if scale is None:
+                        raise ValueError("an int8 segment needs the scales of its local descriptors")
+                    s_w.append(scale)
+            (g_sha, g_bytes), (l_sha, l_bytes) = g_w.finish(), l_w.finish()
+            s_sha, s_bytes = s_w.finish() if s_w is not None else (None, 0)
         if gv is not None:
             write_keypoints(folder, count, gv)
         fsync_dir(folder)
         fsync_dir(segments_dir)  # the new folder's entry must be durable before SQLite names it
-        scaled = local_dtype == "int8"
-        return SegmentInfo(
-            name=name,
-            count=count,
-            global_sha256=sha256_file(g_path),
-            local_sha256=sha256_file(l_path),
-            global_bytes=g_path.stat().st_size,
-            local_bytes=l_path.stat().st_size,
-            local_scale_sha256=sha256_file(s_path) if scaled else None,
-            local_scale_bytes=s_path.stat().st_size if scaled else 0,
-        )
+        return SegmentInfo(name=name, count=count, global_sha256=g_sha, local_sha256=l_sha, global_bytes=g_bytes,
+                           local_bytes=l_bytes, local_scale_sha256=s_sha, local_scale_bytes=s_bytes)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -212,12 +216,14 @@ def open_segment(
     local_shape: tuple[int, int],
     local_dtype: str = "float16",
 ) -> SegmentArrays:
-    """Memory-map a committed segment, checking shapes and dtypes against SQLite's record and
-    the index's ``local_dtype`` (int8 segments must also hold ``local_scale.npy``).
+    """Open a committed segment read-only (small files read into RAM, big ones memory-mapped),
+    checking shapes and dtypes against SQLite's record and the index's ``local_dtype`` (int8
+    segments must also hold ``local_scale.npy``).
 
     Raises:
-        FileNotFoundError: the folder vanished (a concurrent ``compact``/``remove`` dropped
-            it after our SQLite read); callers retry with a fresh state.
+        FileNotFoundError: the folder vanished (a concurrent ``compact``/merge/``remove``
+            dropped it after our SQLite read); callers retry with a fresh state.
+        IndexResourceError: out of file descriptors or memory (the segment is fine).
         IndexCorruptError: the files exist but do not match what SQLite recorded.
     """
     folder = segments_dir / name
@@ -230,12 +236,7 @@ def open_segment(
         expected.append((LOCAL_SCALE_FILE, (count, local_shape[0]), SCALE_DTYPE))
     for fname, shape, dtype in expected:
         path = folder / fname
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as e:
-            raise IndexCorruptError(f"segment file {path} is unreadable: {e}") from None
+        arr = read_index_array(path)
         if arr.shape != shape or arr.dtype != dtype:
             raise IndexCorruptError(
                 f"segment file {path} holds {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}"
@@ -270,9 +271,11 @@ def verify_segment(
         else:
             hashed.append((LOCAL_SCALE_FILE, info.local_scale_sha256))
     for fname, want in hashed:
-        path = folder / fname
-        if path.is_file() and sha256_file(path) != want:
-            problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")
+        try:
+            if sha256_file(folder / fname) != want:
+                problems.append(f"segment {info.name}: {fname} sha256 differs from the recorded one (file damaged)")
+        except FileNotFoundError:
+            pass  # reported by open_segment above (or deleted meanwhile: check() then repeats itself)
     # check_keypoint_files re-reports a failed open_segment on the gv files: keep each message once.
     problems += [p for p in check_keypoint_files(folder, info.count) if not any(p in q for q in problems)]
     return problems

@@ -48,8 +48,9 @@ class Snapshot:
     snapshot is, i.e. once per generation: cheap for Flat, a full graph build for HNSW.
 
     Memory: the faiss index holds the (n, D) float32 global descriptors in RAM (that is what
-    makes search fast; HNSW adds its graph); the segment files stay memory-mapped, so
-    ``local_descriptors`` reads only the rows asked for. Paths and identities are kept so
+    makes search fast; HNSW adds its graph); big segment files stay memory-mapped, so
+    ``local_descriptors`` reads only the rows asked for (files under 4 MiB are read into RAM:
+    see npy_files.py). Paths and identities are kept so
     results can be interpreted consistently even if the images are removed meanwhile.
     """
 
@@ -163,9 +164,10 @@ class Snapshot:
     def local_view(self, image_id: int) -> np.ndarray:
         """One image's (L, Dl) float16 local descriptors.
 
-        float16 storage: a zero-copy ``np.memmap`` that reads nothing until used, valid as long
-        as this snapshot is referenced (the mapping keeps the file alive even if a later
-        ``compact`` deletes it). int8 storage: a new, dequantised float16 array.
+        float16 storage: a zero-copy, read-only view of the stored array (an ``np.memmap`` that
+        reads nothing until used for a big segment, RAM for a small one), valid as long as
+        this snapshot is referenced (a mapping keeps the file alive even if a later
+        ``compact`` or merge deletes it). int8 storage: a new, dequantised float16 array.
         """
         p = int(self.positions([image_id])[0])
         arrays = self._arrays[self._segments[p]]
@@ -185,8 +187,8 @@ def load_snapshot(
 
     Returns it with the opened segments by name (the caller caches them: committed segments
     never change, so the next reload only opens new ones). If a segment folder vanished
-    between the catalogue read and opening it, a concurrent compact/remove committed meanwhile
-    (the generation moved): retry on the new state. A missing folder at an unchanged
+    between the catalogue read and opening it, a concurrent compact/merge/remove committed
+    meanwhile (the generation moved): retry on the new state. A missing folder at an unchanged
     generation is real damage.
     """
     for _attempt in range(10):
@@ -196,6 +198,12 @@ def load_snapshot(
         except FileNotFoundError as e:
             if db.generation(conn) == live.generation:
                 raise IndexCorruptError(f"a live segment file is missing: {e.filename}") from None
+            continue
+        except IndexCorruptError:
+            # A folder deleted while we read it looks damaged (some keypoint files gone, the
+            # others not yet); it is a race only if a writer committed meanwhile.
+            if db.generation(conn) == live.generation:
+                raise
             continue
         by_name = {info.name: a for info, a in zip(live.segment_infos, arrays)}
         return Snapshot(live, arrays, global_dim, local_shape, global_config), by_name

@@ -4,7 +4,7 @@ Layout::
 
     <root>/manifest.json        static: format version + the caller's model information
     <root>/index.sqlite         catalogue (WAL mode): segments, images, generation counter
-    <root>/segments/<name>/     immutable arrays, one folder per add/compact (see segments.py)
+    <root>/segments/<name>/     immutable arrays, one folder per add/compact/merge (see segments.py)
     <root>/write.lock           flock'ed by writers
     <root>/global_trained.npz   approximate global indexes only: the trained, empty faiss index
                                 (a cache, rebuilt if missing or damaged; see global_index.py)
@@ -14,6 +14,12 @@ one SQLite transaction. The commit is the only point at which anything becomes v
 a crash at any moment leaves the previous state intact; a folder with no committed row is
 an orphan that readers never open and the next writer deletes. Readers work on immutable
 :class:`~waldo.index.snapshot.Snapshot` objects rebuilt only when the generation changes.
+
+Every add commits one segment, so small segments are merged by a tiered policy
+(:class:`~waldo.index.maintenance.MergePolicy`, :meth:`IndexStore.merge_small_segments`) with
+the same protocol, keeping the number of segments logarithmic in the number of images.
+Writes never go through a memory mapping, so a full disk is an exception
+(:class:`~waldo.index.errors.StorageFullError`, the write undone), not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -22,17 +28,28 @@ import copy
 import os
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from waldo.fsutil import file_lock
+from waldo.fsutil import LockTimeout, file_lock, lock_is_held
 from waldo.index import db, maintenance
 from waldo.index.db import IndexedImage
-from waldo.index.errors import IndexCorruptError, IndexMismatchError, describe_keys
+from waldo.index.errors import (
+    IndexBusyError,
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexResourceError,
+    describe_keys,
+    is_resource_error,
+    resource_error,
+    storage_guard,
+)
 from waldo.index.global_index import (
     FLAT,
     TRAINED_FILE,
@@ -42,12 +59,13 @@ from waldo.index.global_index import (
     read_trained_meta,
     resolve_search_params,
 )
-from waldo.index.keypoints import KeypointSource, RaggedKeypoints, check_keypoint_batch
+from waldo.index.keypoints import KeypointSource, RaggedKeypoints, check_keypoint_batch, gather_keypoints
 from waldo.index.maintenance import (
     DB_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
     SEGMENTS_DIR,
+    MergePolicy,
     create_index_dir,
 )
 from waldo.index.manifest import (
@@ -70,11 +88,33 @@ from waldo.index.snapshot import SearchResult, Snapshot, load_snapshot
 from waldo.index.validate import validate_add
 
 
+@dataclass(frozen=True)
+class AddResult:
+    """What :meth:`IndexStore.add_new` did: ``ids`` of the images added (in input order, among
+    the new paths) and ``skipped_paths``, those already live when the write lock was taken."""
+
+    ids: list[int]
+    skipped_paths: list[str]
+
+
 class IndexStore:
     """A persistent, crash-safe image index. Thread-safe; several processes may share it.
 
-    Obtain one with :meth:`create` or :meth:`open`. Writers (``add``, ``remove``, ``compact``)
-    are serialised; readers (``search``, descriptors, ``records``) never block on them.
+    Obtain one with :meth:`create` or :meth:`open`. Writers (``add``, ``remove``, ``compact``,
+    ``merge_small_segments``) are serialised by a file lock; readers (``search``, descriptors,
+    ``records``) never block on them.
+
+    Settable attributes:
+        lock_timeout: seconds a writer waits for the write lock before raising
+            :class:`IndexBusyError` (None, the default: wait as long as it takes).
+        on_lock_wait: called once when a writer has waited a second for the lock (a CLI
+            prints "waiting for the index's write lock..."); None: silent.
+        merge_policy: the :class:`~waldo.index.maintenance.MergePolicy` of
+            :meth:`needs_merge` / :meth:`merge_small_segments`.
+
+    Failures of the machine are ``OSError`` subclasses, never :class:`IndexCorruptError`:
+    :class:`StorageFullError` (a write found the disk full; it was undone),
+    :class:`IndexResourceError` (out of file descriptors or memory) and :class:`IndexBusyError`.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
@@ -95,6 +135,9 @@ class IndexStore:
         self._snap_lock = threading.Lock()
         self._snap: Snapshot | None = None
         self._arrays: dict[str, SegmentArrays] = {}  # committed segments are immutable: cache forever
+        self.lock_timeout: float | None = None
+        self.on_lock_wait: Callable[[], None] | None = None
+        self.merge_policy = MergePolicy()
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -149,7 +192,8 @@ class IndexStore:
         if root.is_dir() and any(root.iterdir()):
             raise FileExistsError(f"{root} is not empty and is not a Waldo index; refusing to create an index there")
         try:
-            create_index_dir(root, full)
+            with storage_guard(root, "no index was created"):
+                create_index_dir(root, full)
         except FileExistsError:
             if not exist_ok or not (root / MANIFEST_FILE).exists():
                 raise
@@ -189,13 +233,17 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, expected: Mapping[str, Any] | None = None) -> IndexStore:
-        """Open an existing index.
+    def open(cls, path: str | os.PathLike[str], *, expected: Mapping[str, Any] | None = None,
+             lock_timeout: float | None = None) -> IndexStore:
+        """Open an existing index. ``lock_timeout``: see the class docstring (None: writers wait
+        for the write lock as long as it takes).
 
         Raises:
             IndexCorruptError: ``path`` is missing, not an index, or its catalogue is unreadable.
             IndexMismatchError: a key of ``expected`` (e.g. ``{"model_hash": h}``) differs from
                 the manifest; the message names each key with both values.
+            IndexResourceError: the process is out of file descriptors or memory (the index
+                may be fine).
         """
         root = Path(path).expanduser().absolute()
         if not root.is_dir():
@@ -210,6 +258,7 @@ class IndexStore:
         except ValueError as e:
             raise IndexCorruptError(f"{root / MANIFEST_FILE}: {e}") from None
         store = cls(root, manifest)
+        store.lock_timeout = lock_timeout
         try:
             db.check_catalogue(store._conns, root / DB_FILE)
         except BaseException:
@@ -335,11 +384,14 @@ class IndexStore:
         local_desc: np.ndarray,
         attrs: Sequence[Mapping[str, Any]] | None = None,
         verification: RaggedKeypoints | None = None,
+        *,
+        skip_existing: bool = False,
     ) -> list[int]:
         """Add ``n`` images atomically and return their new ids (ascending, never reused).
 
         Args:
-            paths: n unique image paths, none already live (check with :meth:`contains_paths`).
+            paths: n unique image paths, none already live (check with :meth:`contains_paths`)
+                unless ``skip_existing``.
             identities: n identity labels (the instance each image shows).
             global_desc: (n, D) float32, L2-normalised rows.
             local_desc: (n, L, Dl) float16 or float32 (stored as float16, or as int8 with
@@ -348,44 +400,81 @@ class IndexStore:
             attrs: optional n JSON-serialisable dicts stored with each image.
             verification: optional keypoints of the n images for geometric verification,
                 written into the same segment (so committed atomically with it).
+            skip_existing: leave out the images whose path is already live, checked under
+                the write lock (so a concurrent writer adding some of the same paths cannot
+                make this call fail); the ids returned are then those of the others only.
+                :meth:`add_new` also says which paths were left out.
 
         Raises:
-            ValueError: wrong shapes/dtypes, non-finite or unnormalised values, duplicate paths.
+            ValueError: wrong shapes/dtypes, non-finite or unnormalised values, duplicate
+                paths, or (without ``skip_existing``) paths already in the index.
+            StorageFullError: the disk filled up while writing; nothing was added.
+            IndexBusyError: another writer held the lock longer than :attr:`lock_timeout`.
         """
+        return self._add(paths, identities, global_desc, local_desc, attrs, verification, skip_existing).ids
+
+    def add_new(
+        self,
+        paths: Sequence[str],
+        identities: Sequence[str],
+        global_desc: np.ndarray,
+        local_desc: np.ndarray,
+        attrs: Sequence[Mapping[str, Any]] | None = None,
+        verification: RaggedKeypoints | None = None,
+    ) -> AddResult:
+        """:meth:`add` with ``skip_existing=True``: the ids of the images added, and the paths
+        left out because they were already live when the write lock was taken."""
+        return self._add(paths, identities, global_desc, local_desc, attrs, verification, True)
+
+    def _add(
+        self,
+        paths: Sequence[str],
+        identities: Sequence[str],
+        global_desc: np.ndarray,
+        local_desc: np.ndarray,
+        attrs: Sequence[Mapping[str, Any]] | None,
+        verification: RaggedKeypoints | None,
+        skip_existing: bool,
+    ) -> AddResult:
         batch = validate_add(paths, identities, global_desc, local_desc, attrs, self._global_dim, self._local_shape)
-        n = len(batch)
-        check_keypoint_batch(verification, n)
-        if n == 0:
-            return []
-        conn = self._conn()
-        with file_lock(self._lock_path):
+        check_keypoint_batch(verification, len(batch))
+        if len(batch) == 0:
+            return AddResult([], [])
+        with self._writing("nothing was added") as conn:
             self._clean_orphans(conn)
             taken = db.existing(conn, "path", batch.paths)
+            skipped = [p for p in batch.paths if p in taken]
             if taken:
-                raise ValueError(f"paths already in the index: {describe_keys(sorted(taken))}")
-
-            def fill(g: np.ndarray, loc: np.ndarray, scale: np.ndarray | None) -> None:
-                g[:] = batch.global_desc
-                if scale is None:
-                    loc[:] = batch.local_desc
-                else:  # quantise what the caller gave (validated above), not its float16 rounding
-                    loc[:], scale[:] = quantize_int8(np.asarray(local_desc, dtype=np.float32))
-
+                if not skip_existing:
+                    raise ValueError(f"paths already in the index: {describe_keys(sorted(taken))}")
+                keep = [i for i, p in enumerate(batch.paths) if p not in taken]
+                if not keep:
+                    return AddResult([], skipped)
+                batch = batch.subset(keep)
+                local_desc = np.asarray(local_desc)[keep]
+                if verification is not None:
+                    verification = gather_keypoints([verification], np.zeros(len(keep), np.int64),
+                                                    np.asarray(keep, np.int64))
+            scale = None
+            stored_local = batch.local_desc
+            if self._options.local_dtype == "int8":  # quantise what the caller gave, not its float16 rounding
+                stored_local, scale = quantize_int8(np.asarray(local_desc, dtype=np.float32))
             gv = KeypointSource.of(verification) if verification is not None else None
-            info = write_segment(self._segments_dir, n, self._global_dim, self._local_shape, fill, gv,
-                                 local_dtype=self._options.local_dtype)
+            info = write_segment(self._segments_dir, len(batch), self._global_dim, self._local_shape,
+                                 [(batch.global_desc, stored_local, scale)], gv, local_dtype=self._options.local_dtype)
             try:
                 ids = db.insert_images(conn, info, batch.paths, batch.identities, batch.attrs_json)
             except BaseException:
                 self._clean_orphans(conn)  # deletes the new folder only if the commit did not happen
                 raise
-        return ids
+        return AddResult(ids, skipped)
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove live images by id in one transaction; returns how many were removed.
 
         Raises :class:`UnknownIdError` (nothing removed) if any id is not live. Their
-        descriptor rows stay on disk until :meth:`compact` (whole dead segments are freed now).
+        descriptor rows stay on disk until :meth:`compact` or a merge (whole dead segments
+        are freed now). :class:`StorageFullError` / :class:`IndexBusyError`: as :meth:`add`.
         """
         wanted = sorted({int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)})
         return self._remove("id", wanted)
@@ -397,8 +486,7 @@ class IndexStore:
     def _remove(self, column: str, keys: list[Any]) -> int:
         if not keys:
             return 0
-        conn = self._conn()
-        with file_lock(self._lock_path):
+        with self._writing("nothing was removed") as conn:
             self._clean_orphans(conn)
             removed, dropped = db.remove_images(conn, column, keys)
             remove_segment_dirs(self._segments_dir, dropped)  # after the commit: readers may still map them
@@ -412,10 +500,11 @@ class IndexStore:
         unchanged (int8 local descriptors are copied as stored, not re-quantised). A compaction
         that changed anything also drops the cached trained global index, so the next snapshot
         of an IVF index retrains on the current rows. Returns ``{"segments_before",
-        "segments_after", "rows_reclaimed"}``.
+        "segments_after", "rows_reclaimed"}``. Snapshots taken before keep reading the old
+        segments (see ``npy_files.py``). Needs free space for a copy of the live rows
+        (:class:`StorageFullError` otherwise, the index unchanged).
         """
-        conn = self._conn()
-        with file_lock(self._lock_path):
+        with self._writing("the index is unchanged") as conn:
             self._clean_orphans(conn)
             try:
                 stats, dropped = maintenance.compact(
@@ -429,6 +518,90 @@ class IndexStore:
             if dropped:
                 (self._root / TRAINED_FILE).unlink(missing_ok=True)
         return stats
+
+    def needs_merge(self) -> bool:
+        """Whether :meth:`merge_small_segments` has work to do under :attr:`merge_policy`.
+        Cheap (reads the catalogue's segment list, no lock, no image rows): call it after every add."""
+        return bool(self.merge_policy.plan(db.segment_infos(self._conn())))
+
+    def merge_small_segments(self, *, max_rounds: int | None = None) -> dict[str, Any]:
+        """Merge small segments as :attr:`merge_policy` says, until it is met (or after
+        ``max_rounds`` merges), and return what was done.
+
+        Each merge is one round of :meth:`compact`'s protocol on a few segments: under the
+        write lock (taken per round, so adds from other threads and processes interleave),
+        write + fsync the new segment, re-point its rows in one transaction, then delete the
+        merged folders. Ids and search results are unchanged; int8 locals are copied as
+        stored; keypoints are carried; snapshots taken before keep reading the old segments.
+        Safe to call from a background thread while other threads add and search.
+
+        Returns ``{"merges", "segments_before", "segments_after", "segments_merged",
+        "rows_rewritten", "rows_reclaimed", "seconds"}``. Raises :class:`StorageFullError`
+        (that round undone, earlier rounds kept) and :class:`IndexBusyError` like :meth:`add`.
+        """
+        start = time.perf_counter()
+        stats: dict[str, Any] = {"merges": 0, "segments_before": None, "segments_after": None,
+                                 "segments_merged": 0, "rows_rewritten": 0, "rows_reclaimed": 0}
+        while max_rounds is None or stats["merges"] < max_rounds:
+            with self._writing("the index is unchanged") as conn:
+                self._clean_orphans(conn)
+                infos = db.segment_infos(conn)
+                if stats["segments_before"] is None:
+                    stats["segments_before"] = len(infos)
+                chosen = self.merge_policy.plan(infos)
+                if not chosen:
+                    break
+                live = db.live_rows(conn, chosen)
+                try:
+                    dropped = maintenance.rewrite_segments(conn, self._segments_dir, self._global_dim,
+                                                           self._local_shape, self._segment, live,
+                                                           self._options.local_dtype)
+                except BaseException:
+                    self._clean_orphans(conn)  # the new segment, unless its commit happened
+                    raise
+                remove_segment_dirs(self._segments_dir, dropped)  # only after the commit
+            stats["merges"] += 1
+            stats["segments_merged"] += len(chosen)
+            stats["rows_rewritten"] += len(live.ids)
+            stats["rows_reclaimed"] += sum(i.count for i in live.segment_infos) - len(live.ids)
+        stats["segments_after"] = len(db.segment_infos(self._conn()))
+        stats["seconds"] = round(time.perf_counter() - start, 4)
+        return stats
+
+    def writer_busy(self) -> bool:
+        """Whether a writer (another process, thread or store object) holds the write lock now.
+        A non-blocking probe: the answer may be stale a moment later."""
+        return lock_is_held(self._lock_path)
+
+    @contextmanager
+    def _writing(self, outcome: str) -> Iterator[sqlite3.Connection]:
+        """Hold the write lock (waiting up to :attr:`lock_timeout`, else
+        :class:`IndexBusyError`) around a write, whose failures for lack of space become
+        :class:`StorageFullError` saying ``outcome`` (the caller undoes the write before
+        re-raising), and whose failures for lack of descriptors or memory become
+        :class:`IndexResourceError`. Yields this thread's connection."""
+        conn = self._conn()
+        with storage_guard(self._root, outcome):
+            try:
+                with ExitStack() as held:
+                    try:
+                        held.enter_context(file_lock(self._lock_path, timeout=self.lock_timeout,
+                                                     on_wait=self.on_lock_wait))
+                    except LockTimeout as e:
+                        raise IndexBusyError(self._busy_message(e)) from None
+                    yield conn
+            except OSError as e:
+                if is_resource_error(e) and not isinstance(e, IndexResourceError):
+                    raise resource_error(e, str(self._root), "writing") from e
+                raise
+
+    def _busy_message(self, timeout: LockTimeout) -> str:
+        others = [pid for pid in timeout.holders if pid != os.getpid()]
+        if timeout.holders and not others:
+            who = f"another thread or store object of this process (pid {os.getpid()})"
+        else:
+            who = f"another process (pid {', '.join(map(str, others)) if others else 'unknown'})"
+        return f"the index at {self._root} is being written by {who}; retried for {timeout.waited:.1f} s"
 
     def _clean_orphans(self, conn: sqlite3.Connection) -> list[str]:
         """Delete segment folders no committed row names (left by a crashed or failed write).

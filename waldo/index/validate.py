@@ -37,6 +37,12 @@ class AddBatch:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, rows: Sequence[int]) -> AddBatch:
+        """The batch restricted to ``rows`` (positions, in the order given)."""
+        index = np.asarray(rows, dtype=np.int64)
+        return AddBatch([self.paths[i] for i in rows], [self.identities[i] for i in rows], self.global_desc[index],
+                        self.local_desc[index], [self.attrs_json[i] for i in rows])
+
 
 def _strings(name: str, values: Sequence[Any], allow_pathlike: bool, allow_empty: bool = False) -> list[str]:
     if isinstance(values, (str, bytes)):

@@ -13,18 +13,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waldo import __version__
-from waldo.data.images import ImageLoadError
+from waldo.data.images import DecodeBusyError, ImageLoadError
 from waldo.index import UnknownIdError
+from waldo.index.errors import IndexBusyError, IndexResourceError, StorageFullError
 from waldo.serve.errors import ClientError
 from waldo.serve.limits import BodySizeLimit, image_error_status
+from waldo.serve.memory import limit_heap_hoarding
+from waldo.serve.origin import HostOriginGuard
 from waldo.serve.routers import images, meta, search
 from waldo.serve.service import SearchService
 from waldo.serve.settings import STATIC_DIR, ServeSettings
@@ -68,15 +76,17 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limit_heap_hoarding()
         service = await asyncio.to_thread(SearchService.open, index_dir, settings)
         app.state.service = service
         app.state.query_slots = asyncio.Semaphore(settings.query_slots)
+        app.state.write_slots = asyncio.Semaphore(1)
         log.info("serving %s (%d images, rerankers: %s)", service.root, len(service.engine),
                  ", ".join(service.rerankers))
         try:
             yield
         finally:
-            service.engine.store.close()
+            await asyncio.to_thread(service.close)
 
     app = FastAPI(
         title="Waldo search service",
@@ -99,9 +109,56 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None) -> 
     # attribute, so process-wide; the service is the only multipart consumer in the process.)
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_body_bytes)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes,
-                       max_inflight=settings.max_inflight_uploads)
+                       max_inflight=settings.max_inflight_uploads,
+                       max_buffered_bytes=settings.max_upload_memory_bytes,
+                       idle_timeout=settings.body_idle_timeout_s, total_timeout=settings.body_timeout_s)
+    if settings.allowed_hosts is not None:  # outside the body guard: a foreign request reads nothing
+        app.add_middleware(HostOriginGuard, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(_SecurityHeaders)
+    app.openapi = lambda: _openapi_with_limits(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_with_limits(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
+    """The schema FastAPI generates, plus the limits that are settings rather than code: the
+    range of ``k``, how many files one add may carry, and that no file may be empty. A client
+    generated from the schema then knows them without reading /stats."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("name") == "k":
+                    for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                        if option.get("type") == "integer":
+                            option.update(minimum=1, maximum=settings.max_k)
+    for name, body in schema.get("components", {}).get("schemas", {}).items():
+        image = body.get("properties", {}).get("image")
+        if not name.startswith("Body_") or image is None:
+            continue
+        if image.get("type") == "array":
+            image.update(minItems=1, maxItems=settings.max_files_per_add)
+            image["items"]["minLength"] = 1
+        else:
+            image["minLength"] = 1
+    app.openapi_schema = schema
+    return schema
+
+
+def _allowed_methods(routes: list[Any], scope: Scope) -> set[str]:
+    """The methods of every route whose path matches ``scope`` (routers included without a
+    prefix are searched through: FastAPI wraps them in one object per ``include_router``)."""
+    allowed: set[str] = set()
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            allowed |= _allowed_methods(inner.routes, scope)
+            continue
+        match, _ = route.matches(scope)
+        if match in (Match.FULL, Match.PARTIAL):
+            allowed |= set(getattr(route, "methods", None) or ())
+    return allowed
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -129,6 +186,40 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownIdError)
     async def unknown_id(_: Request, exc: UnknownIdError) -> JSONResponse:
         return error(404, str(exc))
+
+    # Resource limits: the request fails alone, says why and when to retry; the process goes on.
+    # The exceptions' own messages name server paths: they go to the log, not to the client.
+    @app.exception_handler(IndexBusyError)
+    async def index_busy(request: Request, exc: IndexBusyError) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "the index is busy: another write (in this server or another process, "
+                                       "e.g. `waldo index add`) holds it; nothing was changed, retry shortly"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(DecodeBusyError)
+    async def decode_busy(_: Request, exc: DecodeBusyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(StorageFullError)
+    async def storage_full(request: Request, exc: StorageFullError) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error(507, "insufficient storage: the index's disk is full; nothing was added (free space, then retry)")
+
+    @app.exception_handler(IndexResourceError)
+    async def out_of_resources(request: Request, exc: IndexResourceError) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "the server is out of file handles or memory for this request; "
+                                       "nothing was changed, retry shortly"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route that matched the path: GET
+            # for /images/{id} although DELETE is there too. Allow must list them all.
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request.app.router.routes, request.scope)))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,12 +4,15 @@ and the API-key check of the write endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
+from waldo.index.errors import IndexBusyError
 from waldo.serve.errors import ClientError
 from waldo.serve.service import SearchService
 
@@ -23,6 +26,28 @@ def get_slots(request: Request) -> asyncio.Semaphore:
     """Bounds how many requests run the model at once. An asyncio semaphore, so a waiting
     query holds no worker thread (thumbnails and health checks keep flowing under load)."""
     return request.app.state.query_slots
+
+
+@contextlib.asynccontextmanager
+async def _write_turn(slots: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout=wait)
+    except asyncio.TimeoutError:
+        raise IndexBusyError(f"other writes to this index are queued; waited {wait:g} s") from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def get_write_turn(request: Request) -> contextlib.AbstractAsyncContextManager[None]:
+    """``async with turn:`` waits (holding no thread, at most ``write_wait_s``, then 503) for the
+    one write that runs at a time. Writes never take a query slot: a write stuck behind another
+    process's lock must not keep searches waiting."""
+    return _write_turn(request.app.state.write_slots, request.app.state.settings.write_wait_s)
+
+
+WriteTurn = Annotated[contextlib.AbstractAsyncContextManager[None], Depends(get_write_turn)]
 
 
 # The header is declared through FastAPI's security helper so that /openapi.json documents it;

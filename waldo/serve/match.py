@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from waldo.data.images import load_image
+from waldo.data.images import DecodeBudget, load_image
 from waldo.models.keypoints import LocalFeatureConfig, extract_local_features
 from waldo.rerank.gv import GVConfig, verify_pair
 
@@ -26,15 +26,17 @@ def _missing(verification, config: GVConfig) -> str:
 
 
 def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int, max_lines: int = 300,
-               features: LocalFeatureConfig | None = None) -> dict[str, Any]:
+               features: LocalFeatureConfig | None = None, budget: DecodeBudget | None = None,
+               budget_timeout: float | None = None) -> dict[str, Any]:
     """Geometric verification of ``query`` against indexed image ``image_id`` (file ``path``),
     as ``MatchResponse`` fields: inlier lines ``[xq, yq, xc, yc]`` in each image's pixels and
     the outline of the query's keypoints as the fitted model maps it onto the candidate.
     ``features``: the index's local features (its manifest's ``gv_features``; default: the
-    default kind), so the picture shows what the index's verification sees."""
+    default kind), so the picture shows what the index's verification sees. ``budget``: the
+    process's decode budget, for the candidate's decode (see ``load_image``)."""
     features = features or LocalFeatureConfig()
     # Decoded (EXIF rotation applied), as the browser shows it and as keypoints are measured.
-    candidate = load_image(path, max_pixels=max_pixels)
+    candidate = load_image(path, max_pixels=max_pixels, budget=budget, budget_timeout=budget_timeout)
     base = {"id": image_id, "query_size": list(query.size), "image_size": list(candidate.size)}
     query_features = extract_local_features(query, features)
     # Both sides are described the same way, from pixels, so the lines show what GV sees.

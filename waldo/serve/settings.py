@@ -44,7 +44,22 @@ class ServeSettings(BaseSettings):
         body_slack_bytes: allowance for multipart headers and small form fields on top of the
             file bytes when the request body is measured.
         max_inflight_uploads: request bodies being received or processed at once; more get 429.
-            Uploads are held in memory, so this bounds their memory (16 x 20 MB = 320 MB).
+        max_upload_memory_bytes: bytes of request bodies held in memory at once, all requests
+            together (uploads are kept in memory, never spooled to disk); a body that would pass
+            it gets 429. Counted as bytes arrive, so a slow client reserves nothing it has not sent.
+        body_idle_timeout_s: a request body that sends nothing for this long gets 408 and its
+            connection is closed (slow-upload sockets cannot hold a place for ever).
+        body_timeout_s: a request body not complete after this long gets 408 (20 MB at 1.4 Mbit/s).
+        write_wait_s: how long ``POST /images`` and ``DELETE /images/{id}`` wait for their turn to
+            write and for the index's write lock (another ``waldo index add`` may hold it); then
+            503 with Retry-After. Writes never take a query slot, so searches go on meanwhile.
+        decode_memory_bytes: memory all image decodes of the process may hold at once (queries,
+            uploads, thumbnails); a decode waits for room (up to ``write_wait_s``, then 503), and
+            an image that alone needs more is refused with 413.
+        allowed_hosts: host names (without port) the ``Host`` header may carry; ``*`` allows any.
+            None (the default of ``create_app``): no check; ``waldo serve`` on a loopback address
+            sets the loopback names, which defeats DNS rebinding. Writes whose ``Origin`` is not an
+            allowed host (or, with ``*``, not the request's own host) get 403.
         api_key: when set, the write endpoints (``POST /images``, ``DELETE /images/{id}``) need
             it in the ``X-API-Key`` header (401 otherwise); reads stay open. None: no key.
             Kept out of ``repr`` so that logging the settings never prints it.
@@ -65,7 +80,13 @@ class ServeSettings(BaseSettings):
     thumbnail_size: int = Field(256, ge=1)
     thumbnail_cache: int = Field(4096, ge=1)
     body_slack_bytes: int = Field(64 * 1024, ge=0)
-    max_inflight_uploads: int = Field(16, ge=1)
+    max_inflight_uploads: int = Field(64, ge=1)
+    max_upload_memory_bytes: int = Field(320 * MB, ge=1)
+    body_idle_timeout_s: float = Field(5.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
+    write_wait_s: float = Field(10.0, ge=0)
+    decode_memory_bytes: int = Field(384 * MB, ge=1)
+    allowed_hosts: tuple[str, ...] | None = None
     api_key: str | None = Field(None, repr=False)
     compile_rrt: bool = True
 
@@ -75,6 +96,16 @@ class ServeSettings(BaseSettings):
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no key)")
         return api_key
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, hosts: object) -> object:
+        # WALDO_ALLOWED_HOSTS=localhost,example.org reads as a list, like the repeated flag.
+        if isinstance(hosts, str):
+            hosts = [part for part in hosts.replace(" ", ",").split(",") if part]
+        if isinstance(hosts, (list, tuple)):
+            return tuple(str(host).strip().lower().strip("[]") for host in hosts)
+        return hosts
 
     @model_validator(mode="after")
     def _default_k_within_max_k(self) -> ServeSettings:

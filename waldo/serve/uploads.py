@@ -25,17 +25,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from waldo.data.images import SUPPORTED_FORMATS, load_image
+from waldo.data.images import SUPPORTED_FORMATS, DecodeBudget, load_image
 from waldo.fsutil import atomic_write_bytes, file_lock, fsync_dir
 from waldo.serve.errors import ClientError
 
-__all__ = ["UPLOADS_DIR", "CheckedUpload", "check_upload", "clean_name", "clean_orphan_uploads",
-           "store_upload", "uploads_lock"]
+__all__ = ["MAX_IDENTITY_CHARS", "UPLOADS_DIR", "CheckedUpload", "check_identity", "check_upload", "clean_name",
+           "clean_orphan_uploads", "store_upload", "uploads_lock"]
 
 #: Folder, inside the index folder, that holds the images added through the service.
 UPLOADS_DIR = "uploads"
 #: Lock file inside the uploads folder (hidden, so it is never taken for an upload).
 LOCK_NAME = ".lock"
+
+#: Longest identity label an upload may carry (characters).
+MAX_IDENTITY_CHARS = 200
 
 # Pillow format name -> stored suffix. MPO is how Pillow names multi-picture phone JPEGs.
 _SUFFIX = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
@@ -47,7 +50,7 @@ class CheckedUpload:
     """An upload that decoded cleanly: its bytes, pixels (RGB) and content address."""
 
     data: bytes
-    image: Image.Image
+    image: Image.Image | None  # None when the caller asked not to keep the pixels (adds)
     sha256: str
     suffix: str
     name: str  # the client's file name, cleaned, for display only
@@ -65,15 +68,39 @@ def clean_name(filename: str | None, limit: int = 120) -> str:
     return name[:limit] or "upload"
 
 
-def check_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixels: int) -> CheckedUpload:
+def check_identity(identity: str) -> str:
+    """The identity an upload is stored under: exactly as given, or a :class:`ClientError`
+    (422) when it is too long, blank but not empty, or holds control characters. Never
+    rewritten: "brand/model 7" stays "brand/model 7" (it is a label, not a path)."""
+    if len(identity) > MAX_IDENTITY_CHARS:
+        raise ClientError(422, f"identity: at most {MAX_IDENTITY_CHARS} characters, got {len(identity)}")
+    if identity and not identity.strip():
+        raise ClientError(422, "identity: must not be only white space (leave it empty for no identity)")
+    bad = sorted({f"U+{ord(c):04X}" for c in identity if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")})
+    if bad:
+        raise ClientError(422, f"identity: control or unassigned characters are not allowed ({', '.join(bad[:5])})")
+    return identity
+
+
+def check_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixels: int,
+                 budget: DecodeBudget | None = None, budget_timeout: float | None = None,
+                 max_side: int | None = None, keep_pixels: bool = True) -> CheckedUpload:
     """Decode an upload fully; raises :class:`ClientError` (too large, empty) or
-    :class:`~waldo.data.images.ImageLoadError` (not an image, corrupt, too many pixels)."""
+    :class:`~waldo.data.images.ImageLoadError` (not an image, corrupt, too many pixels).
+
+    ``budget``: the process's decode memory budget (wait up to ``budget_timeout`` s for room);
+    ``max_side``: return the pixels reduced to this longest side (JPEGs decode at reduced
+    scale); ``keep_pixels=False``: decode to check, then drop the pixels (an add re-reads the
+    stored file, so holding 32 decoded uploads at once would only cost memory)."""
     name = clean_name(filename)
     if not data:
         raise ClientError(400, f"the upload {name!r} is empty (0 bytes)")
     if len(data) > max_bytes:
         raise ClientError(413, f"the upload {name!r} is {len(data)} bytes; the limit is {max_bytes} bytes")
-    image = load_image(data, max_pixels=max_pixels, name=name)
+    image: Image.Image | None = load_image(data, max_pixels=max_pixels, name=name, budget=budget,
+                                           budget_timeout=budget_timeout, max_side=max_side)
+    if not keep_pixels:
+        image = None
     # The header is parsed again only to learn the format (load_image returns bare RGB pixels).
     with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as header:
         suffix = _SUFFIX.get(header.format or "", "img")
@@ -92,9 +119,10 @@ def store_upload(upload: CheckedUpload, uploads_dir: Path) -> tuple[Path, bool]:
     return atomic_write_bytes(target, upload.data), True
 
 
-def uploads_lock(uploads_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold the uploads folder's exclusive lock (blocking) across processes."""
-    return file_lock(uploads_dir / LOCK_NAME)
+def uploads_lock(uploads_dir: Path, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+    """Hold the uploads folder's exclusive lock across processes, waiting at most ``timeout``
+    seconds (None: for ever)."""
+    return file_lock(uploads_dir / LOCK_NAME, timeout=timeout)
 
 
 def clean_orphan_uploads(uploads_dir: Path, is_live: Callable[[Sequence[str]], list[bool]]) -> list[Path]:

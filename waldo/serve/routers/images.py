@@ -14,12 +14,12 @@ from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from waldo.serve.deps import require_write_key
+from waldo.serve.deps import WriteTurn, require_write_key
 from waldo.serve.errors import ClientError
-from waldo.serve.routers.search import QUERY_ERRORS, Service, Slots, read_upload
+from waldo.serve.routers.search import QUERY_ERRORS, Service, read_upload
 from waldo.serve.schemas import AddResponse, ErrorResponse, RemoveResponse
 from waldo.serve.service import SearchService
-from waldo.serve.uploads import clean_name
+from waldo.serve.uploads import MAX_IDENTITY_CHARS
 
 router = APIRouter(tags=["images"])
 
@@ -30,25 +30,38 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "no live image with th
              422: {"model": ErrorResponse, "description": "the id is not an integer in 0..2**62"}}
 UNAUTHORISED = {401: {"model": ErrorResponse, "description": "the server has an API key and the request's "
                                                               "X-API-Key header is missing or wrong"}}
+#: What a write can meet besides the client's own mistakes.
+WRITE_ERRORS = {
+    403: {"model": ErrorResponse, "description": "a browser page of another site (Origin) may not write here"},
+    503: {"model": ErrorResponse, "description": "the index is busy (another write, or another process holds its "
+                                                 "write lock) or out of file handles; retry after Retry-After"},
+    507: {"model": ErrorResponse, "description": "no space left on the index's disk; nothing was added"},
+}
 #: Writes change what every client sees: when the server has an API key, they need it.
 WRITE_GUARD = [Depends(require_write_key)]
 # Ids are never reused, so what an id names never changes: let browsers keep it.
 IMMUTABLE = {"Cache-Control": "public, max-age=86400, immutable"}
 
 
-@router.post("/images", response_model=AddResponse, status_code=201, responses={**QUERY_ERRORS, **UNAUTHORISED},
+@router.post("/images", response_model=AddResponse, status_code=201,
+             responses={**QUERY_ERRORS, **UNAUTHORISED, **WRITE_ERRORS, 409: {
+                 "model": ErrorResponse, "description": "these bytes are already indexed under another identity"}},
              dependencies=WRITE_GUARD)
 async def add_images(
-    image: Annotated[list[UploadFile], File(description="one or more photos to index")],
+    image: Annotated[list[UploadFile], File(description="one or more photos to index (at most max_files_per_add, "
+                                                        "see /stats; none empty)")],
     service: Service,
-    slots: Slots,
-    identity: Annotated[str, Form(max_length=200, description="the instance the photos show")] = "",
+    turn: WriteTurn,
+    identity: Annotated[str, Form(max_length=MAX_IDENTITY_CHARS, description=(
+        "the instance the photos show, stored exactly as given (no control characters)"))] = "",
 ) -> AddResponse:
     """Store the photos under ``INDEX/uploads/<sha256>.<ext>`` and index them, atomically:
-    queries see all of them or none. Uploading bytes already indexed returns their id."""
+    queries see all of them or none. Uploading bytes already indexed returns their id and the
+    identity they were indexed under (``created: false``); under another identity, 409.
+    Writes take their turn one at a time, never a query slot: searches go on meanwhile."""
     files = [(await read_upload(upload, service.settings.max_upload_bytes), upload.filename) for upload in image]
-    async with slots:
-        added = await run_in_threadpool(service.add, files, clean_name(identity, limit=200) if identity else "")
+    async with turn:
+        added = await run_in_threadpool(service.add, files, identity)
     return AddResponse(images=added, count=len(service.engine))
 
 
@@ -67,11 +80,12 @@ def get_thumbnail(image_id: ImageId, service: Service) -> Response:
     return Response(service.thumbnail(image_id), media_type="image/jpeg", headers=IMMUTABLE)
 
 
-@router.delete("/images/{image_id}", response_model=RemoveResponse, responses={**NOT_FOUND, **UNAUTHORISED},
-               dependencies=WRITE_GUARD)
-async def remove_image(image_id: ImageId, service: Service) -> RemoveResponse:
+@router.delete("/images/{image_id}", response_model=RemoveResponse,
+               responses={**NOT_FOUND, **UNAUTHORISED, **WRITE_ERRORS}, dependencies=WRITE_GUARD)
+async def remove_image(image_id: ImageId, service: Service, turn: WriteTurn) -> RemoveResponse:
     """Remove an image from the index (and its stored file, if it was uploaded here)."""
-    await run_in_threadpool(service.remove, image_id)
+    async with turn:
+        await run_in_threadpool(service.remove, image_id)
     return RemoveResponse(removed=1, count=len(service.engine))
 
 

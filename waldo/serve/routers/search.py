@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Path, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from waldo.serve.deps import get_service, get_slots
@@ -20,12 +20,23 @@ QUERY_ERRORS = {
     400: {"model": ErrorResponse, "description": "empty, corrupt or truncated image"},
     413: {"model": ErrorResponse, "description": "upload over the size limit, or too many pixels"},
     415: {"model": ErrorResponse, "description": "not an image in a supported format"},
-    422: {"model": ErrorResponse, "description": "k out of range, unknown reranker, missing field"},
+    422: {"model": ErrorResponse, "description": "k out of range, unknown reranker, missing field, or more "
+                                                 "than one image"},
+    503: {"model": ErrorResponse, "description": "too many big images being decoded at once; retry after "
+                                                 "Retry-After"},
 }
 
 ImageUpload = Annotated[UploadFile, File(description="the query photo (JPEG, PNG, WebP, GIF, BMP, TIFF)")]
 Service = Annotated[SearchService, Depends(get_service)]
 Slots = Annotated[asyncio.Semaphore, Depends(get_slots)]
+
+
+async def one_image(request: Request) -> None:
+    """Refuse a query with several ``image`` parts (422): which one would be searched is not
+    the client's choice to leave to the parser (FastAPI keeps the last one)."""
+    count = len((await request.form()).getlist("image"))  # parsed once already: cached
+    if count > 1:
+        raise ClientError(422, f"image: one photo per query, got {count} 'image' fields")
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -37,7 +48,7 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-@router.post("/search", response_model=SearchResponse, responses=QUERY_ERRORS)
+@router.post("/search", response_model=SearchResponse, responses=QUERY_ERRORS, dependencies=[Depends(one_image)])
 async def search(
     image: ImageUpload,
     service: Service,
@@ -58,7 +69,7 @@ async def search(
 
 
 @router.post("/match/{image_id}", response_model=MatchResponse, responses={**QUERY_ERRORS, 404: {
-    "model": ErrorResponse, "description": "no live image with this id"}})
+    "model": ErrorResponse, "description": "no live image with this id"}}, dependencies=[Depends(one_image)])
 async def match(
     image: ImageUpload,
     service: Service,
