@@ -649,3 +649,17 @@ def test_budget_estimate_bounds_the_measured_peak(kind: str, bombs, tmp_path: Pa
     assert measured.get("size") == [side, side], measured
     estimate, peak = measured["estimated_peak_mib"], measured["peak_rss_added_mib"]
     assert peak <= estimate <= peak * 1.25 + 16, measured
+
+
+def test_decode_memory_estimate_is_what_load_image_reserves(tmp_path):
+    from waldo.data.images import DecodeBudget, decode_memory_estimate
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (640, 480), (10, 200, 30)).save(path, format="JPEG", progressive=True)
+    for max_side in (None, 200):
+        need = decode_memory_estimate(path, max_side=max_side)
+        assert need > 640 * 480 * 3 // (4 if max_side else 1)
+        assert load_image(path, max_side=max_side, budget=DecodeBudget(need)).size[0] <= (max_side or 640)
+        with pytest.raises(ImageLoadError, match="exceeds the decode memory limit"):
+            load_image(path, max_side=max_side, budget=DecodeBudget(need - 1))
+    assert decode_memory_estimate(path, max_side=200) < decode_memory_estimate(path)

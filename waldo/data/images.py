@@ -703,41 +703,26 @@ def load_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if max_side is not None and max_side <= 0:
         raise ValueError(f"max_side must be positive, got {max_side}")
-    stream = _open_source(source, name)
-    owns_stream = stream is not source
-    try:
-        start = stream.tell()
-        image = _open_header(stream, start, name)
-        try:
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise ImageLoadError(name, f"invalid size {width}x{height}")
-            if width * height > max_pixels:
-                raise ImageLoadError(
-                    name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-                )
-            if max(width, height) > max_aspect_ratio * min(width, height):
-                raise ImageLoadError(name, f"{width}x{height} is too elongated to be a photo: the longer side is "
-                                           f"more than {max_aspect_ratio:g} times the shorter")
-            layout = None
-            if image.format in ("JPEG", "MPO"):  # MPO: multi-picture phone JPEGs
-                layout = _check_jpeg(stream, start, name, max_jpeg_scans)
-                if max_side is not None:
-                    _draft_jpeg(image, max_side)
-            if budget is None:
-                return _decode(image, stream, start, name, max_side)
-            target = None if max_side is None else _fit(image.size, max_side)
-            need = _decode_peak_bytes(image, layout, _transposes(image, stream, start), target)
-            if need > budget.max_bytes:
-                raise ImageLoadError(name, f"{width}x{height} {image.format} needs about {_mb(need)} to decode, "
-                                           f"which exceeds the decode memory limit of {_mb(budget.max_bytes)}")
-            with budget.reserve(need, timeout=budget_timeout):
-                return _decode(image, stream, start, name, max_side)
-        finally:
-            _release_pixels(image)  # the result holds its own reference when it shares them
-    finally:
-        if owns_stream:
-            stream.close()
+    with _opened(source, name) as (image, stream, start):
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageLoadError(name, f"invalid size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageLoadError(
+                name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            )
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise ImageLoadError(name, f"{width}x{height} is too elongated to be a photo: the longer side is "
+                                       f"more than {max_aspect_ratio:g} times the shorter")
+        layout, target = _plan(image, stream, start, name, max_jpeg_scans, max_side)
+        if budget is None:
+            return _decode(image, stream, start, name, max_side)
+        need = _decode_peak_bytes(image, layout, _transposes(image, stream, start), target)
+        if need > budget.max_bytes:
+            raise ImageLoadError(name, f"{width}x{height} {image.format} needs about {_mb(need)} to decode, "
+                                       f"which exceeds the decode memory limit of {_mb(budget.max_bytes)}")
+        with budget.reserve(need, timeout=budget_timeout):
+            return _decode(image, stream, start, name, max_side)
 
 
 def decode_memory_estimate(source: ImageSource, *, max_side: int | None = None,
@@ -749,24 +734,40 @@ def decode_memory_estimate(source: ImageSource, *, max_side: int | None = None,
     Raises ImageLoadError where ``load_image`` would refuse the header or the JPEG structure."""
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    with _opened(source, name) as (image, stream, start):
+        layout, target = _plan(image, stream, start, name, max_jpeg_scans, max_side)
+        return _decode_peak_bytes(image, layout, _transposes(image, stream, start), target)
+
+
+@contextlib.contextmanager
+def _opened(source: ImageSource, name: str) -> Iterator[tuple[Image.Image, BinaryIO, int]]:
+    """``source`` opened (header only) as ``(image, stream, start)``; the stream is closed
+    afterwards when it was opened here, and the image's pixels are released (the decoded
+    result holds its own reference when it shares them)."""
     stream = _open_source(source, name)
     owns_stream = stream is not source
     try:
         start = stream.tell()
         image = _open_header(stream, start, name)
         try:
-            layout = None
-            if image.format in ("JPEG", "MPO"):
-                layout = _check_jpeg(stream, start, name, max_jpeg_scans)
-                if max_side is not None:
-                    _draft_jpeg(image, max_side)
-            target = None if max_side is None else _fit(image.size, max_side)
-            return _decode_peak_bytes(image, layout, _transposes(image, stream, start), target)
+            yield image, stream, start
         finally:
             _release_pixels(image)
     finally:
         if owns_stream:
             stream.close()
+
+
+def _plan(image: Image.Image, stream: BinaryIO, start: int, name: str, max_jpeg_scans: int,
+          max_side: int | None) -> tuple[_JpegLayout | None, tuple[int, int] | None]:
+    """Check a JPEG's structure (scans, coding) and draft it for ``max_side``; returns its
+    layout (None for other formats) and the size ``max_side`` resizes to (None: no resize)."""
+    layout = None
+    if image.format in ("JPEG", "MPO"):  # MPO: multi-picture phone JPEGs
+        layout = _check_jpeg(stream, start, name, max_jpeg_scans)
+        if max_side is not None:
+            _draft_jpeg(image, max_side)
+    return layout, None if max_side is None else _fit(image.size, max_side)
 
 
 def _open_header(stream: BinaryIO, start: int, name: str) -> Image.Image:

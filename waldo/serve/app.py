@@ -165,6 +165,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     def error(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
 
+    def retry_later(detail: str, seconds: int) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(seconds)})
+
     @app.exception_handler(ClientError)
     async def upload_error(_: Request, exc: ClientError) -> JSONResponse:
         return error(exc.status, exc.detail)
@@ -192,13 +195,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IndexBusyError)
     async def index_busy(request: Request, exc: IndexBusyError) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": "the index is busy: another write (in this server or another process, "
-                                       "e.g. `waldo index add`) holds it; nothing was changed, retry shortly"},
-                            status_code=503, headers={"Retry-After": "5"})
+        return retry_later("the index is busy: another write (in this server or another process, e.g. "
+                           "`waldo index add`) holds it; nothing was changed, retry shortly", 5)
 
     @app.exception_handler(DecodeBusyError)
     async def decode_busy(_: Request, exc: DecodeBusyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+        return retry_later(str(exc), 2)
 
     @app.exception_handler(StorageFullError)
     async def storage_full(request: Request, exc: StorageFullError) -> JSONResponse:
@@ -208,9 +210,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IndexResourceError)
     async def out_of_resources(request: Request, exc: IndexResourceError) -> JSONResponse:
         log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": "the server is out of file handles or memory for this request; "
-                                       "nothing was changed, retry shortly"},
-                            status_code=503, headers={"Retry-After": "5"})
+        return retry_later("the server is out of file handles or memory for this request; nothing was changed, "
+                           "retry shortly", 5)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
