@@ -227,8 +227,11 @@ class Waldo:
         if rows:
             kept = [paths[i] for i in rows]
             # Keypoints for geometric verification: computed once here, never per query.
-            verification = (pack_features(extract_many(kept, self.gv_sift, workers=num_workers or None,
-                                                       progress=progress), self.gv_sift.descriptor_bytes)
+            # num_workers=0 ("decode in this process", the service's choice) decodes the keypoints'
+            # images one at a time too: two full-size decodes at once would double the peak memory.
+            keypoint_workers = 1 if num_workers == 0 else num_workers or None
+            verification = (pack_features(extract_many(kept, self.gv_sift, workers=keypoint_workers, progress=progress),
+                                          self.gv_sift.descriptor_bytes)
                             if self.gv_sift is not None else None)
             self._commit(report, kept, [identities[i] for i in rows], extracted.global_desc,
                          extracted.local_desc, [attrs[i] for i in rows], verification, merge)

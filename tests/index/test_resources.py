@@ -222,3 +222,28 @@ def test_running_out_of_descriptors_while_opening_the_catalogue_is_not_corruptio
             os.close(fd)
     with IndexStore.open(tmp_path / "ix") as store:
         assert store.check() == []
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path):
+    """A server's worker threads come and go: each retired thread's SQLite connection must be
+    closed, not kept open for the life of the process (one fd leak per thread otherwise)."""
+    import threading
+
+    from waldo.index.db import ThreadConnections, connect, init_schema
+
+    path = tmp_path / "c.sqlite"
+    init_schema(connect(path))
+    conns = ThreadConnections(path)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    for _ in range(30):
+        worker = threading.Thread(target=lambda: conns.get().execute("SELECT 1").fetchall())
+        worker.start()
+        worker.join()
+    before = fds()
+    for _ in range(30):
+        worker = threading.Thread(target=lambda: conns.get().execute("SELECT 1").fetchall())
+        worker.start()
+        worker.join()
+    assert conns.open_count() <= 2  # the last worker's, and none of the 59 ended ones
+    assert fds() <= before + 2
+    conns.close_all()

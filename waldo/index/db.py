@@ -106,29 +106,45 @@ class ThreadConnections:
 
     sqlite3 connections must not be used by two threads at once; keeping one per thread
     lets readers in many threads query concurrently, and ``close_all`` can still close them.
+    A server's worker threads come and go (anyio retires idle ones), so the connections of
+    threads that have ended are closed when the next connection is opened: otherwise each
+    retired thread would leave its connection's files open for the life of the process.
     """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
+        pid = os.getpid()
+        if conn is None or self._local.pid != pid:
             conn = connect(self._path)
-            self._local.conn, self._local.pid = conn, os.getpid()
+            self._local.conn, self._local.pid = conn, pid
             with self._lock:
-                self._all.append(conn)
+                # A parent's connections are forgotten, never closed here: closing SQLite state
+                # inherited across a fork could checkpoint or unlink the parent's WAL.
+                ended = [c for p, t, c in self._all if p == pid and not t.is_alive()]
+                self._all = [(p, t, c) for p, t, c in self._all if p == pid and t.is_alive()]
+                self._all.append((pid, threading.current_thread(), conn))
+            for old in ended:  # no thread can use them any more (their thread-locals died with it)
+                old.close()
         return conn
+
+    def open_count(self) -> int:
+        """Connections held (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._all)
 
     def close_all(self) -> None:
         with self._lock:
             conns, self._all = self._all, []
             self._local = threading.local()
-        for c in conns:
-            c.close()
+        for pid, _, c in conns:
+            if pid == os.getpid():
+                c.close()
 
 
 def init_schema(conn: sqlite3.Connection) -> None:
