@@ -117,3 +117,8 @@ def test_readme_which_reranker_table_is_generated():
     spec.loader.exec_module(module)
     assert _block("README.md", "which-reranker") == module.which_reranker_block(
         _results("rrt_views/shipped-which-reranker.json"))
+
+
+def test_reliability_resource_table_is_generated():
+    assert _block("docs/reliability.md", "resource-abuse") == _script("resource_abuse").markdown(
+        _results("resource_abuse.json"))
