@@ -359,6 +359,11 @@ class IndexStore:
         found = db.existing(self._conn(), "path", [os.fspath(p) for p in paths])
         return [os.fspath(p) in found for p in paths]
 
+    def records_for_paths(self, paths: Sequence[str]) -> list[IndexedImage]:
+        """The live images with these paths (unknown paths are skipped); reads the catalogue
+        only, so a writer can ask right after its commit without rebuilding a snapshot."""
+        return self.records(db.ids_for_paths(self._conn(), [os.fspath(p) for p in paths]), skip_missing=True)
+
     def records(
         self, ids: Sequence[int] | np.ndarray | None = None, *, skip_missing: bool = False
     ) -> list[IndexedImage]:

@@ -391,30 +391,18 @@ class SearchService:
         if not self._write_lock.acquire(timeout=wait):
             raise IndexBusyError(f"another write to this index is in progress; waited {wait:g} s")
         try:
-            try:
-                held = uploads_lock(self.uploads_dir, timeout=wait)
-                held.__enter__()
-            except LockTimeout as error:
-                raise IndexBusyError(str(error)) from None
-            except OSError as error:
-                raise _as_storage_error(error, self.root) from None
-            try:
+            with uploads_lock(self.uploads_dir, timeout=wait):
                 yield
-            except OSError as error:
-                raise _as_storage_error(error, self.root) from None
-            finally:
-                held.__exit__(None, None, None)
+        except LockTimeout as error:  # the uploads folder's lock, held by another process
+            raise IndexBusyError(str(error)) from None
+        except OSError as error:
+            raise _as_storage_error(error, self.root) from None
         finally:
             self._write_lock.release()
 
     def _indexed_identities(self, paths: list[str]) -> dict[str, tuple[int, str]]:
-        """path -> (id, identity) for those of ``paths`` that are live."""
-        wanted = set(paths)
-        if not any(self.engine.store.contains_paths(sorted(wanted))):
-            return {}
-        snapshot = self.engine.store.snapshot()
-        return {p: (int(i), ident) for i, p, ident in zip(snapshot.ids, snapshot.paths, snapshot.identities)
-                if p in wanted}
+        """path -> (id, identity) for those of ``paths`` that are live (the catalogue only)."""
+        return {r.path: (r.id, r.identity) for r in self.engine.store.records_for_paths(sorted(set(paths)))}
 
     # ------------------------------------------------------------------ merging
     def _merge_in_background(self) -> None:
@@ -454,10 +442,8 @@ class SearchService:
         self.engine.store.close()
 
     def _ids_for(self, paths: list[str]) -> dict[str, int]:
-        wanted = set(paths)
-        snapshot = self.engine.store.snapshot()
-        found = {p: int(i) for i, p in zip(snapshot.ids, snapshot.paths) if p in wanted}
-        missing = wanted - found.keys()
+        found = {path: image_id for path, (image_id, _) in self._indexed_identities(paths).items()}
+        missing = set(paths) - found.keys()
         if missing:
             raise RuntimeError(f"just-added paths not found in the index: {sorted(missing)[:3]}")
         return found
