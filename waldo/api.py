@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,20 @@ class AddReport:
     added: list[int] = field(default_factory=list)
     already_indexed: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class DescribedBatch:
+    """Images of one :meth:`Waldo.describe_files` batch that could be read: their ``positions``
+    in the paths given, ``global_desc`` (n, D) and ``local_desc`` (n, L, D) in that order, their
+    keypoints for verification (None when the index stores none), and ``errors``, (path,
+    reason) for each unreadable input of the batch."""
+
+    positions: list[int]
+    global_desc: np.ndarray
+    local_desc: np.ndarray
+    verification: RaggedKeypoints | None
+    errors: list[tuple[str, str]]
 
 
 def _decoded(image: ImageSource) -> Image.Image:
@@ -214,28 +228,53 @@ class Waldo:
         if not keep:
             return report
         todo = [paths[i] for i in keep]
+        for batch in self.describe_files(todo, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                         engine=engine, actors=actors, runtime=runtime):
+            report.errors += batch.errors
+            rows = [keep[j] for j in batch.positions]  # positions in add()'s input
+            if rows:
+                self._commit(report, [paths[i] for i in rows], [identities[i] for i in rows], batch.global_desc,
+                             batch.local_desc, [attrs[i] for i in rows], batch.verification, merge)
+        return report
+
+    def describe_files(self, paths: Sequence[str], *, batch_size: int = 32, num_workers: int | None = None,
+                       progress: bool = True, engine: str = "local", actors: int | None = None,
+                       runtime: str = "auto") -> Iterator[DescribedBatch]:
+        """What :meth:`add` stores for ``paths`` (image files, read where they lie), without
+        storing it: descriptors with this index's model and, when the index stores them,
+        keypoints for verification. Yields :class:`DescribedBatch` objects covering ``paths`` in
+        order: one for ``engine="local"`` (this process, ``num_workers`` decoding processes),
+        one per chunk of a few thousand images for ``engine="ray"`` (Ray actors, see
+        waldo.models.extract_ray). A sharded index describes once and routes the rows."""
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if engine == "ray":
-            self._add_ray(paths, keep, identities, attrs, report, batch_size=batch_size, actors=actors,
-                          progress=progress, runtime=runtime, merge=merge)
-            return report
+            from waldo.models.extract_ray import iter_extract_ray
+
+            for chunk in iter_extract_ray(self.root / MODEL_FOLDER, list(paths), sift=self.gv_sift,
+                                          expected_hash=self.store.manifest.get("model_hash"),
+                                          batch_size=batch_size, actors=actors, runtime=runtime, progress=progress):
+                verification = (pack_features(chunk.keypoints, self.gv_sift.descriptor_bytes)
+                                if chunk.keypoints is not None and self.gv_sift is not None else None)
+                yield DescribedBatch([chunk.start + int(j) for j in np.flatnonzero(chunk.ok)], chunk.global_desc,
+                                     chunk.local_desc, verification, list(chunk.errors))
+            return
         # runtime "auto" exports the model to ONNX Runtime (waldo.models.onnx_runtime) for big adds only.
-        extracted = extract_descriptors(self.model, todo, self.transform, batch_size=batch_size,
+        extracted = extract_descriptors(self.model, list(paths), self.transform, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress, description="index",
                                         runtime=runtime)
-        report.errors = extracted.errors
-        rows = [keep[j] for j in np.flatnonzero(extracted.ok)]
-        if rows:
-            kept = [paths[i] for i in rows]
+        positions = [int(j) for j in np.flatnonzero(extracted.ok)]
+        verification = None
+        if positions and self.gv_sift is not None:
             # Keypoints for geometric verification: computed once here, never per query.
             # num_workers=0 ("decode in this process", the service's choice) decodes the keypoints'
             # images one at a time too: two full-size decodes at once would double the peak memory.
             keypoint_workers = 1 if num_workers == 0 else num_workers or None
-            verification = (pack_features(extract_many(kept, self.gv_sift, workers=keypoint_workers, progress=progress),
-                                          self.gv_sift.descriptor_bytes)
-                            if self.gv_sift is not None else None)
-            self._commit(report, kept, [identities[i] for i in rows], extracted.global_desc,
-                         extracted.local_desc, [attrs[i] for i in rows], verification, merge)
-        return report
+            verification = pack_features(extract_many([paths[j] for j in positions], self.gv_sift,
+                                                      workers=keypoint_workers, progress=progress),
+                                         self.gv_sift.descriptor_bytes)
+        yield DescribedBatch(positions, extracted.global_desc, extracted.local_desc, verification,
+                             list(extracted.errors))
 
     def _commit(self, report: AddReport, paths: list[str], identities: list[str], global_desc: np.ndarray,
                 local_desc: np.ndarray, attrs: list[dict], verification: RaggedKeypoints | None,
@@ -270,25 +309,6 @@ class Waldo:
         stats["seconds"] = round(time.perf_counter() - start, 3)
         return stats
 
-    def _add_ray(self, paths: list[str], keep: list[int], identities: list[str], attrs: list[dict],
-                 report: AddReport, *, batch_size: int, actors: int | None, progress: bool,
-                 runtime: str = "auto", merge: bool = True) -> None:
-        """The ray engine of :meth:`add`: actors extract (descriptors and, when the index stores
-        them, keypoints), this process writes each chunk of results as one segment, in order
-        (merging small segments after each when ``merge``)."""
-        from waldo.models.extract_ray import iter_extract_ray
-
-        for chunk in iter_extract_ray(self.root / MODEL_FOLDER, [paths[i] for i in keep], sift=self.gv_sift,
-                                      expected_hash=self.store.manifest.get("model_hash"),
-                                      batch_size=batch_size, actors=actors, runtime=runtime, progress=progress):
-            report.errors += chunk.errors
-            rows = [keep[chunk.start + j] for j in np.flatnonzero(chunk.ok)]  # positions in add()'s input
-            if rows:
-                verification = (pack_features(chunk.keypoints, self.gv_sift.descriptor_bytes)
-                                if chunk.keypoints is not None and self.gv_sift is not None else None)
-                self._commit(report, [paths[i] for i in rows], [identities[i] for i in rows], chunk.global_desc,
-                             chunk.local_desc, [attrs[i] for i in rows], verification, merge)
-
     def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
         """Remove images by id and/or path; returns how many were removed."""
         removed = self.store.remove(list(ids)) if ids else 0
@@ -320,18 +340,38 @@ class Waldo:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         rerank = self.default_reranker if rerank is None else rerank
-        spec, reranker = self._reranker(rerank)  # an unsupported reranker fails before any work
+        self._reranker(rerank)  # an unsupported reranker fails before any work
         stage = StageTimer()
         with stage("decode"):
             picture = _decoded(image)
         with stage("extract"):
             query_global, query_local = self.describe(picture)
+        return self.search_described(picture, query_global, query_local, k, rerank, timer=stage)
+
+    def search_described(self, picture: Image.Image | None, query_global: np.ndarray, query_local: np.ndarray,
+                         k: int = 10, rerank: str | None = None, *, query_keypoints: LocalFeatures | None = None,
+                         timer: StageTimer | None = None) -> SearchOutcome:
+        """:meth:`search` for a query already decoded (``picture``) and described (``query_global``
+        (D,), ``query_local`` (L, D), from :meth:`describe` with this index's model): the search
+        and rerank stages only. A sharded index describes its query once and calls this on
+        every shard (waldo.sharded).
+
+        ``picture`` is read only by rerankers that verify geometry, for the query's keypoints;
+        ``query_keypoints`` gives them instead (extracted once for several shards), and then
+        ``picture`` may be None. ``timer``: the :class:`StageTimer` that timed the stages
+        before (the outcome's timings are its stages plus search and rerank).
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        rerank = self.default_reranker if rerank is None else rerank
+        spec, reranker = self._reranker(rerank)
+        stage = timer if timer is not None else StageTimer()
         with stage("search"):
             snapshot = self.store.snapshot()  # one view of the index for every read of this query
             global_hits = self._global_hits(snapshot, query_global, k if reranker is None else max(k, RERANK_TOP_K))
         with stage("rerank"):
             hits, note, kind = (global_hits, "", SCORE_SIMILARITY) if reranker is None else self._reranked(
-                spec, reranker, snapshot, picture, RerankQuery(query_local, query_global), global_hits)
+                spec, reranker, snapshot, picture, RerankQuery(query_local, query_global, query_keypoints), global_hits)
         return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank, note=note, score_kind=kind)
 
     def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
@@ -341,7 +381,7 @@ class Waldo:
         return [SearchHit.from_global(records[i], rank, float(score))
                 for rank, (i, score) in enumerate(zip(ids, result.scores[0]), start=1) if i in records]
 
-    def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image,
+    def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image | None,
                   query: RerankQuery, global_hits: list[SearchHit]) -> tuple[list[SearchHit], str, str]:
         """The global top-``RERANK_TOP_K`` in the reranker's order, then the rest unchanged, the
         reranker's note and its score kind; the reranker gets what it declared it needs
@@ -353,7 +393,11 @@ class Waldo:
         local = Need.LOCAL_DESCRIPTORS in spec.needs
         candidate_keypoints = None
         if Need.KEYPOINTS in spec.needs:  # the query's from the decoded image, the candidates' from the index
-            query.keypoints = extract_sift(picture, self.gv_sift)
+            if query.keypoints is None:
+                if picture is None:
+                    raise ValueError(f"reranker {spec.name!r} verifies geometry: pass the decoded query picture "
+                                     f"or its keypoints")
+                query.keypoints = extract_sift(picture, self.gv_sift)
             ragged = snapshot.verification_features(ids)  # images indexed without keypoints: never verified
             candidate_keypoints = unpack_features(ragged) if ragged is not None else [LocalFeatures.empty(self.gv_sift.descriptor_bytes)] * len(ids)
         candidates = RerankCandidates(snapshot.local_descriptors(ids) if local else None,
@@ -388,6 +432,19 @@ class Waldo:
                                                              self.rrt_compile))
             self._reranker_specs[name] = spec
         return self._reranker_specs[name], self._rerankers[name]
+
+    def check_reranker(self, name: str) -> RerankerSpec | None:
+        """The spec of reranker ``name`` once this index is known to support it (ValueError
+        naming what it lacks otherwise) and the reranker is built (kept for later searches);
+        None for "none". Lets a caller fail before decoding a query."""
+        return self._reranker(name)[0]
+
+    def share_rerankers(self, other: "Waldo") -> None:
+        """Use ``other``'s rerankers (built on first use by either, then kept) instead of
+        building this index's own: for the shards of one sharded index, whose model folders
+        are identical, so an RRT is loaded (and compiled) once, not once per shard."""
+        self._rerankers = other._rerankers
+        self._reranker_specs = other._reranker_specs
 
     def _needs_met(self) -> set[Need]:
         needs = {Need.LOCAL_DESCRIPTORS}
@@ -433,4 +490,4 @@ class Waldo:
         return {**self.store.info(), "model": self.config.model_dump()}
 
 
-__all__ = ["AddReport", "IndexMismatchError", "SearchHit", "SearchOutcome", "Waldo"]
+__all__ = ["AddReport", "DescribedBatch", "IndexMismatchError", "SearchHit", "SearchOutcome", "Waldo"]

@@ -1,7 +1,7 @@
 """``waldo`` command line: a thin layer over the Python API.
 
-    waldo index build --data DIR --backbone NAME --out INDEX
-    waldo index add|remove|info|check|compact ...
+    waldo index build --data DIR --backbone NAME --out INDEX [--shards N]
+    waldo index add|remove|info|check|compact|reshard ...
     waldo search IMAGE --index DIR -k 10
     waldo eval --data DIR --protocol NAME --backbone NAME [--transform NAME] [--json OUT]
     waldo eval --protocol NAME --model RERANKER_DIR --rerank rrt|rrt-fusion
@@ -53,6 +53,12 @@ def _index_failure(error: OSError) -> int:
 
 def _say_waiting_for_lock() -> None:
     print("waiting for the index's write lock (another process is writing to it)...", file=sys.stderr, flush=True)
+
+
+def _notice_lock_waits(engine) -> None:
+    """Say so when a write of ``engine`` (a Waldo or a ShardedWaldo: each shard) waits for a lock."""
+    for store in getattr(engine, "stores", None) or [engine.store]:
+        store.on_lock_wait = _say_waiting_for_lock
 
 
 def _parse_where(items: list[str] | None) -> dict[str, set[str]]:
@@ -123,6 +129,8 @@ def _print_errors(errors: list[tuple[str, str]], limit: int = 10) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from waldo.api import Waldo
 
+    if args.shards < 1:
+        return _fail(f"--shards must be at least 1, got {args.shards}")
     image_set = _load_records(args.data, args.where)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -131,14 +139,19 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from waldo.models.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model) if args.model else None
+    options = dict(backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
+                   global_dim=args.global_dim, fit_paths=image_set.paths, fit_source=str(args.data),
+                   model_dir=model_dir, transform=args.transform, progress=not args.quiet,
+                   local_dtype=args.local_dtype, global_index=args.global_index, gv_features=args.local_features,
+                   global_search_params=_parse_search_params(args.global_search_params))
     try:
-        engine = Waldo.create(out, backbone=args.backbone, dim=args.dim, projection=args.projection,
-                              pooling=args.pooling, global_dim=args.global_dim,
-                              fit_paths=image_set.paths, fit_source=str(args.data), model_dir=model_dir,
-                              transform=args.transform, progress=not args.quiet, local_dtype=args.local_dtype,
-                              global_index=args.global_index, gv_features=args.local_features,
-                              global_search_params=_parse_search_params(args.global_search_params))
-        engine.store.on_lock_wait = _say_waiting_for_lock
+        if args.shards > 1:
+            from waldo.sharded import ShardedWaldo
+
+            engine = ShardedWaldo.create(out, shards=args.shards, **options)
+        else:
+            engine = Waldo.create(out, **options)
+        _notice_lock_waits(engine)
         report = engine.add(image_set.paths, image_set.identities, [dict(r.attrs) for r in image_set.records],
                             batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
                             engine=args.engine, actors=args.actors, runtime=args.runtime)
@@ -146,12 +159,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         return _index_failure(error)
     seconds = time.perf_counter() - start
     _print_errors(report.errors)
-    print(f"indexed {len(report.added)} images into {out} in {seconds:.1f} s "
+    shards = f" ({args.shards} shards)" if args.shards > 1 else ""
+    print(f"indexed {len(report.added)} images into {out}{shards} in {seconds:.1f} s "
           f"({len(report.errors)} unreadable, {len(report.already_indexed)} duplicates skipped)")
     return 0
 
 
 def cmd_index_adapt(args: argparse.Namespace) -> int:
+    from waldo.index.shards import is_sharded
+
+    if is_sharded(args.index):  # every shard must keep the identical reranker
+        return _fail(f"{args.index} is a sharded index; `waldo index adapt` trains single indexes only for now")
     from waldo.train.adapt import adapt_index
 
     config = None
@@ -174,12 +192,12 @@ def cmd_index_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo
     from waldo.data.datasets import load_dataset
     from waldo.data.images import IMAGE_EXTENSIONS
+    from waldo.sharded import open_index
 
     try:
-        engine = Waldo.open(args.index)
+        engine = open_index(args.index)
     except OSError as error:  # e.g. out of file descriptors: never "corrupt"
         return _index_failure(error)
     paths, identities, attrs = [], [], []
@@ -198,7 +216,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
             attrs.append({})
         else:
             return _fail(f"{item} does not exist")
-    engine.store.on_lock_wait = _say_waiting_for_lock  # the CLI waits for the lock as long as it takes
+    _notice_lock_waits(engine)  # the CLI waits for the lock as long as it takes
     try:
         report = engine.add(paths, identities, attrs, batch_size=args.batch_size,
                             num_workers=args.workers, progress=not args.quiet, engine=args.engine,
@@ -212,20 +230,20 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo
+    from waldo.sharded import open_index
 
     if not args.id and not args.path:
         return _fail("give --id and/or --path")
-    engine = Waldo.open(args.index)
+    engine = open_index(args.index)
     removed = engine.remove(ids=args.id or [], paths=args.path or [])
     print(f"removed {removed} images; the index holds {len(engine)}")
     return 0
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo
+    from waldo.sharded import open_index
 
-    engine = Waldo.open(args.index)
+    engine = open_index(args.index)
     info = engine.info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -257,8 +275,12 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
     manifest, model = info.get("manifest", {}), info.get("model", {})
     count = int(info.get("count", 0))
     segments = info.get("segments", [])
-    lines = [f"index       {info.get('path')} (generation {info.get('generation')}, waldo "
-             f"{manifest.get('waldo_version', '?')})",
+    if info.get("sharded"):
+        where = (f"{info.get('shards')} shards by {info.get('hash')} of the image {info.get('key')}; ids are "
+                 f"{info.get('id_encoding')}")
+    else:
+        where = f"generation {info.get('generation')}"
+    lines = [f"index       {info.get('path')} ({where}, waldo {manifest.get('waldo_version', '?')})",
              f"images      {count} ({info.get('identities', 0)} identities) in {len(segments)} segment"
              f"{'' if len(segments) == 1 else 's'}"
              + (f" ({info['dead_rows']} removed rows not yet compacted)" if info.get("dead_rows") else "")]
@@ -304,13 +326,25 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
     else:
         why = f"the choice made on validation, {stored_default}, is not available in this index"
     lines.append(f"default     {default} ({why})")
+    for row in info.get("per_shard", []):
+        lines.append(f"{'shards' if row['shard'] == 0 else '':<11} {Path(row['path']).name}  {row['count']} images "
+                     f"({row['identities']} identities) in {row['segments']} segment"
+                     f"{'' if row['segments'] == 1 else 's'}, {_human_bytes(row['bytes'])}, generation "
+                     f"{row['generation']}")
     return lines
 
 
 def cmd_index_check(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo
+    from waldo.index.shards import is_sharded
 
-    problems = Waldo.open(args.index).store.check()
+    if is_sharded(args.index):  # the layout, every shard, identical models, each image in its own shard
+        from waldo.sharded import check_sharded
+
+        problems = check_sharded(args.index)
+    else:
+        from waldo.api import Waldo
+
+        problems = Waldo.open(args.index).store.check()
     for problem in problems:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problems")
@@ -319,13 +353,19 @@ def cmd_index_check(args: argparse.Namespace) -> int:
 
 def cmd_index_compact(args: argparse.Namespace) -> int:
     from waldo.index import IndexStore
+    from waldo.index.shards import is_sharded, read_layout
 
     start = time.perf_counter()
+    folders = read_layout(args.index).shard_dirs if is_sharded(args.index) else [Path(args.index)]
+    stats = {"segments_before": 0, "segments_after": 0, "rows_reclaimed": 0}
+    images = 0
     try:
-        with IndexStore.open(args.index) as store:  # no model needed: faster than Waldo.open
-            store.on_lock_wait = _say_waiting_for_lock
-            stats = store.compact()
-            images = len(store)
+        for folder in folders:  # each shard on its own; no model needed: faster than Waldo.open
+            with IndexStore.open(folder) as store:
+                store.on_lock_wait = _say_waiting_for_lock
+                for key, value in store.compact().items():
+                    stats[key] = stats.get(key, 0) + value
+                images += len(store)
     except OSError as error:
         return _index_failure(error)
     seconds = time.perf_counter() - start
@@ -343,11 +383,26 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_reshard(args: argparse.Namespace) -> int:
+    if Path(args.out).exists():
+        return _fail(f"{args.out} already exists; reshard writes a new index")
+    from waldo.sharded import reshard
+
+    try:
+        result = reshard(args.index, args.out, args.shards, progress=not args.quiet)
+    except OSError as error:
+        return _index_failure(error)
+    kind = "a single index" if args.shards == 1 else f"{args.shards} shards"
+    print(f"copied {result['images']} images from {args.index} into {args.out} ({kind}: "
+          f"{', '.join(map(str, result['per_shard']))} images) in {result['seconds']:.1f} s, describing none again")
+    return 0
+
+
 # ----------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
-    from waldo.api import Waldo
+    from waldo.sharded import open_index
 
-    engine = Waldo.open(args.index, model_dir=args.model)
+    engine = open_index(args.index, model_dir=args.model)
     start = time.perf_counter()
     outcome = engine.search(args.image, k=args.k, rerank=args.rerank)  # None: the index's default
     total_ms = round((time.perf_counter() - start) * 1000, 2)
@@ -461,6 +516,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from waldo.serve import ServeSettings, create_app
 
+    from waldo.index.shards import is_sharded
+
+    if is_sharded(args.index):
+        return _fail(f"{args.index} is a sharded index; `waldo serve` serves single indexes only for now "
+                     f"(search it with `waldo search`, or `waldo index reshard --shards 1` it)")
     if not (Path(args.index) / "manifest.json").is_file():
         return _fail(f"{args.index} is not a Waldo index (no manifest.json); build one with `waldo index build`")
     # Only the flags given reach ServeSettings, which fills the rest from $WALDO_* (keeping the
@@ -609,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--global-search-params", default=None, metavar="NAME=V[,NAME=V]",
                        help="default search parameters of --global-index: nprobe=N (IVF), efSearch=N (HNSW) "
                             "(default: faiss's)")
+    build.add_argument("--shards", type=int, default=1, metavar="N",
+                       help="split the index into N shards, each an ordinary index with its own copy of the "
+                            "model; images go to a shard by a stable hash of their path, and searches cover "
+                            "every shard (1: one ordinary index)")
     _add_model_flags(build)
     _add_extraction_flags(build)
     _add_engine_flags(build)
@@ -628,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     remove = index_commands.add_parser("remove", help="remove images by id or path")
     remove.add_argument("--index", required=True, metavar="INDEX", help="the index folder")
-    remove.add_argument("--id", type=int, action="append", metavar="N", help="image id to remove (repeatable)")
+    remove.add_argument("--id", type=int, action="append", metavar="N",
+                        help="image id to remove, as searches show it (repeatable)")
     remove.add_argument("--path", action="append", metavar="PATH",
                         help="indexed file path to remove, as stored (repeatable)")
     remove.set_defaults(handler=cmd_index_remove)
@@ -677,6 +742,19 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--json", action="store_true",
                          help="print segments before/after, rows reclaimed, images and seconds as JSON")
     compact.set_defaults(handler=cmd_index_compact)
+
+    reshard = index_commands.add_parser(
+        "reshard", help="copy an index into a new one of N shards (describes no image again)",
+        description="Copy every image of an index (single or sharded) into a new index of N shards: descriptors, "
+                    "keypoints and labels are copied, never extracted again, with the same model. Images go to "
+                    "the shard that owns their path; ids change. The new index is built in a hidden folder and "
+                    "renamed into place when complete.")
+    reshard.add_argument("--index", required=True, metavar="SRC", help="the index folder to copy")
+    reshard.add_argument("--shards", required=True, type=int, metavar="N",
+                         help="shards of the new index (1: an ordinary single index)")
+    reshard.add_argument("--out", required=True, metavar="DST", help="the new index folder (must not exist)")
+    reshard.add_argument("--quiet", action="store_true", help="no progress bar")
+    reshard.set_defaults(handler=cmd_index_reshard)
 
     search = commands.add_parser("search", help="query an index with a photo",
                                  description="The k indexed images most like a photo, best first: the global "

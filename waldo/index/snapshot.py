@@ -149,6 +149,21 @@ class Snapshot:
         """(n, L, Dl) float16 local descriptors of ``ids``, read from the memory-mapped segments."""
         return self._gather("local", self.positions(ids))
 
+    def exact_local_descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, L, Dl) float32 local descriptors of ``ids`` holding exactly the stored values:
+        float16 rows widened, int8 rows times their scale computed in float32 (exact: 7 + 11
+        significant bits). For copying rows into another index (``waldo index reshard``):
+        ``IndexStore.add`` stores float16 rows unchanged and re-quantises int8 ones to the same
+        bytes (a row's largest |q| is 127, so its scale comes back exactly), except rows whose
+        float16 scale is subnormal (all values below about 0.008), which may move by less
+        than half a step. :meth:`local_descriptors` rounds int8 rows to float16 instead."""
+        pos = self.positions(ids)
+        stored = self._gather("local_stored", pos)
+        if stored.dtype != np.int8:
+            return stored.astype(np.float32)
+        scale = self._gather("local_scale", pos)
+        return stored.astype(np.float32) * scale.astype(np.float32)[..., None]
+
     def verification_features(self, ids: Sequence[int] | np.ndarray) -> RaggedKeypoints | None:
         """Verification keypoints/descriptors of ``ids`` in the order given (one ragged batch).
 
