@@ -104,6 +104,20 @@ def test_gv_compact_block_is_generated():
     assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-compact")
 
 
+def test_gv_fusion_block_is_generated():
+    """docs/results.md's issue-17 fusion-rule tables are what experiments/gv_fusion.py renders
+    from results/gv_fusion.json, and the product's default rule is the one it chose."""
+    from waldo.rerank.gv import GVConfig
+
+    module = _experiment("gv_fusion")
+    results = _results("gv_fusion.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-fusion")
+    rule = dict(results["chosen"]["rule"])
+    off = rule.pop("max_anisotropy") >= 1e8  # the study writes "off" as 1e9, the product as inf
+    assert {k: getattr(GVConfig(), k) for k in rule} == rule and (GVConfig().max_anisotropy >= 1e8) == off
+
+
 def test_global_adapt_table_is_generated():
     """The issue-16 adaptation table in docs/results.md is `experiments/global_adapt.py --table`."""
     table = _experiment("global_adapt").table(_results("global/adapt.json")["rows"])
