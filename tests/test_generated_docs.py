@@ -136,3 +136,10 @@ def test_readme_which_reranker_table_is_generated():
 def test_reliability_resource_table_is_generated():
     assert _block("docs/reliability.md", "resource-abuse") == _script("resource_abuse").markdown(
         _results("resource_abuse.json"))
+
+
+def test_shard_rerank_block_is_generated():
+    """docs/results.md's issue-20 table is what experiments/shard_rerank.py renders from results/shard_rerank.json."""
+    module = _experiment("shard_rerank")
+    rendered = module.markdown(_results("shard_rerank.json"))
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "shard-rerank")
