@@ -6,6 +6,7 @@
     .venv/bin/python experiments/performance_accuracy.py
     .venv/bin/python benchmarks/ann_search.py --doc
     .venv/bin/python experiments/gv_results.py          # GV cost (results/gv_results.json)
+    .venv/bin/python benchmarks/serve_shards.py         # the sharded service (results/serve_shards.json)
     .venv/bin/python benchmarks/write_performance_doc.py
 
 Nothing here measures anything; a missing JSON leaves its section saying so. Verdicts against
@@ -299,7 +300,24 @@ def render() -> str:
               "49 x 128 + 49 x 2 = 6,370 bytes with `--local-dtype int8` (a float16 scale per descriptor). "
               + _keypoint_bytes(), "",
               "## Past one machine", "", _ray(), ""]
+    serve_shards(lines)
     return "\n".join(lines)
+
+
+def serve_shards(lines: list[str]) -> None:
+    """The sharded service on Ray Serve (issue 20), rendered by benchmarks/serve_shards.py."""
+    data = _section(lines, "## Sharded service on Ray Serve (issue 20)", "serve_shards.json",
+                    "benchmarks/serve_shards.py")
+    if data is None:
+        return
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("waldo_bench_serve_shards", ROOT / "benchmarks" / "serve_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    lines += [module.markdown(data), ""]
 
 
 def main() -> None:

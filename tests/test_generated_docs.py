@@ -143,3 +143,22 @@ def test_shard_rerank_block_is_generated():
     module = _experiment("shard_rerank")
     rendered = module.markdown(_results("shard_rerank.json"))
     assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "shard-rerank")
+
+
+def test_serve_shards_blocks_are_generated():
+    """The sharded-service tables (docs/performance.md, docs/scaling.md) and docs/scaling.md's estimates are
+    what benchmarks/serve_shards.py renders from results/serve_shards.json (and results/ann_search.json)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_shards", ROOT / "benchmarks" / "serve_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = _results("serve_shards.json")
+    table = module.markdown(results).split(module.START, 1)[1].split(module.END, 1)[0].strip()
+    assert table == _block("docs/performance.md", "serve-shards") == _block("docs/scaling.md", "serve-shards")
+    estimates = module.scaling_markdown(results, _results("ann_search.json"))
+    assert estimates.split(module.SCALING_START, 1)[1].split(module.SCALING_END, 1)[0].strip() == \
+        _block("docs/scaling.md", "scaling-estimates")
+    # Every layout answered every query whole, and the 1-shard layout holds the whole index.
+    assert all(run["errors"] == 0 and run["partial"] == 0 for layout in results["layouts"] for run in layout["runs"])
+    assert results["layouts"][0]["shards"] == 1 and results["layouts"][0]["images"] == results["source"]["images"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from waldo.api import Waldo
-from waldo.cli import main
+from waldo.cli import EXIT_USAGE, main
 from waldo.data.datasets import read_labels_csv
 from waldo.index import IndexStore, RaggedKeypoints, UnknownIdError
 from waldo.index.shards import is_sharded, read_layout, shard_of, split_id
@@ -137,6 +137,48 @@ def test_remove_by_a_hit_id_removes_it_from_its_shard(grocery, tmp_path):
     assert hit.path not in {r.path for r in engine.shards[shard].store.records()}
     assert hit.path not in [h.path for h in engine.search(query, k=K, rerank="none").hits]
     assert engine.remove(paths=[other.path]) == 1 and len(engine) == 38
+
+
+def test_waldo_serve_serves_a_sharded_index_in_one_process(grocery, tmp_path):
+    """The service on a sharded index (engine "local"): searches give ShardedWaldo's answer,
+    an upload is stored by the shard that owns its path, a delete goes to the shard its id names."""
+    from fastapi.testclient import TestClient
+
+    from waldo.serve import ServeSettings, create_app
+
+    shutil.copytree(grocery["sharded"].root, tmp_path / "copy")
+    query = grocery["queries"][0]
+    from waldo.data.images import load_image
+    from waldo.serve.service import _query_max_side
+
+    # The service decodes a query no larger than the model needs: the same decode here.
+    picture = load_image(query, max_side=_query_max_side(grocery["sharded"]))
+    expected = grocery["sharded"].search(picture, k=K, rerank="none")
+    with TestClient(create_app(tmp_path / "copy", ServeSettings(compile_rrt=False))) as client:
+        stats = client.get("/stats").json()
+        assert stats["images"] == 40 and stats["identities"] == 8
+        body = client.post("/search", params={"k": K, "rerank": "none"},
+                           files={"image": ("q.jpg", Path(query).read_bytes(), "image/jpeg")}).json()
+        assert [(h["id"], round(h["score"], 5)) for h in body["results"]] == \
+            [(h.id, round(h.score, 5)) for h in expected.hits]
+        assert body["partial"] is False
+        added = client.post("/images", data={"identity": "new"},
+                            files={"image": ("q.jpg", Path(query).read_bytes(), "image/jpeg")})
+        assert added.status_code == 201 and added.json()["count"] == 41
+        image = added.json()["images"][0]
+        stored = str(tmp_path / "copy" / image["path"])
+        shard, local_id = split_id(image["id"], SHARDS)
+        assert shard == shard_of(stored, SHARDS)
+        with IndexStore.open(tmp_path / "copy" / f"shard-{shard:03d}") as store:
+            assert store.get(local_id).path == stored
+        assert client.get(f"/thumbnails/{image['id']}").status_code == 200
+        assert client.delete(f"/images/{image['id']}").json() == {"removed": 1, "count": 40}
+        assert not Path(stored).exists()
+
+
+def test_waldo_serve_engine_ray_refuses_a_single_index(grocery, capsys):
+    assert main(["serve", "--engine", "ray", "--index", str(grocery["single"].root)]) == EXIT_USAGE
+    assert "serves sharded indexes" in capsys.readouterr().err
 
 
 def test_reshard_copies_rows_without_extracting_again(grocery, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -518,10 +519,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from waldo.index.shards import is_sharded
 
-    if is_sharded(args.index):
-        return _fail(f"{args.index} is a sharded index; `waldo serve` serves single indexes only for now "
-                     f"(search it with `waldo search`, or `waldo index reshard --shards 1` it)")
-    if not (Path(args.index) / "manifest.json").is_file():
+    if args.engine == "ray" and not is_sharded(args.index):
+        return _fail(f"{args.index} is a single index; `waldo serve --engine ray` serves sharded indexes "
+                     f"(make one with `waldo index reshard --index {args.index} --shards N --out DIR`)")
+    if not is_sharded(args.index) and not (Path(args.index) / "manifest.json").is_file():
         return _fail(f"{args.index} is not a Waldo index (no manifest.json); build one with `waldo index build`")
     # Only the flags given reach ServeSettings, which fills the rest from $WALDO_* (keeping the
     # API key out of `ps` listings), then from its defaults.
@@ -542,8 +543,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"Ctrl+C stops)", flush=True)
     if settings.api_key is not None:
         print("waldo: adding and removing images needs the API key in the X-API-Key header", flush=True)
-    uvicorn.run(create_app(args.index, settings), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log)
+    open_engine = None
+    if args.engine == "ray":
+        from functools import partial
+
+        from waldo.serve.cluster import start_cluster
+
+        where = f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "a local Ray"
+        print(f"waldo: deploying {args.index} on Ray Serve ({where}; {args.replicas_per_shard} replica(s) per "
+              f"shard, {args.model_replicas} of the query model)", flush=True)
+        open_engine = partial(start_cluster, args.index, replicas_per_shard=args.replicas_per_shard,
+                              model_replicas=args.model_replicas, model_max_replicas=args.model_max_replicas,
+                              shard_cpus=args.shard_cpus,
+                              model_cpus=args.model_cpus, shards_per_node=args.shards_per_node,
+                              shard_timeout_s=args.shard_timeout,
+                              lock_timeout=settings.write_wait_s, rrt_compile=settings.compile_rrt)
+    uvicorn.run(create_app(args.index, settings, open_engine=open_engine), host=args.host, port=args.port,
+                log_level=args.log_level, access_log=args.access_log)
     return 0
 
 
@@ -840,6 +856,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "$WALDO_API_KEY, else no key. Searches stay open")
     limits.add_argument("--no-compile-rrt", dest="compile_rrt", action="store_false",
                         help="score RRT reranking in eager mode (starts 10-20 s sooner, queries about 2x slower)")
+    cluster = serve.add_argument_group("serving a sharded index on Ray Serve (--engine ray)",
+                                       "RAY_ADDRESS names the cluster; without it a local Ray starts")
+    cluster.add_argument("--engine", default="local", choices=["local", "ray"],
+                         help="local: this process searches the index (single or sharded); ray: a sharded "
+                              "index's shards and the query model run as Ray Serve deployments, this process "
+                              "is the ingress (default: local)")
+    cluster.add_argument("--replicas-per-shard", type=int, default=1, metavar="N",
+                         help="replicas of each shard's deployment; 2 or more keep a shard answering when one "
+                              "dies (default 1)")
+    cluster.add_argument("--model-replicas", type=int, default=1, metavar="N",
+                         help="replicas of the query model's deployment (default 1)")
+    cluster.add_argument("--model-max-replicas", type=int, default=None, metavar="N",
+                         help="let the query model autoscale from --model-replicas up to N replicas with the load")
+    cluster.add_argument("--shard-cpus", type=float, default=1.0, metavar="CPUS",
+                         help="CPUs each shard replica reserves: how many shards share a node (default 1)")
+    cluster.add_argument("--shards-per-node", type=int, default=None, metavar="N",
+                         help="at most N shard replicas per node: each reserves the smallest node's CPUs / N "
+                              "(overrides --shard-cpus)")
+    cluster.add_argument("--model-cpus", type=float, default=1.0, metavar="CPUS",
+                         help="CPUs each query-model replica reserves (default 1)")
+    cluster.add_argument("--shard-timeout", type=float, default=10.0, metavar="S",
+                         help="seconds a search waits for the shards; those that have not answered are left out "
+                              "and the answer says partial: true (default 10)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        metavar="LEVEL", help="uvicorn's log level, one of: %(choices)s")

@@ -60,7 +60,8 @@ class SearchOutcome:
     (decode, extract, search, rerank) and ``rerank``, the reranker that ran ("none": the
     global ranking alone; a search that named none ran the index's default); ``note``: what the
     reranker wants the user to know (e.g. the query has too few keypoints to verify);
-    ``score_kind``: what the hits' ``score`` is (a key of waldo.rerank.base.SCORE_KINDS)."""
+    ``score_kind``: what the hits' ``score`` is (a key of waldo.rerank.base.SCORE_KINDS);
+    ``partial``/``missing_shards``: see below."""
 
     hits: list[SearchHit]
     global_hits: list[SearchHit]
@@ -68,6 +69,10 @@ class SearchOutcome:
     rerank: str = "none"
     note: str = ""
     score_kind: str = "similarity"
+    #: A sharded index searched across processes (waldo.serve.cluster) answers from the shards
+    #: that answered in time: ``partial`` is then True and ``missing_shards`` names the others.
+    partial: bool = False
+    missing_shards: list[int] = field(default_factory=list)
 
 
 def hits_json(hits: Sequence[SearchHit]) -> list[dict[str, Any]]:

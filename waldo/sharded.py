@@ -16,8 +16,8 @@ search: the global similarity of an image does not depend on where it is stored)
 a shard reranks candidates a single index would not have reranked (its own top-100 reaches
 deeper than the global top-100), so reranked lists may differ from a single index's there.
 
-Shards are searched one after another in this process; serving them on several machines is
-the next step of issue 20. :func:`reshard` splits an existing index into another number of
+Shards are searched one after another in this process; waldo.serve.cluster serves them as Ray
+Serve deployments (``waldo serve --engine ray``), merged by :func:`merge_shard_outcomes` as here. :func:`reshard` splits an existing index into another number of
 shards by copying stored rows, without describing any image again.
 """
 
@@ -48,7 +48,7 @@ from waldo.models.keypoints import LocalFeatureConfig, extract_sift
 from waldo.rerank import Need
 from waldo.results import SearchHit, SearchOutcome, StageTimer
 
-__all__ = ["ID_ENCODING", "ShardedWaldo", "check_sharded", "open_index", "reshard"]
+__all__ = ["ID_ENCODING", "ShardedWaldo", "check_sharded", "merge_shard_outcomes", "open_index", "reshard"]
 
 ID_ENCODING = "local_id * shards + shard"  # see waldo.index.shards.global_id
 RESHARD_CHUNK = 4096  # rows copied per add by reshard(): bounds its memory (about 150 MB with keypoints)
@@ -261,7 +261,8 @@ class ShardedWaldo:
         ``global_hits``; for a candidate deeper than that, its rank among the candidates the
         shards returned). ``global_hits`` is the merged global list, exactly a single index's
         with exact search. Timings: decode and extract once, search and rerank summed over
-        the shards (the query's keypoints, extracted once, count as rerank)."""
+        the shards (the query's keypoints, extracted once, count as rerank): see
+        :func:`merge_shard_outcomes`."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         first = self.shards[0]
@@ -280,37 +281,8 @@ class ShardedWaldo:
             keypoints_ms = (time.perf_counter() - started) * 1000
         outcomes = [shard.search_described(picture, query_global, query_local, k, rerank, query_keypoints=keypoints)
                     for shard in self.shards]
-        n = self.n_shards
-
-        def with_ids(hits: list[SearchHit], shard: int) -> list[SearchHit]:
-            return [hit.model_copy(update={"id": global_id(hit.id, shard, n)}) for hit in hits]
-
-        # Every shard's global list is its own top (k, or max(k, RERANK_TOP_K) when reranking), so
-        # their merge is the global list of the whole index to that depth.
-        merged_global = list(heapq.merge(*(with_ids(o.global_hits, s) for s, o in enumerate(outcomes)),
-                                         key=lambda hit: -hit.global_score))
-        global_rank = {hit.id: rank for rank, hit in enumerate(merged_global, start=1)}
-        depth = k if spec is None else max(k, RERANK_TOP_K)
-        global_hits = [hit.model_copy(update={"rank": global_rank[hit.id], "rank_before_rerank": global_rank[hit.id]})
-                       for hit in merged_global[:depth]]
-        if spec is None:
-            ordered = merged_global
-        else:  # the reranked heads by the reranker's score, then the global tails
-            heads = [with_ids(o.hits[:RERANK_TOP_K], s) for s, o in enumerate(outcomes)]
-            tails = [with_ids(o.hits[RERANK_TOP_K:], s) for s, o in enumerate(outcomes)]
-            ordered = [*heapq.merge(*heads, key=lambda hit: -hit.score),
-                       *heapq.merge(*tails, key=lambda hit: -hit.global_score)]
-        hits = [hit.model_copy(update={"rank": rank, "rank_before_rerank": global_rank[hit.id]})
-                for rank, hit in enumerate(ordered[:k], start=1)]
-        timings = {**stage.ms,
-                   "search": round(sum(o.timings_ms.get("search", 0.0) for o in outcomes), 2),
-                   "rerank": round(keypoints_ms + sum(o.timings_ms.get("rerank", 0.0) for o in outcomes), 2)}
-        # A note holds for the whole index when every shard that had candidates said it (the
-        # query has too few keypoints; no shard found a geometric match), not when some did.
-        said = [o.note for o in outcomes if o.global_hits]
-        notes = [note for note in dict.fromkeys(said) if note and all(other == note for other in said)]
-        kind = next((o.score_kind for o in outcomes if o.hits), outcomes[0].score_kind)
-        return SearchOutcome(hits, global_hits, timings, rerank=rerank, note="; ".join(notes), score_kind=kind)
+        return merge_shard_outcomes(outcomes, k=k, rerank=rerank, reranked=spec is not None, timings=stage.ms,
+                                    rerank_ms=keypoints_ms)
 
     def available_rerankers(self) -> list[str]:
         """The ``rerank`` values :meth:`search` accepts (every shard holds the same model and
@@ -320,6 +292,10 @@ class ShardedWaldo:
     @property
     def stored_default_reranker(self) -> str | None:
         return self.shards[0].stored_default_reranker
+
+    @property
+    def gv_sift(self):  # noqa: ANN201 - the keypoint settings (waldo.models.keypoints), one for every shard
+        return self.shards[0].gv_sift
 
     @property
     def default_reranker(self) -> str:
@@ -365,6 +341,59 @@ class ShardedWaldo:
                            "dead_rows": row["dead_rows"], "bytes": sum(row["bytes"].values())}
                           for i, row in enumerate(rows)],
         }
+
+
+def merge_shard_outcomes(outcomes: Sequence[SearchOutcome | None], *, k: int, rerank: str, reranked: bool,
+                         timings: dict[str, float] | None = None, rerank_ms: float = 0.0) -> SearchOutcome:
+    """One answer from every shard's own (``outcomes[i]``: shard ``i``'s, with its local ids;
+    None for a shard that did not answer), as :meth:`ShardedWaldo.search` and the Ray service
+    (waldo.serve.cluster) both give it.
+
+    The merged hits: the shards' reranked heads by the reranker's score, then (k >
+    RERANK_TOP_K) the rest by global similarity, as a single index orders them; ties keep the
+    shards' own orders and go to the lower shard first. Hits carry sharded ids;
+    ``rank_before_rerank`` is the rank in the merged global list. ``timings``: the stages run
+    once for the query (decode, extract); search and rerank are summed over the shards, plus
+    ``rerank_ms`` (the query's keypoints, extracted once). A shard that did not answer makes
+    the outcome ``partial`` and is named in ``missing_shards``: the hits are the best of the
+    others."""
+    n = len(outcomes)
+    answered = [(s, o) for s, o in enumerate(outcomes) if o is not None]
+
+    def with_ids(hits: list[SearchHit], shard: int) -> list[SearchHit]:
+        return [hit.model_copy(update={"id": global_id(hit.id, shard, n)}) for hit in hits]
+
+    # Every shard's global list is its own top (k, or max(k, RERANK_TOP_K) when reranking), so
+    # their merge is the global list of the whole index to that depth.
+    merged_global = list(heapq.merge(*(with_ids(o.global_hits, s) for s, o in answered),
+                                     key=lambda hit: -hit.global_score))
+    global_rank = {hit.id: rank for rank, hit in enumerate(merged_global, start=1)}
+    depth = max(k, RERANK_TOP_K) if reranked else k
+    global_hits = [hit.model_copy(update={"rank": global_rank[hit.id], "rank_before_rerank": global_rank[hit.id]})
+                   for hit in merged_global[:depth]]
+    if not reranked:
+        ordered = merged_global
+    else:  # the reranked heads by the reranker's score, then the global tails
+        heads = [with_ids(o.hits[:RERANK_TOP_K], s) for s, o in answered]
+        tails = [with_ids(o.hits[RERANK_TOP_K:], s) for s, o in answered]
+        ordered = [*heapq.merge(*heads, key=lambda hit: -hit.score),
+                   *heapq.merge(*tails, key=lambda hit: -hit.global_score)]
+    hits = [hit.model_copy(update={"rank": rank, "rank_before_rerank": global_rank[hit.id]})
+            for rank, hit in enumerate(ordered[:k], start=1)]
+    merged_timings = {**(timings or {}),
+                      "search": round(sum(o.timings_ms.get("search", 0.0) for _, o in answered), 2),
+                      "rerank": round(rerank_ms + sum(o.timings_ms.get("rerank", 0.0) for _, o in answered), 2)}
+    # A note holds for the whole index when every shard that had candidates said it (the
+    # query has too few keypoints; no shard found a geometric match), not when some did.
+    said = [o.note for _, o in answered if o.global_hits]
+    notes = [note for note in dict.fromkeys(said) if note and all(other == note for other in said)]
+    missing = [s for s, o in enumerate(outcomes) if o is None]
+    if missing:
+        notes.append(f"{len(missing)} of {n} shards did not answer in time: these results are the best of "
+                     f"the others")
+    kind = next((o.score_kind for _, o in answered if o.hits), answered[0][1].score_kind if answered else "similarity")
+    return SearchOutcome(hits, global_hits, merged_timings, rerank=rerank, note="; ".join(notes), score_kind=kind,
+                         partial=bool(missing), missing_shards=missing)
 
 
 def _group(items: Sequence[Any] | range, keys: Sequence[int]) -> dict[int, list[Any]]:

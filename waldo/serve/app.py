@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from waldo import __version__
 from waldo.data.images import DecodeBusyError, ImageLoadError
 from waldo.index import UnknownIdError
 from waldo.index.errors import IndexBusyError, IndexResourceError, StorageFullError
-from waldo.serve.errors import ClientError
+from waldo.serve.errors import BackendUnavailableError, ClientError
 from waldo.serve.limits import BodySizeLimit, image_error_status
 from waldo.serve.memory import limit_heap_hoarding
 from waldo.serve.origin import HostOriginGuard
@@ -69,19 +69,25 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(index_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """The app for one index. Nothing loads here: the lifespan opens the index and model when
-    the server starts, so importing or building the app stays cheap."""
+def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
+               open_engine: Callable[[], Any] | None = None) -> FastAPI:
+    """The app for one index (single or sharded). Nothing loads here: the lifespan opens the
+    index and model when the server starts, so importing or building the app stays cheap.
+    ``open_engine``: called then instead of opening the index here, for an engine served
+    elsewhere (``waldo serve --engine ray``: waldo.serve.cluster.start_cluster)."""
     settings = settings or ServeSettings()
+
+    def open_service() -> SearchService:
+        return SearchService.open(index_dir, settings, engine=open_engine() if open_engine is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limit_heap_hoarding()
-        service = await asyncio.to_thread(SearchService.open, index_dir, settings)
+        service = await asyncio.to_thread(open_service)
         app.state.service = service
         app.state.query_slots = asyncio.Semaphore(settings.query_slots)
         app.state.write_slots = asyncio.Semaphore(1)
-        log.info("serving %s (%d images, rerankers: %s)", service.root, len(service.engine),
+        log.info("serving %s (%d images, rerankers: %s)", service.root, await asyncio.to_thread(len, service.engine),
                  ", ".join(service.rerankers))
         try:
             yield
@@ -197,6 +203,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         return retry_later("the index is busy: another write (in this server or another process, e.g. "
                            "`waldo index add`) holds it; nothing was changed, retry shortly", 5)
+
+    @app.exception_handler(BackendUnavailableError)
+    async def backend_away(request: Request, exc: BackendUnavailableError) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return retry_later(f"part of the service is unavailable: {exc}; retry shortly", 2)
 
     @app.exception_handler(DecodeBusyError)
     async def decode_busy(_: Request, exc: DecodeBusyError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The one error type the service raises for a request it refuses."""
+"""The error types the service raises itself: a request it refuses, a backend that is away."""
 
 from __future__ import annotations
 
@@ -11,3 +11,9 @@ class ClientError(ValueError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class BackendUnavailableError(RuntimeError):
+    """A deployment the request needs (the query model, or every shard of a sharded index served
+    on Ray, waldo.serve.cluster) did not answer in time or has no live replica: 503 with
+    Retry-After; nothing was changed by a search, and an add says which shards committed."""

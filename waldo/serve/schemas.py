@@ -22,12 +22,16 @@ class SearchResponse(BaseModel):
                                                       "or 'similarity + RRT probability' (/stats score_kinds "
                                                       "explains each)")
     note: str = Field("", description="what the reranker wants the user to know, e.g. why nothing was verified")
+    partial: bool = Field(False, description="true when some shards of a sharded index did not answer in time "
+                                             "(waldo serve --engine ray): the results are the best of the others")
+    missing_shards: list[int] = Field(default_factory=list, description="the shards that did not answer")
 
     @classmethod
     def from_outcome(cls, outcome: SearchOutcome, k: int, timings: dict[str, float]) -> SearchResponse:
         """The body for one engine answer (``Waldo.search``), with the caller's ``timings``."""
         return cls(results=outcome.hits, timings=timings, k=k, rerank=outcome.rerank,
-                   score_kind=outcome.score_kind, note=outcome.note)
+                   score_kind=outcome.score_kind, note=outcome.note, partial=outcome.partial,
+                   missing_shards=list(outcome.missing_shards))
 
 
 class AddedImage(BaseModel):

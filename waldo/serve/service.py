@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -36,11 +35,13 @@ import torch
 from PIL import Image
 
 from waldo.api import Waldo
+from waldo.sharded import ShardedWaldo, open_index
 from waldo.data.images import DecodeBudget, ImageLoadError, decode_memory_estimate
 from waldo.fsutil import LockTimeout
 from waldo.index.errors import IndexBusyError, IndexResourceError, StorageFullError, is_resource_error, storage_full_errno
 from waldo.rerank import NO_RERANK, RERANKERS
 from waldo.rerank.base import NO_RERANK_DESCRIPTION, NO_RERANK_TITLE, SCORE_KINDS, SCORE_SIMILARITY
+from waldo.serve.catalogue import StoresCatalogue
 from waldo.serve.errors import ClientError
 from waldo.serve.match import match_pair
 from waldo.serve.memory import trim_heap
@@ -77,7 +78,7 @@ def _as_storage_error(error: OSError, root: Path) -> OSError:
     return error
 
 
-def _query_max_side(engine: Waldo) -> int:
+def _query_max_side(engine: Any) -> int:
     """The longest side a query needs: twice the larger of the model's resize and the
     verifier's working size (so the reduction itself never decides a result)."""
     from waldo.data.transforms import resize_size_for
@@ -89,16 +90,14 @@ def _query_max_side(engine: Waldo) -> int:
     return 2 * max(sides)
 
 
-def _collection_root(paths: tuple[str, ...], index_root: Path) -> Path | None:
-    """The deepest folder holding every indexed file outside the index folder, or None."""
-    outside = [p for p in paths if not p.startswith(str(index_root) + os.sep)]
-    if not outside:
-        return None
-    try:
-        common = Path(os.path.commonpath(outside))
-    except ValueError:  # mixed absolute and relative paths
-        return None
-    return common.parent if len(outside) == 1 else common
+def catalogue_of(engine: Any) -> Any:
+    """The catalogue (waldo.serve.catalogue) of an engine: its stores' for a single or sharded
+    index open here, the engine's own (``engine.catalogue``) for one served elsewhere."""
+    if isinstance(engine, ShardedWaldo):
+        return StoresCatalogue(engine.stores, engine.layout.shard_dirs)
+    if isinstance(engine, Waldo):
+        return StoresCatalogue([engine.store])
+    return engine.catalogue
 
 
 def _reranker_info(names: list[str]) -> dict[str, dict[str, str]]:
@@ -111,10 +110,17 @@ def _reranker_info(names: list[str]) -> dict[str, dict[str, str]]:
 
 
 class SearchService:
-    """Everything the routes need, independent of HTTP (tests may drive it directly)."""
+    """Everything the routes need, independent of HTTP (tests may drive it directly).
 
-    def __init__(self, engine: Waldo, settings: ServeSettings) -> None:
+    ``engine``: a :class:`Waldo` (one index), a :class:`ShardedWaldo` (a sharded index, its
+    shards searched in this process) or a ``waldo.serve.cluster.ClusterEngine`` (a sharded
+    index served by Ray Serve deployments): anything with their ``search``, ``add``,
+    ``remove``, reranker and model attributes; what else the service reads of the index goes
+    through :attr:`catalogue`."""
+
+    def __init__(self, engine: Waldo | ShardedWaldo | Any, settings: ServeSettings) -> None:
         self.engine = engine
+        self.catalogue = catalogue_of(engine)
         self.settings = settings
         self.root = Path(engine.root).resolve()
         self.uploads_dir = self.root / UPLOADS_DIR
@@ -125,25 +131,27 @@ class SearchService:
         self.orphan_uploads_removed = 0  # by clean_orphan_uploads() since start
         self.decode_budget = DecodeBudget(settings.decode_memory_bytes)
         # Writers wait this long for the index's write lock (another process's add), then 503.
-        engine.store.lock_timeout = settings.write_wait_s
+        self.catalogue.lock_timeout = settings.write_wait_s
         # Queries are decoded no larger than the model and the verifier use (JPEGs at reduced
         # scale): less time and memory per query, the same descriptors to rounding.
         self.query_max_side = _query_max_side(engine)
         # Where the indexed files live, to name them in responses without the server's own paths.
-        self.collection_root = _collection_root(engine.store.snapshot().paths, self.root)
+        self.collection_root = self.catalogue.collection_root(self.root)
         self._merge_thread: threading.Thread | None = None
         self._merge_guard = threading.Lock()
         self._closing = threading.Event()
         self.merges = 0  # background merges finished since start
 
     @classmethod
-    def open(cls, index_dir: str | Path, settings: ServeSettings) -> SearchService:
-        """Load the index and its model once, and warm the model up so the first client does
-        not pay for lazy initialisation."""
-        engine = Waldo.open(index_dir, rrt_compile=settings.compile_rrt)
-        # Convert the weights to the layout extraction uses now, not inside the first add,
-        # where it would rewrite parameters under running queries.
-        engine.model.to(memory_format=torch.channels_last)
+    def open(cls, index_dir: str | Path, settings: ServeSettings, engine: Any = None) -> SearchService:
+        """Load the index (single or sharded) and its model once, and warm the model up so the
+        first client does not pay for lazy initialisation; ``engine``: one already open (e.g.
+        the Ray one, waldo.serve.cluster) instead."""
+        if engine is None:
+            engine = open_index(index_dir, rrt_compile=settings.compile_rrt)
+            # Convert the weights to the layout extraction uses now, not inside the first add,
+            # where it would rewrite parameters under running queries.
+            engine.model.to(memory_format=torch.channels_last)
         service = cls(engine, settings)
         service.clean_orphan_uploads()
         service.warm_up()
@@ -170,7 +178,7 @@ class SearchService:
     def clean_orphan_uploads(self) -> int:
         """Delete stored uploads that no live image names (left by a crash between storing a
         file and its commit, or between a remove's commit and the file's deletion)."""
-        removed = clean_orphan_uploads(self.uploads_dir, self.engine.store.contains_paths)
+        removed = clean_orphan_uploads(self.uploads_dir, self.catalogue.contains_paths)
         if removed:
             log.info("removed %d upload file(s) that no indexed image names", len(removed))
         self.orphan_uploads_removed += len(removed)
@@ -242,7 +250,7 @@ class SearchService:
     def image_path(self, image_id: int) -> Path:
         """The file of a live image; UnknownIdError if no live image has this id, and
         FileNotFoundError if its file has gone from disk."""
-        record = self.engine.store.get(image_id)
+        record = self.catalogue.get(image_id)
         path = Path(record.path)
         if not path.is_file():
             raise FileNotFoundError(f"image {image_id} is indexed but its file is missing")
@@ -272,7 +280,7 @@ class SearchService:
         return Path(path).name
 
     def stats(self) -> dict[str, Any]:
-        info = self.engine.store.info()
+        info = self.catalogue.info()
         config = self.engine.config
         return {
             "images": info["count"],
@@ -305,6 +313,8 @@ class SearchService:
             "resident_memory_bytes": resident_memory_bytes(),
             "thumbnails_cached": len(self.thumbnails),
             "orphan_uploads_removed": self.orphan_uploads_removed,
+            # a sharded index served on Ray: shards that did not answer (the counts above are the others')
+            **({"missing_shards": info["missing_shards"]} if "missing_shards" in info else {}),
             **self.metrics.snapshot(),
         }
 
@@ -374,7 +384,7 @@ class SearchService:
         """Remove a live image (UnknownIdError if none); its file goes too when the service
         stored it (under ``INDEX/uploads/``), never when it belongs to a dataset."""
         with self._writing():
-            record = self.engine.store.get(image_id)
+            record = self.catalogue.get(image_id)
             self.engine.remove(ids=[image_id])
             path = Path(record.path)
             if path.parent == self.uploads_dir:
@@ -402,7 +412,7 @@ class SearchService:
 
     def _indexed_identities(self, paths: list[str]) -> dict[str, tuple[int, str]]:
         """path -> (id, identity) for those of ``paths`` that are live (the catalogue only)."""
-        return {r.path: (r.id, r.identity) for r in self.engine.store.records_for_paths(sorted(set(paths)))}
+        return {r.path: (r.id, r.identity) for r in self.catalogue.records_for_paths(sorted(set(paths)))}
 
     # ------------------------------------------------------------------ merging
     def _merge_in_background(self) -> None:
@@ -411,7 +421,7 @@ class SearchService:
             if self._closing.is_set() or (self._merge_thread is not None and self._merge_thread.is_alive()):
                 return
             try:
-                if not self.engine.store.needs_merge():
+                if not self.catalogue.needs_merge():
                     return
             except Exception:  # noqa: BLE001 - a probe failure must not fail the add that triggered it
                 log.exception("could not check whether the index needs a merge")
@@ -421,8 +431,8 @@ class SearchService:
 
     def _merge(self) -> None:
         try:
-            while not self._closing.is_set() and self.engine.store.needs_merge():
-                stats = self.engine.store.merge_small_segments()
+            while not self._closing.is_set() and self.catalogue.needs_merge():
+                stats = self.catalogue.merge_small_segments()
                 self.merges += 1
                 log.info("merged small segments: %s", stats)
         except IndexBusyError:
@@ -439,7 +449,7 @@ class SearchService:
         thread = self._merge_thread
         if thread is not None:
             thread.join(timeout)
-        self.engine.store.close()
+        self.catalogue.close()
 
     def _ids_for(self, paths: list[str]) -> dict[str, int]:
         found = {path: image_id for path, (image_id, _) in self._indexed_identities(paths).items()}
@@ -451,7 +461,7 @@ class SearchService:
     def _drop_unindexed(self, stored: list[tuple[Path, bool]]) -> None:
         """Delete files this request created that did not make it into the index."""
         created = [path for path, new in stored if new]
-        live = self.engine.store.contains_paths([str(p) for p in created])
+        live = self.catalogue.contains_paths([str(p) for p in created])
         for path, indexed in zip(created, live):
             if not indexed:
                 path.unlink(missing_ok=True)

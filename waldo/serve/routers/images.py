@@ -62,7 +62,8 @@ async def add_images(
     files = [(await read_upload(upload, service.settings.max_upload_bytes), upload.filename) for upload in image]
     async with turn:
         added = await run_in_threadpool(service.add, files, identity)
-    return AddResponse(images=added, count=len(service.engine))
+    # A sharded index served on Ray counts over its shards: not on the event loop.
+    return AddResponse(images=added, count=await run_in_threadpool(len, service.engine))
 
 
 @router.get("/images/{image_id}", response_class=FileResponse, responses=NOT_FOUND)
@@ -86,7 +87,7 @@ async def remove_image(image_id: ImageId, service: Service, turn: WriteTurn) -> 
     """Remove an image from the index (and its stored file, if it was uploaded here)."""
     async with turn:
         await run_in_threadpool(service.remove, image_id)
-    return RemoveResponse(removed=1, count=len(service.engine))
+    return RemoveResponse(removed=1, count=await run_in_threadpool(len, service.engine))
 
 
 def _existing_file(service: SearchService, image_id: int) -> pathlib.Path:
