@@ -167,7 +167,7 @@ class ShardWorker:
 
     def add(self, paths: list[str], identities: list[str], attrs: list[dict]) -> dict[str, Any]:
         """Describe and commit the images this shard owns (in one transaction); returns
-        ``added`` (local ids), ``already_indexed`` and ``errors`` ((path, reason) pairs)."""
+        ``added`` (path -> local id), ``already_indexed`` and ``errors`` ((path, reason) pairs)."""
         misplaced = [p for p in paths if shard_of(p, self.shards) != self.shard]
         if misplaced:  # a routing bug must not store an image where adds and removes will not find it
             return {"error": {"kind": "value", "message": f"{len(misplaced)} paths belong to another shard"}}
@@ -175,7 +175,11 @@ class ShardWorker:
         def run() -> dict[str, Any]:
             report = self.engine.add(paths, identities, attrs, batch_size=8, num_workers=0, progress=False,
                                      merge=True)
-            return {"added": list(report.added), "already_indexed": list(report.already_indexed),
+            skipped = set(report.already_indexed) | {error[0] for error in report.errors}
+            new = [path for path in paths if path not in skipped]
+            ids = {record.path: record.id for record in self.engine.store.records_for_paths(new)}
+            return {"added": {path: ids[path] for path in new if path in ids},
+                    "already_indexed": list(report.already_indexed),
                     "errors": [list(error) for error in report.errors]}
 
         return _guarded(run)
@@ -394,11 +398,9 @@ class ClusterEngine:
         report = AddReport()
         added: dict[str, int] = {}
         for shard, reply in replies.items():
-            shard_paths = requests[shard][0]
             report.already_indexed += reply["already_indexed"]
             report.errors += [tuple(error) for error in reply["errors"]]
-            failed = {error[0] for error in reply["errors"]} | set(reply["already_indexed"])
-            for path, local_id in zip([p for p in shard_paths if p not in failed], reply["added"]):
+            for path, local_id in reply["added"].items():  # path -> the id the shard committed it under
                 added[path] = global_id(local_id, shard, self.n_shards)
         report.added = [added[path] for path in paths if path in added]
         return report
@@ -531,7 +533,7 @@ def start_cluster(index_dir: str | Path, *, replicas_per_shard: int = 1, model_r
         node_cpus = min(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive"))
         shard_cpus = max(0.01, node_cpus / shards_per_node)
         log.info("%d shard replicas per node: %.2f CPUs each", shards_per_node, shard_cpus)
-    serve.start(http_options={"location": "NoServer"})  # the ingress is waldo serve's own app
+    serve.start(proxy_location="Disabled")  # no Serve HTTP proxy: the ingress is waldo serve's own app
     root = str(layout.root)
     if model_max_replicas is not None and model_max_replicas > model_replicas:
         scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": model_replicas,
