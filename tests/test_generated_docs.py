@@ -162,3 +162,10 @@ def test_serve_shards_blocks_are_generated():
     # Every layout answered every query whole, and the 1-shard layout holds the whole index.
     assert all(run["errors"] == 0 and run["partial"] == 0 for layout in results["layouts"] for run in layout["runs"])
     assert results["layouts"][0]["shards"] == 1 and results["layouts"][0]["images"] == results["source"]["images"]
+
+
+def test_gv_positives_block_is_generated():
+    """docs/results.md's issue-15 label study is what experiments/gv_positives.py renders from its JSON."""
+    module = _experiment("gv_positives")
+    rendered = module.markdown(_results("gv_positives.json"))
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-positives")
