@@ -67,8 +67,9 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
     training = read_rrt_info(model_dir).get("training", {})
     out = {"model": str(model_dir), "default_reranker": training.get("default_reranker"),
            "fusion_weight": training.get("fusion_weight"), "protocols": {}}
-    for name in protocols:
-        protocol = get_protocol(name)
+    for name in protocols:  # a protocol's name, or a Protocol (e.g. a validation fold)
+        protocol = get_protocol(name) if isinstance(name, str) else name
+        name = protocol.name
         start = time.perf_counter()
         run = evaluate_protocol(model, protocol, get_transform(config.transform, config.image_size), progress=progress)
         entry = {"global": _metrics(run.metrics), "extract_seconds": round(time.perf_counter() - start, 1)}

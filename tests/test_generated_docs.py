@@ -169,3 +169,10 @@ def test_gv_positives_block_is_generated():
     module = _experiment("gv_positives")
     rendered = module.markdown(_results("gv_positives.json"))
     assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-positives")
+
+
+def test_adapt_verified_block_is_generated():
+    """docs/results.md's `index adapt --group-verified` table is what experiments/adapt_verified.py renders."""
+    module = _experiment("adapt_verified")
+    rendered = module.markdown(_results("adapt_verified.json"))
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "adapt-verified")

@@ -180,7 +180,7 @@ def cmd_index_adapt(args: argparse.Namespace) -> int:
         config = load_config(args.config, RRTTrainConfig)
     start = time.perf_counter()
     result = adapt_index(args.index, config=config, epochs=args.epochs, progress=not args.quiet,
-                         stop_after=args.stop_after)
+                         stop_after=args.stop_after, group_verified=args.group_verified)
     seconds = time.perf_counter() - start
     if not result["installed"]:
         print(f"training paused after {seconds:.0f} s ({result['run']}); rerun the command to resume")
@@ -739,6 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="stop after N epochs in this call (resume later with the same command; "
                             "default: train to the end)")
+    adapt.add_argument("--group-verified", action="store_true",
+                       help="also use other photos of the same object as positives: photos whose global "
+                            "neighbours geometric verification confirms are grouped (no labels read); needs "
+                            "stored keypoints. Rerun with the same choice to resume")
     adapt.add_argument("--quiet", action="store_true", help="no progress bars")
     adapt.set_defaults(handler=cmd_index_adapt)
 

@@ -1,6 +1,7 @@
 """Reranker training from augmented views: views, sources, the pair source, validation, a real run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,51 @@ def test_head_only_model_loads_with_the_packaged_backbone(small_model, tmp_path)
     (shipped / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="installed"):
         load_model(shipped)
+
+
+def test_verified_groups_join_views_of_one_photo_and_nothing_else(data_root, small_model, tmp_path, monkeypatch):
+    """`index adapt --group-verified`: crops of one photo verify against it and form one group;
+    photos of other products stay alone; the groups reach the training source as identities."""
+    import waldo.train.adapt as adapt
+    from waldo.api import Waldo
+
+    images = read_labels_csv(data_root / "grocery_store").subset(range(0, 150 * 18, 150), "sample")  # 18 products
+    photo = Image.open(images.paths[0]).convert("RGB")
+    width, height = photo.size
+    crops = []
+    for i, box in enumerate([(0, 0, int(width * 0.85), int(height * 0.85)),
+                             (int(width * 0.12), int(height * 0.1), width, height)]):
+        crops.append(str(tmp_path / f"crop{i}.jpg"))
+        photo.crop(box).save(crops[-1], quality=92)
+    engine = Waldo.create(tmp_path / "index", model_dir=small_model, progress=False)  # keypoints stored
+    engine.add(images.paths + crops, None, num_workers=0, progress=False)
+    engine.store.close()
+    groups, summary = adapt.verified_groups(tmp_path / "index", progress=False)
+    stored = {str(Path(p).resolve()) for p in [images.paths[0], *crops]}
+    crop_group = {groups[p] for p in stored}
+    assert len(crop_group) == 1 and {p for p, g in groups.items() if g in crop_group} == stored
+    assert summary["photos"] == 20 and summary["grouped_photos"] == len(groups) >= 3
+
+    seen = {}
+
+    def capture(config, sources, *args, **kwargs):
+        seen["source"] = sources[0]
+        raise KeyboardInterrupt  # stop before training: only what it was given matters here
+
+    monkeypatch.setattr("waldo.train.rrt_online.train_rrt_on_views", capture)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.adapt_index(tmp_path / "index", progress=False, group_verified=True)
+    source = seen["source"]
+    assert source.labelled
+    identity = {record.path: record.identity for record in source.images.records}
+    assert len({identity[p] for p in stored}) == 1
+    assert all(identity[p] != identity[next(iter(stored))] for p in identity if p not in stored)
+    assert len(set(identity.values())) == 20 - len(groups) + len(set(groups.values()))  # the rest: one each
+
+
+def test_verified_groups_need_stored_keypoints(data_root, small_model, tmp_path):
+    from waldo.train.adapt import verified_groups
+
+    _tiny_index(data_root, small_model, tmp_path / "index", n=4)  # built with gv_features=False
+    with pytest.raises(ValueError, match="stores no keypoints"):
+        verified_groups(tmp_path / "index", progress=False)

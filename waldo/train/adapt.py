@@ -21,7 +21,7 @@ from pathlib import Path
 
 from waldo.train.config import RRTTrainConfig
 
-__all__ = ["ADAPT_DEFAULTS", "adapt_index"]
+__all__ = ["ADAPT_DEFAULTS", "GROUP_NEIGHBOURS", "adapt_index", "verified_groups"]
 
 #: The run's settings when the command names no config (the CPU recipe of configs/rrt-views-cpu.json).
 ADAPT_DEFAULTS = {
@@ -32,11 +32,87 @@ ADAPT_DEFAULTS = {
 }
 
 ADAPT_FOLDER = "adapt"
+#: Neighbours verified per photo by ``--group-verified``: on validation identities, verified pairs
+#: in the global top-10 were the same object 98% (grocery) and 100% (coil100) of the time
+#: (docs/results.md, "Verified neighbours as label-free positives?").
+GROUP_NEIGHBOURS = 10
+
+
+def verified_groups(index_dir: str | Path, *, neighbours: int = GROUP_NEIGHBOURS, progress: bool = True,
+                    chunk: int = 256) -> tuple[dict[str, str], dict]:
+    """Photos of an index that geometric verification says show the same object, as groups.
+
+    Each photo's global top-``neighbours`` (itself left out) is verified with the index's stored
+    keypoints and the product's "same object" claim (:meth:`waldo.rerank.gv.GVConfig.verifies`);
+    verified pairs join their photos, and every connected set of two or more photos is a group.
+    Returns ``({path: group name}, summary)``: photos in no group are left out. No labels are
+    read. ValueError for an index that stores no keypoints."""
+    import numpy as np
+
+    from waldo.index.store import IndexStore
+    from waldo.models.keypoints import unpack_features
+    from waldo.rerank.gv import GeometricReranker, GVConfig
+
+    config = GVConfig()
+    with IndexStore.open(Path(index_dir)) as store:
+        snapshot = store.snapshot()
+        ids = np.asarray(snapshot.ids, np.int64)
+        if len(ids) and snapshot.verification_features(ids[:1]) is None:
+            raise ValueError(f"{index_dir} stores no keypoints; --group-verified needs an index built with local "
+                             f"features (the default of `waldo index build`)")
+        row_of = {int(image_id): row for row, image_id in enumerate(ids)}
+        parent = list(range(len(ids)))
+
+        def find(row: int) -> int:
+            while parent[row] != row:
+                parent[row] = parent[parent[row]]
+                row = parent[row]
+            return row
+
+        edges = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="verify neighbours", unit="img")
+        with GeometricReranker(config) as reranker:
+            for start in range(0, len(ids), chunk):
+                block = ids[start:start + chunk]
+                found = snapshot.search(snapshot.global_descriptors(block), neighbours + 1)
+                queries = unpack_features(snapshot.verification_features(block))
+                for query_id, query, near in zip(block, queries, found.ids):
+                    near = [int(i) for i in near if i >= 0 and int(i) != int(query_id)][:neighbours]
+                    if not near:
+                        continue
+                    candidates = unpack_features(snapshot.verification_features(near))
+                    for other, verification in zip(near, reranker.verify_many(query, candidates)):
+                        if config.verifies(verification):
+                            edges += 1
+                            parent[find(row_of[int(query_id)])] = find(row_of[other])
+                if bar is not None:
+                    bar.update(len(block))
+        if bar is not None:
+            bar.close()
+        paths = list(snapshot.paths)
+    roots = [find(row) for row in range(len(ids))]
+    sizes: dict[int, int] = {}
+    for root in roots:
+        sizes[root] = sizes.get(root, 0) + 1
+    groups = {path: f"group-{root}" for path, root in zip(paths, roots) if sizes[root] > 1}
+    summary = {"photos": len(ids), "neighbours": neighbours, "verified_pairs": edges,
+               "groups": sum(1 for size in sizes.values() if size > 1), "grouped_photos": len(groups),
+               "largest_group": max(sizes.values(), default=0)}
+    return groups, summary
 
 
 def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, epochs: int | None = None,
-                progress: bool = True, stop_after: int | None = None) -> dict:
+                progress: bool = True, stop_after: int | None = None,
+                groups: dict[str, str] | None = None, group_verified: bool = False) -> dict:
     """Train (or resume) the index's reranker on its own photos, then install it (module doc).
+    ``groups``: path -> a group name for photos known (without labels, e.g. by geometric
+    verification: experiments/adapt_verified.py) to show the same object; photos of one group
+    are each other's positives (and never negatives), every other photo stays its own identity.
+    ``group_verified``: make those groups with :func:`verified_groups` (when ``groups`` is None).
     Returns {"run": run folder, "installed": bool, "default_reranker", "validation": macro figures}."""
     from waldo.api import MODEL_FOLDER
     from waldo.data.datasets import ImageRecord, ImageSet
@@ -57,6 +133,8 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
                                 f"adapt reads the photos themselves")
     if len(paths) < 20:
         raise ValueError(f"{root} holds {len(paths)} photos; adapting needs at least 20")
+    if group_verified and groups is None:
+        groups, _ = verified_groups(root, progress=progress)
     settings = dict(ADAPT_DEFAULTS) if config is None else config.model_dump()
     init_rrt = None
     if has_rrt(model_dir):
@@ -68,8 +146,13 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     if epochs is not None:
         settings["epochs"] = epochs
     config = RRTTrainConfig.model_validate(settings)
-    images = ImageSet([ImageRecord(path=p, identity="") for p in paths], root, root.name)
-    source = TrainingSource(f"{root.name}:indexed photos", images, labelled=False)
+    if groups:  # a labelled source whose identities are the groups, one of its own for every other photo
+        images = ImageSet([ImageRecord(path=p, identity=groups.get(p, f"photo-{i}")) for i, p in enumerate(paths)],
+                          root, root.name)
+        source = TrainingSource(f"{root.name}:indexed photos, grouped", images, labelled=True)
+    else:
+        images = ImageSet([ImageRecord(path=p, identity="") for p in paths], root, root.name)
+        source = TrainingSource(f"{root.name}:indexed photos", images, labelled=False)
     run = root / ADAPT_FOLDER
     if init_rrt is not None and (run / "state").exists() is False:
         # Starting from the index's reranker: keep a copy, so a resumed run starts from the same one.

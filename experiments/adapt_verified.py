@@ -1,0 +1,152 @@
+"""Issue 15: `waldo index adapt` with geometrically verified neighbours as positives.
+
+`index adapt` trains the reranker on an index's own photos without labels; its positives are
+augmented views of the same photo. experiments/gv_positives.py found (validation identities)
+that verified neighbours are other photos of the same object far more often than neighbours by
+global similarity. This run compares, on two collections (labels unused) — a validation one
+(fold 0 of coil100-open's training objects, which decides) and the one the issue names (the
+coil100-open test images, gallery + queries, reported) — starting from the shipped lite0-rrt
+model and RRT:
+
+* **plain**: `adapt_index` as shipped (every photo its own identity);
+* **grouped** (`waldo index adapt --group-verified`): photos joined into groups by verified
+  pairs (each photo's global top-10 verified with the index's keypoints and the product's "same
+  object" claim; connected sets), each group one identity for training.
+
+Each is evaluated on its collection's protocol (R@1 / mAP of global, rrt, rrt-fusion); the
+groups' purity against the true identities is reported (never used).
+
+    .venv/bin/python experiments/adapt_verified.py         # ~20 min on 2 cores; results/adapt_verified.json
+    .venv/bin/python experiments/adapt_verified.py --doc   # docs/results.md block from the JSON
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # GV runs its own threads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gv_fusion import fold_protocol  # noqa: E402
+from rrt_views import evaluate  # noqa: E402
+
+from waldo.api import MODEL_FOLDER, Waldo  # noqa: E402
+from waldo.data.protocols import get_protocol  # noqa: E402
+from waldo.models.shipped import resolve_model_dir  # noqa: E402
+from waldo.train.adapt import GROUP_NEIGHBOURS, adapt_index, verified_groups  # noqa: E402
+from waldo_experiments.doc_blocks import write_block  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "adapt_verified.json"
+DOC = ROOT / "docs" / "results.md"
+START, END = "<!-- adapt-verified:start -->", "<!-- adapt-verified:end -->"
+HEADING = "## Index adapt with verified neighbours as positives (issue 15)"
+PROTOCOL = "coil100-open"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def purity(groups: dict[str, str], truth: dict[str, str]) -> dict:
+    """How often two photos of one group show the same true identity (pairs within groups)."""
+    members: dict[str, list[str]] = {}
+    for path, group in groups.items():
+        members.setdefault(group, []).append(truth[path])
+    same = total = 0
+    for labels in members.values():
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                total += 1
+                same += labels[a] == labels[b]
+    return {"pairs_in_groups": total, "same_identity": round(same / total, 4) if total else None}
+
+
+def study(protocol, rerankers: list[str]) -> dict:
+    """Index the protocol's query and gallery photos (labels unused) with lite0-rrt; evaluate the
+    shipped reranker, a plain adapt and a grouped adapt on the protocol."""
+    records = {r.path: r.identity for part in (protocol.queries, protocol.gallery) for r in part.records}
+    paths = sorted(records)
+    with tempfile.TemporaryDirectory(prefix="adapt-verified-") as tmp:
+        work = Path(tmp)
+        log(f"{protocol.name}: indexing {len(paths)} photos with lite0-rrt")
+        engine = Waldo.create(work / "base", model_dir=resolve_model_dir("lite0-rrt"), progress=False)
+        engine.add(paths, None, num_workers=0, progress=False)
+        engine.store.close()
+        groups, summary = verified_groups(work / "base", progress=False)
+        log(f"groups: {summary}")
+        runs = {"shipped (no adapt)": evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
+                                               precision_study=False, progress=False)}
+        for name, kwargs in (("plain", {}), ("grouped", {"groups": groups})):
+            shutil.copytree(work / "base", work / name)
+            started = time.perf_counter()
+            adapted = adapt_index(work / name, progress=False, **kwargs)
+            log(f"{name}: adapted in {time.perf_counter() - started:.0f} s: {adapted.get('default_reranker')}")
+            runs[name] = evaluate(work / name / MODEL_FOLDER, [protocol], rerankers, precision_study=False,
+                                  progress=False)
+            runs[name]["adapt_seconds"] = round(time.perf_counter() - started, 1)
+    return {"protocol": protocol.name, "groups": summary, "purity": purity(groups, records), "runs": runs}
+
+
+def markdown(results: dict) -> str:
+    lines = [START, "",
+             f"A collection's photos (a protocol's queries + gallery) indexed with the shipped lite0-rrt model, labels "
+             f"unused; `adapt_index` (its default CPU recipe, starting from the shipped RRT) run twice: every photo "
+             f"its own identity (plain), and with `--group-verified` (photos joined by verified pairs among each "
+             f"photo's global top-{results['neighbours']}: `waldo.train.adapt.verified_groups`). The labels only "
+             f"measure: \"same object\" is the share of photo pairs within a group that show one identity. "
+             f"The validation collection (fold 0 of coil100-open's training objects, searched like its test) "
+             f"decides; the test is reported.", "",
+             "| collection | groups (photos, largest; same object) | adapted reranker | global R@1 / mAP | rrt R@1 / mAP "
+             "| rrt-fusion R@1 / mAP | default (adapt's own validation) |",
+             "|---|---|---|---|---|---|---|"]
+    for role, collection in results["collections"].items():
+        g = collection["groups"]
+        groups = (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, {g['largest_group']}; "
+                  f"{collection['purity']['same_identity']:.1%})")
+        for name, run in collection["runs"].items():
+            entry = run["protocols"][collection["protocol"]]
+
+            def cell(key: str) -> str:
+                m = entry.get(key)
+                return "-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}"
+
+            lines.append(f"| {role}: {collection['protocol']} | {groups} | {name} | {cell('global')} | {cell('rrt')} "
+                         f"| {cell('rrt-fusion')} | {run.get('default_reranker') or '-'} |")
+    lines += ["", f"Produced by `{results['command']}` (results/adapt_verified.json).", "", END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (and --doc reads it)")
+    args = parser.parse_args()
+    if args.doc:
+        write_block(DOC, markdown(json.loads(args.out.read_text())), START, END, heading=HEADING)
+        return 0
+    rerankers = ["none", "rrt", "rrt-fusion"]
+    command = " ".join([".venv/bin/python", "experiments/adapt_verified.py", *(shlex.quote(a) for a in sys.argv[1:])])
+    collections = {}
+    # Validation first (fold 0 of the training objects, searched like the test): what decides; then the test.
+    for role, protocol in (("validation", fold_protocol(get_protocol(PROTOCOL), 0)), ("test", get_protocol(PROTOCOL))):
+        collections[role] = study(protocol, rerankers)
+    results = {"command": command, "neighbours": GROUP_NEIGHBOURS, "collections": collections}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
