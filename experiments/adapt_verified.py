@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gv_fusion import fold_protocol  # noqa: E402
+from gv_fusion import fold_protocol, log  # noqa: E402
 from rrt_views import evaluate  # noqa: E402
 
 from waldo.api import MODEL_FOLDER, Waldo  # noqa: E402
@@ -52,10 +52,6 @@ DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- adapt-verified:start -->", "<!-- adapt-verified:end -->"
 HEADING = "## Index adapt with verified neighbours as positives (issue 15)"
 PROTOCOL = "coil100-open"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def purity(groups: dict[str, str], truth: dict[str, str]) -> dict:

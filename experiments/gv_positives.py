@@ -32,14 +32,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gv_fusion import FEATURES, fold_protocol, model_for, verify_run  # noqa: E402
+from gv_fusion import FEATURES, fold_protocol, log, model_for, verify_run  # noqa: E402
 from gv_results import group_of  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -55,10 +54,6 @@ START, END = "<!-- gv-positives:start -->", "<!-- gv-positives:end -->"
 HEADING = "## Verified neighbours as label-free positives? (issue 15, validation only)"
 PROTOCOLS = ("grocery-open-cross", "coil100-open")
 DEPTHS = (10, 100)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def claimed(stats: np.ndarray, config: GVConfig) -> np.ndarray:

@@ -17,7 +17,8 @@ a shard reranks candidates a single index would not have reranked (its own top-1
 deeper than the global top-100), so reranked lists may differ from a single index's there.
 
 Shards are searched one after another in this process; waldo.serve.cluster serves them as Ray
-Serve deployments (``waldo serve --engine ray``), merged by :func:`merge_shard_outcomes` as here. :func:`reshard` splits an existing index into another number of
+Serve deployments (``waldo serve --engine ray``), merged by :func:`merge_shard_outcomes` as
+here. :func:`reshard` splits an existing index into another number of
 shards by copying stored rows, without describing any image again.
 """
 

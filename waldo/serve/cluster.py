@@ -267,26 +267,16 @@ class ClusterEngine:
         self.catalogue = ClusterCatalogue(self)
 
     # ------------------------------------------------------------------ calls
-    def _call(self, shard: int, method: str, *args: Any, timeout: float | None = None, retry: bool = True) -> Any:
-        """One call to shard ``shard``'s deployment, its typed errors raised again here; a call
-        that met a dead replica is tried once more (another replica, or a restarted one)."""
+    def _call(self, shard: int, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """One call to shard ``shard``'s deployment (:meth:`_fan_out` for one shard: its typed
+        errors raised again here, a call that met a dead replica tried once more);
+        BackendUnavailableError when it did not answer within ``timeout`` (default the shard
+        timeout) or has no live replica."""
         timeout = self.shard_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        for attempt in (0, 1):
-            response = getattr(self.shard_handles[shard], method).remote(*args)
-            try:
-                reply = response.result(timeout_s=max(0.05, deadline - time.monotonic()))
-            except TimeoutError:
-                raise BackendUnavailableError(f"shard {shard} did not answer within {timeout:g} s") from None
-            except Exception as error:  # noqa: BLE001 - sorted below
-                if retry and attempt == 0 and _is_replica_death(error) and time.monotonic() < deadline:
-                    log.warning("shard %d: a replica died during %s; retrying once", shard, method)
-                    continue
-                if _is_replica_death(error):
-                    raise BackendUnavailableError(f"shard {shard} has no live replica") from None
-                raise
-            return _unwrap(reply)
-        raise BackendUnavailableError(f"shard {shard} has no live replica")  # pragma: no cover - loop returns
+        replies = self._fan_out(method, {shard: args}, timeout)
+        if shard not in replies:
+            raise BackendUnavailableError(f"shard {shard} did not answer within {timeout:g} s or has no live replica")
+        return replies[shard]
 
     def _fan_out(self, method: str, args_per_shard: dict[int, tuple], timeout: float) -> dict[int, Any]:
         """``method`` on several shards at once; returns shard -> reply (typed errors raised),

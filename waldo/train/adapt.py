@@ -79,13 +79,16 @@ def verified_groups(index_dir: str | Path, *, neighbours: int = GROUP_NEIGHBOURS
             for start in range(0, len(ids), chunk):
                 block = ids[start:start + chunk]
                 found = snapshot.search(snapshot.global_descriptors(block), neighbours + 1)
-                queries = unpack_features(snapshot.verification_features(block))
-                for query_id, query, near in zip(block, queries, found.ids):
-                    near = [int(i) for i in near if i >= 0 and int(i) != int(query_id)][:neighbours]
+                lists = [[int(i) for i in near if i >= 0 and int(i) != int(query_id)][:neighbours]
+                         for query_id, near in zip(block, found.ids)]
+                # Every photo the block touches (its own and its neighbours) read and unpacked once.
+                wanted = sorted({int(i) for i in block} | {i for near in lists for i in near})
+                features = dict(zip(wanted, unpack_features(snapshot.verification_features(wanted))))
+                for query_id, near in zip(block, lists):
                     if not near:
                         continue
-                    candidates = unpack_features(snapshot.verification_features(near))
-                    for other, verification in zip(near, reranker.verify_many(query, candidates)):
+                    verifications = reranker.verify_many(features[int(query_id)], [features[i] for i in near])
+                    for other, verification in zip(near, verifications):
                         if config.verifies(verification):
                             edges += 1
                             parent[find(row_of[int(query_id)])] = find(row_of[other])
