@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 WALDO_DATA ?= ../shared/data
 DEMO_INDEX ?= demo-index
-# The shipped model (waldo/pretrained/): lite0 + trained RRT, so the page offers every reranker.
-DEMO_MODEL ?= lite0-rrt
+# The shipped model (waldo/pretrained/): lite0 + a trained global descriptor + trained RRT, so
+# the page offers every reranker over the better global ranking.
+DEMO_MODEL ?= lite0-lw-rrt
 DEMO_DATA ?= $(WALDO_DATA)/grocery_store
 comma := ,
 # The split filter belongs to the grocery labels.csv; any other folder is indexed whole.

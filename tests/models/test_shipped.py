@@ -1,4 +1,4 @@
-"""The shipped reranker: small enough for git, loads offline, and reproduces its card's figure."""
+"""The shipped models: small enough for git (all together), load offline, and reproduce their cards' figures."""
 
 import json
 
@@ -8,18 +8,30 @@ from waldo.models.checkpoint import load_model
 from waldo.models.shipped import SHIPPED_DIR, resolve_model_dir, shipped_models
 from waldo.rerank.rrt_checkpoint import load_rrt
 
-NAME = "lite0-rrt"
+NAMES = ("lite0-rrt", "lite0-lw-rrt")  # the first reranker; it with a trained global head (make demo's)
 
 
-@pytest.fixture(scope="module")
-def card():
-    assert NAME in shipped_models()
-    return json.loads((SHIPPED_DIR / NAME / "card.json").read_text())
+@pytest.fixture(scope="module", params=NAMES)
+def shipped(request):
+    assert request.param in shipped_models()
+    return request.param, json.loads((SHIPPED_DIR / request.param / "card.json").read_text())
 
 
-def test_shipped_model_is_small_and_documented(card):
-    folder = resolve_model_dir(NAME)
-    assert sum(p.stat().st_size for p in folder.iterdir()) <= 5 * 2**20
+def test_shipped_models_are_small_together():
+    assert set(NAMES) == set(shipped_models())
+    total = sum(p.stat().st_size for name in shipped_models() for p in resolve_model_dir(name).iterdir())
+    assert total <= 5 * 2**20
+
+
+def test_demo_serves_a_shipped_model():
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert "DEMO_MODEL ?= lite0-lw-rrt" in makefile
+
+
+def test_shipped_model_is_small_and_documented(shipped):
+    name, card = shipped
     for key in ("trained_on", "train_config", "chosen_on_validation", "reproduce", "check", "validation_sets"):
         assert card.get(key), key
     assert card["chosen_on_validation"]["default_reranker"] in ("none", "rrt", "rrt-fusion")
@@ -27,25 +39,49 @@ def test_shipped_model_is_small_and_documented(card):
     assert all(source["name"].endswith(":train") or source["name"] == "abo_sample" for source in card["trained_on"])
 
 
-def test_shipped_model_loads_and_matches_its_card(card):
-    model, config = load_model(resolve_model_dir(NAME))
-    rrt, info = load_rrt(resolve_model_dir(NAME))
+def test_shipped_model_loads_and_matches_its_card(shipped):
+    name, card = shipped
+    model, config = load_model(resolve_model_dir(name))
+    rrt, info = load_rrt(resolve_model_dir(name))
     assert config.extra["backbone_weights"]["weights_source"] == model.backbone.weights_source
     assert rrt.config.model_dump() == {**rrt.config.model_dump(), **card["train_config"]["rrt"]}
     assert info["training"]["default_reranker"] == card["chosen_on_validation"]["default_reranker"]
 
 
-def test_shipped_weights_reproduce_the_card_validation_figure(card, data_root):
+def test_shipped_weights_reproduce_the_card_validation_figure(shipped, data_root):
     from waldo.train.rrt_online import validate_reranker
     from waldo.train.sources import parse_source
 
+    name, card = shipped
     check = card["check"]
     # folders are quoted relative to the project root as ../shared/data/...: read them from WALDO_DATA
     specs = [str(data_root / spec.split("shared/data/", 1)[1]) if "shared/data/" in spec else spec
              for spec in check["sources"]]
-    result = validate_reranker(resolve_model_dir(NAME), [parse_source(spec) for spec in specs],
+    result = validate_reranker(resolve_model_dir(name), [parse_source(spec) for spec in specs],
                                val_fraction=check["val_fraction"], seed=check["seed"],
                                max_queries=check["max_queries"], only=[check["set"]])
     for reranker, metrics in check["metrics"].items():
         for metric, value in metrics.items():
             assert result["macro"][reranker][metric] == pytest.approx(value, abs=0.01), (reranker, metric)
+
+
+def test_the_trained_global_head_leaves_locals_and_reranker_as_they_were(data_root):
+    """lite0-lw-rrt is lite0-rrt with a trained global descriptor: same locals (the RRT's tokens),
+    same RRT weights; only the global descriptor (the kNN's) differs, as wide as its card says."""
+    import torch
+
+    from waldo.data.images import load_image
+    from waldo.data.transforms import get_transform
+
+    (old, old_config), (new, new_config) = (load_model(resolve_model_dir(n)) for n in NAMES)
+    card = json.loads((SHIPPED_DIR / NAMES[1] / "card.json").read_text())
+    assert new_config.global_width == card["global_head"]["setting"]["dim"] != old_config.global_width
+    old_rrt, new_rrt = (load_rrt(resolve_model_dir(n))[0].state_dict() for n in NAMES)
+    assert old_rrt.keys() == new_rrt.keys() and all(torch.equal(old_rrt[k], new_rrt[k]) for k in old_rrt)
+    paths = sorted((data_root / "grocery_store").rglob("*.jpg"))[:4]
+    transform = get_transform(new_config.transform, new_config.image_size)
+    batch = torch.stack([transform(load_image(p), 0) for p in paths])
+    with torch.inference_mode():
+        before, after = old.eval()(batch), new.eval()(batch)
+    assert torch.allclose(before.local_desc, after.local_desc)
+    assert after.global_desc.shape == (4, new_config.global_width)

@@ -210,6 +210,29 @@ def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data
     assert outcome.hits[0].path == images.paths[0]  # the photo itself: its global score dominates at init
 
 
+def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_path, monkeypatch):
+    """A trained global head may be wider than the locals (lite0-lw-rrt: 512 vs 128): the kNN and
+    the negatives' mining use it, the RRT's global tokens are the locals' normalised mean, in
+    training as in serving, so adapting such an index trains and serves."""
+    import waldo.train.adapt as adapt
+    from waldo.api import Waldo
+
+    model, config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
+                                    global_dim=2 * DIM, progress=False)
+    wide = save_model(model, config, tmp_path / "wide")
+    images = _tiny_index(data_root, wide, tmp_path / "index", n=24)
+    monkeypatch.setattr(adapt, "ADAPT_DEFAULTS", {
+        "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64,
+                                    "use_global_tokens": True, "global_skip": True},
+        "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 1, "val_fraction": 0.25, "val_top_k": 10,
+        "negatives_top_k": 10, "threads": 2})
+    assert adapt.adapt_index(tmp_path / "index", progress=False)["installed"]
+    engine = Waldo.open(tmp_path / "index")
+    assert engine.config.global_width == 2 * DIM
+    outcome = engine.search(images.paths[0], k=5, rerank="rrt")
+    assert outcome.hits[0].path == images.paths[0]
+
+
 def test_head_only_model_loads_with_the_packaged_backbone(small_model, tmp_path):
     from waldo.models.checkpoint import load_model, model_hash
     from waldo.rerank.rrt_checkpoint import export_head_only, save_rrt

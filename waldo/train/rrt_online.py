@@ -40,7 +40,7 @@ from waldo.eval.metrics import retrieval_metrics
 from waldo.fsutil import write_dir_atomically
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.compiled import prepare_runtime
-from waldo.models.descriptor import DescriptorModel
+from waldo.models.descriptor import DescriptorModel, token_global
 from waldo.models.extract import extract_descriptors
 from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
@@ -71,7 +71,7 @@ def clean_descriptors(model: DescriptorModel, model_config: ModelConfig, paths: 
     out = extract_descriptors(model, paths, transform, progress=progress, description="describe training images",
                               runtime="auto")
     ok = out.ok
-    global_desc = np.zeros((len(paths), model.dim), np.float32)
+    global_desc = np.zeros((len(paths), model.global_dim), np.float32)
     local_desc = np.zeros((len(paths), *out.local_desc.shape[1:]), np.float16)
     global_desc[ok], local_desc[ok] = out.global_desc, out.local_desc
     def write(staging: Path) -> None:  # ok.npy last: its presence marks a complete cache
@@ -136,7 +136,11 @@ def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: tor
         part = slice(start, start + batch)
         extra = {}
         if rrt.config.use_global_tokens:
-            extra = {"query_global": q_global[part], "cand_global": c_global[part]}
+            if q_global.shape[-1] == rrt.config.d_model:
+                extra = {"query_global": q_global[part], "cand_global": c_global[part]}
+            else:  # a wider global descriptor (the kNN's) does not fit the tokens: as the reranker does,
+                # the locals' normalised mean, the global of a shared-projection model
+                extra = {"query_global": token_global(q_local[part]), "cand_global": token_global(c_local[part])}
         out.append(rrt(q_local[part], c_local[part], grid=grid, **extra).float())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -283,6 +287,8 @@ class OnlineRRTTrainer(Trainer):
         qa, qc = torch.from_numpy(batch.pair_anchor), torch.from_numpy(batch.pair_candidate)
         extra = {}
         if self.module.config.use_global_tokens:
+            if a_global.shape[-1] != self.module.config.d_model:  # a wide global: the tokens' own (_pair_logits)
+                a_global, c_global = token_global(a_local), token_global(c_local)
             extra = {"query_global": a_global[qa], "cand_global": c_global[qc]}
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.module(a_local[qa], c_local[qc], grid=self.grid, **extra)
@@ -353,10 +359,8 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:
         raise ValueError(f"the RRT's d_model ({rrt_config.d_model}) must equal the model's descriptor dim ({model.dim})")
-    if model.global_dim != model.dim and rrt_config.use_global_tokens:
-        raise ValueError(f"this RRT reads global tokens, which training takes from the model's global descriptor: "
-                         f"it must be {model.dim}-d like the locals, not {model.global_dim}-d (use a model with "
-                         f"global_dim = dim, or an RRT without global tokens)")
+    # A global descriptor wider than the locals (e.g. a trained learned whitening) mines the
+    # negatives; the RRT's global tokens are then the locals' normalised mean, as at serving.
     if init_rrt is not None:
         rrt, _ = load_rrt(init_rrt)
         if rrt.config != rrt_config:
