@@ -130,6 +130,12 @@ def test_global_ensemble_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_global_multiscale_table_is_generated():
+    """The issue-16 multi-scale table in docs/results.md is `experiments/global_multiscale.py --table`."""
+    table = _experiment("global_multiscale").table(_results("global/multiscale.json")["rows"])
+    assert table in (ROOT / "docs" / "results.md").read_text()
+
+
 def test_readme_which_reranker_table_is_generated():
     spec = importlib.util.spec_from_file_location("waldo_exp_rrt_views", ROOT / "experiments" / "rrt_views.py")
     module = importlib.util.module_from_spec(spec)

@@ -93,6 +93,7 @@ def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
         "image_size": config.image_size,
         "descriptor_dim": config.dim,
         "pooling": config.pooling,  # the store records global_dim itself
+        **({"global_scales": config.global_scales} if config.global_scales else {}),  # absent: single scale
     }
 
 
@@ -126,7 +127,7 @@ class Waldo:
                progress: bool = True, seed: int = 0, gv_features: bool | str | LocalFeatureConfig = True,
                local_dtype: str = "float16", global_index: str = "Flat",
                global_search_params: dict | None = None, pooling: str | None = None,
-               global_dim: int | None = None) -> "Waldo":
+               global_dim: int | None = None, global_scales: Sequence[float] = ()) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
@@ -134,9 +135,9 @@ class Waldo:
         waldo.models.keypoints.LOCAL_FEATURE_KINDS or a LocalFeatureConfig; False: none) so that searches can use ``rerank="gv"``. ``local_dtype="int8"`` stores
         local descriptors in half the bytes; ``global_index`` ("Flat" = exact, or e.g.
         "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the
-        global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` shape an
-        untrained model's global descriptor (waldo.models.untrained; defaults chosen on
-        validation identities)."""
+        global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` /
+        ``global_scales`` shape an untrained model's global descriptor (waldo.models.untrained;
+        defaults chosen on validation identities)."""
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -150,10 +151,14 @@ class Waldo:
             model, config = load_model(model_dir)
             if transform:
                 config.transform = transform
+            if global_scales:  # the checkpoint's own scales otherwise
+                config.global_scales = list(global_scales)
+                model.global_scales = tuple(config.global_scales)
         else:
             model, config = untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
-                                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim)
+                                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
+                                            global_scales=global_scales)
         local_cells = (config.image_size // model.backbone.stride) ** 2
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}

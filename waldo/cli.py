@@ -141,7 +141,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model) if args.model else None
     options = dict(backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
-                   global_dim=args.global_dim, fit_paths=image_set.paths, fit_source=str(args.data),
+                   global_dim=args.global_dim, global_scales=args.global_scales, fit_paths=image_set.paths,
+                   fit_source=str(args.data),
                    model_dir=model_dir, transform=args.transform, progress=not args.quiet,
                    local_dtype=args.local_dtype, global_index=args.global_index, gv_features=args.local_features,
                    global_search_params=_parse_search_params(args.global_search_params))
@@ -288,7 +289,9 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
     local_rows, local_dim = (manifest.get("local_shape") or [None, None])[:2]
     lines.append(f"model       {model.get('backbone', manifest.get('backbone'))} at "
                  f"{manifest.get('image_size', model.get('image_size'))} px ({manifest.get('transform')}); "
-                 f"global {manifest.get('global_dim')}-d, {manifest.get('pooling')} pooling; "
+                 f"global {manifest.get('global_dim')}-d, {manifest.get('pooling')} pooling"
+                 + (f" at scales 1, {', '.join(f'{f:g}' for f in manifest['global_scales'])}"
+                    if manifest.get("global_scales") else "") + "; "
                  f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}")
     lines.append(f"            projection {model.get('projection')}; weights {model.get('weights_source')}")
     search = info.get("global_index") or {}
@@ -474,7 +477,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
                        dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
-                       batch_size=args.batch_size, num_workers=args.workers,
+                       global_scales=args.global_scales, batch_size=args.batch_size, num_workers=args.workers,
                        progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
@@ -603,9 +606,29 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", default=None, metavar="SPEC",
                         help=f"global pooling of an untrained model: {', '.join(POOLING_NAMES)}; gem learns "
                              f"its p, gem:P fixes it (default {DEFAULT_POOLING})")
+    parser.add_argument("--global-scales", type=_scale_list, default=[], metavar="F,F",
+                        help="a multi-scale global descriptor: extra input scales (factors of the image "
+                             "size, e.g. 0.5,1.5) whose global descriptors are averaged with the input's; each "
+                             "costs about F^2 of a single-scale extraction (default: single scale, for speed; "
+                             "validation prefers 0.5,1.5 for the untrained default at 3.5x the cost: "
+                             "docs/results.md)")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")
+
+
+def _scale_list(text: str) -> list[float]:
+    """``type=`` of ``--global-scales``: "0.75,1.25" -> [0.75, 1.25], checked like ModelConfig."""
+    try:
+        factors = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected factors like 0.75,1.25, got {text!r}") from None
+    for factor in factors:
+        if not 0.25 <= factor <= 4 or factor == 1:
+            raise argparse.ArgumentTypeError(f"each scale must be in [0.25, 4] and not 1, got {factor:g}")
+    if len(set(factors)) != len(factors):
+        raise argparse.ArgumentTypeError(f"scales repeat: {text!r}")
+    return factors
 
 
 def _reranker_name(text: str) -> str:

@@ -70,7 +70,8 @@ class StageLog:
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
                   projection: str = "views-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
-                  global_dim: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
+                  global_dim: int | None = None,
+                  global_scales: Sequence[float] = ()) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery)."""
     if model_dir is not None:
@@ -81,7 +82,8 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                          f"on; use --projection random")
     return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                            fit_source=f"{protocol.name}:train", transform=transform,
-                           progress=progress, seed=seed, pooling=pooling, global_dim=global_dim)
+                           progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
+                           global_scales=global_scales)
 
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
@@ -90,7 +92,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   num_workers: int | None = None, progress: bool = True,
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = (), pooling: str | None = None,
-                  global_dim: int | None = None, log_stages: bool = False) -> tuple[EvalRun, dict]:
+                  global_dim: int | None = None, global_scales: Sequence[float] = (),
+                  log_stages: bool = False) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -101,6 +104,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
 
     ``scales`` (factors of the model's image size, e.g. ``(0.75, 1, 1.25)``) averages the global
     descriptors over those sizes (waldo.eval.multiscale); empty, the default, is single-scale.
+    ``global_scales`` makes it part of an untrained model instead (ModelConfig.global_scales: the
+    input tensor resized inside the model, as an index built with it describes).
 
     ``log_stages``: print a line per stage with its time to stderr (:class:`StageLog`)."""
     start = time.perf_counter()
@@ -115,7 +120,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                f"prepare the untrained {backbone} ({projection} projection, {len(proto.train)} training images)"):
         model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
-                                      global_dim=global_dim)
+                                      global_dim=global_dim, global_scales=global_scales)
     extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
     with stage(f"extract {n_images} images{f' at {1 + len(extra)} sizes' if extra else ''}, "
                f"search {len(proto.queries)} queries"):
@@ -132,7 +137,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     metrics = dict(run.metrics)
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim, "pooling": config.pooling,
-                    "global_dim": config.global_width,
+                    "global_dim": config.global_width, "global_scales": config.global_scales,
                     "model": str(model_dir) if model_dir else None,
                     "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
     if scales:

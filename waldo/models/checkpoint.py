@@ -41,6 +41,9 @@ class ModelConfig(BaseModel):
     pooling: str = "avg"
     #: width of the global descriptor when it differs from ``dim`` (the locals' width); None = dim
     global_dim: int | None = Field(None, ge=1)
+    #: extra image scales of a multi-scale global descriptor (factors of image_size, e.g.
+    #: [0.75, 1.25]; DescriptorModel.multiscale_global); older configs have no key: single scale
+    global_scales: list[float] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -50,6 +53,17 @@ class ModelConfig(BaseModel):
         from waldo.models.pooling import validate_pooling
 
         return validate_pooling(spec)
+
+    @field_validator("global_scales")
+    @classmethod
+    def _sane_scales(cls, scales: list[float]) -> list[float]:
+        for factor in scales:
+            if not 0.25 <= factor <= 4 or factor == 1:
+                raise ValueError(f"global scales are factors of the image size in [0.25, 4] other than 1, "
+                                 f"got {factor}")
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"global scales repeat: {scales}")
+        return scales
 
     @property
     def global_width(self) -> int:
@@ -75,6 +89,9 @@ def model_hash(model: torch.nn.Module) -> str:
     pooling = getattr(model, "pooling", "avg")
     if pooling != "avg":  # avg and max have the same weights; avg adds nothing (old hashes hold)
         digest.update(f"pooling|{pooling}|".encode())
+    scales = getattr(model, "global_scales", ())
+    if scales:  # same weights, other descriptors; single scale adds nothing (old hashes hold)
+        digest.update(f"global_scales|{list(scales)}|".encode())
     return digest.hexdigest()
 
 
@@ -95,7 +112,7 @@ def config_json(config: ModelConfig) -> str:
     when they differ from what their absence means: a model without them is byte for byte what
     earlier versions wrote (and earlier versions can still read it)."""
     data = config.model_dump()
-    for key, absent in (("pooling", "avg"), ("global_dim", None)):
+    for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", [])):
         if data[key] == absent:
             del data[key]
     return json.dumps(data, indent=2, sort_keys=True)
@@ -104,7 +121,8 @@ def config_json(config: ModelConfig) -> str:
 def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel:
     """A fresh descriptor model for ``config`` (ImageNet backbone weights when ``pretrained``)."""
     return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim,
-                           pooling=config.pooling, global_dim=config.global_dim)
+                           pooling=config.pooling, global_dim=config.global_dim,
+                           global_scales=tuple(config.global_scales))
 
 
 def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:

@@ -53,7 +53,7 @@ class DescriptorModel(nn.Module):
     ``global_dim``, default ``dim``)."""
 
     def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0, *, pooling: str = "avg",
-                 global_dim: int | None = None) -> None:
+                 global_dim: int | None = None, global_scales: tuple[float, ...] = ()) -> None:
         super().__init__()
         global_dim = dim if global_dim is None else global_dim
         for name, value in (("descriptor dim", dim), ("global descriptor dim", global_dim)):
@@ -65,6 +65,9 @@ class DescriptorModel(nn.Module):
         self.dim = dim
         self.global_dim = global_dim
         self.pool = make_pooling(pooling)
+        #: extra image scales (factors of the input size) whose global descriptors are averaged
+        #: with the input's own (multi-scale global descriptor); () = single scale
+        self.global_scales = tuple(float(f) for f in global_scales)
         self.local_proj = nn.Conv2d(backbone.out_channels, dim, kernel_size=1)
         self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
@@ -77,7 +80,7 @@ class DescriptorModel(nn.Module):
     def shared_projection(self) -> bool:
         """True when locals and the global descriptor share one projection (same width, average
         pooling): the global descriptor is then the normalised mean of the locals."""
-        return self.global_dim == self.dim and self.pooling == "avg"
+        return self.global_dim == self.dim and self.pooling == "avg" and not self.global_scales
 
     @torch.no_grad()
     def init_random_orthogonal(self, seed: int = 0) -> None:
@@ -163,6 +166,23 @@ class DescriptorModel(nn.Module):
         b, d, h, w = local.shape
         return Descriptors(global_desc, local.flatten(2).transpose(1, 2), (h, w))
 
+    def multiscale_global(self, images: torch.Tensor, global_desc: torch.Tensor) -> torch.Tensor:
+        """``global_desc`` (of ``images`` at their own size) averaged with the global descriptors
+        of ``images`` resized by each of :attr:`global_scales`, then renormalised: the
+        multi-scale global descriptor (the locals stay the input size's). Unchanged without scales."""
+        if not self.global_scales:
+            return global_desc
+        total = global_desc
+        height, width = images.shape[-2:]
+        for factor in self.global_scales:
+            size = (max(32, round(height * factor)), max(32, round(width * factor)))
+            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            total = total + F.normalize(self.global_proj(self.pool(self.backbone.forward_features(scaled))), dim=-1)
+        return F.normalize(total, dim=-1)
+
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
-        return self.project(self.backbone.forward_features(images))
+        out = self.project(self.backbone.forward_features(images))
+        if self.global_scales:
+            out.global_desc = self.multiscale_global(images, out.global_desc)
+        return out

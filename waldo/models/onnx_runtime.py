@@ -72,7 +72,7 @@ class _MapsOnly(torch.nn.Module):
         features = self.model.backbone.forward_features(images)
         local = self.model.local_proj(features)
         global_desc = F.normalize(self.model.global_proj(self.model.pool(features)), dim=-1)
-        return global_desc, local
+        return self.model.multiscale_global(images, global_desc), local
 
 
 def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
@@ -103,7 +103,7 @@ def cache_path(model: DescriptorModel, height: int, width: int) -> Path:
     from waldo.paths import default_cache_root
 
     # The pooling is in the key: avg and max pooling have the same weights (and weights hash).
-    key = hashlib.sha256(f"{model_hash(model)}|{model.pooling}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
+    key = hashlib.sha256(f"{model_hash(model)}|{model.pooling}|{model.global_scales}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
                          f"format {EXPORT_FORMAT}".encode()).hexdigest()
     return default_cache_root() / "onnx" / f"descriptor-{key[:40]}.onnx"
 

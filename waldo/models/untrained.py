@@ -47,7 +47,7 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
                     image_size: int = 224, max_fit_images: int = 1000, cells_per_image: int = 8,
                     seed: int = 0, progress: bool = True, pooling: str | None = None,
                     global_dim: int | None = None, whiten_power: float = WHITEN_POWER,
-                    whiten_shrink: float = WHITEN_SHRINK,
+                    whiten_shrink: float = WHITEN_SHRINK, global_scales: Sequence[float] = (),
                     pretrained: bool | str = True) -> tuple[DescriptorModel, ModelConfig]:
     """Build an untrained model and initialise its projections.
 
@@ -62,7 +62,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     scaled by (eigenvalue + ``whiten_shrink`` * mean)^-``whiten_power`` (DescriptorModel.
     fit_global_whitening), quicker to fit; ``random`` is a seeded orthogonal matrix; ``identity`` keeps the raw
     backbone features (needs ``dim`` = backbone channels). ``pooling``: waldo.models.pooling spec
-    (default :data:`DEFAULT_POOLING`).
+    (default :data:`DEFAULT_POOLING`). ``global_scales``: extra input scales of a multi-scale
+    global descriptor (ModelConfig.global_scales; the projections are fitted at the input size).
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
@@ -70,7 +71,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
         global_dim = DEFAULT_GLOBAL_DIM if global_dim is None else global_dim
     pooling = DEFAULT_POOLING if pooling is None else pooling
     config = ModelConfig(backbone=backbone, dim=dim, image_size=image_size, transform=transform, pooling=pooling,
-                         global_dim=None if global_dim in (None, dim) else global_dim)
+                         global_dim=None if global_dim in (None, dim) else global_dim,
+                         global_scales=list(global_scales))
     model = build_model(config, pretrained=pretrained)
     if projection in _WIDE and config.global_width > model.backbone.out_channels:
         raise ValueError(f"global dim {config.global_width} exceeds the backbone's {model.backbone.out_channels} "
