@@ -52,6 +52,30 @@ def projection(within: np.ndarray, collection: np.ndarray, shrink: float, dim: i
     return mean, inverse_sqrt @ directions
 
 
+def searched_samples(sets: dict) -> dict[str, np.ndarray]:
+    """Per set, the seeded sample of its searched images whose views fit the untrained default:
+    the same draws as global_sweep.selfsup (its "own" samples are drawn in turn), so the cached
+    views are reused."""
+    rng = np.random.default_rng(0)
+    sample_of = {}
+    for name, s in sets.items():
+        for regime in ("own", "searched"):
+            fit = s["fit"] if regime == "own" else np.unique(np.concatenate([s["q"], s["g"]]))
+            sample = np.sort(rng.choice(fit, min(600, len(fit)), replace=False))
+            if regime == "searched":
+                sample_of[name] = sample
+    return sample_of
+
+
+def source_rows(index: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per source, (map rows, identities) of its protocol's training split."""
+    train = {}
+    for key, protocol in SOURCES.items():
+        records = get_protocol(protocol).train.records
+        train[key] = (np.array([index[str(r.path)] for r in records]), np.array([r.identity for r in records]))
+    return train
+
+
 def table(rows: list[dict]) -> str:
     """Per source and mix: the (shrink, dim) with the best mean validation mAP (both collections'
     identity folds), its validation mAP and the test protocols' R@1 / mAP."""
@@ -86,25 +110,14 @@ def main() -> int:
     sets = splits(index)
     paths = {row: path for path, row in index.items()}
     pooled = pool(maps, "avg").astype(np.float64)
-    # The same seeded samples as global_sweep.selfsup, so its cached views are reused.
-    rng = np.random.default_rng(0)
-    sample_of = {}
-    for name, s in sets.items():
-        for regime in ("own", "searched"):
-            fit = s["fit"] if regime == "own" else np.unique(np.concatenate([s["q"], s["g"]]))
-            sample = np.sort(rng.choice(fit, min(600, len(fit)), replace=False))
-            if regime == "searched":
-                sample_of[name] = sample
+    sample_of = searched_samples(sets)
     view_scatter = {}
     for name, sample in sample_of.items():
         viewed = view_features(sample, paths, args.size)
         x = np.concatenate([pooled[sample], *viewed])
         w = within_scatter(x, np.tile(np.arange(len(sample)), 1 + len(viewed)))
         view_scatter[name] = w / np.trace(w)
-    train = {}
-    for key, protocol in SOURCES.items():
-        records = get_protocol(protocol).train.records
-        train[key] = (np.array([index[str(r.path)] for r in records]), np.array([r.identity for r in records]))
+    train = source_rows(index)
 
     def source_scatter(key: str, held: set) -> np.ndarray:
         rows, ids = train[key]

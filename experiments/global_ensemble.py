@@ -38,10 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from global_adapt import SOURCES, projection  # noqa: E402
+from global_adapt import SOURCES, projection, searched_samples, source_rows  # noqa: E402
 from global_sweep import ROOT, load_maps, pool, score, splits, view_features  # noqa: E402
 
-from waldo.data.protocols import get_protocol  # noqa: E402
 from waldo.models.whitening import describe, within_scatter  # noqa: E402
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -63,19 +62,8 @@ def run(size: int, out: Path) -> None:
     sets = splits(index)
     paths = {row: path for path, row in index.items()}
     pooled = pool(maps, "avg").astype(np.float64)
-    # The same seeded samples as global_sweep.selfsup / global_adapt, so cached views are reused.
-    rng = np.random.default_rng(0)
-    sample_of = {}
-    for name, s in sets.items():
-        for regime in ("own", "searched"):
-            fit = s["fit"] if regime == "own" else np.unique(np.concatenate([s["q"], s["g"]]))
-            sample = np.sort(rng.choice(fit, min(600, len(fit)), replace=False))
-            if regime == "searched":
-                sample_of[name] = sample
-    train = {}
-    for key, protocol in SOURCES.items():
-        records = get_protocol(protocol).train.records
-        train[key] = (np.array([index[str(r.path)] for r in records]), np.array([r.identity for r in records]))
+    sample_of = searched_samples(sets)  # global_adapt's, so cached views are reused
+    train = source_rows(index)
     rows = []
     for name in SETS:
         s = sets[name]
