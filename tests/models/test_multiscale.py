@@ -81,3 +81,16 @@ def test_a_trained_checkpoint_takes_scales_when_an_index_is_built_with_them(tmp_
                           gv_features=False)
     assert engine.model.global_scales == (1.5,) and engine.store.manifest["global_scales"] == [1.5]
     assert load_model(folder)[1].global_scales == []  # the checkpoint itself is untouched
+
+
+def test_the_command_line_reads_scales_and_refuses_bad_ones(capsys):
+    from waldo.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["index", "build", "--data", "d", "--out", "o", "--global-scales", "0.5,1.5"])
+    assert args.global_scales == [0.5, 1.5]
+    assert parser.parse_args(["index", "build", "--data", "d", "--out", "o"]).global_scales == []
+    for bad in ("1", "0.1", "0.5,0.5", "big"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["index", "build", "--data", "d", "--out", "o", "--global-scales", bad])
+        assert "--global-scales" in capsys.readouterr().err
