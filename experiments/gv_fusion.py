@@ -189,9 +189,9 @@ def product_orders(protocol: Protocol, run, rule: dict, queries: np.ndarray) -> 
             run.knn_scores[q, :k]).order for q in queries])
 
 
-def test(chosen: dict) -> list[dict]:
+def test(chosen: dict, models: dict | None = None, protocols: tuple[str, ...] = PROTOCOLS) -> list[dict]:
     out = []
-    for name, (label, spec) in itertools.product(PROTOCOLS, MODELS.items()):
+    for name, (label, spec) in itertools.product(protocols, (models or MODELS).items()):
         protocol = get_protocol(name)
         run, metrics = run_eval_full(name, model_dir=None if spec is None else resolve_model_dir(spec), progress=False)
         stats = verify_run(protocol, run)
@@ -291,7 +291,16 @@ def main() -> int:
     parser.add_argument("--doc", action="store_true", help="rewrite the docs block from the saved JSON")
     parser.add_argument("--false-verifications", action="store_true",
                         help="recount only the called-verified pairs for the saved JSON's rules")
+    parser.add_argument("--test-model", metavar="NAME",
+                        help="only report the saved rule on the test protocols for another model (a shipped name or "
+                             "folder): results/gv_fusion_<name>.json, nothing chosen")
     args = parser.parse_args()
+    if args.test_model:
+        rule = json.loads(RESULTS.read_text())["chosen"]["rule"]
+        name = Path(args.test_model).name
+        rows = test(rule, {f"{name}": args.test_model})
+        (RESULTS.parent / f"gv_fusion_{name}.json").write_text(json.dumps({"rule": rule, "test": rows}, indent=1) + "\n")
+        return 0
     if args.false_verifications:
         results = json.loads(RESULTS.read_text())
         results["false_verifications"] = false_verifications(results["chosen"]["rule"])
