@@ -298,7 +298,7 @@ def main() -> int:
     if args.test_model:
         rule = json.loads(RESULTS.read_text())["chosen"]["rule"]
         name = Path(args.test_model).name
-        rows = test(rule, {f"{name}": args.test_model})
+        rows = test(rule, {name: args.test_model})
         (RESULTS.parent / f"gv_fusion_{name}.json").write_text(json.dumps({"rule": rule, "test": rows}, indent=1) + "\n")
         return 0
     if args.false_verifications:

@@ -618,17 +618,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _scale_list(text: str) -> list[float]:
-    """``type=`` of ``--global-scales``: "0.75,1.25" -> [0.75, 1.25], checked like ModelConfig."""
+    """``type=`` of ``--global-scales``: "0.75,1.25" -> [0.75, 1.25], checked by ModelConfig's rule
+    (imported only when the flag is given: building the parser stays free of torch)."""
     try:
         factors = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected factors like 0.75,1.25, got {text!r}") from None
-    for factor in factors:
-        if not 0.25 <= factor <= 4 or factor == 1:
-            raise argparse.ArgumentTypeError(f"each scale must be in [0.25, 4] and not 1, got {factor:g}")
-    if len(set(factors)) != len(factors):
-        raise argparse.ArgumentTypeError(f"scales repeat: {text!r}")
-    return factors
+    from waldo.models.checkpoint import check_global_scales
+
+    try:
+        return check_global_scales(factors)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _reranker_name(text: str) -> str:

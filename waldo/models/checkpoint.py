@@ -57,13 +57,7 @@ class ModelConfig(BaseModel):
     @field_validator("global_scales")
     @classmethod
     def _sane_scales(cls, scales: list[float]) -> list[float]:
-        for factor in scales:
-            if not 0.25 <= factor <= 4 or factor == 1:
-                raise ValueError(f"global scales are factors of the image size in [0.25, 4] other than 1, "
-                                 f"got {factor}")
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"global scales repeat: {scales}")
-        return scales
+        return check_global_scales(scales)
 
     @property
     def global_width(self) -> int:
@@ -77,6 +71,17 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model format {version} is newer than this Waldo supports ({FORMAT_VERSION}); "
                              f"upgrade Waldo")
         return version
+
+
+def check_global_scales(scales: list[float]) -> list[float]:
+    """``scales`` if they are factors of the image size in [0.25, 4], none of them 1 or repeated;
+    else ValueError (ModelConfig's check, and ``--global-scales``')."""
+    for factor in scales:
+        if not 0.25 <= factor <= 4 or factor == 1:
+            raise ValueError(f"global scales are factors of the image size in [0.25, 4] other than 1, got {factor:g}")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"global scales repeat: {scales}")
+    return scales
 
 
 def model_hash(model: torch.nn.Module) -> str:

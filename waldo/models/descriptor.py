@@ -48,6 +48,15 @@ def token_global(local_desc: torch.Tensor) -> torch.Tensor:
     return F.normalize(local_desc.float().mean(dim=1), dim=-1)
 
 
+def global_tokens(global_desc: torch.Tensor, local_desc: torch.Tensor, width: int) -> torch.Tensor:
+    """The global token an RRT of ``width`` reads for (..., G) ``global_desc`` and its (..., L, D)
+    ``local_desc``: the global descriptor itself when it is ``width`` wide, else the locals'
+    :func:`token_global` (training, validation and serving all decide it here)."""
+    if global_desc.shape[-1] == width:
+        return global_desc
+    return token_global(local_desc)
+
+
 class DescriptorModel(nn.Module):
     """Backbone + local 1x1 projection (to ``dim``) + pooling + global linear projection (to
     ``global_dim``, default ``dim``)."""
@@ -183,6 +192,5 @@ class DescriptorModel(nn.Module):
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
         out = self.project(self.backbone.forward_features(images))
-        if self.global_scales:
-            out.global_desc = self.multiscale_global(images, out.global_desc)
+        out.global_desc = self.multiscale_global(images, out.global_desc)
         return out

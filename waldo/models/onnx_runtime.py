@@ -103,7 +103,8 @@ def cache_path(model: DescriptorModel, height: int, width: int) -> Path:
     from waldo.paths import default_cache_root
 
     # The pooling is in the key: avg and max pooling have the same weights (and weights hash).
-    key = hashlib.sha256(f"{model_hash(model)}|{model.pooling}|{model.global_scales}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
+    # Global scales need no entry: model_hash covers them whenever a model has any.
+    key = hashlib.sha256(f"{model_hash(model)}|{model.pooling}|{height}x{width}|torch {torch.__version__}|onnx {onnx.__version__}|"
                          f"format {EXPORT_FORMAT}".encode()).hexdigest()
     return default_cache_root() / "onnx" / f"descriptor-{key[:40]}.onnx"
 

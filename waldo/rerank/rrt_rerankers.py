@@ -117,7 +117,7 @@ class RRTReranker:
         """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
         import torch
 
-        from waldo.models.descriptor import token_global
+        from waldo.models.descriptor import global_tokens
 
         if len(candidates.global_scores) == 0:
             return np.zeros(0, np.float32)
@@ -125,12 +125,11 @@ class RRTReranker:
         if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
             if query.global_desc is None or candidates.global_desc is None:
                 raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
-            query_global, cand_globals = _as_float_tensor(query.global_desc), _as_float_tensor(candidates.global_desc)
-            if query_global.shape[-1] != self.rrt.config.d_model:
-                # A wider global descriptor (DescriptorModel.global_dim) does not fit the tokens:
-                # use the locals' normalised mean, the global of a shared-projection model.
-                query_global = token_global(_as_float_tensor(query.local_desc)[None])[0]
-                cand_globals = token_global(_as_float_tensor(candidates.local_desc))
+            width = self.rrt.config.d_model  # a wider global (DescriptorModel.global_dim): the locals' mean
+            query_global = global_tokens(_as_float_tensor(query.global_desc)[None],
+                                         _as_float_tensor(query.local_desc)[None], width)[0]
+            cand_globals = global_tokens(_as_float_tensor(candidates.global_desc),
+                                         _as_float_tensor(candidates.local_desc), width)
             globals_ = {"query_global": query_global, "cand_globals": cand_globals}
         if self._scorer is not None:
             embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),

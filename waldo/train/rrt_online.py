@@ -40,7 +40,7 @@ from waldo.eval.metrics import retrieval_metrics
 from waldo.fsutil import write_dir_atomically
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.compiled import prepare_runtime
-from waldo.models.descriptor import DescriptorModel, token_global
+from waldo.models.descriptor import DescriptorModel, global_tokens
 from waldo.models.extract import extract_descriptors
 from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
@@ -136,11 +136,9 @@ def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: tor
         part = slice(start, start + batch)
         extra = {}
         if rrt.config.use_global_tokens:
-            if q_global.shape[-1] == rrt.config.d_model:
-                extra = {"query_global": q_global[part], "cand_global": c_global[part]}
-            else:  # a wider global descriptor (the kNN's) does not fit the tokens: as the reranker does,
-                # the locals' normalised mean, the global of a shared-projection model
-                extra = {"query_global": token_global(q_local[part]), "cand_global": token_global(c_local[part])}
+            width = rrt.config.d_model
+            extra = {"query_global": global_tokens(q_global[part], q_local[part], width),
+                     "cand_global": global_tokens(c_global[part], c_local[part], width)}
         out.append(rrt(q_local[part], c_local[part], grid=grid, **extra).float())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -287,8 +285,8 @@ class OnlineRRTTrainer(Trainer):
         qa, qc = torch.from_numpy(batch.pair_anchor), torch.from_numpy(batch.pair_candidate)
         extra = {}
         if self.module.config.use_global_tokens:
-            if a_global.shape[-1] != self.module.config.d_model:  # a wide global: the tokens' own (_pair_logits)
-                a_global, c_global = token_global(a_local), token_global(c_local)
+            width = self.module.config.d_model
+            a_global, c_global = global_tokens(a_global, a_local, width), global_tokens(c_global, c_local, width)
             extra = {"query_global": a_global[qa], "cand_global": c_global[qc]}
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.module(a_local[qa], c_local[qc], grid=self.grid, **extra)
