@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def test_config_json_round_trip_and_strictness(tmp_path: Path) -> None:
         GlobalTrainConfig.model_validate({"momentum": 0.0})
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
         GlobalTrainConfig.model_validate({"loss": "triplet"})
+    assert GlobalTrainConfig.model_validate({"pooling": "gem:3.0"}).pooling == "gem:3"
+    with pytest.raises(ValueError, match="unknown pooling 'mean'"):
+        GlobalTrainConfig.model_validate({"pooling": "mean"})
+    with pytest.raises(ValueError, match="anchor_weight\n.*greater than or equal to 0"):
+        GlobalTrainConfig.model_validate({"anchor_weight": -1.0})
     bad = tmp_path / "bad.json"
     bad.write_text('{"milestones": [0.8, 0.6]}')
     with pytest.raises(ValueError, match="(?s)bad.json.*milestones must be increasing"):
@@ -152,6 +158,48 @@ def test_resume_replays_the_uninterrupted_run_and_reload_scores_identically(groc
 
     with pytest.raises(ValueError, match="another config"):
         train_global(_tiny_config(lr=0.5), data_dir, "grocery-open", interrupted, progress=False)
+
+
+def test_learnable_gem_and_the_weight_anchor_train_resume_and_hold_the_backbone_back(
+        grocery_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    data_dir = _tiny_grocery(grocery_dir, tmp_path / "data")
+    anchored = _tiny_config(pooling="gem", anchor_weight=10.0, lr=0.05)
+    straight, interrupted, free = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "free"
+    train_global(anchored, data_dir, "grocery-open", straight, progress=False)
+    train_global(anchored, data_dir, "grocery-open", interrupted, progress=False, stop_after=1)
+    broken = tmp_path / "broken"
+    shutil.copytree(interrupted, broken)
+    (broken / "anchor.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="anchor.safetensors is missing"):
+        train_global(anchored, data_dir, "grocery-open", broken, progress=False)
+    train_global(anchored, data_dir, "grocery-open", interrupted, progress=False)  # reads anchor.safetensors
+
+    def log(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    assert [r.get("loss") for r in log(interrupted)] == [r.get("loss") for r in log(straight)]
+    # (the logged distance is a float32 sum whose order follows memory layout: equal to rounding)
+    distances = [[r["anchor_distance"] for r in log(run) if "anchor_distance" in r] for run in (interrupted, straight)]
+    assert len(distances[0]) == 2 and distances[0] == pytest.approx(distances[1], rel=1e-5)
+    assert log(straight)[-1]["anchor_distance"] > 0
+    model, config = load_model(straight / "last")
+    assert model_hash(model) == model_hash(load_model(interrupted / "last")[0])
+    assert config.pooling == "gem" and model.pool.p.item() != pytest.approx(3.0, abs=1e-6)  # p learned
+
+    # The anchor is the backbone's trainable weights at the start (ImageNet), and it holds them:
+    # the same run without it moves the backbone further from there.
+    start = load_file(str(straight / "anchor.safetensors"))
+    assert start and all(name.startswith("backbone.") for name in start)
+    train_global(_tiny_config(pooling="gem", lr=0.05), data_dir, "grocery-open", free, progress=False)
+    assert not (free / "anchor.safetensors").exists()
+
+    def moved(run: Path) -> float:
+        weights = dict(load_model(run / "last")[0].named_parameters())
+        return sum(float(((weights[name] - tensor) ** 2).sum()) for name, tensor in start.items())
+
+    assert moved(straight) < 0.9 * moved(free), (moved(straight), moved(free))
 
 
 @pytest.mark.parametrize("name", backbone_names())

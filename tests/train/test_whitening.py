@@ -89,6 +89,11 @@ def test_a_trained_model_on_real_photos(tmp_path, grocery_dir):
     assert names == {"grocery-open-cross:train:fold0", "grocery-open-cross:train:fold1", "check:coil100-open:train"}
     means = [row["mean_map"] for row in report["validation"]]
     assert means == sorted(means, reverse=True) and report["setting"] == report["validation"][0]["setting"]
+    # every search's query count is recorded; the folds split the sampled grocery photos' queries
+    counts = report["validation"][0]["n_queries"]
+    assert set(counts) == names and all(n > 0 for n in counts.values())
+    assert counts["check:coil100-open:train"] + counts["grocery-open-cross:train:fold0"] + \
+        counts["grocery-open-cross:train:fold1"] <= 260
     model, config = load_model(out)
     assert config.global_width == 512 and config.projection.startswith("learned-whitening(dim=512")
     assert config.image_size == 160  # the size the model was fitted at travels with it

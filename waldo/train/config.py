@@ -101,6 +101,8 @@ class GlobalTrainConfig(TrainConfig):
     # model
     backbone: str = "efficientnet_lite0"
     dim: int = Field(128, ge=1)
+    # global pooling (waldo.models.pooling): "gem" learns its exponent with the head, "gem:3" fixes it
+    pooling: str = "avg"
     projection_init: Literal["pca", "pca-whiten", "random"] = "pca-whiten"  # the untrained projection to start from
     max_fit_images: int = 1000  # training images used to fit that projection
     refit_local_projection: bool = True  # refit the (untrained) local 1x1 projection by PCA at the end
@@ -119,6 +121,16 @@ class GlobalTrainConfig(TrainConfig):
     # SGD
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
+    # guard against forgetting (L2-SP, Li et al. 2018): adds anchor_weight x the squared distance of
+    # the trained backbone weights from where they started (ImageNet) to the loss; 0 = off
+    anchor_weight: float = Field(0.0, ge=0)
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, pooling: str) -> str:
+        from waldo.models.pooling import validate_pooling
+
+        return validate_pooling(pooling)
 
     @field_validator("loss")
     @classmethod

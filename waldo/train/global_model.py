@@ -45,18 +45,18 @@ from waldo.train.config import GlobalTrainConfig
 from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
 from waldo.train.losses import LOSSES, MetricLoss
 
-__all__ = ["GlobalTrainer", "set_trainable", "split_forward", "train_global", "train_step"]
+__all__ = ["GlobalTrainer", "WeightAnchor", "set_trainable", "split_forward", "train_global", "train_step"]
 
 Forward = Callable[[torch.Tensor], Descriptors]
 
 
 # ----------------------------------------------------------------------------- model pieces
 def set_trainable(model: DescriptorModel, trainable: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
-    """Freeze everything except ``trainable`` modules and the global projection; the local
-    projection is untouched by the global loss, so it is frozen too. Returns the trainable
-    (name, parameter) pairs in model order (the optimizer's order)."""
+    """Freeze everything except ``trainable`` modules, the pooling (a learnable GeM's p) and the
+    global projection; the local projection is untouched by the global loss, so it is frozen
+    too. Returns the trainable (name, parameter) pairs in model order (the optimizer's order)."""
     model.requires_grad_(False)
-    for module in [*trainable, model.global_proj]:
+    for module in [*trainable, model.pool, model.global_proj]:
         module.requires_grad_(True)
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
@@ -77,14 +77,58 @@ def split_forward(model: DescriptorModel, frozen: list[nn.Module], tail: list[nn
 
 
 def train_step(forward: Forward, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-               images: torch.Tensor, labels: torch.Tensor) -> float:
-    """One SGD step on a batch: images (B, 3, S, S) float32 in [0, 1], labels (B,) int64.
-    Returns the batch loss before the step."""
+               images: torch.Tensor, labels: torch.Tensor,
+               penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One SGD step on a batch: images (B, 3, S, S) float32 in [0, 1], labels (B,) int64;
+    ``penalty`` (e.g. :class:`WeightAnchor`) is added to the loss. Returns the batch's metric
+    loss before the step (without the penalty, so runs with and without one compare)."""
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(forward(images).global_desc, labels)
-    loss.backward()
+    (loss if penalty is None else loss + penalty()).backward()
     optimizer.step()
     return float(loss.detach())
+
+
+class WeightAnchor:
+    """L2-SP (Li, Grandvalet & Davoine 2018), the guard against forgetting: ``weight`` x the
+    squared distance of the trained backbone weights from their starting (ImageNet) values.
+    Plain weight decay pulls weights towards zero, i.e. away from what ImageNet taught; this
+    pulls them back towards it, so a model trained on one catalogue keeps more of what
+    generalises to the next. The start values are saved in the run folder
+    (``anchor.safetensors``) so a resumed run anchors to the same point."""
+
+    FILE = "anchor.safetensors"
+
+    def __init__(self, model: DescriptorModel, weight: float, start: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = sorted(set(start) - set(params))
+        if missing:
+            raise ValueError(f"anchor weights name parameters the model lacks: {missing[:3]}")
+        self.weight = weight
+        self.pairs = [(params[name], tensor.to(params[name].dtype)) for name, tensor in start.items()]
+
+    @classmethod
+    def for_run(cls, model: DescriptorModel, weight: float, run: Path, resume: bool) -> WeightAnchor:
+        """The run's anchor: the backbone's trainable weights now (a new run), or as saved (a resume)."""
+        from safetensors.torch import load_file, save_file
+
+        path = run / cls.FILE
+        if resume:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: this run cannot resume with anchor_weight > 0")
+            return cls(model, weight, load_file(str(path)))
+        start = {name: p.detach().clone().contiguous() for name, p in model.backbone.named_parameters(prefix="backbone")
+                 if p.requires_grad}
+        save_file(start, str(path))
+        return cls(model, weight, start)
+
+    def __call__(self) -> torch.Tensor:
+        return self.weight * sum(((p - start) ** 2).sum() for p, start in self.pairs)
+
+    def distance(self) -> float:
+        """Squared distance from the start (for the log)."""
+        with torch.no_grad():
+            return float(sum(((p - start) ** 2).sum() for p, start in self.pairs))
 
 
 # ----------------------------------------------------------------------------- data
@@ -124,7 +168,8 @@ class GlobalTrainer(Trainer):
     metric = "map"
 
     def __init__(self, config: GlobalTrainConfig, model: DescriptorModel, model_config: ModelConfig,
-                 trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator) -> None:
+                 trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator,
+                 run: Path | None = None, resume: bool = False) -> None:
         self.config, self.module, self.evaluator = config, model, evaluator
         self.model_config, self.trained_config = model_config, trained_config
         self.train_paths = train_set.paths
@@ -133,6 +178,8 @@ class GlobalTrainer(Trainer):
                                          momentum=config.momentum, nesterov=config.nesterov,
                                          weight_decay=config.weight_decay)
         self.forward = split_forward(model, frozen, tail)
+        self.anchor = (WeightAnchor.for_run(model, config.anchor_weight, run, resume)
+                       if config.anchor_weight > 0 and run is not None else None)
         self.loss_fn: MetricLoss = LOSSES.get(config.loss).from_config(config)
         labels = train_set.identity_codes().tolist()
         self.passes = _Passes(PKSampler(labels, config.p, config.k, seed=config.seed), config.sampler_passes)
@@ -154,8 +201,11 @@ class GlobalTrainer(Trainer):
     def step(self, epoch: int, index: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
         images, labels = batch
         loss = train_step(self.forward, self.loss_fn, self.optimizer,
-                          images.contiguous(memory_format=torch.channels_last), labels)
-        return StepResult({"loss": loss}, weight=1, count=len(images), images=len(images))
+                          images.contiguous(memory_format=torch.channels_last), labels, self.anchor)
+        metrics = {"loss": loss}
+        if self.anchor is not None:
+            metrics["anchor_distance"] = self.anchor.distance()
+        return StepResult(metrics, weight=1, count=len(images), images=len(images))
 
     def validate(self) -> dict:
         return self.evaluator(self.module)
@@ -203,7 +253,7 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
             config.backbone, dim=config.dim, projection=config.projection_init, fit_paths=train_set.paths,
             fit_source=f"{protocol_name}:train-split", transform=config.transform,
             image_size=config.eval_image_size, max_fit_images=config.max_fit_images, seed=config.seed,
-            progress=progress)
+            progress=progress, pooling=config.pooling)
     else:
         model_config = ModelConfig.model_validate(state.extra["model_config"])
         with warnings.catch_warnings():  # "random init" warnings: the saved weights load below
@@ -213,8 +263,8 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
     # validation (which converts under inference_mode) from touching the parameters.
     model.to(memory_format=torch.channels_last)
     trained_config = ModelConfig(**{**model_config.model_dump(), "projection": f"trained:{protocol_name}:train-split"})
-    trainer = GlobalTrainer(config, model, model_config, trained_config, train_set, evaluator)
     resume = state is not None
+    trainer = GlobalTrainer(config, model, model_config, trained_config, train_set, evaluator, run=out, resume=resume)
     if state is None:
         state = TrainState(seed=config.seed, extra={
             "model_config": model_config.model_dump(), "n_train": len(train_set), "n_val": len(val_set),

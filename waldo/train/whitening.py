@@ -55,7 +55,7 @@ from waldo.models.whitening import describe as _describe
 from waldo.train.sources import PooledImages, TrainingSource, check_no_test_images, pool_sources
 
 __all__ = ["WhiteningSetting", "learned_projection", "train_whitening", "untrained_metric_projection", "validate",
-           "within_scatter"]
+           "validation_searches", "within_scatter"]
 
 #: The settings validation chooses among.
 DIMS = (512, 1024)
@@ -88,13 +88,11 @@ def _twin(pool: PooledImages, rows: np.ndarray, source: TrainingSource) -> tuple
     return queries, gallery, False
 
 
-def validate(features: np.ndarray, pool: PooledImages, n_fit_sources: int,
-             settings: list[WhiteningSetting], progress: bool = True) -> list[dict]:
-    """mAP of every setting on every validation search (module doc), best first.
-
-    The first ``n_fit_sources`` sources of ``pool`` are fitted on (their labelled ones folded);
-    the rest are check sources, only searched."""
-    searches = []  # (name, fit rows, query rows, gallery rows, exclude_self)
+def validation_searches(pool: PooledImages, n_fit_sources: int) -> list[tuple]:
+    """The validation searches (module doc) as (name, fit rows, query rows, gallery rows,
+    exclude_self): two identity folds of each labelled fit source, and each labelled check source
+    searched whole. The first ``n_fit_sources`` sources of ``pool`` are fitted on."""
+    searches = []
     fit_rows = np.flatnonzero(pool.source < n_fit_sources)
     for index, source in enumerate(pool.sources):
         rows = np.flatnonzero(pool.source == index)
@@ -111,6 +109,15 @@ def validate(features: np.ndarray, pool: PooledImages, n_fit_sources: int,
             searches.append((f"{source.name}:fold{fold}", np.setdiff1d(fit_rows, held), *_twin(pool, held, source)))
     if not searches:
         raise ValueError("nothing to validate on: pass at least one labelled --data or --check source")
+    return searches
+
+
+def validate(features: np.ndarray, pool: PooledImages, n_fit_sources: int,
+             settings: list[WhiteningSetting], progress: bool = True) -> list[dict]:
+    """mAP of every setting on every validation search (:func:`validation_searches`), best first
+    by the mean over searches; each row also records every search's number of queries
+    (``n_queries``), from which a query-weighted mean can be taken."""
+    searches = validation_searches(pool, n_fit_sources)
     results = {setting: {} for setting in settings}
     bar = tqdm(total=len(searches) * len(settings), desc="validate whitening", unit="fit", disable=not progress)
     for name, fit, queries, gallery, exclude_self in searches:
@@ -123,7 +130,8 @@ def validate(features: np.ndarray, pool: PooledImages, n_fit_sources: int,
             results[setting][name] = _search_map(q, g, pool.identity[queries], pool.identity[gallery], exclude_self)
             bar.update(1)
     bar.close()
-    table = [{"setting": asdict(s), "validation_map": results[s],
+    n_queries = {name: len(queries) for name, _, queries, _, _ in searches}
+    table = [{"setting": asdict(s), "validation_map": results[s], "n_queries": n_queries,
               "mean_map": float(np.nanmean(list(results[s].values())))} for s in settings]
     return sorted(table, key=lambda row: (-row["mean_map"], row["setting"]["dim"], row["setting"]["mix"]))
 
