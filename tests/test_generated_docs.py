@@ -130,6 +130,13 @@ def test_global_ensemble_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_global_guard_block_is_generated():
+    """The issue-16 SGD guard table in docs/results.md is `experiments/global_guard.py --doc`."""
+    module = _experiment("global_guard")
+    block = module.block(_results("global/guard.json"))
+    assert block.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "global-guard")
+
+
 def test_global_multiscale_table_is_generated():
     """The issue-16 multi-scale table in docs/results.md is `experiments/global_multiscale.py --table`."""
     table = _experiment("global_multiscale").table(_results("global/multiscale.json")["rows"])

@@ -197,9 +197,24 @@ def test_learnable_gem_and_the_weight_anchor_train_resume_and_hold_the_backbone_
 
     def moved(run: Path) -> float:
         weights = dict(load_model(run / "last")[0].named_parameters())
-        return sum(float(((weights[name] - tensor) ** 2).sum()) for name, tensor in start.items())
+        return sum(float(((weights[name].detach() - tensor) ** 2).sum()) for name, tensor in start.items())
 
     assert moved(straight) < 0.9 * moved(free), (moved(straight), moved(free))
+
+
+def test_training_can_start_from_the_untrained_default(grocery_dir: Path, tmp_path: Path) -> None:
+    """projection_init views-whiten: the run starts from the untrained default's wide global
+    descriptor (1024-d, learned whitening without labels) and trains it."""
+    data_dir = _tiny_grocery(grocery_dir, tmp_path / "data")
+    run = tmp_path / "run"
+    train_global(_tiny_config(projection_init="views-whiten", epochs=1), data_dir, "grocery-open", run,
+                 progress=False)
+    model, config = load_model(run / "last")
+    assert config.global_width == 1024 and config.projection.startswith("trained:")
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, SIZE, SIZE)).global_desc.shape == (1, 1024)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[0]["epoch"] == 0 and log[-1]["epoch"] == 1 and log[-1]["loss"] > 0
 
 
 @pytest.mark.parametrize("name", backbone_names())

@@ -103,7 +103,9 @@ class GlobalTrainConfig(TrainConfig):
     dim: int = Field(128, ge=1)
     # global pooling (waldo.models.pooling): "gem" learns its exponent with the head, "gem:3" fixes it
     pooling: str = "avg"
-    projection_init: Literal["pca", "pca-whiten", "random"] = "pca-whiten"  # the untrained projection to start from
+    # the untrained projection to start from; "views-whiten" is the untrained default (1024-d global
+    # descriptor by learned whitening without labels, waldo.models.untrained), so training refines it
+    projection_init: Literal["pca", "pca-whiten", "views-whiten", "random"] = "pca-whiten"
     max_fit_images: int = 1000  # training images used to fit that projection
     refit_local_projection: bool = True  # refit the (untrained) local 1x1 projection by PCA at the end
     # images

@@ -228,7 +228,7 @@ def _refit_local_projection(folder: Path, config: GlobalTrainConfig, paths: list
                                             local_per_image=8, seed=config.seed, progress=progress)
     trained_global = {k: v.clone() for k, v in model.global_proj.state_dict().items()}
     model.fit_pca(torch.cat([torch.from_numpy(pooled), torch.from_numpy(cells)]).numpy(),
-                  whiten=config.projection_init == "pca-whiten")
+                  whiten=config.projection_init in ("pca-whiten", "views-whiten"))  # views-whiten whitens its locals
     model.global_proj.load_state_dict(trained_global)
     model_config.extra["local_projection"] = f"{config.projection_init} refit on {len(sample)} training images"
     metrics = json.loads((folder / "metrics.json").read_text())
