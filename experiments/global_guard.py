@@ -23,6 +23,8 @@ grocery-open-cross (trained on) and coil100-open (never seen), against the untra
 results/core_eval.json.
 
     .venv/bin/python experiments/global_guard.py            # ~70 min on 2 cores; results/global/guard.json
+    .venv/bin/python experiments/global_guard.py --source coil --only sgd ...   # the reverse direction:
+        # configs/global-cpu-coil.json on coil100-open's objects 1-50, checked on grocery's training split
     .venv/bin/python experiments/global_guard.py --table    # print the table
     .venv/bin/python experiments/global_guard.py --table --doc   # and write it into docs/results.md
 """
@@ -34,6 +36,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from waldo.data.protocols import get_protocol
@@ -47,11 +50,31 @@ from waldo.train.global_model import train_global
 from waldo_experiments.doc_blocks import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "results" / "global" / "guard.json"
-RUNS = ROOT / "runs" / "global-guard"
-BASE = ROOT / "configs" / "global-cpu.json"
-TRAIN, CHECK = "grocery-open", "coil100-open"
 TESTS = ("grocery-open-cross", "coil100-open")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training direction: train on ``train``'s training split, check on ``check``'s."""
+
+    name: str  # "grocery" / "coil"
+    other: str
+    train: str
+    check: str
+    base: Path
+    out: Path
+    runs: Path
+    block_name: str
+    option: str  # the command-line option that runs it
+
+
+SOURCES = {
+    "grocery": Source("grocery", "coil", "grocery-open", "coil100-open", ROOT / "configs" / "global-cpu.json",
+                      ROOT / "results" / "global" / "guard.json", ROOT / "runs" / "global-guard", "global-guard", ""),
+    "coil": Source("coil", "grocery", "coil100-open", "grocery-open", ROOT / "configs" / "global-cpu-coil.json",
+                   ROOT / "results" / "global" / "guard-coil.json", ROOT / "runs" / "global-guard-coil",
+                   "global-guard-coil", " --source coil"),
+}
 VARIANTS = {
     "sgd": {},
     "sgd-gem": {"pooling": "gem"},
@@ -63,19 +86,22 @@ VARIANTS = {
 }
 STARTS = {"start-pca-whiten": {}, "start-views-whiten": {"projection_init": "views-whiten"}}
 DOC = ROOT / "docs" / "results.md"
-START, END = "<!-- global-guard:start -->", "<!-- global-guard:end -->"
 UNTRAINED_ROW = "lite0, avg, 1024-d views-whiten (default)"
 
 
-def run_variant(name: str, overrides: dict) -> dict:
+def markers(source: Source) -> tuple[str, str]:
+    return f"<!-- {source.block_name}:start -->", f"<!-- {source.block_name}:end -->"
+
+
+def run_variant(source: Source, name: str, overrides: dict) -> dict:
     # validated like a config file: a bad override is an error here, not a silently odd run
-    config = GlobalTrainConfig.model_validate({**load_config(BASE, GlobalTrainConfig).model_dump(), **overrides})
+    config = GlobalTrainConfig.model_validate({**load_config(source.base, GlobalTrainConfig).model_dump(), **overrides})
     start = time.perf_counter()
-    best = train_global(config, None, TRAIN, RUNS / name, progress=True)
+    best = train_global(config, None, source.train, source.runs / name, progress=True)
     seconds = time.perf_counter() - start
     model, model_config = load_model(best)
     metrics = json.loads((best / "metrics.json").read_text())
-    check = LooEvaluator(get_protocol(CHECK).train, get_transform(config.transform, config.eval_image_size),
+    check = LooEvaluator(get_protocol(source.check).train, get_transform(config.transform, config.eval_image_size),
                          progress=True)(model)
     entry = {"overrides": overrides, "train_seconds": round(seconds, 1), "best_epoch": metrics.get("epoch"),
              "validation_map": metrics["val"]["map"], "check_map": check["map"],
@@ -87,18 +113,18 @@ def run_variant(name: str, overrides: dict) -> dict:
     return entry
 
 
-def run_start(overrides: dict) -> dict:
+def run_start(source: Source, overrides: dict) -> dict:
     """The model a run starts from (epoch 0: ImageNet backbone + the untrained projection fitted on
     the training split), scored like the trained ones: what training changed on each collection."""
-    config = GlobalTrainConfig.model_validate({**load_config(BASE, GlobalTrainConfig).model_dump(), **overrides})
-    train_set, val_set = split_identities(get_protocol(TRAIN).train, config.val_fraction, config.seed)
+    config = GlobalTrainConfig.model_validate({**load_config(source.base, GlobalTrainConfig).model_dump(), **overrides})
+    train_set, val_set = split_identities(get_protocol(source.train).train, config.val_fraction, config.seed)
     model, model_config = untrained_model(config.backbone, dim=config.dim, projection=config.projection_init,
-                               fit_paths=train_set.paths, fit_source=f"{TRAIN}:train-split",
+                               fit_paths=train_set.paths, fit_source=f"{source.train}:train-split",
                                transform=config.transform, image_size=config.eval_image_size,
                                max_fit_images=config.max_fit_images, seed=config.seed, pooling=config.pooling)
     transform = get_transform(config.transform, config.eval_image_size)
     entry = {"overrides": overrides, "start": True, "validation_map": LooEvaluator(val_set, transform)(model)["map"],
-             "check_map": LooEvaluator(get_protocol(CHECK).train, transform)(model)["map"], "tests": {}}
+             "check_map": LooEvaluator(get_protocol(source.check).train, transform)(model)["map"], "tests": {}}
     with tempfile.TemporaryDirectory() as folder:
         save_model(model, model_config, folder)
         for protocol in TESTS:
@@ -106,13 +132,15 @@ def run_start(overrides: dict) -> dict:
     return entry
 
 
-def table(results: dict) -> str:
+def table(results: dict, source: Source = SOURCES["grocery"]) -> str:
     core = {(r["protocol"], r["row"]): r for r in json.loads((ROOT / "results" / "core_eval.json").read_text())}
     fmt = lambda m: f"{m['recall@1']:.4f} / {m['map']:.4f}"  # noqa: E731
     trained = [n for n in results if not results[n].get("start")]
     chosen = max(trained, key=lambda n: results[n]["validation_map"] + results[n]["check_map"])
-    lines = ["| global model (trained on grocery) | val grocery mAP | val coil mAP (other collection) | mean | "
-             "grocery-open-cross | coil100-open (never seen) |", "|---|---|---|---|---|---|",
+    never_seen = {"grocery": "coil100-open", "coil": "grocery-open-cross"}[source.name]
+    tests = " | ".join(p + (" (never seen)" if p == never_seen else "") for p in TESTS)
+    lines = [f"| global model (trained on {source.name}) | val {source.name} mAP | val {source.other} mAP (other "
+             f"collection) | mean | {tests} |", "|---|---|---|---|---|---|",
              f"| untrained default | - | - | - | {fmt(core[('grocery-open-cross', UNTRAINED_ROW)])} | "
              f"{fmt(core[('coil100-open', UNTRAINED_ROW)])} |"]
     for name, entry in results.items():
@@ -127,30 +155,36 @@ def table(results: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=sorted(SOURCES), default="grocery",
+                        help="train on this collection's training split (default grocery)")
     parser.add_argument("--table", action="store_true", help="print the table from the saved results")
     parser.add_argument("--doc", action="store_true", help="write the table into docs/results.md (its block)")
     parser.add_argument("--only", action="append", default=[], choices=sorted([*VARIANTS, *STARTS]))
     args = parser.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    source = SOURCES[args.source]
+    results = json.loads(source.out.read_text()) if source.out.exists() else {}
     if not args.table:
         for name in args.only or [*VARIANTS, *STARTS]:
             print(f"== {name}", file=sys.stderr, flush=True)
-            results[name] = run_start(STARTS[name]) if name in STARTS else run_variant(name, VARIANTS[name])
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+            results[name] = (run_start(source, STARTS[name]) if name in STARTS
+                             else run_variant(source, name, VARIANTS[name]))
+            source.out.parent.mkdir(parents=True, exist_ok=True)
+            source.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results, source))
     if args.doc:
-        write_block(DOC, block(results), START, END, heading="### SGD training: GeM and a guard against forgetting")
+        write_block(DOC, block(results, source), *markers(source),
+                    heading="### SGD training: GeM and a guard against forgetting")
     return 0
 
 
-def block(results: dict) -> str:
-    return "\n".join([START, "", "R@1 / mAP; validation mAPs choose (the mean of the two), tests are reported. "
-                      "Every trained row is `configs/global-cpu.json` on grocery's training split with one "
+def block(results: dict, source: Source = SOURCES["grocery"]) -> str:
+    start, end = markers(source)
+    return "\n".join([start, "", "R@1 / mAP; validation mAPs choose (the mean of the two), tests are reported. "
+                      f"Every trained row is `configs/{source.base.name}` on {source.name}'s training split with one "
                       "change; the start rows are the untrained models those runs begin from.", "",
-                      table(results), "",
-                      "Produced by `.venv/bin/python experiments/global_guard.py` (~70 min on 2 cores; "
-                      "results/global/guard.json), then `--doc`.", "", END])
+                      table(results, source), "",
+                      f"Produced by `.venv/bin/python experiments/global_guard.py{source.option}` (~70 min on 2 cores; "
+                      f"results/global/{source.out.name}), then `--doc`.", "", end])
 
 
 if __name__ == "__main__":
