@@ -181,10 +181,11 @@ def block(results: dict, source: Source = SOURCES["grocery"]) -> str:
     start, end = markers(source)
     return "\n".join([start, "", "R@1 / mAP; validation mAPs choose (the mean of the two), tests are reported. "
                       f"Every trained row is `configs/{source.base.name}` on {source.name}'s training split with one "
-                      "change; the start rows are the untrained models those runs begin from.", "",
+                      "change" + ("; the start rows are the untrained models those runs begin from."
+                                  if any(entry.get("start") for entry in results.values()) else "."), "",
                       table(results, source), "",
-                      f"Produced by `.venv/bin/python experiments/global_guard.py{source.option}` (~70 min on 2 cores; "
-                      f"results/global/{source.out.name}), then `--doc`.", "", end])
+                      f"Produced by `.venv/bin/python experiments/global_guard.py{source.option}` (about 9 min per "
+                      f"row on 2 cores; results/global/{source.out.name}), then `--doc`.", "", end])
 
 
 if __name__ == "__main__":
