@@ -43,10 +43,9 @@ from waldo.data.protocols import get_protocol
 from waldo.data.transforms import get_transform
 from waldo.eval.runner import run_eval
 from waldo.models.checkpoint import load_model, save_model
-from waldo.models.untrained import untrained_model
 from waldo.train.common import LooEvaluator, split_identities
 from waldo.train.config import GlobalTrainConfig, load_config
-from waldo.train.global_model import train_global
+from waldo.train.global_model import starting_model, train_global
 from waldo_experiments.doc_blocks import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +92,13 @@ def markers(source: Source) -> tuple[str, str]:
     return f"<!-- {source.block_name}:start -->", f"<!-- {source.block_name}:end -->"
 
 
-def run_variant(source: Source, name: str, overrides: dict) -> dict:
+def variant_config(source: Source, overrides: dict) -> GlobalTrainConfig:
     # validated like a config file: a bad override is an error here, not a silently odd run
-    config = GlobalTrainConfig.model_validate({**load_config(source.base, GlobalTrainConfig).model_dump(), **overrides})
+    return GlobalTrainConfig.model_validate({**load_config(source.base, GlobalTrainConfig).model_dump(), **overrides})
+
+
+def run_variant(source: Source, name: str, overrides: dict) -> dict:
+    config = variant_config(source, overrides)
     start = time.perf_counter()
     best = train_global(config, None, source.train, source.runs / name, progress=True)
     seconds = time.perf_counter() - start
@@ -116,12 +119,9 @@ def run_variant(source: Source, name: str, overrides: dict) -> dict:
 def run_start(source: Source, overrides: dict) -> dict:
     """The model a run starts from (epoch 0: ImageNet backbone + the untrained projection fitted on
     the training split), scored like the trained ones: what training changed on each collection."""
-    config = GlobalTrainConfig.model_validate({**load_config(source.base, GlobalTrainConfig).model_dump(), **overrides})
+    config = variant_config(source, overrides)
     train_set, val_set = split_identities(get_protocol(source.train).train, config.val_fraction, config.seed)
-    model, model_config = untrained_model(config.backbone, dim=config.dim, projection=config.projection_init,
-                               fit_paths=train_set.paths, fit_source=f"{source.train}:train-split",
-                               transform=config.transform, image_size=config.eval_image_size,
-                               max_fit_images=config.max_fit_images, seed=config.seed, pooling=config.pooling)
+    model, model_config = starting_model(config, train_set.paths, source.train)
     transform = get_transform(config.transform, config.eval_image_size)
     entry = {"overrides": overrides, "start": True, "validation_map": LooEvaluator(val_set, transform)(model)["map"],
              "check_map": LooEvaluator(get_protocol(source.check).train, transform)(model)["map"], "tests": {}}

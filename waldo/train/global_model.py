@@ -45,7 +45,8 @@ from waldo.train.config import GlobalTrainConfig
 from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
 from waldo.train.losses import LOSSES, MetricLoss
 
-__all__ = ["GlobalTrainer", "WeightAnchor", "set_trainable", "split_forward", "train_global", "train_step"]
+__all__ = ["GlobalTrainer", "WeightAnchor", "set_trainable", "split_forward", "starting_model", "train_global",
+           "train_step"]
 
 Forward = Callable[[torch.Tensor], Descriptors]
 
@@ -122,13 +123,16 @@ class WeightAnchor:
         save_file(start, str(path))
         return cls(model, weight, start)
 
+    def _squared_distance(self) -> torch.Tensor:
+        return sum(((p - start) ** 2).sum() for p, start in self.pairs)
+
     def __call__(self) -> torch.Tensor:
-        return self.weight * sum(((p - start) ** 2).sum() for p, start in self.pairs)
+        return self.weight * self._squared_distance()
 
     def distance(self) -> float:
         """Squared distance from the start (for the log)."""
         with torch.no_grad():
-            return float(sum(((p - start) ** 2).sum() for p, start in self.pairs))
+            return float(self._squared_distance())
 
 
 # ----------------------------------------------------------------------------- data
@@ -169,7 +173,7 @@ class GlobalTrainer(Trainer):
 
     def __init__(self, config: GlobalTrainConfig, model: DescriptorModel, model_config: ModelConfig,
                  trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator,
-                 run: Path | None = None, resume: bool = False) -> None:
+                 run: Path, resume: bool = False) -> None:
         self.config, self.module, self.evaluator = config, model, evaluator
         self.model_config, self.trained_config = model_config, trained_config
         self.train_paths = train_set.paths
@@ -179,7 +183,7 @@ class GlobalTrainer(Trainer):
                                          weight_decay=config.weight_decay)
         self.forward = split_forward(model, frozen, tail)
         self.anchor = (WeightAnchor.for_run(model, config.anchor_weight, run, resume)
-                       if config.anchor_weight > 0 and run is not None else None)
+                       if config.anchor_weight > 0 else None)
         self.loss_fn: MetricLoss = LOSSES.get(config.loss).from_config(config)
         labels = train_set.identity_codes().tolist()
         self.passes = _Passes(PKSampler(labels, config.p, config.k, seed=config.seed), config.sampler_passes)
@@ -236,6 +240,17 @@ def _refit_local_projection(folder: Path, config: GlobalTrainConfig, paths: list
                      lambda staging: save_model(model, model_config, staging))
 
 
+def starting_model(config: GlobalTrainConfig, train_paths: list[str], protocol_name: str,
+                   progress: bool = True) -> tuple[DescriptorModel, ModelConfig]:
+    """The model a run starts from (epoch 0): the ImageNet backbone with the config's pooling and
+    its untrained projection (``projection_init``) fitted on the training split's photos."""
+    return untrained_model(
+        config.backbone, dim=config.dim, projection=config.projection_init, fit_paths=train_paths,
+        fit_source=f"{protocol_name}:train-split", transform=config.transform,
+        image_size=config.eval_image_size, max_fit_images=config.max_fit_images, seed=config.seed,
+        progress=progress, pooling=config.pooling)
+
+
 def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protocol_name: str,
                  out_dir: str | Path, progress: bool = True, *, stop_after: int | None = None) -> Path:
     """Train (or resume training) a global model on ``protocol_name``'s training images.
@@ -249,11 +264,7 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
     evaluator = LooEvaluator(val_set, get_transform(config.transform, config.eval_image_size),
                              batch_size=config.eval_batch_size, num_workers=config.num_workers, progress=progress)
     if state is None:
-        model, model_config = untrained_model(
-            config.backbone, dim=config.dim, projection=config.projection_init, fit_paths=train_set.paths,
-            fit_source=f"{protocol_name}:train-split", transform=config.transform,
-            image_size=config.eval_image_size, max_fit_images=config.max_fit_images, seed=config.seed,
-            progress=progress, pooling=config.pooling)
+        model, model_config = starting_model(config, train_set.paths, protocol_name, progress)
     else:
         model_config = ModelConfig.model_validate(state.extra["model_config"])
         with warnings.catch_warnings():  # "random init" warnings: the saved weights load below
