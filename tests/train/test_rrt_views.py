@@ -13,7 +13,7 @@ from waldo.data.protocols import COIL_GALLERY_VIEWS, COIL_QUERY_VIEWS
 from waldo.models.checkpoint import save_model
 from waldo.models.untrained import untrained_model
 from waldo.rerank.rrt import RerankingTransformer, RRTConfig
-from waldo.rerank.rrt_checkpoint import load_rrt
+from waldo.rerank.rrt_checkpoint import load_rrt, read_rrt_info
 from waldo.train.config import RRTTrainConfig
 from waldo.train.pairs import PairSampler, split_rows, top_k_neighbours, validation_sets
 from waldo.train.rrt_online import train_rrt_on_views
@@ -175,6 +175,11 @@ def test_global_skip_starts_as_global_search():
     assert torch.equal(torch.argsort(logits, descending=True), torch.argsort(cosine, descending=True))
     with pytest.raises(ValueError, match="global_skip needs use_global_tokens"):
         RRTConfig(global_skip=True)
+    # the descriptor skip is for a fixed descriptor model: frozen / finetune train the global head
+    rrt = {"use_global_tokens": True, "global_skip": True, "global_skip_from": "descriptor"}
+    assert RRTTrainConfig(mode="rrt-only", rrt=rrt).rrt_config().global_skip_from == "descriptor"
+    with pytest.raises(ValueError, match='needs mode "rrt-only"'):
+        RRTTrainConfig(mode="frozen", rrt=rrt)
 
 
 def _tiny_index(data_root, small_model, root, n=40):
@@ -210,10 +215,13 @@ def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data
     assert outcome.hits[0].path == images.paths[0]  # the photo itself: its global score dominates at init
 
 
-def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("skip_from", ["token", "descriptor"])
+def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_path, monkeypatch, skip_from):
     """A trained global head may be wider than the locals (lite0-lw-rrt: 512 vs 128): the kNN and
     the negatives' mining use it, the RRT's global tokens are the locals' normalised mean, in
-    training as in serving, so adapting such an index trains and serves."""
+    training as in serving, so adapting such an index trains and serves; with
+    global_skip_from="descriptor" the residual reads the wide descriptor in training,
+    validation and serving alike."""
     import waldo.train.adapt as adapt
     from waldo.api import Waldo
 
@@ -223,12 +231,13 @@ def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_pa
     images = _tiny_index(data_root, wide, tmp_path / "index", n=24)
     monkeypatch.setattr(adapt, "ADAPT_DEFAULTS", {
         "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64,
-                                    "use_global_tokens": True, "global_skip": True},
+                                    "use_global_tokens": True, "global_skip": True, "global_skip_from": skip_from},
         "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 1, "val_fraction": 0.25, "val_top_k": 10,
         "negatives_top_k": 10, "threads": 2})
     assert adapt.adapt_index(tmp_path / "index", progress=False)["installed"]
     engine = Waldo.open(tmp_path / "index")
     assert engine.config.global_width == 2 * DIM
+    assert read_rrt_info(tmp_path / "index" / "model")["rrt"]["global_skip_from"] == skip_from
     outcome = engine.search(images.paths[0], k=5, rerank="rrt")
     assert outcome.hits[0].path == images.paths[0]
 

@@ -21,7 +21,12 @@ path from the global similarity straight to the logit,
     logit = classifier(CLS output) + global_skip_scale * (query_global . candidate_global)
 
 with the classifier's weight zero at init, so an untrained model ranks exactly as global search
-does and training learns only what the local descriptors add. Without it the transformer must
+does and training learns only what the local descriptors add. ``global_skip_from`` says which
+global similarity the residual reads: ``"token"`` (the default; older files) the global tokens
+themselves, ``"descriptor"`` the model's own global descriptor (``query_skip`` / ``cand_skip``),
+which may be wider than the tokens (e.g. a trained 512-d learned whitening, whose tokens are the
+locals' 128-d mean): then an untrained RRT ranks exactly as the *serving* global search does,
+not as the weaker token similarity. Without it the transformer must
 rediscover the global similarity from scratch; trained on few identities it does not (the seed's
 RRT alone dropped grocery-open-cross R@1 0.85 -> 0.51), and it has no way to stay at the global
 ranking where its local evidence is weak.
@@ -59,6 +64,7 @@ class RRTConfig(BaseModel):
     use_global_tokens: bool = False
     global_skip: bool = False  # residual global-similarity path to the logit (see module doc)
     global_skip_init: float = 10.0  # its initial scale (a logit range of ~10 across cosines 0..1)
+    global_skip_from: Literal["token", "descriptor"] = "token"  # which similarity the residual reads (module doc)
     pos_scale: float = 2.0  # normalised coordinates in (0, pos_scale]; the reference uses 2, not 2*pi
     pos_temperature: float = 10000.0
 
@@ -70,6 +76,8 @@ class RRTConfig(BaseModel):
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.global_skip and not self.use_global_tokens:
             raise ValueError("global_skip needs use_global_tokens (the model reads the global descriptors)")
+        if self.global_skip_from != "token" and not self.global_skip:
+            raise ValueError("global_skip_from needs global_skip")
         return self
 
 
@@ -138,6 +146,24 @@ class RerankingTransformer(nn.Module):
         if query_global is None or cand_global is None:
             raise ValueError("global_skip is set: query_global and cand_global are required")
         return self.global_skip_scale.to(cand_global.dtype) * (cand_global * query_global).sum(-1)
+
+    @property
+    def skips_on_descriptor(self) -> bool:
+        """True when the residual reads the model's global descriptor (``query_skip`` /
+        ``cand_skip``), not the global tokens."""
+        return self.config.global_skip and self.config.global_skip_from == "descriptor"
+
+    def skip_inputs(self, query_global: torch.Tensor | None, cand_global: torch.Tensor | None,
+                    query_skip: torch.Tensor | None, cand_skip: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The pair of global descriptors the residual reads: the tokens, or with
+        ``global_skip_from="descriptor"`` the model's descriptors (required then)."""
+        if not self.skips_on_descriptor:
+            return query_global, cand_global
+        if query_skip is None or cand_skip is None:
+            raise ValueError('global_skip_from="descriptor": query_skip and cand_skip (the model\'s global '
+                             'descriptors) are required')
+        return query_skip, cand_skip
 
     def _local_tokens(self, local: torch.Tensor, mask: torch.Tensor | None, segment: int,
                       position: torch.Tensor, name: str) -> torch.Tensor:
@@ -223,25 +249,30 @@ class RerankingTransformer(nn.Module):
         padding = torch.cat([keep, as_mask(query_mask, query_local), keep, as_mask(cand_mask, cand_local)], 1)
         return tokens, padding
 
-    def forward(self, query_local: torch.Tensor, cand_local: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    def forward(self, query_local: torch.Tensor, cand_local: torch.Tensor, *, query_skip: torch.Tensor | None = None,
+                cand_skip: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
         """Score pairs: one logit per (query_local[b], cand_local[b]); higher = more likely a match.
-        ``inputs``: the masks, global descriptors and grid, as :meth:`embed` takes them.
-        Returns logits (B,) in the locals' dtype."""
+        ``inputs``: the masks, global descriptors and grid, as :meth:`embed` takes them;
+        ``query_skip`` / ``cand_skip`` (B, G): the model's global descriptors, read by the residual
+        only with ``global_skip_from="descriptor"``. Returns logits (B,) in the locals' dtype."""
         tokens, padding = self.embed(query_local, cand_local, **inputs)
         for layer in self.layers:
             tokens = layer(tokens, src_key_padding_mask=padding)
         logits = self.classifier(self.final_norm(tokens[:, 0])).squeeze(-1)
-        skip = self.skip_logit(inputs.get("query_global"), inputs.get("cand_global"))
+        skip = self.skip_logit(*self.skip_inputs(inputs.get("query_global"), inputs.get("cand_global"),
+                                                 query_skip, cand_skip))
         return logits if skip is None else logits + skip.to(logits.dtype)
 
     def score_candidates(self, query_local: torch.Tensor, cand_locals: torch.Tensor, *,
                          query_mask: torch.Tensor | None = None, cand_masks: torch.Tensor | None = None,
                          query_global: torch.Tensor | None = None, cand_globals: torch.Tensor | None = None,
+                         query_skip: torch.Tensor | None = None, cand_skips: torch.Tensor | None = None,
                          grid: tuple[int, int] = (7, 7), batch_size: int = 100) -> torch.Tensor:
         """Score one query against N candidates (e.g. its global top-100), ``batch_size`` per pass.
 
         query_local (L, D), query_mask (L,), query_global (D,); cand_locals (N, L', D),
-        cand_masks (N, L'), cand_globals (N, D). Returns logits (N,) float32 on the inputs' device.
+        cand_masks (N, L'), cand_globals (N, D); query_skip (G,), cand_skips (N, G) with
+        ``global_skip_from="descriptor"``. Returns logits (N,) float32 on the inputs' device.
         Runs in eval mode under inference_mode (restoring the previous mode), so it is
         deterministic and uses PyTorch's fused CPU encoder path.
         """
@@ -263,6 +294,8 @@ class RerankingTransformer(nn.Module):
                         cand_mask=None if cand_masks is None else cand_masks[start:stop],
                         query_global=None if query_global is None else query_global[None].expand(n, -1),
                         cand_global=None if cand_globals is None else cand_globals[start:stop],
+                        query_skip=None if query_skip is None else query_skip[None].expand(n, -1),
+                        cand_skip=None if cand_skips is None else cand_skips[start:stop],
                         grid=grid,
                     ).float())
         finally:

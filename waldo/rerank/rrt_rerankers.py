@@ -131,13 +131,18 @@ class RRTReranker:
             cand_globals = global_tokens(_as_float_tensor(candidates.global_desc),
                                          _as_float_tensor(candidates.local_desc), width)
             globals_ = {"query_global": query_global, "cand_globals": cand_globals}
+            if self.rrt.skips_on_descriptor:  # the residual reads the serving global similarity itself
+                globals_["query_skip"] = _as_float_tensor(query.global_desc)
+                globals_["cand_skips"] = _as_float_tensor(candidates.global_desc)
         if self._scorer is not None:
             embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
                                                      globals_.get("cand_globals"))
             scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
                                         query_global=globals_.get("query_global"), batch_size=self.batch_size)
             with torch.inference_mode():  # the fast scorer reads the encoder only; the residual is added here
-                skip = self.rrt.skip_logit(globals_.get("query_global"), globals_.get("cand_globals"))
+                skip = self.rrt.skip_logit(*self.rrt.skip_inputs(
+                    globals_.get("query_global"), globals_.get("cand_globals"), globals_.get("query_skip"),
+                    globals_.get("cand_skips")))
             if skip is not None:
                 scores = scores + skip.float()
         else:

@@ -23,10 +23,13 @@ from waldo.train.config import RRTTrainConfig
 
 __all__ = ["ADAPT_DEFAULTS", "GROUP_NEIGHBOURS", "adapt_index", "verified_groups"]
 
-#: The run's settings when the command names no config (the CPU recipe of configs/rrt-views-cpu.json).
+#: The run's settings when the command names no config and the index has no reranker to start
+#: from (the CPU recipe of configs/rrt-views-lw-cpu.json: the residual reads the index's own global
+#: descriptor, which for a model whose global is as wide as its locals is the token itself).
 ADAPT_DEFAULTS = {
     "mode": "rrt-only",
-    "rrt": {"n_layers": 2, "ff_dim": 256, "use_global_tokens": True, "global_skip": True},
+    "rrt": {"n_layers": 2, "ff_dim": 256, "use_global_tokens": True, "global_skip": True,
+            "global_skip_from": "descriptor"},
     "anchors_per_epoch": 1024, "batch_triplets": 32, "epochs": 8, "lr": 2e-3, "warmup_steps": 50,
     "milestones": [0.75], "val_fraction": 0.1, "val_top_k": 100, "val_max_queries": 200, "negatives_top_k": 100,
 }
@@ -121,6 +124,7 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     from waldo.data.datasets import ImageRecord, ImageSet
     from waldo.fsutil import atomic_write_bytes
     from waldo.index.store import IndexStore
+    from waldo.rerank.rrt import RRTConfig
     from waldo.rerank.rrt_checkpoint import has_rrt, read_rrt_info
     from waldo.train.common import read_train_state
     from waldo.train.rrt_online import train_rrt_on_views
@@ -144,7 +148,8 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
         existing = read_rrt_info(model_dir)["rrt"]
         if config is None:
             settings["rrt"] = existing  # fine-tune the index's reranker in place of a fresh one
-        if settings["rrt"] == existing or RRTTrainConfig(**settings).rrt_config().model_dump() == existing:
+        # compared as configs: an rrt.json written before a later option reads as that option's default
+        if RRTTrainConfig(**settings).rrt_config() == RRTConfig.model_validate(existing):
             init_rrt = model_dir
     if epochs is not None:
         settings["epochs"] = epochs

@@ -192,7 +192,10 @@ class RRTTrainConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
-        self.rrt_config()  # unknown or inconsistent RRT keys fail here, before any work
+        rrt = self.rrt_config()  # unknown or inconsistent RRT keys fail here, before any work
+        if rrt.global_skip_from == "descriptor" and self.mode != "rrt-only":
+            # frozen / finetune train the global head too; their pairs carry only the tokens
+            raise ValueError('rrt.global_skip_from="descriptor" needs mode "rrt-only" (a fixed descriptor model)')
         from waldo.data.views import ViewAugment
 
         try:

@@ -139,6 +139,8 @@ def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: tor
             width = rrt.config.d_model
             extra = {"query_global": global_tokens(q_global[part], q_local[part], width),
                      "cand_global": global_tokens(c_global[part], c_local[part], width)}
+            if rrt.skips_on_descriptor:
+                extra.update(query_skip=q_global[part], cand_skip=c_global[part])
         out.append(rrt(q_local[part], c_local[part], grid=grid, **extra).float())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -286,8 +288,10 @@ class OnlineRRTTrainer(Trainer):
         extra = {}
         if self.module.config.use_global_tokens:
             width = self.module.config.d_model
-            a_global, c_global = global_tokens(a_global, a_local, width), global_tokens(c_global, c_local, width)
-            extra = {"query_global": a_global[qa], "cand_global": c_global[qc]}
+            a_token, c_token = global_tokens(a_global, a_local, width), global_tokens(c_global, c_local, width)
+            extra = {"query_global": a_token[qa], "cand_global": c_token[qc]}
+            if self.module.skips_on_descriptor:
+                extra.update(query_skip=a_global[qa], cand_skip=c_global[qc])
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.module(a_local[qa], c_local[qc], grid=self.grid, **extra)
         targets = torch.from_numpy(batch.targets)
