@@ -18,6 +18,9 @@ groups' purity against the true identities is reported (never used).
 
     .venv/bin/python experiments/adapt_verified.py         # ~20 min on 2 cores; results/adapt_verified.json
     .venv/bin/python experiments/adapt_verified.py --doc   # docs/results.md block from the JSON
+
+`--model lite0-lw-rrt --variants plain --out results/adapt_lw.json` measures plain adapt on
+make demo's model (its own block, `--doc --out results/adapt_lw.json`).
 """
 
 from __future__ import annotations
@@ -68,22 +71,25 @@ def purity(groups: dict[str, str], truth: dict[str, str]) -> dict:
     return {"pairs_in_groups": total, "same_identity": round(same / total, 4) if total else None}
 
 
-def study(protocol, rerankers: list[str]) -> dict:
-    """Index the protocol's query and gallery photos (labels unused) with lite0-rrt; evaluate the
-    shipped reranker, a plain adapt and a grouped adapt on the protocol."""
+def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
+          variants: tuple[str, ...] = ("plain", "grouped")) -> dict:
+    """Index the protocol's query and gallery photos (labels unused) with the shipped ``model``;
+    evaluate its reranker and each of ``variants`` (plain / grouped adapt) on the protocol."""
     records = {r.path: r.identity for part in (protocol.queries, protocol.gallery) for r in part.records}
     paths = sorted(records)
     with tempfile.TemporaryDirectory(prefix="adapt-verified-") as tmp:
         work = Path(tmp)
-        log(f"{protocol.name}: indexing {len(paths)} photos with lite0-rrt")
-        engine = Waldo.create(work / "base", model_dir=resolve_model_dir("lite0-rrt"), progress=False)
+        log(f"{protocol.name}: indexing {len(paths)} photos with {model}")
+        engine = Waldo.create(work / "base", model_dir=resolve_model_dir(model), progress=False)
         engine.add(paths, None, num_workers=0, progress=False)
         engine.store.close()
-        groups, summary = verified_groups(work / "base", progress=False)
+        groups, summary = verified_groups(work / "base", progress=False) if "grouped" in variants else ({}, None)
         log(f"groups: {summary}")
         runs = {"shipped (no adapt)": evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
                                                precision_study=False, progress=False)}
         for name, kwargs in (("plain", {}), ("grouped", {"groups": groups})):
+            if name not in variants:
+                continue
             shutil.copytree(work / "base", work / name)
             started = time.perf_counter()
             adapted = adapt_index(work / name, progress=False, **kwargs)
@@ -91,16 +97,36 @@ def study(protocol, rerankers: list[str]) -> dict:
             runs[name] = evaluate(work / name / MODEL_FOLDER, [protocol], rerankers, precision_study=False,
                                   progress=False)
             runs[name]["adapt_seconds"] = round(time.perf_counter() - started, 1)
-    return {"protocol": protocol.name, "groups": summary, "purity": purity(groups, records), "runs": runs}
+    return {"protocol": protocol.name, "groups": summary, "purity": purity(groups, records) if summary else None,
+            "runs": runs}
 
 
-def markdown(results: dict) -> str:
-    lines = [START, "",
-             f"A collection's photos (a protocol's queries + gallery) indexed with the shipped lite0-rrt model, labels "
-             f"unused; `adapt_index` (its default CPU recipe, starting from the shipped RRT) run twice: every photo "
-             f"its own identity (plain), and with `--group-verified` (photos joined by verified pairs among each "
-             f"photo's global top-{results['neighbours']}: `waldo.train.adapt.verified_groups`). The labels only "
-             f"measure: \"same object\" is the share of photo pairs within a group that show one identity. "
+def _display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _block_names(out: Path) -> tuple[str, str, str]:
+    """(start marker, end marker, heading) of the docs block a results file renders into: the
+    original study's, or one of its own for any other --out (e.g. another model's run)."""
+    if out.resolve() == RESULTS.resolve():
+        return START, END, HEADING
+    name = out.stem.replace("_", "-")
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->", f"### Index adapt: {out.stem}"
+
+
+def markdown(results: dict, start: str = START, end: str = END) -> str:
+    variants = results.get("variants", ["plain", "grouped"])
+    runs = ("run twice: every photo its own identity (plain), and with `--group-verified` (photos joined by "
+            f"verified pairs among each photo's global top-{results['neighbours']}: "
+            "`waldo.train.adapt.verified_groups`)" if "grouped" in variants
+            else "every photo its own identity (plain)")
+    lines = [start, "",
+             f"A collection's photos (a protocol's queries + gallery) indexed with the shipped "
+             f"{results.get('model', 'lite0-rrt')} model, labels "
+             f"unused; `adapt_index` (its default CPU recipe, starting from the shipped RRT), {runs}. The labels only "
+             f"measure" + (": \"same object\" is the share of photo pairs within a group that show one identity. "
+                           if "grouped" in variants else ". ") +
              f"The validation collection (fold 0 of coil100-open's training objects, searched like its test) "
              f"decides; the test is reported.", "",
              "| collection | groups (photos, largest; same object) | adapted reranker | global R@1 / mAP | rrt R@1 / mAP "
@@ -108,8 +134,8 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for role, collection in results["collections"].items():
         g = collection["groups"]
-        groups = (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, {g['largest_group']}; "
-                  f"{collection['purity']['same_identity']:.1%})")
+        groups = "-" if g is None else (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, "
+                                        f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
 
@@ -119,7 +145,7 @@ def markdown(results: dict) -> str:
 
             lines.append(f"| {role}: {collection['protocol']} | {groups} | {name} | {cell('global')} | {cell('rrt')} "
                          f"| {cell('rrt-fusion')} | {run.get('default_reranker') or '-'} |")
-    lines += ["", f"Produced by `{results['command']}` (results/adapt_verified.json).", "", END]
+    lines += ["", f"Produced by `{results['command']}` ({results.get('out', 'results/adapt_verified.json')}).", "", end]
     return "\n".join(lines)
 
 
@@ -127,17 +153,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (and --doc reads it)")
+    parser.add_argument("--model", default="lite0-rrt", help="the shipped model the collections are indexed with")
+    parser.add_argument("--variants", default="plain,grouped", help="which adapt runs: plain, grouped or both")
     args = parser.parse_args()
+    start, end, heading = _block_names(args.out)
     if args.doc:
-        write_block(DOC, markdown(json.loads(args.out.read_text())), START, END, heading=HEADING)
+        write_block(DOC, markdown(json.loads(args.out.read_text()), start, end), start, end, heading=heading)
         return 0
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or set(variants) - {"plain", "grouped"}:
+        raise SystemExit(f"--variants: plain and/or grouped, got {args.variants!r}")
     rerankers = ["none", "rrt", "rrt-fusion"]
     command = " ".join([".venv/bin/python", "experiments/adapt_verified.py", *(shlex.quote(a) for a in sys.argv[1:])])
     collections = {}
     # Validation first (fold 0 of the training objects, searched like the test): what decides; then the test.
     for role, protocol in (("validation", fold_protocol(get_protocol(PROTOCOL), 0)), ("test", get_protocol(PROTOCOL))):
-        collections[role] = study(protocol, rerankers)
-    results = {"command": command, "neighbours": GROUP_NEIGHBOURS, "collections": collections}
+        collections[role] = study(protocol, rerankers, args.model, variants)
+    results = {"command": command, "neighbours": GROUP_NEIGHBOURS, "collections": collections, "model": args.model,
+               "variants": list(variants), "out": _display(args.out)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     log(f"wrote {args.out}")

@@ -200,3 +200,7 @@ def test_adapt_verified_block_is_generated():
     module = _experiment("adapt_verified")
     rendered = module.markdown(_results("adapt_verified.json"))
     assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "adapt-verified")
+    # the same study on make demo's model (plain adapt only), in a block of its own
+    start, end, _ = module._block_names(module.ROOT / "results" / "adapt_lw.json")
+    rendered = module.markdown(_results("adapt_lw.json"), start, end)
+    assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", "adapt-lw")
