@@ -125,10 +125,10 @@ def markdown(results: dict, start: str = START, end: str = END) -> str:
              f"A collection's photos (a protocol's queries + gallery) indexed with the shipped "
              f"{results.get('model', 'lite0-rrt')} model, labels "
              f"unused; `adapt_index` (its default CPU recipe, starting from the shipped RRT), {runs}. The labels only "
-             f"measure" + (": \"same object\" is the share of photo pairs within a group that show one identity. "
+             "measure" + (": \"same object\" is the share of photo pairs within a group that show one identity. "
                            if "grouped" in variants else ". ") +
-             f"The validation collection (fold 0 of coil100-open's training objects, searched like its test) "
-             f"decides; the test is reported.", "",
+             "The validation collection (fold 0 of coil100-open's training objects, searched like its test) "
+             "decides; the test is reported.", "",
              "| collection | groups (photos, largest; same object) | adapted reranker | global R@1 / mAP | rrt R@1 / mAP "
              "| rrt-fusion R@1 / mAP | default (adapt's own validation) |",
              "|---|---|---|---|---|---|---|"]
