@@ -57,6 +57,19 @@ def global_tokens(global_desc: torch.Tensor, local_desc: torch.Tensor, width: in
     return token_global(local_desc)
 
 
+def rrt_global_inputs(rrt, global_desc: torch.Tensor, local_desc: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(global token, residual input) that ``rrt`` (a waldo.rerank.rrt.RerankingTransformer) reads
+    for one side of its pairs: the :func:`global_tokens` token when the RRT uses global tokens, and
+    the model's own ``global_desc`` when its residual reads the descriptor
+    (``global_skip_from="descriptor"``); None where the RRT reads neither. Training, validation
+    and serving all build the RRT's global inputs here, so they cannot drift apart."""
+    if not rrt.config.use_global_tokens:
+        return None, None
+    token = global_tokens(global_desc, local_desc, rrt.config.d_model)
+    return token, (global_desc if rrt.skips_on_descriptor else None)
+
+
 class DescriptorModel(nn.Module):
     """Backbone + local 1x1 projection (to ``dim``) + pooling + global linear projection (to
     ``global_dim``, default ``dim``)."""

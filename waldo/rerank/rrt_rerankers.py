@@ -117,7 +117,7 @@ class RRTReranker:
         """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
         import torch
 
-        from waldo.models.descriptor import global_tokens
+        from waldo.models.descriptor import rrt_global_inputs
 
         if len(candidates.global_scores) == 0:
             return np.zeros(0, np.float32)
@@ -125,15 +125,12 @@ class RRTReranker:
         if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
             if query.global_desc is None or candidates.global_desc is None:
                 raise ValueError("this RRT uses global tokens: the query and candidates need global_desc")
-            width = self.rrt.config.d_model  # a wider global (DescriptorModel.global_dim): the locals' mean
-            query_global = global_tokens(_as_float_tensor(query.global_desc)[None],
-                                         _as_float_tensor(query.local_desc)[None], width)[0]
-            cand_globals = global_tokens(_as_float_tensor(candidates.global_desc),
-                                         _as_float_tensor(candidates.local_desc), width)
-            globals_ = {"query_global": query_global, "cand_globals": cand_globals}
-            if self.rrt.skips_on_descriptor:  # the residual reads the serving global similarity itself
-                globals_["query_skip"] = _as_float_tensor(query.global_desc)
-                globals_["cand_skips"] = _as_float_tensor(candidates.global_desc)
+            query_global, query_skip = rrt_global_inputs(self.rrt, _as_float_tensor(query.global_desc)[None],
+                                                         _as_float_tensor(query.local_desc)[None])
+            cand_globals, cand_skips = rrt_global_inputs(self.rrt, _as_float_tensor(candidates.global_desc),
+                                                         _as_float_tensor(candidates.local_desc))
+            globals_ = {"query_global": query_global[0], "cand_globals": cand_globals,
+                        "query_skip": None if query_skip is None else query_skip[0], "cand_skips": cand_skips}
         if self._scorer is not None:
             embedded = self._scorer.embed_candidates(torch.as_tensor(np.asarray(candidates.local_desc)),
                                                      globals_.get("cand_globals"))

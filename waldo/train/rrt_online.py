@@ -40,7 +40,7 @@ from waldo.eval.metrics import retrieval_metrics
 from waldo.fsutil import write_dir_atomically
 from waldo.models.checkpoint import ModelConfig, load_model, model_hash
 from waldo.models.compiled import prepare_runtime
-from waldo.models.descriptor import DescriptorModel, global_tokens
+from waldo.models.descriptor import DescriptorModel, rrt_global_inputs
 from waldo.models.extract import extract_descriptors
 from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
@@ -134,14 +134,10 @@ def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: tor
     out = []
     for start in range(0, len(q_local), batch):
         part = slice(start, start + batch)
-        extra = {}
-        if rrt.config.use_global_tokens:
-            width = rrt.config.d_model
-            extra = {"query_global": global_tokens(q_global[part], q_local[part], width),
-                     "cand_global": global_tokens(c_global[part], c_local[part], width)}
-            if rrt.skips_on_descriptor:
-                extra.update(query_skip=q_global[part], cand_skip=c_global[part])
-        out.append(rrt(q_local[part], c_local[part], grid=grid, **extra).float())
+        q_token, q_skip = rrt_global_inputs(rrt, q_global[part], q_local[part])
+        c_token, c_skip = rrt_global_inputs(rrt, c_global[part], c_local[part])
+        out.append(rrt(q_local[part], c_local[part], grid=grid, query_global=q_token, cand_global=c_token,
+                       query_skip=q_skip, cand_skip=c_skip).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -285,15 +281,13 @@ class OnlineRRTTrainer(Trainer):
         a_global = torch.from_numpy(self.global_desc[batch.anchors])
         a_local = torch.from_numpy(self.local_desc[batch.anchors].astype(np.float32))
         qa, qc = torch.from_numpy(batch.pair_anchor), torch.from_numpy(batch.pair_candidate)
-        extra = {}
-        if self.module.config.use_global_tokens:
-            width = self.module.config.d_model
-            a_token, c_token = global_tokens(a_global, a_local, width), global_tokens(c_global, c_local, width)
-            extra = {"query_global": a_token[qa], "cand_global": c_token[qc]}
-            if self.module.skips_on_descriptor:
-                extra.update(query_skip=a_global[qa], cand_skip=c_global[qc])
+        a_inputs = rrt_global_inputs(self.module, a_global, a_local)
+        c_inputs = rrt_global_inputs(self.module, c_global, c_local)
+        a_token, a_skip = (None if x is None else x[qa] for x in a_inputs)
+        c_token, c_skip = (None if x is None else x[qc] for x in c_inputs)
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.module(a_local[qa], c_local[qc], grid=self.grid, **extra)
+        logits = self.module(a_local[qa], c_local[qc], grid=self.grid, query_global=a_token, cand_global=c_token,
+                             query_skip=a_skip, cand_skip=c_skip)
         targets = torch.from_numpy(batch.targets)
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         loss.backward()
