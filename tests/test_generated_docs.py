@@ -119,6 +119,22 @@ def test_gv_fusion_block_is_generated():
     assert {k: getattr(GVConfig(), k) for k in rule} == rule and (GVConfig().max_anisotropy >= 1e8) == off
 
 
+def test_gv_fusion_with_block_is_generated():
+    """The issue-17 block that adds make demo's model to the rule's validation is what
+    `experiments/gv_fusion.py --add-model lite0-lw-rrt` renders from its saved JSON, and the
+    default rule it compares against is the product's."""
+    from waldo.rerank.gv import GVConfig
+
+    module = _experiment("gv_fusion")
+    results = _results("gv_fusion_with_lite0-lw-rrt.json")
+    rendered = module.markdown_with(results)
+    start, end = module.WITH_MARKERS
+    assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", "gv-fusion-with")
+    rule = dict(results["default"]["rule"])
+    rule.pop("max_anisotropy")
+    assert {k: getattr(GVConfig(), k) for k in rule} == rule
+
+
 def test_global_adapt_table_is_generated():
     """The issue-16 adaptation table in docs/results.md is `experiments/global_adapt.py --table`."""
     table = _experiment("global_adapt").table(_results("global/adapt.json")["rows"])
