@@ -313,3 +313,45 @@ def test_verified_groups_need_stored_keypoints(data_root, small_model, tmp_path)
     _tiny_index(data_root, small_model, tmp_path / "index", n=4)  # built with gv_features=False
     with pytest.raises(ValueError, match="stores no keypoints"):
         verified_groups(tmp_path / "index", progress=False)
+
+
+@pytest.mark.parametrize("lr_scale", [1.0, 100.0])
+def test_global_skip_lr_scale_moves_only_the_residuals_scale_faster(lr_scale):
+    """global_skip_lr_scale gives the residual's one scalar a learning rate of its own (lr x the
+    scale); every other parameter keeps the plain lr. Adam moves a parameter by about its lr per
+    step, so after a few steps the scalar has left its start by more than the plain lr allows
+    only when the option is on."""
+    from types import SimpleNamespace
+
+    from waldo.train.pairs import PairBatch
+    from waldo.train.rrt_online import OnlineRRTTrainer
+
+    rrt_options = {"d_model": 16, "n_layers": 1, "n_heads": 2, "ff_dim": 32, "use_global_tokens": True,
+                   "global_skip": True, "global_skip_from": "descriptor"}
+    config = RRTTrainConfig(mode="rrt-only", rrt=rrt_options, lr=1e-3, batch_triplets=4, global_skip_lr_scale=lr_scale)
+    rrt = RerankingTransformer(config.rrt_config())
+    rng = np.random.default_rng(0)
+
+    def unit(shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    global_desc, local_desc = unit((8, 32)), unit((8, 4, 16))
+    trainer = OnlineRRTTrainer(config, rrt, SimpleNamespace(anchors_per_epoch=16), None, global_desc, local_desc,
+                               None, (2, 2), None, {})
+    trainer._candidates = lambda epoch, index, rows: (torch.from_numpy(global_desc[rows]),
+                                                      torch.from_numpy(local_desc[rows]))
+    batch = PairBatch(np.arange(4), np.arange(4, 8), np.repeat(np.arange(4), 4), np.tile(np.arange(4), 4),
+                      np.eye(4, dtype=np.float32).ravel(), {})
+    start = float(rrt.global_skip_scale.detach())
+    steps = 5
+    for index in range(steps):
+        trainer.step(0, index, batch)
+    moved = abs(float(rrt.global_skip_scale.detach()) - start)
+    plain_bound = 1.5 * config.lr * steps  # Adam's step is at most ~lr (bias-corrected)
+    assert (moved > plain_bound) == (lr_scale > 1)
+    assert [group.get("lr_scale", 1.0) for group in trainer.optimizer.param_groups] == (
+        [1.0] if lr_scale == 1.0 else [1.0, lr_scale])
+    with pytest.raises(ValueError, match="global_skip_lr_scale needs"):
+        RRTTrainConfig(mode="rrt-only", rrt={**rrt_options, "global_skip": False, "global_skip_from": "token"},
+                       global_skip_lr_scale=2.0)

@@ -189,6 +189,9 @@ class RRTTrainConfig(TrainConfig):
     in_batch_negatives: bool = True
     anchors_per_epoch: int = Field(0, ge=0)  # 0 = each source's training images x its weight
     augment: dict[str, Any] = Field(default_factory=dict)  # waldo.data.views.ViewAugment overrides
+    # rrt-only: the residual's scale (one scalar, ~10) learns at lr x this: at the plain lr an Adam
+    # step moves it by ~lr, so it barely leaves its start in a short run
+    global_skip_lr_scale: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
@@ -196,6 +199,8 @@ class RRTTrainConfig(TrainConfig):
         if rrt.global_skip_from == "descriptor" and self.mode != "rrt-only":
             # frozen / finetune train the global head too; their pairs carry only the tokens
             raise ValueError('rrt.global_skip_from="descriptor" needs mode "rrt-only" (a fixed descriptor model)')
+        if self.global_skip_lr_scale != 1.0 and (self.mode != "rrt-only" or not rrt.global_skip):
+            raise ValueError('global_skip_lr_scale needs mode "rrt-only" and rrt.global_skip')
         from waldo.data.views import ViewAugment
 
         try:

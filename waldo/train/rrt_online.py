@@ -248,7 +248,12 @@ class OnlineRRTTrainer(Trainer):
         self.global_desc, self.local_desc, self.validator, self.grid = global_desc, local_desc, validator, grid
         self.save_model_files, self.info = save_model_files, info
         self.metric = config.select_metric
-        self.optimizer = torch.optim.AdamW(rrt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        groups: list[dict] = [{"params": list(rrt.parameters())}]
+        if config.global_skip_lr_scale != 1.0:  # the residual's scale in a group of its own (config doc)
+            scale = rrt.global_skip_scale
+            groups = [{"params": [q for q in rrt.parameters() if q is not scale]},
+                      {"params": [scale], "lr_scale": config.global_skip_lr_scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self._cached_views = None
         if not config.online_views:  # the option: a fixed cache of `views` augmented views per image
             rows = np.arange(len(global_desc))
@@ -276,7 +281,7 @@ class OnlineRRTTrainer(Trainer):
     def step(self, epoch: int, index: int, batch: PairBatch) -> StepResult:
         config = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = config.lr_at(epoch, epoch * self.batches_per_epoch() + index)
+            group["lr"] = config.lr_at(epoch, epoch * self.batches_per_epoch() + index) * group.get("lr_scale", 1.0)
         c_global, c_local = self._candidates(epoch, index, batch.candidates)
         a_global = torch.from_numpy(self.global_desc[batch.anchors])
         a_local = torch.from_numpy(self.local_desc[batch.anchors].astype(np.float32))
