@@ -355,3 +355,21 @@ def test_global_skip_lr_scale_moves_only_the_residuals_scale_faster(lr_scale):
     with pytest.raises(ValueError, match="global_skip_lr_scale needs"):
         RRTTrainConfig(mode="rrt-only", rrt={**rrt_options, "global_skip": False, "global_skip_from": "token"},
                        global_skip_lr_scale=2.0)
+
+
+def test_anchor_softmax_loss_is_cross_entropy_within_each_anchor():
+    """The ranking loss equals a per-anchor cross-entropy computed the plain way, ignores a shift
+    of one anchor's logits, and is refused outside rrt-only."""
+    from waldo.train.rrt_online import anchor_softmax_loss
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0, 0.0, -2.0])
+    anchors = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    targets = torch.tensor([1.0, 0, 0, 0, 1, 0, 0])
+    plain = (torch.nn.functional.cross_entropy(logits[:3][None], torch.tensor([0]))
+             + torch.nn.functional.cross_entropy(logits[3:][None], torch.tensor([1]))) / 2
+    assert torch.allclose(anchor_softmax_loss(logits, anchors, targets), plain)
+    shifted = logits + torch.tensor([0, 0, 0, 5.0, 5.0, 5.0, 5.0])
+    assert torch.allclose(anchor_softmax_loss(shifted, anchors, targets), plain)
+    assert RRTTrainConfig(mode="rrt-only", pair_loss="softmax").pair_loss == "softmax"
+    with pytest.raises(ValueError, match="pair_loss"):
+        RRTTrainConfig(mode="frozen", pair_loss="softmax")

@@ -192,6 +192,10 @@ class RRTTrainConfig(TrainConfig):
     # rrt-only: the residual's scale (one scalar, ~10) learns at lr x this: at the plain lr an Adam
     # step moves it by ~lr, so it barely leaves its start in a short run
     global_skip_lr_scale: float = Field(1.0, gt=0)
+    # rrt-only: "bce" scores every pair on its own (the reference); "softmax" is a ranking loss:
+    # each anchor's pairs (its positive, its negatives) compete in one softmax, so only their
+    # order under one anchor is trained, not where the logits sit
+    pair_loss: Literal["bce", "softmax"] = "bce"
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
@@ -199,6 +203,8 @@ class RRTTrainConfig(TrainConfig):
         if rrt.global_skip_from == "descriptor" and self.mode != "rrt-only":
             # frozen / finetune train the global head too; their pairs carry only the tokens
             raise ValueError('rrt.global_skip_from="descriptor" needs mode "rrt-only" (a fixed descriptor model)')
+        if self.pair_loss != "bce" and self.mode != "rrt-only":
+            raise ValueError('pair_loss "softmax" needs mode "rrt-only"')
         if self.global_skip_lr_scale != 1.0 and (self.mode != "rrt-only" or not rrt.global_skip):
             raise ValueError('global_skip_lr_scale needs mode "rrt-only" and rrt.global_skip')
         from waldo.data.views import ViewAugment

@@ -237,6 +237,17 @@ def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: 
 
 
 # ----------------------------------------------------------------------------- trainer
+def anchor_softmax_loss(logits: torch.Tensor, anchors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over positive pairs of -log softmax(logit) among the pairs of the same anchor: each
+    anchor's positive must outrank its own negatives; logits of different anchors never meet."""
+    n = int(anchors.max()) + 1
+    peak = torch.full((n,), float("-inf"), dtype=logits.dtype).scatter_reduce(0, anchors, logits.detach(), "amax")
+    total = torch.zeros(n, dtype=logits.dtype).index_add(0, anchors, torch.exp(logits - peak[anchors]))
+    log_norm = torch.log(total) + peak
+    positive = targets == 1
+    return (log_norm[anchors[positive]] - logits[positive]).mean()
+
+
 class OnlineRRTTrainer(Trainer):
     unit = "pairs"
     finish_flag = "default_chosen"
@@ -294,7 +305,10 @@ class OnlineRRTTrainer(Trainer):
         logits = self.module(a_local[qa], c_local[qc], grid=self.grid, query_global=a_token, cand_global=c_token,
                              query_skip=a_skip, cand_skip=c_skip)
         targets = torch.from_numpy(batch.targets)
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        if config.pair_loss == "softmax":
+            loss = anchor_softmax_loss(logits, torch.from_numpy(batch.pair_anchor), targets)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, targets)
         loss.backward()
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.module.parameters(), config.grad_clip)
