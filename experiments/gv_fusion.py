@@ -128,10 +128,9 @@ def fold_protocol(test: Protocol, fold: int) -> Protocol:
 #: else the held-out identities would look almost solved (lite0-lw-rrt's own global: R@1 0.98 on a
 #: grocery fold) and every rule would only break them. Shipped name -> stand-in spec.
 VALIDATION_STANDINS = {"lite0-lw-rrt": "lw-refit"}
-#: make demo's global descriptor recipe (waldo/pretrained/lite0-lw-rrt/card.json: `waldo train whiten`
-#: on these training sources, setting dim 512 / shrink 0.3 / mix 0).
+#: make demo's global descriptor recipe: `waldo train whiten` on these training sources (the
+#: shipped config's projection names them), with the setting its config records (extra.global_head).
 LW_SOURCES = ("grocery-open-cross", "coil100-open", "../shared/data/abo_sample")
-LW_SETTING = (512, 0.3, 0.0)
 LW_CACHE = ROOT / "runs" / "gv-fusion-lw"
 
 
@@ -154,7 +153,8 @@ def lw_refit(protocol: Protocol) -> Path:
             source = TrainingSource(protocol.train.name, protocol.train, True, 1.0, VALIDATION_SPLITS.get(test_name))
         sources.append(source)
     log(f"{protocol.name}: fitting make demo's global recipe without the fold ({[s.name for s in sources]})")
-    train_whitening(sources, out, settings=[WhiteningSetting(*LW_SETTING)], progress=False)
+    setting = json.loads((resolve_model_dir("lite0-lw-rrt") / "config.json").read_text())["extra"]["global_head"]["setting"]
+    train_whitening(sources, out, settings=[WhiteningSetting(**setting)], progress=False)
     return out
 
 
@@ -286,6 +286,11 @@ def describe(rule: dict) -> str:
     return f"{how}, {', '.join(checks)}"
 
 
+def changes(cell: dict | None) -> str:
+    """A cell's top-1 fixed / broken per query group, as the tables show them."""
+    return "-" if cell is None else ", ".join(f"{g} {f}/{b}" for g, (f, b) in sorted(cell["changes"].items()))
+
+
 def markdown(results: dict) -> str:
     chosen, validation = results["chosen"], results["validation"]
     before_map = mean_over_cells(validation, BEFORE, "map")
@@ -302,9 +307,6 @@ def markdown(results: dict) -> str:
                 "not allowed.") + " The product's GVConfig defaults are the chosen rule.", "",
              "| validation cell | queries | global R@1 / mAP | before R@1 / mAP | chosen R@1 / mAP | before fixed / broken | chosen fixed / broken |",
              "|---|---|---|---|---|---|---|"]
-
-    def changes(cell: dict) -> str:
-        return ", ".join(f"{g} {f}/{b}" for g, (f, b) in sorted(cell["changes"].items()))
 
     for name, c in validation.items():
         b, a = c["rules"][rule_key(BEFORE)], c["rules"][rule_key(chosen["rule"])]
@@ -367,9 +369,6 @@ def with_model_results(base: dict, name: str, standin: str, cells: dict, chosen:
 def markdown_with(results: dict) -> str:
     chosen, default = results["chosen"], results["default"]
     name = results["added_model"]
-
-    def changes(cell: dict | None) -> str:
-        return "-" if cell is None else ", ".join(f"{g} {f}/{b}" for g, (f, b) in sorted(cell["changes"].items()))
 
     def figures(cell: dict | None) -> str:
         return "-" if cell is None else f"{cell['recall@1']:.4f} / {cell['map']:.4f}"
