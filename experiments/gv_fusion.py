@@ -129,7 +129,8 @@ def fold_protocol(test: Protocol, fold: int) -> Protocol:
 #: grocery fold) and every rule would only break them. Shipped name -> stand-in spec.
 VALIDATION_STANDINS = {"lite0-lw-rrt": "lw-refit"}
 #: make demo's global descriptor recipe: `waldo train whiten` on these training sources (the
-#: shipped config's projection names them), with the setting its config records (extra.global_head).
+#: shipped config's projection names them), with the setting its config records (extra.global_head),
+#: at 224 px as when this study ran (commit 3bde3aa; make demo's model runs at 288 px since, same setting).
 LW_SOURCES = ("grocery-open-cross", "coil100-open", "../shared/data/abo_sample")
 LW_CACHE = ROOT / "runs" / "gv-fusion-lw"
 

@@ -192,17 +192,23 @@ def cmd_ship(args: argparse.Namespace) -> int:
                         "with 128-d PCA-whitened locals and the Reranking Transformer trained on them (from "
                         f"{head['reranker_card'].get('name') or head['reranker_from']}), and a trained "
                         f"{json.loads((best / 'config.json').read_text())['global_dim']}-d global descriptor: "
-                        "learned whitening (waldo train whiten) on the frozen backbone. float16.")
-        card["global_head"] = {k: head[k] for k in ("projection", "setting", "sources", "check_sources", "validation")}
+                        "learned whitening (waldo train whiten) on the frozen backbone"
+                        + (f"; run at {head['image_size']} px input (the global's), so the RRT reads a "
+                           f"{head['image_size'] // 32}x{head['image_size'] // 32} grid of locals"
+                           if head.get("input_size_from_global") else "") + ". float16.")
+        card["global_head"] = {**{k: head[k] for k in ("projection", "setting", "sources", "check_sources", "validation")},
+                               "image_size": head.get("image_size", 224)}
         sources = " ".join(f"--data {spec}" for spec in args.data)
         card["reproduce"] = [
             *(head["reranker_card"].get("reproduce") or [f"(the reranker {head['reranker_from']})"]),
-            f"waldo train whiten {sources} --out {head['global_from']}",
+            f"waldo train whiten {sources} --out {head['global_from']}"
+            + (f" --image-size {head['image_size']}" if head.get("image_size", 224) != 224 else ""),
             f"python experiments/rrt_views.py with-global --model {head['reranker_from']} "
-            f"--global-from {head['global_from']} --out {run}",
+            f"--global-from {head['global_from']} --out {run}"
+            + (" --input-size-from-global" if head.get("input_size_from_global") else ""),
             f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} {sources}",
             f"python experiments/rrt_views.py ship --run {run} --checkpoint {args.checkpoint} --name {args.name} "
-            f"{sources}",
+            f"--init {args.init} --config {args.config} {sources}",
         ]
     export_head_only(best, out, card)
     sources = [parse_source(spec) for spec in args.data]
@@ -281,6 +287,7 @@ def _ablation_block(result: dict) -> str:
 
 
 WHICH_RERANKER = "shipped-which-reranker.json"
+INPUT_SIZE = "input-size.json"  # make demo's model at 224 against 288 px (cmd_input_size)
 WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt+gv")
 
 
@@ -317,9 +324,9 @@ def _skip_block(before: dict) -> str:
     """The same descriptor model (lite0-lw-rrt's) with the RRT whose residual reads the 128-d
     global tokens (before; shipped until the retrained one replaced it) and the retrained RRT whose
     residual reads the 512-d global descriptor (the shipped model's results)."""
-    after = json.loads((RESULTS / WHICH_RERANKER).read_text())
+    after = json.loads((RESULTS / LW224_RESULTS).read_text())
     rows = ["| protocol | ranking | residual on the tokens (before) R@1 / mAP | residual on the descriptor "
-            "(shipped) R@1 / mAP |", "|---|---|---|---|"]
+            "(shipped; 224 px) R@1 / mAP |", "|---|---|---|---|"]
     for protocol, entry in after["protocols"].items():
         for name in ("global", "rrt", "rrt-fusion", "gv", "rrt+gv"):
             old, new = before["protocols"].get(protocol, {}).get(name), entry.get(name)
@@ -329,7 +336,8 @@ def _skip_block(before: dict) -> str:
             rows.append(f"| {protocol} | {name} | {cells[0]} | {cells[1]} |")
     text = (f"Test (reported, never chosen on). Before: `{before.get('command', '')}` at commit 4f95596 (fusion "
             f"weight {before.get('fusion_weight')}, default {before.get('default_reranker')}); shipped: "
-            f"`{after.get('command', '')}` (fusion weight {after.get('fusion_weight')}, default "
+            f"`{after.get('command', '')}` at commit cf9f1a5, when lite0-lw-rrt ran at 224 px "
+            f"(results/rrt_views/{LW224_RESULTS}; fusion weight {after.get('fusion_weight')}, default "
             f"{after.get('default_reranker')})\n\n" + "\n".join(rows))
     path = RESULTS / "skip-validation.json"
     if path.is_file():  # what chose: every candidate's validation (results/rrt_views/skip-validation.json)
@@ -346,6 +354,49 @@ def _skip_block(before: dict) -> str:
     return text
 
 
+def _input_size_block(result: dict) -> str:
+    """make demo's model at 224 against 288 px: the validations that chose, then the test."""
+    rows = result["rows"]
+    val = ["| input (global head) | train whiten folds: mean over searches / over queries | RRT held-out "
+           "identities: global R@1 / map@100 | rrt R@1 / map@100 | rrt-fusion R@1 / map@100 (weight) | default |",
+           "|---|---|---|---|---|---|"]
+    for size, row in rows.items():
+        w, v = row["whiten_validation"], row["rrt_validation"]["validation"]
+        val.append(f"| {size} px (`{row['global_model']}`) | {w['mean_over_searches']:.4f} / "
+                   f"{w['mean_over_queries']:.4f} | {v['none']['recall@1']:.4f} / {v['none']['map@100']:.4f} | "
+                   f"{v['rrt']['recall@1']:.4f} / {v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / "
+                   f"{v['rrt-fusion']['map@100']:.4f} ({row['rrt_validation']['fusion_weight']}) | "
+                   f"{row['rrt_validation']['default_reranker']} |")
+    sizes = list(rows)
+    protocols = list(rows[sizes[-1]]["test"])
+    test = ["| protocol | ranking | " + " | ".join(f"{size} px R@1 / mAP" for size in sizes) + " |",
+            "|---|---|" + "---|" * len(sizes)]
+    for protocol in protocols:
+        for name in WHICH_ORDER:
+            cells = []
+            for size in sizes:
+                m = rows[size]["test"].get(protocol, {}).get(name)
+                cells.append("-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}")
+            test.append(f"| {protocol} | {'global (none)' if name == 'global' else name} | " + " | ".join(cells) + " |")
+    cost = ["| protocol | " + " | ".join(f"{size} px: extract s / rrt fp32 ms / rrt bf16 ms / bf16 top-1 agreement"
+                                         for size in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for protocol in protocols:
+        cells = []
+        for size in sizes:
+            entry = rows[size]["test"].get(protocol, {})
+            p = entry.get("precision")
+            cells.append(f"{entry.get('extract_seconds', '-')} / {entry.get('rrt', {}).get('rerank_ms_per_query', '-')}"
+                         + (f" / {p['bf16']['ms_per_query']} / {p['top1_agreement']:.4f}" if p else " / - / -"))
+        cost.append(f"| {protocol} | " + " | ".join(cells) + " |")
+    commands = "; ".join(f"{size} px: `{rows[size]['test_command']}` ({rows[size]['test_when']}; "
+                         f"results/rrt_views/{rows[size]['test_file']})" for size in sizes)
+    return (f"{result['note']} `{result['command']}` (results/rrt_views/{INPUT_SIZE}).\n\nValidation (chooses):\n\n"
+            + "\n".join(val) + f"\n\nTest (reported, never chosen on): {commands}\n\n" + "\n".join(test)
+            + "\n\nCost (the same runs; times on a shared 2-core machine, the dedicated benchmarks are in "
+              "docs/performance.md):\n\n" + "\n".join(cost))
+
+
+LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
     "rrt-views-test": (SHIPPED_RESULTS, lambda r: _test_block(r, "Shipped reranker (lite0-rrt), test protocols")),
@@ -354,6 +405,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
                                                                        "images (labels unused)")),
     "rrt-views-ablation": (("ablation.json",), _ablation_block),
     "rrt-views-skip": (("lw-token-skip.json",), _skip_block),
+    "rrt-views-input-size": ((INPUT_SIZE,), _input_size_block),
 }
 
 
@@ -432,27 +484,48 @@ def cmd_with_global(args: argparse.Namespace) -> int:
 
     import torch
 
-    from waldo.models.checkpoint import load_model, save_model
+    from waldo.models.checkpoint import load_model, model_hash, save_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import RRT_FILES
 
     reranker_dir, donor_dir = resolve_model_dir(args.model), Path(args.global_from)
     model, config = load_model(reranker_dir)
     donor, donor_config = load_model(donor_dir)
-    for key in ("backbone", "image_size", "transform", "pooling", "weights_source"):
+    same = ("backbone", "transform", "pooling", "weights_source") + (() if args.input_size_from_global else ("image_size",))
+    for key in same:
         if getattr(config, key) != getattr(donor_config, key):
             raise SystemExit(f"{key} differs: {getattr(config, key)!r} vs {getattr(donor_config, key)!r}")
+    trained_size = config.image_size
+    if args.input_size_from_global and config.image_size != donor_config.image_size:
+        # The global was fitted at the donor's input size, so the model runs at it; the locals'
+        # projection applies per cell and the RRT's sine positions are normalised to the grid, so
+        # both take the larger grid (e.g. 9x9 at 288 px) unchanged. Validation says if that holds.
+        print(f"input size {config.image_size} -> {donor_config.image_size} px (the global's)")
+        config.image_size = donor_config.image_size
     model.global_dim = donor.global_dim
     model.global_proj = torch.nn.Linear(donor.global_proj.in_features, donor.global_dim)
     model.global_proj.load_state_dict(donor.global_proj.state_dict())
     config.global_dim = None if donor.global_dim == config.dim else donor.global_dim
-    config.projection = f"locals {config.projection}; global {donor_config.projection}"
+    # A model that already has a trained global (e.g. lite0-lw-rrt) keeps only its locals' part.
+    locals_part = config.projection.removeprefix("locals ").split("; global ")[0]
+    config.projection = f"locals {locals_part}; global {donor_config.projection}"
     config.extra = {**{k: v for k, v in config.extra.items() if k != "backbone_weights"},
                     "global_head": {"from": str(donor_dir), **donor_config.extra.get("learned_whitening", {})}}
     run = Path(args.out)
     save_model(model.eval(), config, run / "last")
     for name in RRT_FILES:
         shutil.copy2(reranker_dir / name, run / "last" / name)
+    info_path = run / "last" / "rrt.json"
+    info = json.loads(info_path.read_text())
+    # The RRT was trained on another global head (its init_model_hash); what it reads, the
+    # backbone and the locals, is unchanged: recorded so that a test can check it.
+    info["training"]["locals_from"] = {"model": str(args.model), "image_size": trained_size,
+                                       "locals_hash": model_hash(model, exclude=("global_proj.",))}
+    if args.input_size_from_global:  # the RRT's position grid follows the feature map (stride 32)
+        with torch.no_grad():
+            cells = model.eval()(torch.zeros(1, 3, config.image_size, config.image_size)).local_desc.shape[1]
+        info["grid"] = [round(cells ** 0.5)] * 2
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
     card = json.loads((reranker_dir / "card.json").read_text()) if (reranker_dir / "card.json").exists() else {}
     train_config = card.get("train_config") or json.loads((reranker_dir / "train_config.json").read_text())
     for folder in (run, run / "last"):  # choose reads it beside the checkpoint, ship beside the run
@@ -462,8 +535,55 @@ def cmd_with_global(args: argparse.Namespace) -> int:
         "reranker_from": str(args.model), "global_from": str(donor_dir), "projection": donor_config.projection,
         "setting": whitening["setting"], "sources": whitening["sources"], "check_sources": whitening["check_sources"],
         "validation": whitening["validation"][0], "reranker_card": {k: card.get(k) for k in ("name", "reproduce")},
+        "image_size": config.image_size, "input_size_from_global": bool(args.input_size_from_global),
     }, indent=2) + "\n")
     print(f"{run}/last: {config.projection}")
+    return 0
+
+
+#: the global heads compared (results/global/trained.json, experiments/global_trained.py)
+GLOBAL_AT = {224: "lw-mixed", 288: "lw-mixed-288"}
+
+
+def cmd_input_size(args: argparse.Namespace) -> int:
+    """make demo's model at 224 px (lw-mixed's global) against 288 px (lw-mixed-288's), the same
+    locals and RRT: both validations that chose (``train whiten``'s folds, by the mean over
+    searches and over queries; the RRT's held-out identities, every reranker) and the test
+    figures (reported). Writes results/rrt_views/input-size.json."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from global_trained import query_weighted
+
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    trained = json.loads((ROOT / "results" / "global" / "trained.json").read_text())
+    skip = json.loads((RESULTS / "skip-validation.json").read_text())
+    at_224 = next(row for row in skip["rows"] if row["what"].endswith("(shipped)"))
+    shipped = read_rrt_info(resolve_model_dir("lite0-lw-rrt"))["training"]
+    rows = {}
+    for size, name in GLOBAL_AT.items():
+        entry = trained[name]
+        if size == 224:
+            rrt_val = {"validation": at_224["validation"], "fusion_weight": at_224["fusion_weight"],
+                       "default_reranker": at_224["default_reranker"]}
+            test_file, when = LW224_RESULTS, "at commit cf9f1a5, when lite0-lw-rrt ran at 224 px"
+        else:
+            rrt_val = {"validation": shipped["fusion_val"]["macro"], "fusion_weight": shipped["fusion_weight"],
+                       "default_reranker": shipped["default_reranker"]}
+            test_file, when = WHICH_RERANKER, "the shipped model at 288 px"
+        test = json.loads((RESULTS / test_file).read_text())
+        rows[str(size)] = {"global_model": name, "setting": entry["setting"],
+                           "whiten_validation": {"mean_over_searches": entry["validation"]["mean_map"],
+                                                 "mean_over_queries": query_weighted(name, entry)},
+                           "rrt_validation": rrt_val, "test_file": test_file, "test_command": test.get("command"),
+                           "test_when": when,
+                           "test": test["protocols"]}
+    out = {"note": "same backbone, 128-d locals and Reranking Transformer (trained at 224 px); only the input "
+                   "size and the global head (waldo train whiten at that size) differ. Validation chose; test "
+                   "reported.", "rows": rows, "command": "python experiments/rrt_views.py input-size"}
+    (RESULTS / INPUT_SIZE).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: {"whiten": v["whiten_validation"], "rrt": v["rrt_validation"]["validation"]}
+                      for k, v in rows.items()}, indent=2))
     return 0
 
 
@@ -517,7 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     with_global.add_argument("--model", required=True, help="a reranker folder or a shipped model's name")
     with_global.add_argument("--global-from", required=True, help="a `waldo train whiten` model folder")
     with_global.add_argument("--out", required=True, help="the run folder to write (last/, train_config.json)")
+    with_global.add_argument("--input-size-from-global", action="store_true",
+                             help="run the model at the global model's input size (else both must agree)")
     with_global.set_defaults(handler=cmd_with_global)
+    input_size = commands.add_parser("input-size",
+                                     help="make demo's model at 224 against 288 px (results/rrt_views/input-size.json)")
+    input_size.set_defaults(handler=cmd_input_size)
     choose = commands.add_parser("choose", help="record a checkpoint's validated fusion weight and default")
     choose.add_argument("--model", required=True)
     choose.add_argument("--data", action="append", required=True, help="the run's --data specs")

@@ -98,3 +98,18 @@ def test_model_config_is_validated_and_its_json_is_unchanged(model, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(before.replace('"dim"', '"dims"'))
     with pytest.raises(ValueError, match="(?s)config.json.*dims"):
         load_model(tmp_path / "ckpt")
+
+
+def test_model_hash_can_leave_out_the_global_head(model):
+    """What a Reranking Transformer reads (backbone and locals) hashes alike whatever the global
+    head; a change to the locals still shows."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.global_proj.weight.add_(1.0)
+    assert model_hash(other) != model_hash(model)
+    assert model_hash(other, exclude=("global_proj.",)) == model_hash(model, exclude=("global_proj.",))
+    with torch.no_grad():
+        other.local_proj.bias.add_(1.0)
+    assert model_hash(other, exclude=("global_proj.",)) != model_hash(model, exclude=("global_proj.",))

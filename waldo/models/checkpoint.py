@@ -84,10 +84,14 @@ def check_global_scales(scales: list[float]) -> list[float]:
     return scales
 
 
-def model_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes), in name order."""
+def model_hash(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes), in name order.
+    ``exclude``: name prefixes left out (e.g. ``("global_proj.",)``: what a Reranking
+    Transformer reads, the backbone and the locals, without the global head)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if exclude and name.startswith(exclude):
+            continue
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
