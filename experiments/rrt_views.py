@@ -194,7 +194,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
                         f"{json.loads((best / 'config.json').read_text())['global_dim']}-d global descriptor: "
                         "learned whitening (waldo train whiten) on the frozen backbone"
                         + (f"; run at {head['image_size']} px input (the global's), so the RRT reads a "
-                           f"{head['image_size'] // 32}x{head['image_size'] // 32} grid of locals"
+                           + "x".join(map(str, read_rrt_info(best)["grid"])) + " grid of locals"
                            if head.get("input_size_from_global") else "") + ". float16.")
         card["global_head"] = {**{k: head[k] for k in ("projection", "setting", "sources", "check_sources", "validation")},
                                "image_size": head.get("image_size", 224)}

@@ -105,3 +105,21 @@ def test_create_refuses_an_existing_index(built):
 def test_open_a_folder_that_is_not_an_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Waldo index"):
         Waldo.open(tmp_path)
+
+
+def test_an_image_removed_while_a_query_runs_leaves_no_hole(abo, tmp_path, monkeypatch):
+    """A query reads one snapshot; an image removed after it was taken has no record any more.
+    The answer skips it and still has k hits ranked 1..k (the load test's probe once saw ranks
+    [1, 3, 4, 5]: four hits and a gap)."""
+    engine = Waldo.create(tmp_path / "idx", projection="random", progress=False)
+    engine.add(abo.paths, abo.identities, progress=False, num_workers=0)
+    query = abo.paths[3]
+    before = [h.id for h in engine.search(query, k=5).hits]
+    taken = engine.store.snapshot()  # the view a query in flight holds
+    assert engine.remove(ids=[before[1]]) == 1
+    monkeypatch.setattr(engine.store, "snapshot", lambda: taken)
+    hits = engine.search(query, k=5).hits
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert before[1] not in [h.id for h in hits]
+    assert [h.id for h in hits][:4] == [before[0]] + before[2:5]  # the rest in order, one more at the end
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))

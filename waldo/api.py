@@ -45,6 +45,7 @@ log = logging.getLogger("waldo.index")
 
 MODEL_FOLDER = "model"
 RERANK_TOP_K = 100  # how many global results a reranker re-sorts
+MISSING_RECORD_ROUNDS = 4  # searches of one snapshot to refill hits removed while a query ran
 ENGINES = ("local", "ray")  # where add() extracts: this process, or Ray actors (a cluster)
 #: A query image: a path, its bytes, a file object, or already decoded (the service's upload check).
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
@@ -380,11 +381,21 @@ class Waldo:
         return SearchOutcome(hits[:k], global_hits, stage.ms, rerank=rerank, note=note, score_kind=kind)
 
     def _global_hits(self, snapshot: Snapshot, query_global: np.ndarray, k: int) -> list[SearchHit]:
-        result = snapshot.search(np.asarray(query_global, np.float32)[None], k)
-        ids = [int(i) for i in result.ids[0] if i >= 0]
-        records = {r.id: r for r in self.store.records(ids, skip_missing=True)}  # removed meanwhile: skip
-        return [SearchHit.from_global(records[i], rank, float(score))
-                for rank, (i, score) in enumerate(zip(ids, result.scores[0]), start=1) if i in records]
+        """The snapshot's global top-``k`` with their records, ranked 1..n without gaps. An image
+        removed after the snapshot was taken has no record any more: it is skipped and the
+        snapshot asked for as many more (a few rounds at most), so that a removal during the
+        query neither leaves a hole in the ranks nor shortens the answer."""
+        query = np.asarray(query_global, np.float32)[None]
+        want = k
+        for _ in range(MISSING_RECORD_ROUNDS):
+            result = snapshot.search(query, want)
+            ids = [int(i) for i in result.ids[0] if i >= 0]
+            records = {r.id: r for r in self.store.records(ids, skip_missing=True)}  # removed meanwhile: skip
+            kept = [(i, float(score)) for i, score in zip(ids, result.scores[0]) if i in records]
+            if len(kept) >= k or len(ids) < want:  # enough, or the snapshot holds no more
+                break
+            want += len(ids) - len(kept)
+        return [SearchHit.from_global(records[i], rank, score) for rank, (i, score) in enumerate(kept[:k], start=1)]
 
     def _reranked(self, spec: RerankerSpec, reranker: Reranker, snapshot: Snapshot, picture: Image.Image | None,
                   query: RerankQuery, global_hits: list[SearchHit]) -> tuple[list[SearchHit], str, str]:

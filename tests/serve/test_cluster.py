@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -75,15 +76,19 @@ def cluster(require_module, grocery_dir, tmp_path_factory):
         ray.shutdown()
 
 
-def _ranking(hits) -> list[tuple[str, float]]:
-    return [(hit.path, round(hit.score, 5)) for hit in hits]
+def _same_ranking(many, one) -> bool:
+    """The same images in the same order with the same scores. The cluster describes the query in
+    its own model replica (another process, other thread counts), so a score may differ in the
+    last float32 digits: rounding both to 5 decimals once split 0.721405 into 0.72141 / 0.7214."""
+    return [hit.path for hit in many] == [hit.path for hit in one] and \
+        np.allclose([hit.score for hit in many], [hit.score for hit in one], rtol=0, atol=1e-5)
 
 
 def test_cluster_search_is_the_single_index_search(cluster):
     engine, single = cluster["engine"], cluster["single"]
     for query in cluster["queries"]:
         many, one = engine.search(query, k=K, rerank="none"), single.search(query, k=K, rerank="none")
-        assert _ranking(many.hits) == _ranking(one.hits)  # exactly the single index's global top-k
+        assert _same_ranking(many.hits, one.hits)  # exactly the single index's global top-k
         assert not many.partial and many.missing_shards == []
         for hit in many.hits:  # each id names the shard that owns the path
             assert split_id(hit.id, SHARDS)[0] == shard_of(hit.path, SHARDS)
@@ -91,7 +96,7 @@ def test_cluster_search_is_the_single_index_search(cluster):
     # all of its images, as is the single index's, so the merged order is the single one's.
     query = cluster["queries"][0]
     many, one = engine.search(query, k=K, rerank="gv"), single.search(query, k=K, rerank="gv")
-    assert many.rerank == "gv" and _ranking(many.hits) == _ranking(one.hits)
+    assert many.rerank == "gv" and _same_ranking(many.hits, one.hits)
     assert [h.inliers for h in many.hits] == [h.inliers for h in one.hits]
 
 
