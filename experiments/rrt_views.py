@@ -367,6 +367,15 @@ def _input_size_block(result: dict) -> str:
                    f"{v['rrt']['recall@1']:.4f} / {v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / "
                    f"{v['rrt-fusion']['map@100']:.4f} ({row['rrt_validation']['fusion_weight']}) | "
                    f"{row['rrt_validation']['default_reranker']} |")
+    for row in result.get("retrained", []):
+        v = row["validation"]
+        val.append(f"| 288 px, the RRT retrained on its 9x9 maps (`{row['run']}`; validation only) | - | "
+                   f"{v['none']['recall@1']:.4f} / {v['none']['map@100']:.4f} | "
+                   f"{v['rrt']['recall@1']:.4f} / {v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / "
+                   f"{v['rrt-fusion']['map@100']:.4f} ({row['fusion_weight']}) | {row['default_reranker']} |")
+    curves = "".join(f"\n\nThe retrained RRT's validation map@100 by epoch (0 = untrained: global search): "
+                     f"{', '.join(f'{m:.4f}' for m in row['rrt_map100_by_epoch'])}."
+                     for row in result.get("retrained", []))
     sizes = list(rows)
     protocols = list(rows[sizes[-1]]["test"])
     test = ["| protocol | ranking | " + " | ".join(f"{size} px R@1 / mAP" for size in sizes) + " |",
@@ -391,7 +400,7 @@ def _input_size_block(result: dict) -> str:
     commands = "; ".join(f"{size} px: `{rows[size]['test_command']}` ({rows[size]['test_when']}; "
                          f"results/rrt_views/{rows[size]['test_file']})" for size in sizes)
     return (f"{result['note']} `{result['command']}` (results/rrt_views/{INPUT_SIZE}).\n\nValidation (chooses):\n\n"
-            + "\n".join(val) + f"\n\nTest (reported, never chosen on): {commands}\n\n" + "\n".join(test)
+            + "\n".join(val) + curves + f"\n\nTest (reported, never chosen on): {commands}\n\n" + "\n".join(test)
             + "\n\nCost (the same runs; times on a shared 2-core machine, the dedicated benchmarks are in "
               "docs/performance.md):\n\n" + "\n".join(cost))
 
@@ -545,6 +554,19 @@ def cmd_with_global(args: argparse.Namespace) -> int:
 GLOBAL_AT = {224: "lw-mixed", 288: "lw-mixed-288"}
 
 
+def _retrained_row(run: Path) -> dict:
+    """A `waldo train rrt` run on the 288 px model: its last checkpoint's validation (the same
+    held-out identities as ``choose``) and its per-epoch rrt map@100 (log.jsonl)."""
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    training = read_rrt_info(run / "last")["training"]
+    epochs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {"run": str(run), "config": json.loads((run / "train_config.json").read_text()).get("_comment", ""),
+            "validation": training["fusion_val"]["macro"], "fusion_weight": training["fusion_weight"],
+            "default_reranker": training["default_reranker"],
+            "rrt_map100_by_epoch": [round(e["val"]["macro"]["rrt"]["map@100"], 4) for e in epochs if "val" in e]}
+
+
 def cmd_input_size(args: argparse.Namespace) -> int:
     """make demo's model at 224 px (lw-mixed's global) against 288 px (lw-mixed-288's), the same
     locals and RRT: both validations that chose (``train whiten``'s folds, by the mean over
@@ -580,7 +602,10 @@ def cmd_input_size(args: argparse.Namespace) -> int:
                            "test": test["protocols"]}
     out = {"note": "same backbone, 128-d locals and Reranking Transformer (trained at 224 px); only the input "
                    "size and the global head (waldo train whiten at that size) differ. Validation chose; test "
-                   "reported.", "rows": rows, "command": "python experiments/rrt_views.py input-size"}
+                   "reported.", "rows": rows,
+           "command": "python experiments/rrt_views.py input-size"
+                      + "".join(f" --retrained {run}" for run in args.retrained)}
+    out["retrained"] = [_retrained_row(Path(run)) for run in args.retrained]
     (RESULTS / INPUT_SIZE).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: {"whiten": v["whiten_validation"], "rrt": v["rrt_validation"]["validation"]}
                       for k, v in rows.items()}, indent=2))
@@ -642,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     with_global.set_defaults(handler=cmd_with_global)
     input_size = commands.add_parser("input-size",
                                      help="make demo's model at 224 against 288 px (results/rrt_views/input-size.json)")
+    input_size.add_argument("--retrained", action="append", default=[],
+                            help="a `waldo train rrt` run on the 288 px model (validation row; repeatable)")
     input_size.set_defaults(handler=cmd_input_size)
     choose = commands.add_parser("choose", help="record a checkpoint's validated fusion weight and default")
     choose.add_argument("--model", required=True)
