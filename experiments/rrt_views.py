@@ -132,7 +132,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     best = run / args.checkpoint
-    training = read_rrt_info(best)["training"]
+    best_info = read_rrt_info(best)
+    training = best_info["training"]
     train_config = json.loads((run / "train_config.json").read_text())
     out = SHIPPED_DIR / args.name
     test_figures = None
@@ -194,7 +195,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
                         f"{json.loads((best / 'config.json').read_text())['global_dim']}-d global descriptor: "
                         "learned whitening (waldo train whiten) on the frozen backbone"
                         + (f"; run at {head['image_size']} px input (the global's), so the RRT reads a "
-                           + "x".join(map(str, read_rrt_info(best)["grid"])) + " grid of locals"
+                           + "x".join(map(str, best_info["grid"])) + " grid of locals"
                            if head.get("input_size_from_global") else "") + ". float16.")
         card["global_head"] = {**{k: head[k] for k in ("projection", "setting", "sources", "check_sources", "validation")},
                                "image_size": head.get("image_size", 224)}
@@ -354,6 +355,13 @@ def _skip_block(before: dict) -> str:
     return text
 
 
+def _validation_cells(v: dict, fusion_weight, default: str) -> str:
+    """global, rrt and rrt-fusion R@1 / map@100 of one validation, its fusion weight and default."""
+    return (f"{v['none']['recall@1']:.4f} / {v['none']['map@100']:.4f} | {v['rrt']['recall@1']:.4f} / "
+            f"{v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / {v['rrt-fusion']['map@100']:.4f} "
+            f"({fusion_weight}) | {default} |")
+
+
 def _input_size_block(result: dict) -> str:
     """make demo's model at 224 against 288 px: the validations that chose, then the test."""
     rows = result["rows"]
@@ -361,18 +369,13 @@ def _input_size_block(result: dict) -> str:
            "identities: global R@1 / map@100 | rrt R@1 / map@100 | rrt-fusion R@1 / map@100 (weight) | default |",
            "|---|---|---|---|---|---|"]
     for size, row in rows.items():
-        w, v = row["whiten_validation"], row["rrt_validation"]["validation"]
+        w, r = row["whiten_validation"], row["rrt_validation"]
         val.append(f"| {size} px (`{row['global_model']}`) | {w['mean_over_searches']:.4f} / "
-                   f"{w['mean_over_queries']:.4f} | {v['none']['recall@1']:.4f} / {v['none']['map@100']:.4f} | "
-                   f"{v['rrt']['recall@1']:.4f} / {v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / "
-                   f"{v['rrt-fusion']['map@100']:.4f} ({row['rrt_validation']['fusion_weight']}) | "
-                   f"{row['rrt_validation']['default_reranker']} |")
+                   f"{w['mean_over_queries']:.4f} | "
+                   + _validation_cells(r["validation"], r["fusion_weight"], r["default_reranker"]))
     for row in result.get("retrained", []):
-        v = row["validation"]
         val.append(f"| 288 px, the RRT retrained on its 9x9 maps (`{row['run']}`; validation only) | - | "
-                   f"{v['none']['recall@1']:.4f} / {v['none']['map@100']:.4f} | "
-                   f"{v['rrt']['recall@1']:.4f} / {v['rrt']['map@100']:.4f} | {v['rrt-fusion']['recall@1']:.4f} / "
-                   f"{v['rrt-fusion']['map@100']:.4f} ({row['fusion_weight']}) | {row['default_reranker']} |")
+                   + _validation_cells(row["validation"], row["fusion_weight"], row["default_reranker"]))
     curves = "".join(f"\n\nThe retrained RRT's validation map@100 by epoch (0 = untrained: global search): "
                      f"{', '.join(f'{m:.4f}' for m in row['rrt_map100_by_epoch'])}."
                      for row in result.get("retrained", []))
@@ -530,10 +533,8 @@ def cmd_with_global(args: argparse.Namespace) -> int:
     # backbone and the locals, is unchanged: recorded so that a test can check it.
     info["training"]["locals_from"] = {"model": str(args.model), "image_size": trained_size,
                                        "locals_hash": model_hash(model, exclude=("global_proj.",))}
-    if args.input_size_from_global:  # the RRT's position grid follows the feature map (stride 32)
-        with torch.no_grad():
-            cells = model.eval()(torch.zeros(1, 3, config.image_size, config.image_size)).local_desc.shape[1]
-        info["grid"] = [round(cells ** 0.5)] * 2
+    if args.input_size_from_global:  # the RRT's position grid follows the feature map, as in training
+        info["grid"] = [config.image_size // model.backbone.stride] * 2
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     card = json.loads((reranker_dir / "card.json").read_text()) if (reranker_dir / "card.json").exists() else {}
     train_config = card.get("train_config") or json.loads((reranker_dir / "train_config.json").read_text())
