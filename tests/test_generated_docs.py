@@ -141,6 +141,12 @@ def test_global_adapt_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_global_pooling_verified_table_is_generated():
+    """The issue-16 label-free pooling table in docs/results.md is `experiments/global_pooling_verified.py --table`."""
+    table = _experiment("global_pooling_verified").table(_results("global/pooling_verified.json"))
+    assert table in (ROOT / "docs" / "results.md").read_text()
+
+
 def test_global_ensemble_table_is_generated():
     """The issue-16 fusion table in docs/results.md is `experiments/global_ensemble.py --table`."""
     table = _experiment("global_ensemble").table(_results("global/ensemble.json")["rows"])
