@@ -147,6 +147,13 @@ def test_global_pooling_verified_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_local_matching_table_is_generated():
+    """The issue-15 local-matching table in docs/results.md is `experiments/local_matching.py --both`."""
+    table = _experiment("local_matching").combined_table(_results("rrt_views/local-matching.json"),
+                                                          _results("rrt_views/local-matching-refit.json"))
+    assert table in (ROOT / "docs" / "results.md").read_text()
+
+
 def test_global_ensemble_table_is_generated():
     """The issue-16 fusion table in docs/results.md is `experiments/global_ensemble.py --table`."""
     table = _experiment("global_ensemble").table(_results("global/ensemble.json")["rows"])

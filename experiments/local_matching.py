@@ -1,0 +1,188 @@
+"""Issue 15 diagnostic: do the RRT's local descriptors carry anything the global one lacks?
+
+The Reranking Transformer reads each image's grid of 128-d local descriptors (9x9 for make
+demo's lite0-lw-rrt at 288 px). Every training variant tried so far ranks below global search on
+validation once the transformer's part of the logit grows. If the locals themselves add
+nothing to the global similarity, no training recipe will make the RRT earn its place and the
+next step is finer locals; if a *training-free* match of the locals helps, the training is to
+blame. This scores training-free local matching on the RRT's own validation (its held-out
+training identities, searched like each protocol's test, the serving top-100; waldo.train.
+rrt_online.validate_reranker's sets): global similarity + w x a local score, for
+
+- ``chamfer``: mean over the query's cells of the best cosine with any candidate cell;
+- ``chamfer-sym``: the mean of both directions;
+- ``mnn-T``: the share of the query's cells whose best candidate cell is mutual and has cosine
+  above T (a soft count of local correspondences).
+
+The model's global head (`waldo train whiten` on the same training sources) was fitted on every
+training identity, the held-out ones too, so on this validation global search is optimistic;
+``--refit-global`` refits that head (same setting) without the held-out identities first, so the
+global ranking is as blind to them as it is to a test's, and scores everything again.
+
+    .venv/bin/python experiments/local_matching.py                  # ~1 min; results/rrt_views/local-matching.json
+    .venv/bin/python experiments/local_matching.py --refit-global   # ~3 min; local-matching-refit.json
+    .venv/bin/python experiments/local_matching.py --table [--refit-global]
+    .venv/bin/python experiments/local_matching.py --both     # both side by side (docs/results.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "results" / "rrt_views" / "local-matching.json"
+SOURCES = ("grocery-open-cross", "coil100-open", "../shared/data/abo_sample")
+SCORES = ("chamfer", "chamfer-sym", "mnn-0.5", "mnn-0.7")
+WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: str) -> np.ndarray:
+    """(Q, K) scores from (Q, N, D) query cells and (Q, K, M, D) candidate cells."""
+    sims = np.einsum("qnd,qkmd->qknm", _unit(query_locals), _unit(candidate_locals))
+    if kind == "chamfer":
+        return sims.max(3).mean(2)
+    if kind == "chamfer-sym":
+        return 0.5 * (sims.max(3).mean(2) + sims.max(2).mean(2))
+    if kind.startswith("mnn-"):
+        best_c, best_q = sims.argmax(3), sims.argmax(2)  # (Q, K, N), (Q, K, M)
+        mutual = np.take_along_axis(best_q, best_c, 2) == np.arange(sims.shape[2])[None, None]
+        return (mutual & (sims.max(3) > float(kind[4:]))).mean(2)
+    raise ValueError(kind)
+
+
+def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out: np.ndarray) -> tuple[np.ndarray, float]:
+    """The model's global head refitted without the ``held_out`` rows (same learned-whitening
+    setting, waldo.train.whitening's fit): (N, D) global descriptors of every pool row, and the
+    smallest cosine between the model's own descriptors and a refit on *every* row (a check
+    that this refit is the head's recipe)."""
+    from waldo.data.transforms import get_transform
+    from waldo.models.extract import extract_pooled_features
+    from waldo.models.whitening import WhiteningSetting, describe, learned_projection
+
+    cache = ROOT / "runs" / "local-matching" / f"pooled-{model_dir.name}.npy"
+    if cache.is_file():
+        features = np.load(cache)
+    else:
+        features, _ = extract_pooled_features(descriptor_model, pool.paths,
+                                              get_transform(model_config.transform, model_config.image_size), progress=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, features)
+    features = features.astype(np.float64)
+    setting = WhiteningSetting(**json.loads((model_dir / "config.json").read_text())["extra"]["global_head"]["setting"])
+
+    def fit(rows: np.ndarray) -> np.ndarray:
+        labelled = rows[pool.labelled[rows]]
+        mean, projection = learned_projection(features[labelled], pool.identity[labelled], features[rows], setting)
+        return describe(features, mean, projection).astype(np.float32)
+
+    everything = fit(np.arange(len(pool)))
+    import torch
+    sample = np.linspace(0, len(pool) - 1, 64).round().astype(int)
+    from waldo.data.images import load_image
+    transform = get_transform(model_config.transform, model_config.image_size)
+    with torch.inference_mode():
+        batch = torch.stack([transform(load_image(pool.paths[i]), int(i)) for i in sample])
+        extract_sample = descriptor_model(batch).global_desc.float().numpy()
+    with_model = float((extract_sample * everything[sample]).sum(1).min())
+    return fit(np.flatnonzero(~held_out)), with_model
+
+
+def run(model: str, refit: bool = False) -> dict:
+    from waldo.models.checkpoint import load_model
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import load_rrt
+    from waldo.train.rrt_online import (ViewAugment, ViewMaker, ViewValidator, clean_descriptors, default_cache_root,
+                                        pool_sources, split_rows, validation_sets)
+    from waldo.train.sources import parse_source
+
+    model_dir = resolve_model_dir(model)
+    descriptor_model, model_config = load_model(model_dir)
+    rrt, info = load_rrt(model_dir)
+    train_config = info.get("training", {})
+    pool = pool_sources([parse_source(str(ROOT / s) if s.startswith("..") else s) for s in SOURCES])
+    held_out = split_rows(pool, 0.2, 0)  # the shipped RRT's run: val_fraction 0.2, seed 0 (configs/rrt-views-lw-cpu.json)
+    sets = validation_sets(pool, held_out, max_queries=150, seed=0)
+    needed = np.unique(np.concatenate([np.concatenate([s.queries, s.gallery]) for s in sets]))
+    part_global, part_local, ok = clean_descriptors(descriptor_model, model_config, [pool.paths[i] for i in needed],
+                                                    Path(default_cache_root()), progress=False)
+    if not ok.all():
+        raise ValueError("unreadable validation images")
+    global_desc = np.zeros((len(pool), part_global.shape[1]), np.float32)
+    local_desc = np.zeros((len(pool), *part_local.shape[1:]), np.float16)
+    global_desc[needed], local_desc[needed] = part_global, part_local
+    check = None
+    if refit:
+        refitted, check = refit_global(descriptor_model, model_config, model_dir, pool, held_out)
+        global_desc = refitted
+    grid = (model_config.image_size // descriptor_model.backbone.stride,) * 2
+    views = ViewMaker(descriptor_model, pool.paths, model_config.image_size, ViewAugment())
+    if any(s.augmented for s in sets):  # their queries would be described by the model, not the refit head
+        raise ValueError("augmented validation sets are not supported here")
+    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=100, seed=0, grid=grid)
+    shipped = validator(rrt, fusion_weight=train_config.get("fusion_weight"))
+    rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"}}
+            for name in shipped["macro"]]
+    for kind in SCORES:
+        per_set = []
+        for data in validator.prepared:
+            q, k = data["candidates"].shape
+            cands = local_desc[data["candidates"].reshape(-1)].astype(np.float32).reshape(q, k, *local_desc.shape[1:])
+            per_set.append(local_scores(data["q_local"].astype(np.float32), cands, kind))
+        for weight in WEIGHTS[1:]:
+            metrics = [validator._metrics(data, data["scores"] + weight * s) for data, s in zip(validator.prepared, per_set)]
+            rows.append({"ranking": f"global + {weight:g} x {kind}",
+                         **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"model": model, "refit_global": refit, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
+                                                          "gallery": len(s.gallery)} for s in sets], "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| ranking (validation, macro over the held-out sets) | R@1 | map@100 |", "|---|---|---|"]
+    lines += [f"| {r['ranking']} | {r['recall@1']:.4f} | {r['map@100']:.4f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def combined_table(shipped_head: dict, refit_head: dict) -> str:
+    """Both validations side by side (the rows are the same rankings in the same order)."""
+    lines = ["| ranking (validation: the RRT's held-out training identities, macro over sets) | global head fitted on "
+             "every training identity: R@1 / map@100 | global head refitted without the held-out ones: R@1 / map@100 |",
+             "|---|---|---|"]
+    for a, b in zip(shipped_head["rows"], refit_head["rows"]):
+        assert a["ranking"] == b["ranking"], (a, b)
+        lines.append(f"| {a['ranking']} | {a['recall@1']:.4f} / {a['map@100']:.4f} | {b['recall@1']:.4f} / {b['map@100']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lite0-lw-rrt")
+    parser.add_argument("--refit-global", action="store_true",
+                        help="refit the global head without the held-out identities first (module doc)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the saved JSON")
+    parser.add_argument("--both", action="store_true", help="print both saved validations side by side")
+    args = parser.parse_args()
+    if args.both:
+        print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
+        return 0
+    out = OUT.with_name("local-matching-refit.json") if args.refit_global else OUT
+    if not args.table:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(run(args.model, args.refit_global), indent=1) + "\n")
+    print(table(json.loads(out.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
