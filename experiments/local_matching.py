@@ -48,17 +48,38 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: str) -> np.ndarray:
-    """(Q, K) scores from (Q, N, D) query cells and (Q, K, M, D) candidate cells."""
-    sims = np.einsum("qnd,qkmd->qknm", _unit(query_locals), _unit(candidate_locals))
+    """(K,) scores of one query's (N, D) cells against (K, M, D) candidate cells."""
+    sims = np.matmul(_unit(candidate_locals), _unit(query_locals).T).transpose(0, 2, 1)  # (K, N, M)
     if kind == "chamfer":
-        return sims.max(3).mean(2)
+        return sims.max(2).mean(1)
     if kind == "chamfer-sym":
-        return 0.5 * (sims.max(3).mean(2) + sims.max(2).mean(2))
+        return 0.5 * (sims.max(2).mean(1) + sims.max(1).mean(1))
     if kind.startswith("mnn-"):
-        best_c, best_q = sims.argmax(3), sims.argmax(2)  # (Q, K, N), (Q, K, M)
-        mutual = np.take_along_axis(best_q, best_c, 2) == np.arange(sims.shape[2])[None, None]
-        return (mutual & (sims.max(3) > float(kind[4:]))).mean(2)
+        best_c, best_q = sims.argmax(2), sims.argmax(1)  # (K, N), (K, M)
+        mutual = np.take_along_axis(best_q, best_c, 1) == np.arange(sims.shape[1])[None]
+        return (mutual & (sims.max(2) > float(kind[4:]))).mean(1)
     raise ValueError(kind)
+
+
+def scaled_locals(descriptor_model, model_config, paths: list[str], size: int) -> np.ndarray:
+    """(N, L, D) float16 locals of ``paths`` with the model run at ``size`` px (a finer grid, the
+    same local projection), cached under runs/local-matching/."""
+    import hashlib
+
+    from waldo.data.transforms import get_transform
+    from waldo.models.extract import extract_descriptors
+
+    key = hashlib.sha256("|".join([model_config.model_dump_json(), str(size), *paths]).encode()).hexdigest()[:16]
+    cache = ROOT / "runs" / "local-matching" / f"locals-{size}-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    out = extract_descriptors(descriptor_model, paths, get_transform(model_config.transform, size), runtime="eager",
+                              description=f"locals at {size} px")
+    if not out.ok.all():
+        raise ValueError("unreadable validation images")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, out.local_desc)
+    return out.local_desc
 
 
 def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out: np.ndarray) -> tuple[np.ndarray, float]:
@@ -98,7 +119,7 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
     return fit(np.flatnonzero(~held_out)), with_model
 
 
-def run(model: str, refit: bool = False) -> dict:
+def run(model: str, refit: bool = False, scale: float = 1.0) -> dict:
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -133,18 +154,24 @@ def run(model: str, refit: bool = False) -> dict:
     shipped = validator(rrt, fusion_weight=train_config.get("fusion_weight"))
     rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"}}
             for name in shipped["macro"]]
+    match_locals, size = local_desc, model_config.image_size
+    if scale != 1:
+        size = int(round(model_config.image_size * scale))
+        finer = scaled_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], size)
+        match_locals = np.zeros((len(pool), *finer.shape[1:]), np.float16)
+        match_locals[needed] = finer
     for kind in SCORES:
         per_set = []
-        for data in validator.prepared:
-            q, k = data["candidates"].shape
-            cands = local_desc[data["candidates"].reshape(-1)].astype(np.float32).reshape(q, k, *local_desc.shape[1:])
-            per_set.append(local_scores(data["q_local"].astype(np.float32), cands, kind))
+        for vset, data in zip(sets, validator.prepared):
+            per_set.append(np.stack([local_scores(match_locals[query].astype(np.float32),
+                                                  match_locals[candidates].astype(np.float32), kind)
+                                     for query, candidates in zip(vset.queries, data["candidates"])]))
         for weight in WEIGHTS[1:]:
             metrics = [validator._metrics(data, data["scores"] + weight * s) for data, s in zip(validator.prepared, per_set)]
             rows.append({"ranking": f"global + {weight:g} x {kind}",
                          **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
         print(json.dumps(rows[-1]), flush=True)
-    return {"model": model, "refit_global": refit, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
+    return {"model": model, "refit_global": refit, "locals_size": size, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
                                                           "gallery": len(s.gallery)} for s in sets], "rows": rows}
 
 
@@ -170,16 +197,19 @@ def main() -> int:
     parser.add_argument("--model", default="lite0-lw-rrt")
     parser.add_argument("--refit-global", action="store_true",
                         help="refit the global head without the held-out identities first (module doc)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="match locals of the model run at this many times its input size (a finer grid)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the saved JSON")
     parser.add_argument("--both", action="store_true", help="print both saved validations side by side")
     args = parser.parse_args()
     if args.both:
         print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
         return 0
-    out = OUT.with_name("local-matching-refit.json") if args.refit_global else OUT
+    out = OUT.with_name("local-matching" + ("-refit" if args.refit_global else "")
+                        + (f"-scale{args.scale:g}" if args.scale != 1 else "") + ".json")
     if not args.table:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run(args.model, args.refit_global), indent=1) + "\n")
+        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale), indent=1) + "\n")
     print(table(json.loads(out.read_text())))
     return 0
 
