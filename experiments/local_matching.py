@@ -23,6 +23,10 @@ global ranking is as blind to them as it is to a test's, and scores everything a
     .venv/bin/python experiments/local_matching.py --refit-global   # ~3 min; local-matching-refit.json
     .venv/bin/python experiments/local_matching.py --table [--refit-global]
     .venv/bin/python experiments/local_matching.py --both     # both side by side (docs/results.md)
+    .venv/bin/python experiments/local_matching.py --refit-global --scale 2   # ~7 min: 18x18 locals, model at 576 px
+    .venv/bin/python experiments/local_matching.py --refit-global --tap 4     # ~3 min: stage-4 cells (stride 16)
+    .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --test   # ~6 min: the tests, reported
+    .venv/bin/python experiments/local_matching.py --finer    # the finer-locals table (docs/results.md)
 """
 
 from __future__ import annotations
@@ -59,6 +63,42 @@ def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: s
         mutual = np.take_along_axis(best_q, best_c, 1) == np.arange(sims.shape[1])[None]
         return (mutual & (sims.max(2) > float(kind[4:]))).mean(1)
     raise ValueError(kind)
+
+
+def tapped_locals(descriptor_model, model_config, paths: list[str], stage: int) -> np.ndarray:
+    """(N, L, C) float16 cells of the backbone's stage ``stage`` output (an earlier, finer map than
+    the last: stride 16 for EfficientNet-Lite's stages 3-4) at the model's input size, centred on
+    their mean cell (no learned projection), cached under runs/local-matching/."""
+    import hashlib
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from waldo.data.transforms import get_transform
+    from waldo.models.extract import _collate, _ImageFiles
+
+    key = hashlib.sha256("|".join([model_config.model_dump_json(), f"tap{stage}", *paths]).encode()).hexdigest()[:16]
+    cache = ROOT / "runs" / "local-matching" / f"tap{stage}-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    stem, stages, _ = descriptor_model.backbone.stages()
+    parts = []
+    loader = DataLoader(_ImageFiles(paths, get_transform(model_config.transform, model_config.image_size)),
+                        batch_size=32, num_workers=1, collate_fn=_collate)
+    with torch.inference_mode():
+        for _, batch, errors in loader:
+            if errors:
+                raise ValueError(f"unreadable validation images: {errors}")
+            x = descriptor_model.backbone.normalize(batch)
+            for module in [*stem, *stages[: stage + 1]]:
+                x = module(x)
+            parts.append(x.flatten(2).transpose(1, 2).float().numpy())
+    cells = np.concatenate(parts)
+    cells -= cells.reshape(-1, cells.shape[2]).mean(0)
+    cells = cells.astype(np.float16)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, cells)
+    return cells
 
 
 def scaled_locals(descriptor_model, model_config, paths: list[str], size: int) -> np.ndarray:
@@ -119,7 +159,7 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
     return fit(np.flatnonzero(~held_out)), with_model
 
 
-def run(model: str, refit: bool = False, scale: float = 1.0) -> dict:
+def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None) -> dict:
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -155,9 +195,10 @@ def run(model: str, refit: bool = False, scale: float = 1.0) -> dict:
     rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"}}
             for name in shipped["macro"]]
     match_locals, size = local_desc, model_config.image_size
-    if scale != 1:
+    if scale != 1 or tap is not None:
         size = int(round(model_config.image_size * scale))
-        finer = scaled_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], size)
+        finer = (scaled_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], size) if tap is None
+                 else tapped_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], tap))
         match_locals = np.zeros((len(pool), *finer.shape[1:]), np.float16)
         match_locals[needed] = finer
     for kind in SCORES:
@@ -171,8 +212,55 @@ def run(model: str, refit: bool = False, scale: float = 1.0) -> dict:
             rows.append({"ranking": f"global + {weight:g} x {kind}",
                          **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
         print(json.dumps(rows[-1]), flush=True)
-    return {"model": model, "refit_global": refit, "locals_size": size, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
+    return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
                                                           "gallery": len(s.gallery)} for s in sets], "rows": rows}
+
+
+def choose(result: dict) -> dict:
+    """The local-matching row with the best validation map@100 (then R@1): its kind and weight."""
+    rows = [r for r in result["rows"] if r["ranking"].startswith("global + ")]
+    best = max(rows, key=lambda r: (r["map@100"], r["recall@1"]))
+    weight, kind = best["ranking"][len("global + "):].split(" x ")
+    return {"kind": kind, "weight": float(weight), "validation": best}
+
+
+def test(model: str, chosen: dict, tap: int | None) -> list[dict]:
+    """Reported only: the test protocols' global top-100 (the model's own head, which never saw a
+    test identity) reranked by global + weight x the chosen local score."""
+    from waldo.data.protocols import get_protocol
+    from waldo.eval.metrics import retrieval_metrics
+    from waldo.eval.runner import run_eval_full
+    from waldo.models.checkpoint import load_model
+    from waldo.models.shipped import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    descriptor_model, model_config = load_model(model_dir)
+    out = []
+    for name in ("grocery-open-cross", "coil100-open"):
+        protocol = get_protocol(name)
+        run, metrics = run_eval_full(name, model_dir=model_dir, progress=False)
+        paths = list(protocol.queries.paths) + list(protocol.gallery.paths)
+        cells = tapped_locals(descriptor_model, model_config, paths, tap) if tap is not None else \
+            scaled_locals(descriptor_model, model_config, paths, model_config.image_size)
+        q_cells, g_cells = cells[: len(protocol.queries.paths)], cells[len(protocol.queries.paths):]
+        k = min(100, run.knn_indices.shape[1])
+        reranked = []
+        for q in range(len(run.query_rows)):
+            candidates = run.knn_indices[q, :k]
+            local = local_scores(q_cells[run.query_rows[q]].astype(np.float32),
+                                 g_cells[run.gallery_rows[candidates]].astype(np.float32), chosen["kind"])
+            order = np.argsort(-(run.knn_scores[q, :k] + chosen["weight"] * local), kind="stable")
+            reranked.append(np.concatenate([run.matches[q, :k][order], run.matches[q, k:]]))
+        after = retrieval_metrics(np.stack(reranked), run.n_positives)
+        before = retrieval_metrics(run.matches, run.n_positives)
+        changed = np.stack(reranked)[:, 0] != run.matches[:, 0]
+        out.append({"protocol": name, "queries": len(run.query_rows),
+                    "global": {m: round(float(before[m]), 4) for m in ("recall@1", "map")},
+                    "local_match": {m: round(float(after[m]), 4) for m in ("recall@1", "map")},
+                    "top1_fixed": int((changed & np.stack(reranked)[:, 0]).sum()),
+                    "top1_broken": int((changed & run.matches[:, 0]).sum())})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def table(result: dict) -> str:
@@ -192,6 +280,35 @@ def combined_table(shipped_head: dict, refit_head: dict) -> str:
     return "\n".join(lines)
 
 
+FINER = (("9x9 locals (the RRT's)", "local-matching-refit.json"),
+         ("18x18 locals (model at 576 px)", "local-matching-refit-scale2.json"),
+         ("18x18 stage-4 cells (288 px, stride 16)", "local-matching-refit-tap4.json"))
+
+
+def finer_table(results: list[dict]) -> str:
+    """The fair validation (global head refitted) for each kind of locals side by side, then the
+    validation-chosen setting of the stride-16 cells on the test protocols (reported only)."""
+    header = " | ".join(f"{label}: R@1 / map@100" for label, _ in FINER)
+    lines = [f"| ranking (validation, global head refitted without the held-out identities) | {header} |",
+             "|---|" + "---|" * len(FINER)]
+    for rows in zip(*(r["rows"] for r in results)):
+        assert len({row["ranking"] for row in rows}) == 1, rows
+        lines.append(f"| {rows[0]['ranking']} | " + " | ".join(f"{r['recall@1']:.4f} / {r['map@100']:.4f}" for r in rows)
+                     + " |")
+    chosen = results[-1].get("test")
+    if chosen:
+        c = chosen["chosen"]
+        lines += ["", f"Test (reported, never chosen on): global + {c['weight']:g} x {c['kind']} on the stage-4 cells "
+                  f"(the best validation map@100 of the last column), the shipped model's own global top-100:", "",
+                  "| protocol | queries | global R@1 / mAP | + local matching R@1 / mAP | top-1 fixed / broken |",
+                  "|---|---|---|---|---|"]
+        for row in chosen["rows"]:
+            lines.append(f"| {row['protocol']} | {row['queries']} | {row['global']['recall@1']:.4f} / {row['global']['map']:.4f}"
+                         f" | {row['local_match']['recall@1']:.4f} / {row['local_match']['map']:.4f} | "
+                         f"{row['top1_fixed']} / {row['top1_broken']} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lite0-lw-rrt")
@@ -199,17 +316,35 @@ def main() -> int:
                         help="refit the global head without the held-out identities first (module doc)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="match locals of the model run at this many times its input size (a finer grid)")
+    parser.add_argument("--tap", type=int, default=None,
+                        help="match the cells of this backbone stage's output instead (centred, unprojected)")
+    parser.add_argument("--test", action="store_true",
+                        help="report the validation-chosen local score on the test protocols (needs the saved "
+                             "--refit-global validation with the same --tap / --scale)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the saved JSON")
     parser.add_argument("--both", action="store_true", help="print both saved validations side by side")
+    parser.add_argument("--finer", action="store_true", help="print the saved fair validations of every kind of locals")
     args = parser.parse_args()
+    if args.finer:
+        print(finer_table([json.loads(OUT.with_name(name).read_text()) for _, name in FINER]))
+        return 0
     if args.both:
         print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
         return 0
     out = OUT.with_name("local-matching" + ("-refit" if args.refit_global else "")
-                        + (f"-scale{args.scale:g}" if args.scale != 1 else "") + ".json")
+                        + (f"-scale{args.scale:g}" if args.scale != 1 else "")
+                        + (f"-tap{args.tap}" if args.tap is not None else "") + ".json")
+    if args.test:
+        if not args.refit_global:
+            raise SystemExit("--test reads the choice of the fair validation: pass --refit-global too")
+        result = json.loads(out.read_text())
+        chosen = choose(result)
+        result["test"] = {"chosen": chosen, "rows": test(args.model, chosen, args.tap)}
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if not args.table:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale), indent=1) + "\n")
+        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale, args.tap), indent=1) + "\n")
     print(table(json.loads(out.read_text())))
     return 0
 

@@ -154,6 +154,13 @@ def test_local_matching_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_finer_locals_table_is_generated():
+    """The issue-15 finer-locals table in docs/results.md is `experiments/local_matching.py --finer`."""
+    module = _experiment("local_matching")
+    table = module.finer_table([_results(f"rrt_views/{name}") for _, name in module.FINER])
+    assert table in (ROOT / "docs" / "results.md").read_text()
+
+
 def test_global_ensemble_table_is_generated():
     """The issue-16 fusion table in docs/results.md is `experiments/global_ensemble.py --table`."""
     table = _experiment("global_ensemble").table(_results("global/ensemble.json")["rows"])
