@@ -26,6 +26,7 @@ global ranking is as blind to them as it is to a test's, and scores everything a
     .venv/bin/python experiments/local_matching.py --refit-global --scale 2   # ~7 min: 18x18 locals, model at 576 px
     .venv/bin/python experiments/local_matching.py --refit-global --tap 4     # ~3 min: stage-4 cells (stride 16)
     .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --test   # ~6 min: the tests, reported
+    .venv/bin/python experiments/local_matching.py --model untrained --tap 4 [--test]   # the untrained default
     .venv/bin/python experiments/local_matching.py --finer    # the finer-locals table (docs/results.md)
 """
 
@@ -45,6 +46,8 @@ OUT = ROOT / "results" / "rrt_views" / "local-matching.json"
 SOURCES = ("grocery-open-cross", "coil100-open", "../shared/data/abo_sample")
 SCORES = ("chamfer", "chamfer-sym", "mnn-0.5", "mnn-0.7")
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+#: --model value for the untrained default (views-whiten, 224 px), fitted without labels.
+UNTRAINED = "untrained"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -167,12 +170,22 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
                                         pool_sources, split_rows, validation_sets)
     from waldo.train.sources import parse_source
 
-    model_dir = resolve_model_dir(model)
-    descriptor_model, model_config = load_model(model_dir)
-    rrt, info = load_rrt(model_dir)
-    train_config = info.get("training", {})
     pool = pool_sources([parse_source(str(ROOT / s) if s.startswith("..") else s) for s in SOURCES])
     held_out = split_rows(pool, 0.2, 0)  # the shipped RRT's run: val_fraction 0.2, seed 0 (configs/rrt-views-lw-cpu.json)
+    if model == UNTRAINED:  # fitted without labels on the training rows, as an evaluation fits on training images
+        from waldo.models.untrained import untrained_model
+
+        if refit:
+            raise ValueError("the untrained default learns nothing from labels: there is no head to refit")
+        descriptor_model, model_config = untrained_model("efficientnet_lite0", progress=False,
+                                                         fit_paths=[pool.paths[i] for i in np.flatnonzero(~held_out)],
+                                                         fit_source="validation pool minus held-out")
+        model_dir, rrt, train_config = None, None, {}
+    else:
+        model_dir = resolve_model_dir(model)
+        descriptor_model, model_config = load_model(model_dir)
+        rrt, info = load_rrt(model_dir)
+        train_config = info.get("training", {})
     sets = validation_sets(pool, held_out, max_queries=150, seed=0)
     needed = np.unique(np.concatenate([np.concatenate([s.queries, s.gallery]) for s in sets]))
     part_global, part_local, ok = clean_descriptors(descriptor_model, model_config, [pool.paths[i] for i in needed],
@@ -191,9 +204,13 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
     if any(s.augmented for s in sets):  # their queries would be described by the model, not the refit head
         raise ValueError("augmented validation sets are not supported here")
     validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=100, seed=0, grid=grid)
-    shipped = validator(rrt, fusion_weight=train_config.get("fusion_weight"))
-    rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"}}
-            for name in shipped["macro"]]
+    if rrt is not None:
+        shipped = validator(rrt, fusion_weight=train_config.get("fusion_weight"))
+        rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"}}
+                for name in shipped["macro"]]
+    else:
+        plain = [validator._metrics(data, None) for data in validator.prepared]
+        rows = [{"ranking": "none", **{m: round(float(np.mean([x[m] for x in plain])), 4) for m in ("recall@1", "map@100")}}]
     match_locals, size = local_desc, model_config.image_size
     if scale != 1 or tap is not None:
         size = int(round(model_config.image_size * scale))
@@ -233,8 +250,14 @@ def test(model: str, chosen: dict, tap: int | None) -> list[dict]:
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
 
-    model_dir = resolve_model_dir(model)
-    descriptor_model, model_config = load_model(model_dir)
+    if model == UNTRAINED:  # each protocol's own untrained default (fitted on its training images); the tap needs only the backbone
+        from waldo.models.untrained import untrained_model
+
+        model_dir = None
+        descriptor_model, model_config = untrained_model("efficientnet_lite0", projection="random", progress=False)
+    else:
+        model_dir = resolve_model_dir(model)
+        descriptor_model, model_config = load_model(model_dir)
     out = []
     for name in ("grocery-open-cross", "coil100-open"):
         protocol = get_protocol(name)
@@ -285,7 +308,10 @@ FINER = (("9x9 locals (the RRT's)", "local-matching-refit.json"),
          ("18x18 stage-4 cells (288 px, stride 16)", "local-matching-refit-tap4.json"))
 
 
-def finer_table(results: list[dict]) -> str:
+UNTRAINED_FILE = "local-matching-untrained-tap4.json"
+
+
+def finer_table(results: list[dict], untrained: dict | None = None) -> str:
     """The fair validation (global head refitted) for each kind of locals side by side, then the
     validation-chosen setting of the stride-16 cells on the test protocols (reported only)."""
     header = " | ".join(f"{label}: R@1 / map@100" for label, _ in FINER)
@@ -295,17 +321,24 @@ def finer_table(results: list[dict]) -> str:
         assert len({row["ranking"] for row in rows}) == 1, rows
         lines.append(f"| {rows[0]['ranking']} | " + " | ".join(f"{r['recall@1']:.4f} / {r['map@100']:.4f}" for r in rows)
                      + " |")
-    chosen = results[-1].get("test")
-    if chosen:
-        c = chosen["chosen"]
-        lines += ["", f"Test (reported, never chosen on): global + {c['weight']:g} x {c['kind']} on the stage-4 cells "
-                  f"(the best validation map@100 of the last column), the shipped model's own global top-100:", "",
-                  "| protocol | queries | global R@1 / mAP | + local matching R@1 / mAP | top-1 fixed / broken |",
-                  "|---|---|---|---|---|"]
-        for row in chosen["rows"]:
-            lines.append(f"| {row['protocol']} | {row['queries']} | {row['global']['recall@1']:.4f} / {row['global']['map']:.4f}"
-                         f" | {row['local_match']['recall@1']:.4f} / {row['local_match']['map']:.4f} | "
-                         f"{row['top1_fixed']} / {row['top1_broken']} |")
+    tests = [("make demo's lite0-lw-rrt (288 px)", results[-1])] + ([("untrained default (224 px)", untrained)] if untrained else [])
+    if any(r.get("test") for _, r in tests):
+        lines += ["", "Test (reported, never chosen on): each model's own global top-100 reranked by global + w x the "
+                  "local score on its stage-4 cells, the score and w with the best validation map@100 for that model "
+                  "(the untrained default's validation: the same held-out sets, the model fitted without labels on the "
+                  "other training images; `--model untrained --tap 4`):", "",
+                  "| model | chosen on validation (validation R@1 / map@100, global alone) | protocol | global R@1 / mAP | "
+                  "+ local matching R@1 / mAP | top-1 fixed / broken |", "|---|---|---|---|---|---|"]
+        for label, result in tests:
+            if not result.get("test"):
+                continue
+            c, none = result["test"]["chosen"], result["rows"][0]
+            how = (f"w {c['weight']:g} x {c['kind']} ({c['validation']['recall@1']:.4f} / {c['validation']['map@100']:.4f}, "
+                   f"{none['recall@1']:.4f} / {none['map@100']:.4f})")
+            for row in result["test"]["rows"]:
+                lines.append(f"| {label} | {how} | {row['protocol']} | {row['global']['recall@1']:.4f} / "
+                             f"{row['global']['map']:.4f} | {row['local_match']['recall@1']:.4f} / "
+                             f"{row['local_match']['map']:.4f} | {row['top1_fixed']} / {row['top1_broken']} |")
     return "\n".join(lines)
 
 
@@ -326,16 +359,18 @@ def main() -> int:
     parser.add_argument("--finer", action="store_true", help="print the saved fair validations of every kind of locals")
     args = parser.parse_args()
     if args.finer:
-        print(finer_table([json.loads(OUT.with_name(name).read_text()) for _, name in FINER]))
+        print(finer_table([json.loads(OUT.with_name(name).read_text()) for _, name in FINER],
+                          json.loads(OUT.with_name(UNTRAINED_FILE).read_text())))
         return 0
     if args.both:
         print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
         return 0
-    out = OUT.with_name("local-matching" + ("-refit" if args.refit_global else "")
+    out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{args.model}")
+                        + ("-refit" if args.refit_global else "")
                         + (f"-scale{args.scale:g}" if args.scale != 1 else "")
                         + (f"-tap{args.tap}" if args.tap is not None else "") + ".json")
     if args.test:
-        if not args.refit_global:
+        if not args.refit_global and args.model != UNTRAINED:
             raise SystemExit("--test reads the choice of the fair validation: pass --refit-global too")
         result = json.loads(out.read_text())
         chosen = choose(result)
