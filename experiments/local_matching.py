@@ -130,16 +130,21 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
     setting, waldo.train.whitening's fit): (N, D) global descriptors of every pool row, and the
     smallest cosine between the model's own descriptors and a refit on *every* row (a check
     that this refit is the head's recipe)."""
+    import torch
+
+    from waldo.data.images import load_image
     from waldo.data.transforms import get_transform
+    from waldo.models.checkpoint import model_hash
     from waldo.models.extract import extract_pooled_features
     from waldo.models.whitening import WhiteningSetting, describe, learned_projection
 
-    cache = ROOT / "runs" / "local-matching" / f"pooled-{model_dir.name}.npy"
+    transform = get_transform(model_config.transform, model_config.image_size)
+    # The pooled features depend on the backbone, pooling and input size only, never on the head.
+    cache = ROOT / "runs" / "local-matching" / f"pooled-{model_hash(descriptor_model, exclude=('global_proj.',))[:16]}.npy"
     if cache.is_file():
         features = np.load(cache)
     else:
-        features, _ = extract_pooled_features(descriptor_model, pool.paths,
-                                              get_transform(model_config.transform, model_config.image_size), progress=True)
+        features, _ = extract_pooled_features(descriptor_model, pool.paths, transform, progress=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, features)
     features = features.astype(np.float64)
@@ -151,10 +156,7 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
         return describe(features, mean, projection).astype(np.float32)
 
     everything = fit(np.arange(len(pool)))
-    import torch
     sample = np.linspace(0, len(pool) - 1, 64).round().astype(int)
-    from waldo.data.images import load_image
-    transform = get_transform(model_config.transform, model_config.image_size)
     with torch.inference_mode():
         batch = torch.stack([transform(load_image(pool.paths[i]), int(i)) for i in sample])
         extract_sample = descriptor_model(batch).global_desc.float().numpy()
