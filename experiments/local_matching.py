@@ -28,6 +28,9 @@ global ranking is as blind to them as it is to a test's, and scores everything a
     .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --test   # ~6 min: the tests, reported
     .venv/bin/python experiments/local_matching.py --model untrained --tap 4 [--test]   # the untrained default
     .venv/bin/python experiments/local_matching.py --finer    # the finer-locals table (docs/results.md)
+    .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --cells-dim 64 [--whiten]   # compact forms
+    .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --cells-dim 32
+    .venv/bin/python experiments/local_matching.py --compact  # their table (docs/results.md)
 """
 
 from __future__ import annotations
@@ -164,7 +167,21 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
     return fit(np.flatnonzero(~held_out)), with_model
 
 
-def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None) -> dict:
+def project_cells(cells: np.ndarray, dim: int, whiten: bool, sample: int = 50_000, seed: int = 0) -> np.ndarray:
+    """(N, L, dim) float16: ``cells`` projected by a label-free PCA (whitened if ``whiten``)
+    fitted on a seeded sample of the cells themselves, as an index would fit on its own images;
+    what a compact stored form of the cells would keep."""
+    flat = cells.reshape(-1, cells.shape[2]).astype(np.float32)
+    rows = np.random.default_rng(seed).choice(len(flat), min(sample, len(flat)), replace=False)
+    mean = flat[rows].mean(0)
+    values, vectors = np.linalg.eigh(np.cov((flat[rows] - mean).T))
+    order = np.argsort(values)[::-1][:dim]
+    basis = vectors[:, order] / (np.sqrt(np.maximum(values[order], 1e-12)) if whiten else 1.0)
+    return ((flat - mean) @ basis).reshape(*cells.shape[:2], dim).astype(np.float16)
+
+
+def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None, cells_dim: int = 0,
+        whiten: bool = False) -> dict:
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -218,6 +235,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
         size = int(round(model_config.image_size * scale))
         finer = (scaled_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], size) if tap is None
                  else tapped_locals(descriptor_model, model_config, [pool.paths[i] for i in needed], tap))
+        if cells_dim:
+            finer = project_cells(finer, cells_dim, whiten)
         match_locals = np.zeros((len(pool), *finer.shape[1:]), np.float16)
         match_locals[needed] = finer
     for kind in SCORES:
@@ -231,7 +250,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
             rows.append({"ranking": f"global + {weight:g} x {kind}",
                          **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
         print(json.dumps(rows[-1]), flush=True)
-    return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
+    return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "cells_dim": cells_dim or None,
+            "whiten": whiten, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
                                                           "gallery": len(s.gallery)} for s in sets], "rows": rows}
 
 
@@ -344,6 +364,26 @@ def finer_table(results: list[dict], untrained: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+COMPACT = (("112 channels, centred, no projection", "local-matching-refit-tap4.json"),
+           ("64-d PCA", "local-matching-refit-tap4-pca64.json"),
+           ("64-d whitened PCA", "local-matching-refit-tap4-pca64w.json"),
+           ("32-d PCA", "local-matching-refit-tap4-pca32.json"))
+
+
+def compact_table(results: list[dict]) -> str:
+    """Per stored form of the stage-4 cells: the best local-matching row of the fair validation."""
+    lines = ["| stage-4 cells stored as | bytes per image (int8, 18x18 cells) | best on validation (fair head) | "
+             "R@1 / map@100 | global alone |", "|---|---|---|---|---|"]
+    for (label, _), result in zip(COMPACT, results):
+        best = choose(result)
+        none = result["rows"][0]
+        dim = result.get("cells_dim") or 112
+        lines.append(f"| {label} | {324 * dim:,} | w {best['weight']:g} x {best['kind']} | "
+                     f"{best['validation']['recall@1']:.4f} / {best['validation']['map@100']:.4f} | "
+                     f"{none['recall@1']:.4f} / {none['map@100']:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lite0-lw-rrt")
@@ -353,13 +393,20 @@ def main() -> int:
                         help="match locals of the model run at this many times its input size (a finer grid)")
     parser.add_argument("--tap", type=int, default=None,
                         help="match the cells of this backbone stage's output instead (centred, unprojected)")
+    parser.add_argument("--cells-dim", type=int, default=0,
+                        help="project the --tap / --scale cells to this many dimensions by a label-free PCA first")
+    parser.add_argument("--whiten", action="store_true", help="with --cells-dim: a whitened PCA")
     parser.add_argument("--test", action="store_true",
                         help="report the validation-chosen local score on the test protocols (needs the saved "
                              "--refit-global validation with the same --tap / --scale)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the saved JSON")
     parser.add_argument("--both", action="store_true", help="print both saved validations side by side")
     parser.add_argument("--finer", action="store_true", help="print the saved fair validations of every kind of locals")
+    parser.add_argument("--compact", action="store_true", help="print the stored-form table of the stage-4 cells")
     args = parser.parse_args()
+    if args.compact:
+        print(compact_table([json.loads(OUT.with_name(name).read_text()) for _, name in COMPACT]))
+        return 0
     if args.finer:
         print(finer_table([json.loads(OUT.with_name(name).read_text()) for _, name in FINER],
                           json.loads(OUT.with_name(UNTRAINED_FILE).read_text())))
@@ -370,7 +417,8 @@ def main() -> int:
     out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{args.model}")
                         + ("-refit" if args.refit_global else "")
                         + (f"-scale{args.scale:g}" if args.scale != 1 else "")
-                        + (f"-tap{args.tap}" if args.tap is not None else "") + ".json")
+                        + (f"-tap{args.tap}" if args.tap is not None else "")
+                        + (f"-pca{args.cells_dim}" + ("w" if args.whiten else "") if args.cells_dim else "") + ".json")
     if args.test:
         if not args.refit_global and args.model != UNTRAINED:
             raise SystemExit("--test reads the choice of the fair validation: pass --refit-global too")
@@ -381,7 +429,8 @@ def main() -> int:
         return 0
     if not args.table:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale, args.tap), indent=1) + "\n")
+        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale, args.tap, args.cells_dim, args.whiten),
+                                  indent=1) + "\n")
     print(table(json.loads(out.read_text())))
     return 0
 

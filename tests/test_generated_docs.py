@@ -162,6 +162,13 @@ def test_finer_locals_table_is_generated():
     assert table in (ROOT / "docs" / "results.md").read_text()
 
 
+def test_compact_cells_table_is_generated():
+    """The issue-15 stored-form table in docs/results.md is `experiments/local_matching.py --compact`."""
+    module = _experiment("local_matching")
+    table = module.compact_table([_results(f"rrt_views/{name}") for _, name in module.COMPACT])
+    assert table in (ROOT / "docs" / "results.md").read_text()
+
+
 def test_global_ensemble_table_is_generated():
     """The issue-16 fusion table in docs/results.md is `experiments/global_ensemble.py --table`."""
     table = _experiment("global_ensemble").table(_results("global/ensemble.json")["rows"])
