@@ -45,6 +45,7 @@ from waldo.data.images import load_image  # noqa: E402
 from waldo.data.protocols import VALIDATION_SPLITS, get_protocol  # noqa: E402
 from waldo.data.views import strong_view  # noqa: E402
 from waldo.eval.gv_eval import extract_features  # noqa: E402
+from waldo.eval.metrics import mean_average_precision  # noqa: E402
 from waldo.models.checkpoint import ModelConfig, build_model  # noqa: E402
 from waldo.models.untrained import VIEW_IMAGES, VIEW_SHRINK, VIEWS  # noqa: E402
 from waldo.models.whitening import WhiteningSetting, describe, learned_projection  # noqa: E402
@@ -87,15 +88,14 @@ def pooled_views(collection: str, rows: np.ndarray, paths: dict[int, str], seed:
 
 
 def pseudo_average_precision(sims: np.ndarray, positives: list[np.ndarray]) -> float:
-    """Mean over rows with pseudo-positives of the AP of those positions in the row's ranking
-    (the row's own position excluded by the caller setting it to -inf)."""
-    aps = []
-    for row, pos in zip(sims, positives):
-        if len(pos) == 0:
-            continue
-        ranks = np.sort([(row > row[p]).sum() for p in pos])  # 0-based rank of each positive
-        aps.append(float(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1))))
-    return float(np.mean(aps)) if aps else float("nan")
+    """mAP (waldo.eval.metrics) of the pseudo-positives in each row's ranking, over the rows that
+    have any (the row's own position excluded by the caller setting it to -inf)."""
+    kept = [i for i, pos in enumerate(positives) if len(pos)]
+    if not kept:
+        return float("nan")
+    orders = np.argsort(-sims[kept], axis=1, kind="stable")
+    matches = np.stack([np.isin(order, positives[i]) for order, i in zip(orders, kept)])
+    return mean_average_precision(matches, np.array([len(positives[i]) for i in kept]))
 
 
 def whole_training_splits(index: dict[str, int]) -> dict[str, dict]:

@@ -72,61 +72,64 @@ def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: s
     raise ValueError(kind)
 
 
+def _cached(name: str, key_parts: list[str], compute) -> np.ndarray:
+    """``compute()``'s array, kept under runs/local-matching/<name>-<hash of key_parts>.npy."""
+    import hashlib
+
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+    cache = ROOT / "runs" / "local-matching" / f"{name}-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    array = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, array)
+    return array
+
+
 def tapped_locals(descriptor_model, model_config, paths: list[str], stage: int) -> np.ndarray:
     """(N, L, C) float16 cells of the backbone's stage ``stage`` output (an earlier, finer map than
     the last: stride 16 for EfficientNet-Lite's stages 3-4) at the model's input size, centred on
     their mean cell (no learned projection), cached under runs/local-matching/."""
-    import hashlib
-
     import torch
     from torch.utils.data import DataLoader
 
     from waldo.data.transforms import get_transform
     from waldo.models.extract import _collate, _ImageFiles
 
-    key = hashlib.sha256("|".join([model_config.model_dump_json(), f"tap{stage}", *paths]).encode()).hexdigest()[:16]
-    cache = ROOT / "runs" / "local-matching" / f"tap{stage}-{key}.npy"
-    if cache.is_file():
-        return np.load(cache)
-    stem, stages, _ = descriptor_model.backbone.stages()
-    parts = []
-    loader = DataLoader(_ImageFiles(paths, get_transform(model_config.transform, model_config.image_size)),
-                        batch_size=32, num_workers=1, collate_fn=_collate)
-    with torch.inference_mode():
-        for _, batch, errors in loader:
-            if errors:
-                raise ValueError(f"unreadable validation images: {errors}")
-            x = descriptor_model.backbone.normalize(batch)
-            for module in [*stem, *stages[: stage + 1]]:
-                x = module(x)
-            parts.append(x.flatten(2).transpose(1, 2).float().numpy())
-    cells = np.concatenate(parts)
-    cells -= cells.reshape(-1, cells.shape[2]).mean(0)
-    cells = cells.astype(np.float16)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, cells)
-    return cells
+    def compute() -> np.ndarray:
+        stem, stages, _ = descriptor_model.backbone.stages()
+        parts = []
+        loader = DataLoader(_ImageFiles(paths, get_transform(model_config.transform, model_config.image_size)),
+                            batch_size=32, num_workers=1, collate_fn=_collate)
+        with torch.inference_mode():
+            for _, batch, errors in loader:
+                if errors:
+                    raise ValueError(f"unreadable validation images: {errors}")
+                x = descriptor_model.backbone.normalize(batch)
+                for module in [*stem, *stages[: stage + 1]]:
+                    x = module(x)
+                parts.append(x.flatten(2).transpose(1, 2).float().numpy())
+        cells = np.concatenate(parts)
+        cells -= cells.reshape(-1, cells.shape[2]).mean(0)
+        return cells.astype(np.float16)
+
+    return _cached(f"tap{stage}", [model_config.model_dump_json(), f"tap{stage}", *paths], compute)
 
 
 def scaled_locals(descriptor_model, model_config, paths: list[str], size: int) -> np.ndarray:
     """(N, L, D) float16 locals of ``paths`` with the model run at ``size`` px (a finer grid, the
     same local projection), cached under runs/local-matching/."""
-    import hashlib
-
     from waldo.data.transforms import get_transform
     from waldo.models.extract import extract_descriptors
 
-    key = hashlib.sha256("|".join([model_config.model_dump_json(), str(size), *paths]).encode()).hexdigest()[:16]
-    cache = ROOT / "runs" / "local-matching" / f"locals-{size}-{key}.npy"
-    if cache.is_file():
-        return np.load(cache)
-    out = extract_descriptors(descriptor_model, paths, get_transform(model_config.transform, size), runtime="eager",
-                              description=f"locals at {size} px")
-    if not out.ok.all():
-        raise ValueError("unreadable validation images")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, out.local_desc)
-    return out.local_desc
+    def compute() -> np.ndarray:
+        out = extract_descriptors(descriptor_model, paths, get_transform(model_config.transform, size),
+                                  runtime="eager", description=f"locals at {size} px")
+        if not out.ok.all():
+            raise ValueError("unreadable validation images")
+        return out.local_desc
+
+    return _cached(f"locals-{size}", [model_config.model_dump_json(), str(size), *paths], compute)
 
 
 def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out: np.ndarray) -> tuple[np.ndarray, float]:
@@ -169,16 +172,16 @@ def refit_global(descriptor_model, model_config, model_dir: Path, pool, held_out
 
 
 def project_cells(cells: np.ndarray, dim: int, whiten: bool, sample: int = 50_000, seed: int = 0) -> np.ndarray:
-    """(N, L, dim) float16: ``cells`` projected by a label-free PCA (whitened if ``whiten``)
-    fitted on a seeded sample of the cells themselves, as an index would fit on its own images;
-    what a compact stored form of the cells would keep."""
+    """(N, L, dim) float16: ``cells`` projected by a label-free PCA (whitened if ``whiten``;
+    waldo.models.whitening's PCA with power 0.5, else 0, no shrinkage) fitted on a seeded sample of
+    the cells themselves, as an index would fit on its own images; what a compact stored form of
+    the cells would keep."""
+    from waldo.models.whitening import untrained_metric_projection
+
     flat = cells.reshape(-1, cells.shape[2]).astype(np.float32)
-    rows = np.random.default_rng(seed).choice(len(flat), min(sample, len(flat)), replace=False)
-    mean = flat[rows].mean(0)
-    values, vectors = np.linalg.eigh(np.cov((flat[rows] - mean).T))
-    order = np.argsort(values)[::-1][:dim]
-    basis = vectors[:, order] / (np.sqrt(np.maximum(values[order], 1e-12)) if whiten else 1.0)
-    return ((flat - mean) @ basis).reshape(*cells.shape[:2], dim).astype(np.float16)
+    fit = flat[np.random.default_rng(seed).choice(len(flat), min(sample, len(flat)), replace=False)]
+    basis = untrained_metric_projection(fit, dim, power=0.5 if whiten else 0.0, shrink=0.0).astype(np.float32)
+    return ((flat - fit.mean(0)) @ basis).reshape(*cells.shape[:2], dim).astype(np.float16)
 
 
 def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None, cells_dim: int = 0,
@@ -252,8 +255,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
                          **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
         print(json.dumps(rows[-1]), flush=True)
     return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "cells_dim": cells_dim or None,
-            "whiten": whiten, "refit_check_min_cosine": check, "grid": list(grid), "sets": [{"name": s.name, "queries": len(s.queries),
-                                                          "gallery": len(s.gallery)} for s in sets], "rows": rows}
+            "whiten": whiten, "refit_check_min_cosine": check, "grid": list(grid),
+            "sets": [{"name": s.name, "queries": len(s.queries), "gallery": len(s.gallery)} for s in sets], "rows": rows}
 
 
 def choose(result: dict) -> dict:
