@@ -32,6 +32,13 @@ global ranking is as blind to them as it is to a test's, and scores everything a
     .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --cells-dim 64 --test       # ~3 min
     .venv/bin/python experiments/local_matching.py --refit-global --tap 4 --cells-dim 32
     .venv/bin/python experiments/local_matching.py --compact  # their table (docs/results.md)
+    .venv/bin/python experiments/local_matching.py --model untrained --local-stage 4 --cells-dim 64   # ~4 min
+        the product's form: an untrained model whose locals *are* stage 4's cells (ModelConfig.local_stage,
+        64-d PCA fitted on the fit images), described by the product's extraction, scored by the
+        local-match reranker's own function at several thresholds: chooses its default setting
+    .venv/bin/python experiments/local_matching.py --model untrained --local-stage 4 --cells-dim 64 --test
+        the tests through `waldo eval --local-stage 4 --dim 64 --rerank local-match` (reported; ~4 min)
+    .venv/bin/python experiments/local_matching.py --product   # their table (docs/results.md)
 """
 
 from __future__ import annotations
@@ -70,6 +77,15 @@ def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: s
         mutual = np.take_along_axis(best_q, best_c, 1) == np.arange(sims.shape[1])[None]
         return (mutual & (sims.max(2) > float(kind[4:]))).mean(1)
     raise ValueError(kind)
+
+
+def score(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: str, product: bool) -> np.ndarray:
+    """:func:`local_scores`, or with ``product`` the local-match reranker's own function (mnn only)."""
+    if not product:
+        return local_scores(query_locals, candidate_locals, kind)
+    from waldo.rerank.local_match import mutual_match_share
+
+    return mutual_match_share(query_locals, candidate_locals, float(kind[len("mnn-"):]))
 
 
 def _cached(name: str, key_parts: list[str], compute) -> np.ndarray:
@@ -184,8 +200,12 @@ def project_cells(cells: np.ndarray, dim: int, whiten: bool, sample: int = 50_00
     return ((flat - fit.mean(0)) @ basis).reshape(*cells.shape[:2], dim).astype(np.float16)
 
 
+#: thresholds of the product's local-match score scored with --local-stage
+PRODUCT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
+
+
 def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None, cells_dim: int = 0,
-        whiten: bool = False) -> dict:
+        whiten: bool = False, local_stage: int | None = None) -> dict:
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -202,7 +222,9 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
             raise ValueError("the untrained default learns nothing from labels: there is no head to refit")
         descriptor_model, model_config = untrained_model("efficientnet_lite0", progress=False,
                                                          fit_paths=[pool.paths[i] for i in np.flatnonzero(~held_out)],
-                                                         fit_source="validation pool minus held-out")
+                                                         fit_source="validation pool minus held-out",
+                                                         local_stage=local_stage,
+                                                         dim=(cells_dim or 64) if local_stage is not None else 128)
         model_dir, rrt, train_config = None, None, {}
     else:
         model_dir = resolve_model_dir(model)
@@ -222,7 +244,7 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
     if refit:
         refitted, check = refit_global(descriptor_model, model_config, model_dir, pool, held_out)
         global_desc = refitted
-    grid = (model_config.image_size // descriptor_model.backbone.stride,) * 2
+    grid = (model_config.image_size // descriptor_model.local_stride,) * 2
     views = ViewMaker(descriptor_model, pool.paths, model_config.image_size, ViewAugment())
     if any(s.augmented for s in sets):  # their queries would be described by the model, not the refit head
         raise ValueError("augmented validation sets are not supported here")
@@ -243,18 +265,19 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
             finer = project_cells(finer, cells_dim, whiten)
         match_locals = np.zeros((len(pool), *finer.shape[1:]), np.float16)
         match_locals[needed] = finer
-    for kind in SCORES:
+    for kind in SCORES if local_stage is None else [f"mnn-{t:g}" for t in PRODUCT_THRESHOLDS]:
         per_set = []
         for vset, data in zip(sets, validator.prepared):
-            per_set.append(np.stack([local_scores(match_locals[query].astype(np.float32),
-                                                  match_locals[candidates].astype(np.float32), kind)
+            per_set.append(np.stack([score(match_locals[query].astype(np.float32),
+                                           match_locals[candidates].astype(np.float32), kind, local_stage is not None)
                                      for query, candidates in zip(vset.queries, data["candidates"])]))
         for weight in WEIGHTS[1:]:
             metrics = [validator._metrics(data, data["scores"] + weight * s) for data, s in zip(validator.prepared, per_set)]
             rows.append({"ranking": f"global + {weight:g} x {kind}",
                          **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
         print(json.dumps(rows[-1]), flush=True)
-    return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "cells_dim": cells_dim or None,
+    return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "local_stage": local_stage,
+            "local_shape": list(local_desc.shape[1:]), "cells_dim": cells_dim or None,
             "whiten": whiten, "refit_check_min_cosine": check, "grid": list(grid),
             "sets": [{"name": s.name, "queries": len(s.queries), "gallery": len(s.gallery)} for s in sets], "rows": rows}
 
@@ -312,6 +335,58 @@ def test(model: str, chosen: dict, tap: int | None, cells_dim: int = 0, whiten: 
                     "top1_broken": int((changed & run.matches[:, 0]).sum())})
         print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def test_product(chosen: dict, local_stage: int, dim: int) -> list[dict]:
+    """Reported only: each test protocol through the product, `waldo eval --local-stage N --dim D
+    --rerank local-match` (each protocol's untrained model fitted on its training images), whose
+    default setting must be the one validation chose."""
+    from waldo.eval.rerank_eval import rerank_run
+    from waldo.eval.runner import run_eval_full
+    from waldo.rerank import RERANKERS
+    from waldo.rerank.local_match import LocalMatchSetting
+
+    default = LocalMatchSetting()
+    if (f"mnn-{default.threshold:g}", default.weight) != (chosen["kind"], chosen["weight"]):
+        raise SystemExit(f"the local-match default ({default}) is not validation's choice {chosen}: set it first")
+    out = []
+    for name in ("grocery-open-cross", "coil100-open"):
+        run, metrics = run_eval_full(name, local_stage=local_stage, dim=dim, progress=False)
+        reranked = rerank_run(run, RERANKERS.create("local-match"), 100, progress=False).run
+        changed = reranked.matches[:, 0] != run.matches[:, 0]
+        out.append({"protocol": name, "queries": len(run.query_rows),
+                    "global": {m: round(float(run.metrics[m]), 4) for m in ("recall@1", "map")},
+                    "local_match": {m: round(float(reranked.metrics[m]), 4) for m in ("recall@1", "map")},
+                    "top1_fixed": int((changed & reranked.matches[:, 0]).sum()),
+                    "top1_broken": int((changed & run.matches[:, 0]).sum())})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+PRODUCT_FILE = "local-matching-untrained-stage4-pca64.json"
+
+
+def product_table(result: dict) -> str:
+    """The product form's validation (weight x threshold of the local-match score, R@1 / map@100),
+    then its validation-chosen default on the test protocols through `waldo eval` (reported)."""
+    rows = {r["ranking"]: r for r in result["rows"]}
+    none = rows["none"]
+    lines = ["| weight (validation: R@1 / map@100; global alone " + f"{none['recall@1']:.4f} / {none['map@100']:.4f}) | "
+             + " | ".join(f"cosine > {t:g}" for t in PRODUCT_THRESHOLDS) + " |", "|---|" + "---|" * len(PRODUCT_THRESHOLDS)]
+    for weight in WEIGHTS[1:]:
+        cells = [rows[f"global + {weight:g} x mnn-{t:g}"] for t in PRODUCT_THRESHOLDS]
+        lines.append(f"| {weight:g} | " + " | ".join(f"{c['recall@1']:.4f} / {c['map@100']:.4f}" for c in cells) + " |")
+    if result.get("test"):
+        c = result["test"]["chosen"]
+        lines += ["", f"Chosen on validation (best map@100): weight {c['weight']:g}, cosine > {c['kind'][len('mnn-'):]}, "
+                  "the reranker's default. Test (reported, never chosen on), `waldo eval --protocol P --local-stage "
+                  f"{result['local_stage']} --dim {result['local_shape'][1]} --rerank local-match`:", "",
+                  "| protocol | global R@1 / mAP | local-match R@1 / mAP | top-1 fixed / broken |", "|---|---|---|---|"]
+        for row in result["test"]["rows"]:
+            lines.append(f"| {row['protocol']} | {row['global']['recall@1']:.4f} / {row['global']['map']:.4f} | "
+                         f"{row['local_match']['recall@1']:.4f} / {row['local_match']['map']:.4f} | "
+                         f"{row['top1_fixed']} / {row['top1_broken']} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -405,6 +480,9 @@ def main() -> int:
     parser.add_argument("--cells-dim", type=int, default=0,
                         help="project the --tap / --scale cells to this many dimensions by a label-free PCA first")
     parser.add_argument("--whiten", action="store_true", help="with --cells-dim: a whitened PCA")
+    parser.add_argument("--local-stage", type=int, default=None,
+                        help="with --model untrained: the product's model option, locals from this stage "
+                             "(--cells-dim wide, default 64), scored by the local-match reranker's function")
     parser.add_argument("--test", action="store_true",
                         help="report the validation-chosen local score on the test protocols (needs the saved "
                              "--refit-global validation with the same --tap / --scale)")
@@ -412,7 +490,11 @@ def main() -> int:
     parser.add_argument("--both", action="store_true", help="print both saved validations side by side")
     parser.add_argument("--finer", action="store_true", help="print the saved fair validations of every kind of locals")
     parser.add_argument("--compact", action="store_true", help="print the stored-form table of the stage-4 cells")
+    parser.add_argument("--product", action="store_true", help="print the product form's table (--local-stage)")
     args = parser.parse_args()
+    if args.product:
+        print(product_table(json.loads(OUT.with_name(PRODUCT_FILE).read_text())))
+        return 0
     if args.compact:
         print(compact_table([json.loads(OUT.with_name(name).read_text()) for _, name in COMPACT]))
         return 0
@@ -427,19 +509,24 @@ def main() -> int:
                         + ("-refit" if args.refit_global else "")
                         + (f"-scale{args.scale:g}" if args.scale != 1 else "")
                         + (f"-tap{args.tap}" if args.tap is not None else "")
+                        + (f"-stage{args.local_stage}" if args.local_stage is not None else "")
                         + (f"-pca{args.cells_dim}" + ("w" if args.whiten else "") if args.cells_dim else "") + ".json")
     if args.test:
         if not args.refit_global and args.model != UNTRAINED:
             raise SystemExit("--test reads the choice of the fair validation: pass --refit-global too")
         result = json.loads(out.read_text())
         chosen = choose(result)
-        result["test"] = {"chosen": chosen, "rows": test(args.model, chosen, args.tap, args.cells_dim, args.whiten)}
+        rows = test_product(chosen, args.local_stage, args.cells_dim or 64) if args.local_stage is not None else \
+            test(args.model, chosen, args.tap, args.cells_dim, args.whiten)
+        result["test"] = {"chosen": chosen, "rows": rows}
         out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
     if not args.table:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale, args.tap, args.cells_dim, args.whiten),
-                                  indent=1) + "\n")
+        if args.local_stage is not None and args.model != UNTRAINED:
+            raise SystemExit("--local-stage builds an untrained model: pass --model untrained")
+        out.write_text(json.dumps(run(args.model, args.refit_global, args.scale, args.tap, args.cells_dim, args.whiten,
+                                      args.local_stage), indent=1) + "\n")
     print(table(json.loads(out.read_text())))
     return 0
 

@@ -123,3 +123,24 @@ def test_an_image_removed_while_a_query_runs_leaves_no_hole(abo, tmp_path, monke
     assert before[1] not in [h.id for h in hits]
     assert [h.id for h in hits][:4] == [before[0]] + before[2:5]  # the rest in order, one more at the end
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+def test_an_index_with_stage_locals_offers_local_match(abo, built, tmp_path):
+    root = tmp_path / "staged"
+    engine = Waldo.create(root, projection="random", dim=32, local_stage=4, gv_features=False, progress=False)
+    engine.add(abo.paths, abo.identities, progress=False, num_workers=0)
+    assert engine.store.local_shape == (196, 32)  # 14x14 cells of stage 4 at 224 px
+    assert "local-match" in engine.available_rerankers()
+    query = abo.records[0]
+    outcome = engine.search(query.path, k=5, rerank="local-match")
+    assert outcome.hits[0].path == query.path and outcome.score_kind == "similarity + matched cells"
+    # the photo itself matches every cell: its score is its global similarity (1) + the weight
+    assert outcome.hits[0].score == pytest.approx(1.0 + 1.0, abs=1e-3)
+    reopened = Waldo.open(root)
+    assert reopened.config.local_stage == 4 and "local-match" in reopened.available_rerankers()
+    _, plain = built  # the last map's 7x7 locals: not offered, and refused by name
+    assert "local-match" not in plain.available_rerankers()
+    with pytest.raises(ValueError, match="finer backbone stage"):
+        plain.search(query.path, k=5, rerank="local-match")
+    with pytest.raises(ValueError, match="untrained model"):
+        Waldo.create(tmp_path / "other", model_dir=built[0] / "model", local_stage=4)

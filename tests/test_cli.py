@@ -265,3 +265,22 @@ def test_index_add_says_once_that_it_waits_for_the_write_lock(capsys, tmp_path, 
     holder.join()
     assert code == 0 and out.startswith("added 1 images") and said.is_set()
     assert err.count("waiting for the index's write lock") == 1
+
+
+def test_build_with_stage_locals_and_search_with_local_match(capsys, tmp_path, data_root):
+    out_dir = tmp_path / "staged"
+    code = main(["index", "build", "--data", str(data_root / "abo_sample"), "--out", str(out_dir),
+                 "--local-stage", "4", "--dim", "32", "--local-dtype", "int8", "--local-features", "none",
+                 "--projection", "random", "--workers", "0", "--quiet"])
+    assert code == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "index", "info", "--index", out_dir)
+    assert code == 0 and "locals 196 x 32 int8 of backbone stage 4" in out
+    query = data_root / "abo_sample" / "B074M5HPBD" / "9ea6992d.jpg"
+    code, out, _ = run(capsys, "search", query, "--index", out_dir, "-k", "2", "--rerank", "local-match", "--json")
+    answer = json.loads(out)
+    assert code == 0 and answer["results"][0]["path"].endswith("9ea6992d.jpg")
+    assert answer["score_kind"] == "similarity + matched cells"
+    code, _, err = run(capsys, "index", "build", "--data", data_root / "abo_sample", "--out", tmp_path / "bad",
+                       "--local-stage", "4", "--projection", "random", "--quiet")
+    assert code != 0 and "stage 4's 112 channels" in err  # the default --dim 128 is wider than the stage

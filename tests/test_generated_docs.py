@@ -248,3 +248,10 @@ def test_adapt_verified_block_is_generated():
     start, end, _ = module._block_names(module.ROOT / "results" / "adapt_lw.json")
     rendered = module.markdown(_results("adapt_lw.json"), start, end)
     assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", "adapt-lw")
+
+
+def test_local_match_product_table_is_generated():
+    """The local-match table in docs/results.md is `experiments/local_matching.py --product`."""
+    module = _experiment("local_matching")
+    table = module.product_table(_results(f"rrt_views/{module.PRODUCT_FILE}"))
+    assert table in (ROOT / "docs" / "results.md").read_text()

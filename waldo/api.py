@@ -95,6 +95,7 @@ def _manifest_for(model: DescriptorModel, config: ModelConfig) -> dict:
         "descriptor_dim": config.dim,
         "pooling": config.pooling,  # the store records global_dim itself
         **({"global_scales": config.global_scales} if config.global_scales else {}),  # absent: single scale
+        **({"local_stage": config.local_stage} if config.local_stage is not None else {}),  # absent: the last map
     }
 
 
@@ -128,7 +129,8 @@ class Waldo:
                progress: bool = True, seed: int = 0, gv_features: bool | str | LocalFeatureConfig = True,
                local_dtype: str = "float16", global_index: str = "Flat",
                global_search_params: dict | None = None, pooling: str | None = None,
-               global_dim: int | None = None, global_scales: Sequence[float] = ()) -> "Waldo":
+               global_dim: int | None = None, global_scales: Sequence[float] = (),
+               local_stage: int | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
@@ -138,7 +140,8 @@ class Waldo:
         "IVF4096,Flat" / "HNSW32") and ``global_search_params`` ({"nprobe": 128}) choose the
         global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` /
         ``global_scales`` shape an untrained model's global descriptor (waldo.models.untrained;
-        defaults chosen on validation identities)."""
+        defaults chosen on validation identities); ``local_stage`` takes its locals from that
+        finer backbone stage (ModelConfig.local_stage), which the ``local-match`` reranker needs."""
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -149,6 +152,8 @@ class Waldo:
             wide = global_dim or (DEFAULT_GLOBAL_DIM if projection in ("pca-shrink", "views-whiten") else dim)
             IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
+            if local_stage is not None:
+                raise ValueError("local_stage shapes an untrained model; a trained checkpoint (model_dir) has its own")
             model, config = load_model(model_dir)
             if transform:
                 config.transform = transform
@@ -159,8 +164,8 @@ class Waldo:
             model, config = untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
-                                            global_scales=global_scales)
-        local_cells = (config.image_size // model.backbone.stride) ** 2
+                                            global_scales=global_scales, local_stage=local_stage)
+        local_cells = (config.image_size // model.local_stride) ** 2
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}
         store = IndexStore.create(root, manifest=manifest, global_dim=config.global_width,
@@ -468,6 +473,8 @@ class Waldo:
             needs.add(Need.KEYPOINTS)
         if has_rrt(self.root / MODEL_FOLDER):
             needs.add(Need.TRAINED_RRT)
+        if self.config.local_stage is not None:
+            needs.add(Need.FINE_LOCALS)
         return needs
 
     def available_rerankers(self) -> list[str]:

@@ -142,6 +142,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model) if args.model else None
     options = dict(backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
                    global_dim=args.global_dim, global_scales=args.global_scales, fit_paths=image_set.paths,
+                   local_stage=args.local_stage,
                    fit_source=str(args.data),
                    model_dir=model_dir, transform=args.transform, progress=not args.quiet,
                    local_dtype=args.local_dtype, global_index=args.global_index, gv_features=args.local_features,
@@ -292,7 +293,8 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
                  f"global {manifest.get('global_dim')}-d, {manifest.get('pooling')} pooling"
                  + (f" at scales 1, {', '.join(f'{f:g}' for f in manifest['global_scales'])}"
                     if manifest.get("global_scales") else "") + "; "
-                 f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}")
+                 f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}"
+                 + (f" of backbone stage {manifest['local_stage']}" if manifest.get("local_stage") is not None else ""))
     lines.append(f"            projection {model.get('projection')}; weights {model.get('weights_source')}")
     search = info.get("global_index") or {}
     if search:
@@ -477,7 +479,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
                        dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
-                       global_scales=args.global_scales, batch_size=args.batch_size, num_workers=args.workers,
+                       global_scales=args.global_scales, local_stage=args.local_stage,
+                       batch_size=args.batch_size, num_workers=args.workers,
                        progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
@@ -612,6 +615,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "costs about F^2 of a single-scale extraction (default: single scale, for speed; "
                              "validation prefers 0.5,1.5 for the untrained default at 3.5x the cost: "
                              "docs/results.md)")
+    parser.add_argument("--local-stage", type=int, default=None, metavar="N",
+                        help="take an untrained model's local descriptors from backbone stage N, a finer map "
+                             "than the last (4: EfficientNet-Lite's 112 channels at stride 16, 14x14 cells at "
+                             "224 px; use --dim 64 or less); offers the local-match reranker")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")

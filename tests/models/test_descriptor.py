@@ -113,3 +113,64 @@ def test_model_hash_can_leave_out_the_global_head(model):
     with torch.no_grad():
         other.local_proj.bias.add_(1.0)
     assert model_hash(other, exclude=("global_proj.",)) != model_hash(model, exclude=("global_proj.",))
+
+
+def test_a_tapped_forward_is_the_same_pass_with_an_earlier_stage_kept():
+    backbone = create_backbone("efficientnet_lite0", pretrained=False).eval()
+    images = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        last, stage4 = backbone.forward_tapped(images, 4)
+        assert torch.equal(last, backbone.forward_features(images))
+    assert stage4.shape == (2, 112, 14, 14)
+    assert backbone.stage_shape(4) == (112, 16) and backbone.stage_shape(2) == (40, 8)
+    with pytest.raises(ValueError, match="stages 0-5"):
+        backbone.forward_tapped(images, 6)  # the last stage is the last map itself
+
+
+def test_locals_from_a_finer_stage_keep_the_global_descriptor_of_the_last_map():
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite0", pretrained=False).eval()
+    plain = DescriptorModel(backbone, dim=64, global_dim=256).eval()
+    staged = DescriptorModel(backbone, dim=64, global_dim=256, local_stage=4).eval()
+    staged.global_proj.load_state_dict(plain.global_proj.state_dict())
+    images = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        a, b = plain(images), staged(images)
+    assert b.local_desc.shape == (2, 196, 64) and b.grid == (14, 14) and staged.local_stride == 16
+    assert a.local_desc.shape == (2, 49, 64) and plain.local_stride == 32
+    assert torch.allclose(a.global_desc, b.global_desc, atol=1e-6)  # the same last map, the same head
+    assert not staged.shared_projection
+    with pytest.raises(ValueError, match="stage 4's 112 channels"):
+        DescriptorModel(backbone, dim=128, local_stage=4)
+    with pytest.raises(ValueError, match="pass its map too"):
+        staged.project(torch.rand(1, 1280, 7, 7))
+
+
+def test_fit_local_pca_fits_the_locals_alone_on_the_stage_cells():
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=16, local_stage=4).eval()
+    global_before = model.global_proj.weight.detach().clone()
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(112, 16)))[0]
+    cells = rng.normal(size=(500, 16)) * np.linspace(10, 1, 16) @ basis.T + 1.0
+    model.fit_local_pca(cells)
+    weight = model.local_proj.weight.detach().double().numpy()[:, :, 0, 0]
+    assert np.linalg.norm(weight @ basis) ** 2 / 16 > 0.99  # the cells' principal subspace
+    assert torch.equal(model.global_proj.weight, global_before)
+    with pytest.raises(ValueError, match=r"\(M, 112\)"):
+        model.fit_local_pca(rng.normal(size=(500, 1280)))
+
+
+def test_a_model_with_a_local_stage_saves_and_loads_it(tmp_path):
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=32, local_stage=4).eval()
+    config = ModelConfig(backbone="efficientnet_lite0", dim=32, projection="random:0", local_stage=4,
+                         weights_source="random")
+    save_model(model, config, tmp_path / "m")
+    loaded, loaded_config = load_model(tmp_path / "m")
+    assert loaded_config.local_stage == 4 and loaded.local_stage == 4
+    images = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(model(images).local_desc, loaded(images).local_desc)
+    assert model_hash(loaded) == model_hash(model)
+    assert ModelConfig.model_validate_json('{"backbone": "efficientnet_lite0"}').local_stage is None  # older configs

@@ -151,3 +151,15 @@ def test_the_agreement_check_treats_two_zero_descriptors_as_equal_and_nothing_el
     a = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     torch.testing.assert_close(onnx_module._cosines(a, b), torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_onnx_describes_a_model_whose_locals_read_an_earlier_stage():
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), 32, local_stage=4).eval()
+    runner = OnnxDescriptorModel(model)
+    images = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected, got = model(images), runner(images)
+    assert not runner._failed and got.grid == expected.grid == (6, 6)
+    assert torch.nn.functional.cosine_similarity(got.local_desc, expected.local_desc, dim=-1).min() > 0.999
+    assert torch.nn.functional.cosine_similarity(got.global_desc, expected.global_desc).min() > 0.9999

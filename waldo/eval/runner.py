@@ -70,11 +70,13 @@ class StageLog:
 def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", model_dir: str | Path | None = None,
                   projection: str = "views-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
-                  global_dim: int | None = None,
-                  global_scales: Sequence[float] = ()) -> tuple[DescriptorModel, ModelConfig]:
+                  global_dim: int | None = None, global_scales: Sequence[float] = (),
+                  local_stage: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery)."""
     if model_dir is not None:
+        if local_stage is not None:
+            raise ValueError("local_stage shapes an untrained model; a trained checkpoint has its own")
         return load_model(model_dir)
     fit_paths = protocol.train.paths
     if projection.startswith("pca") and not fit_paths:
@@ -83,7 +85,7 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
     return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                            fit_source=f"{protocol.name}:train", transform=transform,
                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
-                           global_scales=global_scales)
+                           global_scales=global_scales, local_stage=local_stage)
 
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
@@ -93,7 +95,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = (), pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
-                  log_stages: bool = False) -> tuple[EvalRun, dict]:
+                  local_stage: int | None = None, log_stages: bool = False) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -120,7 +122,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                f"prepare the untrained {backbone} ({projection} projection, {len(proto.train)} training images)"):
         model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
-                                      global_dim=global_dim, global_scales=global_scales)
+                                      global_dim=global_dim, global_scales=global_scales,
+                                      local_stage=local_stage)
     extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
     with stage(f"extract {n_images} images{f' at {1 + len(extra)} sizes' if extra else ''}, "
                f"search {len(proto.queries)} queries"):
@@ -138,7 +141,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim, "pooling": config.pooling,
                     "global_dim": config.global_width, "global_scales": config.global_scales,
-                    "model": str(model_dir) if model_dir else None,
+                    "local_stage": config.local_stage, "model": str(model_dir) if model_dir else None,
                     "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
     if scales:
         metrics["scales"] = scale_sizes(config.image_size, scales)

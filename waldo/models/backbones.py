@@ -65,6 +65,37 @@ class Backbone(nn.Module):
         """(B, 3, H, W) in [0, 1] -> (B, C, H/stride, W/stride) feature map."""
         raise NotImplementedError
 
+    def forward_tapped(self, images: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last feature map, the output of :meth:`stages` ``[stage]``) from one forward pass: an
+        earlier stage's map is finer (stride 16 for EfficientNet-Lite's stage 4 and ResNet's
+        layer3), what local matching wants (docs/results.md, "Do the RRT's locals add anything")."""
+        stem, stages, head = self.stages()
+        if not 0 <= stage < len(stages) - 1:
+            raise ValueError(f"{self.name} has stages 0-{len(stages) - 2} before its last, got local stage {stage}")
+        x = self.normalize(images)
+        for module in stem:
+            x = module(x)
+        tapped = x
+        for index, module in enumerate(stages):
+            x = module(x)
+            if index == stage:
+                tapped = x
+        for module in head:
+            x = module(x)
+        return x, tapped
+
+    @torch.no_grad()
+    def stage_shape(self, stage: int) -> tuple[int, int]:
+        """(channels, stride) of stage ``stage``'s output map, measured by a small forward pass."""
+        size = 4 * self.stride
+        was_training = self.training
+        self.eval()
+        try:
+            _, tapped = self.forward_tapped(torch.zeros(1, 3, size, size), stage)
+        finally:
+            self.train(was_training)
+        return int(tapped.shape[1]), size // int(tapped.shape[-1])
+
     def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1000) ImageNet logits."""
         raise NotImplementedError

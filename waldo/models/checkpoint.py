@@ -44,6 +44,10 @@ class ModelConfig(BaseModel):
     #: extra image scales of a multi-scale global descriptor (factors of image_size, e.g.
     #: [0.75, 1.25]; DescriptorModel.multiscale_global); older configs have no key: single scale
     global_scales: list[float] = Field(default_factory=list)
+    #: the backbone stage (an index into Backbone.stages()) whose output map the locals project,
+    #: finer than the last (e.g. 4: EfficientNet-Lite's stride-16 stage); None, and older configs
+    #: without the key: the last map, as the reference
+    local_stage: int | None = Field(None, ge=0)
     extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -101,6 +105,9 @@ def model_hash(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> str:
     scales = getattr(model, "global_scales", ())
     if scales:  # same weights, other descriptors; single scale adds nothing (old hashes hold)
         digest.update(f"global_scales|{list(scales)}|".encode())
+    stage = getattr(model, "local_stage", None)
+    if stage is not None:  # which map the locals read; the last adds nothing (old hashes hold)
+        digest.update(f"local_stage|{stage}|".encode())
     return digest.hexdigest()
 
 
@@ -121,7 +128,7 @@ def config_json(config: ModelConfig) -> str:
     when they differ from what their absence means: a model without them is byte for byte what
     earlier versions wrote (and earlier versions can still read it)."""
     data = config.model_dump()
-    for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", [])):
+    for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", []), ("local_stage", None)):
         if data[key] == absent:
             del data[key]
     return json.dumps(data, indent=2, sort_keys=True)
@@ -131,7 +138,7 @@ def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel
     """A fresh descriptor model for ``config`` (ImageNet backbone weights when ``pretrained``)."""
     return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim,
                            pooling=config.pooling, global_dim=config.global_dim,
-                           global_scales=tuple(config.global_scales))
+                           global_scales=tuple(config.global_scales), local_stage=config.local_stage)
 
 
 def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:

@@ -7,6 +7,11 @@ training the projections are initialised without labels, either by PCA fitted on
 (``fit_pca``, ``fit_global_whitening``) or by a seeded random orthogonal matrix, so that an
 untrained model already retrieves well.
 
+The locals may come from an earlier, finer stage of the backbone than the global descriptor
+(``local_stage``; e.g. EfficientNet-Lite0's stage 4, 112 channels at stride 16: an 18x18 grid at
+288 px instead of 9x9) in the same forward pass: finer cells match parts of an object the last map
+blurs together (docs/results.md, "Do the RRT's locals add anything to the global ranking?").
+
 The global descriptor may be wider than the locals (``global_dim``): the RRT's tokens stay
 ``dim`` (128) wide, while global search gains from keeping more of the backbone's channels
 (docs/results.md, "Global descriptors"). A reranker that wants a ``dim``-wide global token
@@ -71,26 +76,36 @@ def rrt_global_inputs(rrt, global_desc: torch.Tensor, local_desc: torch.Tensor
 
 
 class DescriptorModel(nn.Module):
-    """Backbone + local 1x1 projection (to ``dim``) + pooling + global linear projection (to
-    ``global_dim``, default ``dim``)."""
+    """Backbone + local 1x1 projection (to ``dim``, of the last map or of stage ``local_stage``'s
+    output) + pooling + global linear projection (to ``global_dim``, default ``dim``)."""
 
     def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0, *, pooling: str = "avg",
-                 global_dim: int | None = None, global_scales: tuple[float, ...] = ()) -> None:
+                 global_dim: int | None = None, global_scales: tuple[float, ...] = (),
+                 local_stage: int | None = None) -> None:
         super().__init__()
         global_dim = dim if global_dim is None else global_dim
-        for name, value in (("descriptor dim", dim), ("global descriptor dim", global_dim)):
+        if local_stage is None:
+            local_channels, self.local_stride = backbone.out_channels, backbone.stride
+        else:
+            local_channels, self.local_stride = backbone.stage_shape(local_stage)
+        for name, value, channels in (("descriptor dim", dim, local_channels),
+                                      ("global descriptor dim", global_dim, backbone.out_channels)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-            if value > backbone.out_channels:
-                raise ValueError(f"{name} {value} exceeds the backbone's {backbone.out_channels} channels")
+            if value > channels:
+                where = "the backbone's" if channels == backbone.out_channels else f"stage {local_stage}'s"
+                raise ValueError(f"{name} {value} exceeds {where} {channels} channels")
         self.backbone = backbone
         self.dim = dim
         self.global_dim = global_dim
+        #: the backbone stage whose output the locals project (None: the last map, as the reference)
+        self.local_stage = local_stage
+        self.local_channels = local_channels
         self.pool = make_pooling(pooling)
         #: extra image scales (factors of the input size) whose global descriptors are averaged
         #: with the input's own (multi-scale global descriptor); () = single scale
         self.global_scales = tuple(float(f) for f in global_scales)
-        self.local_proj = nn.Conv2d(backbone.out_channels, dim, kernel_size=1)
+        self.local_proj = nn.Conv2d(local_channels, dim, kernel_size=1)
         self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
 
@@ -102,34 +117,57 @@ class DescriptorModel(nn.Module):
     def shared_projection(self) -> bool:
         """True when locals and the global descriptor share one projection (same width, average
         pooling): the global descriptor is then the normalised mean of the locals."""
-        return self.global_dim == self.dim and self.pooling == "avg" and not self.global_scales
+        return (self.global_dim == self.dim and self.pooling == "avg" and not self.global_scales
+                and self.local_stage is None)
+
+    @property
+    def _one_projection(self) -> bool:
+        """True when one (dim, C) matrix projects both the locals and the global descriptor."""
+        return self.global_dim == self.dim and self.local_stage is None
 
     @torch.no_grad()
     def init_random_orthogonal(self, seed: int = 0) -> None:
         """A seeded random orthogonal projection: preserves inner products approximately
         (Johnson-Lindenstrauss), a label-free start when there are no images to fit PCA on."""
         generator = torch.Generator().manual_seed(seed)
-        gaussian = torch.randn(self.backbone.out_channels, self.dim, generator=generator)
+        gaussian = torch.randn(self.local_channels, self.dim, generator=generator)
         basis, _ = torch.linalg.qr(gaussian)  # (C, D), orthonormal columns
-        self._set_projection(basis.T.contiguous(), torch.zeros(self.backbone.out_channels))
-        if self.global_dim != self.dim:
+        self._set_projection(basis.T.contiguous(), torch.zeros(self.local_channels))
+        if not self._one_projection:
             gaussian = torch.randn(self.backbone.out_channels, self.global_dim, generator=generator)
             basis, _ = torch.linalg.qr(gaussian)
             self._set_global_projection(basis.T.contiguous(), torch.zeros(self.backbone.out_channels))
 
     @torch.no_grad()
     def fit_pca(self, features: np.ndarray | torch.Tensor, whiten: bool = False) -> None:
-        """Fit both projections by PCA on backbone features.
+        """Fit the projections of the last feature map to ``dim`` by PCA on backbone features.
 
-        features: (M, C) vectors from training images only (pooled maps or local cells); never
-        the evaluation images. When the model's global descriptor is as wide as its locals, the
-        same centred projection serves both, so the global descriptor stays the (normalised)
-        average of the locals; a wider global descriptor is left to :meth:`fit_global_whitening`.
+        features: (M, C) vectors of the last map from training images only (pooled maps or local
+        cells); never the evaluation images. When the model's global descriptor is as wide as its
+        locals, the same centred projection serves both, so the global descriptor stays the
+        (normalised) average of the locals; a wider global descriptor is left to
+        :meth:`fit_global_whitening`, locals of an earlier stage to :meth:`fit_local_pca`.
         ``whiten`` divides each component by its standard deviation.
         """
+        weight, mean = self._pca(features, self.backbone.out_channels, whiten)
+        if self.local_stage is None:
+            self._set_projection(weight, mean)
+        elif self.global_dim == self.dim:
+            self._set_global_projection(weight, mean)
+
+    @torch.no_grad()
+    def fit_local_pca(self, cells: np.ndarray | torch.Tensor, whiten: bool = False) -> None:
+        """Fit the local projection alone by PCA on (M, C) cells of the map the locals read (stage
+        ``local_stage``'s output, or the last map), from the caller's fit images, without labels."""
+        weight, mean = self._pca(cells, self.local_channels, whiten)
+        self.local_proj.weight.copy_(weight[:, :, None, None])
+        self.local_proj.bias.copy_(-(weight @ mean))
+
+    def _pca(self, features: np.ndarray | torch.Tensor, channels: int, whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """((dim, channels) principal components, (channels,) mean) of ``features``, float32."""
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        if x.ndim != 2 or x.shape[1] != self.backbone.out_channels:
-            raise ValueError(f"PCA features must be (M, {self.backbone.out_channels}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != channels:
+            raise ValueError(f"PCA features must be (M, {channels}), got {tuple(x.shape)}")
         if x.shape[0] < self.dim:
             raise ValueError(f"PCA to {self.dim} dims needs at least {self.dim} vectors, got {x.shape[0]}")
         mean = x.mean(0)
@@ -142,7 +180,7 @@ class DescriptorModel(nn.Module):
         components = components * signs[:, None]
         if whiten:
             components = components / eigenvalues[order].clamp_min(1e-12).sqrt()[:, None]
-        self._set_projection(components.float(), mean.float())
+        return components.float(), mean.float()
 
     @torch.no_grad()
     def fit_global_whitening(self, pooled: np.ndarray | torch.Tensor, power: float = 0.25,
@@ -172,7 +210,7 @@ class DescriptorModel(nn.Module):
         bias = -(weight @ mean)
         self.local_proj.weight.copy_(weight[:, :, None, None])
         self.local_proj.bias.copy_(bias)
-        if self.global_dim == self.dim:
+        if self._one_projection:
             self.global_proj.weight.copy_(weight)
             self.global_proj.bias.copy_(bias)
 
@@ -180,9 +218,12 @@ class DescriptorModel(nn.Module):
         self.global_proj.weight.copy_(weight)
         self.global_proj.bias.copy_(-(weight @ mean))
 
-    def project(self, feature_map: torch.Tensor) -> Descriptors:
-        """(B, C, h, w) backbone map -> Descriptors."""
-        local = self.local_proj(feature_map)  # (B, D, h, w)
+    def project(self, feature_map: torch.Tensor, local_map: torch.Tensor | None = None) -> Descriptors:
+        """(B, C, h, w) last backbone map (and, for a model with ``local_stage``, that stage's
+        map, which the locals read) -> Descriptors."""
+        if self.local_stage is not None and local_map is None:
+            raise ValueError(f"this model's locals read backbone stage {self.local_stage}: pass its map too")
+        local = self.local_proj(feature_map if self.local_stage is None else local_map)  # (B, D, h, w)
         pooled = self.pool(feature_map)
         global_desc = F.normalize(self.global_proj(pooled), dim=-1)
         b, d, h, w = local.shape
@@ -204,6 +245,9 @@ class DescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
-        out = self.project(self.backbone.forward_features(images))
+        if self.local_stage is None:
+            out = self.project(self.backbone.forward_features(images))
+        else:
+            out = self.project(*self.backbone.forward_tapped(images, self.local_stage))
         out.global_desc = self.multiscale_global(images, out.global_desc)
         return out

@@ -124,9 +124,9 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Raw backbone features for fitting label-free projections (PCA).
 
-    Returns (pooled (N, C) float32, locals (N * local_per_image, C) float32): each image's
+    Returns (pooled (N, C) float32, locals (N * local_per_image, Cl) float32): each image's
     feature map pooled the model's way (waldo.models.pooling) and, optionally, a seeded sample of
-    its cells."""
+    the cells its locals read (the last map's, or stage ``model.local_stage``'s: Cl channels)."""
     model.eval()
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
@@ -136,13 +136,17 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
     for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
         if batch is None:
             continue
-        fmap = model.backbone.forward_features(batch.contiguous(memory_format=torch.channels_last))
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        if model.local_stage is None:
+            fmap = local_map = model.backbone.forward_features(batch)
+        else:
+            fmap, local_map = model.backbone.forward_tapped(batch, model.local_stage)
         pooled.append(model.pool(fmap.float()).float().numpy())
         if local_per_image:
-            flat = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            flat = local_map.flatten(2).transpose(1, 2)  # (B, h*w, Cl)
             pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)
             cells.append(torch.gather(flat, 1, pick[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2]).float().numpy())
     c = model.backbone.out_channels
     pooled_all = np.concatenate(pooled) if pooled else np.zeros((0, c), np.float32)
-    cells_all = np.concatenate(cells) if cells else np.zeros((0, c), np.float32)
+    cells_all = np.concatenate(cells) if cells else np.zeros((0, model.local_channels), np.float32)
     return pooled_all, cells_all

@@ -69,8 +69,12 @@ class _MapsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.backbone.forward_features(images)
-        local = self.model.local_proj(features)
+        if self.model.local_stage is None:
+            features = self.model.backbone.forward_features(images)
+            local = self.model.local_proj(features)
+        else:
+            features, tapped = self.model.backbone.forward_tapped(images, self.model.local_stage)
+            local = self.model.local_proj(tapped)
         global_desc = F.normalize(self.model.global_proj(self.model.pool(features)), dim=-1)
         return self.model.multiscale_global(images, global_desc), local
 

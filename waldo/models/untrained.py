@@ -48,7 +48,7 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
                     seed: int = 0, progress: bool = True, pooling: str | None = None,
                     global_dim: int | None = None, whiten_power: float = WHITEN_POWER,
                     whiten_shrink: float = WHITEN_SHRINK, global_scales: Sequence[float] = (),
-                    pretrained: bool | str = True) -> tuple[DescriptorModel, ModelConfig]:
+                    pretrained: bool | str = True, local_stage: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """Build an untrained model and initialise its projections.
 
     projection: ``pca`` / ``pca-whiten`` fit on the pooled features of up to ``max_fit_images``
@@ -64,6 +64,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     backbone features (needs ``dim`` = backbone channels). ``pooling``: waldo.models.pooling spec
     (default :data:`DEFAULT_POOLING`). ``global_scales``: extra input scales of a multi-scale
     global descriptor (ModelConfig.global_scales; the projections are fitted at the input size).
+    ``local_stage``: the locals read that backbone stage's finer map (ModelConfig.local_stage),
+    projected by a plain PCA fitted on its cells (the last map's projections fit as above).
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
@@ -72,14 +74,14 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     pooling = DEFAULT_POOLING if pooling is None else pooling
     config = ModelConfig(backbone=backbone, dim=dim, image_size=image_size, transform=transform, pooling=pooling,
                          global_dim=None if global_dim in (None, dim) else global_dim,
-                         global_scales=list(global_scales))
+                         global_scales=list(global_scales), local_stage=local_stage)
     model = build_model(config, pretrained=pretrained)
     if projection in _WIDE and config.global_width > model.backbone.out_channels:
         raise ValueError(f"global dim {config.global_width} exceeds the backbone's {model.backbone.out_channels} "
                          f"channels")
     config.weights_source = model.backbone.weights_source
     if projection == "identity":
-        if dim != model.backbone.out_channels or config.global_width != dim:
+        if dim != model.backbone.out_channels or config.global_width != dim or local_stage is not None:
             raise ValueError(f"identity projection needs dim = {model.backbone.out_channels}")
         with torch.no_grad():
             model._set_projection(torch.eye(dim), torch.zeros(dim))
@@ -96,14 +98,19 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
                                                 seed=seed)
         # The locals' basis sees average-pooled vectors beside the cells, as it always has.
         averaged = pooled if model.pooling == "avg" else _average_pooled(model, paths, transform, image_size, progress)
-        features = np.concatenate([averaged, cells]) if len(cells) else averaged
-        if len(features) < dim or (projection in _WIDE and len(pooled) < 2):
+        stage_cells = local_stage is not None  # the locals' cells come from another map: fitted apart
+        features = np.concatenate([averaged, cells]) if len(cells) and not stage_cells else averaged
+        too_few = len(cells) < dim or (config.global_width == dim and len(averaged) < dim) if stage_cells \
+            else len(features) < dim
+        if too_few or (projection in _WIDE and len(pooled) < 2):
             warnings.warn(f"only {len(features)} feature vectors to fit a {dim}-d PCA; using a random "
                           f"orthogonal projection instead", stacklevel=2)
             model.init_random_orthogonal(seed)
             config.projection = f"random:{seed}"
         else:
             model.fit_pca(features, whiten=projection in ("pca-whiten", *_WIDE))
+            if stage_cells:  # plain PCA: as good as whitened for matching cells (docs/results.md, compact forms)
+                model.fit_local_pca(cells)
             name = projection
             shrink_pca = projection == "pca-shrink"
             if projection == "views-whiten":

@@ -58,6 +58,7 @@ SCORE_GV_FUSED = "similarity + geometry bonus"
 SCORE_INLIERS = "inliers"
 SCORE_RRT_PROBABILITY = "RRT probability"
 SCORE_RRT_FUSED = "similarity + RRT probability"
+SCORE_LOCAL_MATCH_FUSED = "similarity + matched cells"
 SCORE_KINDS: dict[str, str] = {
     SCORE_SIMILARITY: "cosine similarity of the global descriptors (-1 to 1; higher is more alike)",
     SCORE_GV_FUSED: "the global similarity plus a bonus for an image with at least the minimum inliers of a "
@@ -67,6 +68,8 @@ SCORE_KINDS: dict[str, str] = {
     SCORE_RRT_PROBABILITY: "the Reranking Transformer's probability that both photos show the same object (0 to 1)",
     SCORE_RRT_FUSED: "a weighted sum of the global similarity and the RRT's probability (weight chosen on "
                      "validation)",
+    SCORE_LOCAL_MATCH_FUSED: "the global similarity plus a weighted share (0 to 1) of the query's image cells "
+                             "that have a mutual match in the other photo (weight chosen on validation)",
 }
 
 
@@ -155,6 +158,7 @@ class Need(enum.Enum):
     LOCAL_DESCRIPTORS = "local descriptors"
     KEYPOINTS = "local-feature keypoints"
     TRAINED_RRT = "a trained RRT (rrt.json beside the model, from `waldo train rrt`)"
+    FINE_LOCALS = "local descriptors of a finer backbone stage (an index built with --local-stage)"
 
 
 @dataclass(frozen=True)

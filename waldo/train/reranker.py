@@ -213,7 +213,7 @@ def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Pat
     saved_config.extra = {**init_config.extra, "rrt": dict(training)}
     if config.mode == "finetune":
         saved_config.projection = f"trained:rrt-finetune:{trained_on}"
-    checkpoint = {"model_config": saved_config, "grid": (init_config.image_size // model.backbone.stride,) * 2,
+    checkpoint = {"model_config": saved_config, "grid": (init_config.image_size // model.local_stride,) * 2,
                   "training": training}
     trainer = RerankerTrainer(config, bundle, tail, source, labels, sampler, validator, checkpoint)
     trainer.validate_start = starts_from_rrt  # the frozen start is the first candidate

@@ -394,7 +394,7 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     sampler = PairSampler(pool, train, neighbours, seed=config.seed, real_positive_prob=config.real_positive_prob,
                           hard_negative_prob=config.hard_negative_prob, hard_negative_k=config.hard_negative_k,
                           in_batch_negatives=config.in_batch_negatives, anchors_per_epoch=config.anchors_per_epoch)
-    grid = (model_config.image_size // model.backbone.stride,) * 2
+    grid = (model_config.image_size // model.local_stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment(**config.augment))
     sets = validation_sets(pool, held_out & ok, max_queries=config.val_max_queries, seed=config.seed)
     validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=config.val_top_k, seed=config.seed,
@@ -447,7 +447,7 @@ def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, v
     global_desc = np.zeros((len(pool), part_global.shape[1]), np.float32)
     local_desc = np.zeros((len(pool), *part_local.shape[1:]), np.float16)
     global_desc[needed], local_desc[needed] = part_global, part_local
-    grid = (model_config.image_size // model.backbone.stride,) * 2
+    grid = (model_config.image_size // model.local_stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment())
     validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=top_k, seed=seed, grid=grid)
     if record:
