@@ -389,6 +389,21 @@ def product_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_table(folder: Path, which: Path) -> str:
+    """make demo's checkpoint with stage locals through `waldo eval` (results/local_match/), beside
+    the shipped index's own rankings (``which``: results/rrt_views/shipped-which-reranker.json)."""
+    shipped = json.loads(which.read_text())["protocols"]
+    lines = ["| protocol | global | gv (shipped index) | local-match | local-match+gv |", "|---|---|---|---|---|"]
+    for name in ("grocery-open-cross", "coil100-open"):
+        lm = json.loads((folder / f"lw-rrt-stage4-{name}.json").read_text())
+        both_file = folder / f"lw-rrt-stage4-gv-{name}.json"
+        both = json.loads(both_file.read_text()) if both_file.is_file() else None
+        cell = lambda m: f"{m['recall@1']:.4f} / {m['map']:.4f}"  # noqa: E731
+        lines.append(f"| {name} | {cell(lm['global'])} | {cell(shipped[name]['gv'])} | {cell(lm)} | "
+                     + (cell(both) if both else "-") + " |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     lines = ["| ranking (validation, macro over the held-out sets) | R@1 | map@100 |", "|---|---|---|"]
     lines += [f"| {r['ranking']} | {r['recall@1']:.4f} | {r['map@100']:.4f} |" for r in result["rows"]]
@@ -491,7 +506,12 @@ def main() -> int:
     parser.add_argument("--finer", action="store_true", help="print the saved fair validations of every kind of locals")
     parser.add_argument("--compact", action="store_true", help="print the stored-form table of the stage-4 cells")
     parser.add_argument("--product", action="store_true", help="print the product form's table (--local-stage)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="print make demo's checkpoint with stage locals (results/local_match/, from waldo eval)")
     args = parser.parse_args()
+    if args.checkpoint:
+        print(checkpoint_table(ROOT / "results" / "local_match", OUT.with_name("shipped-which-reranker.json")))
+        return 0
     if args.product:
         print(product_table(json.loads(OUT.with_name(PRODUCT_FILE).read_text())))
         return 0

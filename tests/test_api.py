@@ -142,5 +142,32 @@ def test_an_index_with_stage_locals_offers_local_match(abo, built, tmp_path):
     assert "local-match" not in plain.available_rerankers()
     with pytest.raises(ValueError, match="finer backbone stage"):
         plain.search(query.path, k=5, rerank="local-match")
-    with pytest.raises(ValueError, match="untrained model"):
-        Waldo.create(tmp_path / "other", model_dir=built[0] / "model", local_stage=4)
+    # a checkpoint keeps its global head and gets stage locals fitted on the images given
+    restaged = Waldo.create(tmp_path / "restaged", model_dir=built[0] / "model", local_stage=4, dim=32,
+                            fit_paths=abo.paths, gv_features=False, progress=False)
+    restaged.add(abo.paths[:4], abo.identities[:4], progress=False, num_workers=0)
+    assert restaged.store.local_shape == (196, 32) and "local-match" in restaged.available_rerankers()
+    import torch
+
+    images = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(restaged.model(images).global_desc, plain.model(images).global_desc, atol=1e-5)
+    with pytest.raises(ValueError, match="fitted on images"):
+        Waldo.create(tmp_path / "unfitted", model_dir=built[0] / "model", local_stage=4, dim=32)
+
+
+def test_stage_locals_fit_on_fewer_photos_than_the_global_width(abo, tmp_path):
+    """A wide global descriptor is fitted by views-whiten; the 64-d stage locals by their own
+    PCA on 8 cells per photo, so a dozen photos are enough for both."""
+    engine = Waldo.create(tmp_path / "few", local_stage=4, dim=64, fit_paths=abo.paths, gv_features=False,
+                          progress=False)
+    assert len(abo.paths) < 64 and engine.config.projection.startswith("views-whiten")
+    assert engine.config.local_stage == 4 and engine.store.local_shape == (196, 64)
+    weights = engine.model.local_proj.weight.detach()[:, :, 0, 0]
+    assert torch_allclose_identity(weights @ weights.T)  # a PCA basis: orthonormal rows
+
+
+def torch_allclose_identity(gram) -> bool:
+    import torch
+
+    return bool(torch.allclose(gram, torch.eye(len(gram)), atol=1e-4))

@@ -255,3 +255,10 @@ def test_local_match_product_table_is_generated():
     module = _experiment("local_matching")
     table = module.product_table(_results(f"rrt_views/{module.PRODUCT_FILE}"))
     assert table in (ROOT / "docs" / "results.md").read_text()
+
+
+def test_local_match_checkpoint_table_is_generated():
+    """make demo's checkpoint with stage locals in docs/results.md is `local_matching.py --checkpoint`."""
+    table = _experiment("local_matching").checkpoint_table(ROOT / "results" / "local_match",
+                                                           ROOT / "results" / "rrt_views" / "shipped-which-reranker.json")
+    assert table in (ROOT / "docs" / "results.md").read_text()

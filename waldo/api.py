@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -141,7 +141,9 @@ class Waldo:
         global search; see :meth:`IndexStore.create`. ``pooling`` / ``global_dim`` /
         ``global_scales`` shape an untrained model's global descriptor (waldo.models.untrained;
         defaults chosen on validation identities); ``local_stage`` takes its locals from that
-        finer backbone stage (ModelConfig.local_stage), which the ``local-match`` reranker needs."""
+        finer backbone stage (ModelConfig.local_stage), which the ``local-match`` reranker needs;
+        with ``model_dir``, the checkpoint keeps its global head and gets ``dim``-wide stage locals
+        fitted on ``fit_paths`` (its RRT, trained on the old locals, is not carried)."""
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -152,9 +154,12 @@ class Waldo:
             wide = global_dim or (DEFAULT_GLOBAL_DIM if projection in ("pca-shrink", "views-whiten") else dim)
             IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
-            if local_stage is not None:
-                raise ValueError("local_stage shapes an untrained model; a trained checkpoint (model_dir) has its own")
             model, config = load_model(model_dir)
+            if local_stage is not None:  # its global head, locals of a finer stage fitted on these images
+                from waldo.models.untrained import with_stage_locals
+
+                model, config = with_stage_locals(model, config, local_stage, dim=dim, fit_paths=fit_paths,
+                                                  fit_source=fit_source, seed=seed, progress=progress)
             if transform:
                 config.transform = transform
             if global_scales:  # the checkpoint's own scales otherwise
@@ -173,7 +178,8 @@ class Waldo:
                                   global_index=global_index, global_search_params=global_search_params)
         try:
             save_model(model, config, root / MODEL_FOLDER)
-            if model_dir is not None and has_rrt(model_dir):  # a reranker travels with its model
+            # a reranker travels with its model, unless the locals it reads were replaced
+            if model_dir is not None and has_rrt(model_dir) and local_stage is None:
                 for name in RRT_FILES:
                     shutil.copy2(Path(model_dir) / name, root / MODEL_FOLDER / name)
         except BaseException:
@@ -334,6 +340,24 @@ class Waldo:
         tensor = self.transform(_decoded(image), 0)[None]
         out = self.model(tensor.contiguous(memory_format=torch.channels_last))
         return out.global_desc[0].numpy(), out.local_desc[0].numpy()
+
+    def matched_cells(self, image: ImageSource, image_id: int) -> dict[str, Any]:
+        """What ``local-match`` counted for the query ``image`` and indexed image ``image_id``:
+        ``pairs`` (K, 2) [query cell, candidate cell] and their ``cosines``, strongest first,
+        ``cells`` (the query's cell count), ``grid`` (h, w), the reranker's ``setting`` and the
+        ``share`` it adds ``setting.weight`` times to the global similarity. ValueError when
+        the index has no stage locals (it does not offer local-match)."""
+        from waldo.rerank.local_match import LocalMatchSetting, matched_cells
+
+        if Need.FINE_LOCALS not in self._needs_met():
+            raise ValueError("this index has no stage locals to match (build it with --local-stage)")
+        _, query_local = self.describe(image)
+        candidate_local = self.store.local_descriptors([image_id])[0]
+        setting = LocalMatchSetting.for_model(self.root / MODEL_FOLDER)
+        pairs, cosines = matched_cells(query_local, candidate_local, setting.threshold)
+        side = self.config.image_size // self.model.local_stride
+        return {"pairs": pairs, "cosines": cosines, "cells": len(query_local), "grid": (side, side),
+                "setting": setting, "share": len(pairs) / max(1, len(query_local))}
 
     def search(self, image: ImageSource, k: int = 10, rerank: str | None = None) -> SearchOutcome:
         """The ``k`` indexed images most similar to ``image`` (a path, bytes, a file object or a

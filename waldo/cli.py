@@ -600,7 +600,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
                              "(overrides --backbone and the untrained-model options; default: an untrained model)")
     parser.add_argument("--dim", type=int, default=128, metavar="N",
-                        help="local descriptor size of an untrained model (the RRT's tokens)")
+                        help="local descriptor size of an untrained model (the RRT's tokens), or of the "
+                             "--local-stage locals")
     parser.add_argument("--projection", default="views-whiten", choices=PROJECTIONS, metavar="NAME",
                         help="label-free projection of an untrained model, one of: %(choices)s. Default "
                              "views-whiten: 128-d PCA-whitened locals and a 1024-d global descriptor whitened "
@@ -616,9 +617,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "validation prefers 0.5,1.5 for the untrained default at 3.5x the cost: "
                              "docs/results.md)")
     parser.add_argument("--local-stage", type=int, default=None, metavar="N",
-                        help="take an untrained model's local descriptors from backbone stage N, a finer map "
-                             "than the last (4: EfficientNet-Lite's 112 channels at stride 16, 14x14 cells at "
-                             "224 px; use --dim 64 or less); offers the local-match reranker")
+                        help="take the local descriptors from backbone stage N, a finer map than the last (4: "
+                             "EfficientNet-Lite's 112 channels at stride 16, 14x14 cells at 224 px; use --dim 64 "
+                             "or less), fitted without labels; offers the local-match reranker. With --model the "
+                             "checkpoint keeps its global head and its RRT (trained on other locals) is dropped")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")

@@ -287,6 +287,13 @@ class ShardedWaldo:
         return merge_shard_outcomes(outcomes, k=k, rerank=rerank, reranked=spec is not None, timings=stage.ms,
                                     rerank_ms=keypoints_ms)
 
+    def matched_cells(self, image: ImageSource, image_id: int) -> dict[str, Any]:
+        """:meth:`Waldo.matched_cells` against sharded id ``image_id`` (its shard's stored locals)."""
+        from waldo.index.shards import split_id
+
+        shard, local_id = split_id(image_id, len(self.shards))
+        return self.shards[shard].matched_cells(image, local_id)
+
     def available_rerankers(self) -> list[str]:
         """The ``rerank`` values :meth:`search` accepts (every shard holds the same model and
         keypoint kind: :func:`waldo.index.shards.read_layout` checks)."""

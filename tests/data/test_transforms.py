@@ -88,3 +88,15 @@ def test_train_transform(image: Image.Image) -> None:
     out = train_transform(96)(image)
     assert out.shape == (3, 96, 96) and out.dtype == torch.float32
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_cell_centres_undo_the_resize_and_the_crop():
+    from waldo.data.transforms import get_transform
+
+    crop = get_transform("resize256-crop224", 224)
+    centres = crop.cell_centres((7, 7), (512, 256))  # (width, height): the square resize stretches
+    # a 32 px cell's centre (16) plus the crop's 16 px margin, in the 256 px resize, scaled back
+    assert centres.shape == (49, 2) and tuple(centres[0]) == (64.0, 32.0)
+    assert tuple(centres[-1]) == (2 * (16 + 6 * 32 + 16), 16 + 6 * 32 + 16)
+    plain = get_transform("resize224", 224)
+    assert tuple(plain.cell_centres((14, 14), (224, 224))[15]) == (24.0, 24.0)  # row 1, column 1

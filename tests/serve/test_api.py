@@ -417,3 +417,34 @@ def test_page_and_assets_are_local(served):
     for file in STATIC_DIR.iterdir():  # no CDN: no absolute URL other than the SVG namespace
         urls = set(re.findall(r"https?://[^\s\"')]+", file.read_text()))
         assert urls <= {"http://www.w3.org/2000/svg"}, (file.name, urls)
+
+
+def test_match_draws_local_match_cells_only_where_it_is_offered(served, data_root, tmp_path):
+    client, _, grocery = served
+    query = grocery.queries["29"]
+    top = client.post("/search?k=1", files=upload(query)).json()["results"][0]
+    refused = client.post(f"/match/{top['id']}?method=cells", files=upload(query))
+    assert refused.status_code == 422 and "stage locals" in refused.json()["detail"]
+    assert client.post(f"/match/{top['id']}?method=bogus", files=upload(query)).status_code == 422
+
+    from waldo.api import Waldo
+    from waldo.data.datasets import read_labels_csv
+
+    abo = read_labels_csv(data_root / "abo_sample")
+    engine = Waldo.create(tmp_path / "staged", projection="random", dim=32, local_stage=4, gv_features=False,
+                          progress=False)
+    engine.add(abo.paths, abo.identities, progress=False, num_workers=0)
+    engine.store.close()
+    with TestClient(create_app(tmp_path / "staged", ServeSettings())) as staged:
+        photo = abo.paths[0]
+        hit = staged.post("/search?k=1&rerank=local-match", files=upload(photo)).json()["results"][0]
+        match = staged.post(f"/match/{hit['id']}?method=cells", files=upload(photo)).json()
+        assert match["method"] == "cells" and match["available"] and not match["verified"]
+        assert match["matches"] == 196 and 0 < match["inliers"] <= 196  # the photo against itself
+        assert len(match["lines"]) == match["inliers"] and "mutual best match above cosine 0.7" in match["message"]
+        width, height = match["query_size"]
+        for xq, yq, xc, yc in match["lines"]:
+            assert 0 <= xq <= width and 0 <= yq <= height
+            assert (xq, yq) == (xc, yc)  # a cell of the same photo matches itself
+        geometry = staged.post(f"/match/{hit['id']}", files=upload(photo)).json()
+        assert geometry["method"] != "cells" and geometry["inliers"] > 0  # the default: the verifier's inliers

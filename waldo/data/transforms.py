@@ -104,6 +104,17 @@ class TestTransform:
         state = np.random.SeedSequence([self.seed & 0xFFFFFFFF, key & 0xFFFFFFFF, key >> 32 & 0xFFFFFFFF])
         return torch.Generator().manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> 1))
 
+    def cell_centres(self, grid: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
+        """(h * w, 2) float32 ``[x, y]``, row-major: the centre of each cell of an (h, w) feature
+        grid over this transform's output, in the pixels of the ``(width, height)`` image it was
+        given (the square resize and centre crop undone; an ablation op's warp is not)."""
+        h, w = grid
+        offset = (self.resize - self.image_size) / 2 if self.crop else 0.0
+        xs = ((np.arange(w) + 0.5) * self.image_size / w + offset) * original_size[0] / self.resize
+        ys = ((np.arange(h) + 0.5) * self.image_size / h + offset) * original_size[1] / self.resize
+        grid_x, grid_y = np.meshgrid(xs, ys)
+        return np.stack([grid_x, grid_y], -1).reshape(-1, 2).astype(np.float32)
+
     def __call__(self, image: Image.Image, key: int = 0) -> torch.Tensor:
         """PIL image -> ``float32`` ``(3, image_size, image_size)``; deterministic per ``(seed, key)``."""
         if not isinstance(image, Image.Image):

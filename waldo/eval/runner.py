@@ -74,11 +74,15 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                   local_stage: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery)."""
-    if model_dir is not None:
-        if local_stage is not None:
-            raise ValueError("local_stage shapes an untrained model; a trained checkpoint has its own")
-        return load_model(model_dir)
     fit_paths = protocol.train.paths
+    if model_dir is not None:
+        model, config = load_model(model_dir)
+        if local_stage is None:
+            return model, config
+        from waldo.models.untrained import with_stage_locals
+
+        return with_stage_locals(model, config, local_stage, dim=dim, fit_paths=fit_paths,
+                                 fit_source=f"{protocol.name}:train", seed=seed, progress=progress)
     if projection.startswith("pca") and not fit_paths:
         raise ValueError(f"protocol {protocol.name!r} has no training images to fit a PCA projection "
                          f"on; use --projection random")
@@ -114,6 +118,9 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     # Built first: a reranker that cannot be built fails before minutes of extraction.
     reranker = None if rerank == NO_RERANK else RERANKERS.create(
         rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None))
+    if local_stage is not None and model_dir is not None and reranker is not None \
+            and Need.TRAINED_RRT in RERANKERS.spec(rerank).needs:
+        raise ValueError(f"{rerank!r} reads the RRT trained on the checkpoint's own locals, which --local-stage replaces")
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     verifies = reranker is not None and Need.KEYPOINTS in RERANKERS.spec(rerank).needs
     stage = StageLog(2 + verifies + (reranker is not None), enabled=log_stages)

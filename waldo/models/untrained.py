@@ -108,7 +108,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
             model.init_random_orthogonal(seed)
             config.projection = f"random:{seed}"
         else:
-            model.fit_pca(features, whiten=projection in ("pca-whiten", *_WIDE))
+            if not stage_cells or config.global_width == dim:  # else fit_pca would fit nothing
+                model.fit_pca(features, whiten=projection in ("pca-whiten", *_WIDE))
             if stage_cells:  # plain PCA: as good as whitened for matching cells (docs/results.md, compact forms)
                 model.fit_local_pca(cells)
             name = projection
@@ -180,3 +181,34 @@ def _average_pooled(model: DescriptorModel, paths: Sequence[str], transform: str
         return extract_pooled_features(model, paths, get_transform(transform, image_size), progress=progress)[0]
     finally:
         model.pool = pooling
+
+
+def with_stage_locals(model: DescriptorModel, config: ModelConfig, local_stage: int, *, dim: int,
+                      fit_paths: Sequence[str], fit_source: str = "", max_fit_images: int = 1000,
+                      cells_per_image: int = 8, seed: int = 0,
+                      progress: bool = True) -> tuple[DescriptorModel, ModelConfig]:
+    """``model`` (e.g. a trained checkpoint) with its locals replaced by a ``dim``-wide plain PCA
+    of backbone stage ``local_stage``'s cells, fitted without labels on up to ``max_fit_images``
+    of ``fit_paths``; the backbone, pooling and global head stay as they are, so its global
+    ranking is unchanged. A Reranking Transformer trained on the old locals no longer applies
+    (callers do not carry it); the ``local-match`` reranker does."""
+    if not fit_paths:
+        raise ValueError("stage locals are fitted on images: give the images about to be indexed (fit_paths)")
+    staged = DescriptorModel(model.backbone, dim=dim, pooling=config.pooling, global_dim=config.global_width,
+                             global_scales=tuple(config.global_scales), local_stage=local_stage)
+    staged.pool.load_state_dict(model.pool.state_dict())
+    staged.global_proj.load_state_dict(model.global_proj.state_dict())
+    paths = list(fit_paths)
+    if len(paths) > max_fit_images:
+        paths = random.Random(seed).sample(paths, max_fit_images)
+    _, cells = extract_pooled_features(staged, paths, get_transform(config.transform, config.image_size),
+                                       progress=progress, local_per_image=cells_per_image, seed=seed)
+    if len(cells) < dim:
+        raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d stage locals on; give more images")
+    staged.fit_local_pca(cells)
+    staged.eval()
+    staged_config = config.model_copy(update={
+        "dim": dim, "global_dim": None if config.global_width == dim else config.global_width,
+        "local_stage": local_stage,
+        "projection": f"{config.projection}; locals: stage {local_stage} pca:{fit_source or 'custom'}:{len(paths)} images"})
+    return staged, ModelConfig.model_validate(staged_config.model_dump())

@@ -32,7 +32,7 @@ from waldo.rerank.base import (
     sorted_result,
 )
 
-__all__ = ["LocalMatchReranker", "LocalMatchSetting", "mutual_match_share"]
+__all__ = ["LocalMatchReranker", "LocalMatchSetting", "matched_cells", "mutual_match_share"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,34 @@ def mutual_match_share(query_locals: np.ndarray, candidate_locals: np.ndarray, t
                          f"{query.shape} and {candidates.shape}")
     if len(candidates) == 0 or len(query) == 0 or candidates.shape[1] == 0:
         return np.zeros(len(candidates), np.float32)
-    sims = np.matmul(candidates, query.T)  # (N, M, L): candidate cell x query cell
+    matched, _, _ = _mutual_matches(np.matmul(candidates, query.T), threshold)
+    return matched.mean(1).astype(np.float32)
+
+
+def _mutual_matches(sims: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For (N, M, L) cosines (candidate cell x query cell): (N, L) whether each query cell has a
+    mutual nearest candidate cell above ``threshold``, (N, L) that cell, (N, L) its cosine."""
     best_candidate = sims.argmax(1)  # (N, L): each query cell's nearest candidate cell
     best_query = sims.argmax(2)  # (N, M): each candidate cell's nearest query cell
-    mutual = np.take_along_axis(best_query, best_candidate, 1) == np.arange(query.shape[0])[None]
-    strong = sims.max(1) > threshold
-    return (mutual & strong).mean(1).astype(np.float32)
+    mutual = np.take_along_axis(best_query, best_candidate, 1) == np.arange(sims.shape[2])[None]
+    cosine = sims.max(1)
+    return mutual & (cosine > threshold), best_candidate, cosine
+
+
+def matched_cells(query_locals: np.ndarray, candidate_locals: np.ndarray,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The cells :func:`mutual_match_share` counts for one pair: ((K, 2) int64 [query cell,
+    candidate cell] indices, (K,) float32 cosines), strongest first. What the page draws."""
+    query, candidate = _unit(query_locals), _unit(candidate_locals)
+    if query.ndim != 2 or candidate.ndim != 2 or candidate.shape[1] != query.shape[1]:
+        raise ValueError(f"local-match needs (L, D) and (M, D) locals, got {query.shape} and {candidate.shape}")
+    if len(query) == 0 or len(candidate) == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    matched, best, cosine = (a[0] for a in _mutual_matches(np.matmul(candidate, query.T)[None], threshold))
+    cells = np.flatnonzero(matched)
+    order = np.argsort(-cosine[cells], kind="stable")
+    cells = cells[order]
+    return np.stack([cells, best[cells]], 1).astype(np.int64), cosine[cells].astype(np.float32)
 
 
 class LocalMatchReranker:

@@ -12,7 +12,7 @@ from waldo.data.images import DecodeBudget, load_image
 from waldo.models.keypoints import LocalFeatureConfig, extract_local_features
 from waldo.rerank.gv import GVConfig, verify_pair
 
-__all__ = ["match_pair"]
+__all__ = ["match_cells", "match_pair"]
 
 
 def _missing(verification, config: GVConfig) -> str:
@@ -61,3 +61,27 @@ def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int
     return {**base, "available": True, "verified": verified, "method": f"{features.kind}+{verification.model}",
             "inliers": verification.inliers, "matches": verification.n_matches, "lines": lines,
             "outline": outline, "message": message}
+
+
+def match_cells(engine: Any, transform: Any, query: Image.Image, image_id: int, path: Path, *, max_pixels: int,
+                max_lines: int = 300, budget: DecodeBudget | None = None,
+                budget_timeout: float | None = None) -> dict[str, Any]:
+    """The image cells the ``local-match`` reranker counted between ``query`` and indexed image
+    ``image_id``, as ``MatchResponse`` fields: one line per mutually matched cell pair, from cell
+    centre to cell centre in each image's pixels (``transform``: the index's test transform,
+    whose resize and crop place the cells), strongest first. No claim of a verified match: the
+    share of matched cells is evidence the reranker weighs, not a geometric check."""
+    # Decoded (EXIF rotation applied), as the model saw it and as the browser shows it.
+    candidate = load_image(path, max_pixels=max_pixels, budget=budget, budget_timeout=budget_timeout)
+    cells = engine.matched_cells(query, image_id)
+    query_centres = transform.cell_centres(cells["grid"], query.size)
+    candidate_centres = transform.cell_centres(cells["grid"], candidate.size)
+    pairs = cells["pairs"][:max_lines]
+    lines = [[*map(float, query_centres[q].round(1)), *map(float, candidate_centres[c].round(1))] for q, c in pairs]
+    setting = cells["setting"]
+    message = (f"{len(cells['pairs'])} of the query's {cells['cells']} image cells ({cells['share']:.0%}) have a mutual "
+               f"best match above cosine {setting.threshold:g} here; local match adds {setting.weight:g} x "
+               f"{cells['share']:.2f} to the global similarity")
+    return {"id": image_id, "query_size": list(query.size), "image_size": list(candidate.size), "available": True,
+            "verified": False, "method": "cells", "inliers": len(cells["pairs"]), "matches": cells["cells"],
+            "lines": lines, "outline": [], "message": message}

@@ -43,7 +43,8 @@ from waldo.rerank import NO_RERANK, RERANKERS
 from waldo.rerank.base import NO_RERANK_DESCRIPTION, NO_RERANK_TITLE, SCORE_KINDS, SCORE_SIMILARITY
 from waldo.serve.catalogue import StoresCatalogue
 from waldo.serve.errors import ClientError
-from waldo.serve.match import match_pair
+from waldo.serve.match import match_cells, match_pair
+
 from waldo.serve.memory import trim_heap
 from waldo.serve.metrics import ServiceMetrics, resident_memory_bytes
 from waldo.serve.schemas import AddedImage, SearchResponse
@@ -58,6 +59,9 @@ from waldo.serve.uploads import (
     store_upload,
     uploads_lock,
 )
+
+#: what ``POST /match/{id}?method=`` draws: the verifier's inliers, or local-match's cell pairs
+MATCH_METHODS = ("geometry", "cells")
 
 __all__ = ["SearchService"]
 
@@ -239,10 +243,21 @@ class SearchService:
         response.results = [hit.model_copy(update={"path": self.public_path(hit.path)}) for hit in response.results]
         return response
 
-    def match(self, data: bytes, filename: str | None, image_id: int) -> dict[str, Any]:
-        """Correspondences between an uploaded query and indexed image ``image_id``."""
+    def match(self, data: bytes, filename: str | None, image_id: int, method: str = "geometry") -> dict[str, Any]:
+        """Correspondences between an uploaded query and indexed image ``image_id``: the
+        verifier's inliers (``method="geometry"``) or the image cells local-match counted
+        (``"cells"``, for an index that offers it)."""
+        if method not in MATCH_METHODS:
+            raise ClientError(422, f"match method must be one of {', '.join(MATCH_METHODS)}, got {method!r}")
+        if method == "cells" and "local-match" not in self._rerankers:
+            raise ClientError(422, "this index has no stage locals to match cells with (build it with --local-stage)")
         upload = self._checked_upload(data, filename)
         path = self.image_path(image_id)
+        if method == "cells":
+            transform = getattr(self.engine, "transform", None) or self.engine.shards[0].transform
+            return match_cells(self.engine, transform, upload.image, image_id, path,
+                               max_pixels=self.settings.max_pixels, budget=self.decode_budget,
+                               budget_timeout=self.settings.write_wait_s)
         return match_pair(upload.image, image_id, path, max_pixels=self.settings.max_pixels,
                           features=self.engine.gv_sift, budget=self.decode_budget,
                           budget_timeout=self.settings.write_wait_s)

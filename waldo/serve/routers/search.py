@@ -75,10 +75,14 @@ async def match(
     service: Service,
     slots: Slots,
     image_id: Annotated[int, Path(ge=0, le=2**62, description="an indexed image")],
+    method: Annotated[str, Query(
+        description="geometry: the geometric verifier's inlier correspondences; cells: the image cells "
+                    "the local-match reranker counted (an index that offers local-match)")] = "geometry",
 ) -> MatchResponse:
-    """Geometric-verification correspondences between the uploaded photo and one indexed
-    image, to draw the pair side by side; ``available`` is false without a verifier."""
+    """Correspondences between the uploaded photo and one indexed image, to draw the pair side
+    by side: geometric-verification inliers (``available`` is false without a verifier), or
+    with ``method=cells`` the mutually matched image cells of local-match."""
     data = await read_upload(image, service.settings.max_upload_bytes)
     async with slots:
-        result = await run_in_threadpool(service.match, data, image.filename, image_id)
+        result = await run_in_threadpool(service.match, data, image.filename, image_id, method)
     return MatchResponse(**result)

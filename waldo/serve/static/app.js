@@ -13,6 +13,7 @@ const STAGES = [["extract", "Extract"], ["search", "Search"], ["rerank", "Rerank
 const KIND_INLIERS = "inliers";
 const KIND_RRT_PROBABILITY = "RRT probability";
 const KIND_GEOMETRY_BONUS = "similarity + geometry bonus";
+const KIND_LOCAL_MATCH = "similarity + matched cells"; // the pair view draws its matched cells
 const MIN_BAR = 0.04; // the shortest bar, so that a hit with nothing to show still shows a bar
 const GLOBAL_ONLY = "none"; // the API's rerank value for the global ranking alone (not a reranker)
 
@@ -440,7 +441,8 @@ function showStatus(message, kind = "") {
 async function openPair(result, kind) {
   const dialog = $("pair-dialog");
   $("pair-title").textContent = `#${result.rank} · ${result.label}`;
-  $("pair-note").textContent = "Verifying…";
+  const cells = kind === KIND_LOCAL_MATCH; // show what ranked it: local-match's cells, else the verifier's inliers
+  $("pair-note").textContent = cells ? "Matching cells…" : "Verifying…";
   $("pair-note").className = "pair-note";
   // Every number says what it is: the score that ranked this hit with its unit, then the rest.
   const facts = [
@@ -474,12 +476,12 @@ async function openPair(result, kind) {
   try {
     const form = new FormData();
     form.append("image", state.file, state.file.name || "pasted.png");
-    const response = await fetch(`/match/${result.id}`, { method: "POST", body: form });
+    const response = await fetch(`/match/${result.id}${cells ? "?method=cells" : ""}`, { method: "POST", body: form });
     const match = await response.json();
     if (!response.ok) throw new Error(match.detail || `HTTP ${response.status}`);
     if (match.available) {
       drawPair(query, stored, match);
-      $("pair-note").textContent = `Geometric verification: ${match.message}.`;
+      $("pair-note").textContent = `${cells ? "Local match" : "Geometric verification"}: ${match.message}.`;
       $("pair-note").className = `pair-note ${match.verified ? "verified" : ""}`;
     } else {
       $("pair-note").textContent = match.message || "No geometric verification for this pair.";
@@ -553,7 +555,9 @@ function drawPair(query, stored, match) {
   ctx.lineWidth = 1.5;
   match.lines.forEach(([xq, yq, xs, ys], i) => {
     // Verified matches get distinct bright hues; unverified ones stay grey (noise, not evidence).
-    ctx.strokeStyle = match.verified ? `hsla(${(i * 47) % 360}, 90%, 55%, 0.85)` : "rgba(200, 200, 210, 0.6)";
+    // Matched cells are the evidence local-match weighed: coloured like verified inliers.
+    const evidence = match.verified || match.method === "cells";
+    ctx.strokeStyle = evidence ? `hsla(${(i * 47) % 360}, 90%, 55%, 0.85)` : "rgba(200, 200, 210, 0.6)";
     ctx.fillStyle = ctx.strokeStyle;
     const ax = xq * (queryWidth / qw) * scaleQ, ay = yq * (queryHeight / qh) * scaleQ;
     const bx = offset + xs * (stored.naturalWidth / sw) * scaleS, by = ys * (stored.naturalHeight / sh) * scaleS;
