@@ -7,6 +7,9 @@ DEMO_INDEX ?= demo-index
 # The shipped model (waldo/pretrained/): lite0 + a trained global descriptor + trained RRT, so
 # the page offers every reranker over the better global ranking.
 DEMO_MODEL ?= lite0-lw-rrt
+# Stage-4 match cells (64-d, fitted on the indexed photos) beside the model's locals: the page
+# offers the training-free local-match reranker too (README, "Which reranker when").
+DEMO_LOCAL ?= --local-stage 4 --dim 64
 DEMO_DATA ?= $(WALDO_DATA)/grocery_store
 comma := ,
 # The split filter belongs to the grocery labels.csv; any other folder is indexed whole.
@@ -37,7 +40,7 @@ setup: $(BIN)/.installed
 demo: setup
 	@if [ -f $(DEMO_INDEX)/manifest.json ]; then echo "re-using $(DEMO_INDEX)"; else \
 	  $(BIN)/waldo index build --data $(DEMO_DATA) $(if $(DEMO_WHERE),--where $(DEMO_WHERE)) \
-	    --model $(DEMO_MODEL) --out $(DEMO_INDEX); fi
+	    --model $(DEMO_MODEL) $(DEMO_LOCAL) --out $(DEMO_INDEX); fi
 	$(BIN)/waldo serve --index $(DEMO_INDEX) --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: setup

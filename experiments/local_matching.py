@@ -39,6 +39,9 @@ global ranking is as blind to them as it is to a test's, and scores everything a
     .venv/bin/python experiments/local_matching.py --model untrained --local-stage 4 --cells-dim 64 --test
         the tests through `waldo eval --local-stage 4 --dim 64 --rerank local-match` (reported; ~4 min)
     .venv/bin/python experiments/local_matching.py --product   # their table (docs/results.md)
+    .venv/bin/python experiments/local_matching.py --tap 4 --cells-dim 64 --store-choice waldo/pretrained/lite0-lw-rrt
+        records the fair validation's local-match choice in the shipped model's config.json (the default
+        reranker of an index built from it with match cells)
 """
 
 from __future__ import annotations
@@ -404,6 +407,33 @@ def checkpoint_table(folder: Path, which: Path) -> str:
     return "\n".join(lines)
 
 
+def store_choice(model_dir: Path, result: dict, source: str) -> dict:
+    """Record in ``model_dir``'s config.json (``extra["local_match"]``) the local-match setting
+    this model's fair validation chose and whether it is the default reranker for an index with
+    match cells: it is when its map@100 beats global search and every RRT ranking by more than
+    the margin an RRT's own default needs (waldo.train.rrt_online.DEFAULT_MARGIN)."""
+    from waldo.models.checkpoint import ModelConfig, config_json
+    from waldo.fsutil import atomic_write_text
+    from waldo.train.rrt_online import DEFAULT_MARGIN
+
+    chosen = choose(result)
+    if not result.get("refit_global") or not chosen["kind"].startswith("mnn-"):
+        raise SystemExit("store a choice of the fair validation (--refit-global) of an mnn score")
+    rows = {r["ranking"]: r for r in result["rows"]}
+    others = {name: rows[name] for name in ("none", "rrt", "rrt-fusion") if name in rows}
+    best_other = max(r["map@100"] for r in others.values())
+    entry = {"threshold": float(chosen["kind"][len("mnn-"):]), "weight": chosen["weight"],
+             "default": chosen["validation"]["map@100"] > best_other + DEFAULT_MARGIN,
+             "select_metric": "map@100", "margin": DEFAULT_MARGIN, "chosen_on": source,
+             "validation": {"local-match": {m: chosen["validation"][m] for m in ("recall@1", "map@100")},
+                            **{n: {m: r[m] for m in ("recall@1", "map@100")} for n, r in others.items()}}}
+    path = model_dir / "config.json"
+    config = ModelConfig.model_validate_json(path.read_text())
+    config.extra = {**config.extra, "local_match": entry}
+    atomic_write_text(path, config_json(config))
+    return entry
+
+
 def table(result: dict) -> str:
     lines = ["| ranking (validation, macro over the held-out sets) | R@1 | map@100 |", "|---|---|---|"]
     lines += [f"| {r['ranking']} | {r['recall@1']:.4f} | {r['map@100']:.4f} |" for r in result["rows"]]
@@ -508,7 +538,17 @@ def main() -> int:
     parser.add_argument("--product", action="store_true", help="print the product form's table (--local-stage)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="print make demo's checkpoint with stage locals (results/local_match/, from waldo eval)")
+    parser.add_argument("--store-choice", metavar="MODEL_DIR", default=None,
+                        help="write the saved fair validation's local-match choice into MODEL_DIR/config.json")
     args = parser.parse_args()
+    if args.store_choice:
+        name = ("local-matching-refit" + (f"-tap{args.tap}" if args.tap is not None else "")
+                + (f"-pca{args.cells_dim}" if args.cells_dim else "") + ".json")
+        command = (f"experiments/local_matching.py --refit-global --tap {args.tap} --cells-dim {args.cells_dim} "
+                   f"(results/rrt_views/{name})")
+        print(json.dumps(store_choice(Path(args.store_choice), json.loads(OUT.with_name(name).read_text()), command),
+                         indent=1))
+        return 0
     if args.checkpoint:
         print(checkpoint_table(ROOT / "results" / "local_match", OUT.with_name("shipped-which-reranker.json")))
         return 0

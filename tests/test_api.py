@@ -142,16 +142,26 @@ def test_an_index_with_stage_locals_offers_local_match(abo, built, tmp_path):
     assert "local-match" not in plain.available_rerankers()
     with pytest.raises(ValueError, match="finer backbone stage"):
         plain.search(query.path, k=5, rerank="local-match")
-    # a checkpoint keeps its global head and gets stage locals fitted on the images given
+    # a checkpoint keeps its descriptors and gets match cells of the stage, fitted on the images given,
+    # stored after its 49 locals: 196 cells x 32 values packed four to a 128-wide row
     restaged = Waldo.create(tmp_path / "restaged", model_dir=built[0] / "model", local_stage=4, dim=32,
                             fit_paths=abo.paths, gv_features=False, progress=False)
     restaged.add(abo.paths[:4], abo.identities[:4], progress=False, num_workers=0)
-    assert restaged.store.local_shape == (196, 32) and "local-match" in restaged.available_rerankers()
+    assert restaged.store.local_shape == (49 + 49, 128) and "local-match" in restaged.available_rerankers()
+    assert restaged.config.match_stage == 4 and restaged.config.extra["match_cells"]["cells"] == 196
     import torch
 
     images = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
-        assert torch.allclose(restaged.model(images).global_desc, plain.model(images).global_desc, atol=1e-5)
+        mine, theirs = restaged.model(images), plain.model(images)
+    assert torch.allclose(mine.global_desc, theirs.global_desc, atol=1e-5)
+    assert torch.allclose(mine.local_desc[:, :49], theirs.local_desc, atol=1e-5)
+    tokens, cells = restaged.model.match_layout(224).split(mine.local_desc)
+    assert tokens.shape == (2, 49, 128) and cells.shape == (2, 196, 32)
+    hit = restaged.search(abo.paths[0], k=1, rerank="local-match").hits[0]
+    assert hit.path == abo.paths[0] and hit.score == pytest.approx(2.0, abs=1e-3)  # all its cells match
+    reopened = Waldo.open(tmp_path / "restaged")
+    assert reopened.search(abo.paths[0], k=1, rerank="local-match").hits[0].score == pytest.approx(hit.score)
     with pytest.raises(ValueError, match="fitted on images"):
         Waldo.create(tmp_path / "unfitted", model_dir=built[0] / "model", local_stage=4, dim=32)
 

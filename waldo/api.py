@@ -142,8 +142,8 @@ class Waldo:
         ``global_scales`` shape an untrained model's global descriptor (waldo.models.untrained;
         defaults chosen on validation identities); ``local_stage`` takes its locals from that
         finer backbone stage (ModelConfig.local_stage), which the ``local-match`` reranker needs;
-        with ``model_dir``, the checkpoint keeps its global head and gets ``dim``-wide stage locals
-        fitted on ``fit_paths`` (its RRT, trained on the old locals, is not carried)."""
+        with ``model_dir``, the checkpoint keeps its descriptors and RRT and stores ``dim``-wide
+        match cells of that stage after its locals, fitted on ``fit_paths`` (ModelConfig.match_stage)."""
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -155,11 +155,11 @@ class Waldo:
             IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
             model, config = load_model(model_dir)
-            if local_stage is not None:  # its global head, locals of a finer stage fitted on these images
-                from waldo.models.untrained import with_stage_locals
+            if local_stage is not None:  # match cells of a finer stage, fitted on these images
+                from waldo.models.untrained import with_match_cells
 
-                model, config = with_stage_locals(model, config, local_stage, dim=dim, fit_paths=fit_paths,
-                                                  fit_source=fit_source, seed=seed, progress=progress)
+                model, config = with_match_cells(model, config, local_stage, dim=dim, fit_paths=fit_paths,
+                                                 fit_source=fit_source, seed=seed, progress=progress)
             if transform:
                 config.transform = transform
             if global_scales:  # the checkpoint's own scales otherwise
@@ -170,7 +170,7 @@ class Waldo:
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
                                             global_scales=global_scales, local_stage=local_stage)
-        local_cells = (config.image_size // model.local_stride) ** 2
+        local_cells = model.local_rows(config.image_size)
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}
         store = IndexStore.create(root, manifest=manifest, global_dim=config.global_width,
@@ -178,8 +178,7 @@ class Waldo:
                                   global_index=global_index, global_search_params=global_search_params)
         try:
             save_model(model, config, root / MODEL_FOLDER)
-            # a reranker travels with its model, unless the locals it reads were replaced
-            if model_dir is not None and has_rrt(model_dir) and local_stage is None:
+            if model_dir is not None and has_rrt(model_dir):  # a reranker travels with its model
                 for name in RRT_FILES:
                     shutil.copy2(Path(model_dir) / name, root / MODEL_FOLDER / name)
         except BaseException:
@@ -354,9 +353,14 @@ class Waldo:
         _, query_local = self.describe(image)
         candidate_local = self.store.local_descriptors([image_id])[0]
         setting = LocalMatchSetting.for_model(self.root / MODEL_FOLDER)
+        layout = self.model.match_layout(self.config.image_size)
+        if layout is not None:  # the cells stored after the RRT's tokens
+            query_local, candidate_local = layout.split(query_local)[1], layout.split(candidate_local)[1]
+            grid = layout.grid
+        else:
+            grid = (self.config.image_size // self.model.local_stride,) * 2
         pairs, cosines = matched_cells(query_local, candidate_local, setting.threshold)
-        side = self.config.image_size // self.model.local_stride
-        return {"pairs": pairs, "cosines": cosines, "cells": len(query_local), "grid": (side, side),
+        return {"pairs": pairs, "cosines": cosines, "cells": len(query_local), "grid": grid,
                 "setting": setting, "share": len(pairs) / max(1, len(query_local))}
 
     def search(self, image: ImageSource, k: int = 10, rerank: str | None = None) -> SearchOutcome:
@@ -497,7 +501,7 @@ class Waldo:
             needs.add(Need.KEYPOINTS)
         if has_rrt(self.root / MODEL_FOLDER):
             needs.add(Need.TRAINED_RRT)
-        if self.config.local_stage is not None:
+        if self.config.local_stage is not None or self.config.match_stage is not None:
             needs.add(Need.FINE_LOCALS)
         return needs
 
@@ -508,10 +512,18 @@ class Waldo:
 
     @property
     def stored_default_reranker(self) -> str | None:
-        """The reranker the index's reranker folder names as chosen on validation
-        (``rrt.json``'s ``training["default_reranker"]``, written by RRT training), or None when
-        there is no such file or entry (older folders). Read once, then kept."""
+        """The reranker the index's model folder names as chosen on validation: "local-match"
+        when the index stores finer cells and the model's config records local matching as its
+        validated default (``extra["local_match"]["default"]``, experiments/local_matching.py
+        --store-choice: chosen against global search and the RRT on the same validation), else
+        ``rrt.json``'s ``training["default_reranker"]`` (written by RRT training); None when
+        there is no such entry (older folders). Read once, then kept."""
         if self._stored_default is None:
+            local_match = self.config.extra.get("local_match")
+            if (isinstance(local_match, dict) and local_match.get("default") is True
+                    and Need.FINE_LOCALS in self._needs_met()):
+                self._stored_default = ("local-match",)
+                return self._stored_default[0]
             choice = None
             try:
                 training = read_rrt_info(self.root / MODEL_FOLDER).get("training")

@@ -261,13 +261,22 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 _STORAGE_PARTS = {
     "global": "global descriptors",
     "global_trained": "trained approximate index",
-    "local": "local descriptors (RRT tokens)",
+    "local": "local descriptors",
     "local_scale": "int8 scales of the locals",
     "verification": "keypoints for geometric verification",
     "sqlite": "metadata (SQLite)",
     "manifest": "manifest",
     "orphans": "orphan segments (reclaimable)",
 }
+
+
+def _match_cells_text(model: dict) -> str:
+    """How an index's local rows hold a model's match cells (waldo.models.descriptor.MatchCellsLayout)."""
+    layout = (model.get("extra") or {}).get("match_cells")
+    if model.get("match_stage") is None or not isinstance(layout, dict):
+        return ""
+    return (f": {layout.get('tokens')} locals, then {layout.get('cells')} match cells x {layout.get('cell_dim')} of "
+            f"backbone stage {model['match_stage']} packed into the other rows")
 
 
 def _index_summary(info: dict, rerankers: list[str], default: str, stored_default: str | None) -> list[str]:
@@ -294,7 +303,8 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
                  + (f" at scales 1, {', '.join(f'{f:g}' for f in manifest['global_scales'])}"
                     if manifest.get("global_scales") else "") + "; "
                  f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}"
-                 + (f" of backbone stage {manifest['local_stage']}" if manifest.get("local_stage") is not None else ""))
+                 + (f" of backbone stage {manifest['local_stage']}" if manifest.get("local_stage") is not None else "")
+                 + _match_cells_text(model))
     lines.append(f"            projection {model.get('projection')}; weights {model.get('weights_source')}")
     search = info.get("global_index") or {}
     if search:
@@ -328,7 +338,8 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
     if stored_default is None:
         why = "no reranker was chosen on validation"
     elif stored_default == default:
-        why = "chosen on validation when its reranker was trained"
+        why = ("chosen on validation against global search and the RRT" if default == "local-match"
+               else "chosen on validation when its reranker was trained")
     else:
         why = f"the choice made on validation, {stored_default}, is not available in this index"
     lines.append(f"default     {default} ({why})")
@@ -620,7 +631,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="take the local descriptors from backbone stage N, a finer map than the last (4: "
                              "EfficientNet-Lite's 112 channels at stride 16, 14x14 cells at 224 px; use --dim 64 "
                              "or less), fitted without labels; offers the local-match reranker. With --model the "
-                             "checkpoint keeps its global head and its RRT (trained on other locals) is dropped")
+                             "checkpoint keeps its descriptors and RRT, and the stage's cells are stored after "
+                             "its locals as match cells")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")

@@ -174,3 +174,37 @@ def test_a_model_with_a_local_stage_saves_and_loads_it(tmp_path):
         assert torch.equal(model(images).local_desc, loaded(images).local_desc)
     assert model_hash(loaded) == model_hash(model)
     assert ModelConfig.model_validate_json('{"backbone": "efficientnet_lite0"}').local_stage is None  # older configs
+
+
+def test_match_cells_are_packed_after_the_locals_and_split_back():
+    from waldo.models.checkpoint import without_match_cells
+    from waldo.models.descriptor import pack_cells
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite0", pretrained=False).eval()
+    plain = DescriptorModel(backbone, dim=128).eval()
+    matched = DescriptorModel(backbone, dim=128, match_stage=4, match_dim=64).eval()
+    matched.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.rand(2, 3, 240, 240)  # 225 stage-4 cells: an odd count, padded by one zero cell
+    with torch.inference_mode():
+        a, b = plain(images), matched(images)
+        tapped = backbone.forward_tapped(images, 4)[1]
+        cells = matched.match_proj(tapped).flatten(2).transpose(1, 2)
+    layout = matched.match_layout(240)
+    # 240 px: an 8x8 last map ("same" padding rounds up), 15x15 stage-4 cells
+    assert (layout.tokens, layout.cells, layout.rows) == (64, 225, 64 + 113) and matched.local_rows(240) == 177
+    assert b.local_desc.shape == (2, 177, 128) and b.grid == a.grid == (8, 8)
+    tokens, split = layout.split(b.local_desc)
+    assert torch.equal(tokens, a.local_desc) and torch.equal(split, cells)
+    assert \
+        np.array_equal(layout.split(b.local_desc.numpy())[1], cells.numpy())
+    assert pack_cells(torch.ones(1, 3, 64), 128)[0, 1, 64:].abs().sum() == 0  # the pad cell is zeros
+    with pytest.raises(ValueError, match="divide the locals"):
+        DescriptorModel(backbone, dim=128, match_stage=4, match_dim=48)
+    with pytest.raises(ValueError, match="not both"):
+        DescriptorModel(backbone, dim=64, local_stage=4, match_stage=4)
+    config = ModelConfig(match_stage=4, match_dim=64, extra={"match_cells": layout.to_json()})
+    stripped, stripped_config = without_match_cells(matched, config)
+    with torch.inference_mode():
+        assert torch.equal(stripped(images).local_desc, a.local_desc)
+    assert stripped_config.match_stage is None and "match_cells" not in stripped_config.extra

@@ -163,3 +163,15 @@ def test_onnx_describes_a_model_whose_locals_read_an_earlier_stage():
     assert not runner._failed and got.grid == expected.grid == (6, 6)
     assert torch.nn.functional.cosine_similarity(got.local_desc, expected.local_desc, dim=-1).min() > 0.999
     assert torch.nn.functional.cosine_similarity(got.global_desc, expected.global_desc).min() > 0.9999
+
+
+def test_onnx_describes_a_model_with_match_cells():
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), 32, match_stage=4,
+                            match_dim=16).eval()
+    runner = OnnxDescriptorModel(model)
+    images = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected, got = model(images), runner(images)
+    assert not runner._failed and got.local_desc.shape == expected.local_desc.shape == (2, 9 + 18, 32)
+    assert torch.nn.functional.cosine_similarity(got.local_desc, expected.local_desc, dim=-1).min() > 0.999

@@ -278,3 +278,19 @@ def test_the_service_compiles_rrt_in_its_warm_up_unless_told_not_to(reranker_dir
     assert service.engine._rerankers["rrt"]._scorer.compiled  # compiled by the warm-up query
     plain = SearchService.open(tmp_path / "index", ServeSettings(compile_rrt=False))
     assert not plain.engine._rerankers["rrt"]._scorer.compiled
+
+
+def test_an_rrt_reads_its_tokens_and_leaves_match_cells_stored_after_them(tmp_path, one_thread):
+    rrt = _rrt()
+    save_rrt(tmp_path, rrt, training={"mode": "frozen"})
+    query, candidates = _inputs()
+    rng = np.random.default_rng(5)
+    cells_q = rng.standard_normal((20, 32)).astype(np.float16)  # "match cells" packed after the 49 tokens
+    cells_c = rng.standard_normal((len(candidates), 20, 32)).astype(np.float16)
+    packed_query = RerankQuery(np.concatenate([query.local_desc, cells_q]))
+    packed = RerankCandidates(np.concatenate([candidates.local_desc, cells_c], 1), candidates.global_scores)
+    layout = {"tokens": 49, "cells": 40, "cell_dim": 16, "width": 32, "grid": [5, 8]}
+    reader = RERANKERS.create("rrt", RerankerSetup(tmp_path, match_cells=layout))
+    np.testing.assert_array_equal(reader.logits(packed_query, packed), RRTReranker(rrt).logits(query, candidates))
+    with pytest.raises(ValueError):  # without the layout the extra rows are not tokens of its grid
+        RERANKERS.create("rrt", RerankerSetup(tmp_path)).logits(packed_query, packed)

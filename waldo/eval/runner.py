@@ -79,10 +79,10 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
         model, config = load_model(model_dir)
         if local_stage is None:
             return model, config
-        from waldo.models.untrained import with_stage_locals
+        from waldo.models.untrained import with_match_cells
 
-        return with_stage_locals(model, config, local_stage, dim=dim, fit_paths=fit_paths,
-                                 fit_source=f"{protocol.name}:train", seed=seed, progress=progress)
+        return with_match_cells(model, config, local_stage, dim=dim, fit_paths=fit_paths,
+                                fit_source=f"{protocol.name}:train", seed=seed, progress=progress)
     if projection.startswith("pca") and not fit_paths:
         raise ValueError(f"protocol {protocol.name!r} has no training images to fit a PCA projection "
                          f"on; use --projection random")
@@ -118,9 +118,6 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     # Built first: a reranker that cannot be built fails before minutes of extraction.
     reranker = None if rerank == NO_RERANK else RERANKERS.create(
         rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None))
-    if local_stage is not None and model_dir is not None and reranker is not None \
-            and Need.TRAINED_RRT in RERANKERS.spec(rerank).needs:
-        raise ValueError(f"{rerank!r} reads the RRT trained on the checkpoint's own locals, which --local-stage replaces")
     proto = get_protocol(protocol, Path(data) if data else default_data_dir(protocol))
     verifies = reranker is not None and Need.KEYPOINTS in RERANKERS.spec(rerank).needs
     stage = StageLog(2 + verifies + (reranker is not None), enabled=log_stages)
@@ -131,6 +128,10 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
                                       global_dim=global_dim, global_scales=global_scales,
                                       local_stage=local_stage)
+    layout = model.match_layout(config.image_size)
+    if layout is not None and reranker is not None:  # rebuilt knowing where the match cells sit
+        reranker = RERANKERS.create(rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None,
+                                                          match_cells=layout.to_json()))
     extra = scale_transforms(transform, config.image_size, scales, seed=seed) if scales else []
     with stage(f"extract {n_images} images{f' at {1 + len(extra)} sizes' if extra else ''}, "
                f"search {len(proto.queries)} queries"):

@@ -48,6 +48,10 @@ class ModelConfig(BaseModel):
     #: finer than the last (e.g. 4: EfficientNet-Lite's stride-16 stage); None, and older configs
     #: without the key: the last map, as the reference
     local_stage: int | None = Field(None, ge=0)
+    #: a backbone stage whose cells are stored after the locals, ``match_dim`` wide, for the
+    #: local-match reranker beside an RRT's tokens (DescriptorModel.match_stage); None: none
+    match_stage: int | None = Field(None, ge=0)
+    match_dim: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -128,17 +132,31 @@ def config_json(config: ModelConfig) -> str:
     when they differ from what their absence means: a model without them is byte for byte what
     earlier versions wrote (and earlier versions can still read it)."""
     data = config.model_dump()
-    for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", []), ("local_stage", None)):
+    for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", []), ("local_stage", None),
+                          ("match_stage", None), ("match_dim", None)):
         if data[key] == absent:
             del data[key]
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+def without_match_cells(model: DescriptorModel, config: ModelConfig) -> tuple[DescriptorModel, ModelConfig]:
+    """``model`` and ``config`` with any match cells dropped (the model in place): what training
+    reads, so that an index's model folder (which may add match cells, ``index build
+    --local-stage``) trains an RRT on its locals alone."""
+    if model.match_stage is None:
+        return model, config
+    model.match_stage = None
+    del model.match_proj
+    extra = {key: value for key, value in config.extra.items() if key != "match_cells"}
+    return model, config.model_copy(update={"match_stage": None, "match_dim": None, "extra": extra})
 
 
 def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel:
     """A fresh descriptor model for ``config`` (ImageNet backbone weights when ``pretrained``)."""
     return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim,
                            pooling=config.pooling, global_dim=config.global_dim,
-                           global_scales=tuple(config.global_scales), local_stage=config.local_stage)
+                           global_scales=tuple(config.global_scales), local_stage=config.local_stage,
+                           match_stage=config.match_stage, match_dim=config.match_dim or 64)
 
 
 def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:

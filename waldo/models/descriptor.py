@@ -47,6 +47,59 @@ class Descriptors:
     grid: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class MatchCellsLayout:
+    """Where a model's match cells sit in its stored local rows (DescriptorModel ``match_stage``):
+    after the ``tokens`` locals the RRT reads, ``cells`` cells of ``cell_dim`` values each, packed
+    ``width // cell_dim`` to a row of the locals' ``width`` (a zero cell pads an odd count), so an
+    index stores them as more rows of its one local array. ``grid``: the cells' (h, w)."""
+
+    tokens: int
+    cells: int
+    cell_dim: int
+    width: int
+    grid: tuple[int, int]
+
+    @property
+    def rows(self) -> int:
+        """Local rows per image: the tokens, then the packed cells."""
+        per_row = self.width // self.cell_dim
+        return self.tokens + -(-self.cells // per_row)
+
+    def split(self, local_desc):  # noqa: ANN001, ANN201 - numpy or torch, (..., rows, width)
+        """(tokens (..., tokens, width), cells (..., cells, cell_dim)) of stored local rows."""
+        if local_desc.shape[-2] != self.rows or local_desc.shape[-1] != self.width:
+            raise ValueError(f"locals with match cells are ({self.rows}, {self.width}) per image, got "
+                             f"{tuple(local_desc.shape[-2:])}")
+        packed = local_desc[..., self.tokens:, :]
+        cells = packed.reshape(*packed.shape[:-2], -1, self.cell_dim)
+        return local_desc[..., : self.tokens, :], cells[..., : self.cells, :]
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "cells": self.cells, "cell_dim": self.cell_dim, "width": self.width,
+                "grid": list(self.grid)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> MatchCellsLayout:
+        return cls(int(data["tokens"]), int(data["cells"]), int(data["cell_dim"]), int(data["width"]),
+                   tuple(int(v) for v in data["grid"]))
+
+
+def pack_cells(cells: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, L, c) cells -> (B, ceil(L * c / width), width) rows (:class:`MatchCellsLayout`)."""
+    b, count, dim = cells.shape
+    per_row = width // dim
+    pad = -count % per_row
+    if pad:
+        cells = torch.cat([cells, cells.new_zeros(b, pad, dim)], 1)
+    return cells.reshape(b, (count + pad) // per_row, width)
+
+
+def _cells(image_size: int, stride: int) -> int:
+    """Cells along a side of a stride-``stride`` map of an ``image_size`` input ("same" padding: ceil)."""
+    return -(-image_size // stride)
+
+
 def token_global(local_desc: torch.Tensor) -> torch.Tensor:
     """(B, L, D) locals -> (B, D) L2-normalised mean: the ``dim``-wide global token of a model
     whose global descriptor is wider (module doc)."""
@@ -81,7 +134,7 @@ class DescriptorModel(nn.Module):
 
     def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0, *, pooling: str = "avg",
                  global_dim: int | None = None, global_scales: tuple[float, ...] = (),
-                 local_stage: int | None = None) -> None:
+                 local_stage: int | None = None, match_stage: int | None = None, match_dim: int = 64) -> None:
         super().__init__()
         global_dim = dim if global_dim is None else global_dim
         if local_stage is None:
@@ -101,6 +154,19 @@ class DescriptorModel(nn.Module):
         #: the backbone stage whose output the locals project (None: the last map, as the reference)
         self.local_stage = local_stage
         self.local_channels = local_channels
+        #: a stage whose cells are projected to ``match_dim`` and stored after the locals
+        #: (:class:`MatchCellsLayout`): finer cells for local matching beside the RRT's tokens
+        self.match_stage = match_stage
+        self.match_dim = match_dim
+        if match_stage is not None:
+            if local_stage is not None:
+                raise ValueError("locals from a finer stage already are match cells: give local_stage or "
+                                 "match_stage, not both")
+            match_channels, self.match_stride = backbone.stage_shape(match_stage)
+            if not 1 <= match_dim <= match_channels or dim % match_dim:
+                raise ValueError(f"match cells are 1 to {match_channels} values wide (stage {match_stage}'s "
+                                 f"channels) and divide the locals' {dim}, got {match_dim}")
+            self.match_proj = nn.Conv2d(match_channels, match_dim, kernel_size=1)
         self.pool = make_pooling(pooling)
         #: extra image scales (factors of the input size) whose global descriptors are averaged
         #: with the input's own (multi-scale global descriptor); () = single scale
@@ -108,6 +174,32 @@ class DescriptorModel(nn.Module):
         self.local_proj = nn.Conv2d(local_channels, dim, kernel_size=1)
         self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
+
+    def local_rows(self, image_size: int) -> int:
+        """Stored local rows per image at ``image_size``: the locals, then any packed match cells."""
+        layout = self.match_layout(image_size)
+        return layout.rows if layout is not None else _cells(image_size, self.local_stride) ** 2
+
+    def match_layout(self, image_size: int) -> MatchCellsLayout | None:
+        """Where the match cells sit in the local rows at ``image_size``; None without them."""
+        if self.match_stage is None:
+            return None
+        side = _cells(image_size, self.match_stride)
+        return MatchCellsLayout(_cells(image_size, self.local_stride) ** 2, side * side, self.match_dim, self.dim,
+                                (side, side))
+
+    @torch.no_grad()
+    def fit_match_pca(self, cells: np.ndarray | torch.Tensor) -> None:
+        """Fit the match cells' projection by a plain PCA of (M, C) cells of stage ``match_stage``."""
+        if self.match_stage is None:
+            raise ValueError("this model has no match cells (match_stage)")
+        dim, self.dim = self.dim, self.match_dim  # _pca projects to self.dim
+        try:
+            weight, mean = self._pca(cells, self.match_proj.in_channels, False)
+        finally:
+            self.dim = dim
+        self.match_proj.weight.copy_(weight[:, :, None, None])
+        self.match_proj.bias.copy_(-(weight @ mean))
 
     @property
     def pooling(self) -> str:
@@ -245,7 +337,12 @@ class DescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
-        if self.local_stage is None:
+        if self.match_stage is not None:
+            last, tapped = self.backbone.forward_tapped(images, self.match_stage)
+            out = self.project(last)
+            cells = self.match_proj(tapped).flatten(2).transpose(1, 2)
+            out.local_desc = torch.cat([out.local_desc, pack_cells(cells, self.dim)], 1)
+        elif self.local_stage is None:
             out = self.project(self.backbone.forward_features(images))
         else:
             out = self.project(*self.backbone.forward_tapped(images, self.local_stage))

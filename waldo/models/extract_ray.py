@@ -159,7 +159,7 @@ class DescriptorActor:
         self.run_model = prepare_runtime(self.model, runtime, batch_size=batch_size, n_images=images_per_actor)
         self.dim = config.dim
         self.global_dim = config.global_dim or config.dim
-        self.local_cells = (config.image_size // model.local_stride) ** 2
+        self.local_cells = model.local_rows(config.image_size)
         self.transform = get_transform(config.transform, config.image_size)
         self.sift: SiftConfig | None = None
         if sift is not None:

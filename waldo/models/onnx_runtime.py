@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from waldo.fsutil import atomic_write_bytes
-from waldo.models.descriptor import DescriptorModel, Descriptors
+from waldo.models.descriptor import DescriptorModel, Descriptors, pack_cells
 
 __all__ = ["MIN_AGREEMENT", "OnnxDescriptorModel", "onnx_available"]
 
@@ -62,21 +62,28 @@ def onnx_available() -> bool:
 
 
 class _MapsOnly(torch.nn.Module):
-    """The descriptor model with plain tensor outputs: (global (B, G), local map (B, D, h, w))."""
+    """The descriptor model with plain tensor outputs: (global (B, G), local map (B, D, h, w)[, match
+    cells' map (B, c, h2, w2) for a model with ``match_stage``])."""
 
     def __init__(self, model: DescriptorModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.model.local_stage is None:
-            features = self.model.backbone.forward_features(images)
-            local = self.model.local_proj(features)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        if model.match_stage is not None:  # a third output: the match cells' map
+            features, tapped = model.backbone.forward_tapped(images, model.match_stage)
+            local = model.local_proj(features)
+            global_desc = F.normalize(model.global_proj(model.pool(features)), dim=-1)
+            return model.multiscale_global(images, global_desc), local, model.match_proj(tapped)
+        if model.local_stage is None:
+            features = model.backbone.forward_features(images)
+            local = model.local_proj(features)
         else:
-            features, tapped = self.model.backbone.forward_tapped(images, self.model.local_stage)
-            local = self.model.local_proj(tapped)
-        global_desc = F.normalize(self.model.global_proj(self.model.pool(features)), dim=-1)
-        return self.model.multiscale_global(images, global_desc), local
+            features, tapped = model.backbone.forward_tapped(images, model.local_stage)
+            local = model.local_proj(tapped)
+        global_desc = F.normalize(model.global_proj(model.pool(features)), dim=-1)
+        return model.multiscale_global(images, global_desc), local
 
 
 def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
@@ -90,7 +97,8 @@ def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
         example = torch.rand(2, 3, height, width)
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
-                                    output_names=["global", "local"], dynamic_shapes={"images": {0: batch}},
+                                    output_names=["global", "local", "cells"][: 2 + (model.match_stage is not None)],
+                                    dynamic_shapes={"images": {0: batch}},
                                     verbose=False)
     return program.model_proto.SerializeToString()
 
@@ -197,9 +205,12 @@ class OnnxDescriptorModel:
 
     def _run_session(self, session, images: torch.Tensor) -> Descriptors:
         array = np.ascontiguousarray(images.detach().float().contiguous().numpy())
-        global_desc, local_map = session.run(None, {"images": array})
+        global_desc, local_map, *cells_map = session.run(None, {"images": array})
         b, d, h, w = local_map.shape
         local = torch.from_numpy(local_map).reshape(b, d, h * w).transpose(1, 2)
+        if cells_map:  # match cells, packed after the locals as the eager model stores them
+            cells = torch.from_numpy(cells_map[0]).flatten(2).transpose(1, 2)
+            local = torch.cat([local, pack_cells(cells, d)], 1)
         return Descriptors(torch.from_numpy(global_desc), local, (h, w))
 
     def __call__(self, images: torch.Tensor) -> Descriptors:

@@ -183,32 +183,38 @@ def _average_pooled(model: DescriptorModel, paths: Sequence[str], transform: str
         model.pool = pooling
 
 
-def with_stage_locals(model: DescriptorModel, config: ModelConfig, local_stage: int, *, dim: int,
-                      fit_paths: Sequence[str], fit_source: str = "", max_fit_images: int = 1000,
-                      cells_per_image: int = 8, seed: int = 0,
-                      progress: bool = True) -> tuple[DescriptorModel, ModelConfig]:
-    """``model`` (e.g. a trained checkpoint) with its locals replaced by a ``dim``-wide plain PCA
-    of backbone stage ``local_stage``'s cells, fitted without labels on up to ``max_fit_images``
-    of ``fit_paths``; the backbone, pooling and global head stay as they are, so its global
-    ranking is unchanged. A Reranking Transformer trained on the old locals no longer applies
-    (callers do not carry it); the ``local-match`` reranker does."""
+
+def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *, dim: int,
+                     fit_paths: Sequence[str], fit_source: str = "", max_fit_images: int = 1000,
+                     cells_per_image: int = 8, seed: int = 0,
+                     progress: bool = True) -> tuple[DescriptorModel, ModelConfig]:
+    """``model`` (e.g. a trained checkpoint) with match cells added: backbone stage ``stage``'s
+    cells, projected to ``dim`` by a plain PCA fitted without labels on up to ``max_fit_images``
+    of ``fit_paths`` and stored after its locals (DescriptorModel.match_stage). Its global
+    descriptor, locals and any RRT stay as they are; the ``local-match`` reranker reads the cells.
+    The layout of the stored rows is recorded in the config (``extra["match_cells"]``)."""
     if not fit_paths:
-        raise ValueError("stage locals are fitted on images: give the images about to be indexed (fit_paths)")
-    staged = DescriptorModel(model.backbone, dim=dim, pooling=config.pooling, global_dim=config.global_width,
-                             global_scales=tuple(config.global_scales), local_stage=local_stage)
-    staged.pool.load_state_dict(model.pool.state_dict())
-    staged.global_proj.load_state_dict(model.global_proj.state_dict())
+        raise ValueError("match cells are fitted on images: give the images about to be indexed (fit_paths)")
+    if config.local_stage is not None or config.match_stage is not None:
+        raise ValueError("this model's locals already are finer cells, or it has match cells")
+    matched = DescriptorModel(model.backbone, dim=config.dim, pooling=config.pooling, global_dim=config.global_width,
+                              global_scales=tuple(config.global_scales), match_stage=stage, match_dim=dim)
+    missing = matched.load_state_dict(model.state_dict(), strict=False).missing_keys
+    if sorted(missing) != ["match_proj.bias", "match_proj.weight"]:
+        raise ValueError(f"cannot carry the model's weights over: {missing}")
+    # the stage's cells, sampled as an index with locals of that stage samples them
+    tapped = DescriptorModel(model.backbone, dim=dim, local_stage=stage)
     paths = list(fit_paths)
     if len(paths) > max_fit_images:
         paths = random.Random(seed).sample(paths, max_fit_images)
-    _, cells = extract_pooled_features(staged, paths, get_transform(config.transform, config.image_size),
+    _, cells = extract_pooled_features(tapped, paths, get_transform(config.transform, config.image_size),
                                        progress=progress, local_per_image=cells_per_image, seed=seed)
     if len(cells) < dim:
-        raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d stage locals on; give more images")
-    staged.fit_local_pca(cells)
-    staged.eval()
-    staged_config = config.model_copy(update={
-        "dim": dim, "global_dim": None if config.global_width == dim else config.global_width,
-        "local_stage": local_stage,
-        "projection": f"{config.projection}; locals: stage {local_stage} pca:{fit_source or 'custom'}:{len(paths)} images"})
-    return staged, ModelConfig.model_validate(staged_config.model_dump())
+        raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d match cells on; give more images")
+    matched.fit_match_pca(cells)
+    matched.eval()
+    layout = matched.match_layout(config.image_size)
+    data = config.model_dump()
+    data.update(match_stage=stage, match_dim=dim, extra={**data["extra"], "match_cells": {
+        **layout.to_json(), "fitted_on": f"{fit_source or 'custom'}:{len(paths)} images"}})
+    return matched, ModelConfig.model_validate(data)

@@ -169,6 +169,9 @@ class RerankerSetup:
     folder: Path | None = None
     precision: str = "reference"
     compile: bool = False
+    #: where match cells sit in the local rows (waldo.models.descriptor.MatchCellsLayout.to_json()),
+    #: for a model prepared in memory; None: the model folder's config.json says (or there are none)
+    match_cells: dict | None = None
 
 
 @dataclass(frozen=True)

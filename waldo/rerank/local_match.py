@@ -54,19 +54,35 @@ class LocalMatchSetting:
     @classmethod
     def for_model(cls, folder: Path | None) -> LocalMatchSetting:
         """The setting in ``folder``'s config.json (``extra["local_match"]``), else the defaults."""
-        if folder is None or not (Path(folder) / "config.json").is_file():
-            return cls()
-        try:
-            extra = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("extra") or {}
-        except (OSError, ValueError, AttributeError) as error:
-            raise ValueError(f"{folder}/config.json is unreadable: {error}") from None
-        chosen = extra.get("local_match") if isinstance(extra, dict) else None
+        chosen = _model_extra(folder).get("local_match")
         if not isinstance(chosen, dict):
             return cls()
         try:
             return cls(float(chosen.get("threshold", cls.threshold)), float(chosen.get("weight", cls.weight)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{folder}/config.json has a bad local_match setting: {error}") from None
+
+
+def _model_extra(folder: Path | None) -> dict:
+    """``extra`` of ``folder``'s config.json ({} without the folder, the file or the key)."""
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return {}
+    try:
+        extra = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("extra") or {}
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{folder}/config.json is unreadable: {error}") from None
+    return extra if isinstance(extra, dict) else {}
+
+
+def match_cells_layout(folder: Path | None, given: dict | None = None):  # noqa: ANN201 - MatchCellsLayout | None
+    """Where the match cells sit in a model's local rows: ``given`` (a layout's JSON), else the
+    folder's config.json ``extra["match_cells"]``; None when the locals themselves are the cells."""
+    data = given if given is not None else _model_extra(folder).get("match_cells")
+    if data is None:
+        return None
+    from waldo.models.descriptor import MatchCellsLayout
+
+    return MatchCellsLayout.from_json(data)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -120,13 +136,20 @@ class LocalMatchReranker:
 
     name = "local-match"
 
-    def __init__(self, setting: LocalMatchSetting = LocalMatchSetting()) -> None:
+    def __init__(self, setting: LocalMatchSetting = LocalMatchSetting(), layout=None) -> None:  # noqa: ANN001
         self.setting = setting
+        #: MatchCellsLayout of a model that stores match cells after its locals; None: the locals are the cells
+        self.layout = layout
+
+    def cells(self, local_desc: np.ndarray) -> np.ndarray:
+        """The cells to match in stored local rows (..., rows, width)."""
+        local_desc = np.asarray(local_desc)
+        return local_desc if self.layout is None else self.layout.split(local_desc)[1]
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
         if query.local_desc is None or candidates.local_desc is None:
             raise ValueError("local-match needs the query's and the candidates' local descriptors")
-        share = mutual_match_share(np.asarray(query.local_desc), np.asarray(candidates.local_desc),
+        share = mutual_match_share(self.cells(query.local_desc), self.cells(candidates.local_desc),
                                    self.setting.threshold)
         result = sorted_result(np.asarray(candidates.global_scores, np.float32) + self.setting.weight * share)
         result.score_kind = SCORE_LOCAL_MATCH_FUSED
@@ -140,4 +163,8 @@ class LocalMatchReranker:
                     needs=(Need.LOCAL_DESCRIPTORS, Need.FINE_LOCALS), score=SCORE_LOCAL_MATCH_FUSED,
                     title="Local match")
 def _local_match(setup: RerankerSetup) -> LocalMatchReranker:
-    return LocalMatchReranker(LocalMatchSetting.for_model(setup.folder))
+    return LocalMatchReranker(LocalMatchSetting.for_model(setup.folder), match_cells_layout(setup.folder, setup.match_cells))
+
+
+RERANKERS.offer("local-match+gv", "local-match's order, then images with a geometric match first (by inliers)",
+                title="Local match then Geometric")

@@ -87,9 +87,12 @@ class RRTReranker:
 
     def __init__(self, rrt: RerankingTransformer, *, grid: tuple[int, int] = (7, 7), batch_size: int = 100,
                  fusion_weight: float | None = None, precision: str = "reference",
-                 compile: bool = False) -> None:
+                 compile: bool = False, tokens: int | None = None) -> None:
         self.rrt = rrt
         self.grid = tuple(grid)
+        #: how many leading local rows are the RRT's tokens when a model stores match cells after
+        #: them (waldo.models.descriptor.MatchCellsLayout); None: every row is a token
+        self.tokens = tokens
         self.batch_size = batch_size
         self.fusion_weight = fusion_weight
         self.precision = resolve_precision(precision)
@@ -104,14 +107,18 @@ class RRTReranker:
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, batch_size: int = 100, precision: str = "reference",
-                    compile: bool = False) -> RRTReranker:
+                    compile: bool = False, match_cells: dict | None = None) -> RRTReranker:
+        """The RRT stored in ``folder``; ``match_cells``: the layout of a model prepared in memory
+        (else the folder's config.json says whether match cells follow the tokens)."""
+        from waldo.rerank.local_match import match_cells_layout
         from waldo.rerank.rrt_checkpoint import load_rrt
 
         rrt, info = load_rrt(folder)
         weight = info.get("training", {}).get("fusion_weight")
+        layout = match_cells_layout(Path(folder), match_cells)
         return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,
                    fusion_weight=None if weight is None else float(weight), precision=precision,
-                   compile=compile)
+                   compile=compile, tokens=None if layout is None else layout.tokens)
 
     def logits(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
         """(N,) float32 logits, one per candidate (the query locals are shared, not copied)."""
@@ -121,6 +128,10 @@ class RRTReranker:
 
         if len(candidates.global_scores) == 0:
             return np.zeros(0, np.float32)
+        if self.tokens is not None:  # the rows after the tokens are match cells, local-match's
+            query = RerankQuery(query.local_desc[: self.tokens], query.global_desc, query.keypoints)
+            candidates = RerankCandidates(candidates.local_desc[:, : self.tokens], candidates.global_scores,
+                                          candidates.global_desc, candidates.keypoints, candidates.ordered_by)
         globals_ = {}
         if self.rrt.config.use_global_tokens:  # the two extra tokens carry the global descriptors
             if query.global_desc is None or candidates.global_desc is None:
@@ -182,7 +193,8 @@ _RRT_NEEDS = (Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT)
                                        "the global top-100", needs=_RRT_NEEDS, score=SCORE_RRT_PROBABILITY,
                     title="RRT")
 def _rrt(setup: RerankerSetup) -> RRTReranker:
-    return RRTReranker.from_folder(setup.folder, precision=setup.precision, compile=setup.compile)
+    return RRTReranker.from_folder(setup.folder, precision=setup.precision, compile=setup.compile,
+                                   match_cells=setup.match_cells)
 
 
 @RERANKERS.register("rrt-fusion", description="the RRT's probability mixed with the global similarity "

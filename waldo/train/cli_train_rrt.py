@@ -60,10 +60,10 @@ def cmd_train_rrt(args: argparse.Namespace) -> int:
 
 def cmd_train_mine(args: argparse.Namespace) -> int:
     from waldo.data.protocols import get_protocol
-    from waldo.models.checkpoint import load_model
+    from waldo.models.checkpoint import load_model, without_match_cells
     from waldo.train.mining import TopKMiner
 
-    model, config = load_model(args.model)
+    model, config = without_match_cells(*load_model(args.model))
     protocol = get_protocol(args.protocol, args.data)
     miner = TopKMiner(config.transform, config.image_size, args.k, args.cache, batch_size=args.batch_size,
                       num_workers=args.workers, progress=not args.quiet)

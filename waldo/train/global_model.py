@@ -29,7 +29,7 @@ from waldo.data.images import load_image
 from waldo.data.protocols import get_protocol
 from waldo.data.samplers import PKSampler
 from waldo.data.transforms import get_transform, train_transform
-from waldo.models.checkpoint import ModelConfig, build_model, load_model, save_model
+from waldo.models.checkpoint import ModelConfig, build_model, load_model, save_model, without_match_cells
 from waldo.models.descriptor import DescriptorModel, Descriptors
 from waldo.models.extract import extract_pooled_features
 from waldo.models.untrained import untrained_model
@@ -226,7 +226,7 @@ def _refit_local_projection(folder: Path, config: GlobalTrainConfig, paths: list
     """Refit the local 1x1 projection of a saved model by PCA on its own (trained) features:
     the backbone changed, so the initial fit no longer matches. The global projection, and so
     every validation number, is unchanged."""
-    model, model_config = load_model(folder)
+    model, model_config = without_match_cells(*load_model(folder))
     sample = random.Random(config.seed).sample(paths, min(len(paths), config.max_fit_images))
     pooled, cells = extract_pooled_features(model, sample, get_transform(config.transform, config.eval_image_size),
                                             local_per_image=8, seed=config.seed, progress=progress)

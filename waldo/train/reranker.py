@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from waldo.data.datasets import ImageSet
 from waldo.data.transforms import get_transform
-from waldo.models.checkpoint import ModelConfig, load_model, model_hash
+from waldo.models.checkpoint import ModelConfig, load_model, model_hash, without_match_cells
 from waldo.models.descriptor import DescriptorModel
 from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
@@ -162,7 +162,7 @@ def train_reranker(config: RRTTrainConfig, images: ImageSet, init_dir: str | Pat
     Returns ``out_dir / "best"``, whose rrt.json holds the fusion weight chosen on validation."""
     out, state = start_run(out_dir, config)
     cache_root = Path(cache_root or default_cache_root())
-    model, init_config = load_model(init_dir)
+    model, init_config = without_match_cells(*load_model(init_dir))
     init_hash = model_hash(model)
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:

@@ -38,7 +38,7 @@ from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
 from waldo.eval.metrics import retrieval_metrics
 from waldo.fsutil import write_dir_atomically
-from waldo.models.checkpoint import ModelConfig, load_model, model_hash
+from waldo.models.checkpoint import ModelConfig, load_model, model_hash, without_match_cells
 from waldo.models.compiled import prepare_runtime
 from waldo.models.descriptor import DescriptorModel, rrt_global_inputs
 from waldo.models.extract import extract_descriptors
@@ -369,7 +369,7 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     cache_root = Path(cache_root or default_cache_root())
     if not allow_test_images:
         check_no_test_images(sources)
-    model, model_config = load_model(init_dir)
+    model, model_config = without_match_cells(*load_model(init_dir))
     init_hash = model_hash(model)
     rrt_config = config.rrt_config()
     if rrt_config.d_model != model.dim:
@@ -429,7 +429,7 @@ def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, v
     name): first choose and write the folder's fusion weight and default on it. ``only``: the
     names of the validation sets to score (the split still comes from all ``sources``, so it is
     the training run's)."""
-    model, model_config = load_model(model_dir)
+    model, model_config = without_match_cells(*load_model(model_dir))
     rrt, info = load_rrt(model_dir)
     pool = pool_sources(sources)
     held_out = split_rows(pool, val_fraction, seed)

@@ -126,11 +126,11 @@ def record_fusion_weight(best: Path, has_tail: bool, source: FeatureSource, vali
     """Score the best checkpoint's validation top-``fusion_top_k`` once, pick the fusion weight
     (:func:`choose_fusion_weight`) and record it, with the validation figures, in its rrt.json
     and metrics.json. ``has_tail``: the backbone tail trained (finetune), so it must run."""
-    from waldo.models.checkpoint import load_model
+    from waldo.models.checkpoint import load_model, without_match_cells
     from waldo.rerank.rrt_checkpoint import load_rrt, update_rrt_training
     from waldo.fsutil import atomic_write_json
 
-    model, _ = load_model(best)
+    model, _ = without_match_cells(*load_model(best))
     rrt, _ = load_rrt(best)
     # The tail modules of the *saved* model: same positions in the backbone as the training tail.
     tail = split_backbone(model.backbone, config.trainable_blocks)[1] if has_tail else []
