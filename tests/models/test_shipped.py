@@ -98,3 +98,30 @@ def test_the_trained_global_head_keeps_the_locals_and_its_reranker_reads_it(data
         before, after = old.eval()(batch), new.eval()(batch)
     assert torch.allclose(before.local_desc, after.local_desc)
     assert after.global_desc.shape == (4, new_config.global_width)
+
+
+def test_make_demos_index_stores_match_cells_and_defaults_to_local_match(data_root, tmp_path):
+    """make demo indexes with stage-4 match cells; the shipped model's config records the local-match
+    setting its fair validation chose (against global search and its RRT, experiments/local_matching.py
+    --store-choice), which is then the index's default; without the cells the RRT's choice stands."""
+    from pathlib import Path
+
+    from waldo.api import Waldo
+    from waldo.data.datasets import read_labels_csv
+    from waldo.rerank.local_match import LocalMatchSetting
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert "DEMO_LOCAL ?= --local-stage 4 --dim 64" in makefile and "$(DEMO_LOCAL)" in makefile
+    _, config = load_model(resolve_model_dir("lite0-lw-rrt"))
+    choice = config.extra["local_match"]
+    assert choice["default"] and choice["validation"]["local-match"]["map@100"] > max(
+        choice["validation"][name]["map@100"] for name in ("none", "rrt", "rrt-fusion")) + choice["margin"]
+    abo = read_labels_csv(data_root / "abo_sample")
+    with_cells = Waldo.create(tmp_path / "cells", model_dir=resolve_model_dir("lite0-lw-rrt"), local_stage=4, dim=64,
+                              fit_paths=abo.paths, gv_features=False, progress=False)
+    plain = Waldo.create(tmp_path / "plain", model_dir=resolve_model_dir("lite0-lw-rrt"), gv_features=False,
+                         progress=False)
+    assert with_cells.default_reranker == "local-match" and {"rrt", "rrt-fusion"} <= set(with_cells.available_rerankers())
+    assert plain.default_reranker == "none" and "local-match" not in plain.available_rerankers()
+    assert LocalMatchSetting.for_model(tmp_path / "cells" / "model") == LocalMatchSetting(choice["threshold"],
+                                                                                          choice["weight"])
