@@ -7,9 +7,11 @@ The score is ``global + weight x (matched cells / query cells)``: two photos of 
 many parts at the same fine scale (a label's corner, a lid), photos of two look-alikes share
 the overall colour and shape the global descriptor already saw, but fewer exact parts.
 
-It needs locals finer than the reference's 7x7 grid: an index built with ``--local-stage``
-(ModelConfig.local_stage; EfficientNet-Lite's stage 4 gives 14x14 cells at 224 px). On the last
-map's 9x9 cells it adds almost nothing, so it is not offered there. Measured, with the setting
+It needs cells finer than the reference's 7x7 grid: an index built with ``--local-stage``, whose
+locals are stage N's cells (ModelConfig.local_stage; EfficientNet-Lite's stage 4 gives 14x14 at
+224 px) or, for a checkpoint, carry them as match cells after the RRT's tokens
+(ModelConfig.match_stage, waldo.models.descriptor.MatchCellsLayout). On the last map's 9x9 cells
+it adds almost nothing, so it is not offered there. Measured, with the setting
 chosen on validation identities: docs/results.md, "Local matching as a reranker".
 """
 
@@ -39,8 +41,8 @@ __all__ = ["LocalMatchReranker", "LocalMatchSetting", "matched_cells", "mutual_m
 class LocalMatchSetting:
     """``threshold``: the cosine a mutual pair of cells must exceed; ``weight``: how much the share
     of matched query cells adds to the global similarity. Defaults chosen on validation identities
-    (experiments/local_match_eval.py); a model may carry its own in config.json's
-    ``extra["local_match"]``."""
+    (experiments/local_matching.py --model untrained --local-stage 4 --cells-dim 64); a model may
+    carry its own in config.json's ``extra["local_match"]`` (``--store-choice``)."""
 
     threshold: float = 0.7
     weight: float = 1.0
