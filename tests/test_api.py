@@ -164,6 +164,10 @@ def test_an_index_with_stage_locals_offers_local_match(abo, built, tmp_path):
     assert reopened.search(abo.paths[0], k=1, rerank="local-match").hits[0].score == pytest.approx(hit.score)
     with pytest.raises(ValueError, match="fitted on images"):
         Waldo.create(tmp_path / "unfitted", model_dir=built[0] / "model", local_stage=4, dim=32)
+    # two photos are enough: a small collection gives more of each photo's cells to the fit
+    two = Waldo.create(tmp_path / "two", model_dir=built[0] / "model", local_stage=4, dim=64, fit_paths=abo.paths[:2],
+                       gv_features=False, progress=False)
+    assert two.config.match_dim == 64 and "local-match" in two.available_rerankers()
 
 
 def test_stage_locals_fit_on_fewer_photos_than_the_global_width(abo, tmp_path):

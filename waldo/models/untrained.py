@@ -213,8 +213,11 @@ def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *,
     paths = list(fit_paths)
     if len(paths) > max_fit_images:
         paths = random.Random(seed).sample(paths, max_fit_images)
+    # A small collection gives more cells per photo (a photo has hundreds), so that a handful of
+    # photos still fits the basis: at least 4 cells per dimension in all.
+    per_image = max(cells_per_image, -(-4 * dim // max(1, len(paths))))
     _, cells = extract_pooled_features(tapped, paths, get_transform(config.transform, config.image_size),
-                                       progress=progress, local_per_image=cells_per_image, seed=seed)
+                                       progress=progress, local_per_image=per_image, seed=seed)
     if len(cells) < dim:
         raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d match cells on; give more images")
     matched.fit_match_pca(cells)
