@@ -258,7 +258,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
                 for name in shipped["macro"]]
     else:
         plain = [validator._metrics(data, None) for data in validator.prepared]
-        rows = [{"ranking": "none", **{m: round(float(np.mean([x[m] for x in plain])), 4) for m in ("recall@1", "map@100")}}]
+        rows = [{"ranking": "none", **{m: round(float(np.mean([x[m] for x in plain])), 4) for m in ("recall@1", "map@100")},
+                 "per_set_map@100": [round(float(x["map@100"]), 4) for x in plain]}]
     match_locals, size = local_desc, model_config.image_size
     if scale != 1 or tap is not None:
         size = int(round(model_config.image_size * scale))
@@ -277,7 +278,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
         for weight in WEIGHTS[1:]:
             metrics = [validator._metrics(data, data["scores"] + weight * s) for data, s in zip(validator.prepared, per_set)]
             rows.append({"ranking": f"global + {weight:g} x {kind}",
-                         **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")}})
+                         **{m: round(float(np.mean([x[m] for x in metrics])), 4) for m in ("recall@1", "map@100")},
+                         "per_set_map@100": [round(float(x["map@100"]), 4) for x in metrics]})
         print(json.dumps(rows[-1]), flush=True)
     return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "local_stage": local_stage,
             "local_shape": list(local_desc.shape[1:]), "cells_dim": cells_dim or None,
