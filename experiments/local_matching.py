@@ -69,26 +69,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def local_scores(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: str) -> np.ndarray:
-    """(K,) scores of one query's (N, D) cells against (K, M, D) candidate cells."""
+    """(K,) scores of one query's (N, D) cells against (K, M, D) candidate cells; ``mnn-T`` is the
+    local-match reranker's own score (waldo.rerank.local_match.mutual_match_share)."""
+    if kind.startswith("mnn-"):
+        from waldo.rerank.local_match import mutual_match_share
+
+        return mutual_match_share(query_locals, candidate_locals, float(kind[len("mnn-"):]))
     sims = np.matmul(_unit(candidate_locals), _unit(query_locals).T).transpose(0, 2, 1)  # (K, N, M)
     if kind == "chamfer":
         return sims.max(2).mean(1)
     if kind == "chamfer-sym":
         return 0.5 * (sims.max(2).mean(1) + sims.max(1).mean(1))
-    if kind.startswith("mnn-"):
-        best_c, best_q = sims.argmax(2), sims.argmax(1)  # (K, N), (K, M)
-        mutual = np.take_along_axis(best_q, best_c, 1) == np.arange(sims.shape[1])[None]
-        return (mutual & (sims.max(2) > float(kind[4:]))).mean(1)
     raise ValueError(kind)
-
-
-def score(query_locals: np.ndarray, candidate_locals: np.ndarray, kind: str, product: bool) -> np.ndarray:
-    """:func:`local_scores`, or with ``product`` the local-match reranker's own function (mnn only)."""
-    if not product:
-        return local_scores(query_locals, candidate_locals, kind)
-    from waldo.rerank.local_match import mutual_match_share
-
-    return mutual_match_share(query_locals, candidate_locals, float(kind[len("mnn-"):]))
 
 
 def _cached(name: str, key_parts: list[str], compute) -> np.ndarray:
@@ -272,8 +264,8 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
     for kind in SCORES if local_stage is None else [f"mnn-{t:g}" for t in PRODUCT_THRESHOLDS]:
         per_set = []
         for vset, data in zip(sets, validator.prepared):
-            per_set.append(np.stack([score(match_locals[query].astype(np.float32),
-                                           match_locals[candidates].astype(np.float32), kind, local_stage is not None)
+            per_set.append(np.stack([local_scores(match_locals[query].astype(np.float32),
+                                                  match_locals[candidates].astype(np.float32), kind)
                                      for query, candidates in zip(vset.queries, data["candidates"])]))
         for weight in WEIGHTS[1:]:
             metrics = [validator._metrics(data, data["scores"] + weight * s) for data, s in zip(validator.prepared, per_set)]

@@ -346,22 +346,19 @@ class Waldo:
         ``cells`` (the query's cell count), ``grid`` (h, w), the reranker's ``setting`` and the
         ``share`` it adds ``setting.weight`` times to the global similarity. ValueError when
         the index has no stage locals (it does not offer local-match)."""
-        from waldo.rerank.local_match import LocalMatchSetting, matched_cells
+        from waldo.rerank.local_match import matched_cells
 
         if Need.FINE_LOCALS not in self._needs_met():
             raise ValueError("this index has no stage locals to match (build it with --local-stage)")
+        reranker = self._reranker("local-match")[1]  # built once: its setting and where the cells sit
         _, query_local = self.describe(image)
-        candidate_local = self.store.local_descriptors([image_id])[0]
-        setting = LocalMatchSetting.for_model(self.root / MODEL_FOLDER)
+        query_cells = reranker.cells(query_local)
+        candidate_cells = reranker.cells(self.store.local_descriptors([image_id])[0])
         layout = self.model.match_layout(self.config.image_size)
-        if layout is not None:  # the cells stored after the RRT's tokens
-            query_local, candidate_local = layout.split(query_local)[1], layout.split(candidate_local)[1]
-            grid = layout.grid
-        else:
-            grid = (self.config.image_size // self.model.local_stride,) * 2
-        pairs, cosines = matched_cells(query_local, candidate_local, setting.threshold)
-        return {"pairs": pairs, "cosines": cosines, "cells": len(query_local), "grid": grid,
-                "setting": setting, "share": len(pairs) / max(1, len(query_local))}
+        grid = layout.grid if layout is not None else self.model.local_grid(self.config.image_size)
+        pairs, cosines = matched_cells(query_cells, candidate_cells, reranker.setting.threshold)
+        return {"pairs": pairs, "cosines": cosines, "cells": len(query_cells), "grid": grid,
+                "setting": reranker.setting, "share": len(pairs) / max(1, len(query_cells))}
 
     def search(self, image: ImageSource, k: int = 10, rerank: str | None = None) -> SearchOutcome:
         """The ``k`` indexed images most similar to ``image`` (a path, bytes, a file object or a

@@ -175,17 +175,24 @@ class DescriptorModel(nn.Module):
         self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
 
+    def local_grid(self, image_size: int) -> tuple[int, int]:
+        """(h, w) of the locals' cells for a square ``image_size`` input."""
+        side = _cells(image_size, self.local_stride)
+        return side, side
+
     def local_rows(self, image_size: int) -> int:
         """Stored local rows per image at ``image_size``: the locals, then any packed match cells."""
         layout = self.match_layout(image_size)
-        return layout.rows if layout is not None else _cells(image_size, self.local_stride) ** 2
+        h, w = self.local_grid(image_size)
+        return layout.rows if layout is not None else h * w
 
     def match_layout(self, image_size: int) -> MatchCellsLayout | None:
         """Where the match cells sit in the local rows at ``image_size``; None without them."""
         if self.match_stage is None:
             return None
         side = _cells(image_size, self.match_stride)
-        return MatchCellsLayout(_cells(image_size, self.local_stride) ** 2, side * side, self.match_dim, self.dim,
+        h, w = self.local_grid(image_size)
+        return MatchCellsLayout(h * w, side * side, self.match_dim, self.dim,
                                 (side, side))
 
     @torch.no_grad()
