@@ -38,6 +38,24 @@ def test_shape_dtype_range(image: Image.Image, name: str, size: int) -> None:
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_uint8_pixels_scale_to_the_transforms_output_exactly(image: Image.Image, name: str) -> None:
+    """Extraction's workers hand uint8 pixels to the model's process when that loses nothing."""
+    from waldo.data.transforms import to_unit_float
+    from waldo.models.extract import _ImageFiles, as_model_input
+
+    transform = get_transform(name, image_size=224)
+    assert transform.exact_in_uint8 == (name in {"resize256-crop224", "resize224"})
+    pixels = transform.pixels(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+    if transform.exact_in_uint8:
+        assert torch.equal(to_unit_float(pixels), transform(image, key=7))
+    files = _ImageFiles(["/nonexistent.jpg"], transform)
+    assert files.uint8 == transform.exact_in_uint8 and files[0][1] is None  # unreadable: skipped, not raised
+    batch = torch.stack([pixels, pixels])
+    assert torch.equal(as_model_input(batch), to_unit_float(batch).contiguous(memory_format=torch.channels_last))
+
+
 def test_resize_sizes() -> None:
     assert resize_size_for(224) == 256 and resize_size_for(112) == 128 and resize_size_for(384) == 439
     default = get_transform("resize256-crop224")

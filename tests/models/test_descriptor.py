@@ -121,10 +121,13 @@ def test_a_tapped_forward_is_the_same_pass_with_an_earlier_stage_kept():
     with torch.inference_mode():
         last, stage4 = backbone.forward_tapped(images, 4)
         assert torch.equal(last, backbone.forward_features(images))
+        assert torch.equal(backbone.forward_to(images, 4), stage4)  # the same cells, the rest not run
     assert stage4.shape == (2, 112, 14, 14)
     assert backbone.stage_shape(4) == (112, 16) and backbone.stage_shape(2) == (40, 8)
     with pytest.raises(ValueError, match="stages 0-5"):
         backbone.forward_tapped(images, 6)  # the last stage is the last map itself
+    with pytest.raises(ValueError, match="stages 0-5"):
+        backbone.forward_to(images, 6)
 
 
 def test_locals_from_a_finer_stage_keep_the_global_descriptor_of_the_last_map():

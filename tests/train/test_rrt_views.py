@@ -373,3 +373,17 @@ def test_anchor_softmax_loss_is_cross_entropy_within_each_anchor():
     assert RRTTrainConfig(mode="rrt-only", pair_loss="softmax").pair_loss == "softmax"
     with pytest.raises(ValueError, match="pair_loss"):
         RRTTrainConfig(mode="frozen", pair_loss="softmax")
+
+
+def test_a_default_must_gain_on_average_and_lose_on_no_validation_set():
+    """The rule every stored default passes (rrt.json's default_reranker, a model's local-match
+    default): a mean gain larger than the margin that hides a loss on one set does not qualify."""
+    from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default
+
+    none = [0.52, 0.96, 0.97]
+    assert earns_default([0.54, 0.97, 0.97], none)  # gains, ties abo
+    assert not earns_default([0.56, 0.97, 0.96], none)  # the biggest mean gain, but one set loses
+    assert not earns_default([0.52 + DEFAULT_MARGIN, 0.96, 0.97], none)  # gains on no set past the margin's mean
+    assert not earns_default([0.53, 0.96, 0.97], none, margin=0.01)
+    with pytest.raises(ValueError):
+        earns_default([0.5, 0.9], none)

@@ -46,12 +46,23 @@ def resize_size_for(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def _to_float_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``float32`` ``(3, H, W)`` in ``[0, 1]``."""
+def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``uint8`` ``(3, H, W)``."""
     if image.mode != "RGB":
         # load_image() already yields RGB; this guards direct callers passing L/RGBA images.
         image = image.convert("RGB")
-    return F.pil_to_tensor(image).to(torch.float32).div_(255.0)
+    return F.pil_to_tensor(image)
+
+
+def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8`` pixels -> ``float32`` in ``[0, 1]``: the one scaling every transform uses, so
+    scaling later (see :meth:`TestTransform.pixels`) gives the same floats bit for bit."""
+    return pixels.to(torch.float32).div_(255.0)
+
+
+def _to_float_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``float32`` ``(3, H, W)`` in ``[0, 1]``."""
+    return to_unit_float(_to_uint8_tensor(image))
 
 
 def _random_perspective(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,14 +126,25 @@ class TestTransform:
         grid_x, grid_y = np.meshgrid(xs, ys)
         return np.stack([grid_x, grid_y], -1).reshape(-1, 2).astype(np.float32)
 
-    def __call__(self, image: Image.Image, key: int = 0) -> torch.Tensor:
-        """PIL image -> ``float32`` ``(3, image_size, image_size)``; deterministic per ``(seed, key)``."""
+    @property
+    def exact_in_uint8(self) -> bool:
+        """Whether :meth:`pixels` holds this transform's whole output (no ablation op after it)."""
+        return self.op is None
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resized and cropped image as ``uint8`` ``(3, image_size, image_size)``: for a
+        transform without an op, :func:`to_unit_float` of it is exactly ``self(image)``, in a
+        quarter of the bytes (what extraction's decoding workers hand to the model's process)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"transform {self.name!r} expects a PIL image, got {type(image).__name__}")
         image = F.resize(image, [self.resize, self.resize], interpolation=F.InterpolationMode.BILINEAR)
         if self.crop:
             image = F.center_crop(image, [self.image_size, self.image_size])
-        tensor = _to_float_tensor(image)
+        return _to_uint8_tensor(image)
+
+    def __call__(self, image: Image.Image, key: int = 0) -> torch.Tensor:
+        """PIL image -> ``float32`` ``(3, image_size, image_size)``; deterministic per ``(seed, key)``."""
+        tensor = to_unit_float(self.pixels(image))
         if self.op is not None:
             tensor = self.op(tensor, self.generator(key) if self.random else torch.Generator())
         return tensor.contiguous()

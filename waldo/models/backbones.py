@@ -84,6 +84,17 @@ class Backbone(nn.Module):
             x = module(x)
         return x, tapped
 
+    def forward_to(self, images: torch.Tensor, stage: int) -> torch.Tensor:
+        """The output of :meth:`stages` ``[stage]`` alone: :meth:`forward_tapped`'s second map
+        without running the stages after it (a fit that needs only those cells)."""
+        stem, stages, _ = self.stages()
+        if not 0 <= stage < len(stages) - 1:
+            raise ValueError(f"{self.name} has stages 0-{len(stages) - 2} before its last, got local stage {stage}")
+        x = self.normalize(images)
+        for module in [*stem, *stages[: stage + 1]]:
+            x = module(x)
+        return x
+
     @torch.no_grad()
     def stage_shape(self, stage: int) -> tuple[int, int]:
         """(channels, stride) of stage ``stage``'s output map, measured by a small forward pass."""

