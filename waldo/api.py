@@ -130,7 +130,7 @@ class Waldo:
                local_dtype: str = "float16", global_index: str = "Flat",
                global_search_params: dict | None = None, pooling: str | None = None,
                global_dim: int | None = None, global_scales: Sequence[float] = (),
-               local_stage: int | None = None) -> "Waldo":
+               local_stage: int | None = None, fit_runtime: str = "auto") -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
@@ -143,7 +143,10 @@ class Waldo:
         defaults chosen on validation identities); ``local_stage`` takes its locals from that
         finer backbone stage (ModelConfig.local_stage), which the ``local-match`` reranker needs;
         with ``model_dir``, the checkpoint keeps its descriptors and RRT and stores ``dim``-wide
-        match cells of that stage after its locals, fitted on ``fit_paths`` (ModelConfig.match_stage)."""
+        match cells of that stage after its locals, fitted on ``fit_paths`` (ModelConfig.match_stage).
+        ``fit_runtime``: how those fits run the backbone: ``auto`` (ONNX Runtime for 1,000 passes
+        or more, from 200 once its export is cached; waldo.models.extract.backbone_runner),
+        ``onnx`` or ``eager`` (what evaluations fit with)."""
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -159,7 +162,8 @@ class Waldo:
                 from waldo.models.untrained import with_match_cells
 
                 model, config = with_match_cells(model, config, local_stage, dim=dim, fit_paths=fit_paths,
-                                                 fit_source=fit_source, seed=seed, progress=progress)
+                                                 fit_source=fit_source, seed=seed, progress=progress,
+                                                 fit_runtime=fit_runtime)
             if transform:
                 config.transform = transform
             if global_scales:  # the checkpoint's own scales otherwise
@@ -169,7 +173,8 @@ class Waldo:
             model, config = untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
-                                            global_scales=global_scales, local_stage=local_stage)
+                                            global_scales=global_scales, local_stage=local_stage,
+                                            fit_runtime=fit_runtime)
         local_cells = model.local_rows(config.image_size)
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}

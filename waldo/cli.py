@@ -142,7 +142,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model) if args.model else None
     options = dict(backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
                    global_dim=args.global_dim, global_scales=args.global_scales, fit_paths=image_set.paths,
-                   local_stage=args.local_stage,
+                   local_stage=args.local_stage, fit_runtime="eager" if args.runtime == "compile" else args.runtime,
                    fit_source=str(args.data),
                    model_dir=model_dir, transform=args.transform, progress=not args.quiet,
                    local_dtype=args.local_dtype, global_index=args.global_index, gv_features=args.local_features,
@@ -492,7 +492,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
                        global_scales=args.global_scales, local_stage=args.local_stage,
                        batch_size=args.batch_size, num_workers=args.workers,
-                       progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank)
+                       progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank,
+                       fit_runtime=args.fit_runtime)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
         baseline = metrics["global"]
@@ -851,6 +852,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "must exist)")
     _add_rerank_flag(evaluate, "re-sort each query's global top-100 (an RRT is read from --model)",
                      default=NO_RERANK)
+    evaluate.add_argument("--fit-runtime", default="eager", choices=("eager", "onnx", "auto"), metavar="NAME",
+                          help="how an untrained model's (or match cells') fit runs the backbone, one of: "
+                               "%(choices)s (default eager, what the documented figures were fitted with; "
+                               "index builds use auto, docs/performance.md)")
     _add_model_flags(evaluate)
     _add_extraction_flags(evaluate)
     evaluate.set_defaults(handler=cmd_eval)

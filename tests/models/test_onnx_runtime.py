@@ -175,3 +175,76 @@ def test_onnx_describes_a_model_with_match_cells():
         expected, got = model(images), runner(images)
     assert not runner._failed and got.local_desc.shape == expected.local_desc.shape == (2, 9 + 18, 32)
     assert torch.nn.functional.cosine_similarity(got.local_desc, expected.local_desc, dim=-1).min() > 0.999
+
+
+def test_backbone_maps_through_onnx_equal_eager_ones_and_share_one_cached_export(fresh_cache):
+    """The fit of an untrained index runs the backbone alone through ONNX Runtime: its maps (and
+    a stage's) are eager's to float rounding, and the export is keyed by the backbone's weights,
+    so a second runner (another index on the same weights) reuses it."""
+    from waldo.models.onnx_runtime import OnnxBackboneMaps
+
+    backbone = _model().backbone
+    images = torch.rand(3, 3, 96, 96)
+    runner = OnnxBackboneMaps(backbone, stage=4)
+    with torch.inference_mode():
+        last, stage = runner(images[:2])
+        more_last, _ = runner(images[2:])
+        expected_last, expected_stage = backbone.forward_tapped(images, 4)
+    assert not runner._failed and runner.agreement[(96, 96)] >= 0.999
+    assert last.shape == (2, 1280, 3, 3) and stage.shape == (2, 112, 6, 6)
+    torch.testing.assert_close(torch.cat([last, more_last]), expected_last, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stage, expected_stage[:2], rtol=1e-4, atol=1e-4)
+    exports = sorted((fresh_cache / "onnx").glob("backbone-*.onnx"))
+    assert len(exports) == 1
+    again = OnnxBackboneMaps(backbone, stage=4, cached_only=True)  # cached: used even for a small fit
+    with torch.inference_mode():
+        again(images[:1])
+    assert not again._failed and sorted((fresh_cache / "onnx").glob("backbone-*.onnx")) == exports
+    plain = OnnxBackboneMaps(backbone, stage=None, cached_only=True)  # no export of the last map alone yet
+    with torch.inference_mode():
+        only_last, nothing = plain(images[:1])
+    assert plain._failed and nothing is None  # eager, not an error
+    torch.testing.assert_close(only_last, expected_last[:1], rtol=1e-4, atol=1e-4)  # eager at another batch size
+
+
+def test_backbone_maps_that_disagree_with_eager_are_not_used(monkeypatch):
+    from waldo.models.onnx_runtime import OnnxBackboneMaps
+
+    backbone = _model().backbone
+    runner = OnnxBackboneMaps(backbone)
+    real = runner._run
+    monkeypatch.setattr(runner, "_run", lambda session, images: tuple(
+        -x if x is not None else None for x in real(session, images)))  # stands in for an exporter bug
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="differ from eager"):
+        last, _ = runner(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(last, backbone.forward_features(images))
+    assert runner._failed
+
+
+def test_a_fit_uses_onnx_only_when_asked_or_big_enough(fresh_cache, data_root):
+    """Evaluations fit eagerly (the documented figures' fits); an index build's fit (``auto``)
+    runs ONNX Runtime from AUTO_FIT_ONNX_MIN_IMAGES passes, or from the cached threshold when
+    the backbone's export is cached; the fitted model agrees with the eager fit's."""
+    from waldo.models.extract import AUTO_FIT_ONNX_MIN_IMAGES, backbone_runner, extract_pooled_features
+    from waldo.models.onnx_runtime import OnnxBackboneMaps
+
+    backbone = _model().backbone
+    assert backbone_runner(backbone, None, 10 ** 6, "eager") is None
+    assert backbone_runner(backbone, None, 10, "auto") is None
+    assert backbone_runner(backbone, None, AUTO_ONNX_CACHED_MIN_IMAGES, "auto").cached_only
+    big = backbone_runner(backbone, None, AUTO_FIT_ONNX_MIN_IMAGES, "auto")
+    assert isinstance(big, OnnxBackboneMaps) and not big.cached_only
+    assert isinstance(backbone_runner(backbone, None, 1, "onnx"), OnnxBackboneMaps)
+    with pytest.raises(ValueError, match="auto, onnx or eager"):
+        backbone_runner(backbone, None, 1, "compile")
+    abo = read_labels_csv(data_root / "abo_sample")
+    model = _model()
+    transform = get_transform("resize256-crop224", 96)
+    eager, eager_cells = extract_pooled_features(model, abo.paths[:6], transform, progress=False, local_per_image=4,
+                                                 num_workers=0)
+    onnx, onnx_cells = extract_pooled_features(model, abo.paths[:6], transform, progress=False, local_per_image=4,
+                                               num_workers=0, runtime="onnx")
+    np.testing.assert_allclose(onnx, eager, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(onnx_cells, eager_cells, rtol=1e-3, atol=1e-4)

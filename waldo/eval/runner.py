@@ -71,9 +71,10 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                   projection: str = "views-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
-                  local_stage: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
+                  local_stage: int | None = None, fit_runtime: str = "eager") -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
-    training images (never its queries or gallery)."""
+    training images (never its queries or gallery). ``fit_runtime``: how the fit runs the backbone
+    (waldo.models.untrained.untrained_model; eager by default, as every documented figure)."""
     fit_paths = protocol.train.paths
     if model_dir is not None:
         model, config = load_model(model_dir)
@@ -82,14 +83,15 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
         from waldo.models.untrained import with_match_cells
 
         return with_match_cells(model, config, local_stage, dim=dim, fit_paths=fit_paths,
-                                fit_source=f"{protocol.name}:train", seed=seed, progress=progress)
+                                fit_source=f"{protocol.name}:train", seed=seed, progress=progress,
+                                fit_runtime=fit_runtime)
     if projection.startswith("pca") and not fit_paths:
         raise ValueError(f"protocol {protocol.name!r} has no training images to fit a PCA projection "
                          f"on; use --projection random")
     return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                            fit_source=f"{protocol.name}:train", transform=transform,
                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
-                           global_scales=global_scales, local_stage=local_stage)
+                           global_scales=global_scales, local_stage=local_stage, fit_runtime=fit_runtime)
 
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",
@@ -99,7 +101,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   seed: int = 0, rerank: str = NO_RERANK, rerank_top_k: int = 100,
                   scales: Sequence[float] = (), pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
-                  local_stage: int | None = None, log_stages: bool = False) -> tuple[EvalRun, dict]:
+                  local_stage: int | None = None, log_stages: bool = False,
+                  fit_runtime: str = "eager") -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -127,7 +130,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
         model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
                                       global_dim=global_dim, global_scales=global_scales,
-                                      local_stage=local_stage)
+                                      local_stage=local_stage, fit_runtime=fit_runtime)
     layout = model.match_layout(config.image_size)
     if layout is not None and reranker is not None:  # rebuilt knowing where the match cells sit
         reranker = RERANKERS.create(rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from waldo.fsutil import atomic_write_bytes
 from waldo.models.descriptor import DescriptorModel, Descriptors, pack_cells
 
-__all__ = ["MIN_AGREEMENT", "OnnxDescriptorModel", "onnx_available"]
+__all__ = ["MIN_AGREEMENT", "OnnxBackboneMaps", "OnnxDescriptorModel", "onnx_available"]
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +250,116 @@ class OnnxDescriptorModel:
             self._sessions[size] = session
             return out
         return self._run_session(session, images)
+
+
+# ----------------------------------------------------------------------------- backbone maps
+class _BackboneMaps(torch.nn.Module):
+    """A backbone's raw maps as plain tensors: (last map,) or (last map, stage ``stage``'s map)."""
+
+    def __init__(self, backbone: torch.nn.Module, stage: int | None) -> None:
+        super().__init__()
+        self.backbone, self.stage = backbone, stage
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.stage is None:
+            return (self.backbone.forward_features(images),)
+        return self.backbone.forward_tapped(images, self.stage)
+
+
+def backbone_cache_path(backbone: torch.nn.Module, stage: int | None, height: int, width: int) -> Path:
+    """Where the export of ``backbone``'s maps (and stage ``stage``'s) is cached. Keyed by the
+    backbone's weights alone, so every untrained model on the ImageNet weights (and every
+    checkpoint that kept them frozen) shares one export."""
+    import onnx
+
+    from waldo.models.checkpoint import model_hash
+    from waldo.paths import default_cache_root
+
+    key = hashlib.sha256(f"backbone {model_hash(backbone)}|stage {stage}|{height}x{width}|torch {torch.__version__}|"
+                         f"onnx {onnx.__version__}|format {EXPORT_FORMAT}".encode()).hexdigest()
+    return default_cache_root() / "onnx" / f"backbone-{key[:40]}.onnx"
+
+
+class OnnxBackboneMaps:
+    """``backbone``'s maps through ONNX Runtime, for the passes that *fit* a model's projections
+    (waldo.models.extract.extract_pooled_features, the untrained default's augmented views):
+    ``(images) -> (last map, stage map or None)`` as eager ``forward_tapped`` /
+    ``forward_features`` give them, to float rounding. The pooling and projections stay in
+    PyTorch, so the export depends on the backbone's weights only and is cached once for every
+    index built on them. Like :class:`OnnxDescriptorModel`: the first batch of each size is
+    checked against eager (every image's maps at cosine >= ``MIN_AGREEMENT``), and any failure
+    falls back to eager with a warning. ``cached_only``: use an export only if already cached."""
+
+    def __init__(self, backbone: torch.nn.Module, stage: int | None = None, *, threads: int | None = None,
+                 cached_only: bool = False) -> None:
+        self.backbone, self.stage = backbone.eval(), stage
+        self.threads = threads or torch.get_num_threads()
+        self.cached_only = cached_only
+        self._sessions: dict[tuple[int, int], object] = {}
+        self._failed = False
+        self.agreement: dict[tuple[int, int], float] = {}
+
+    def eager(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.stage is None:
+            return self.backbone.forward_features(images), None
+        return self.backbone.forward_tapped(images, self.stage)
+
+    def _export(self, height: int, width: int) -> tuple[bytes, Path | None]:
+        path = backbone_cache_path(self.backbone, self.stage, height, width)
+        if path.is_file():
+            return path.read_bytes(), path
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            wrapper = _BackboneMaps(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format),
+                                    self.stage).eval()
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, (torch.rand(2, 3, height, width),), dynamo=True,
+                                        input_names=["images"], output_names=["last", "stage"][: 1 + (self.stage is not None)],
+                                        dynamic_shapes={"images": {0: batch}}, verbose=False)
+        onnx_bytes = program.model_proto.SerializeToString()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, onnx_bytes)
+        except OSError as error:
+            log.info("could not cache the ONNX export in %s (%s)", path, error)
+        return onnx_bytes, None
+
+    @staticmethod
+    def _run(session, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = session.run(None, {"images": np.ascontiguousarray(images.detach().float().contiguous().numpy())})
+        return torch.from_numpy(outputs[0]), (torch.from_numpy(outputs[1]) if len(outputs) > 1 else None)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._failed:
+            return self.eager(images)
+        size = (int(images.shape[2]), int(images.shape[3]))
+        session = self._sessions.get(size)
+        if session is not None:
+            return self._run(session, images)
+        if self.cached_only and not backbone_cache_path(self.backbone, self.stage, *size).is_file():
+            self._failed = True  # not a failure: too few images to pay for an export
+            return self.eager(images)
+        cached = None
+        try:
+            onnx_bytes, cached = self._export(*size)
+            session = _session(onnx_bytes, self.threads)
+            out = self._run(session, images)
+        except Exception as error:  # noqa: BLE001 - an optimisation must never fail a fit
+            _forget(cached)
+            warnings.warn(f"ONNX Runtime for the backbone disabled ({type(error).__name__}: {error}); "
+                          "running it in eager mode", RuntimeWarning, stacklevel=2)
+            self._failed = True
+            return self.eager(images)
+        reference = self.eager(images)
+        pairs = [(a, b) for a, b in zip(out, reference) if b is not None]
+        self.agreement[size] = min(float(F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1).min())
+                                   for a, b in pairs)
+        if not self.agreement[size] >= MIN_AGREEMENT:
+            _forget(cached)
+            warnings.warn(f"ONNX Runtime for the backbone disabled (its maps differ from eager ones: min cosine "
+                          f"{self.agreement[size]:.6f} < {MIN_AGREEMENT}); running it in eager mode",
+                          RuntimeWarning, stacklevel=2)
+            self._failed = True
+            return reference
+        self._sessions[size] = session
+        return out

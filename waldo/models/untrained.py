@@ -17,7 +17,7 @@ import torch
 from waldo.data.transforms import get_transform
 from waldo.models.checkpoint import ModelConfig, build_model
 from waldo.models.descriptor import DescriptorModel
-from waldo.models.extract import extract_pooled_features
+from waldo.models.extract import backbone_runner, extract_pooled_features
 from waldo.models.whitening import WHITEN_POWER, WHITEN_SHRINK, WhiteningSetting, learned_projection
 
 PROJECTIONS = ("views-whiten", "pca-shrink", "pca", "pca-whiten", "random", "identity")
@@ -48,7 +48,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
                     seed: int = 0, progress: bool = True, pooling: str | None = None,
                     global_dim: int | None = None, whiten_power: float = WHITEN_POWER,
                     whiten_shrink: float = WHITEN_SHRINK, global_scales: Sequence[float] = (),
-                    pretrained: bool | str = True, local_stage: int | None = None) -> tuple[DescriptorModel, ModelConfig]:
+                    pretrained: bool | str = True, local_stage: int | None = None,
+                    fit_runtime: str = "eager") -> tuple[DescriptorModel, ModelConfig]:
     """Build an untrained model and initialise its projections.
 
     projection: ``pca`` / ``pca-whiten`` fit on the pooled features of up to ``max_fit_images``
@@ -66,6 +67,11 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     global descriptor (ModelConfig.global_scales; the projections are fitted at the input size).
     ``local_stage``: the locals read that backbone stage's finer map (ModelConfig.local_stage),
     projected by a plain PCA fitted on its cells (the last map's projections fit as above).
+    ``fit_runtime``: how the fit's passes run the backbone (waldo.models.extract.backbone_runner):
+    ``eager`` (the default, what every documented figure was fitted with) or ``auto`` (what index
+    builds use: ONNX Runtime for a fit of 1,000 passes or more, 3x eager's speed, the same maps to
+    1e-6; the fitted projection is not bit-identical: docs/performance.md "Fitting an untrained
+    index").
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
@@ -93,11 +99,17 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
         paths = list(fit_paths)
         if len(paths) > max_fit_images:
             paths = random.Random(seed).sample(paths, max_fit_images)
+        # One backbone runner for every pass of the fit: the photos, the averaged pass of a
+        # non-average pooling and the augmented views (1 + VIEWS passes of up to VIEW_IMAGES).
+        passes = len(paths) * (1 + (model.pooling != "avg")) + (
+            (1 + VIEWS) * min(len(paths), VIEW_IMAGES) if projection == "views-whiten" else 0)
+        maps = backbone_runner(model.backbone, local_stage, passes, fit_runtime)
         pooled, cells = extract_pooled_features(model, paths, get_transform(transform, image_size),
                                                 progress=progress, local_per_image=cells_per_image,
-                                                seed=seed)
+                                                seed=seed, maps=maps)
         # The locals' basis sees average-pooled vectors beside the cells, as it always has.
-        averaged = pooled if model.pooling == "avg" else _average_pooled(model, paths, transform, image_size, progress)
+        averaged = pooled if model.pooling == "avg" else _average_pooled(model, paths, transform, image_size, progress,
+                                                                        maps)
         stage_cells = local_stage is not None  # the locals' cells come from another map: fitted apart
         features = np.concatenate([averaged, cells]) if len(cells) and not stage_cells else averaged
         too_few = len(cells) < dim or (config.global_width == dim and len(averaged) < dim) if stage_cells \
@@ -115,7 +127,7 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
             name = projection
             shrink_pca = projection == "pca-shrink"
             if projection == "views-whiten":
-                groups_x, groups = _view_groups(model, paths, transform, image_size, seed, progress)
+                groups_x, groups = _view_groups(model, paths, transform, image_size, seed, progress, maps)
                 n_groups = len(np.unique(groups))
                 if n_groups < 2:
                     warnings.warn("no readable photos to make views of; fitting pca-shrink instead", stacklevel=2)
@@ -137,7 +149,7 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
 
 @torch.inference_mode()
 def _view_groups(model: DescriptorModel, paths: Sequence[str], transform: str, image_size: int, seed: int,
-                 progress: bool, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool, maps=None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of up to :data:`VIEW_IMAGES` photos (seeded sample) and :data:`VIEWS`
     strong augmented views of each (waldo.data.views), with a group number per photo: the
     labels of a label-free learned whitening. Unreadable photos are skipped."""
@@ -153,7 +165,8 @@ def _view_groups(model: DescriptorModel, paths: Sequence[str], transform: str, i
 
     def flush() -> None:  # a batch at a time: 600 photos x 3 views of tensors would be ~1 GB
         batch = torch.stack(pending).contiguous(memory_format=torch.channels_last)
-        features.append(model.pool(model.backbone.forward_features(batch).float()).numpy())
+        fmap = model.backbone.forward_features(batch) if maps is None else maps(batch)[0]
+        features.append(model.pool(fmap.float()).numpy())
         pending.clear()
 
     for group, path in enumerate(tqdm(chosen, desc="views", unit="img", disable=not progress, leave=False)):
@@ -173,12 +186,13 @@ def _view_groups(model: DescriptorModel, paths: Sequence[str], transform: str, i
 
 
 def _average_pooled(model: DescriptorModel, paths: Sequence[str], transform: str, image_size: int,
-                    progress: bool) -> np.ndarray:
+                    progress: bool, maps=None) -> np.ndarray:
     from waldo.models.pooling import AvgPool
 
     pooling, model.pool = model.pool, AvgPool()
     try:
-        return extract_pooled_features(model, paths, get_transform(transform, image_size), progress=progress)[0]
+        return extract_pooled_features(model, paths, get_transform(transform, image_size), progress=progress,
+                                       maps=maps)[0]
     finally:
         model.pool = pooling
 
@@ -190,8 +204,8 @@ MATCH_FIT_IMAGES = 300
 
 def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *, dim: int,
                      fit_paths: Sequence[str], fit_source: str = "", max_fit_images: int = MATCH_FIT_IMAGES,
-                     cells_per_image: int = 16, seed: int = 0,
-                     progress: bool = True) -> tuple[DescriptorModel, ModelConfig]:
+                     cells_per_image: int = 16, seed: int = 0, progress: bool = True,
+                     fit_runtime: str = "eager") -> tuple[DescriptorModel, ModelConfig]:
     """``model`` (e.g. a trained checkpoint) with match cells added: backbone stage ``stage``'s
     cells, projected to ``dim`` by a plain PCA fitted without labels on up to ``max_fit_images``
     of ``fit_paths`` and stored after its locals (DescriptorModel.match_stage). Its global
@@ -217,7 +231,8 @@ def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *,
     # photos still fits the basis: at least 4 cells per dimension in all.
     per_image = max(cells_per_image, -(-4 * dim // max(1, len(paths))))
     _, cells = extract_pooled_features(tapped, paths, get_transform(config.transform, config.image_size),
-                                       progress=progress, local_per_image=per_image, seed=seed, pooled_too=False)
+                                       progress=progress, local_per_image=per_image, seed=seed, pooled_too=False,
+                                       runtime=fit_runtime)
     if len(cells) < dim:
         raise ValueError(f"only {len(cells)} readable cells to fit {dim}-d match cells on; give more images")
     matched.fit_match_pca(cells)
