@@ -86,21 +86,42 @@ class _MapsOnly(torch.nn.Module):
         return model.multiscale_global(images, global_desc), local
 
 
-def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
-    """The descriptor model as ONNX bytes for (any batch, 3, height, width) fp32 input."""
+def _export(make_wrapper, height: int, width: int, output_names: list[str]) -> bytes:
+    """ONNX bytes of the module ``make_wrapper()`` builds, for (any batch, 3, height, width) fp32 input."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     # Export traces with autograd state; extraction itself runs under inference_mode, where
     # weights converted (e.g. to channels-last) become inference tensors that make the export
-    # about twice as slow (measured 21 s against 10 s): export a plain copy.
+    # about twice as slow (measured 21 s against 10 s): export a plain copy (make_wrapper's).
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        wrapper = _MapsOnly(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
-        example = torch.rand(2, 3, height, width)
+        wrapper = make_wrapper().eval()
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
-                                    output_names=["global", "local", "cells"][: 2 + (model.match_stage is not None)],
-                                    dynamic_shapes={"images": {0: batch}},
-                                    verbose=False)
+        program = torch.onnx.export(wrapper, (torch.rand(2, 3, height, width),), dynamo=True, input_names=["images"],
+                                    output_names=output_names, dynamic_shapes={"images": {0: batch}}, verbose=False)
     return program.model_proto.SerializeToString()
+
+
+def export_onnx(model: DescriptorModel, height: int, width: int) -> bytes:
+    """The descriptor model as ONNX bytes for (any batch, 3, height, width) fp32 input."""
+    return _export(lambda: _MapsOnly(copy.deepcopy(model).to(memory_format=torch.contiguous_format)), height, width,
+                   ["global", "local", "cells"][: 2 + (model.match_stage is not None)])
+
+
+def _cached_export(path: Path | None, export) -> tuple[bytes, Path | None]:
+    """The bytes cached at ``path``, or ``export()``'s, cached there now (best effort); and the
+    cache file they came from (None when freshly exported)."""
+    try:
+        if path is not None and path.is_file():
+            return path.read_bytes(), path
+    except OSError:  # an unreadable cache only costs the export
+        path = None
+    onnx_bytes = export()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, onnx_bytes)
+        except OSError as error:
+            log.info("could not cache the ONNX export in %s (%s)", path, error)
+    return onnx_bytes, None
 
 
 #: Bumped when the exported graph changes (outputs, exporter settings): old cache files are ignored.
@@ -126,18 +147,9 @@ def exported_onnx(model: DescriptorModel, height: int, width: int) -> tuple[byte
     file they came from (None when freshly exported)."""
     try:
         path = cache_path(model, height, width)
-        if path.is_file():
-            return path.read_bytes(), path
     except OSError:
         path = None
-    onnx_bytes = export_onnx(model, height, width)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, onnx_bytes)
-        except OSError as error:
-            log.info("could not cache the ONNX export in %s (%s)", path, error)
-    return onnx_bytes, None
+    return _cached_export(path, lambda: export_onnx(model, height, width))
 
 
 def _export_cached(model: DescriptorModel, height: int, width: int) -> bool:
@@ -305,24 +317,9 @@ class OnnxBackboneMaps:
         return self.backbone.forward_tapped(images, self.stage)
 
     def _export(self, height: int, width: int) -> tuple[bytes, Path | None]:
-        path = backbone_cache_path(self.backbone, self.stage, height, width)
-        if path.is_file():
-            return path.read_bytes(), path
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            wrapper = _BackboneMaps(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format),
-                                    self.stage).eval()
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, (torch.rand(2, 3, height, width),), dynamo=True,
-                                        input_names=["images"], output_names=["last", "stage"][: 1 + (self.stage is not None)],
-                                        dynamic_shapes={"images": {0: batch}}, verbose=False)
-        onnx_bytes = program.model_proto.SerializeToString()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, onnx_bytes)
-        except OSError as error:
-            log.info("could not cache the ONNX export in %s (%s)", path, error)
-        return onnx_bytes, None
+        return _cached_export(backbone_cache_path(self.backbone, self.stage, height, width), lambda: _export(
+            lambda: _BackboneMaps(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format), self.stage),
+            height, width, ["last", "stage"][: 1 + (self.stage is not None)]))
 
     @staticmethod
     def _run(session, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
