@@ -212,8 +212,8 @@ def test_backbone_maps_that_disagree_with_eager_are_not_used(monkeypatch):
 
     backbone = _model().backbone
     runner = OnnxBackboneMaps(backbone)
-    real = runner._run
-    monkeypatch.setattr(runner, "_run", lambda session, images: tuple(
+    real = runner._run_session
+    monkeypatch.setattr(runner, "_run_session", lambda session, images: tuple(
         -x if x is not None else None for x in real(session, images)))  # stands in for an exporter bug
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="differ from eager"):

@@ -191,18 +191,17 @@ def _min_cosine(a: Descriptors, b: Descriptors) -> float:
     return min(float(_cosines(a.global_desc, b.global_desc).min()), float(_cosines(a.local_desc, b.local_desc).min()))
 
 
-class OnnxDescriptorModel:
-    """Calls ``model`` through ONNX Runtime; behaves like ``DescriptorModel.__call__`` on batches
-    of (B, 3, H, W) float images in [0, 1] and returns :class:`Descriptors` (float32)."""
+class _CheckedSessions:
+    """One ONNX Runtime session per input size, made from an export (cached) on the first batch
+    of that size and checked against eager there; eager for good after any failure (an export or
+    session error, a disagreement, or with ``cached_only`` no cached export). Subclasses say what
+    is exported and run (:meth:`_exported`, :meth:`_is_cached`, :meth:`_run_session`,
+    :meth:`_eager`, :meth:`_agreement`) and how a fallback is worded (:meth:`_disabled`)."""
 
-    def __init__(self, model: DescriptorModel, *, threads: int | None = None, verify: bool = True,
-                 cached_only: bool = False) -> None:
-        self.model = model.eval()
-        #: use a session only where this model's export is already cached (no export cost): the
-        #: choice of ``runtime="auto"`` for runs too small to pay for an export
+    def __init__(self, *, threads: int | None, verify: bool, cached_only: bool) -> None:
+        #: use a session only where the export is already cached (no export cost): the choice of
+        #: ``runtime="auto"`` for runs too small to pay for an export
         self.cached_only = cached_only
-        self.dim = model.dim
-        self.global_dim = model.global_dim
         self.threads = threads or torch.get_num_threads()
         self.verify = verify
         self._sessions: dict[tuple[int, int], object] = {}
@@ -212,11 +211,73 @@ class OnnxDescriptorModel:
         #: seconds spent exporting, creating sessions and verifying them (not extracting)
         self.setup_seconds = 0.0
 
-    def _fallback(self, reason: str, images: torch.Tensor) -> Descriptors:
-        warnings.warn(f"ONNX Runtime extraction disabled ({reason}); extracting in eager mode",
-                      RuntimeWarning, stacklevel=3)
+    def _fallback(self, reason: str, images: torch.Tensor):
+        warnings.warn(self._disabled(reason), RuntimeWarning, stacklevel=3)
         self._failed = True
+        return self._eager(images)
+
+    def __call__(self, images: torch.Tensor):
+        if self._failed:
+            return self._eager(images)
+        size = (int(images.shape[2]), int(images.shape[3]))
+        session = self._sessions.get(size)
+        if session is not None:
+            return self._run_session(session, images)
+        if self.cached_only and not self._is_cached(*size):
+            log.info("no cached ONNX export for %s px; running in eager mode", size)
+            self._failed = True  # not a failure: too few images to pay for an export
+            return self._eager(images)
+        start = time.perf_counter()
+        cached = None
+        try:
+            onnx_bytes, cached = self._exported(*size)
+            session = _session(onnx_bytes, self.threads)
+            self.setup_seconds += time.perf_counter() - start
+            out = self._run_session(session, images)
+        except Exception as error:  # noqa: BLE001 - an optimisation must never fail a build
+            _forget(cached)
+            return self._fallback(f"{type(error).__name__}: {error}", images)
+        if self.verify:
+            start = time.perf_counter()
+            reference = self._eager(images)
+            self.setup_seconds += time.perf_counter() - start
+            self.agreement[size] = self._agreement(out, reference)
+            if not self.agreement[size] >= MIN_AGREEMENT:
+                _forget(cached)
+                return self._fallback(f"its outputs differ from eager ones: min cosine "
+                                      f"{self.agreement[size]:.6f} < {MIN_AGREEMENT}", images)
+            log.info("ONNX Runtime session for %s px agrees with eager (min cosine %.6f)", size, self.agreement[size])
+        self._sessions[size] = session
+        return out
+
+
+class OnnxDescriptorModel(_CheckedSessions):
+    """Calls ``model`` through ONNX Runtime; behaves like ``DescriptorModel.__call__`` on batches
+    of (B, 3, H, W) float images in [0, 1] and returns :class:`Descriptors` (float32)."""
+
+    def __init__(self, model: DescriptorModel, *, threads: int | None = None, verify: bool = True,
+                 cached_only: bool = False) -> None:
+        super().__init__(threads=threads, verify=verify, cached_only=cached_only)
+        self.model = model.eval()
+        self.dim = model.dim
+        self.global_dim = model.global_dim
+
+    def _eager(self, images: torch.Tensor) -> Descriptors:
         return self.model(images)
+
+    def _exported(self, height: int, width: int) -> tuple[bytes, Path | None]:
+        return exported_onnx(self.model, height, width)
+
+    def _is_cached(self, height: int, width: int) -> bool:
+        return _export_cached(self.model, height, width)
+
+    @staticmethod
+    def _agreement(out: Descriptors, reference: Descriptors) -> float:
+        return _min_cosine(out, reference)
+
+    @staticmethod
+    def _disabled(reason: str) -> str:
+        return f"ONNX Runtime extraction disabled ({reason}); extracting in eager mode"
 
     def _run_session(self, session, images: torch.Tensor) -> Descriptors:
         array = np.ascontiguousarray(images.detach().float().contiguous().numpy())
@@ -227,41 +288,6 @@ class OnnxDescriptorModel:
             cells = torch.from_numpy(cells_map[0]).flatten(2).transpose(1, 2)
             local = torch.cat([local, pack_cells(cells, d)], 1)
         return Descriptors(torch.from_numpy(global_desc), local, (h, w))
-
-    def __call__(self, images: torch.Tensor) -> Descriptors:
-        if self._failed:
-            return self.model(images)
-        size = (int(images.shape[2]), int(images.shape[3]))
-        session = self._sessions.get(size)
-        if session is None and self.cached_only and not _export_cached(self.model, *size):
-            log.info("no cached ONNX export for %s px; extracting in eager mode", size)
-            self._failed = True  # not a failure: too few images to pay for an export
-            return self.model(images)
-        if session is None:
-            start = time.perf_counter()
-            cached = None
-            try:
-                onnx_bytes, cached = exported_onnx(self.model, *size)
-                session = _session(onnx_bytes, self.threads)
-                self.setup_seconds += time.perf_counter() - start
-                out = self._run_session(session, images)
-            except Exception as error:  # noqa: BLE001 - an optimisation must never fail a build
-                _forget(cached)
-                return self._fallback(f"{type(error).__name__}: {error}", images)
-            if self.verify:
-                start = time.perf_counter()
-                reference = self.model(images)
-                self.setup_seconds += time.perf_counter() - start
-                self.agreement[size] = _min_cosine(out, reference)
-                if not self.agreement[size] >= MIN_AGREEMENT:
-                    _forget(cached)
-                    return self._fallback(f"its descriptors differ from eager ones: min cosine "
-                                          f"{self.agreement[size]:.6f} < {MIN_AGREEMENT}", images)
-                log.info("ONNX Runtime session for %s px agrees with eager (min cosine %.6f)", size,
-                         self.agreement[size])
-            self._sessions[size] = session
-            return out
-        return self._run_session(session, images)
 
 
 # ----------------------------------------------------------------------------- backbone maps
@@ -292,71 +318,44 @@ def backbone_cache_path(backbone: torch.nn.Module, stage: int | None, height: in
     return default_cache_root() / "onnx" / f"backbone-{key[:40]}.onnx"
 
 
-class OnnxBackboneMaps:
+class OnnxBackboneMaps(_CheckedSessions):
     """``backbone``'s maps through ONNX Runtime, for the passes that *fit* a model's projections
     (waldo.models.extract.extract_pooled_features, the untrained default's augmented views):
     ``(images) -> (last map, stage map or None)`` as eager ``forward_tapped`` /
     ``forward_features`` give them, to float rounding. The pooling and projections stay in
     PyTorch, so the export depends on the backbone's weights only and is cached once for every
-    index built on them. Like :class:`OnnxDescriptorModel`: the first batch of each size is
-    checked against eager (every image's maps at cosine >= ``MIN_AGREEMENT``), and any failure
-    falls back to eager with a warning. ``cached_only``: use an export only if already cached."""
+    index built on them. Checked and fallen back from as :class:`OnnxDescriptorModel` (every
+    image's maps at cosine >= ``MIN_AGREEMENT`` on the first batch of each size).
+    ``cached_only``: use an export only if already cached."""
 
     def __init__(self, backbone: torch.nn.Module, stage: int | None = None, *, threads: int | None = None,
                  cached_only: bool = False) -> None:
+        super().__init__(threads=threads, verify=True, cached_only=cached_only)
         self.backbone, self.stage = backbone.eval(), stage
-        self.threads = threads or torch.get_num_threads()
-        self.cached_only = cached_only
-        self._sessions: dict[tuple[int, int], object] = {}
-        self._failed = False
-        self.agreement: dict[tuple[int, int], float] = {}
 
-    def eager(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _eager(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.stage is None:
             return self.backbone.forward_features(images), None
         return self.backbone.forward_tapped(images, self.stage)
 
-    def _export(self, height: int, width: int) -> tuple[bytes, Path | None]:
+    def _exported(self, height: int, width: int) -> tuple[bytes, Path | None]:
         return _cached_export(backbone_cache_path(self.backbone, self.stage, height, width), lambda: _export(
             lambda: _BackboneMaps(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format), self.stage),
             height, width, ["last", "stage"][: 1 + (self.stage is not None)]))
 
+    def _is_cached(self, height: int, width: int) -> bool:
+        return backbone_cache_path(self.backbone, self.stage, height, width).is_file()
+
     @staticmethod
-    def _run(session, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _agreement(out: tuple, reference: tuple) -> float:
+        return min(float(F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1).min())
+                   for a, b in zip(out, reference) if b is not None)
+
+    @staticmethod
+    def _disabled(reason: str) -> str:
+        return f"ONNX Runtime for the backbone disabled ({reason}); running it in eager mode"
+
+    @staticmethod
+    def _run_session(session, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         outputs = session.run(None, {"images": np.ascontiguousarray(images.detach().float().contiguous().numpy())})
         return torch.from_numpy(outputs[0]), (torch.from_numpy(outputs[1]) if len(outputs) > 1 else None)
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._failed:
-            return self.eager(images)
-        size = (int(images.shape[2]), int(images.shape[3]))
-        session = self._sessions.get(size)
-        if session is not None:
-            return self._run(session, images)
-        if self.cached_only and not backbone_cache_path(self.backbone, self.stage, *size).is_file():
-            self._failed = True  # not a failure: too few images to pay for an export
-            return self.eager(images)
-        cached = None
-        try:
-            onnx_bytes, cached = self._export(*size)
-            session = _session(onnx_bytes, self.threads)
-            out = self._run(session, images)
-        except Exception as error:  # noqa: BLE001 - an optimisation must never fail a fit
-            _forget(cached)
-            warnings.warn(f"ONNX Runtime for the backbone disabled ({type(error).__name__}: {error}); "
-                          "running it in eager mode", RuntimeWarning, stacklevel=2)
-            self._failed = True
-            return self.eager(images)
-        reference = self.eager(images)
-        pairs = [(a, b) for a, b in zip(out, reference) if b is not None]
-        self.agreement[size] = min(float(F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1).min())
-                                   for a, b in pairs)
-        if not self.agreement[size] >= MIN_AGREEMENT:
-            _forget(cached)
-            warnings.warn(f"ONNX Runtime for the backbone disabled (its maps differ from eager ones: min cosine "
-                          f"{self.agreement[size]:.6f} < {MIN_AGREEMENT}); running it in eager mode",
-                          RuntimeWarning, stacklevel=2)
-            self._failed = True
-            return reference
-        self._sessions[size] = session
-        return out
