@@ -135,6 +135,19 @@ def test_gv_fusion_with_block_is_generated():
     assert {k: getattr(GVConfig(), k) for k in rule} == rule
 
 
+def test_gv_object_block_is_generated():
+    """The issue-17 study of whether a match is on the photos' subject is what
+    experiments/gv_object.py renders from results/gv_object.json, and the product's rule
+    (the two subject checks included) is the one it chose."""
+    from waldo.rerank.gv import GVConfig
+
+    module = _experiment("gv_object")
+    results = _results("gv_object.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "gv-object")
+    assert {k: getattr(GVConfig(), k) for k in results["chosen"]["rule"]} == results["chosen"]["rule"]
+
+
 def test_global_adapt_table_is_generated():
     """The issue-16 adaptation table in docs/results.md is `experiments/global_adapt.py --table`."""
     table = _experiment("global_adapt").table(_results("global/adapt.json")["rows"])

@@ -17,6 +17,7 @@ from waldo.rerank.gv import (
     GeometricReranker,
     GVConfig,
     _plausible,
+    centre_offset,
     corner_errors,
     estimate_transform,
     fused_scores,
@@ -164,6 +165,34 @@ def test_degenerate_models_are_rejected():
     src, dst = rng.uniform(0, 300, (40, 2)), rng.uniform(0, 300, (40, 2))
     model, _, mask = estimate_transform(src, dst, GVConfig())
     assert mask.sum() < 8
+
+
+def test_centre_offset_says_whether_the_inliers_cover_the_photos_centre():
+    xy = np.array([[0, 0], [200, 0], [200, 100], [0, 100]], np.float32)  # centre (100, 50), half diagonal ~111.8
+    assert centre_offset(xy, np.array([[80, 40], [120, 60]], np.float32)) == 0.0
+    far = np.array([[150, 75], [200, 100]], np.float32)  # box starts 50 right and 25 below the centre
+    assert centre_offset(xy, far) == pytest.approx(np.hypot(50, 25) / np.hypot(100, 50))
+    assert centre_offset(xy, np.zeros((0, 2), np.float32)) == float("inf")
+
+
+def test_a_match_on_a_corner_of_the_candidate_is_evidence_only_without_the_subject_checks(samples):
+    """A query that is a crop of a corner of the candidate: the inliers cover all of the query but
+    a corner of the candidate, away from its centre (a shared background, not the candidate's subject)."""
+    from waldo.models.keypoints import extract_local_features
+
+    root, _ = samples
+    scene = np.asarray(Image.open(root / "aero1.jpg").convert("L"))
+    height, width = scene.shape
+    corner = scene[: height * 2 // 5, width * 3 // 5:]
+    query, candidate = extract_local_features(corner), extract_local_features(scene)
+    plain = verify_pair(query, candidate, GVConfig())
+    assert plain.inliers >= 15 and plain.spread > 0.5
+    assert plain.candidate_spread < 0.25 and plain.centre_offset > 0.1
+    assert verify_pair(query, candidate, GVConfig(min_candidate_spread=0.5)).inliers == 0
+    assert verify_pair(query, candidate, GVConfig(max_centre_offset=0.1)).inliers == 0
+    # The same photo against itself covers everything: no check rejects it.
+    itself = verify_pair(candidate, candidate, GVConfig(min_candidate_spread=0.5, max_centre_offset=0.0))
+    assert itself.inliers >= 15 and itself.centre_offset == 0.0
 
 
 def test_match_picture_png(samples, tmp_path):

@@ -64,6 +64,9 @@ class GVConfig(BaseModel):
     and candidate.  max_anisotropy: largest plausible ratio between how much the model stretches
     the query's box along one side and along another.  min_spread: least area of the inliers'
     bounding box in the query, as a fraction of the query keypoints' bounding box.
+    min_candidate_spread: the same in the candidate.  max_centre_offset: None (off) or the
+    largest :func:`centre_offset` of the inliers in either image (0: their box holds the centre of
+    both photos).
     fusion_weight: None orders candidates with evidence first (:func:`verified_first_order`); a
     weight w orders by global similarity + w * (1 + ln(inliers / min_inliers)) for candidates
     with evidence (:func:`fused_scores`), so strong global evidence can outrank weak geometry.
@@ -97,6 +100,10 @@ class GVConfig(BaseModel):
     max_scale_change: float = Field(8.0, ge=1)
     max_anisotropy: float = Field(float("inf"), ge=1)
     min_spread: float = Field(0.0, ge=0, le=1)
+    # Is the match on what both photos show, not on a scene they share? Off: on the same
+    # validation neither check raised the mean mAP (experiments/gv_object.py, docs/results.md).
+    min_candidate_spread: float = Field(0.0, ge=0, le=1)
+    max_centre_offset: float | None = Field(None, ge=0)
     claim_min_spread: float = Field(0.05, ge=0, le=1)
     claim_max_anisotropy: float = Field(2.0, ge=1)
     fusion_weight: float | None = Field(0.2, gt=0)
@@ -138,6 +145,10 @@ class Verification:
     #: :func:`box_distortion` anisotropy on the inliers' box (inf without a model).
     spread: float = 0.0
     anisotropy: float = float("inf")
+    #: The inliers' spread over the candidate's keypoint extent; the larger :func:`centre_offset`
+    #: of the two images.
+    candidate_spread: float = 0.0
+    centre_offset: float = float("inf")
 
     @property
     def n_matches(self) -> int:
@@ -193,6 +204,19 @@ def inlier_spread(query_xy: np.ndarray, inliers_xy: np.ndarray) -> float:
     return float(np.prod(inliers_xy.max(axis=0) - inliers_xy.min(axis=0)) / max(extent, 1e-9))
 
 
+def centre_offset(all_xy: np.ndarray, inliers_xy: np.ndarray) -> float:
+    """How far the centre of an image's keypoint extent lies outside the inliers' bounding box,
+    over half the extent's diagonal: 0 when the box holds the centre, about 1 when the inliers sit
+    in a far corner; inf without inliers. A photo of a thing is framed on it, so a match on the
+    thing itself covers the centre of both photos; one on a shared background need not."""
+    if len(inliers_xy) == 0 or len(all_xy) == 0:
+        return float("inf")
+    lo, hi = all_xy.min(axis=0), all_xy.max(axis=0)
+    centre = (lo + hi) / 2.0
+    outside = np.maximum(inliers_xy.min(axis=0) - centre, 0.0) + np.maximum(centre - inliers_xy.max(axis=0), 0.0)
+    return float(np.linalg.norm(outside) / max(0.5 * float(np.linalg.norm(hi - lo)), 1e-9))
+
+
 def estimate_transform(src: np.ndarray, dst: np.ndarray, config: GVConfig,
                        query_xy: np.ndarray | None = None) -> tuple[str, np.ndarray | None, np.ndarray]:
     """Robustly fit query->candidate: returns (model name, (3, 3) float64 or None, (P,) bool mask).
@@ -241,13 +265,16 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig
     if transform is None or not mask.any():
         return Verification(0, model, None, matches, mask)
     spread = inlier_spread(query.keypoints, src[mask])
-    if spread < config.min_spread:
+    candidate_spread = inlier_spread(candidate.keypoints, dst[mask])
+    offset = max(centre_offset(query.keypoints, src[mask]), centre_offset(candidate.keypoints, dst[mask]))
+    if (spread < config.min_spread or candidate_spread < config.min_candidate_spread
+            or (config.max_centre_offset is not None and offset > config.max_centre_offset)):
         return Verification(0, MODEL_NONE, None, matches, np.zeros(len(matches), bool))
     # Distortion where the evidence is (the inliers' box): extrapolated to background keypoints
     # far from the object, a correct perspective map can look wildly stretched.
     distortion = box_distortion(transform, src[mask])
     return Verification(int(mask.sum()), model, transform, matches, mask, spread,
-                        float("inf") if distortion is None else distortion[1])
+                        float("inf") if distortion is None else distortion[1], candidate_spread, offset)
 
 
 def corner_errors(h_true: np.ndarray, h_est: np.ndarray, width: int, height: int) -> np.ndarray:
