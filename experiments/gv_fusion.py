@@ -272,13 +272,17 @@ def false_verifications(chosen: dict) -> dict:
     return out
 
 
-def describe(rule: dict) -> str:
+def describe_fusion(rule: dict) -> str:
+    """How a rule orders candidates, in words (its checks apart)."""
     if rule["fusion_weight"] is None:
-        how = "verified first"
-    elif rule["fusion_scale"] == "absolute":
-        how = f"fused, bonus {rule['fusion_weight']:g} (absolute)"
-    else:
-        how = f"fused, bonus {rule['fusion_weight']:g} x the candidates' similarity {rule['fusion_scale']}"
+        return "verified first"
+    if rule["fusion_scale"] == "absolute":
+        return f"fused, bonus {rule['fusion_weight']:g} (absolute)"
+    return f"fused, bonus {rule['fusion_weight']:g} x the candidates' similarity {rule['fusion_scale']}"
+
+
+def describe(rule: dict) -> str:
+    how = describe_fusion(rule)
     checks = [f"min_inliers {rule['min_inliers']}"]
     if rule["min_spread"] > 0:
         checks.append(f"min_spread {rule['min_spread']:g}")

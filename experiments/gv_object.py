@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gv_compact import rank1_changes  # noqa: E402
-from gv_fusion import FEATURES, FUSIONS, MIN_INLIERS, MODELS, OPEN, PROTOCOLS, fold_protocol, model_for  # noqa: E402
+from gv_fusion import (FEATURES, FUSIONS, MIN_INLIERS, MODELS, OPEN, PROTOCOLS, changes, describe_fusion,  # noqa: E402
+                       fold_protocol, model_for)
 from gv_results import group_of, short  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -247,12 +248,7 @@ def test_rows(rules_to_report: dict[str, dict]) -> list[dict]:
 
 
 def describe(rule: dict) -> str:
-    if rule["fusion_weight"] is None:
-        how = "verified first"
-    elif rule["fusion_scale"] == "absolute":
-        how = f"fused, bonus {rule['fusion_weight']:g} (absolute)"
-    else:
-        how = f"fused, bonus {rule['fusion_weight']:g} x the candidates' similarity {rule['fusion_scale']}"
+    how = describe_fusion(rule)
     checks = [f"min_inliers {rule['min_inliers']}"]
     if rule["min_spread"] > 0:
         checks.append(f"query spread >= {rule['min_spread']:g}")
@@ -261,10 +257,6 @@ def describe(rule: dict) -> str:
     if rule["max_centre_offset"] is not None:
         checks.append(f"centre offset <= {rule['max_centre_offset']:g}")
     return f"{how}, {', '.join(checks)}"
-
-
-def changes(cell: dict) -> str:
-    return ", ".join(f"{g} {f}/{b}" for g, (f, b) in sorted(cell["changes"].items()))
 
 
 CHECK_NAMES = {"min_candidate_spread": "candidate spread", "max_centre_offset": "centre offset"}
