@@ -213,7 +213,8 @@ def test_explain_cli(samples, tmp_path, capsys):
     root, _ = samples
     out = tmp_path / "e.png"
     assert main(["explain", str(root / "box.png"), str(root / "box_in_scene.png"), "-o", str(out)]) == 0
-    assert out.is_file() and "inliers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.is_file() and "inliers" in printed and "of the candidate's" in printed
     assert main(["explain", str(root / "box.png"), str(Path(tmp_path) / "missing.png"), "-o", str(out)]) == 2
 
 

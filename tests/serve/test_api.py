@@ -382,6 +382,7 @@ def test_match_verifies_the_same_product_only(served):
     verified = next((a for a in answers if a["verified"]), None)
     assert verified is not None, [(a["inliers"], a["message"]) for a in answers]
     assert verified["inliers"] >= 6 and verified["message"].startswith("verified") and len(verified["outline"]) == 4
+    assert "of the query's keypoints' extent and" in verified["message"]  # where the evidence lies, both sides
     for refused in answers:
         if not refused["verified"]:  # says why, draws no outline
             assert refused["message"].startswith("not verified") and refused["outline"] == []

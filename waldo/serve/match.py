@@ -56,6 +56,9 @@ def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int
         mapped = corners @ verification.transform.T
         outline = (mapped[:, :2] / mapped[:, 2:3]).round(1).tolist()
     counts = f"{verification.inliers} inliers of {verification.n_matches} tentative matches"
+    if verification.inliers:  # where the evidence lies: a match on a shared background covers little of one side
+        counts += (f", covering {verification.spread:.0%} of the query's keypoints' extent and "
+                   f"{verification.candidate_spread:.0%} of this image's")
     message = (f"verified, {counts} ({verification.model})" if verified else
                f"not verified, {counts} ({_missing(verification, config)})")
     return {**base, "available": True, "verified": verified, "method": f"{features.kind}+{verification.model}",
