@@ -8,7 +8,9 @@ an affine has fewer degrees of freedom). A fitted model that no rigid object cou
 (mirrored, collapsed, scaled by more than ``max_scale_change``, stretched more in one direction
 than ``max_anisotropy`` times the other) is refitted as an affine and, if that fails too,
 rejected; so is a fit whose inliers cover less than ``min_spread`` of the query's keypoint
-extent. The evidence is the inlier count: ``min_inliers`` or more is what the ranking uses;
+extent (and, when set, less than ``min_candidate_spread`` of the candidate's, or whose inliers' box
+misses either photo's centre by more than ``max_centre_offset``: both off by default, validation
+did not choose them, experiments/gv_object.py). The evidence is the inlier count: ``min_inliers`` or more is what the ranking uses;
 calling a match *verified* is a stricter claim (:meth:`GVConfig.verifies`).
 
 Reranking rule, chosen on validation identities of both shipped kinds of model
