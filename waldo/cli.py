@@ -519,8 +519,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = save_png(explanation.picture, args.out)
     v = explanation.verification
     verdict = "verified" if GVConfig().verifies(v) else "not verified"
-    cover = (f", covering {v.spread:.0%} of the query's keypoints' extent and {v.candidate_spread:.0%} of the "
-             "candidate's" if v.inliers else "")
+    cover = (f", covering {v.spread:.0%} of the query's keypoints' extent and "
+             f"{explanation.candidate_spread:.0%} of the candidate's"
+             if v.inliers else "")
     print(f"{v.inliers} inliers / {v.n_matches} matches ({v.inlier_ratio:.0%}), model {v.model}{cover}: {verdict}; "
           f"wrote {out}")
     return 0

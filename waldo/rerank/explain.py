@@ -17,7 +17,7 @@ from PIL import Image
 
 from waldo.data.images import load_image
 from waldo.models.keypoints import LocalFeatures, SiftConfig, extract_sift
-from waldo.rerank.gv import GVConfig, Verification, verify_pair
+from waldo.rerank.gv import GVConfig, Verification, subject_figures, verify_pair
 
 INLIER_RGB = (40, 220, 60)
 OUTLIER_RGB = (230, 60, 40)
@@ -28,10 +28,12 @@ _BANNER = 28  # height of the caption band
 
 @dataclass(frozen=True)
 class Explanation:
-    """A drawn match: ``picture`` (RGB PIL image) and the ``verification`` it shows."""
+    """A drawn match: ``picture`` (RGB PIL image), the ``verification`` it shows and how much of
+    the candidate's keypoint extent its inliers cover (:func:`~waldo.rerank.gv.subject_figures`)."""
 
     picture: Image.Image
     verification: Verification
+    candidate_spread: float = 0.0
 
 
 def _fit(image: np.ndarray, height: int) -> tuple[np.ndarray, float]:
@@ -96,7 +98,7 @@ def explain_pair(query_source: str | Path | bytes | IO[bytes], candidate_source:
     query, candidate = extract_sift(q_img, sift), extract_sift(c_img, sift)
     verification = verify_pair(query, candidate, gv)
     picture = match_picture(q_img, c_img, query, candidate, verification, height=height, show_outliers=show_outliers)
-    return Explanation(picture, verification)
+    return Explanation(picture, verification, subject_figures(query, candidate, verification)[0])
 
 
 def save_png(picture: Image.Image, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from waldo.data.images import DecodeBudget, load_image
 from waldo.models.keypoints import LocalFeatureConfig, extract_local_features
-from waldo.rerank.gv import GVConfig, verify_pair
+from waldo.rerank.gv import GVConfig, subject_figures, verify_pair
 
 __all__ = ["match_cells", "match_pair"]
 
@@ -58,7 +58,7 @@ def match_pair(query: Image.Image, image_id: int, path: Path, *, max_pixels: int
     counts = f"{verification.inliers} inliers of {verification.n_matches} tentative matches"
     if verification.inliers:  # where the evidence lies: a match on a shared background covers little of one side
         counts += (f", covering {verification.spread:.0%} of the query's keypoints' extent and "
-                   f"{verification.candidate_spread:.0%} of this image's")
+                   f"{subject_figures(query_features, candidate_features, verification)[0]:.0%} of this image's")
     message = (f"verified, {counts} ({verification.model})" if verified else
                f"not verified, {counts} ({_missing(verification, config)})")
     return {**base, "available": True, "verified": verified, "method": f"{features.kind}+{verification.model}",
