@@ -245,9 +245,14 @@ def product_pairs(records: list, per_pair: int = 4, seed: int = 0) -> dict[str, 
     return kinds
 
 
-def verify_pairs(kinds: dict, features: LocalFeatureConfig, config: GVConfig) -> dict[str, list]:
+def describe_pairs(kinds: dict, features: LocalFeatureConfig) -> dict:
+    """path -> LocalFeatures of every photo in ``kinds``' pairs, each described once."""
     paths = sorted({path for pairs in kinds.values() for pair in pairs for path in pair[:2]})
-    described = dict(zip(paths, extract_many(paths, features)))
+    return dict(zip(paths, extract_many(paths, features)))
+
+
+def verify_pairs(kinds: dict, features: LocalFeatureConfig, config: GVConfig) -> dict[str, list]:
+    described = describe_pairs(kinds, features)
     return {kind: [verify_pair(described[q], described[c], config) for q, c, _ in pairs] for kind, pairs in kinds.items()}
 
 

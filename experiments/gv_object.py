@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gv_compact import rank1_changes  # noqa: E402
 from gv_fusion import (FEATURES, FUSIONS, MIN_INLIERS, MODELS, OPEN, PROTOCOLS, changes, describe_fusion,  # noqa: E402
-                       fold_protocol, model_for)
+                       fold_protocol, model_for, product_orders)
 from gv_results import group_of, short  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -232,15 +232,8 @@ def test_rows(rules_to_report: dict[str, dict]) -> list[dict]:
         # The chosen rule through the product's reranker on a sample: the same orders as offline?
         chosen = rules_to_report["chosen"]
         sample = np.linspace(0, len(groups) - 1, min(100, len(groups))).round().astype(int)
-        keypoints = run_keypoints(protocol, FEATURES)
-        k = stats.shape[1]
-        offline = apply_rule(stats[sample], run.knn_scores[sample, :k], chosen)
-        config = GVConfig(ratio=OPEN.ratio, **{key: v for key, v in chosen.items()})
-        with GeometricReranker(config) as reranker:
-            product = np.stack([reranker.rerank_features(
-                keypoints.query(int(run.query_rows[q])),
-                [keypoints.candidate(int(run.gallery_rows[i])) for i in run.knn_indices[q, :k]],
-                run.knn_scores[q, :k]).order for q in sample])
+        offline = apply_rule(stats[sample], run.knn_scores[sample, : stats.shape[1]], chosen)
+        product = product_orders(protocol, run, chosen, sample)
         row["product_check"] = {"queries": len(sample), "same_order": float(np.mean(np.all(offline == product, axis=1)))}
         log(f"test {name} / {label}: {row}")
         out.append(row)
@@ -274,15 +267,13 @@ def claim_study() -> dict:
     package pairs (experiments/gv_compact.py's pairs and rule: wrong for at most 10% of pairs of
     different products, then the most same-product pairs verified), the best claim bar without
     and with them."""
-    from gv_compact import SAME, product_pairs
+    from gv_compact import SAME, describe_pairs, product_pairs
 
-    from waldo.models.keypoints import extract_many
     from waldo.rerank.gv import verify_pair
 
     kinds = product_pairs(get_protocol("grocery-open-cross").train.records)
     config = GVConfig(ratio=OPEN.ratio)
-    paths = sorted({path for pairs in kinds.values() for pair in pairs for path in pair[:2]})
-    described = dict(zip(paths, extract_many(paths, FEATURES)))
+    described = describe_pairs(kinds, FEATURES)
     found = {}  # kind -> [(verification, candidate spread, centre offset)]
     for kind, pairs in kinds.items():
         found[kind] = []

@@ -260,6 +260,11 @@ def estimate_transform(src: np.ndarray, dst: np.ndarray, config: GVConfig,
     return MODEL_AFFINE, affine, mask.ravel().astype(bool)
 
 
+def _rejected(matches: np.ndarray) -> Verification:
+    """A fitted model a check refused: the tentative matches, no inliers."""
+    return Verification(0, MODEL_NONE, None, matches, np.zeros(len(matches), bool))
+
+
 def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig = GVConfig(), *,
                 query_vectors: np.ndarray | None = None) -> Verification:
     """Match and fit one pair. ``query_vectors`` (the query's :func:`matching_vectors`) saves
@@ -276,9 +281,8 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig
     if transform is None or not mask.any():
         return Verification(0, model, None, matches, mask)
     spread = inlier_spread(query.keypoints, src[mask])
-    rejected = Verification(0, MODEL_NONE, None, matches, np.zeros(len(matches), bool))
     if spread < config.min_spread:
-        return rejected
+        return _rejected(matches)
     # Distortion where the evidence is (the inliers' box): extrapolated to background keypoints
     # far from the object, a correct perspective map can look wildly stretched.
     distortion = box_distortion(transform, src[mask])
@@ -288,7 +292,7 @@ def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: GVConfig
         candidate_spread, offset = subject_figures(query, candidate, verification)
         if candidate_spread < config.min_candidate_spread or (config.max_centre_offset is not None
                                                               and offset > config.max_centre_offset):
-            return rejected
+            return _rejected(matches)
     return verification
 
 
