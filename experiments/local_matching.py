@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,31 @@ def project_cells(cells: np.ndarray, dim: int, whiten: bool, sample: int = 50_00
 PRODUCT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 
 
-def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None, cells_dim: int = 0,
-        whiten: bool = False, local_stage: int | None = None) -> dict:
+@dataclass
+class ValidationSetup:
+    """The shipped RRT run's validation (its held-out training identities, searched like each
+    protocol's test, the serving top-100), described by one model: what every study on it reads."""
+
+    pool: object
+    held_out: np.ndarray
+    sets: list
+    validator: object
+    descriptor_model: object
+    model_config: object
+    rrt: object | None
+    train_config: dict
+    global_desc: np.ndarray
+    local_desc: np.ndarray
+    needed: np.ndarray
+    refit_check: float | None
+    grid: tuple[int, int]
+
+
+def validation_setup(model: str, refit: bool = False, local_stage: int | None = None, cells_dim: int = 0,
+                     max_queries: int = 150) -> ValidationSetup:
+    """``model``: a shipped name or folder, or :data:`UNTRAINED`; ``refit``: the model's global
+    head refitted without the held-out identities (:func:`refit_global`); ``max_queries``: per
+    set (the RRT run's 150; 0 = every held-out query)."""
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -226,7 +250,7 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
         descriptor_model, model_config = load_model(model_dir)
         rrt, info = load_rrt(model_dir)
         train_config = info.get("training", {})
-    sets = validation_sets(pool, held_out, max_queries=150, seed=0)
+    sets = validation_sets(pool, held_out, max_queries=max_queries, seed=0)
     needed = np.unique(np.concatenate([np.concatenate([s.queries, s.gallery]) for s in sets]))
     part_global, part_local, ok = clean_descriptors(descriptor_model, model_config, [pool.paths[i] for i in needed],
                                                     Path(default_cache_root()), progress=False)
@@ -244,6 +268,17 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
     if any(s.augmented for s in sets):  # their queries would be described by the model, not the refit head
         raise ValueError("augmented validation sets are not supported here")
     validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=100, seed=0, grid=grid)
+    return ValidationSetup(pool, held_out, sets, validator, descriptor_model, model_config, rrt, train_config,
+                           global_desc, local_desc, needed, check, grid)
+
+
+def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = None, cells_dim: int = 0,
+        whiten: bool = False, local_stage: int | None = None) -> dict:
+    setup = validation_setup(model, refit, local_stage, cells_dim)
+    sets, validator, rrt, train_config = setup.sets, setup.validator, setup.rrt, setup.train_config
+    descriptor_model, model_config, local_desc, needed = (setup.descriptor_model, setup.model_config,
+                                                          setup.local_desc, setup.needed)
+    pool, check = setup.pool, setup.refit_check
     if rrt is not None:
         shipped = validator(rrt, fusion_weight=train_config.get("fusion_weight"))
         rows = [{"ranking": name, **{m: round(v, 4) for m, v in shipped["macro"][name].items() if m != "recall@10"},
@@ -276,7 +311,7 @@ def run(model: str, refit: bool = False, scale: float = 1.0, tap: int | None = N
         print(json.dumps(rows[-1]), flush=True)
     return {"model": model, "refit_global": refit, "locals_size": size, "tap": tap, "local_stage": local_stage,
             "local_shape": list(local_desc.shape[1:]), "cells_dim": cells_dim or None,
-            "whiten": whiten, "refit_check_min_cosine": check, "grid": list(grid),
+            "whiten": whiten, "refit_check_min_cosine": check, "grid": list(setup.grid),
             "sets": [{"name": s.name, "queries": len(s.queries), "gallery": len(s.gallery)} for s in sets], "rows": rows}
 
 

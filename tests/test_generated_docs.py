@@ -275,3 +275,13 @@ def test_local_match_checkpoint_table_is_generated():
     table = _experiment("local_matching").checkpoint_table(ROOT / "results" / "local_match",
                                                            ROOT / "results" / "rrt_views" / "shipped-which-reranker.json")
     assert table in (ROOT / "docs" / "results.md").read_text()
+
+
+
+def test_gv_after_rrt_table_is_generated():
+    """The issue-15 table of how GV should follow the RRT is `experiments/gv_after_rrt.py --table`;
+    it chose the rule the product keeps after another reranker (verified candidates first, whose
+    scores are inlier counts: tests/serve/test_api.py)."""
+    result = _results("rrt_views/gv-after-rrt.json")
+    assert _experiment("gv_after_rrt").table(result) in (ROOT / "docs" / "results.md").read_text()
+    assert {c["chosen"] for c in result["choice"].values()} == {"verified first"}
