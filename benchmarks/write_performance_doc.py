@@ -309,6 +309,44 @@ def fit_runtime(lines: list[str]) -> None:
               ""]
 
 
+def eager_memory(lines: list[str]) -> None:
+    """Eager PyTorch with large buffers kept in the heap (waldo.models.cpu_memory)."""
+    data = _section(lines, "## Eager passes on CPU: large buffers reused", "eager_memory.json",
+                    "benchmarks/eager_memory.py")
+    if data is None:
+        return
+    names = {"extract-eager": f"eager extraction, {data['photos']} grocery photos, make demo's model (288 px)",
+             "match-fit": "make demo's match-cell fit (300 photos, no cached export: eager)",
+             "extract-onnx": f"ONNX Runtime extraction, the same {data['photos']} photos (tuning *forced* on)",
+             "onnx-after-eager": "the same ONNX extraction after an eager pass of 64 photos (make demo's order)",
+             "train-global": "one epoch of `waldo train global` (configs/global-cpu.json, grocery-open)"}
+    lines += ["glibc maps every allocation above its threshold (at most 32 MiB) afresh and unmaps it on free, so an "
+              "eager forward pass at batch 32 faulted its activations in again for every batch: on 2 cores as much "
+              "system time as model time. Eager passes (extraction, the fits of untrained and match-cell "
+              "projections, training steps) now keep large buffers in the heap while they run "
+              "(`waldo.models.cpu_memory.reuse_large_buffers`; `WALDO_MALLOC_TUNING=0` turns it off). Each case "
+              "in a fresh process, default glibc against the tuning:", "",
+              "| case | default: wall s (user / system) | tuned: wall s (user / system) | speed-up | same result |",
+              "|---|---|---|---|---|"]
+    for case, row in data["cases"].items():
+        d, t = row["default"], row["tuned"]
+        if "images_per_s" in d:
+            cells = (f"{d['images_per_s']} images/s ({d['seconds']} s the command)",
+                     f"{t['images_per_s']} images/s ({t['seconds']} s the command)", t["images_per_s"] / d["images_per_s"])
+        else:
+            cells = (f"{d['seconds']} ({d['user']} / {d['system']})", f"{t['seconds']} ({t['user']} / {t['system']})",
+                     d["seconds"] / t["seconds"])
+        lines.append(f"| {names[case]} | {cells[0]} | {cells[1]} | {cells[2]:.2f}x | "
+                     f"{'yes' if row['same result'] else '**no**'} |")
+    lines += ["", "ONNX Runtime keeps its own arena and is slower with the raised thresholds in force from before its "
+              "session exists (the ONNX row), so the ONNX paths (index builds of 200+ photos once the export is "
+              "cached, 2,000+ otherwise) never enter it; on leaving, the thresholds go to glibc's own adaptive "
+              "ceiling (32 MiB, trim 64 MiB) and the heap is trimmed, so an ONNX pass after an eager one (make "
+              "demo's build: the match-cell fit, then the index pass) runs about as fast as it would have (the row after it).", "",
+              f"Command: `.venv/bin/python {data['command']}` (`results/eager_memory.json`); {data['cpus']} CPU cores.",
+              ""]
+
+
 def ann(lines: list[str]) -> None:
     data = _section(lines, "## Large galleries (approximate search)", "ann_search.json", "benchmarks/ann_search.py")
     if data is None:
@@ -374,6 +412,7 @@ def render() -> str:
     gv(lines)
     gv_cost(lines)
     fit_runtime(lines)
+    eager_memory(lines)
     ann(lines)
     lines += ["## Bytes per image", "",
               "`waldo index info` reports `bytes_per_image` for each stored part. Global descriptor: 128 x 4 = 512 "

@@ -7,6 +7,7 @@ over thousands.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from waldo.data.images import ImageLoadError, load_image
 from waldo.data.transforms import to_unit_float
 from waldo.models.compiled import prepare_runtime
+from waldo.models.cpu_memory import reuse_large_buffers, runs_eager
 from waldo.models.descriptor import DescriptorModel
 
 
@@ -134,17 +136,22 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
     errors: list[tuple[str, str]] = []
     bar = tqdm(total=n, desc=description, unit="img", disable=not progress, leave=False)
     model_seconds = 0.0
-    for indices, batch, batch_errors in loader:
-        for index, message in batch_errors:
-            errors.append((paths[index], message))
-        if batch is not None:
-            model_start = time.perf_counter()
-            out = run_model(as_model_input(batch))
-            model_seconds += time.perf_counter() - model_start
-            global_parts.append(out.global_desc.float().numpy())
-            local_parts.append(out.local_desc.to(torch.float16).numpy())
-            ok[indices] = True
-        bar.update(len(indices) + len(batch_errors))
+    with contextlib.ExitStack() as memory:
+        tuned = False
+        for indices, batch, batch_errors in loader:
+            for index, message in batch_errors:
+                errors.append((paths[index], message))
+            if batch is not None:
+                if not tuned and runs_eager(run_model, model):  # eager batches reuse their buffers
+                    memory.enter_context(reuse_large_buffers())
+                    tuned = True
+                model_start = time.perf_counter()
+                out = run_model(as_model_input(batch))
+                model_seconds += time.perf_counter() - model_start
+                global_parts.append(out.global_desc.float().numpy())
+                local_parts.append(out.local_desc.to(torch.float16).numpy())
+                ok[indices] = True
+            bar.update(len(indices) + len(batch_errors))
     bar.close()
     dim = model.dim
     if global_parts:
@@ -182,25 +189,30 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
     if maps is None:
         maps = backbone_runner(model.backbone, model.local_stage, len(paths), runtime)
     pooled, cells = [], []
-    for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
-        if batch is None:
-            continue
-        batch = as_model_input(batch)
-        if maps is not None:
-            fmap, local_map = maps(batch)
-            local_map = fmap if local_map is None else local_map
-        elif not pooled_too:
-            local_map = model.backbone.forward_to(batch, model.local_stage)
-        elif model.local_stage is None:
-            fmap = local_map = model.backbone.forward_features(batch)
-        else:
-            fmap, local_map = model.backbone.forward_tapped(batch, model.local_stage)
-        if pooled_too:
-            pooled.append(model.pool(fmap.float()).float().numpy())
-        if local_per_image:
-            flat = local_map.flatten(2).transpose(1, 2)  # (B, h*w, Cl)
-            pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)
-            cells.append(torch.gather(flat, 1, pick[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2]).float().numpy())
+    with contextlib.ExitStack() as memory:
+        tuned = False
+        for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
+            if batch is None:
+                continue
+            if not tuned and runs_eager(maps, None):  # eager batches reuse their buffers
+                memory.enter_context(reuse_large_buffers())
+                tuned = True
+            batch = as_model_input(batch)
+            if maps is not None:
+                fmap, local_map = maps(batch)
+                local_map = fmap if local_map is None else local_map
+            elif not pooled_too:
+                local_map = model.backbone.forward_to(batch, model.local_stage)
+            elif model.local_stage is None:
+                fmap = local_map = model.backbone.forward_features(batch)
+            else:
+                fmap, local_map = model.backbone.forward_tapped(batch, model.local_stage)
+            if pooled_too:
+                pooled.append(model.pool(fmap.float()).float().numpy())
+            if local_per_image:
+                flat = local_map.flatten(2).transpose(1, 2)  # (B, h*w, Cl)
+                pick = torch.randint(flat.shape[1], (flat.shape[0], local_per_image), generator=generator)
+                cells.append(torch.gather(flat, 1, pick[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2]).float().numpy())
     c = model.backbone.out_channels
     pooled_all = np.concatenate(pooled) if pooled else np.zeros((0, c), np.float32)
     cells_all = np.concatenate(cells) if cells else np.zeros((0, model.local_channels), np.float32)

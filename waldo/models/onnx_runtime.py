@@ -211,6 +211,11 @@ class _CheckedSessions:
         #: seconds spent exporting, creating sessions and verifying them (not extracting)
         self.setup_seconds = 0.0
 
+    @property
+    def fell_back(self) -> bool:
+        """Whether every batch from now on runs eager (no cached export, or a failure)."""
+        return self._failed
+
     def _fallback(self, reason: str, images: torch.Tensor):
         warnings.warn(self._disabled(reason), RuntimeWarning, stacklevel=3)
         self._failed = True

@@ -15,6 +15,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from waldo.fsutil import atomic_write_json, atomic_write_text, write_dir_atomically
+from waldo.models.cpu_memory import reuse_large_buffers
 from waldo.train.common import (
     TrainState,
     load_resume_state,
@@ -71,6 +73,9 @@ class Trainer(ABC):
     metric: str
     validate_start: bool = True
     finish_flag: str | None = None
+    #: eager steps keep their large buffers in the heap (waldo.models.cpu_memory): on unless a
+    #: trainer's steps mostly run ONNX Runtime, which the raised thresholds slow down
+    reuse_buffers: bool = True
 
     @abstractmethod
     def batches(self, epoch: int) -> Iterable[Any]:
@@ -147,7 +152,8 @@ def fit(trainer: Trainer, out: Path, state: TrainState, *, resume: bool, progres
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
         train_mode(trainer.module)
-        record = {"epoch": epoch + 1, "lr": lr, **_train_epoch(trainer, epoch, progress)}
+        with reuse_large_buffers() if trainer.reuse_buffers else contextlib.nullcontext():
+            record = {"epoch": epoch + 1, "lr": lr, **_train_epoch(trainer, epoch, progress)}
         if not math.isfinite(record["loss"]):
             raise RuntimeError(f"epoch {epoch + 1}: loss is {record['loss']}; lower the lr")
         images = record.pop("_images")
