@@ -5,7 +5,9 @@ Variants, timed in interleaved rounds (A B C A B C ...) so that a noisy neighbou
 variant alike, median over rounds:
 
 * ``eager-fp32`` (the baseline): PyTorch eager, contiguous NCHW, fp32, inference_mode;
-* ``eager-fp32-channels-last``: the same in NHWC (what ``runtime="eager"`` does);
+* ``eager-fp32-channels-last``: the same in NHWC;
+* ``eager-fp32-channels-last-reused``: NHWC with large buffers kept in the heap across the call
+  (waldo.models.cpu_memory.reuse_large_buffers): what ``runtime="eager"`` runs;
 * ``compile-fp32``: torch.compile with freezing (``runtime="compile"``, waldo.models.compiled);
 * ``onnx-fp32``: ONNX Runtime, fp32 (``runtime="onnx"``, waldo.models.onnx_runtime);
 * ``eager-bf16-autocast``: shown for the record (fast, but its descriptors drift past 0.999).
@@ -41,6 +43,7 @@ from waldo.data.images import load_image
 from waldo.data.transforms import get_transform
 from waldo.models.backbones import create_backbone
 from waldo.models.compiled import CompiledDescriptorModel
+from waldo.models.cpu_memory import reuse_large_buffers
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.onnx_runtime import OnnxDescriptorModel
 from waldo.paths import dataset_dir
@@ -84,6 +87,10 @@ def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, dict[str, 
     def cl(x):
         return channels_last(x.contiguous(memory_format=torch.channels_last))
 
+    def cl_reused(x):
+        with reuse_large_buffers():
+            return cl(x)
+
     def bf16(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = channels_last(x.contiguous(memory_format=torch.channels_last))
@@ -101,7 +108,8 @@ def build_variants(model: DescriptorModel, batch: int) -> tuple[dict, dict[str, 
         start = time.perf_counter()
         onnx(torch.rand(batch, 3, 224, 224))  # exports and creates the session here
         setup["onnx_export_seconds"] = round(time.perf_counter() - start, 1)
-    variants = {BASELINE: eager, "eager-fp32-channels-last": cl, "compile-fp32": comp, "onnx-fp32": onnx,
+    variants = {BASELINE: eager, "eager-fp32-channels-last": cl, "eager-fp32-channels-last-reused": cl_reused,
+                "compile-fp32": comp, "onnx-fp32": onnx,
                 "eager-bf16-autocast": bf16}
     return variants, setup
 

@@ -2,7 +2,8 @@
 
 Prints JSON: for each backbone, GFLOPs per 224 px image (counted by torch.utils.flop_counter),
 images/s of the descriptor model at batch 32 (median over repeats, random input, eager fp32,
-channels_last, inference_mode), the implied GFLOP/s, and its ratio to this machine's measured
+channels_last, inference_mode, large buffers kept in the heap as the product's eager passes keep
+them: waldo.models.cpu_memory), the implied GFLOP/s, and its ratio to this machine's measured
 fp32 matmul GFLOP/s. With ``--end-to-end`` also the images/s of the whole path over real grocery
 photos (decode + transform in DataLoader workers + model).
 
@@ -24,6 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from waldo.models.backbones import create_backbone
+from waldo.models.cpu_memory import reuse_large_buffers
 from waldo.models.descriptor import DescriptorModel
 
 
@@ -49,7 +51,7 @@ def model_gflops(model: torch.nn.Module, image_size: int = 224) -> float:
 def images_per_second(model: torch.nn.Module, batch: int, repeats: int, image_size: int = 224) -> float:
     x = torch.rand(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_large_buffers():
         model(x)  # warm-up
         times = []
         for _ in range(repeats):

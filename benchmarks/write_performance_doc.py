@@ -116,7 +116,9 @@ def extraction(lines: list[str]) -> None:
                   f"about {bound:.0f} images/s, and it runs at {onnx['images_per_s_after_setup']} after setup.",
                   _model_share(fast["images_per_s"]),
                   f"Eager PyTorch loses to per-operator dispatch and the separate BatchNorm/activation passes over "
-                  f"memory that ONNX Runtime fuses. The export ({data['onnx_export_seconds']} s in this run) is "
+                  f"memory that ONNX Runtime fuses, and, with glibc's default thresholds, to page faults on every "
+                  f"large activation (the `-reused` row is what `runtime=\"eager\"` runs now: section \"Eager "
+                  f"passes on CPU\" below). The export ({data['onnx_export_seconds']} s in this run) is "
                   f"cached per model in `$WALDO_CACHE/onnx` "
                   f"(the `onnx-cached-export` row), but a first build under 2000 images would pay more for it than "
                   f"it saves, so `auto` exports only from 2000 images on; once the export is cached, `auto` uses "

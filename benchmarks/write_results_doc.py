@@ -40,7 +40,8 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 def throughput(report: dict) -> str:
     machine = report["machine"]
-    lines = [f"Batch {report['batch']}, {report['image_size']} px, fp32, `torch.inference_mode`, channels_last, "
+    lines = [f"Batch {report['batch']}, {report['image_size']} px, fp32, `torch.inference_mode`, channels_last, large buffers reused "
+             f"(the product's eager path, `waldo.models.cpu_memory`), "
              f"{machine['torch_threads']} threads; the model part is timed on a synthetic batch (median of "
              f"{report['repeats']}). Measured fp32 matmul peak of this machine: **{machine['matmul_fp32_gflops']} "
              f"GFLOP/s** (2048x2048 matmul).", "",
