@@ -7,6 +7,7 @@ images), or the user's own collection when building an index of it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
 from typing import Sequence
@@ -16,6 +17,7 @@ import torch
 
 from waldo.data.transforms import get_transform
 from waldo.models.checkpoint import ModelConfig, build_model
+from waldo.models.cpu_memory import reuse_large_buffers, runs_eager
 from waldo.models.descriptor import DescriptorModel
 from waldo.models.extract import backbone_runner, extract_pooled_features
 from waldo.models.whitening import WHITEN_POWER, WHITEN_SHRINK, WhiteningSetting, learned_projection
@@ -169,18 +171,22 @@ def _view_groups(model: DescriptorModel, paths: Sequence[str], transform: str, i
         features.append(model.pool(fmap.float()).numpy())
         pending.clear()
 
-    for group, path in enumerate(tqdm(chosen, desc="views", unit="img", disable=not progress, leave=False)):
-        try:
-            image = load_image(path)
-        except ImageLoadError:
-            continue
-        rng = np.random.default_rng([seed, group])
-        pending += [base(image, group)] + [strong_view(image, image_size, rng) for _ in range(VIEWS)]
-        groups += [group] * (1 + VIEWS)
-        if len(pending) >= batch_size:
+    # An eager backbone keeps its large buffers in the heap (waldo.models.cpu_memory); ONNX Runtime
+    # (a runner that did not fall back) is left alone. The pooled pass ran first, so a cached-only
+    # runner has already said which it is.
+    with reuse_large_buffers() if runs_eager(maps, None) else contextlib.nullcontext():
+        for group, path in enumerate(tqdm(chosen, desc="views", unit="img", disable=not progress, leave=False)):
+            try:
+                image = load_image(path)
+            except ImageLoadError:
+                continue
+            rng = np.random.default_rng([seed, group])
+            pending += [base(image, group)] + [strong_view(image, image_size, rng) for _ in range(VIEWS)]
+            groups += [group] * (1 + VIEWS)
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
     x = np.concatenate(features) if features else np.zeros((0, model.backbone.out_channels), np.float32)
     return x.astype(np.float64), np.array(groups, np.int64)
 
