@@ -3,16 +3,16 @@
 glibc serves an allocation above its mmap threshold (which adapts by itself up to 32 MiB) with a
 fresh ``mmap`` and gives it back with ``munmap`` on free. An eager forward pass at batch 32 and
 288 px allocates activations of tens of MiB, so every batch faulted its buffers in again page by
-page: on 2 cores an eager extraction spent as much time in the kernel as in the model (640 grocery
-photos through make demo's model: 19.6 s, 17.3 s of it system time; 10.5 s and 0.6 s inside
-:func:`reuse_large_buffers`; the same descriptors). Inside it, large blocks come from the heap and
+page: on 2 cores an eager extraction spent as much time in the kernel as in the model, and ran
+1.9x faster inside :func:`reuse_large_buffers` with the same descriptors (benchmarks/eager_memory.py,
+docs/performance.md "Eager passes on CPU"). Inside it, large blocks come from the heap and
 stay there from one batch to the next; on leaving, the thresholds go to the ceiling glibc's own
 adaptation reaches (mmap 32 MiB, trim 64 MiB) and the heap is trimmed, so the memory goes back.
 
-Only eager PyTorch passes use it: ONNX Runtime keeps its own arena and ran *slower* with the
-raised thresholds (7.7 s -> 9.4 s on the same photos), and is as fast as untouched at the
-ceiling values. Elsewhere than glibc (macOS, musl) it does nothing; ``WALDO_MALLOC_TUNING=0``
-turns it off. ``benchmarks/eager_memory.py`` measures it.
+Only eager PyTorch passes use it: ONNX Runtime keeps its own arena and runs *slower* with the
+raised thresholds in force from before its session exists, and as fast as untouched after an
+eager pass left them at the ceiling (the same benchmark). Elsewhere than glibc (macOS, musl) it
+does nothing; ``WALDO_MALLOC_TUNING=0`` turns it off.
 """
 
 from __future__ import annotations
