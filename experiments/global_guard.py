@@ -22,7 +22,8 @@ leave-one-out (the *other* collection: what transfer the issue asks for). Tests 
 grocery-open-cross (trained on) and coil100-open (never seen), against the untrained default of
 results/core_eval.json.
 
-    .venv/bin/python experiments/global_guard.py            # ~70 min on 2 cores; results/global/guard.json
+    .venv/bin/python experiments/global_guard.py            # ~25 min on 2 cores (~70 before eager passes
+                                                            # reused their buffers); results/global/guard.json
     .venv/bin/python experiments/global_guard.py --source coil --only sgd ...   # the reverse direction:
         # configs/global-cpu-coil.json on coil100-open's objects 1-50, checked on grocery's training split
     .venv/bin/python experiments/global_guard.py --table    # print the table
@@ -184,8 +185,9 @@ def block(results: dict, source: Source = SOURCES["grocery"]) -> str:
                       "change" + ("; the start rows are the untrained models those runs begin from."
                                   if any(entry.get("start") for entry in results.values()) else "."), "",
                       table(results, source), "",
-                      f"Produced by `.venv/bin/python experiments/global_guard.py{source.option}` (about 9 min per "
-                      f"row on 2 cores; results/global/{source.out.name}), then `--doc`.", "", end])
+                      f"Produced by `.venv/bin/python experiments/global_guard.py{source.option}` (about 3 min per "
+                      f"row on 2 cores since eager passes reuse their large buffers, 9 before; "
+                      f"results/global/{source.out.name}), then `--doc`.", "", end])
 
 
 if __name__ == "__main__":
