@@ -285,3 +285,10 @@ def test_gv_after_rrt_table_is_generated():
     result = _results("rrt_views/gv-after-rrt.json")
     assert _experiment("gv_after_rrt").table(result) in (ROOT / "docs" / "results.md").read_text()
     assert {c["chosen"] for c in result["choice"].values()} == {"verified first"}
+
+
+def test_global_refit_table_is_generated():
+    """The issue-16 table of trained backbones under a refitted projection is
+    `experiments/global_refit.py --table`."""
+    table = _experiment("global_refit").table(_results("global/refit.json"))
+    assert table in (ROOT / "docs" / "results.md").read_text()

@@ -71,10 +71,12 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                   projection: str = "views-whiten", dim: int = 128, transform: str = "resize256-crop224",
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
-                  local_stage: int | None = None, fit_runtime: str = "eager") -> tuple[DescriptorModel, ModelConfig]:
+                  local_stage: int | None = None, fit_runtime: str = "eager",
+                  backbone_from: str | Path | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery). ``fit_runtime``: how the fit runs the backbone
-    (waldo.models.untrained.untrained_model; eager by default, as every documented figure)."""
+    (waldo.models.untrained.untrained_model; eager by default, as every documented figure);
+    ``backbone_from``: that model on a trained checkpoint's backbone (untrained_model)."""
     fit_paths = protocol.train.paths
     if model_dir is not None:
         model, config = load_model(model_dir)
@@ -91,7 +93,8 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
     return untrained_model(backbone, dim=dim, projection=projection, fit_paths=fit_paths,
                            fit_source=f"{protocol.name}:train", transform=transform,
                            progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
-                           global_scales=global_scales, local_stage=local_stage, fit_runtime=fit_runtime)
+                           global_scales=global_scales, local_stage=local_stage, fit_runtime=fit_runtime,
+                           backbone_from=backbone_from)
 
 
 def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: str = "efficientnet_lite0",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -51,7 +52,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
                     global_dim: int | None = None, whiten_power: float = WHITEN_POWER,
                     whiten_shrink: float = WHITEN_SHRINK, global_scales: Sequence[float] = (),
                     pretrained: bool | str = True, local_stage: int | None = None,
-                    fit_runtime: str = "eager") -> tuple[DescriptorModel, ModelConfig]:
+                    fit_runtime: str = "eager",
+                    backbone_from: str | Path | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """Build an untrained model and initialise its projections.
 
     projection: ``pca`` / ``pca-whiten`` fit on the pooled features of up to ``max_fit_images``
@@ -74,6 +76,11 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     builds use: ONNX Runtime for a fit of 1,000 passes or more, 3x eager's speed, the same maps to
     1e-6; the fitted projection is not bit-identical: docs/performance.md "Fitting an untrained
     index").
+    ``backbone_from``: a trained checkpoint folder (e.g. a ``waldo train global`` run's ``best/``)
+    whose backbone weights replace the ImageNet ones; its heads are not used: the projections are
+    fitted as above, on ``fit_paths`` (experiments/global_refit.py: a grocery-trained backbone
+    with the projection fitted on the searched collection beats the untrained default on a
+    collection it never saw).
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
@@ -88,6 +95,14 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
         raise ValueError(f"global dim {config.global_width} exceeds the backbone's {model.backbone.out_channels} "
                          f"channels")
     config.weights_source = model.backbone.weights_source
+    if backbone_from is not None:
+        from waldo.models.checkpoint import load_model, model_hash
+
+        source, source_config = load_model(backbone_from)
+        if source_config.backbone != backbone:
+            raise ValueError(f"{backbone_from} holds a {source_config.backbone} backbone, not {backbone}")
+        model.backbone.load_state_dict(source.backbone.state_dict())
+        config.weights_source = f"backbone of {Path(backbone_from).name}:{model_hash(source)[:16]}"
     if projection == "identity":
         if dim != model.backbone.out_channels or config.global_width != dim or local_stage is not None:
             raise ValueError(f"identity projection needs dim = {model.backbone.out_channels}")
