@@ -130,7 +130,8 @@ class Waldo:
                local_dtype: str = "float16", global_index: str = "Flat",
                global_search_params: dict | None = None, pooling: str | None = None,
                global_dim: int | None = None, global_scales: Sequence[float] = (),
-               local_stage: int | None = None, fit_runtime: str = "auto") -> "Waldo":
+               local_stage: int | None = None, fit_runtime: str = "auto",
+               backbone_from: str | Path | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
@@ -146,7 +147,11 @@ class Waldo:
         match cells of that stage after its locals, fitted on ``fit_paths`` (ModelConfig.match_stage).
         ``fit_runtime``: how those fits run the backbone: ``auto`` (ONNX Runtime for 1,000 passes
         or more, from 200 once its export is cached; waldo.models.extract.backbone_runner),
-        ``onnx`` or ``eager`` (what evaluations fit with)."""
+        ``onnx`` or ``eager`` (what evaluations fit with). ``backbone_from``: an untrained model on a
+        trained checkpoint's backbone (its heads unused; waldo.models.untrained.untrained_model)."""
+        if backbone_from is not None and model_dir is not None:
+            raise ValueError("backbone_from builds an untrained model on a trained backbone; with model_dir the "
+                             "checkpoint is used whole: give one or the other")
         root = Path(index_dir)
         if model_dir is None:  # refuse bad options before fitting a projection (minutes)
             from waldo.models.pooling import validate_pooling
@@ -174,7 +179,7 @@ class Waldo:
                                             fit_source=fit_source, transform=transform or "resize256-crop224",
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
                                             global_scales=global_scales, local_stage=local_stage,
-                                            fit_runtime=fit_runtime)
+                                            fit_runtime=fit_runtime, backbone_from=backbone_from)
         local_cells = model.local_rows(config.image_size)
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}

@@ -140,7 +140,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from waldo.models.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model) if args.model else None
-    options = dict(backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
+    if args.backbone_from and model_dir is not None:
+        return _fail("--backbone-from builds an untrained model on a trained backbone; --model uses a checkpoint "
+                     "whole: give one or the other")
+    options = dict(backbone_from=resolve_model_dir(args.backbone_from) if args.backbone_from else None,
+                   backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
                    global_dim=args.global_dim, global_scales=args.global_scales, fit_paths=image_set.paths,
                    local_stage=args.local_stage, fit_runtime="eager" if args.runtime == "compile" else args.runtime,
                    fit_source=str(args.data),
@@ -487,7 +491,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from waldo.models.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model) if args.model else None
+    if args.backbone_from and model_dir is not None:
+        return _fail("--backbone-from builds an untrained model on a trained backbone; --model uses a checkpoint "
+                     "whole: give one or the other")
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
+                       backbone_from=resolve_model_dir(args.backbone_from) if args.backbone_from else None,
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
                        dim=args.dim, pooling=args.pooling, global_dim=args.global_dim,
                        global_scales=args.global_scales, local_stage=args.local_stage,
@@ -614,6 +622,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR|NAME",
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
                              "(overrides --backbone and the untrained-model options; default: an untrained model)")
+    parser.add_argument("--backbone-from", default=None, metavar="DIR|NAME",
+                        help="an untrained model on a trained checkpoint's backbone (e.g. a `waldo train global` "
+                             "run's best/): its heads are not used, the projections are fitted without labels "
+                             "as for --backbone (docs/results.md, \"A trained backbone under the untrained "
+                             "default's projection\")")
     parser.add_argument("--dim", type=int, default=128, metavar="N",
                         help="local descriptor size of an untrained model (the RRT's tokens), or of the "
                              "--local-stage locals")

@@ -39,3 +39,29 @@ def test_another_backbone_is_refused(tmp_path):
     with pytest.raises(ValueError, match="efficientnet_lite0 backbone, not efficientnet_lite1"):
         untrained_model("efficientnet_lite1", dim=32, projection="random", image_size=64, progress=False,
                         backbone_from=folder)
+
+
+def test_an_index_built_on_a_trained_backbone_searches_and_says_where_its_weights_came_from(tmp_path, grocery_dir):
+    from waldo.api import Waldo
+
+    trained, folder = _saved(tmp_path)
+    paths = read_labels_csv(grocery_dir).paths[:10]
+    with pytest.raises(ValueError, match="one or the other"):
+        Waldo.create(tmp_path / "both", model_dir=folder, backbone_from=folder, fit_paths=paths, progress=False)
+    engine = Waldo.create(tmp_path / "index", dim=32, projection="pca-whiten", fit_paths=paths, progress=False,
+                          gv_features=False, backbone_from=folder)
+    engine.add(paths, progress=False)
+    assert engine.config.weights_source.startswith("backbone of trained:")
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(engine.model.backbone.state_dict()[key], value)
+    hits = engine.search(paths[0], k=3).hits
+    assert hits[0].path == paths[0]
+
+
+def test_the_cli_refuses_a_checkpoint_and_a_backbone_at_once(tmp_path, grocery_dir, capsys):
+    from waldo.cli import main
+
+    _, folder = _saved(tmp_path)
+    code = main(["index", "build", "--data", str(grocery_dir), "--model", str(folder), "--backbone-from", str(folder),
+                 "--out", str(tmp_path / "index"), "--quiet"])
+    assert code != 0 and "one or the other" in capsys.readouterr().err

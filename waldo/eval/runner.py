@@ -105,7 +105,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   scales: Sequence[float] = (), pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
                   local_stage: int | None = None, log_stages: bool = False,
-                  fit_runtime: str = "eager") -> tuple[EvalRun, dict]:
+                  fit_runtime: str = "eager", backbone_from: str | Path | None = None) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -133,7 +133,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
         model, config = prepare_model(proto, backbone=backbone, model_dir=model_dir, projection=projection,
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
                                       global_dim=global_dim, global_scales=global_scales,
-                                      local_stage=local_stage, fit_runtime=fit_runtime)
+                                      local_stage=local_stage, fit_runtime=fit_runtime,
+                                      backbone_from=backbone_from)
     layout = model.match_layout(config.image_size)
     if layout is not None and reranker is not None:  # rebuilt knowing where the match cells sit
         reranker = RERANKERS.create(rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None,
