@@ -141,8 +141,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model) if args.model else None
     if args.backbone_from and model_dir is not None:
-        return _fail("--backbone-from builds an untrained model on a trained backbone; --model uses a checkpoint "
-                     "whole: give one or the other")
+        return _fail(BACKBONE_FROM_WITH_MODEL)
     options = dict(backbone_from=resolve_model_dir(args.backbone_from) if args.backbone_from else None,
                    backbone=args.backbone, dim=args.dim, projection=args.projection, pooling=args.pooling,
                    global_dim=args.global_dim, global_scales=args.global_scales, fit_paths=image_set.paths,
@@ -492,8 +491,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model) if args.model else None
     if args.backbone_from and model_dir is not None:
-        return _fail("--backbone-from builds an untrained model on a trained backbone; --model uses a checkpoint "
-                     "whole: give one or the other")
+        return _fail(BACKBONE_FROM_WITH_MODEL)
     metrics = run_eval(protocol=args.protocol, data=args.data, backbone=args.backbone,
                        backbone_from=resolve_model_dir(args.backbone_from) if args.backbone_from else None,
                        model_dir=model_dir, transform=args.transform, projection=args.projection,
@@ -614,6 +612,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "actors, on the cluster at $RAY_ADDRESS or a local Ray (needs waldo[ray])")
     parser.add_argument("--actors", type=int, default=None, metavar="N",
                         help="--engine ray: model actors (default: one per CPU of the Ray cluster)")
+
+
+BACKBONE_FROM_WITH_MODEL = ("--backbone-from builds an untrained model on a trained backbone; --model uses a "
+                            "checkpoint whole: give one or the other")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

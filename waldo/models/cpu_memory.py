@@ -82,3 +82,18 @@ def runs_eager(runner: object, model: object) -> bool:
     """Whether ``runner`` (what an extraction loop calls) runs eager PyTorch from now on: the
     model itself, or an ONNX wrapper that fell back to eager (no cached export, a failure)."""
     return runner is model or runner is None or bool(getattr(runner, "fell_back", False))
+
+
+class BuffersWhileEager(contextlib.ExitStack):
+    """A batch loop's :func:`reuse_large_buffers`: call :meth:`before_batch` before each batch; from
+    the first batch ``runner`` runs eager (:func:`runs_eager`; a cached-only ONNX wrapper says so
+    after its first batch) until the ``with`` block ends, large buffers stay in the heap."""
+
+    def __init__(self, runner: object, model: object = None) -> None:
+        super().__init__()
+        self.runner, self.model, self.active = runner, model, False
+
+    def before_batch(self) -> None:
+        if not self.active and runs_eager(self.runner, self.model):
+            self.enter_context(reuse_large_buffers())
+            self.active = True

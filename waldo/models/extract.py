@@ -7,7 +7,6 @@ over thousands.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from waldo.data.images import ImageLoadError, load_image
 from waldo.data.transforms import to_unit_float
 from waldo.models.compiled import prepare_runtime
-from waldo.models.cpu_memory import reuse_large_buffers, runs_eager
+from waldo.models.cpu_memory import BuffersWhileEager
 from waldo.models.descriptor import DescriptorModel
 
 
@@ -136,15 +135,12 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
     errors: list[tuple[str, str]] = []
     bar = tqdm(total=n, desc=description, unit="img", disable=not progress, leave=False)
     model_seconds = 0.0
-    with contextlib.ExitStack() as memory:
-        tuned = False
+    with BuffersWhileEager(run_model, model) as buffers:  # eager batches reuse their large buffers
         for indices, batch, batch_errors in loader:
             for index, message in batch_errors:
                 errors.append((paths[index], message))
             if batch is not None:
-                if not tuned and runs_eager(run_model, model):  # eager batches reuse their buffers
-                    memory.enter_context(reuse_large_buffers())
-                    tuned = True
+                buffers.before_batch()
                 model_start = time.perf_counter()
                 out = run_model(as_model_input(batch))
                 model_seconds += time.perf_counter() - model_start
@@ -189,14 +185,11 @@ def extract_pooled_features(model: DescriptorModel, paths: Sequence[str], transf
     if maps is None:
         maps = backbone_runner(model.backbone, model.local_stage, len(paths), runtime)
     pooled, cells = [], []
-    with contextlib.ExitStack() as memory:
-        tuned = False
+    with BuffersWhileEager(maps) as buffers:  # eager batches reuse their large buffers
         for _, batch, _ in tqdm(loader, desc="fit features", unit="batch", disable=not progress, leave=False):
             if batch is None:
                 continue
-            if not tuned and runs_eager(maps, None):  # eager batches reuse their buffers
-                memory.enter_context(reuse_large_buffers())
-                tuned = True
+            buffers.before_batch()
             batch = as_model_input(batch)
             if maps is not None:
                 fmap, local_map = maps(batch)

@@ -90,7 +90,7 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     config = ModelConfig(backbone=backbone, dim=dim, image_size=image_size, transform=transform, pooling=pooling,
                          global_dim=None if global_dim in (None, dim) else global_dim,
                          global_scales=list(global_scales), local_stage=local_stage)
-    model = build_model(config, pretrained=pretrained)
+    model = build_model(config, pretrained=pretrained if backbone_from is None else False)  # replaced below
     if projection in _WIDE and config.global_width > model.backbone.out_channels:
         raise ValueError(f"global dim {config.global_width} exceeds the backbone's {model.backbone.out_channels} "
                          f"channels")

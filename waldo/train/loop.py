@@ -15,7 +15,6 @@ Run folder::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -73,9 +72,6 @@ class Trainer(ABC):
     metric: str
     validate_start: bool = True
     finish_flag: str | None = None
-    #: eager steps keep their large buffers in the heap (waldo.models.cpu_memory): on unless a
-    #: trainer's steps mostly run ONNX Runtime, which the raised thresholds slow down
-    reuse_buffers: bool = True
 
     @abstractmethod
     def batches(self, epoch: int) -> Iterable[Any]:
@@ -152,7 +148,7 @@ def fit(trainer: Trainer, out: Path, state: TrainState, *, resume: bool, progres
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
         train_mode(trainer.module)
-        with reuse_large_buffers() if trainer.reuse_buffers else contextlib.nullcontext():
+        with reuse_large_buffers():  # eager steps keep their large buffers (waldo.models.cpu_memory)
             record = {"epoch": epoch + 1, "lr": lr, **_train_epoch(trainer, epoch, progress)}
         if not math.isfinite(record["loss"]):
             raise RuntimeError(f"epoch {epoch + 1}: loss is {record['loss']}; lower the lr")
