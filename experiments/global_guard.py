@@ -12,6 +12,9 @@ trained on grocery's training split (``--protocol grocery-open``), changed in on
     sgd-views          projection_init "views-whiten": start from the untrained default itself (1024-d
                        global descriptor by learned whitening without labels) instead of a 128-d PCA
     sgd-views-anchor-0.1  that, with anchor_weight 0.1
+    sgd-head           trainable_blocks 0: only the head (conv_head + its BatchNorm) and the projection
+                       learn, the fewest layers (added for experiments/global_refit.py; not yet in the
+                       tables below)
 
 Two more rows score the models the runs start from (epoch 0, nothing trained): the 128-d PCA
 whitening of the recipe and the untrained default's views-whiten, fitted on the same training split.
@@ -83,6 +86,7 @@ VARIANTS = {
     "sgd-gem-anchor-0.1": {"pooling": "gem", "anchor_weight": 0.1},
     "sgd-views": {"projection_init": "views-whiten"},
     "sgd-views-anchor-0.1": {"projection_init": "views-whiten", "anchor_weight": 0.1},
+    "sgd-head": {"trainable_blocks": 0},
 }
 STARTS = {"start-pca-whiten": {}, "start-views-whiten": {"projection_init": "views-whiten"}}
 DOC = ROOT / "docs" / "results.md"

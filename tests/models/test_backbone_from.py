@@ -65,3 +65,66 @@ def test_the_cli_refuses_a_checkpoint_and_a_backbone_at_once(tmp_path, grocery_d
     code = main(["index", "build", "--data", str(grocery_dir), "--model", str(folder), "--backbone-from", str(folder),
                  "--out", str(tmp_path / "index"), "--quiet"])
     assert code != 0 and "one or the other" in capsys.readouterr().err
+
+
+def _trained_on_imagenet(tmp_path):
+    """A checkpoint whose backbone is the packaged ImageNet one with its last stage changed, as
+    `waldo train global` leaves it."""
+    model, config = untrained_model("efficientnet_lite0", dim=32, projection="random", image_size=64, progress=False,
+                                    seed=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.backbone.named_parameters():
+            if name.startswith(("body.blocks.6.", "body.conv_head.", "body.bn2.")):
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator) * tensor.abs().mean())
+    save_model(model, config, tmp_path / "trained")
+    return model, tmp_path / "trained"
+
+
+def test_a_shipped_trained_backbone_is_its_differences_and_rebuilds_the_trained_one(tmp_path, grocery_dir):
+    from waldo.models.checkpoint import load_model
+    from waldo.models.shipped import export_trained_backbone, is_trained_backbone, load_trained_backbone
+
+    trained, folder = _trained_on_imagenet(tmp_path)
+    info = export_trained_backbone(folder, tmp_path / "shipped", {"name": "test"})
+    assert is_trained_backbone(tmp_path / "shipped") and not is_trained_backbone(folder)
+    changed = {name for name, tensor in trained.backbone.state_dict().items()
+               if name.startswith(("body.blocks.6.", "body.conv_head.", "body.bn2."))
+               and not name.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert set(info["trained_tensors"]) == changed
+    # int8 kernels: about a quarter of the float32 tensors they replace
+    floats = sum(trained.backbone.state_dict()[name].numel() * 4 for name in changed)
+    assert info["bytes"] < 0.3 * floats
+    state, label = load_trained_backbone(tmp_path / "shipped", "efficientnet_lite0")
+    for name, tensor in trained.backbone.state_dict().items():
+        if name in changed:
+            assert (state[name] - tensor).abs().max() <= info["max_abs_rounding_error"] + 1e-7
+            assert not torch.equal(state[name], tensor) or tensor.dim() < 2
+        else:
+            assert torch.equal(state[name], tensor), name
+    with pytest.raises(ValueError, match="not efficientnet_lite1"):
+        load_trained_backbone(tmp_path / "shipped", "efficientnet_lite1")
+    with pytest.raises(FileNotFoundError, match="--backbone-from"):
+        load_model(tmp_path / "shipped")
+    # an index is built on it the same way as on a checkpoint
+    paths = read_labels_csv(grocery_dir).paths[:12]
+    model, config = untrained_model("efficientnet_lite0", dim=32, projection="pca-whiten", image_size=64,
+                                    fit_paths=paths, progress=False, backbone_from=tmp_path / "shipped")
+    assert config.weights_source.startswith("backbone of shipped:imagenet:")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        rebuilt, original = (m.eval().backbone.forward_features(images) for m in (model, trained))
+    assert (rebuilt - original).abs().max() < 3e-3 * original.abs().max(), (rebuilt - original).abs().max()
+
+
+def test_only_a_backbone_trained_from_the_packaged_weights_ships(tmp_path):
+    from waldo.models.shipped import export_trained_backbone
+
+    _, folder = _saved(tmp_path)  # random init: not a difference from the package
+    with pytest.raises(ValueError, match="cannot ship as a difference"):
+        export_trained_backbone(folder, tmp_path / "shipped", {})
+    imagenet, config = untrained_model("efficientnet_lite0", dim=32, projection="random", image_size=64,
+                                       progress=False)
+    save_model(imagenet, config, tmp_path / "imagenet")
+    with pytest.raises(ValueError, match="nothing to ship"):
+        export_trained_backbone(tmp_path / "imagenet", tmp_path / "shipped", {})

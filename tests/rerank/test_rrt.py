@@ -1,7 +1,6 @@
 """The Reranking Transformer: shapes, size, masking, positions, segments, training signal."""
 
 import copy
-import json
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient

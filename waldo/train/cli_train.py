@@ -1,6 +1,7 @@
 """``waldo train global``: the command-line face of :func:`waldo.train.global_model.train_global`.
 
     waldo train global --protocol grocery-open --config configs/global-cpu.json --out runs/global-lite0
+    waldo train global --protocol grocery-open --protocol coil100-open --config ... --out ...   # pooled
 
 Re-running the same command with the same ``--out`` resumes from the last completed epoch.
 """
@@ -20,15 +21,25 @@ def cmd_train_global(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, GlobalTrainConfig)
     start = time.perf_counter()
-    train_global(config, args.data, args.protocol, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    protocols = args.protocol[0] if len(args.protocol) == 1 else args.protocol
+    train_global(config, args.data, protocols, args.out, progress=not args.quiet, stop_after=args.stop_after)
     print(run_summary(args.out, config, "mAP", time.perf_counter() - start))
     return 0
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, *, sources: bool = False) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, *, sources: bool = False,
+                      several_protocols: bool = False) -> None:
     """The arguments of every resumable ``waldo train`` run. ``sources``: ``--data`` may be
-    repeated and name protocols or folders (waldo.train.sources), ``--protocol`` is optional."""
-    if sources:
+    repeated and name protocols or folders (waldo.train.sources), ``--protocol`` is optional.
+    ``several_protocols``: ``--protocol`` may be repeated (their training splits pooled)."""
+    if several_protocols:
+        parser.add_argument("--protocol", required=True, action="append", type=protocol_name, metavar="NAME",
+                            help="named protocol whose training images are used; repeat it to train on several "
+                                 "(identities kept apart, validation the mean over each one's held-out "
+                                 f"identities), one of: {', '.join(protocol_names())}")
+        parser.add_argument("--data", default=None, metavar="DIR",
+                            help="dataset folder of a single --protocol (default: the protocol's shared dataset)")
+    elif sources:
         parser.add_argument("--protocol", default=None, type=protocol_name, metavar="NAME",
                             help="named protocol whose training images are used (frozen/finetune modes; "
                                  f"default: none), one of: {', '.join(protocol_names())}")
@@ -54,7 +65,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, *, sour
 def register_train_global(train_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``global`` sub-command to ``waldo train``'s sub-parsers."""
     parser = train_commands.add_parser("global", help="train the global descriptor (resumable)")
-    add_run_arguments(parser, "a GlobalTrainConfig JSON file (see configs/)")
+    add_run_arguments(parser, "a GlobalTrainConfig JSON file (see configs/)", several_protocols=True)
     parser.set_defaults(handler=cmd_train_global)
     return parser
 

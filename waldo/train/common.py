@@ -31,7 +31,7 @@ from waldo.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_te
 from waldo.models.backbones import Backbone
 
 __all__ = [
-    "LooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state", "read_train_state",
+    "LooEvaluator", "MeanLooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state", "read_train_state",
     "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
     "set_bn_eval", "split_backbone", "split_identities", "train_mode",
 ]
@@ -249,6 +249,26 @@ class LooEvaluator:
                                         progress=self.progress, description="validation")
         restore_autograd_tensors(model)
         return dict(evaluate_descriptors(self.protocol, extracted, extracted).metrics)
+
+
+class MeanLooEvaluator:
+    """Leave-one-out validation on several sets at once (one per training collection), each searched
+    on its own, so a big collection does not outvote a small one: every metric is the plain mean
+    over the sets, and ``per_set_map`` keeps each set's mAP."""
+
+    def __init__(self, evaluators: dict[str, LooEvaluator]) -> None:
+        if not evaluators:
+            raise ValueError("MeanLooEvaluator needs at least one validation set")
+        self.evaluators = evaluators
+        self.progress = any(evaluator.progress for evaluator in evaluators.values())
+
+    def __call__(self, model: nn.Module) -> dict:
+        runs = {name: evaluator(model) for name, evaluator in self.evaluators.items()}
+        shared = set.intersection(*(set(k for k, v in run.items() if isinstance(v, (int, float)))
+                                    for run in runs.values()))
+        out: dict = {key: sum(float(run[key]) for run in runs.values()) / len(runs) for key in sorted(shared)}
+        out["per_set_map"] = {name: float(run["map"]) for name, run in runs.items()}
+        return out
 
 
 def restore_autograd_tensors(model: nn.Module) -> int:

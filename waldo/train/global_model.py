@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from waldo.data.datasets import ImageSet
+from waldo.data.datasets import ImageRecord, ImageSet
 from waldo.data.images import load_image
 from waldo.data.protocols import get_protocol
 from waldo.data.samplers import PKSampler
@@ -35,6 +35,7 @@ from waldo.models.extract import extract_pooled_features
 from waldo.models.untrained import untrained_model
 from waldo.train.common import (
     LooEvaluator,
+    MeanLooEvaluator,
     TrainState,
     epoch_seed,
     seed_everything,
@@ -46,7 +47,7 @@ from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoi
 from waldo.train.losses import LOSSES, MetricLoss
 
 __all__ = ["GlobalTrainer", "WeightAnchor", "set_trainable", "split_forward", "starting_model", "train_global",
-           "train_step"]
+           "train_step", "training_split"]
 
 Forward = Callable[[torch.Tensor], Descriptors]
 
@@ -172,7 +173,7 @@ class GlobalTrainer(Trainer):
     metric = "map"
 
     def __init__(self, config: GlobalTrainConfig, model: DescriptorModel, model_config: ModelConfig,
-                 trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator,
+                 trained_config: ModelConfig, train_set: ImageSet, evaluator: LooEvaluator | MeanLooEvaluator,
                  run: Path, resume: bool = False) -> None:
         self.config, self.module, self.evaluator = config, model, evaluator
         self.model_config, self.trained_config = model_config, trained_config
@@ -251,20 +252,53 @@ def starting_model(config: GlobalTrainConfig, train_paths: list[str], protocol_n
         progress=progress, pooling=config.pooling)
 
 
-def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protocol_name: str,
+def training_split(protocol_names: Sequence[str], data_dir: str | Path | None, config: GlobalTrainConfig,
+                   progress: bool = False) -> tuple[ImageSet, LooEvaluator | MeanLooEvaluator, ImageSet]:
+    """The training images and the validation of a run on one or several protocols' training
+    splits. Each split holds out ``val_fraction`` of its own identities (the same ones a
+    one-protocol run holds out); with several, identities become ``protocol:identity`` so two
+    collections never share one, and validation is each held-out set searched on its own, the
+    mean of their metrics (MeanLooEvaluator). Returns (train, evaluator, every held-out image)."""
+    if not protocol_names:
+        raise ValueError("train_global needs at least one protocol")
+    if len(set(protocol_names)) != len(protocol_names):
+        raise ValueError(f"a protocol is named twice: {', '.join(protocol_names)}")
+    if data_dir is not None and len(protocol_names) > 1:
+        raise ValueError("a dataset folder (--data) goes with one protocol; several protocols use their shared data")
+    transform = get_transform(config.transform, config.eval_image_size)
+    trains, vals = [], {}
+    for name in protocol_names:
+        train, val = split_identities(get_protocol(name, data_dir).train, config.val_fraction, config.seed)
+        trains.append(train)
+        vals[name] = val
+    evaluators = {name: LooEvaluator(val, transform, batch_size=config.eval_batch_size,
+                                     num_workers=config.num_workers, progress=progress) for name, val in vals.items()}
+    if len(protocol_names) == 1:
+        return trains[0], evaluators[protocol_names[0]], vals[protocol_names[0]]
+    label = "+".join(protocol_names)
+
+    def pooled(sets: list[ImageSet], suffix: str) -> ImageSet:
+        records = [ImageRecord(r.path, f"{name}:{r.identity}", r.attrs)
+                   for name, image_set in zip(protocol_names, sets) for r in image_set.records]
+        return ImageSet(records, sets[0].root, f"{label}:{suffix}")
+
+    return pooled(trains, "train-split"), MeanLooEvaluator(evaluators), pooled(list(vals.values()), "val-split")
+
+
+def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protocol_name: str | Sequence[str],
                  out_dir: str | Path, progress: bool = True, *, stop_after: int | None = None) -> Path:
-    """Train (or resume training) a global model on ``protocol_name``'s training images.
+    """Train (or resume training) a global model on ``protocol_name``'s training images (one
+    protocol, or several: their training splits pooled, see :func:`training_split`).
 
     Re-running with the same ``out_dir`` continues from the last completed epoch. ``stop_after``
     ends this call after that many epochs (resumable later). Returns ``out_dir / "best"``.
     """
+    names = [protocol_name] if isinstance(protocol_name, str) else list(protocol_name)
+    label = "+".join(names)
     out, state = start_run(out_dir, config)
-    protocol = get_protocol(protocol_name, data_dir)
-    train_set, val_set = split_identities(protocol.train, config.val_fraction, config.seed)
-    evaluator = LooEvaluator(val_set, get_transform(config.transform, config.eval_image_size),
-                             batch_size=config.eval_batch_size, num_workers=config.num_workers, progress=progress)
+    train_set, evaluator, val_set = training_split(names, data_dir, config, progress)
     if state is None:
-        model, model_config = starting_model(config, train_set.paths, protocol_name, progress)
+        model, model_config = starting_model(config, train_set.paths, label, progress)
     else:
         model_config = ModelConfig.model_validate(state.extra["model_config"])
         with warnings.catch_warnings():  # "random init" warnings: the saved weights load below
@@ -273,7 +307,7 @@ def train_global(config: GlobalTrainConfig, data_dir: str | Path | None, protoco
     # NHWC convolutions are faster on CPU; converting here, outside inference mode, also keeps
     # validation (which converts under inference_mode) from touching the parameters.
     model.to(memory_format=torch.channels_last)
-    trained_config = ModelConfig(**{**model_config.model_dump(), "projection": f"trained:{protocol_name}:train-split"})
+    trained_config = ModelConfig(**{**model_config.model_dump(), "projection": f"trained:{label}:train-split"})
     resume = state is not None
     trainer = GlobalTrainer(config, model, model_config, trained_config, train_set, evaluator, run=out, resume=resume)
     if state is None:
