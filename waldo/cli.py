@@ -625,8 +625,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="a trained checkpoint folder or a shipped model's name, e.g. lite0-rrt "
                              "(overrides --backbone and the untrained-model options; default: an untrained model)")
     parser.add_argument("--backbone-from", default=None, metavar="DIR|NAME",
-                        help="an untrained model on a trained checkpoint's backbone (e.g. a `waldo train global` "
-                             "run's best/): its heads are not used, the projections are fitted without labels "
+                        help="an untrained model on a trained backbone: the shipped lite0-global or a "
+                             "checkpoint folder (e.g. a `waldo train global` run's best/, whose heads are not "
+                             "used); the projections are fitted without labels "
                              "as for --backbone (docs/results.md, \"A trained backbone under the untrained "
                              "default's projection\")")
     parser.add_argument("--dim", type=int, default=128, metavar="N",
