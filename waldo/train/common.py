@@ -31,8 +31,8 @@ from waldo.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_te
 from waldo.models.backbones import Backbone
 
 __all__ = [
-    "LooEvaluator", "MeanLooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state", "read_train_state",
-    "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
+    "LooEvaluator", "MeanLooEvaluator", "TrainState", "epoch_seed", "load_optimizer_state", "load_resume_state",
+    "read_train_state", "restore_autograd_tensors", "save_optimizer_state", "save_resume_state", "seed_everything",
     "set_bn_eval", "split_backbone", "split_identities", "train_mode",
 ]
 
