@@ -128,3 +128,28 @@ def test_only_a_backbone_trained_from_the_packaged_weights_ships(tmp_path):
     save_model(imagenet, config, tmp_path / "imagenet")
     with pytest.raises(ValueError, match="nothing to ship"):
         export_trained_backbone(tmp_path / "imagenet", tmp_path / "shipped", {})
+
+
+def test_a_blend_moves_the_trained_backbone_toward_the_packaged_one_and_keeps_the_heads(tmp_path):
+    from waldo.models.backbones import create_backbone
+    from waldo.models.checkpoint import load_model
+    from waldo.models.shipped import blend_with_package
+
+    trained, folder = _trained_on_imagenet(tmp_path)
+    imagenet = create_backbone("efficientnet_lite0", pretrained=True).state_dict()
+    for alpha in (0.0, 0.25, 1.0):
+        blended, config = load_model(blend_with_package(folder, alpha, tmp_path / f"blend-{alpha}"))
+        assert config.weights_source == load_model(folder)[1].weights_source  # still a difference from ImageNet
+        for name, tensor in blended.backbone.state_dict().items():
+            if tensor.is_floating_point():
+                expected = imagenet[name] + alpha * (trained.backbone.state_dict()[name] - imagenet[name])
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+        assert torch.equal(blended.global_proj.weight, trained.global_proj.weight)
+    changed = "body.conv_head.weight"
+    half = load_model(tmp_path / "blend-0.25")[0].backbone.state_dict()[changed]
+    assert not torch.equal(half, imagenet[changed]) and not torch.equal(half, trained.backbone.state_dict()[changed])
+    with pytest.raises(ValueError, match="not in"):
+        blend_with_package(folder, 1.5, tmp_path / "bad")
+    _, random_init = _saved(tmp_path / "r")
+    with pytest.raises(ValueError, match="nothing to blend"):
+        blend_with_package(random_init, 0.5, tmp_path / "bad")

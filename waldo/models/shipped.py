@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SHIPPED_DIR", "export_trained_backbone", "is_trained_backbone", "load_trained_backbone",
+__all__ = ["SHIPPED_DIR", "blend_with_package", "export_trained_backbone", "is_trained_backbone", "load_trained_backbone",
            "resolve_model_dir", "shipped_models", "weights_package"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
@@ -58,6 +58,35 @@ def weights_package(backbone: str) -> str:
 def is_trained_backbone(folder: str | Path) -> bool:
     """A shipped trained backbone (see :func:`export_trained_backbone`), not a full model folder."""
     return (Path(folder) / BACKBONE_INFO).is_file()
+
+
+def blend_with_package(model_dir: str | Path, alpha: float, out_dir: str | Path) -> Path:
+    """Save a copy of a trained global model (``waldo train global``'s ``best/``) whose backbone is
+    moved back toward the package's ImageNet weights: every floating-point tensor becomes
+    ``imagenet + alpha * (trained - imagenet)`` (weight-space ensembling, WiSE-FT: Wortsman et
+    al. 2022, which keeps most of a fine-tune's gain on its own data and forgets less of what
+    the pretrained weights did well elsewhere). ``alpha`` 1 is the trained model, 0 ImageNet's.
+    Heads are kept as trained. Returns ``out_dir``."""
+    import torch
+
+    from waldo.models.backbones import create_backbone
+    from waldo.models.checkpoint import load_model, save_model
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"blend weight {alpha} is not in [0, 1]")
+    model, config = load_model(model_dir)
+    package = create_backbone(config.backbone, pretrained=True)
+    if config.weights_source != package.weights_source:
+        raise ValueError(f"{model_dir}: trained from backbone weights {config.weights_source}, not the installed "
+                         f"package's {package.weights_source}: there is nothing to blend it with")
+    reference = package.state_dict()
+    state = model.backbone.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.is_floating_point():
+                state[name] = reference[name] + alpha * (value - reference[name])
+    model.backbone.load_state_dict(state)
+    return save_model(model, config, out_dir)
 
 
 def export_trained_backbone(model_dir: str | Path, out_dir: str | Path, card: dict[str, Any]) -> dict[str, Any]:
