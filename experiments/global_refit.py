@@ -29,6 +29,7 @@ trained first (``train_global``, the guard's config; 2-4 min each); saved rows a
                                                      # results/global/refit.json
     .venv/bin/python experiments/global_refit.py --ship   # ~5 min
     .venv/bin/python experiments/global_refit.py --transfer-check   # ~9 min, chooses nothing
+    .venv/bin/python experiments/global_refit.py --transfer-check coil   # the reverse direction
     .venv/bin/python experiments/global_refit.py --table
 """
 
@@ -145,9 +146,10 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", action="store_true")
-    parser.add_argument("--transfer-check", action="store_true",
-                        help="after the fact, not a choice: the grocery-trained rows (and ImageNet) on the whole of "
-                             "coil100-open's training split, which they never saw: would a larger transfer "
+    parser.add_argument("--transfer-check", nargs="?", const="grocery", choices=sorted(TRANSFER),
+                        help="after the fact, not a choice: a source's rows (and ImageNet) on the whole training "
+                             "split of the other collection, which they never saw (grocery: grocery-trained rows on "
+                             "coil100-open's; coil: coil-trained rows on grocery-open's): would a larger transfer "
                              "validation have ranked them as the test does?")
     parser.add_argument("--rescore", action="store_true",
                         help="score every row again (default: keep the saved rows, score the missing ones)")
@@ -161,7 +163,7 @@ def main() -> int:
     if args.ship:
         return ship()
     if args.transfer_check:
-        return transfer_check()
+        return transfer_check(args.transfer_check)
     result = json.loads(OUT.read_text()) if OUT.exists() and not args.rescore else {}
     key = lambda r: (r["source"], r["run"], r.get("blend"))  # noqa: E731
     saved = {key(r): r for r in result.get("rows", [])}
@@ -180,13 +182,18 @@ def main() -> int:
     return 0
 
 
-def transfer_check() -> int:
-    """Each grocery-trained backbone (and ImageNet's) searched leave-one-out over all 1,800 photos of
-    coil100-open's training split (objects 1-50; none of them seen in training), the projection
-    fitted on those photos without labels, and the same photos split into queries and gallery as
-    the test splits its objects (the protocol twin). Run after the tests were known, so it chooses
-    nothing: it says whether a transfer validation 5x larger than the held-out one, or one built
-    like the test, ranks as the test does."""
+# source -> (the other collection's training split it never saw, the test protocol whose split the twin copies)
+TRANSFER = {"grocery": ("coil100-open", "coil100-open"), "coil": ("grocery-open", "grocery-open-cross")}
+
+
+def transfer_check(source: str = "grocery") -> int:
+    """Each of ``source``'s trained backbones (and ImageNet's) searched leave-one-out over every photo
+    of the other collection's training split (grocery-trained: coil100-open's objects 1-50, 1,800
+    photos; coil-trained: grocery-open's 41 even-id products; none of them seen in training), the
+    projection fitted on those photos without labels, and the same photos split into queries and
+    gallery as the test splits its identities (the protocol twin). Run after the tests were known,
+    so it chooses nothing: it says whether a transfer validation several times larger than the
+    held-out one, or one built like the test, ranks as the test does."""
     from waldo.data.datasets import ImageSet
     from waldo.data.protocols import VALIDATION_SPLITS, Protocol, get_protocol
     from waldo.data.transforms import get_transform
@@ -194,16 +201,17 @@ def transfer_check() -> int:
     from waldo.models.untrained import untrained_model
     from waldo.train.common import LooEvaluator
 
-    check = get_protocol("coil100-open").train
+    unseen, test = TRANSFER[source]
+    check = get_protocol(unseen).train
     transform = get_transform("resize256-crop224", 224)
-    # the same photos split as the test splits its objects (waldo.data.protocols.VALIDATION_SPLITS)
-    is_query, is_gallery = VALIDATION_SPLITS["coil100-open"]
-    twin = Protocol("coil100-open:train twin", ImageSet([], check.root, "empty"), check.filter(is_query, "twin:q"),
-                    check.filter(is_gallery, "twin:g"), False, "coil100-open's training objects split like its test")
+    # the same photos split as the test splits its identities (waldo.data.protocols.VALIDATION_SPLITS)
+    is_query, is_gallery = VALIDATION_SPLITS[test]
+    twin = Protocol(f"{unseen}:train twin", ImageSet([], check.root, "empty"), check.filter(is_query, "twin:q"),
+                    check.filter(is_gallery, "twin:g"), False, f"{unseen}'s training identities split like {test}")
     result = json.loads(OUT.read_text())
     rows = {}
-    for name in (None, *RUNS["grocery"]):
-        folder = None if name is None else SOURCES["grocery"].runs / name / "best"
+    for name in (None, *RUNS[source]):
+        folder = None if name is None else SOURCES[source].runs / name / "best"
         model, _ = untrained_model("efficientnet_lite0", fit_paths=check.paths, fit_source=check.name,
                                    progress=False, backbone_from=folder)
         metrics = LooEvaluator(check, transform)(model)
@@ -211,10 +219,11 @@ def transfer_check() -> int:
         rows[name or "ImageNet"] = {"leave-one-out": {k: float(metrics[k]) for k in ("recall@1", "map")},
                                     "protocol twin": {k: float(twin_metrics[k]) for k in ("recall@1", "map")}}
         print(name or "ImageNet", rows[name or "ImageNet"], flush=True)
-    result["transfer_check"] = {
-        "set": f"coil100-open:train ({len(check)} photos): leave-one-out, and the protocol twin ({len(twin.queries)} "
-               f"queries at the test's query views, gallery {len(twin.gallery)} at its gallery views)",
-        "rows": rows, "command": ".venv/bin/python experiments/global_refit.py --transfer-check"}
+    option = "" if source == "grocery" else f" {source}"
+    result["transfer_check" + ("" if source == "grocery" else f"_{source}")] = {
+        "set": f"{unseen}:train ({len(check)} photos): leave-one-out, and the protocol twin ({len(twin.queries)} "
+               f"queries split as {test}'s, gallery {len(twin.gallery)})",
+        "rows": rows, "command": f".venv/bin/python experiments/global_refit.py --transfer-check{option}"}
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -298,3 +298,22 @@ def test_global_refit_table_is_generated():
     quoted = ", ".join(f"{p} {shipped[p]['recall@1']:.4f} / {shipped[p]['map']:.4f}"
                        for p in ("grocery-open-cross", "coil100-open"))
     assert f"--backbone-from lite0-global`): {quoted}" in " ".join(doc.split())
+
+
+
+def test_the_reverse_transfer_check_is_quoted_and_ranks_as_stated():
+    """docs/results.md quotes `global_refit.py --transfer-check coil` as measured, and its claim
+    holds: the leave-one-out mAP order of the coil-trained backbones is the grocery-open-cross
+    test's but for one adjacent pair, and its best row is `sgd`."""
+    result = _results("global/refit.json")
+    doc = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    check = result["transfer_check_coil"]["rows"]
+    for name, row in check.items():
+        label = name if name == "ImageNet" else f"`{name}`"
+        assert f"{label} {row['leave-one-out']['map']:.4f}" in doc, name
+    tests = {r["run"] or "ImageNet": r["tests"]["grocery-open-cross"]["map"] for r in result["rows"]
+             if r["source"] in ("coil", None) and r.get("blend") is None}
+    by_check = sorted(check, key=lambda n: -check[n]["leave-one-out"]["map"])
+    by_test = sorted(check, key=lambda n: -tests[n])
+    swapped = [i for i, (a, b) in enumerate(zip(by_check, by_test)) if a != b]
+    assert len(swapped) == 2 and swapped[1] == swapped[0] + 1 and by_check[0] == "sgd"
