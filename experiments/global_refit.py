@@ -65,29 +65,51 @@ SHIPPED_NAME = "lite0-global"
 BLEND = 0.5
 
 
-def score(trained_dir: Path | None) -> dict:
-    """Validation and tests of the untrained default's recipe on ``trained_dir``'s backbone."""
+TRANSFORM = ("resize256-crop224", 224)
+
+
+def refit_loo(images, trained_dir: Path | None):
+    """(model, leave-one-out metrics) of the untrained default's recipe on ``trained_dir``'s backbone
+    (None: ImageNet's), its projection fitted on ``images``' photos without labels, as an index
+    would fit it (the product's option, untrained_model ``backbone_from``)."""
+    from waldo.data.transforms import get_transform
+    from waldo.models.untrained import untrained_model
+    from waldo.train.common import LooEvaluator
+
+    model, _ = untrained_model("efficientnet_lite0", fit_paths=images.paths, fit_source=images.name,
+                               progress=False, backbone_from=trained_dir)
+    return model, LooEvaluator(images, get_transform(*TRANSFORM))(model)
+
+
+def test_metrics(trained_dir: Path | None) -> dict:
+    """R@1 and mAP on both test protocols, each fitted on its protocol's training images as the
+    untrained default is (prepare_model ``backbone_from``). Reported, never a choice."""
     from waldo.data.protocols import get_protocol
     from waldo.data.transforms import get_transform
     from waldo.eval.evaluate import evaluate_protocol
     from waldo.eval.runner import prepare_model
-    from waldo.models.untrained import untrained_model
-    from waldo.train.common import LooEvaluator, split_identities
 
-    transform = get_transform("resize256-crop224", 224)
-    out = {"validation": {}, "tests": {}}
-    # the product's option (untrained_model / prepare_model ``backbone_from``), as an index would use it
-    for collection, test in TESTS.items():
+    out = {}
+    for test in TESTS.values():
+        model, _ = prepare_model(get_protocol(test), progress=False, backbone_from=trained_dir)
+        run = evaluate_protocol(model, get_protocol(test), get_transform(*TRANSFORM), progress=False)
+        out[test] = {k: float(run.metrics[k]) for k in ("recall@1", "map")}
+    return out
+
+
+def score(trained_dir: Path | None) -> dict:
+    """Validation and tests of the untrained default's recipe on ``trained_dir``'s backbone."""
+    from waldo.data.protocols import get_protocol
+    from waldo.train.common import split_identities
+
+    out = {"validation": {}}
+    for collection in TESTS:
         # the held-out identities of the collection's training split (the guard runs' own split), for
         # every row alike: a run never saw them, whichever collection it was trained on
         config = variant_config(SOURCES[collection], {})
         _, check = split_identities(get_protocol(CHECKS[collection]).train, config.val_fraction, config.seed)
-        model, _ = untrained_model("efficientnet_lite0", fit_paths=check.paths, fit_source=check.name,
-                                   progress=False, backbone_from=trained_dir)
-        out["validation"][collection] = float(LooEvaluator(check, transform)(model)["map"])
-        model, _ = prepare_model(get_protocol(test), progress=False, backbone_from=trained_dir)
-        run = evaluate_protocol(model, get_protocol(test), transform, progress=False)
-        out["tests"][test] = {k: float(run.metrics[k]) for k in ("recall@1", "map")}
+        out["validation"][collection] = float(refit_loo(check, trained_dir)[1]["map"])
+    out["tests"] = test_metrics(trained_dir)
     out["validation_mean"] = sum(out["validation"].values()) / len(out["validation"])
     print(json.dumps(out), flush=True)
     return out
@@ -198,12 +220,9 @@ def transfer_check(source: str = "grocery") -> int:
     from waldo.data.protocols import VALIDATION_SPLITS, Protocol, get_protocol
     from waldo.data.transforms import get_transform
     from waldo.eval.evaluate import evaluate_protocol
-    from waldo.models.untrained import untrained_model
-    from waldo.train.common import LooEvaluator
 
     unseen, test = TRANSFER[source]
     check = get_protocol(unseen).train
-    transform = get_transform("resize256-crop224", 224)
     # the same photos split as the test splits its identities (waldo.data.protocols.VALIDATION_SPLITS)
     is_query, is_gallery = VALIDATION_SPLITS[test]
     twin = Protocol(f"{unseen}:train twin", ImageSet([], check.root, "empty"), check.filter(is_query, "twin:q"),
@@ -212,10 +231,8 @@ def transfer_check(source: str = "grocery") -> int:
     rows = {}
     for name in (None, *RUNS[source]):
         folder = None if name is None else SOURCES[source].runs / name / "best"
-        model, _ = untrained_model("efficientnet_lite0", fit_paths=check.paths, fit_source=check.name,
-                                   progress=False, backbone_from=folder)
-        metrics = LooEvaluator(check, transform)(model)
-        twin_metrics = evaluate_protocol(model, twin, transform, progress=False).metrics
+        model, metrics = refit_loo(check, folder)
+        twin_metrics = evaluate_protocol(model, twin, get_transform(*TRANSFORM), progress=False).metrics
         rows[name or "ImageNet"] = {"leave-one-out": {k: float(metrics[k]) for k in ("recall@1", "map")},
                                     "protocol twin": {k: float(twin_metrics[k]) for k in ("recall@1", "map")}}
         print(name or "ImageNet", rows[name or "ImageNet"], flush=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from global_guard import SOURCES, VARIANTS, variant_config  # noqa: E402
-from global_refit import TESTS, VARIANT_SET  # noqa: E402
+from global_refit import VARIANT_SET, refit_loo, test_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "global" / "transfer_grid.json"
@@ -67,26 +67,14 @@ def trained_run(source: str, name: str) -> Path:
 def score(source: str, trained_dir: Path | None) -> dict:
     """Validation (the declared rule) and tests of one backbone (None: ImageNet's)."""
     from waldo.data.protocols import get_protocol
-    from waldo.data.transforms import get_transform
-    from waldo.eval.evaluate import evaluate_protocol
-    from waldo.eval.runner import prepare_model
-    from waldo.models.untrained import untrained_model
-    from waldo.train.common import LooEvaluator, split_identities
+    from waldo.train.common import split_identities
 
-    transform = get_transform("resize256-crop224", 224)
     config = config_of(source, "sgd")
     _, held_out = split_identities(get_protocol(TRAIN_SPLIT[source]).train, config.val_fraction, config.seed)
     sets = {"own held-out": held_out, "other whole": get_protocol(TRAIN_SPLIT[OTHER[source]]).train}
-    out = {"validation": {}, "tests": {}}
-    for key, images in sets.items():
-        model, _ = untrained_model("efficientnet_lite0", fit_paths=images.paths, fit_source=images.name,
-                                   progress=False, backbone_from=trained_dir)
-        out["validation"][key] = float(LooEvaluator(images, transform)(model)["map"])
+    out = {"validation": {key: float(refit_loo(images, trained_dir)[1]["map"]) for key, images in sets.items()}}
     out["validation_mean"] = sum(out["validation"].values()) / len(out["validation"])
-    for test in TESTS.values():
-        model, _ = prepare_model(get_protocol(test), progress=False, backbone_from=trained_dir)
-        run = evaluate_protocol(model, get_protocol(test), transform, progress=False)
-        out["tests"][test] = {k: float(run.metrics[k]) for k in ("recall@1", "map")}
+    out["tests"] = test_metrics(trained_dir)
     print(json.dumps(out), flush=True)
     return out
 
