@@ -169,7 +169,8 @@ def table(result: dict) -> str:
     default = default_row(result["rows"])
     for row in result["rows"]:
         v = row["validation"]
-        label = row["label"] + (f" **(chosen; the default trained model, shipped as {SHIPPED_NAME})**"
+        label = row["label"] + (f" **(chosen; this study's default trained model, shipped as {SHIPPED_NAME} until "
+                                  "the transfer grid's choice replaced it)**"
                                 if row is default else " **(chosen)**" if chosen.get(row["source"]) is row else "")
         lines.append(f"| {label} | {v['grocery']:.4f} / {v['coil']:.4f} ({row['validation_mean']:.4f}) | "
                      f"{fmt(row['tests']['grocery-open-cross'])} | {fmt(row['tests']['coil100-open'])} |")

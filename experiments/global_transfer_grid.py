@@ -32,8 +32,8 @@ shelves, the demo's) and the earlier rule also shipped a grocery run; the two so
 over different sets and are not compared with each other. The coil source's choice is reported
 only. The tests decide nothing: they are measured from the shipped files and quoted, above or below.
 
-    .venv/bin/python experiments/global_transfer_grid.py --train-only   # the 12 runs (~3 min each)
-    .venv/bin/python experiments/global_transfer_grid.py                # score (~7 min a row);
+    .venv/bin/python experiments/global_transfer_grid.py --train-only   # the 12 runs (~2 min each)
+    .venv/bin/python experiments/global_transfer_grid.py                # score (~3.5 min a row);
                                                                         # results/global/transfer_grid.json
     .venv/bin/python experiments/global_transfer_grid.py --table
     .venv/bin/python experiments/global_transfer_grid.py --ship         # the rule above (~5 min)

@@ -317,3 +317,31 @@ def test_the_reverse_transfer_check_is_quoted_and_ranks_as_stated():
     by_test = sorted(check, key=lambda n: -tests[n])
     swapped = [i for i, (a, b) in enumerate(zip(by_check, by_test)) if a != b]
     assert len(swapped) == 2 and swapped[1] == swapped[0] + 1 and by_check[0] == "sgd"
+
+
+def test_the_transfer_grid_is_generated_and_shipped_by_its_declared_rule():
+    """The issue-16 grid of experiments/global_transfer_grid.py: its table is the script's, the
+    shipping decision follows the rule declared before its trained rows were scored (the grocery
+    choice ships iff its validation mean is above the ImageNet row's), the shipped backbone is
+    that run, its figures from the shipped files are the ones quoted, and the docs' claim holds
+    that grocery photos rank the coil runs in the grocery-open-cross test's mAP order."""
+    grid = _experiment("global_transfer_grid")
+    result = _results("global/transfer_grid.json")
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert grid.table(result) in doc
+    rows = result["sources"]["grocery"]
+    chosen, untrained = grid.chosen_row(rows), next(r for r in rows if r["run"] is None)
+    ship = result["ship"]
+    assert ship["run"] == chosen["run"]
+    assert ship["ships"] == (chosen["validation_mean"] > untrained["validation_mean"])
+    if ship["ships"]:
+        card = json.loads((ROOT / "waldo" / "pretrained" / "lite0-global" / "card.json").read_text())
+        assert card["run"].startswith(f"grocery `{chosen['run']}`")
+        tests = ship["shipped"]["tests"]
+        quoted = ", ".join(f"{p} {tests[p]['recall@1']:.4f} / {tests[p]['map']:.4f}"
+                           for p in ("grocery-open-cross", "coil100-open"))
+        assert f"`waldo eval --protocol P --backbone-from lite0-global`): {quoted}" in " ".join(doc.split())
+    coil = [r for r in result["sources"]["coil"] if r["run"] is not None]
+    by_validation = sorted(coil, key=lambda r: -r["validation"]["other whole"])
+    by_test = sorted(coil, key=lambda r: -r["tests"]["grocery-open-cross"]["map"])
+    assert [r["run"] for r in by_validation] == [r["run"] for r in by_test]
