@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -345,3 +347,21 @@ def test_the_transfer_grid_is_generated_and_shipped_by_its_declared_rule():
     by_validation = sorted(coil, key=lambda r: -r["validation"]["other whole"])
     by_test = sorted(coil, key=lambda r: -r["tests"]["grocery-open-cross"]["map"])
     assert [r["run"] for r in by_validation] == [r["run"] for r in by_test]
+
+
+def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
+    """experiments/global_paired.py's table is in docs/results.md, and its two sides are the
+    figures quoted elsewhere: the untrained default's tests and the shipped backbone's."""
+    result = _results("global/paired.json")
+    assert _experiment("global_paired").table(result) in (ROOT / "docs" / "results.md").read_text()
+    grid = _results("global/transfer_grid.json")
+    untrained = next(r for r in grid["sources"]["grocery"] if r["run"] is None)["tests"]
+    shipped = grid["ship"]["shipped"]["tests"]
+    for row in result["rows"]:
+        c, protocol = row["comparison"], row["protocol"]
+        for metric in ("recall@1", "map"):
+            assert c[metric]["a"] == pytest.approx(untrained[protocol][metric], abs=1e-9)
+            if row["folder"] == "waldo/pretrained/lite0-global":
+                assert c[metric]["b"] == pytest.approx(shipped[protocol][metric], abs=1e-9)
+            low, high = c[metric]["ci95"]
+            assert low <= c[metric]["difference"] <= high
