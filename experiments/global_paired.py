@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from global_refit import TRANSFORM  # noqa: E402
+from global_refit import evaluate_refitted  # noqa: E402
 from global_transfer_grid import trained_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +33,6 @@ def backbones() -> dict[str, tuple[Path, tuple[str, ...]]]:
 
     return {"lite0-global (shipped; grocery-trained)": (SHIPPED_DIR / "lite0-global", PROTOCOLS),
             "coil `sgd` (the grid's coil choice)": (trained_run("coil", "sgd"), ("grocery-open-cross",))}
-
-
-def evaluate(protocol: str, backbone: Path | None):
-    from waldo.data.protocols import get_protocol
-    from waldo.data.transforms import get_transform
-    from waldo.eval.evaluate import evaluate_protocol
-    from waldo.eval.runner import prepare_model
-
-    model, _ = prepare_model(get_protocol(protocol), progress=False, backbone_from=backbone)
-    return evaluate_protocol(model, get_protocol(protocol), get_transform(*TRANSFORM), progress=False)
 
 
 def pvalue(p: float) -> str:
@@ -71,11 +61,11 @@ def main() -> int:
         return 0
     from waldo.eval.compare import paired_comparison
 
-    untrained = {p: evaluate(p, None) for p in PROTOCOLS}
+    untrained = {p: evaluate_refitted(p, None) for p in PROTOCOLS}
     rows = []
     for name, (folder, protocols) in backbones().items():
         for protocol in protocols:
-            comparison = paired_comparison(untrained[protocol], evaluate(protocol, folder))
+            comparison = paired_comparison(untrained[protocol], evaluate_refitted(protocol, folder))
             rows.append({"backbone": name, "folder": str(folder.relative_to(ROOT)), "protocol": protocol,
                          "comparison": comparison})
             print(json.dumps(rows[-1]), flush=True)

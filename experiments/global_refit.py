@@ -92,20 +92,33 @@ def refit_loo(images, trained_dir: Path | None):
     return model, LooEvaluator(images, get_transform(*TRANSFORM))(model)
 
 
-def test_metrics(trained_dir: Path | None) -> dict:
-    """R@1 and mAP on both test protocols, each fitted on its protocol's training images as the
-    untrained default is (prepare_model ``backbone_from``). Reported, never a choice."""
+def evaluate_refitted(protocol: str, trained_dir: Path | None):
+    """The EvalRun of one test protocol with the untrained default's recipe on ``trained_dir``'s
+    backbone (None: ImageNet's), fitted on the protocol's training images as the untrained default
+    is (prepare_model ``backbone_from``)."""
     from waldo.data.protocols import get_protocol
     from waldo.data.transforms import get_transform
     from waldo.eval.evaluate import evaluate_protocol
     from waldo.eval.runner import prepare_model
 
+    model, _ = prepare_model(get_protocol(protocol), progress=False, backbone_from=trained_dir)
+    return evaluate_protocol(model, get_protocol(protocol), get_transform(*TRANSFORM), progress=False)
+
+
+def test_metrics(trained_dir: Path | None) -> dict:
+    """R@1 and mAP on both test protocols (evaluate_refitted). Reported, never a choice."""
     out = {}
     for test in TESTS.values():
-        model, _ = prepare_model(get_protocol(test), progress=False, backbone_from=trained_dir)
-        run = evaluate_protocol(model, get_protocol(test), get_transform(*TRANSFORM), progress=False)
+        run = evaluate_refitted(test, trained_dir)
         out[test] = {k: float(run.metrics[k]) for k in ("recall@1", "map")}
     return out
+
+
+def check_spec(collection: str) -> dict:
+    """Which held-out identities ``score`` validates a collection on, as a card records them."""
+    config = variant_config(SOURCES[collection], {})
+    return {"protocol": CHECKS[collection], "held_out_fraction": config.val_fraction, "seed": config.seed,
+            "validation_key": collection}
 
 
 def score(trained_dir: Path | None) -> dict:
@@ -117,8 +130,8 @@ def score(trained_dir: Path | None) -> dict:
     for collection in TESTS:
         # the held-out identities of the collection's training split (the guard runs' own split), for
         # every row alike: a run never saw them, whichever collection it was trained on
-        config = variant_config(SOURCES[collection], {})
-        _, check = split_identities(get_protocol(CHECKS[collection]).train, config.val_fraction, config.seed)
+        spec = check_spec(collection)
+        _, check = split_identities(get_protocol(spec["protocol"]).train, spec["held_out_fraction"], spec["seed"])
         out["validation"][collection] = float(refit_loo(check, trained_dir)[1]["map"])
     out["tests"] = test_metrics(trained_dir)
     out["validation_mean"] = sum(out["validation"].values()) / len(out["validation"])
@@ -312,7 +325,9 @@ def ship() -> int:
                     "leave-one-out, projection fitted on their photos without labels); test queries unused",
             "validation_map": row["validation"], "validation_mean": row["validation_mean"],
             "untrained_default_validation_map": untrained["validation"],
-            "untrained_default_validation_mean": untrained["validation_mean"]},
+            "untrained_default_validation_mean": untrained["validation_mean"],
+            # the set tests/models/test_shipped.py searches again from the shipped files (score's coil set)
+            "check": check_spec("coil")},
     }
     result["shipped"] = {**export_shipped(best, card, row["tests"], untrained["tests"]),
                          "command": ".venv/bin/python experiments/global_refit.py --ship"}

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from global_guard import SOURCES, VARIANTS, variant_config  # noqa: E402
-from global_refit import SHIPPED_ABOUT, VARIANT_SET, export_shipped, refit_loo, test_metrics  # noqa: E402
+from global_refit import SHIPPED_ABOUT, SHIPPED_NAME, VARIANT_SET, export_shipped, refit_loo, test_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "global" / "transfer_grid.json"
@@ -106,7 +106,7 @@ def ship(result: dict) -> int:
     if decision["ships"]:
         config = config_of("grocery", row["run"])
         card = {
-            "name": "lite0-global", **SHIPPED_ABOUT,
+            "name": SHIPPED_NAME, **SHIPPED_ABOUT,
             "trained_on": [f"{TRAIN_SPLIT['grocery']}:train-split (training split minus {config.val_fraction:.0%} of "
                            f"its identities, held out, seed {config.seed})"],
             "run": f"grocery `{row['run']}` (experiments/global_transfer_grid.py, seed {SEED})",

@@ -23,18 +23,20 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _mapped_bytes() -> int:
-    """Bytes glibc holds in blocks mapped on their own (mallinfo2's hblkhd)."""
+def _mallinfo() -> _MallInfo2:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().hblkhd)
+    return libc.mallinfo2()
+
+
+def _mapped_bytes() -> int:
+    """Bytes glibc holds in blocks mapped on their own (mallinfo2's hblkhd)."""
+    return int(_mallinfo().hblkhd)
 
 
 def _heap_free_bytes() -> int:
     """Free bytes inside glibc's main heap (mallinfo2's fordblks)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
+    return int(_mallinfo().fordblks)
 
 
 def _mapped_while_holding(nbytes: int) -> int:

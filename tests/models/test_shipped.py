@@ -156,9 +156,8 @@ def test_the_trained_backbone_ships_as_its_differences_and_says_how_it_was_chose
 
 
 def test_the_trained_backbone_reproduces_its_card_validation_figure():
-    """One set of the card's validation, held-out training identities searched leave-one-out under
-    a projection fitted on their photos (the card's "check"; a card of experiments/global_refit.py
-    names none and means coil100-open's, seeded as its run); the int8 differences keep it to the
+    """One set of the card's validation (the card's "check"), held-out training identities searched
+    leave-one-out under a projection fitted on their photos; the int8 differences keep it to the
     card's figure within 0.005."""
     from waldo.data.protocols import get_protocol
     from waldo.data.transforms import get_transform
@@ -167,9 +166,8 @@ def test_the_trained_backbone_reproduces_its_card_validation_figure():
 
     folder = resolve_model_dir(TRAINED_BACKBONE)
     card = json.loads((folder / "card.json").read_text())
-    config, choice = card["train_config"], card["chosen_on_validation"]
-    spec = choice.get("check") or {"protocol": "coil100-open", "held_out_fraction": config["val_fraction"],
-                                   "seed": config["seed"], "validation_key": "coil"}
+    choice = card["chosen_on_validation"]
+    spec = choice["check"]
     _, check = split_identities(get_protocol(spec["protocol"]).train, spec["held_out_fraction"], spec["seed"])
     model, _ = untrained_model("efficientnet_lite0", fit_paths=check.paths, fit_source=check.name, progress=False,
                                backbone_from=folder)
