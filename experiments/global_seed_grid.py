@@ -21,11 +21,21 @@ The rule (fixed here before any run of seeds 2 and 3 was trained):
   whole training split. The ImageNet backbone is scored on the same sets for each seed.
 - A variant's score is the mean of its three runs' validation means; the ImageNet score is the mean
   of its three. The variant with the best score is the choice; within it, the run (seed) with the
-  best validation mean is the one shipped. Ties are not broken by tests.
+  best validation mean is the one shipped (amended below: the largest margin over ImageNet). Ties
+  are not broken by tests.
 - Shipping: that run replaces waldo/pretrained/lite0-global if, and only if, the chosen variant's
   score is above the ImageNet score. Otherwise lite0-global stays as it is (the grid's choice).
 - Reported, never choosing: every run's grocery-open-cross and coil100-open R@1 and mAP, and the
   shipped files' own figures (``waldo eval --backbone-from lite0-global``).
+
+Amended (commit of 2026-12-06, session 7) after every run's validation was scored and before any
+test of seeds 2 and 3 was: the pick of a seed *within* the chosen variant compared raw validation
+means, but each seed's held-out products are another set, and seed 3's are far easier for every
+backbone (the ImageNet backbone's mean: 0.8428 / 0.8471 / 0.9212 for seeds 1 / 2 / 3), so it
+picked the easiest set, not the best run. The run shipped is instead the chosen variant's seed
+with the largest *margin*, its validation mean minus the ImageNet backbone's on that seed's sets.
+The variant choice is unchanged by this (a variant's mean margin is its score minus the ImageNet
+score, the same for every variant); the validation figures alone prompted the amendment.
 
     .venv/bin/python experiments/global_seed_grid.py --train-only   # the 12 new runs (~2 min each)
     .venv/bin/python experiments/global_seed_grid.py                # validation of every run, then
@@ -103,9 +113,14 @@ def choice(rows: list[dict]) -> dict | None:
     if len(score) < 1 + len(VARIANT_SET):
         return None
     name = max(VARIANT_SET, key=lambda n: score[n])
-    row = max((r for r in rows if r["run"] == name), key=lambda r: r["validation_mean"])
-    return {"run": name, "seed": row["seed"], "score": score[name], "untrained_score": score[None],
-            "ships": score[name] > score[None]}
+    row = max((r for r in rows if r["run"] == name), key=lambda r: margin(rows, r))
+    return {"run": name, "seed": row["seed"], "margin": margin(rows, row), "score": score[name],
+            "untrained_score": score[None], "ships": score[name] > score[None]}
+
+
+def margin(rows: list[dict], row: dict) -> float:
+    """A run's validation mean above the ImageNet backbone's on the same seed's sets (the amendment)."""
+    return row["validation_mean"] - find(rows, None, row["seed"])["validation_mean"]
 
 
 def find(rows: list[dict], name: str | None, seed: int) -> dict | None:
@@ -134,7 +149,8 @@ def ship(result: dict) -> int:
                 "rule": "experiments/global_seed_grid.py: among six grocery-trained variants, each trained with "
                         "seeds 1-3, the best mean over the seeds of the mean of two leave-one-out mAPs with the "
                         "projection fitted on their photos without labels (the seed's held-out grocery-open training "
-                        "identities; coil100-open's whole training split); within it the best-validated seed; "
+                        "identities; coil100-open's whole training split); within it the seed furthest above the "
+                        "ImageNet backbone on that seed's sets; "
                         "shipped because above the ImageNet backbone's mean on the same sets; test queries unused",
                 "validation_map": row["validation"], "validation_mean": row["validation_mean"],
                 "variant_score": decision["score"], "untrained_default_score": decision["untrained_score"],
