@@ -1,7 +1,8 @@
 """Issue 16: are the trained backbones' transfer margins more than a query or two?
 
-The transfer grid's choices (experiments/global_transfer_grid.py) beat the untrained default on
-the collection they never trained on by a few queries. This compares each, query by query, with
+The shipped lite0-global (chosen by experiments/global_seed_grid.py) and the transfer grid's coil
+choice (experiments/global_transfer_grid.py) beat the untrained default on the collection they
+never trained on by a few queries. This compares each, query by query, with
 the untrained default on the same queries (waldo.eval.compare: exact McNemar on the top-1
 discordant queries, paired-bootstrap 95% intervals of the R@1 and mAP differences). Nothing is
 chosen here; it says how much the figures of docs/results.md can be trusted.

@@ -155,6 +155,7 @@ def ship(result: dict) -> int:
                 "validation_map": row["validation"], "validation_mean": row["validation_mean"],
                 "variant_score": decision["score"], "untrained_default_score": decision["untrained_score"],
                 "untrained_default_validation_map": find(rows, None, decision["seed"])["validation"],
+                "untrained_default_validation_mean": find(rows, None, decision["seed"])["validation_mean"],
                 # the set tests/models/test_shipped.py searches again from the shipped files
                 "check": {"protocol": TRAIN_SPLIT, "held_out_fraction": config.val_fraction,
                           "seed": config.seed, "validation_key": "own held-out"}},

@@ -9,7 +9,7 @@ from waldo.models.shipped import SHIPPED_DIR, resolve_model_dir, shipped_models
 from waldo.rerank.rrt_checkpoint import load_rrt
 
 NAMES = ("lite0-rrt", "lite0-lw-rrt")  # the first reranker; it with a trained global head (make demo's)
-TRAINED_BACKBONE = "lite0-global"  # the default trained global model's backbone (experiments/global_refit.py)
+TRAINED_BACKBONE = "lite0-global"  # the default trained global model's backbone (experiments/global_seed_grid.py)
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -129,7 +129,7 @@ def test_make_demos_index_stores_match_cells_and_defaults_to_local_match(data_ro
 
 
 def test_the_trained_backbone_ships_as_its_differences_and_says_how_it_was_chosen():
-    """lite0-global: the last stage of the global model experiments/global_refit.py chose on
+    """lite0-global: the last stage of the global model experiments/global_seed_grid.py chose on
     validation, stored as int8 differences from the packaged ImageNet weights; a model folder
     it is not (--backbone-from, not --model)."""
     import torch
