@@ -54,16 +54,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from global_guard import SOURCES, VARIANTS, variant_config  # noqa: E402
-from global_refit import SHIPPED_ABOUT, SHIPPED_NAME, VARIANT_SET, export_shipped, refit_loo, test_metrics  # noqa: E402
+from global_refit import SHIPPED_ABOUT, SHIPPED_NAME, VARIANT_SET, export_shipped, test_metrics  # noqa: E402
 from global_transfer_grid import OUT as GRID_OUT  # noqa: E402
 from global_transfer_grid import RUNS as GRID_RUNS  # noqa: E402
+from global_transfer_grid import TRAIN_SPLIT as GRID_SPLITS  # noqa: E402
+from global_transfer_grid import train_missing, validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "global" / "seed_grid.json"
 RUNS = ROOT / "runs" / "global-seed-grid"
 SEEDS = (1, 2, 3)
 GRID_SEED = 1  # the transfer grid's seed: its runs and rows are reused, not retrained
-TRAIN_SPLIT, OTHER_SPLIT = "grocery-open", "coil100-open"
+TRAIN_SPLIT = GRID_SPLITS["grocery"]
 
 
 def config_of(name: str, seed: int):
@@ -75,24 +77,12 @@ def run_folder(name: str, seed: int) -> Path:
 
 
 def trained_run(name: str, seed: int) -> Path:
-    from waldo.train.global_model import train_global
-
-    folder = run_folder(name, seed)
-    if not (folder / "best" / "config.json").is_file():
-        train_global(config_of(name, seed), None, [TRAIN_SPLIT], folder, progress=False)
-    return folder / "best"
+    return train_missing(config_of(name, seed), TRAIN_SPLIT, run_folder(name, seed))
 
 
 def validation(seed: int, trained_dir: Path | None) -> dict:
     """The transfer grid's validation of one backbone (None: ImageNet's) on ``seed``'s sets."""
-    from waldo.data.protocols import get_protocol
-    from waldo.train.common import split_identities
-
-    config = config_of("sgd", seed)
-    _, held_out = split_identities(get_protocol(TRAIN_SPLIT).train, config.val_fraction, config.seed)
-    sets = {"own held-out": held_out, "other whole": get_protocol(OTHER_SPLIT).train}
-    out = {"validation": {key: float(refit_loo(images, trained_dir)[1]["map"]) for key, images in sets.items()}}
-    out["validation_mean"] = sum(out["validation"].values()) / len(out["validation"])
+    out = validate("grocery", seed, trained_dir)
     print(json.dumps({"seed": seed, "run": None if trained_dir is None else str(trained_dir), **out}), flush=True)
     return out
 

@@ -64,25 +64,36 @@ def config_of(source: str, name: str):
     return variant_config(SOURCES[source], {**VARIANTS[name], "seed": SEED})
 
 
-def trained_run(source: str, name: str) -> Path:
+def train_missing(config, split: str, folder: Path) -> Path:
+    """``folder``'s best checkpoint, trained on ``split`` with ``config`` first if runs/ lacks it."""
     from waldo.train.global_model import train_global
 
-    folder = RUNS / source / name
     if not (folder / "best" / "config.json").is_file():
-        train_global(config_of(source, name), None, [TRAIN_SPLIT[source]], folder, progress=False)
+        train_global(config, None, [split], folder, progress=False)
     return folder / "best"
 
 
-def score(source: str, trained_dir: Path | None) -> dict:
-    """Validation (the declared rule) and tests of one backbone (None: ImageNet's)."""
+def trained_run(source: str, name: str) -> Path:
+    return train_missing(config_of(source, name), TRAIN_SPLIT[source], RUNS / source / name)
+
+
+def validate(source: str, seed: int, trained_dir: Path | None) -> dict:
+    """The declared validation of one backbone (None: ImageNet's): the mean of the leave-one-out
+    mAPs on the held-out training identities of ``seed`` and on the other collection's whole split."""
     from waldo.data.protocols import get_protocol
     from waldo.train.common import split_identities
 
-    config = config_of(source, "sgd")
+    config = variant_config(SOURCES[source], {"seed": seed})
     _, held_out = split_identities(get_protocol(TRAIN_SPLIT[source]).train, config.val_fraction, config.seed)
     sets = {"own held-out": held_out, "other whole": get_protocol(TRAIN_SPLIT[OTHER[source]]).train}
     out = {"validation": {key: float(refit_loo(images, trained_dir)[1]["map"]) for key, images in sets.items()}}
     out["validation_mean"] = sum(out["validation"].values()) / len(out["validation"])
+    return out
+
+
+def score(source: str, trained_dir: Path | None) -> dict:
+    """Validation (the declared rule) and tests of one backbone (None: ImageNet's)."""
+    out = validate(source, SEED, trained_dir)
     out["tests"] = test_metrics(trained_dir)
     print(json.dumps(out), flush=True)
     return out
