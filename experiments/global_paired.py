@@ -7,7 +7,7 @@ the untrained default on the same queries (waldo.eval.compare: exact McNemar on 
 discordant queries, paired-bootstrap 95% intervals of the R@1 and mAP differences). Nothing is
 chosen here; it says how much the figures of docs/results.md can be trusted.
 
-    .venv/bin/python experiments/global_paired.py          # ~8 min; results/global/paired.json
+    .venv/bin/python experiments/global_paired.py          # ~4 min; results/global/paired.json
     .venv/bin/python experiments/global_paired.py --table
 """
 
