@@ -53,12 +53,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from global_guard import SOURCES, VARIANTS, variant_config  # noqa: E402
-from global_refit import SHIPPED_ABOUT, SHIPPED_NAME, VARIANT_SET, export_shipped, test_metrics  # noqa: E402
+from global_refit import VARIANT_SET, export_shipped, test_metrics  # noqa: E402
 from global_transfer_grid import OUT as GRID_OUT  # noqa: E402
 from global_transfer_grid import RUNS as GRID_RUNS  # noqa: E402
 from global_transfer_grid import TRAIN_SPLIT as GRID_SPLITS  # noqa: E402
-from global_transfer_grid import train_missing, validate  # noqa: E402
+from global_transfer_grid import config_of as grid_config  # noqa: E402
+from global_transfer_grid import grocery_card, train_missing, validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "global" / "seed_grid.json"
@@ -69,7 +69,7 @@ TRAIN_SPLIT = GRID_SPLITS["grocery"]
 
 
 def config_of(name: str, seed: int):
-    return variant_config(SOURCES["grocery"], {**VARIANTS[name], "seed": seed})
+    return grid_config("grocery", name, seed)
 
 
 def run_folder(name: str, seed: int) -> Path:
@@ -125,31 +125,23 @@ def ship(result: dict) -> int:
     assert "tests" in row and "tests" in untrained, "score the tests first"
     if decision["ships"]:
         config = config_of(decision["run"], decision["seed"])
-        card = {
-            "name": SHIPPED_NAME, **SHIPPED_ABOUT,
-            "trained_on": [f"{TRAIN_SPLIT}:train-split (training split minus {config.val_fraction:.0%} of its "
-                           f"identities, held out, seed {config.seed})"],
-            "run": f"grocery `{decision['run']}`, seed {decision['seed']} (experiments/global_seed_grid.py)",
-            "train_config": {**config.model_dump(), "protocols": [TRAIN_SPLIT]},
-            "reproduce": [".venv/bin/python experiments/global_transfer_grid.py --train-only",
-                          ".venv/bin/python experiments/global_seed_grid.py --train-only",
-                          ".venv/bin/python experiments/global_seed_grid.py",
-                          ".venv/bin/python experiments/global_seed_grid.py --ship"],
-            "chosen_on_validation": {
-                "rule": "experiments/global_seed_grid.py: among six grocery-trained variants, each trained with "
-                        "seeds 1-3, the best mean over the seeds of the mean of two leave-one-out mAPs with the "
-                        "projection fitted on their photos without labels (the seed's held-out grocery-open training "
-                        "identities; coil100-open's whole training split); within it the seed furthest above the "
-                        "ImageNet backbone on that seed's sets; "
-                        "shipped because above the ImageNet backbone's mean on the same sets; test queries unused",
-                "validation_map": row["validation"], "validation_mean": row["validation_mean"],
-                "variant_score": decision["score"], "untrained_default_score": decision["untrained_score"],
-                "untrained_default_validation_map": find(rows, None, decision["seed"])["validation"],
-                "untrained_default_validation_mean": find(rows, None, decision["seed"])["validation_mean"],
-                # the set tests/models/test_shipped.py searches again from the shipped files
-                "check": {"protocol": TRAIN_SPLIT, "held_out_fraction": config.val_fraction,
-                          "seed": config.seed, "validation_key": "own held-out"}},
-        }
+        imagenet = find(rows, None, decision["seed"])
+        card = grocery_card(
+            config, f"grocery `{decision['run']}`, seed {decision['seed']} (experiments/global_seed_grid.py)",
+            [".venv/bin/python experiments/global_transfer_grid.py --train-only",
+             ".venv/bin/python experiments/global_seed_grid.py --train-only",
+             ".venv/bin/python experiments/global_seed_grid.py",
+             ".venv/bin/python experiments/global_seed_grid.py --ship"],
+            {"rule": "experiments/global_seed_grid.py: among six grocery-trained variants, each trained with "
+                     "seeds 1-3, the best mean over the seeds of the mean of two leave-one-out mAPs with the "
+                     "projection fitted on their photos without labels (the seed's held-out grocery-open training "
+                     "identities; coil100-open's whole training split); within it the seed furthest above the "
+                     "ImageNet backbone on that seed's sets; "
+                     "shipped because above the ImageNet backbone's mean on the same sets; test queries unused",
+             "validation_map": row["validation"], "validation_mean": row["validation_mean"],
+             "variant_score": decision["score"], "untrained_default_score": decision["untrained_score"],
+             "untrained_default_validation_map": imagenet["validation"],
+             "untrained_default_validation_mean": imagenet["validation_mean"]})
         decision["shipped"] = export_shipped(trained_run(decision["run"], decision["seed"]), card, row["tests"],
                                              untrained["tests"])
     result["ship"] = {**decision, "command": ".venv/bin/python experiments/global_seed_grid.py --ship"}

@@ -60,8 +60,25 @@ TRAIN_SPLIT = {"grocery": "grocery-open", "coil": "coil100-open"}
 OTHER = {"grocery": "coil", "coil": "grocery"}
 
 
-def config_of(source: str, name: str):
-    return variant_config(SOURCES[source], {**VARIANTS[name], "seed": SEED})
+def config_of(source: str, name: str, seed: int = SEED):
+    return variant_config(SOURCES[source], {**VARIANTS[name], "seed": seed})
+
+
+def grocery_card(config, run: str, reproduce: list[str], chosen_on_validation: dict) -> dict:
+    """lite0-global's card for a grocery-trained run with ``config``: what every grid's card says,
+    and the held-out set (``check``) tests/models/test_shipped.py searches again from the files."""
+    split = TRAIN_SPLIT["grocery"]
+    return {
+        "name": SHIPPED_NAME, **SHIPPED_ABOUT,
+        "trained_on": [f"{split}:train-split (training split minus {config.val_fraction:.0%} of its identities, "
+                       f"held out, seed {config.seed})"],
+        "run": run,
+        "train_config": {**config.model_dump(), "protocols": [split]},
+        "reproduce": reproduce,
+        "chosen_on_validation": {**chosen_on_validation,
+                                 "check": {"protocol": split, "held_out_fraction": config.val_fraction,
+                                           "seed": config.seed, "validation_key": "own held-out"}},
+    }
 
 
 def train_missing(config, split: str, folder: Path) -> Path:
@@ -116,27 +133,18 @@ def ship(result: dict) -> int:
                 "ships": row["validation_mean"] > untrained["validation_mean"]}
     if decision["ships"]:
         config = config_of("grocery", row["run"])
-        card = {
-            "name": SHIPPED_NAME, **SHIPPED_ABOUT,
-            "trained_on": [f"{TRAIN_SPLIT['grocery']}:train-split (training split minus {config.val_fraction:.0%} of "
-                           f"its identities, held out, seed {config.seed})"],
-            "run": f"grocery `{row['run']}` (experiments/global_transfer_grid.py, seed {SEED})",
-            "train_config": {**config.model_dump(), "protocols": [TRAIN_SPLIT["grocery"]]},
-            "reproduce": [".venv/bin/python experiments/global_transfer_grid.py --train-only",
-                          ".venv/bin/python experiments/global_transfer_grid.py",
-                          ".venv/bin/python experiments/global_transfer_grid.py --ship"],
-            "chosen_on_validation": {
-                "rule": "experiments/global_transfer_grid.py: among the grocery-trained runs, the best mean of two "
-                        "leave-one-out mAPs with the projection fitted on their photos without labels (grocery-open's "
-                        "held-out training identities; coil100-open's whole training split), shipped because above "
-                        "the ImageNet backbone's mean on the same sets; test queries unused",
-                "validation_map": row["validation"], "validation_mean": row["validation_mean"],
-                "untrained_default_validation_map": untrained["validation"],
-                "untrained_default_validation_mean": untrained["validation_mean"],
-                # the set tests/models/test_shipped.py searches again from the shipped files
-                "check": {"protocol": TRAIN_SPLIT["grocery"], "held_out_fraction": config.val_fraction,
-                          "seed": config.seed, "validation_key": "own held-out"}},
-        }
+        card = grocery_card(
+            config, f"grocery `{row['run']}` (experiments/global_transfer_grid.py, seed {SEED})",
+            [".venv/bin/python experiments/global_transfer_grid.py --train-only",
+             ".venv/bin/python experiments/global_transfer_grid.py",
+             ".venv/bin/python experiments/global_transfer_grid.py --ship"],
+            {"rule": "experiments/global_transfer_grid.py: among the grocery-trained runs, the best mean of two "
+                     "leave-one-out mAPs with the projection fitted on their photos without labels (grocery-open's "
+                     "held-out training identities; coil100-open's whole training split), shipped because above "
+                     "the ImageNet backbone's mean on the same sets; test queries unused",
+             "validation_map": row["validation"], "validation_mean": row["validation_mean"],
+             "untrained_default_validation_map": untrained["validation"],
+             "untrained_default_validation_mean": untrained["validation_mean"]})
         decision["shipped"] = export_shipped(trained_run("grocery", row["run"]), card, row["tests"],
                                              untrained["tests"])
     result["ship"] = {**decision, "command": ".venv/bin/python experiments/global_transfer_grid.py --ship"}
