@@ -621,7 +621,7 @@ def main() -> int:
     if args.both:
         print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
         return 0
-    out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{args.model}")
+    out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{Path(args.model).parent.name if Path(args.model).name == 'best' else Path(args.model).name}")
                         + ("-refit" if args.refit_global else "")
                         + (f"-scale{args.scale:g}" if args.scale != 1 else "")
                         + (f"-tap{args.tap}" if args.tap is not None else "")

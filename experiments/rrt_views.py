@@ -39,9 +39,11 @@ def cmd_base(args: argparse.Namespace) -> int:
     from waldo.models.untrained import untrained_model
 
     paths = [p for name in PROTOCOLS for p in get_protocol(name).train.paths]
-    model, config = untrained_model("efficientnet_lite0", projection="pca-whiten", fit_paths=paths,
+    # --local-stage 4 --dim 64 --projection views-whiten: the untrained default's global descriptor
+    # with the locals of `waldo index build --local-stage 4 --dim 64` (stride-16 cells, 64-d PCA)
+    model, config = untrained_model("efficientnet_lite0", projection=args.projection, fit_paths=paths,
                                     fit_source="grocery-open:train+coil100-open:train", max_fit_images=1500,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, dim=args.dim, local_stage=args.local_stage)
     save_model(model, config, args.out)
     print(f"{args.out}: {config.projection}")
     return 0
@@ -408,6 +410,124 @@ def _input_size_block(result: dict) -> str:
               "docs/performance.md):\n\n" + "\n".join(cost))
 
 
+STRIDE16 = "stride16.json"
+STRIDE16_BASE = ("python experiments/rrt_views.py base --out runs/base-lite0-s4 --projection views-whiten --dim 64 "
+                 "--local-stage 4")
+STRIDE16_CONFIGS = ("configs/rrt-views-s4-cpu.json", "configs/rrt-views-s4-deep-cpu.json")
+STRIDE16_DATA = "--data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample"
+
+
+def cmd_stride16(args: argparse.Namespace) -> int:
+    """Gather the RRT-on-stride-16-cells study into results/rrt_views/stride16.json: each run's
+    validation by epoch (its log.jsonl), its best checkpoint's recorded choice (rrt.json), the
+    training-free local matching on the same validation (experiments/local_matching.py --model
+    RUN/best) and the tests of the run the validation prefers (``eval``), reported only."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from local_matching import choose as choose_local
+
+    if args.run is None:
+        args.run, args.config = ["runs/rrt-views-s4", "runs/rrt-views-s4-deep"], list(STRIDE16_CONFIGS)
+    if args.config is None or len(args.config) != len(args.run):
+        raise SystemExit("--config once for each --run, in the same order")
+    runs = []
+    for run in map(Path, args.run):
+        train_config = json.loads((run / "train_config.json").read_text())
+        config_path = args.config[len(runs)]
+        epochs = []
+        for line in (run / "log.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            macro = entry["val"]["macro"]
+            epochs.append({"epoch": entry["epoch"], "pair_auc": entry.get("pair_auc"), "loss": entry.get("loss"),
+                           "rrt": {m: round(macro["rrt"][m], 4) for m in ("recall@1", "map@100")},
+                           "rrt_per_set_map@100": {name: round(v["rrt"]["map@100"], 4)
+                                                   for name, v in entry["val"]["sets"].items()}})
+        training = json.loads((run / "best" / "rrt.json").read_text())["training"]
+        fusion = training["fusion_val"]["macro"]
+        runs.append({"run": str(run), "config": config_path, "rrt": train_config["rrt"],
+                     "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 --out {run} "
+                                f"{STRIDE16_DATA}",
+                     "best_epoch": training["epoch"], "fusion_weight": training["fusion_weight"],
+                     "default_reranker": training["default_reranker"],
+                     "validation": {name: {m: round(fusion[name][m], 4) for m in ("recall@1", "map@100")}
+                                    for name in ("none", "rrt", "rrt-fusion")},
+                     "epochs": epochs})
+    local = json.loads((RESULTS / args.local_matching).read_text())
+    best_local, guarded = choose_local(local), None
+    try:
+        guarded = choose_local(local, guarded=True)
+    except ValueError:
+        pass
+    test = json.loads((RESULTS / args.test).read_text())
+    from waldo.rerank.local_match import LocalMatchSetting
+
+    setting = LocalMatchSetting.for_model(Path(test["model"]))  # what the test's local-match used
+    out = {"base_command": STRIDE16_BASE, "runs": runs,
+           "local_matching": {"file": args.local_matching, "command": f"python experiments/local_matching.py "
+                                                                      f"--model {runs[0]['run']}/best",
+                              "sets": local["sets"], "none": local["rows"][0], "best": best_local,
+                              "best_below_global_on_no_set": guarded},
+           "test": {"file": args.test, "model": test["model"], "command": test["command"],
+                    "local_match": {"weight": setting.weight, "threshold": setting.threshold},
+                    "protocols": test["protocols"]}}
+    (RESULTS / STRIDE16).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {RESULTS / STRIDE16}")
+    return 0
+
+
+def _stride16_block(result: dict) -> str:
+    """The RRT on stride-16 cells: validation (chooses), training-free matching beside it, the test."""
+    val = ["| reranker (validation: the held-out training identities, macro over sets) | R@1 | map@100 | "
+           "map@100 per set | best epoch | default |", "|---|---|---|---|---|---|"]
+    local = result["local_matching"]
+    names = [s["name"] for s in local["sets"]]
+    none = local["none"]
+    val.append(f"| global search (none) | {none['recall@1']:.4f} | {none['map@100']:.4f} | "
+               f"{' / '.join(f'{x:.4f}' for x in none['per_set_map@100'])} | - | - |")
+    for run in result["runs"]:
+        r = run["rrt"]
+        what = f"RRT, {r['n_layers']} layers, ff {r['ff_dim']} (`{run['config']}`)"
+        best = next(e for e in run["epochs"] if e["epoch"] == run["best_epoch"])
+        for name in ("rrt", "rrt-fusion"):
+            v = run["validation"][name]
+            per_set = (" / ".join(f"{best['rrt_per_set_map@100'][n]:.4f}" for n in names) if name == "rrt" else "-")
+            label = what if name == "rrt" else f"{what}, fusion (weight {run['fusion_weight']})"
+            val.append(f"| {label} | {v['recall@1']:.4f} | {v['map@100']:.4f} | {per_set} | {run['best_epoch']} | "
+                       f"{run['default_reranker'] if name == 'rrt' else ''} |")
+    for key, label in (("best", "training-free local matching, best mean"),
+                       ("best_below_global_on_no_set", "training-free local matching, best below global on no set")):
+        choice = local.get(key)
+        if choice:
+            v = choice["validation"]
+            val.append(f"| {label}: global + {choice['weight']:g} x {choice['kind']} | {v['recall@1']:.4f} | "
+                       f"{v['map@100']:.4f} | {' / '.join(f'{x:.4f}' for x in v['per_set_map@100'])} | - | - |")
+    curves = "\n".join(f"- `{run['config']}`: " + ", ".join(
+        f"{e['epoch']}: {e['rrt']['map@100']:.4f}" + (f" ({e['pair_auc']:.3f})" if e.get("pair_auc") else "")
+        for e in run["epochs"]) for run in result["runs"])
+    test = result["test"]
+    setting = test["local_match"]
+    rows = ["| protocol | global R@1 / mAP | rrt R@1 / mAP | rrt-fusion R@1 / mAP | local-match (weight "
+            f"{setting['weight']:g}, cosine > {setting['threshold']:g}) R@1 / mAP | rrt ms / query |",
+            "|---|---|---|---|---|---|"]
+    for protocol, entry in test["protocols"].items():
+        cells = [f"{entry[n]['recall@1']:.4f} / {entry[n]['map']:.4f}" for n in ("global", "rrt", "rrt-fusion",
+                                                                                 "local-match")]
+        rows.append(f"| {protocol} | " + " | ".join(cells) + f" | {entry['rrt'].get('rerank_ms_per_query')} |")
+    commands = "; ".join(f"`{run['command']}`" for run in result["runs"])
+    sets = ", ".join(f"{s['name']} ({s['queries']} queries)" for s in local["sets"])
+    return (f"Base model: `{result['base_command']}`. Training: {commands}. Training-free matching on the same "
+            f"validation: `{local['command']}` (results/rrt_views/{local['file']}). Gathered by `python "
+            f"experiments/rrt_views.py stride16` (results/rrt_views/{STRIDE16}).\n\n"
+            f"Validation (sets: {sets}):\n\n"
+            + "\n".join(val) + "\n\nValidation map@100 of the RRT alone by epoch (0 = untrained: global search; "
+            "in brackets the training pairs' AUC):\n\n" + curves
+            + f"\n\nTest (reported, never chosen on; `{run_name(test)}`): `{test['command']}` "
+            f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
+
+
+def run_name(test: dict) -> str:
+    return test["model"].replace(str(ROOT) + "/", "")
+
+
 LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
@@ -418,6 +538,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
     "rrt-views-ablation": (("ablation.json",), _ablation_block),
     "rrt-views-skip": (("lw-token-skip.json",), _skip_block),
     "rrt-views-input-size": ((INPUT_SIZE,), _input_size_block),
+    "rrt-views-stride16": ((STRIDE16,), _stride16_block),
 }
 
 
@@ -633,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     base = commands.add_parser("base", help="build the fixed descriptor model")
     base.add_argument("--out", required=True)
+    base.add_argument("--projection", default="pca-whiten", help="waldo.models.untrained projection")
+    base.add_argument("--dim", type=int, default=128, help="the locals' width (and the RRT's d_model)")
+    base.add_argument("--local-stage", type=int, default=None, help="locals from this backbone stage")
     base.add_argument("--quiet", action="store_true")
     base.set_defaults(handler=cmd_base)
     ev = commands.add_parser("eval", help="test figures of a reranker folder")
@@ -676,6 +800,13 @@ def main(argv: list[str] | None = None) -> int:
     choose.add_argument("--data", action="append", required=True, help="the run's --data specs")
     choose.add_argument("--quiet", action="store_true")
     choose.set_defaults(handler=cmd_choose)
+    stride16 = commands.add_parser("stride16", help="gather the RRT-on-stride-16-cells study (results/rrt_views/"
+                                                    "stride16.json)")
+    stride16.add_argument("--run", action="append", help="a training run folder, repeatable (default: both runs)")
+    stride16.add_argument("--config", action="append", help="each run's config file, in the same order")
+    stride16.add_argument("--local-matching", default="local-matching-rrt-views-s4.json")
+    stride16.add_argument("--test", default="s4-test.json")
+    stride16.set_defaults(handler=cmd_stride16)
     doc = commands.add_parser("doc", help="regenerate the docs/results.md blocks from results/rrt_views/")
     doc.set_defaults(handler=cmd_doc)
     args = parser.parse_args(argv)
