@@ -569,6 +569,13 @@ def compact_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _model_label(model: str) -> str:
+    """A results-file label for ``--model``: a shipped name as is, a folder by its name (a training
+    run's ``best/`` by the run's)."""
+    path = Path(model)
+    return path.parent.name if path.name == "best" else path.name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lite0-lw-rrt")
@@ -621,7 +628,7 @@ def main() -> int:
     if args.both:
         print(combined_table(json.loads(OUT.read_text()), json.loads(OUT.with_name("local-matching-refit.json").read_text())))
         return 0
-    out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{Path(args.model).parent.name if Path(args.model).name == 'best' else Path(args.model).name}")
+    out = OUT.with_name("local-matching" + ("" if args.model == "lite0-lw-rrt" else f"-{_model_label(args.model)}")
                         + ("-refit" if args.refit_global else "")
                         + (f"-scale{args.scale:g}" if args.scale != 1 else "")
                         + (f"-tap{args.tap}" if args.tap is not None else "")

@@ -413,7 +413,8 @@ def _input_size_block(result: dict) -> str:
 STRIDE16 = "stride16.json"
 STRIDE16_BASE = ("python experiments/rrt_views.py base --out runs/base-lite0-s4 --projection views-whiten --dim 64 "
                  "--local-stage 4")
-STRIDE16_CONFIGS = ("configs/rrt-views-s4-cpu.json", "configs/rrt-views-s4-deep-cpu.json")
+STRIDE16_RUNS = {"runs/rrt-views-s4": "configs/rrt-views-s4-cpu.json",  # run folder -> its config
+                 "runs/rrt-views-s4-deep": "configs/rrt-views-s4-deep-cpu.json"}
 STRIDE16_DATA = "--data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample"
 
 
@@ -425,14 +426,10 @@ def cmd_stride16(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "experiments"))
     from local_matching import choose as choose_local
 
-    if args.run is None:
-        args.run, args.config = ["runs/rrt-views-s4", "runs/rrt-views-s4-deep"], list(STRIDE16_CONFIGS)
-    if args.config is None or len(args.config) != len(args.run):
-        raise SystemExit("--config once for each --run, in the same order")
     runs = []
-    for run in map(Path, args.run):
+    for run, config_path in STRIDE16_RUNS.items():
+        run = ROOT / run
         train_config = json.loads((run / "train_config.json").read_text())
-        config_path = args.config[len(runs)]
         epochs = []
         for line in (run / "log.jsonl").read_text().splitlines():
             entry = json.loads(line)
@@ -443,8 +440,9 @@ def cmd_stride16(args: argparse.Namespace) -> int:
                                                    for name, v in entry["val"]["sets"].items()}})
         training = json.loads((run / "best" / "rrt.json").read_text())["training"]
         fusion = training["fusion_val"]["macro"]
-        runs.append({"run": str(run), "config": config_path, "rrt": train_config["rrt"],
-                     "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 --out {run} "
+        runs.append({"run": str(run.relative_to(ROOT)), "config": config_path, "rrt": train_config["rrt"],
+                     "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 "
+                                f"--out {run.relative_to(ROOT)} "
                                 f"{STRIDE16_DATA}",
                      "best_epoch": training["epoch"], "fusion_weight": training["fusion_weight"],
                      "default_reranker": training["default_reranker"],
@@ -460,11 +458,12 @@ def cmd_stride16(args: argparse.Namespace) -> int:
     test = json.loads((RESULTS / args.test).read_text())
     from waldo.rerank.local_match import LocalMatchSetting
 
-    setting = LocalMatchSetting.for_model(Path(test["model"]))  # what the test's local-match used
+    setting = LocalMatchSetting.for_model(ROOT / test["model"])  # what the test's local-match used
     out = {"base_command": STRIDE16_BASE, "runs": runs,
            "local_matching": {"file": args.local_matching, "command": f"python experiments/local_matching.py "
                                                                       f"--model {runs[0]['run']}/best",
-                              "sets": local["sets"], "none": local["rows"][0], "best": best_local,
+                              "sets": local["sets"], "none": next(r for r in local["rows"] if r["ranking"] == "none"),
+                              "best": best_local,
                               "best_below_global_on_no_set": guarded},
            "test": {"file": args.test, "model": test["model"], "command": test["command"],
                     "local_match": {"weight": setting.weight, "threshold": setting.threshold},
@@ -520,12 +519,8 @@ def _stride16_block(result: dict) -> str:
             f"Validation (sets: {sets}):\n\n"
             + "\n".join(val) + "\n\nValidation map@100 of the RRT alone by epoch (0 = untrained: global search; "
             "in brackets the training pairs' AUC):\n\n" + curves
-            + f"\n\nTest (reported, never chosen on; `{run_name(test)}`): `{test['command']}` "
+            + f"\n\nTest (reported, never chosen on; `{test['model']}`): `{test['command']}` "
             f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
-
-
-def run_name(test: dict) -> str:
-    return test["model"].replace(str(ROOT) + "/", "")
 
 
 LW224_RESULTS = "lw224-which-reranker.json"
@@ -802,8 +797,6 @@ def main(argv: list[str] | None = None) -> int:
     choose.set_defaults(handler=cmd_choose)
     stride16 = commands.add_parser("stride16", help="gather the RRT-on-stride-16-cells study (results/rrt_views/"
                                                     "stride16.json)")
-    stride16.add_argument("--run", action="append", help="a training run folder, repeatable (default: both runs)")
-    stride16.add_argument("--config", action="append", help="each run's config file, in the same order")
     stride16.add_argument("--local-matching", default="local-matching-rrt-views-s4.json")
     stride16.add_argument("--test", default="s4-test.json")
     stride16.set_defaults(handler=cmd_stride16)
