@@ -55,7 +55,9 @@ def _metrics(m: dict) -> dict:
 
 
 def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, precision_study: bool,
-             progress: bool) -> dict:
+             progress: bool, local_match: tuple[float, float] | None = None) -> dict:
+    """Test figures of ``model_dir``'s rerankers on ``protocols``; ``local_match`` (threshold,
+    weight): the setting the local-match reranker uses instead of the model's own."""
     from waldo.data.protocols import get_protocol
     from waldo.data.transforms import get_transform
     from waldo.eval.evaluate import evaluate_protocol
@@ -69,6 +71,8 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
     training = read_rrt_info(model_dir).get("training", {})
     out = {"model": str(model_dir), "default_reranker": training.get("default_reranker"),
            "fusion_weight": training.get("fusion_weight"), "protocols": {}}
+    if local_match is not None:
+        out["local_match"] = {"threshold": local_match[0], "weight": local_match[1]}
     for name in protocols:  # a protocol's name, or a Protocol (e.g. a validation fold)
         protocol = get_protocol(name) if isinstance(name, str) else name
         name = protocol.name
@@ -81,7 +85,12 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
                 continue
             if Need.KEYPOINTS in RERANKERS.spec(reranker_name).needs and keypoints is None:
                 keypoints = run_keypoints(protocol, progress=progress)
-            reranker = RERANKERS.create(reranker_name, RerankerSetup(Path(model_dir), precision="fp32"))
+            if reranker_name == "local-match" and local_match is not None:
+                from waldo.rerank.local_match import LocalMatchReranker, LocalMatchSetting, match_cells_layout
+
+                reranker = LocalMatchReranker(LocalMatchSetting(*local_match), match_cells_layout(Path(model_dir)))
+            else:
+                reranker = RERANKERS.create(reranker_name, RerankerSetup(Path(model_dir), precision="fp32"))
             reranked = rerank_run(run, reranker, 100, keypoints=keypoints, progress=progress)
             entry[reranker_name] = _metrics(reranked.metrics)
             if reranker_name == "rrt" and precision_study:
@@ -113,8 +122,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from waldo.models.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
+    local_match = None
+    if args.local_match:
+        threshold, weight = (float(x) for x in args.local_match.split(","))
+        local_match = (threshold, weight)
     result = evaluate(model_dir, args.protocols.split(","), args.rerank.split(","),
-                      precision_study=args.precision, progress=not args.quiet)
+                      precision_study=args.precision, progress=not args.quiet, local_match=local_match)
     result["command"] = " ".join(["python", "experiments/rrt_views.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.name}.json"
@@ -418,6 +431,30 @@ STRIDE16_RUNS = {"runs/rrt-views-s4": "configs/rrt-views-s4-cpu.json",  # run fo
 STRIDE16_DATA = "--data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample"
 
 
+def _run_summary(run: Path, config_path: str) -> dict:
+    """One RRT run over runs/base-lite0-s4: its validation by epoch (log.jsonl) and its best
+    checkpoint's recorded choice (rrt.json)."""
+    train_config = json.loads((run / "train_config.json").read_text())
+    epochs = []
+    for line in (run / "log.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        macro = entry["val"]["macro"]
+        epochs.append({"epoch": entry["epoch"], "pair_auc": entry.get("pair_auc"), "loss": entry.get("loss"),
+                       "rrt": {m: round(macro["rrt"][m], 4) for m in ("recall@1", "map@100")},
+                       "rrt_per_set_map@100": {name: round(v["rrt"]["map@100"], 4)
+                                               for name, v in entry["val"]["sets"].items()}})
+    training = json.loads((run / "best" / "rrt.json").read_text())["training"]
+    fusion = training["fusion_val"]["macro"]
+    return {"run": str(run.relative_to(ROOT)), "config": config_path, "rrt": train_config["rrt"],
+            "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 "
+                       f"--out {run.relative_to(ROOT)} {STRIDE16_DATA}",
+            "best_epoch": training["epoch"], "fusion_weight": training["fusion_weight"],
+            "default_reranker": training["default_reranker"],
+            "validation": {name: {m: round(fusion[name][m], 4) for m in ("recall@1", "map@100")}
+                           for name in ("none", "rrt", "rrt-fusion")},
+            "epochs": epochs}
+
+
 def cmd_stride16(args: argparse.Namespace) -> int:
     """Gather the RRT-on-stride-16-cells study into results/rrt_views/stride16.json: each run's
     validation by epoch (its log.jsonl), its best checkpoint's recorded choice (rrt.json), the
@@ -426,29 +463,7 @@ def cmd_stride16(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "experiments"))
     from local_matching import choose as choose_local
 
-    runs = []
-    for run, config_path in STRIDE16_RUNS.items():
-        run = ROOT / run
-        train_config = json.loads((run / "train_config.json").read_text())
-        epochs = []
-        for line in (run / "log.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            macro = entry["val"]["macro"]
-            epochs.append({"epoch": entry["epoch"], "pair_auc": entry.get("pair_auc"), "loss": entry.get("loss"),
-                           "rrt": {m: round(macro["rrt"][m], 4) for m in ("recall@1", "map@100")},
-                           "rrt_per_set_map@100": {name: round(v["rrt"]["map@100"], 4)
-                                                   for name, v in entry["val"]["sets"].items()}})
-        training = json.loads((run / "best" / "rrt.json").read_text())["training"]
-        fusion = training["fusion_val"]["macro"]
-        runs.append({"run": str(run.relative_to(ROOT)), "config": config_path, "rrt": train_config["rrt"],
-                     "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 "
-                                f"--out {run.relative_to(ROOT)} "
-                                f"{STRIDE16_DATA}",
-                     "best_epoch": training["epoch"], "fusion_weight": training["fusion_weight"],
-                     "default_reranker": training["default_reranker"],
-                     "validation": {name: {m: round(fusion[name][m], 4) for m in ("recall@1", "map@100")}
-                                    for name in ("none", "rrt", "rrt-fusion")},
-                     "epochs": epochs})
+    runs = [_run_summary(ROOT / run, config_path) for run, config_path in STRIDE16_RUNS.items()]
     local = json.loads((RESULTS / args.local_matching).read_text())
     best_local, guarded = choose_local(local), None
     try:
@@ -523,6 +538,98 @@ def _stride16_block(result: dict) -> str:
             f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
 
 
+
+MATCH_SKIP = "match-skip.json"  # the RRT that starts as local-match's rule (cmd_match_skip)
+MATCH_SKIP_RUN = ("runs/rrt-views-s4-match", "configs/rrt-views-s4-match-cpu.json")
+
+
+def start_rule(local: dict) -> dict:
+    """The rule a match-skip RRT starts from: among local_matching.py's rows of the kind the
+    product computes (mutual matches, "mnn-T"), the best mean map@100 below global search on no
+    validation set (the guard every default passes)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from local_matching import choose as choose_local
+
+    rows = [r for r in local["rows"] if r["ranking"] == "none" or " x mnn-" in r["ranking"]]
+    chosen = choose_local({"rows": rows}, guarded=True)
+    return {"threshold": float(chosen["kind"][len("mnn-"):]), "weight": chosen["weight"],
+            "validation": chosen["validation"]}
+
+
+def cmd_match_skip(args: argparse.Namespace) -> int:
+    """Gather the match-skip RRT study into results/rrt_views/match-skip.json: the start rule (and
+    that the config starts there), the run's validation by epoch and its recorded choice, the
+    stride-16 RRT without the second residual beside it, and the test of the chosen checkpoint
+    with the start rule beside it (``eval --local-match T,W``), reported only."""
+    local = json.loads((RESULTS / args.local_matching).read_text())
+    rule = start_rule(local)
+    run_dir, config_path = MATCH_SKIP_RUN
+    run = _run_summary(ROOT / run_dir, config_path)
+    rrt = run["rrt"]
+    starts_at = rrt["match_skip_init"] / rrt.get("global_skip_init", 10.0)
+    if abs(starts_at - rule["weight"]) > 1e-9 or abs(rrt["match_skip_threshold"] - rule["threshold"]) > 1e-9:
+        raise SystemExit(f"{config_path} starts at weight {starts_at} / cosine {rrt['match_skip_threshold']}, "
+                         f"not at the validated rule {rule}")
+    stride16 = json.loads((RESULTS / STRIDE16).read_text())
+    test = json.loads((RESULTS / args.test).read_text())
+    if test.get("local_match") != {"threshold": rule["threshold"], "weight": rule["weight"]}:
+        raise SystemExit(f"{args.test}'s local-match is not the start rule: rerun eval with "
+                         f"--local-match {rule['threshold']},{rule['weight']}")
+    out = {"base_command": STRIDE16_BASE, "run": run,
+           "start_rule": {**rule, "file": args.local_matching},
+           "none": next(r for r in local["rows"] if r["ranking"] == "none"),
+           "without_match_skip": stride16["runs"][0],
+           "test": {"file": args.test, "model": test["model"], "command": test["command"],
+                    "protocols": test["protocols"]}}
+    (RESULTS / MATCH_SKIP).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {RESULTS / MATCH_SKIP}")
+    return 0
+
+
+def _match_skip_block(result: dict) -> str:
+    """The RRT that starts as the training-free rule: validation (chooses), the curve, the test."""
+    run, rule, none = result["run"], result["start_rule"], result["none"]
+    names = list(run["epochs"][0]["rrt_per_set_map@100"])
+    best = next(e for e in run["epochs"] if e["epoch"] == run["best_epoch"])
+    start = run["epochs"][0]
+    plain = result["without_match_skip"]
+    plain_best = next(e for e in plain["epochs"] if e["epoch"] == plain["best_epoch"])
+    fmt = lambda values: " / ".join(f"{x:.4f}" for x in values)  # noqa: E731
+    val = ["| ranking (validation: held-out training identities, macro over sets) | R@1 | map@100 | "
+           "map@100 per set |", "|---|---|---|---|",
+           f"| global search (none) | {none['recall@1']:.4f} | {none['map@100']:.4f} | "
+           f"{fmt(none['per_set_map@100'])} |",
+           f"| start rule: global + {rule['weight']:g} x mnn-{rule['threshold']:g} (= the RRT at epoch 0) | "
+           f"{start['rrt']['recall@1']:.4f} | {start['rrt']['map@100']:.4f} | "
+           f"{fmt(start['rrt_per_set_map@100'][n] for n in names)} |",
+           f"| RRT with both residuals, best epoch {run['best_epoch']} (`{run['config']}`) | "
+           f"{run['validation']['rrt']['recall@1']:.4f} | {run['validation']['rrt']['map@100']:.4f} | "
+           f"{fmt(best['rrt_per_set_map@100'][n] for n in names)} |",
+           f"| the same, fusion with global (weight {run['fusion_weight']}) | "
+           f"{run['validation']['rrt-fusion']['recall@1']:.4f} | {run['validation']['rrt-fusion']['map@100']:.4f} | - |",
+           f"| RRT with the global residual only, best epoch {plain['best_epoch']} (`{plain['config']}`) | "
+           f"{plain['validation']['rrt']['recall@1']:.4f} | {plain['validation']['rrt']['map@100']:.4f} | "
+           f"{fmt(plain_best['rrt_per_set_map@100'][n] for n in names)} |"]
+    curve = ", ".join(f"{e['epoch']}: {e['rrt']['map@100']:.4f}" + (f" ({e['pair_auc']:.3f})" if e.get("pair_auc")
+                                                                     else "") for e in run["epochs"])
+    test = result["test"]
+    rows = ["| protocol | global R@1 / mAP | start rule (local-match, weight "
+            f"{rule['weight']:g}, cosine > {rule['threshold']:g}) R@1 / mAP | rrt R@1 / mAP | "
+            "rrt-fusion R@1 / mAP | rrt ms / query |", "|---|---|---|---|---|---|"]
+    for protocol, entry in test["protocols"].items():
+        cells = [f"{entry[n]['recall@1']:.4f} / {entry[n]['map']:.4f}"
+                 for n in ("global", "local-match", "rrt", "rrt-fusion")]
+        rows.append(f"| {protocol} | " + " | ".join(cells) + f" | {entry['rrt'].get('rerank_ms_per_query')} |")
+    return (f"Base model: `{result['base_command']}`. Training: `{run['command']}`. The start rule: among "
+            f"the mutual-match rows of results/rrt_views/{rule['file']}, the best mean below global search on "
+            f"no validation set. Gathered by `python experiments/rrt_views.py match-skip` "
+            f"(results/rrt_views/{MATCH_SKIP}).\n\n"
+            + "\n".join(val) + f"\n\nDefault recorded by validation: **{run['default_reranker']}**.\n\n"
+            "Validation map@100 of the RRT alone by epoch (0 = untrained: the start rule; in brackets the "
+            "training pairs' AUC): " + curve
+            + f"\n\nTest (reported, never chosen on; `{test['model']}`): `{test['command']}` "
+            f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
+
 LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
@@ -534,6 +641,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
     "rrt-views-skip": (("lw-token-skip.json",), _skip_block),
     "rrt-views-input-size": ((INPUT_SIZE,), _input_size_block),
     "rrt-views-stride16": ((STRIDE16,), _stride16_block),
+    "rrt-views-match-skip": ((MATCH_SKIP,), _match_skip_block),
 }
 
 
@@ -760,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--protocols", default=",".join(PROTOCOLS))
     ev.add_argument("--rerank", default="none,rrt,rrt-fusion")
     ev.add_argument("--precision", action="store_true", help="also score the RRT in bf16 (agreement with fp32)")
+    ev.add_argument("--local-match", metavar="THRESHOLD,WEIGHT",
+                    help="the setting local-match uses (default: the model's own, else the code's default)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(handler=cmd_eval)
     ship = commands.add_parser("ship", help="export a run's best reranker as the shipped model, with its card")
@@ -800,6 +910,11 @@ def main(argv: list[str] | None = None) -> int:
     stride16.add_argument("--local-matching", default="local-matching-rrt-views-s4.json")
     stride16.add_argument("--test", default="s4-test.json")
     stride16.set_defaults(handler=cmd_stride16)
+    match_skip = commands.add_parser("match-skip", help="gather the RRT that starts as local-match's rule "
+                                                        "(results/rrt_views/match-skip.json)")
+    match_skip.add_argument("--local-matching", default="local-matching-rrt-views-s4.json")
+    match_skip.add_argument("--test", default="s4-match-test.json")
+    match_skip.set_defaults(handler=cmd_match_skip)
     doc = commands.add_parser("doc", help="regenerate the docs/results.md blocks from results/rrt_views/")
     doc.set_defaults(handler=cmd_doc)
     args = parser.parse_args(argv)

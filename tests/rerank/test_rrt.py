@@ -60,7 +60,8 @@ def test_config_json_round_trip_and_validation():
     before = {"d_model": 128, "n_layers": 6, "n_heads": 4, "ff_dim": 1024, "dropout": 0.0, "activation": "relu",
               "norm_first": False, "use_global_tokens": False, "pos_scale": 2.0, "pos_temperature": 10000.0}
     assert RRTConfig().model_dump() == {**before, "global_skip": False, "global_skip_init": 10.0,
-                                        "global_skip_from": "token"}
+                                        "global_skip_from": "token", "match_skip": False,
+                                        "match_skip_threshold": 0.7, "match_skip_init": 5.0}
     assert RRTConfig.model_validate(before) == RRTConfig()
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         RRTConfig.model_validate({"d_model": 64, "depth": 3})
@@ -275,3 +276,85 @@ def test_a_skip_on_the_descriptor_starts_as_the_serving_global_search(one_thread
         RRTConfig(use_global_tokens=True, global_skip_from="descriptor")
     # an rrt.json written before the option reads as a token-skip model
     assert RRTConfig.model_validate({"use_global_tokens": True, "global_skip": True}).global_skip_from == "token"
+
+
+def _shared_parts(n_cands: int, n_cells: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query and candidates that share a different number of cells with it (0..n_cells), so
+    the mutual-match share spreads over the candidates."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(n_cells, dim, generator=generator)
+    cands = torch.randn(n_cands, n_cells, dim, generator=generator)
+    for i in range(n_cands):
+        shared = torch.randperm(n_cells, generator=generator)[: (i * n_cells) // n_cands]
+        cands[i, shared] = query[shared] + 0.3 * torch.randn(len(shared), dim, generator=generator)
+    return query, cands
+
+
+def test_the_batched_mutual_match_share_is_local_matchs_count():
+    """The RRT's residual counts the cells exactly as training-free local matching does (numpy),
+    and padding leaves out the padded cells on both sides."""
+    import numpy as np
+
+    from waldo.rerank.local_match import mutual_match_share as reference_share
+    from waldo.rerank.rrt import mutual_match_share
+
+    query, cands = _shared_parts(10, 16, 24, seed=5)
+    for threshold in (0.0, 0.7, 0.9):
+        expected = reference_share(query.numpy(), cands.numpy(), threshold)
+        got = mutual_match_share(query[None].expand(10, -1, -1), cands, threshold).numpy()
+        assert np.array_equal(got, expected), threshold
+    assert len(set(expected.tolist())) > 3  # the shares differ between candidates
+    # 4 padded rows of noise after the 16 cells change nothing
+    noise = torch.randn(10, 4, 24)
+    padded_query = torch.cat([query[None].expand(10, -1, -1), noise], 1)
+    padded_cands = torch.cat([cands, noise.flip(0)], 1)
+    mask = torch.zeros(10, 20, dtype=torch.bool)
+    mask[:, 16:] = True
+    got = mutual_match_share(padded_query, padded_cands, 0.7, query_mask=mask, cand_mask=mask).numpy()
+    assert np.array_equal(got, reference_share(query.numpy(), cands.numpy(), 0.7))
+    with pytest.raises(ValueError, match="mutual_match_share needs"):
+        mutual_match_share(query, cands, 0.7)
+
+
+@pytest.mark.parametrize("precision", ["reference", "fp32"])
+def test_a_match_skip_starts_as_the_training_free_rule(one_thread, precision):
+    """With both residuals and the zero classifier, an untrained RRT's logit is
+    10 x global + 5 x mutual-match share + a constant: it ranks exactly as global + 0.5 x share
+    (local-match's rule) does, through the training forward and both serving scorers; the
+    scale is a trained parameter and the option survives save and load."""
+    import numpy as np
+
+    from waldo.rerank.base import RerankCandidates, RerankQuery
+    from waldo.rerank.local_match import mutual_match_share as reference_share
+    from waldo.rerank.rrt_rerankers import RRTReranker
+
+    rrt = _small_model(use_global_tokens=True, global_skip=True, global_skip_from="descriptor", match_skip=True,
+                       match_skip_init=5.0, match_skip_threshold=0.7)
+    query_locals, cand_locals = _shared_parts(12, 9, 32, seed=7)
+    generator = torch.Generator().manual_seed(3)
+    query_global = F.normalize(torch.randn(48, generator=generator), dim=0)
+    cand_globals = F.normalize(torch.randn(12, 48, generator=generator), dim=1)
+    serving = (cand_globals @ query_global).numpy()
+    share = reference_share(query_locals.numpy(), cand_locals.numpy(), 0.7)
+    rule = serving + 0.5 * share
+    reranker = RRTReranker(rrt, grid=(3, 3), precision=precision)
+    logits = reranker.logits(RerankQuery(query_locals.numpy(), query_global.numpy()),
+                             RerankCandidates(cand_locals.numpy(), serving, cand_globals.numpy()))
+    offset = logits - 10.0 * rule
+    assert np.allclose(offset, offset[0], atol=1e-4)
+    assert np.array_equal(np.argsort(-logits, kind="stable"), np.argsort(-rule, kind="stable"))
+    assert not np.array_equal(np.argsort(-rule, kind="stable"), np.argsort(-serving, kind="stable"))
+    assert "match_skip_scale" in dict(rrt.named_parameters())
+    assert "match_skip_scale" not in dict(_small_model().named_parameters())  # the reference's keys stay
+
+
+def test_a_match_skip_round_trips_through_the_checkpoint(tmp_path):
+    from waldo.rerank.rrt_checkpoint import load_rrt, save_rrt
+
+    rrt = _small_model(use_global_tokens=True, global_skip=True, global_skip_from="descriptor", match_skip=True,
+                       match_skip_init=3.0)
+    with torch.no_grad():
+        rrt.match_skip_scale.fill_(2.5)
+    save_rrt(tmp_path, rrt, grid=(3, 3), training={})
+    loaded, _ = load_rrt(tmp_path)
+    assert loaded.config == rrt.config and loaded.match_skip_scale.item() == 2.5

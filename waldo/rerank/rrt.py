@@ -65,6 +65,9 @@ class RRTConfig(BaseModel):
     global_skip: bool = False  # residual global-similarity path to the logit (see module doc)
     global_skip_init: float = 10.0  # its initial scale (a logit range of ~10 across cosines 0..1)
     global_skip_from: Literal["token", "descriptor"] = "token"  # which similarity the residual reads (module doc)
+    match_skip: bool = False  # residual from the share of mutually matched cells (module doc)
+    match_skip_threshold: float = Field(0.7, ge=-1.0, lt=1.0)  # the cosine a mutual pair of cells must exceed
+    match_skip_init: float = 5.0  # its initial scale; / global_skip_init = the rule's weight on the share
     pos_scale: float = 2.0  # normalised coordinates in (0, pos_scale]; the reference uses 2, not 2*pi
     pos_temperature: float = 10000.0
 
@@ -137,6 +140,22 @@ class RerankingTransformer(nn.Module):
             # A parameter only when enabled: the reference's state dict keeps exactly its keys.
             self.global_skip_scale = nn.Parameter(torch.tensor(float(config.global_skip_init)))
             nn.init.zeros_(self.classifier.weight)  # start as global search (see module doc)
+        if config.match_skip:
+            self.match_skip_scale = nn.Parameter(torch.tensor(float(config.match_skip_init)))
+            nn.init.zeros_(self.classifier.weight)  # start as the training-free rule (see module doc)
+
+    def match_logit(self, query_local: torch.Tensor, cand_local: torch.Tensor,
+                    query_mask: torch.Tensor | None = None, cand_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The residual ``match_skip_scale * mutual_match_share`` per pair (query (B, L, D) or (L, D)
+        against (B, M, D)); None when the model has no match skip."""
+        if not self.config.match_skip:
+            return None
+        if query_local.ndim == 2:
+            query_local = query_local[None].expand(cand_local.shape[0], -1, -1)
+            query_mask = None if query_mask is None else query_mask[None].expand(cand_local.shape[0], -1)
+        share = mutual_match_share(query_local, cand_local, self.config.match_skip_threshold,
+                                   query_mask=query_mask, cand_mask=cand_mask)
+        return self.match_skip_scale.to(share.dtype) * share
 
     def skip_logit(self, query_global: torch.Tensor | None, cand_global: torch.Tensor | None) -> torch.Tensor | None:
         """The residual ``global_skip_scale * (query_global . cand_global)`` per pair (both (B, D)
@@ -261,7 +280,10 @@ class RerankingTransformer(nn.Module):
         logits = self.classifier(self.final_norm(tokens[:, 0])).squeeze(-1)
         skip = self.skip_logit(*self.skip_inputs(inputs.get("query_global"), inputs.get("cand_global"),
                                                  query_skip, cand_skip))
-        return logits if skip is None else logits + skip.to(logits.dtype)
+        if skip is not None:
+            logits = logits + skip.to(logits.dtype)
+        match = self.match_logit(query_local, cand_local, inputs.get("query_mask"), inputs.get("cand_mask"))
+        return logits if match is None else logits + match.to(logits.dtype)
 
     def score_candidates(self, query_local: torch.Tensor, cand_locals: torch.Tensor, *,
                          query_mask: torch.Tensor | None = None, cand_masks: torch.Tensor | None = None,
@@ -303,6 +325,37 @@ class RerankingTransformer(nn.Module):
         if not scores:
             return torch.zeros(0, dtype=torch.float32, device=cand_locals.device)
         return torch.cat(scores)
+
+
+@torch.no_grad()
+def mutual_match_share(query_local: torch.Tensor, cand_local: torch.Tensor, threshold: float, *,
+                       query_mask: torch.Tensor | None = None, cand_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) float32: per pair, the share of the query's (unpadded) cells whose nearest candidate
+    cell (cosine) has that query cell as its own nearest, with a cosine above ``threshold``.
+    query_local (B, L, D), cand_local (B, M, D); masks (B, L) / (B, M) bool, True = padding.
+    The same count as waldo.rerank.local_match.mutual_match_share (numpy), batched over pairs."""
+    if query_local.ndim != 3 or cand_local.ndim != 3 or query_local.shape[0] != cand_local.shape[0] \
+            or query_local.shape[2] != cand_local.shape[2]:
+        raise ValueError(f"mutual_match_share needs (B, L, D) and (B, M, D) locals, got "
+                         f"{tuple(query_local.shape)} and {tuple(cand_local.shape)}")
+    batch, n_query = query_local.shape[:2]
+    if batch == 0 or n_query == 0 or cand_local.shape[1] == 0:
+        return torch.zeros(batch, dtype=torch.float32, device=query_local.device)
+    query = nn.functional.normalize(query_local.float(), dim=-1, eps=1e-6)
+    cand = nn.functional.normalize(cand_local.float(), dim=-1, eps=1e-6)
+    sims = torch.bmm(cand, query.transpose(1, 2))  # (B, M, L): candidate cell x query cell
+    if cand_mask is not None:
+        sims = sims.masked_fill(cand_mask.bool()[:, :, None], float("-inf"))
+    if query_mask is not None:
+        sims = sims.masked_fill(query_mask.bool()[:, None, :], float("-inf"))
+    cosine, best_cand = sims.max(1)  # (B, L): each query cell's nearest candidate cell
+    best_query = sims.argmax(2)  # (B, M): each candidate cell's nearest query cell
+    mutual = best_query.gather(1, best_cand) == torch.arange(n_query, device=sims.device)[None]
+    matched = mutual & (cosine > threshold)
+    if query_mask is None:
+        return matched.float().mean(1)
+    keep = ~query_mask.bool()
+    return (matched & keep).sum(1).float() / keep.sum(1).clamp(min=1).float()
 
 
 def flops_per_pair(config: RRTConfig, n_locals: int = 49) -> float:

@@ -147,12 +147,15 @@ class RRTReranker:
                                                      globals_.get("cand_globals"))
             scores = self._scorer.score(torch.as_tensor(np.asarray(query.local_desc)), embedded,
                                         query_global=globals_.get("query_global"), batch_size=self.batch_size)
-            with torch.inference_mode():  # the fast scorer reads the encoder only; the residual is added here
+            with torch.inference_mode():  # the fast scorer reads the encoder only; the residuals are added here
                 skip = self.rrt.skip_logit(*self.rrt.skip_inputs(
                     globals_.get("query_global"), globals_.get("cand_globals"), globals_.get("query_skip"),
                     globals_.get("cand_skips")))
+                match = self.rrt.match_logit(_as_float_tensor(query.local_desc), _as_float_tensor(candidates.local_desc))
             if skip is not None:
                 scores = scores + skip.float()
+            if match is not None:
+                scores = scores + match.float()
         else:
             scores = self.rrt.score_candidates(_as_float_tensor(query.local_desc),
                                                _as_float_tensor(candidates.local_desc),
