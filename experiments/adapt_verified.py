@@ -85,7 +85,8 @@ def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
         engine.store.close()
         groups, summary = verified_groups(work / "base", progress=False) if "grouped" in variants else ({}, None)
         log(f"groups: {summary}")
-        runs = {"shipped (no adapt)": evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
+        unadapted = "the model's RRT (no adapt)" if "/" in model else "shipped (no adapt)"
+        runs = {unadapted: evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
                                                precision_study=False, progress=False)}
         for name, kwargs in (("plain", {}), ("grouped", {"groups": groups})):
             if name not in variants:
@@ -115,16 +116,22 @@ def _block_names(out: Path) -> tuple[str, str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->", f"### Index adapt: {out.stem}"
 
 
+def _model_words(results: dict) -> str:
+    """"the shipped NAME model", or "the model trained in FOLDER" for a run folder."""
+    model = results.get("model", "lite0-rrt")
+    return f"the model trained in `{model}`" if "/" in model else f"the shipped {model} model"
+
+
 def markdown(results: dict, start: str = START, end: str = END) -> str:
     variants = results.get("variants", ["plain", "grouped"])
+    own = "model's" if "/" in results.get("model", "lite0-rrt") else "shipped"
     runs = ("run twice: every photo its own identity (plain), and with `--group-verified` (photos joined by "
             f"verified pairs among each photo's global top-{results['neighbours']}: "
             "`waldo.train.adapt.verified_groups`)" if "grouped" in variants
             else "every photo its own identity (plain)")
     lines = [start, "",
-             f"A collection's photos (a protocol's queries + gallery) indexed with the shipped "
-             f"{results.get('model', 'lite0-rrt')} model, labels "
-             f"unused; `adapt_index` (its default CPU recipe, starting from the shipped RRT), {runs}. The labels only "
+             f"A collection's photos (a protocol's queries + gallery) indexed with {_model_words(results)}, labels "
+             f"unused; `adapt_index` (its default CPU recipe, starting from the {own} RRT), {runs}. The labels only "
              "measure" + (": \"same object\" is the share of photo pairs within a group that show one identity. "
                            if "grouped" in variants else ". ") +
              "The validation collection (fold 0 of coil100-open's training objects, searched like its test) "

@@ -538,9 +538,15 @@ def _stride16_block(result: dict) -> str:
             f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
 
 
-
 MATCH_SKIP = "match-skip.json"  # the RRT that starts as local-match's rule (cmd_match_skip)
 MATCH_SKIP_RUN = ("runs/rrt-views-s4-match", "configs/rrt-views-s4-match-cpu.json")
+#: trained on one source, tested on the other protocol: run folder -> (its --data, results file, tested protocol)
+MATCH_SKIP_TRANSFER = {"runs/rrt-views-s4-match-grocery": ("--data grocery-open-cross", "s4-match-transfer-grocery.json",
+                                                          "coil100-open"),
+                       "runs/rrt-views-s4-match-coil": ("--data coil100-open", "s4-match-transfer-coil.json",
+                                                       "grocery-open-cross")}
+#: gv and rrt+gv over the same model, one file per protocol (GV over grocery-open-cross alone ~15 min)
+MATCH_SKIP_GV = ("s4-match-gv-coil.json", "s4-match-gv-grocery.json")
 
 
 def start_rule(local: dict) -> dict:
@@ -575,8 +581,23 @@ def cmd_match_skip(args: argparse.Namespace) -> int:
     if test.get("local_match") != {"threshold": rule["threshold"], "weight": rule["weight"]}:
         raise SystemExit(f"{args.test}'s local-match is not the start rule: rerun eval with "
                          f"--local-match {rule['threshold']},{rule['weight']}")
+    transfer = []
+    for run_dir, (data, results_file, protocol) in MATCH_SKIP_TRANSFER.items():
+        if not (ROOT / run_dir / "best" / "rrt.json").is_file() or not (RESULTS / results_file).is_file():
+            continue  # not run (yet): the block says so
+        summary = _run_summary(ROOT / run_dir, config_path)
+        summary["command"] = summary["command"].replace(STRIDE16_DATA, data)
+        tested = json.loads((RESULTS / results_file).read_text())
+        transfer.append({"run": summary, "file": results_file, "command": tested["command"],
+                         "protocol": protocol, "test": tested["protocols"][protocol]})
+    gv_parts = [json.loads((RESULTS / f).read_text()) for f in MATCH_SKIP_GV if (RESULTS / f).is_file()]
     out = {"base_command": STRIDE16_BASE, "run": run,
            "start_rule": {**rule, "file": args.local_matching},
+           "transfer": transfer,
+           "gv": None if not gv_parts else {
+               "file": ", ".join(f for f in MATCH_SKIP_GV if (RESULTS / f).is_file()),
+               "command": "; ".join(part["command"] for part in gv_parts),
+               "protocols": {k: v for part in gv_parts for k, v in part["protocols"].items()}},
            "none": next(r for r in local["rows"] if r["ranking"] == "none"),
            "without_match_skip": stride16["runs"][0],
            "test": {"file": args.test, "model": test["model"], "command": test["command"],
@@ -628,7 +649,35 @@ def _match_skip_block(result: dict) -> str:
             "Validation map@100 of the RRT alone by epoch (0 = untrained: the start rule; in brackets the "
             "training pairs' AUC): " + curve
             + f"\n\nTest (reported, never chosen on; `{test['model']}`): `{test['command']}` "
-            f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows))
+            f"(results/rrt_views/{test['file']})\n\n" + "\n".join(rows) + _match_skip_more(result))
+
+
+def _match_skip_more(result: dict) -> str:
+    """The match-skip RRT with geometric verification after it, and trained on one source."""
+    text = ""
+    if result.get("gv"):
+        gv, test = result["gv"], result["test"]
+        rows = ["| protocol | global R@1 / mAP | gv R@1 / mAP | rrt R@1 / mAP | rrt+gv R@1 / mAP |",
+                "|---|---|---|---|---|"]
+        for protocol, entry in gv["protocols"].items():
+            base = test["protocols"][protocol]
+            cells = [base["global"], entry["gv"], base["rrt"], entry["rrt+gv"]]
+            rows.append(f"| {protocol} | " + " | ".join(f"{c['recall@1']:.4f} / {c['map']:.4f}" for c in cells) + " |")
+        commands = "; ".join(f"`{c}`" for c in gv["command"].split("; "))
+        text += (f"\n\nWith geometric verification ({commands}; results/rrt_views/{gv['file']}):\n\n"
+                 + "\n".join(rows))
+    if result.get("transfer"):
+        rows = ["| trained on | tested on | best epoch / default (its own validation) | global R@1 / mAP | "
+                "start rule R@1 / mAP | rrt R@1 / mAP | rrt-fusion R@1 / mAP |", "|---|---|---|---|---|---|---|"]
+        for entry in result["transfer"]:
+            run, t = entry["run"], entry["test"]
+            cells = [t[n] for n in ("global", "local-match", "rrt", "rrt-fusion")]
+            rows.append(f"| `{run['command'].split('--data ', 1)[1]}` | {entry['protocol']} | {run['best_epoch']} / "
+                        f"{run['default_reranker']} | "
+                        + " | ".join(f"{c['recall@1']:.4f} / {c['map']:.4f}" for c in cells) + " |")
+        commands = "; ".join(f"`{e['run']['command']}` then `{e['command']}`" for e in result["transfer"])
+        text += f"\n\nTrained on one source, tested on the other protocol ({commands}):\n\n" + "\n".join(rows)
+    return text
 
 LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
