@@ -431,9 +431,9 @@ STRIDE16_RUNS = {"runs/rrt-views-s4": "configs/rrt-views-s4-cpu.json",  # run fo
 STRIDE16_DATA = "--data grocery-open-cross --data coil100-open --data ../shared/data/abo_sample"
 
 
-def _run_summary(run: Path, config_path: str) -> dict:
-    """One RRT run over runs/base-lite0-s4: its validation by epoch (log.jsonl) and its best
-    checkpoint's recorded choice (rrt.json)."""
+def _run_summary(run: Path, config_path: str, data: str = STRIDE16_DATA) -> dict:
+    """One RRT run over runs/base-lite0-s4 (trained on ``data``, its --data specs): its
+    validation by epoch (log.jsonl) and its best checkpoint's recorded choice (rrt.json)."""
     train_config = json.loads((run / "train_config.json").read_text())
     epochs = []
     for line in (run / "log.jsonl").read_text().splitlines():
@@ -447,7 +447,7 @@ def _run_summary(run: Path, config_path: str) -> dict:
     fusion = training["fusion_val"]["macro"]
     return {"run": str(run.relative_to(ROOT)), "config": config_path, "rrt": train_config["rrt"],
             "command": f"waldo train rrt --config {config_path} --init runs/base-lite0-s4 "
-                       f"--out {run.relative_to(ROOT)} {STRIDE16_DATA}",
+                       f"--out {run.relative_to(ROOT)} {data}",
             "best_epoch": training["epoch"], "fusion_weight": training["fusion_weight"],
             "default_reranker": training["default_reranker"],
             "validation": {name: {m: round(fusion[name][m], 4) for m in ("recall@1", "map@100")}
@@ -585,8 +585,7 @@ def cmd_match_skip(args: argparse.Namespace) -> int:
     for run_dir, (data, results_file, protocol) in MATCH_SKIP_TRANSFER.items():
         if not (ROOT / run_dir / "best" / "rrt.json").is_file() or not (RESULTS / results_file).is_file():
             continue  # not run (yet): the block says so
-        summary = _run_summary(ROOT / run_dir, config_path)
-        summary["command"] = summary["command"].replace(STRIDE16_DATA, data)
+        summary = _run_summary(ROOT / run_dir, config_path, data)
         tested = json.loads((RESULTS / results_file).read_text())
         transfer.append({"run": summary, "file": results_file, "command": tested["command"],
                          "protocol": protocol, "test": tested["protocols"][protocol]})
