@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 WALDO_DATA ?= ../shared/data
 DEMO_INDEX ?= demo-index
-# The shipped model (waldo/pretrained/): lite0 + a trained global descriptor + trained RRT, so
-# the page offers every reranker over the better global ranking.
-DEMO_MODEL ?= lite0-lw-rrt
-# Stage-4 match cells (64-d, fitted on the indexed photos) beside the model's locals: the page
-# offers the training-free local-match reranker too (README, "Which reranker when").
-DEMO_LOCAL ?= --local-stage 4 --dim 64
+# The shipped model (waldo/pretrained/): lite0 + a trained global descriptor + the RRT that starts
+# as local matching, its default chosen on validation, so the page offers every reranker over the
+# better global ranking (README, "Which reranker when").
+DEMO_MODEL ?= lite0-match-rrt
+# Its locals are the backbone's stage-4 cells already, which local-match reads; a model with
+# coarser locals (lite0-lw-rrt) stores such cells beside them with: --local-stage 4 --dim 64
+DEMO_LOCAL ?=
 DEMO_DATA ?= $(WALDO_DATA)/grocery_store
 comma := ,
 # The split filter belongs to the grocery labels.csv; any other folder is indexed whole.

@@ -276,7 +276,8 @@ def _demo_int8() -> str:
     mib = {k: v / 2**20 for k, v in data["bytes"].items()}
     rows = "; ".join(f"{name} {r['same top-1']:.1%} (R@1 searching that index {r['R@1 float16']:.4f} -> "
                      f"{r['R@1 int8']:.4f})" for name, r in data["rerankers"].items() if name != "none")
-    return (f" make demo's index (lite0-lw-rrt with stage-4 match cells, 3,017 photos) takes {mib['float16']:.0f} MiB "
+    return (f" make demo's index as it was before `lite0-match-rrt` (lite0-lw-rrt with stage-4 match cells, 3,017 "
+            f"photos) took {mib['float16']:.0f} MiB "
             f"with float16 locals and {mib['int8']:.0f} MiB with int8; over {data['queries']} grocery-open-cross test "
             f"queries the same top-1 for {rows}; global search is untouched "
             "(`.venv/bin/python benchmarks/demo_int8.py`, results/demo_int8.json). make demo keeps float16, the "

@@ -571,9 +571,9 @@ def compact_table(results: list[dict]) -> str:
 
 def _model_label(model: str) -> str:
     """A results-file label for ``--model``: a shipped name as is, a folder by its name (a training
-    run's ``best/`` by the run's)."""
+    run's ``best/`` or ``last/`` by the run's)."""
     path = Path(model)
-    return path.parent.name if path.name == "best" else path.name
+    return path.parent.name if path.name in ("best", "last") else path.name
 
 
 def main() -> int:

