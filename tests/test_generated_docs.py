@@ -261,7 +261,9 @@ def test_adapt_verified_block_is_generated():
     assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "adapt-verified")
     # the same study on make demo's model (plain adapt only), in a block of its own
     # and on the RRT that starts as local matching (a run folder's model)
-    for name, block in (("adapt_lw.json", "adapt-lw"), ("adapt_s4_match.json", "adapt-s4-match")):
+    # and on make demo's lite0-match-rrt
+    for name, block in (("adapt_lw.json", "adapt-lw"), ("adapt_s4_match.json", "adapt-s4-match"),
+                        ("adapt_match_rrt.json", "adapt-match-rrt")):
         start, end, _ = module._block_names(module.ROOT / "results" / name)
         rendered = module.markdown(_results(name), start, end)
         assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", block)
