@@ -870,7 +870,7 @@ def cmd_with_global(args: argparse.Namespace) -> int:
                                        "locals_hash": model_hash(model, exclude=("global_proj.",))}
     if args.input_size_from_global:  # the RRT's position grid follows the feature map, as in training
         # (the locals' own stride: a stage-4 model's 14x14 at 224 px is 18x18 at 288 px)
-        info["grid"] = [-(-config.image_size // model.local_stride)] * 2
+        info["grid"] = list(model.local_grid(config.image_size))
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     card = json.loads((reranker_dir / "card.json").read_text()) if (reranker_dir / "card.json").exists() else {}
     train_config = card.get("train_config") or json.loads((reranker_dir / "train_config.json").read_text())

@@ -147,7 +147,7 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt(data_
     model, config = load_model(folder)
     rrt, info = load_rrt(folder)
     assert config.local_stage == 4 and rrt.config.match_skip and rrt.config.global_skip
-    assert list(info["grid"]) == [-(-config.image_size // model.local_stride)] * 2
+    assert list(info["grid"]) == list(model.local_grid(config.image_size))
     training = info["training"]
     assert training["choice_validation"]["kind"] == "refit-global"
     assert training["choice_validation"]["refit_check_min_cosine"] > 0.999  # the refit is the head's recipe

@@ -177,8 +177,11 @@ def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, 
 SHARED_GLOBAL_HEAD = ("global_proj.weight", "global_proj.bias")
 
 
-def tensors_digest(state: dict[str, torch.Tensor], names: tuple[str, ...] = SHARED_GLOBAL_HEAD) -> str:
-    """sha256 over ``names``' float16 bytes: what identifies a shared global head."""
+def tensors_digest(state: dict[str, torch.Tensor], names: tuple[str, ...] = SHARED_GLOBAL_HEAD) -> str | None:
+    """sha256 over ``names``' float16 bytes: what identifies a shared global head (None when
+    ``state`` lacks one of them)."""
+    if any(name not in state for name in names):
+        return None
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode())
@@ -200,7 +203,8 @@ def _with_shared_global_head(state: dict[str, torch.Tensor], config: ModelConfig
         raise FileNotFoundError(f"{weights_path} takes its global head from the shipped model "
                                 f"{recorded.get('shipped')!r}, which this installation lacks")
     donor = load_file(str(donor_file))
-    if any(name not in donor for name in SHARED_GLOBAL_HEAD) or tensors_digest(donor) != recorded.get("sha256"):
+    digest = tensors_digest(donor)
+    if digest is None or digest != recorded.get("sha256"):
         raise ValueError(f"{weights_path} takes its global head from {recorded.get('shipped')!r}, whose global "
                          "head is no longer the one it was exported with")
     return {**state, **{name: donor[name].float() for name in SHARED_GLOBAL_HEAD}}
