@@ -72,9 +72,10 @@ def purity(groups: dict[str, str], truth: dict[str, str]) -> dict:
 
 
 def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
-          variants: tuple[str, ...] = ("plain", "grouped")) -> dict:
-    """Index the protocol's query and gallery photos (labels unused) with the shipped ``model``;
-    evaluate its reranker and each of ``variants`` (plain / grouped adapt) on the protocol."""
+          variants: tuple[str, ...] = ("plain", "grouped"), adapt_kwargs: dict[str, dict] | None = None) -> dict:
+    """Index the protocol's query and gallery photos (labels unused) with the shipped ``model`` (a
+    name or a folder); evaluate its reranker and each of ``variants`` (plain / grouped adapt, or
+    any name with its ``adapt_index`` arguments in ``adapt_kwargs``) on the protocol."""
     records = {r.path: r.identity for part in (protocol.queries, protocol.gallery) for r in part.records}
     paths = sorted(records)
     with tempfile.TemporaryDirectory(prefix="adapt-verified-") as tmp:
@@ -88,9 +89,8 @@ def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
         unadapted = "the model's RRT (no adapt)" if "/" in model else "shipped (no adapt)"
         runs = {unadapted: evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
                                                precision_study=False, progress=False)}
-        for name, kwargs in (("plain", {}), ("grouped", {"groups": groups})):
-            if name not in variants:
-                continue
+        for name in variants:
+            kwargs = {**(adapt_kwargs or {}).get(name, {}), **({"groups": groups} if name == "grouped" else {})}
             shutil.copytree(work / "base", work / name)
             started = time.perf_counter()
             adapted = adapt_index(work / name, progress=False, **kwargs)

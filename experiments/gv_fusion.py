@@ -135,15 +135,15 @@ LW_SOURCES = ("grocery-open-cross", "coil100-open", "../shared/data/abo_sample")
 LW_CACHE = ROOT / "runs" / "gv-fusion-lw"
 
 
-def lw_refit(protocol: Protocol) -> Path:
+def lw_refit(protocol: Protocol, image_size: int = 224, cache: Path = LW_CACHE) -> Path:
     """make demo's global recipe fitted on every training source with the fold ``protocol``
-    searches left out (cached under runs/gv-fusion-lw)."""
+    searches left out, at ``image_size`` px (cached under ``cache``, runs/gv-fusion-lw by default)."""
     from waldo.data.protocols import VALIDATION_SPLITS
     from waldo.models.whitening import WhiteningSetting
     from waldo.train.sources import TrainingSource, parse_source
     from waldo.train.whitening import train_whitening
 
-    out = LW_CACHE / protocol.name.replace(":", "-")
+    out = cache / protocol.name.replace(":", "-")
     if (out / "whitening.json").is_file():
         return out
     test_name = protocol.name.split(":")[0]
@@ -155,7 +155,7 @@ def lw_refit(protocol: Protocol) -> Path:
         sources.append(source)
     log(f"{protocol.name}: fitting make demo's global recipe without the fold ({[s.name for s in sources]})")
     setting = json.loads((resolve_model_dir("lite0-lw-rrt") / "config.json").read_text())["extra"]["global_head"]["setting"]
-    train_whitening(sources, out, settings=[WhiteningSetting(**setting)], progress=False)
+    train_whitening(sources, out, settings=[WhiteningSetting(**setting)], image_size=image_size, progress=False)
     return out
 
 

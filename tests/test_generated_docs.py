@@ -269,6 +269,18 @@ def test_adapt_verified_block_is_generated():
         assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", block)
 
 
+def test_adapt_lr_block_is_generated():
+    """docs/results.md's choice of index adapt's fine-tuning lr is what experiments/adapt_lr.py renders,
+    and the lr it records as chosen is the rule's on its validation figures and the product's."""
+    from waldo.train.adapt import FINETUNE_LR
+
+    module = _experiment("adapt_lr")
+    results = _results("adapt_lr.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", "adapt-lr")
+    assert results["chosen_lr"] == module.chosen_lr(results["collections"]["validation"]) == FINETUNE_LR
+
+
 def test_local_match_product_table_is_generated():
     """The local-match table in docs/results.md is `experiments/local_matching.py --product`."""
     module = _experiment("local_matching")

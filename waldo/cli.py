@@ -184,7 +184,7 @@ def cmd_index_adapt(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, RRTTrainConfig)
     start = time.perf_counter()
-    result = adapt_index(args.index, config=config, epochs=args.epochs, progress=not args.quiet,
+    result = adapt_index(args.index, config=config, epochs=args.epochs, lr=args.lr, progress=not args.quiet,
                          stop_after=args.stop_after, group_verified=args.group_verified)
     seconds = time.perf_counter() - start
     if not result["installed"]:
@@ -801,6 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "index's RRT if it has one)")
     adapt.add_argument("--epochs", type=int, default=None, metavar="N",
                        help="override the config's epochs (default: the config's)")
+    adapt.add_argument("--lr", type=float, default=None, metavar="LR",
+                       help="override the config's learning rate (default: the config's; without --config, 2e-4 "
+                            "when fine-tuning the index's own reranker, the recipe's 2e-3 for a fresh one)")
     adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="stop after N epochs in this call (resume later with the same command; "
                             "default: train to the end)")

@@ -203,16 +203,43 @@ def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data
                                     "use_global_tokens": True, "global_skip": True},
         "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 2, "val_fraction": 0.25, "val_top_k": 10,
         "negatives_top_k": 10, "threads": 2})
-    paused = adapt.adapt_index(tmp_path / "index", progress=False, stop_after=1)
+    paused = adapt.adapt_index(tmp_path / "index", progress=False, stop_after=1, lr=3e-4)
     assert not paused["installed"] and not has_rrt(tmp_path / "index" / "model")  # the index is untouched
-    done = adapt.adapt_index(tmp_path / "index", progress=False)  # resumes, finishes, installs
+    with pytest.raises(ValueError, match="another config"):  # a resumed run keeps its settings
+        adapt.adapt_index(tmp_path / "index", progress=False, lr=1e-3)
+    done = adapt.adapt_index(tmp_path / "index", progress=False, lr=3e-4)  # resumes, finishes, installs
     assert done["installed"]
+    assert json.loads((tmp_path / "index" / "adapt" / "run" / "train_config.json").read_text())["lr"] == 3e-4
     info = read_rrt_info(tmp_path / "index" / "model")["training"]
     assert info["default_reranker"] in ("none", "rrt", "rrt-fusion") and info["trained_on"][0]["labelled"] is False
     engine = Waldo.open(tmp_path / "index")
     assert {"rrt", "rrt-fusion"} <= set(engine.available_rerankers())
     outcome = engine.search(images.paths[0], k=5, rerank="rrt")
     assert outcome.hits[0].path == images.paths[0]  # the photo itself: its global score dominates at init
+
+
+def test_index_adapt_fine_tunes_the_index_reranker_at_the_lower_lr(data_root, small_model, tmp_path):
+    """An index whose model has a reranker (as the shipped ones do): adapt starts from it, with its
+    shape, at FINETUNE_LR rather than a fresh run's lr; an explicit lr still wins."""
+    import shutil
+
+    import waldo.train.adapt as adapt
+    from waldo.models.checkpoint import load_model
+    from waldo.rerank.rrt_checkpoint import save_rrt
+
+    folder = Path(shutil.copytree(small_model, tmp_path / "with-rrt"))
+    model, config = load_model(folder)
+    trained = RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64, use_global_tokens=True, global_skip=True)
+    save_rrt(folder, RerankingTransformer(trained), grid=model.local_grid(config.image_size))
+    _tiny_index(data_root, folder, tmp_path / "index", n=24)
+    adapt.adapt_index(tmp_path / "index", progress=False, stop_after=0)
+    run = tmp_path / "index" / "adapt"
+    saved = json.loads((run / "run" / "train_config.json").read_text())
+    assert saved["lr"] == adapt.FINETUNE_LR < adapt.ADAPT_DEFAULTS["lr"]
+    assert RRTConfig.model_validate(saved["rrt"]) == trained and (run / "init" / "rrt.safetensors").is_file()
+    _tiny_index(data_root, folder, tmp_path / "other", n=24)
+    adapt.adapt_index(tmp_path / "other", progress=False, stop_after=0, lr=1e-3)
+    assert json.loads((tmp_path / "other" / "adapt" / "run" / "train_config.json").read_text())["lr"] == 1e-3
 
 
 @pytest.mark.parametrize("skip_from", ["token", "descriptor"])
