@@ -17,7 +17,6 @@ not load: the reranker is withdrawn, search goes on, and rerunning the command i
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from waldo.train.config import RRTTrainConfig
@@ -151,6 +150,13 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
         raise ValueError(f"{root} holds {len(paths)} photos; adapting needs at least 20")
     if group_verified and groups is None:
         groups, _ = verified_groups(root, progress=progress)
+    run = root / ADAPT_FOLDER
+    if config is None and epochs is None and lr is None and (run / "run" / "train_config.json").is_file():
+        # Rerunning the bare command resumes the run in progress as it was started (its --lr or
+        # --config, or the defaults of the version that started it).
+        from waldo.train.config import load_config
+
+        config = load_config(run / "run" / "train_config.json", RRTTrainConfig)
     settings = dict(ADAPT_DEFAULTS) if config is None else config.model_dump()
     init_rrt = None
     if has_rrt(model_dir):
@@ -172,12 +178,12 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     else:
         images = ImageSet([ImageRecord(path=p, identity="") for p in paths], root, root.name)
         source = TrainingSource(f"{root.name}:indexed photos", images, labelled=False)
-    run = root / ADAPT_FOLDER
-    if init_rrt is not None and (run / "state").exists() is False:
-        # Starting from the index's reranker: keep a copy, so a resumed run starts from the same one.
+    if init_rrt is not None and not (run / "init" / "rrt.json").is_file():
+        # Starting from the index's reranker: keep a copy, so a resumed run starts from the same
+        # one (not from the adapted one it installs). rrt.json last: its presence marks a whole copy.
         (run / "init").mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors", "rrt.json", "rrt.safetensors"):
-            shutil.copyfile(model_dir / name, run / "init" / name)
+        for name in ("config.json", "model.safetensors", "rrt.safetensors", "rrt.json"):
+            atomic_write_bytes(run / "init" / name, (model_dir / name).read_bytes())
     if (run / "init" / "rrt.json").is_file():
         init_rrt = run / "init"
     best = train_rrt_on_views(config, [source], model_dir, run / "run", cache_root=run / "cache", progress=progress,
