@@ -43,7 +43,8 @@ def cmd_base(args: argparse.Namespace) -> int:
     # with the locals of `waldo index build --local-stage 4 --dim 64` (stride-16 cells, 64-d PCA)
     model, config = untrained_model("efficientnet_lite0", projection=args.projection, fit_paths=paths,
                                     fit_source="grocery-open:train+coil100-open:train", max_fit_images=1500,
-                                    progress=not args.quiet, dim=args.dim, local_stage=args.local_stage)
+                                    progress=not args.quiet, dim=args.dim, local_stage=args.local_stage,
+                                    image_size=args.image_size)
     save_model(model, config, args.out)
     print(f"{args.out}: {config.projection}")
     return 0
@@ -1008,6 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
     base.add_argument("--projection", default="pca-whiten", help="waldo.models.untrained projection")
     base.add_argument("--dim", type=int, default=128, help="the locals' width (and the RRT's d_model)")
     base.add_argument("--local-stage", type=int, default=None, help="locals from this backbone stage")
+    base.add_argument("--image-size", type=int, default=224,
+                      help="the model's input size (an RRT trained on it reads the grid of that size: stage-4 "
+                           "cells 14x14 at 224 px, 18x18 at 288 px, make demo's size)")
     base.add_argument("--quiet", action="store_true")
     base.set_defaults(handler=cmd_base)
     ev = commands.add_parser("eval", help="test figures of a reranker folder")
