@@ -33,11 +33,10 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapt_verified import PROTOCOL, study  # noqa: E402
+from adapt_verified import PROTOCOL, cell, study  # noqa: E402
 from gv_fusion import fold_protocol, log, lw_refit  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
-from waldo.models.checkpoint import load_model  # noqa: E402
 from waldo.models.shipped import resolve_model_dir  # noqa: E402
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
@@ -65,8 +64,9 @@ def refitted_model(protocol) -> Path:
     out = CACHE / f"{MODEL}-{protocol.name.replace(':', '-')}"
     if (out / "last" / "rrt.json").is_file():
         return out / "last"
-    _, config = load_model(resolve_model_dir(MODEL))
-    head = lw_refit(protocol, image_size=config.image_size, cache=CACHE / "global")
+    # Only the input size is needed: read from the config, not by loading the model.
+    image_size = json.loads((resolve_model_dir(MODEL) / "config.json").read_text())["image_size"]
+    head = lw_refit(protocol, image_size=image_size, cache=CACHE / "global")
     cmd_with_global(argparse.Namespace(model=MODEL, global_from=str(head), out=str(out), input_size_from_global=True))
     return out / "last"
 
@@ -91,14 +91,9 @@ def markdown(results: dict) -> str:
     for role, collection in results["collections"].items():
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
-
-            def cell(key: str) -> str:
-                m = entry.get(key)
-                return "-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}"
-
             seconds = run.get("adapt_seconds")
-            lines.append(f"| {role}: {collection['protocol']} | {name} | {cell('global')} | {cell('rrt')} "
-                         f"| {cell('rrt-fusion')} | {run.get('default_reranker') or '-'} "
+            lines.append(f"| {role}: {collection['protocol']} | {name} | {cell(entry, 'global')} | {cell(entry, 'rrt')} "
+                         f"| {cell(entry, 'rrt-fusion')} | {run.get('default_reranker') or '-'} "
                          f"| {'-' if seconds is None else f'{seconds:.0f}'} |")
     lines += ["", f"Chosen on validation: lr {results['chosen_lr']:g}.", "",
               f"Produced by `{results['command']}` (results/adapt_lr.json).", "", END]

@@ -122,6 +122,12 @@ def _model_words(results: dict) -> str:
     return f"the model trained in `{model}`" if "/" in model else f"the shipped {model} model"
 
 
+def cell(entry: dict, key: str) -> str:
+    """"R@1 / mAP" of one ranking in a protocol's figures, "-" where it was not measured."""
+    m = entry.get(key)
+    return "-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}"
+
+
 def markdown(results: dict, start: str = START, end: str = END) -> str:
     variants = results.get("variants", ["plain", "grouped"])
     own = "model's" if "/" in results.get("model", "lite0-rrt") else "shipped"
@@ -145,13 +151,8 @@ def markdown(results: dict, start: str = START, end: str = END) -> str:
                                         f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
-
-            def cell(key: str) -> str:
-                m = entry.get(key)
-                return "-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}"
-
-            lines.append(f"| {role}: {collection['protocol']} | {groups} | {name} | {cell('global')} | {cell('rrt')} "
-                         f"| {cell('rrt-fusion')} | {run.get('default_reranker') or '-'} |")
+            lines.append(f"| {role}: {collection['protocol']} | {groups} | {name} | {cell(entry, 'global')} "
+                         f"| {cell(entry, 'rrt')} | {cell(entry, 'rrt-fusion')} | {run.get('default_reranker') or '-'} |")
     lines += ["", f"Produced by `{results['command']}` ({results.get('out', 'results/adapt_verified.json')}).", "", end]
     return "\n".join(lines)
 
