@@ -741,6 +741,43 @@ def _shipped_match_block(test: dict) -> str:
             + "\n".join(tests) + "\n\n" + _precision_block(test))
 
 
+#: the match-skip RRT trained at 288 px (the grid it serves with) on the label-free base, with make
+#: demo's global head, chosen on the fair validation (``choose --refit-global --json``)
+TRAIN_288 = "s4m288-lw288-choose.json"
+
+
+def _train_288_block(result: dict) -> str:
+    """Trained at the served input size against lite0-match-rrt (trained at 224 px), both on the
+    fair validation with the same served global head; the rule, fixed before training: adopt the
+    new reranker iff its chosen default beats the shipped one's macro map@100 (training's own
+    selection metric)."""
+    fair = json.loads((RESULTS / MATCH_FAIR).read_text())
+    by_name = {row["ranking"]: row for row in fair["rows"]}
+    sets = [entry["name"] for entry in fair["sets"]]
+    shipped = by_name["rrt"]
+    default = result["default_reranker"]
+    new_map = result["macro"][default]["map@100"]
+    header = (f"| ranking (fair validation, make demo's global head refitted without the held-out identities) | R@1 | "
+              f"map@100 | map@100 per set ({' / '.join(sets)}) |")
+    rows = [header, "|---|---|---|---|",
+            f"| global search (none) | {result['macro']['none']['recall@1']:.4f} | "
+            f"{result['macro']['none']['map@100']:.4f} | "
+            + " / ".join(f"{result['sets'][name]['none']:.4f}" for name in sets) + " |",
+            f"| lite0-match-rrt (trained at 224 px): rrt | {shipped['recall@1']:.4f} | {shipped['map@100']:.4f} | "
+            + " / ".join(f"{v:.4f}" for v in shipped["per_set_map@100"]) + " |"]
+    for name in ("rrt", "rrt-fusion"):
+        weight = f", fusion weight {result['fusion_weight']}" if name == "rrt-fusion" else ""
+        chosen = " (its chosen default)" if name == default else ""
+        rows.append(f"| trained at 288 px: {name}{weight}{chosen} | {result['macro'][name]['recall@1']:.4f} | "
+                    f"{result['macro'][name]['map@100']:.4f} | "
+                    + " / ".join(f"{result['sets'][s][name]:.4f}" for s in sets) + " |")
+    verdict = "adopted" if new_map > shipped["map@100"] else "not adopted: lite0-match-rrt stays shipped"
+    return (f"`{result['command']}` (results/rrt_views/{TRAIN_288}; lite0-match-rrt's row: results/rrt_views/"
+            f"{MATCH_FAIR})\n\n" + "\n".join(rows)
+            + f"\n\nRule (fixed before training): adopt iff the new default's macro map@100 beats lite0-match-rrt's "
+              f"({new_map:.4f} against {shipped['map@100']:.4f}): **{verdict}**.")
+
+
 LW224_RESULTS = "lw224-which-reranker.json"
 SHIPPED_RESULTS = ("views-last-grocery.json", "views-last-coil.json", "views-last-grocery-gv.json")
 BLOCKS = {  # block name -> (results files, merged protocol by protocol; renderer)
@@ -754,6 +791,7 @@ BLOCKS = {  # block name -> (results files, merged protocol by protocol; rendere
     "rrt-views-stride16": ((STRIDE16,), _stride16_block),
     "rrt-views-match-skip": ((MATCH_SKIP,), _match_skip_block),
     "rrt-views-shipped-match": ((WHICH_RERANKER,), _shipped_match_block),
+    "rrt-views-train-288": ((TRAIN_288,), _train_288_block),
 }
 
 
@@ -959,6 +997,8 @@ def cmd_choose(args: argparse.Namespace) -> int:
     config = json.loads((Path(args.model) / "train_config.json").read_text())
     if args.refit_global:
         return _choose_refit_global(args, config)
+    if args.json:
+        raise SystemExit("--json goes with --refit-global")
     result = validate_reranker(args.model, [parse_source(spec) for spec in args.data],
                                val_fraction=config["val_fraction"], seed=config["seed"],
                                max_queries=config["val_max_queries"], top_k=config["val_top_k"],
@@ -978,6 +1018,7 @@ def _choose_refit_global(args: argparse.Namespace, config: dict) -> int:
     sys.path.insert(0, str(ROOT / "experiments"))
     from local_matching import SOURCES, validation_setup
 
+    from waldo.fsutil import atomic_write_text
     from waldo.train.rrt_online import record_choice
     from waldo.rerank.rrt_checkpoint import update_rrt_training
 
@@ -994,10 +1035,17 @@ def _choose_refit_global(args: argparse.Namespace, config: dict) -> int:
                 "(experiments/local_matching.py --refit-global); the run's own validation had them in its head",
         "command": "python experiments/rrt_views.py choose --refit-global --model " + args.model
                    + "".join(f" --data {spec}" for spec in args.data)})
-    print(json.dumps({"fusion_weight": chosen["fusion_weight"], "default_reranker": chosen["default_reranker"],
-                      "macro": chosen["validation"]["macro"],
-                      "sets": {name: {k: v["map@100"] for k, v in entry.items() if isinstance(v, dict)}
-                               for name, entry in chosen["validation"]["sets"].items()}}, indent=2))
+    summary = {"fusion_weight": chosen["fusion_weight"], "default_reranker": chosen["default_reranker"],
+               "macro": chosen["validation"]["macro"],
+               "sets": {name: {k: v["map@100"] for k, v in entry.items() if isinstance(v, dict)}
+                        for name, entry in chosen["validation"]["sets"].items()}}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        # A figure quoted in the docs needs a file the command rewrites, not a terminal scroll.
+        command = ("python experiments/rrt_views.py choose --refit-global --model " + args.model
+                   + "".join(f" --data {spec}" for spec in args.data) + f" --json {args.json}")
+        atomic_write_text(Path(args.json), json.dumps({"model": args.model, "command": command, **summary},
+                                                      indent=1) + "\n")
     return 0
 
 
@@ -1063,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     choose.add_argument("--refit-global", action="store_true",
                         help="choose on the fair validation: the global head refitted without the held-out "
                              "identities (for a model whose trained global head saw them)")
+    choose.add_argument("--json", default=None, metavar="PATH",
+                        help="with --refit-global: also write the chosen weight, default and validation here")
     choose.set_defaults(handler=cmd_choose)
     stride16 = commands.add_parser("stride16", help="gather the RRT-on-stride-16-cells study (results/rrt_views/"
                                                     "stride16.json)")
