@@ -1027,14 +1027,15 @@ def _choose_refit_global(args: argparse.Namespace, config: dict) -> int:
                                                                     config["val_max_queries"]) != (0.2, 0, 150):
         raise SystemExit(f"--refit-global reproduces the run's split for the sources {list(SOURCES)} with "
                          "val_fraction 0.2, seed 0 and 150 queries per set only")
+    command = ("python experiments/rrt_views.py choose --refit-global --model " + args.model
+               + "".join(f" --data {spec}" for spec in args.data))
     setup = validation_setup(args.model, refit=True)
     chosen = record_choice(Path(args.model), setup.validator, config["select_metric"], grid=config["fusion_grid"])
     update_rrt_training(args.model, choice_validation={
         "kind": "refit-global", "refit_check_min_cosine": setup.refit_check,
         "note": "held-out training identities, the global head refitted without them "
                 "(experiments/local_matching.py --refit-global); the run's own validation had them in its head",
-        "command": "python experiments/rrt_views.py choose --refit-global --model " + args.model
-                   + "".join(f" --data {spec}" for spec in args.data)})
+        "command": command})
     summary = {"fusion_weight": chosen["fusion_weight"], "default_reranker": chosen["default_reranker"],
                "macro": chosen["validation"]["macro"],
                "sets": {name: {k: v["map@100"] for k, v in entry.items() if isinstance(v, dict)}
@@ -1042,10 +1043,8 @@ def _choose_refit_global(args: argparse.Namespace, config: dict) -> int:
     print(json.dumps(summary, indent=2))
     if args.json:
         # A figure quoted in the docs needs a file the command rewrites, not a terminal scroll.
-        command = ("python experiments/rrt_views.py choose --refit-global --model " + args.model
-                   + "".join(f" --data {spec}" for spec in args.data) + f" --json {args.json}")
-        atomic_write_text(Path(args.json), json.dumps({"model": args.model, "command": command, **summary},
-                                                      indent=1) + "\n")
+        atomic_write_text(Path(args.json), json.dumps({"model": args.model, "command": f"{command} --json {args.json}",
+                                                       **summary}, indent=1) + "\n")
     return 0
 
 
