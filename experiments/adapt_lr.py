@@ -16,6 +16,7 @@ reported.
 
     .venv/bin/python experiments/adapt_lr.py                 # validation, ~55 min on 2 cores
     .venv/bin/python experiments/adapt_lr.py --test          # + the test collection at the chosen lr, ~35 min
+    .venv/bin/python experiments/adapt_lr.py --test --test-protocol grocery-open-cross   # another test collection
     .venv/bin/python experiments/adapt_lr.py --doc           # docs/results.md block from the JSON
 """
 
@@ -78,13 +79,19 @@ def chosen_lr(validation: dict) -> float:
     return max(LRS, key=lambda lr: (entry(lr)["recall@1"], entry(lr)["map"], -LRS.index(lr)))
 
 
+def produced_by(results: dict) -> str:
+    """The commands that made the JSON, in the order they ran, each once."""
+    commands = dict.fromkeys([results["command"], *results.get("commands", {}).values()])
+    return " then ".join(f"`{c}`" for c in commands)
+
+
 def markdown(results: dict) -> str:
     lines = [START, "",
              "Which learning rate `waldo index adapt` fine-tunes make demo's RRT at, chosen on validation "
              f"(experiments/adapt_lr.py; rule fixed before the run: the higher adapted rrt R@1, then mAP; "
              f"{LRS[0]:g} keeps a tie). Validation: fold 0 of coil100-open's training objects (labels unused), "
-             f"indexed with {MODEL} whose global head is refitted without that fold; test: coil100-open's test "
-             "images (labels unused) with the shipped model, reported.", "",
+             f"indexed with {MODEL} whose global head is refitted without that fold; test: each test protocol's "
+             "queries + gallery (labels unused) with the shipped model, adapted at the chosen lr, reported.", "",
              "| collection | reranker | global R@1 / mAP | rrt R@1 / mAP | rrt-fusion R@1 / mAP | default "
              "(adapt's own validation) | seconds (adapt + evaluation) |",
              "|---|---|---|---|---|---|---|"]
@@ -92,11 +99,11 @@ def markdown(results: dict) -> str:
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
             seconds = run.get("adapt_seconds")
-            lines.append(f"| {role}: {collection['protocol']} | {name} | {cell(entry, 'global')} | {cell(entry, 'rrt')} "
+            lines.append(f"| {role.split()[0]}: {collection['protocol']} | {name} | {cell(entry, 'global')} | {cell(entry, 'rrt')} "
                          f"| {cell(entry, 'rrt-fusion')} | {run.get('default_reranker') or '-'} "
                          f"| {'-' if seconds is None else f'{seconds:.0f}'} |")
     lines += ["", f"Chosen on validation: lr {results['chosen_lr']:g}.", "",
-              f"Produced by `{results['command']}` (results/adapt_lr.json).", "", END]
+              f"Produced by {produced_by(results)} (results/adapt_lr.json).", "", END]
     return "\n".join(lines)
 
 
@@ -105,6 +112,9 @@ def main() -> int:
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--test", action="store_true",
                         help="also adapt the test collection at the lr validation chose (reported)")
+    parser.add_argument("--test-protocol", default=PROTOCOL,
+                        help=f"the protocol whose queries + gallery --test adapts (default {PROTOCOL}); each "
+                             "protocol keeps its own rows in the JSON")
     args = parser.parse_args()
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
@@ -121,9 +131,14 @@ def main() -> int:
     lr = chosen_lr(collections["validation"])
     log(f"chosen on validation: lr {lr:g}")
     if args.test:
-        collections["test"] = study(get_protocol(PROTOCOL), rerankers, MODEL, (variant(lr),),
-                                    {variant(lr): {"lr": lr}})
-    results = {"command": command, "model": MODEL, "lrs": list(LRS), "chosen_lr": lr, "collections": collections}
+        # The first test collection keeps the key "test"; others are "test NAME" beside it.
+        role = "test" if args.test_protocol == PROTOCOL else f"test {args.test_protocol}"
+        collections[role] = study(get_protocol(args.test_protocol), rerankers, MODEL, (variant(lr),),
+                                  {variant(lr): {"lr": lr}})
+        commands = {**saved.get("commands", {}), role: command}
+    else:
+        commands = saved.get("commands", {})
+    results = {"command": saved.get("command", command), "commands": commands, "model": MODEL, "lrs": list(LRS), "chosen_lr": lr, "collections": collections}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     log(f"wrote {RESULTS}")
