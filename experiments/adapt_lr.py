@@ -80,9 +80,8 @@ def chosen_lr(validation: dict) -> float:
 
 
 def produced_by(results: dict) -> str:
-    """The commands that made the JSON, in the order they ran, each once."""
-    commands = dict.fromkeys([results["command"], *results.get("commands", {}).values()])
-    return " then ".join(f"`{c}`" for c in commands)
+    """The commands that made the JSON's collections, in the order they ran, each once."""
+    return " then ".join(f"`{c}`" for c in dict.fromkeys(results["commands"].values()))
 
 
 def markdown(results: dict) -> str:
@@ -123,7 +122,9 @@ def main() -> int:
     command = " ".join([".venv/bin/python", "experiments/adapt_lr.py", *(shlex.quote(a) for a in sys.argv[1:])])
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     collections = saved.get("collections", {})
+    commands = saved.get("commands", {})  # collection role -> the command that measured it
     if "validation" not in collections:
+        commands["validation"] = command
         validation = fold_protocol(get_protocol(PROTOCOL), 0)
         model = refitted_model(validation)
         collections["validation"] = study(validation, rerankers, str(model), tuple(variant(lr) for lr in LRS),
@@ -135,10 +136,8 @@ def main() -> int:
         role = "test" if args.test_protocol == PROTOCOL else f"test {args.test_protocol}"
         collections[role] = study(get_protocol(args.test_protocol), rerankers, MODEL, (variant(lr),),
                                   {variant(lr): {"lr": lr}})
-        commands = {**saved.get("commands", {}), role: command}
-    else:
-        commands = saved.get("commands", {})
-    results = {"command": saved.get("command", command), "commands": commands, "model": MODEL, "lrs": list(LRS), "chosen_lr": lr, "collections": collections}
+        commands[role] = command
+    results = {"commands": commands, "model": MODEL, "lrs": list(LRS), "chosen_lr": lr, "collections": collections}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     log(f"wrote {RESULTS}")
