@@ -71,6 +71,15 @@ def purity(groups: dict[str, str], truth: dict[str, str]) -> dict:
     return {"pairs_in_groups": total, "same_identity": round(same / total, 4) if total else None}
 
 
+def epoch_log(index_dir: Path) -> list[dict]:
+    """An adapt run's log.jsonl, per epoch: its times, held-out macro figures and best epoch so far
+    (0 = the starting reranker, validated before training)."""
+    keep = ("epoch", "lr", "loss", "seconds", "eval_seconds", "best_epoch", "stopped_early")
+    lines = (index_dir / "adapt" / "run" / "log.jsonl").read_text().splitlines()
+    return [{**{k: r[k] for k in keep if k in r}, **({"val": r["val"]["macro"]} if "val" in r else {})}
+            for r in map(json.loads, lines)]
+
+
 def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
           variants: tuple[str, ...] = ("plain", "grouped"), adapt_kwargs: dict[str, dict] | None = None) -> dict:
     """Index the protocol's query and gallery photos (labels unused) with the shipped ``model`` (a
@@ -98,6 +107,7 @@ def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
             runs[name] = evaluate(work / name / MODEL_FOLDER, [protocol], rerankers, precision_study=False,
                                   progress=False)
             runs[name]["adapt_seconds"] = round(time.perf_counter() - started, 1)
+            runs[name]["epochs"] = epoch_log(work / name)
     return {"protocol": protocol.name, "groups": summary, "purity": purity(groups, records) if summary else None,
             "runs": runs}
 

@@ -184,7 +184,8 @@ def cmd_index_adapt(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, RRTTrainConfig)
     start = time.perf_counter()
-    result = adapt_index(args.index, config=config, epochs=args.epochs, lr=args.lr, progress=not args.quiet,
+    result = adapt_index(args.index, config=config, epochs=args.epochs, lr=args.lr, patience=args.patience,
+                         progress=not args.quiet,
                          stop_after=args.stop_after, group_verified=args.group_verified)
     seconds = time.perf_counter() - start
     if not result["installed"]:
@@ -192,8 +193,10 @@ def cmd_index_adapt(args: argparse.Namespace) -> int:
         return 0
     macro = result.get("validation") or {}
     figures = ", ".join(f"{name} R@1 {m['recall@1']:.3f}" for name, m in macro.items())
-    print(f"adapted the reranker of {args.index} in {seconds:.0f} s; validation (augmented views of held-out "
-          f"photos): {figures}; default reranker: {result.get('default_reranker')}")
+    stopped = " (stopped early: no better validation since)" if result.get("stopped_early") else ""
+    print(f"adapted the reranker of {args.index} in {seconds:.0f} s; installed epoch {result.get('best_epoch')} "
+          f"of {result.get('epochs')}{stopped}; validation (augmented views of held-out photos): {figures}; "
+          f"default reranker: {result.get('default_reranker')}")
     return 0
 
 
@@ -804,6 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--lr", type=float, default=None, metavar="LR",
                        help="override the config's learning rate (default: the config's; without --config, 2e-4 "
                             "when fine-tuning the index's own reranker, the recipe's 2e-3 for a fresh one)")
+    adapt.add_argument("--patience", type=int, default=None, metavar="N",
+                       help="stop once N epochs in a row bring no better validation score (the best epoch is "
+                            "installed either way); 0 runs every epoch (default: the config's)")
     adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="stop after N epochs in this call (resume later with the same command; "
                             "default: train to the end)")

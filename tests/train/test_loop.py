@@ -1,5 +1,6 @@
 """The one training loop with a toy trainer (a linear model, no images): resume replays the
-uninterrupted run, best/ follows the validation score, a non-finite loss stops the run."""
+uninterrupted run, best/ follows the validation score, patience stops a run that stopped
+improving, a non-finite loss stops the run."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import nn
 from waldo.fsutil import atomic_write_json
 from waldo.train.common import TrainState
 from waldo.train.config import TrainConfig
-from waldo.train.loop import StepResult, Trainer, fit, start_run
+from waldo.train.loop import StepResult, Trainer, fit, run_finished, run_summary, start_run
 
 
 class ToyTrainer(Trainer):
@@ -97,3 +98,52 @@ def test_resume_replays_and_best_follows_validation(tmp_path: Path) -> None:
 def test_a_non_finite_loss_stops_the_run(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="epoch 1: loss is (nan|inf)"):
         _run(tmp_path / "run", TrainConfig(epochs=2, lr=0.05), scale=float("nan"))
+
+
+class ScriptedTrainer(ToyTrainer):
+    """The toy model, with the validation score of each epoch scripted (0 = the starting model)."""
+
+    SCORES = [0.1, 0.5, 0.4, 0.45, 0.3, 0.9, 0.2, 0.2]
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.epochs_done = 0
+
+    def step(self, epoch: int, index: int, batch) -> StepResult:
+        self.epochs_done = epoch + 1
+        return super().step(epoch, index, batch)
+
+    def validate(self) -> dict:
+        return {"neg_loss": self.SCORES[self.epochs_done]}
+
+
+def _scripted(out: Path, config: TrainConfig, stop_after: int | None = None) -> tuple[ScriptedTrainer, TrainState]:
+    out, saved = start_run(out, config)
+    trainer = ScriptedTrainer(config)
+    state = saved or TrainState(seed=config.seed)
+    trainer.epochs_done = state.epoch  # a resumed trainer has done the saved epochs
+    fit(trainer, out, state, resume=saved is not None, progress=False, stop_after=stop_after)
+    return trainer, state
+
+
+def test_patience_stops_after_epochs_without_a_better_score(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=7, lr=0.05, patience=2)
+    trainer, state = _scripted(tmp_path / "run", config)
+    log = _log(tmp_path / "run")
+    # best after epoch 1 (0.5); epochs 2 and 3 do not beat it: stop after 3, never seeing epoch 5's 0.9
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3] and log[-1]["stopped_early"] and log[-1]["best_epoch"] == 1
+    assert trainer.finished == 1 and run_finished(state, config) and state.epoch == 3
+    assert json.loads((tmp_path / "run" / "best" / "weights.json").read_text())["epoch"] == 1
+    assert "stopped early" in run_summary(tmp_path / "run", config, "neg_loss", 0.0)
+    again, _ = _scripted(tmp_path / "run", config)  # rerunning a stopped run trains and finishes nothing
+    assert again.finished == 0 and len(_log(tmp_path / "run")) == 4
+
+    for _ in range(3):  # one epoch per call stops at the same epoch
+        _scripted(tmp_path / "resumed", config, stop_after=1)
+    last = _log(tmp_path / "resumed")[-1]
+    assert last["epoch"] == 3 and last["stopped_early"]
+
+    full = TrainConfig(epochs=7, lr=0.05)  # without patience every epoch runs and epoch 5 is the best
+    trainer, state = _scripted(tmp_path / "full", full)
+    assert state.epoch == 7 and state.best_epoch == 5 and trainer.finished == 1
+    assert not any("stopped_early" in r for r in _log(tmp_path / "full"))

@@ -218,6 +218,27 @@ def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data
     assert outcome.hits[0].path == images.paths[0]  # the photo itself: its global score dominates at init
 
 
+def test_index_adapt_stops_early_once_validation_stops_improving(data_root, small_model, tmp_path, monkeypatch):
+    """With --patience, a run whose held-out score does not improve (an lr too small to move it)
+    stops after that many epochs and still installs its best checkpoint (here the starting one)."""
+    import waldo.train.adapt as adapt
+    from waldo.rerank.rrt_checkpoint import has_rrt
+
+    _tiny_index(data_root, small_model, tmp_path / "index", n=24)
+    monkeypatch.setattr(adapt, "ADAPT_DEFAULTS", {
+        "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64,
+                                    "use_global_tokens": True, "global_skip": True},
+        "anchors_per_epoch": 16, "batch_triplets": 16, "epochs": 5, "val_fraction": 0.25, "val_top_k": 10,
+        "negatives_top_k": 10, "threads": 2})
+    done = adapt.adapt_index(tmp_path / "index", progress=False, lr=1e-12, patience=1)
+    assert done["installed"] and done["stopped_early"] and (done["epochs"], done["best_epoch"]) == (1, 0)
+    assert has_rrt(tmp_path / "index" / "model")
+    log = [json.loads(line) for line in (tmp_path / "index" / "adapt" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and log[-1]["stopped_early"]
+    # rerunning the finished command trains nothing more
+    assert adapt.adapt_index(tmp_path / "index", progress=False)["epochs"] == 1
+
+
 def test_index_adapt_fine_tunes_the_index_reranker_at_the_lower_lr(data_root, small_model, tmp_path):
     """An index whose model has a reranker (as the shipped ones do): adapt starts from it, with its
     shape, at FINETUNE_LR rather than a fresh run's lr; an explicit lr still wins."""

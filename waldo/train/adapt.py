@@ -119,15 +119,19 @@ def verified_groups(index_dir: str | Path, *, neighbours: int = GROUP_NEIGHBOURS
 
 
 def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, epochs: int | None = None,
-                lr: float | None = None, progress: bool = True, stop_after: int | None = None,
+                lr: float | None = None, patience: int | None = None, progress: bool = True,
+                stop_after: int | None = None,
                 groups: dict[str, str] | None = None, group_verified: bool = False) -> dict:
     """Train (or resume) the index's reranker on its own photos, then install it (module doc).
     ``groups``: path -> a group name for photos known (without labels, e.g. by geometric
     verification: experiments/adapt_verified.py) to show the same object; photos of one group
     are each other's positives (and never negatives), every other photo stays its own identity.
     ``group_verified``: make those groups with :func:`verified_groups` (when ``groups`` is None).
-    ``epochs`` / ``lr``: override the config's (or the defaults').
-    Returns {"run": run folder, "installed": bool, "default_reranker", "validation": macro figures}."""
+    ``epochs`` / ``lr`` / ``patience``: override the config's (or the defaults'); ``patience=0``
+    runs every epoch.
+    Returns {"run": run folder, "installed": bool, and once installed "default_reranker",
+    "validation" (macro figures), "epochs" (trained), "best_epoch" (installed; 0 = the reranker it
+    started from) and "stopped_early"}."""
     from waldo.api import MODEL_FOLDER
     from waldo.data.datasets import ImageRecord, ImageSet
     from waldo.fsutil import atomic_write_bytes
@@ -135,6 +139,7 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     from waldo.rerank.rrt import RRTConfig
     from waldo.rerank.rrt_checkpoint import has_rrt, read_rrt_info
     from waldo.train.common import read_train_state
+    from waldo.train.loop import STOPPED_EARLY, run_finished
     from waldo.train.rrt_online import train_rrt_on_views
     from waldo.train.sources import TrainingSource
 
@@ -151,7 +156,8 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     if group_verified and groups is None:
         groups, _ = verified_groups(root, progress=progress)
     run = root / ADAPT_FOLDER
-    if config is None and epochs is None and lr is None and (run / "run" / "train_config.json").is_file():
+    if (config is None and epochs is None and lr is None and patience is None
+            and (run / "run" / "train_config.json").is_file()):
         # Rerunning the bare command resumes the run in progress as it was started (its --lr or
         # --config, or the defaults of the version that started it).
         from waldo.train.config import load_config
@@ -170,6 +176,8 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
         settings["epochs"] = epochs
     if lr is not None:
         settings["lr"] = lr
+    if patience is not None:
+        settings["patience"] = patience or None
     config = RRTTrainConfig.model_validate(settings)
     if groups:  # a labelled source whose identities are the groups, one of its own for every other photo
         images = ImageSet([ImageRecord(path=p, identity=groups.get(p, f"photo-{i}")) for i, p in enumerate(paths)],
@@ -189,12 +197,13 @@ def adapt_index(index_dir: str | Path, *, config: RRTTrainConfig | None = None, 
     best = train_rrt_on_views(config, [source], model_dir, run / "run", cache_root=run / "cache", progress=progress,
                               stop_after=stop_after, allow_test_images=True, init_rrt=init_rrt, copy_model=False)
     state = read_train_state(run / "run" / "state")
-    finished = state is not None and state.epoch == config.epochs and state.extra.get("default_chosen")
+    finished = run_finished(state, config) and state.extra.get("default_chosen")
     result = {"run": str(run), "installed": False}
     if finished:
         for name in ("rrt.safetensors", "rrt.json"):  # the json last: it names the weights' shape
             atomic_write_bytes(model_dir / name, (best / name).read_bytes())
         info = read_rrt_info(model_dir)["training"]
         result.update(installed=True, default_reranker=info.get("default_reranker"),
-                      validation=info.get("fusion_val", {}).get("macro"))
+                      validation=info.get("fusion_val", {}).get("macro"), epochs=state.epoch,
+                      best_epoch=state.best_epoch, stopped_early=bool(state.extra.get(STOPPED_EARLY)))
     return result

@@ -44,6 +44,10 @@ class TrainConfig(BaseModel):
     # model selection on held-out training identities (never the protocol's test images)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     eval_every: int = Field(1, ge=1)
+    # stop once this many epochs in a row bring no better validation score (None: run every epoch);
+    # best/ is the best epoch either way, so stopping only saves the epochs that would not be kept
+    # unless a later one improved again
+    patience: int | None = Field(None, ge=1)
     # runtime
     seed: int = 0
     num_workers: int = Field(2, ge=0)

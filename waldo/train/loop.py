@@ -40,7 +40,10 @@ from waldo.train.common import (
 )
 from waldo.train.config import TrainConfig, load_config
 
-__all__ = ["StepResult", "Trainer", "fit", "run_summary", "start_run", "write_checkpoint"]
+#: The state key of a run that ``config.patience`` stopped: the epoch it stopped after.
+STOPPED_EARLY = "stopped_early"
+
+__all__ = ["StepResult", "Trainer", "fit", "run_finished", "run_summary", "start_run", "write_checkpoint"]
 
 
 @dataclass
@@ -142,7 +145,7 @@ def fit(trainer: Trainer, out: Path, state: TrainState, *, resume: bool, progres
         _log(out, {"epoch": 0, "val": metrics}, keep_below=0)
     first_epoch = state.epoch
     for epoch in range(first_epoch, config.epochs):
-        if stop_after is not None and epoch - first_epoch >= stop_after:
+        if state.extra.get(STOPPED_EARLY) or (stop_after is not None and epoch - first_epoch >= stop_after):
             break
         lr = config.lr_at(epoch)
         for group in trainer.optimizer.param_groups:
@@ -164,6 +167,9 @@ def fit(trainer: Trainer, out: Path, state: TrainState, *, resume: bool, progres
             if state.best_metric is None or score > state.best_metric:
                 state.best_metric, state.best_epoch = score, epoch + 1
                 trainer.save(out / "best", epoch + 1, {"epoch": epoch + 1, "val": record["val"]})
+            if config.patience is not None and state.epoch - state.best_epoch >= config.patience:
+                state.extra[STOPPED_EARLY] = state.epoch
+                record["stopped_early"] = True
         record["best_epoch"] = state.best_epoch
         save_state()
         trainer.save(out / "last", epoch + 1, None)
@@ -172,12 +178,20 @@ def fit(trainer: Trainer, out: Path, state: TrainState, *, resume: bool, progres
             val = f", val {trainer.metric} {score:.4f}" if "val" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
                        f"{record[f'{trainer.unit}_per_s']:.1f} {trainer.unit}/s{val}")
+            if record.get("stopped_early"):
+                tqdm.write(f"stopping early: no better validation {trainer.metric} in {config.patience} "
+                           f"epochs; the best is epoch {state.best_epoch}")
     flag = trainer.finish_flag
-    if state.epoch == config.epochs and flag is not None and not state.extra.get(flag):
+    if run_finished(state, config) and flag is not None and not state.extra.get(flag):
         trainer.finish(out / "best")
         state.extra[flag] = True
         save_state()
     return out / "best"
+
+
+def run_finished(state: TrainState | None, config: TrainConfig) -> bool:
+    """Whether a run's training is over: every epoch done, or stopped early by ``config.patience``."""
+    return state is not None and (state.epoch == config.epochs or bool(state.extra.get(STOPPED_EARLY)))
 
 
 def write_checkpoint(target: Path, config: TrainConfig, metrics: dict | None,
@@ -198,7 +212,8 @@ def run_summary(out_dir: str | Path, config: TrainConfig, metric: str, seconds: 
     state = read_train_state(Path(out_dir) / "state")
     if state is None or state.best_metric is None:
         return f"{out_dir}: no validated epoch yet"
-    return (f"{state.epoch}/{config.epochs} epochs done ({seconds:.0f} s in this call, "
+    stopped = f" (stopped early: no gain in {config.patience} epochs)" if state.extra.get(STOPPED_EARLY) else ""
+    return (f"{state.epoch}/{config.epochs} epochs done{stopped} ({seconds:.0f} s in this call, "
             f"{state.images / max(state.seconds, 1e-9):.1f} training images/s); best validation {metric} "
             f"{state.best_metric:.4f} at epoch {state.best_epoch}: {Path(out_dir) / 'best'}")
 
