@@ -165,7 +165,7 @@ def main() -> int:
         chosen = results["chosen_patience"] or 0
         name = f"patience {chosen}" if chosen else EVERY_EPOCH
         collection = study(get_protocol(args.test), rerankers, MODEL, (name,),
-                           {name: {"lr": FINETUNE_LR, "patience": chosen}})
+                           {name: {"lr": FINETUNE_LR, "patience": chosen}}, unadapted=False)
         # adapt_lr.py's every-epoch run of the same collection, for comparison (not rerun)
         earlier = json.loads(ADAPT_LR.read_text())["collections"]
         for role, other in earlier.items():

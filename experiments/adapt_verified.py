@@ -81,10 +81,12 @@ def epoch_log(index_dir: Path) -> list[dict]:
 
 
 def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
-          variants: tuple[str, ...] = ("plain", "grouped"), adapt_kwargs: dict[str, dict] | None = None) -> dict:
+          variants: tuple[str, ...] = ("plain", "grouped"), adapt_kwargs: dict[str, dict] | None = None,
+          unadapted: bool = True) -> dict:
     """Index the protocol's query and gallery photos (labels unused) with the shipped ``model`` (a
     name or a folder); evaluate its reranker and each of ``variants`` (plain / grouped adapt, or
-    any name with its ``adapt_index`` arguments in ``adapt_kwargs``) on the protocol."""
+    any name with its ``adapt_index`` arguments in ``adapt_kwargs``) on the protocol; ``unadapted=False``
+    skips evaluating the model as it is (measured elsewhere)."""
     records = {r.path: r.identity for part in (protocol.queries, protocol.gallery) for r in part.records}
     paths = sorted(records)
     with tempfile.TemporaryDirectory(prefix="adapt-verified-") as tmp:
@@ -95,9 +97,11 @@ def study(protocol, rerankers: list[str], model: str = "lite0-rrt",
         engine.store.close()
         groups, summary = verified_groups(work / "base", progress=False) if "grouped" in variants else ({}, None)
         log(f"groups: {summary}")
-        unadapted = "the model's RRT (no adapt)" if "/" in model else "shipped (no adapt)"
-        runs = {unadapted: evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers,
-                                               precision_study=False, progress=False)}
+        runs = {}
+        if unadapted:
+            label = "the model's RRT (no adapt)" if "/" in model else "shipped (no adapt)"
+            runs[label] = evaluate(work / "base" / MODEL_FOLDER, [protocol], rerankers, precision_study=False,
+                                  progress=False)
         for name in variants:
             kwargs = {**(adapt_kwargs or {}).get(name, {}), **({"groups": groups} if name == "grouped" else {})}
             shutil.copytree(work / "base", work / name)

@@ -281,6 +281,20 @@ def test_adapt_lr_block_is_generated():
     assert results["chosen_lr"] == module.chosen_lr(results["collections"]["validation"]) == FINETUNE_LR
 
 
+def test_adapt_patience_block_is_generated():
+    """docs/results.md's choice of adapt's early stopping is what experiments/adapt_patience.py renders,
+    and the patience it records as chosen is the rule's on its validation figures and adapt's default."""
+    from waldo.train.adapt import ADAPT_DEFAULTS
+
+    module = _experiment("adapt_patience")
+    results = _results("adapt_patience.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md",
+                                                                                          "adapt-patience")
+    assert results["chosen_patience"] == module.chosen_patience(results["collections"]["validation"])
+    assert results["chosen_patience"] == ADAPT_DEFAULTS["patience"]
+
+
 def test_local_match_product_table_is_generated():
     """The local-match table in docs/results.md is `experiments/local_matching.py --product`."""
     module = _experiment("local_matching")

@@ -809,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "when fine-tuning the index's own reranker, the recipe's 2e-3 for a fresh one)")
     adapt.add_argument("--patience", type=int, default=None, metavar="N",
                        help="stop once N epochs in a row bring no better validation score (the best epoch is "
-                            "installed either way); 0 runs every epoch (default: the config's)")
+                            "installed either way); 0 runs every epoch (default: the config's; without "
+                            "--config, 2, chosen on a validation collection)")
     adapt.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="stop after N epochs in this call (resume later with the same command; "
                             "default: train to the end)")

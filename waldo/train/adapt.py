@@ -32,6 +32,9 @@ ADAPT_DEFAULTS = {
             "global_skip_from": "descriptor"},
     "anchors_per_epoch": 1024, "batch_triplets": 32, "epochs": 8, "lr": 2e-3, "warmup_steps": 50,
     "milestones": [0.75], "val_fraction": 0.1, "val_top_k": 100, "val_max_queries": 200, "negatives_top_k": 100,
+    # Stop once 2 epochs bring no better held-out figure: on the validation collection of
+    # experiments/adapt_patience.py it installs the same epoch (2 of 8) in 917 s instead of 1,627 s.
+    "patience": 2,
 }
 
 #: The lr when adapt fine-tunes the index's own trained reranker (no config given): where the
