@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapt_lr import MODEL, refitted_model  # noqa: E402
+from adapt_lr import MODEL, produced_by, refitted_model  # noqa: E402
 from adapt_verified import PROTOCOL, cell, study  # noqa: E402
 from gv_fusion import fold_protocol, log  # noqa: E402
 
@@ -129,8 +129,7 @@ def markdown(results: dict) -> str:
                              f"| {run['adapt_seconds']:.0f} |" if "adapt_seconds" in run else
                              f"| {collection['protocol']} | {name} | - | - | {cell(entry, 'global')} "
                              f"| {cell(entry, 'rrt')} | - |")
-    produced = " then ".join(f"`{c}`" for c in dict.fromkeys(results["commands"].values()))
-    lines += ["", f"Produced by {produced} (results/adapt_patience.json).", "", END]
+    lines += ["", f"Produced by {produced_by(results)} (results/adapt_patience.json).", "", END]
     return "\n".join(lines)
 
 
