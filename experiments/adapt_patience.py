@@ -108,8 +108,8 @@ def markdown(results: dict) -> str:
                      f"| {cell(entry, 'rrt')} "
                      f"| {run.get('default_reranker') or '-'} | {run['adapt_seconds']:.0f} |")
     full = with_scores(validation["runs"][EVERY_EPOCH], metric)
-    derived = "; ".join(f"patience {p}: stops after epoch {would_stop(full, p)[0]}, installs epoch "
-                        f"{would_stop(full, p)[1]}" for p in (1, 2, 3))
+    derived = "; ".join(f"patience {p}: stops after epoch {stop}, installs epoch {installed}"
+                        for p, (stop, installed) in ((p, would_stop(full, p)) for p in (1, 2, 3)))
     chosen = results["chosen_patience"]
     lines += ["", f"What other patiences would do, read off the every-epoch run's curve: {derived}.", "",
               "Chosen on validation: " + (f"patience {chosen} (adapt's default)." if chosen
@@ -123,12 +123,11 @@ def markdown(results: dict) -> str:
         for collection in tests.values():
             for name, run in collection["runs"].items():
                 entry = run["protocols"][collection["protocol"]]
-                epochs = run.get("epochs") or [{}]
-                lines.append(f"| {collection['protocol']} | {name} | {epochs[-1].get('epoch', '-')} "
-                             f"| {epochs[-1].get('best_epoch', '-')} | {cell(entry, 'global')} | {cell(entry, 'rrt')} "
-                             f"| {run['adapt_seconds']:.0f} |" if "adapt_seconds" in run else
-                             f"| {collection['protocol']} | {name} | - | - | {cell(entry, 'global')} "
-                             f"| {cell(entry, 'rrt')} | - |")
+                last = (run.get("epochs") or [{}])[-1]  # adapt_lr.py's runs predate the per-epoch log
+                seconds = f"{run['adapt_seconds']:.0f}" if "adapt_seconds" in run else "-"
+                lines.append(f"| {collection['protocol']} | {name} | {last.get('epoch', '-')} "
+                             f"| {last.get('best_epoch', '-')} | {cell(entry, 'global')} | {cell(entry, 'rrt')} "
+                             f"| {seconds} |")
     lines += ["", f"Produced by {produced_by(results)} (results/adapt_patience.json).", "", END]
     return "\n".join(lines)
 
