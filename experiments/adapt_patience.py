@@ -18,6 +18,7 @@ setting and reports it beside the every-epoch run of experiments/adapt_lr.py on 
 
     .venv/bin/python experiments/adapt_patience.py          # both runs, ~45 min on 2 cores
     .venv/bin/python experiments/adapt_patience.py --test grocery-open-cross   # reported, ~50 min
+    .venv/bin/python experiments/adapt_patience.py --test coil100-open         # reported, ~20 min
     .venv/bin/python experiments/adapt_patience.py --doc    # docs/results.md block from the JSON
 """
 
