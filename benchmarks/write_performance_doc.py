@@ -11,6 +11,7 @@
     .venv/bin/python experiments/fit_null_space.py      # why ONNX / eager fits differ (results/fit_null_space.json)
     .venv/bin/python experiments/fit_rank.py            # what those null directions cost (results/fit_rank.json)
     .venv/bin/python benchmarks/demo_int8.py            # make demo's index with int8 locals (results/demo_int8.json)
+    .venv/bin/python benchmarks/rrt_validation.py       # a reranker's validation pass (results/rrt_validation.json)
     .venv/bin/python benchmarks/write_performance_doc.py
 
 Nothing here measures anything; a missing JSON leaves its section saying so. Verdicts against
@@ -319,6 +320,32 @@ def fit_runtime(lines: list[str]) -> None:
               ""]
 
 
+def rrt_validation(lines: list[str]) -> None:
+    """The per-epoch validation of training and ``index adapt``: module forward against fast scorer."""
+    data = _section(lines, "## Validating a reranker while it trains", "rrt_validation.json",
+                    "benchmarks/rrt_validation.py")
+    if data is None:
+        return
+    rows = data["rows"]
+    reference, fast = rows["reference"], rows["fp32"]
+    lines += ["`waldo train rrt` and `waldo index adapt` validate after every epoch: each held-out query's "
+              "global top-100 reranked by the RRT being trained. The pass scores with the serving fp32 scorer "
+              "(waldo.rerank.rrt_fast) instead of the training module's forward. The same validation of "
+              f"{data['model']} ({fast['queries']} held-out queries of {data['set']}, top-{fast['top_k']}), "
+              "both ways:", "",
+              "| scored by | seconds | R@1 global / rrt | map@100 global / rrt |", "|---|---|---|---|"]
+    for name, label in (("reference", "the training module's forward"), ("fp32", "the serving fp32 scorer")):
+        f = rows[name]["figures"]
+        lines.append(f"| {label} | {rows[name]['seconds']:g} | {f['none']['recall@1']:.4f} / {f['rrt']['recall@1']:.4f} "
+                     f"| {f['none']['map@100']:.4f} / {f['rrt']['map@100']:.4f} |")
+    lines += ["", f"{reference['seconds'] / fast['seconds']:.1f}x quicker, "
+              + ("with the same figures (every metric of every ranking equal)" if data["same_figures"]
+                 else "**with different figures**")
+              + ": the two compute the same logits up to float rounding (tests/train/test_rrt_views.py checks "
+              "them against each other). Command: "
+              f"`.venv/bin/python {data['command']}` (`results/rrt_validation.json`); {data['cpus']} CPU cores.", ""]
+
+
 def eager_memory(lines: list[str]) -> None:
     """Eager PyTorch with large buffers kept in the heap (waldo.models.cpu_memory)."""
     data = _section(lines, "## Eager passes on CPU: large buffers reused", "eager_memory.json",
@@ -418,6 +445,7 @@ def render() -> str:
              "the command named beside it, on this machine (2 shared CPU cores, AVX-512 with BF16, no GPU).", ""]
     extraction(lines)
     rerank(lines)
+    rrt_validation(lines)
     accuracy(lines)
     gv(lines)
     gv_cost(lines)

@@ -182,6 +182,44 @@ def test_global_skip_starts_as_global_search():
         RRTTrainConfig(mode="frozen", rrt=rrt)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "reference"])
+def test_validation_scores_candidates_as_the_training_module_does(precision):
+    """The validator scores with the serving fp32 scorer (4x quicker) or the module itself; its
+    logits must be the training module's forward, global tokens and both residuals included, for
+    every query row."""
+    from waldo.models.descriptor import rrt_global_inputs
+    from waldo.train.rrt_online import ViewValidator
+
+    torch.manual_seed(0)
+    rrt = RerankingTransformer(RRTConfig(d_model=32, n_layers=2, n_heads=4, ff_dim=64, use_global_tokens=True,
+                                         global_skip=True, global_skip_from="descriptor", match_skip=True)).eval()
+    rng = np.random.default_rng(0)
+    grid, n_images, n_queries, top_k = (3, 4), 30, 5, 8
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    local_desc = unit(rng.standard_normal((n_images, 12, 32))).astype(np.float16)  # stored float16, as cached
+    global_desc = unit(local_desc.astype(np.float32).mean(1))
+    candidates = np.stack([rng.choice(n_images, top_k, replace=False) for _ in range(n_queries)])
+    # each query a noisy copy of its first candidate, so that cells match and the match residual counts
+    q_local = unit(local_desc[candidates[:, 0]].astype(np.float32) + 0.05 * rng.standard_normal((n_queries, 12, 32)))
+    q_global = unit(q_local.mean(1))
+    validator = ViewValidator.__new__(ViewValidator)  # the prepared sets alone; no pool or views needed
+    validator.grid, validator.local_desc, validator.global_desc = grid, local_desc, global_desc
+    validator.precision = precision
+    validator.prepared = [{"q_global": q_global, "q_local": q_local, "candidates": candidates,
+                           "scores": np.einsum("qd,qkd->qk", q_global, global_desc[candidates])}]
+    (logits,) = validator.logits(rrt)
+    with torch.inference_mode():
+        for row in range(n_queries):
+            c_local = torch.from_numpy(local_desc[candidates[row]].astype(np.float32))
+            c_token, c_skip = rrt_global_inputs(rrt, torch.from_numpy(global_desc[candidates[row]]), c_local)
+            q_token, q_skip = rrt_global_inputs(rrt, torch.from_numpy(q_global[row:row + 1]).expand(top_k, -1),
+                                                torch.from_numpy(q_local[row:row + 1]).expand(top_k, -1, -1))
+            expected = rrt(torch.from_numpy(q_local[row:row + 1]).expand(top_k, -1, -1), c_local, grid=grid,
+                           query_global=q_token, cand_global=c_token, query_skip=q_skip, cand_skip=c_skip)
+            np.testing.assert_allclose(logits[row], expected.numpy(), atol=1e-4)
+    assert np.ptp(logits) > 0.1  # the rows differ: a constant would pass nothing above by accident
+
+
 def _tiny_index(data_root, small_model, root, n=40):
     from waldo.api import Waldo
 

@@ -45,7 +45,8 @@ from waldo.models.extract import extract_descriptors
 from waldo.paths import default_cache_root
 from waldo.rerank.rrt import RerankingTransformer
 from waldo.rerank.rrt_checkpoint import load_rrt, save_rrt
-from waldo.rerank.rrt_rerankers import fuse_scores
+from waldo.rerank.base import RerankCandidates, RerankQuery
+from waldo.rerank.rrt_rerankers import RRTReranker, fuse_scores
 from waldo.train.common import TrainState
 from waldo.train.config import RRTTrainConfig
 from waldo.train.loop import StepResult, Trainer, fit, start_run, write_checkpoint
@@ -128,25 +129,14 @@ class ViewMaker:
 
 
 # ----------------------------------------------------------------------------- validation
-@torch.inference_mode()
-def _pair_logits(rrt: RerankingTransformer, q_global: torch.Tensor, q_local: torch.Tensor, c_global: torch.Tensor,
-                 c_local: torch.Tensor, grid: tuple[int, int], batch: int = 256) -> torch.Tensor:
-    out = []
-    for start in range(0, len(q_local), batch):
-        part = slice(start, start + batch)
-        q_token, q_skip = rrt_global_inputs(rrt, q_global[part], q_local[part])
-        c_token, c_skip = rrt_global_inputs(rrt, c_global[part], c_local[part])
-        out.append(rrt(q_local[part], c_local[part], grid=grid, query_global=q_token, cand_global=c_token,
-                       query_skip=q_skip, cand_skip=c_skip).float())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 class ViewValidator:
     """Scores global / rrt / rrt-fusion on every :class:`ValidationSet` (see module doc)."""
 
     def __init__(self, sets: list[ValidationSet], pool: PooledImages, global_desc: np.ndarray, local_desc: np.ndarray,
-                 views: ViewMaker, *, top_k: int, seed: int, grid: tuple[int, int]) -> None:
-        self.sets, self.top_k, self.grid = sets, top_k, grid
+                 views: ViewMaker, *, top_k: int, seed: int, grid: tuple[int, int], precision: str = "fp32") -> None:
+        if precision not in ("fp32", "reference"):
+            raise ValueError(f"validation scores in fp32 or reference precision, got {precision!r}")
+        self.sets, self.top_k, self.grid, self.precision = sets, top_k, grid, precision
         self.prepared = []
         for vset in sets:
             if vset.augmented:  # fixed views, made once: every validation sees the same queries
@@ -172,16 +162,21 @@ class ViewValidator:
         self.local_desc, self.global_desc = local_desc, global_desc
 
     def logits(self, rrt: RerankingTransformer) -> list[np.ndarray]:
+        """Each set's (queries, top_k) RRT logits, scored as serving scores them. ``fp32`` (the
+        default): the fast scorer (waldo.rerank.rrt_fast), the training module's logits to float
+        rounding in about a quarter of its time, and scoring is nearly all of a validation pass
+        (benchmarks/rrt_validation.py); ``reference``: the training module's own forward."""
+        # fp32 copies the weights as they are now: one scorer per validation pass
+        reranker = RRTReranker(rrt, grid=self.grid, precision=self.precision)
         out = []
         for data in self.prepared:
-            q, k = data["candidates"].shape
-            q_index = np.repeat(np.arange(q), k)
-            cands = data["candidates"].reshape(-1)
-            logits = _pair_logits(rrt, torch.from_numpy(data["q_global"][q_index]),
-                                  torch.from_numpy(data["q_local"][q_index]),
-                                  torch.from_numpy(self.global_desc[cands]),
-                                  torch.from_numpy(self.local_desc[cands].astype(np.float32)), self.grid)
-            out.append(logits.numpy().reshape(q, k))
+            logits = np.zeros(data["candidates"].shape, np.float32)
+            for row, candidates in enumerate(data["candidates"]):
+                query = RerankQuery(data["q_local"][row], data["q_global"][row])
+                logits[row] = reranker.logits(query, RerankCandidates(self.local_desc[candidates],
+                                                                      data["scores"][row].astype(np.float32),
+                                                                      self.global_desc[candidates]))
+            out.append(logits)
         return out
 
     def _metrics(self, data: dict, scores: np.ndarray | None) -> dict:
@@ -438,12 +433,13 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
 
 def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, val_fraction: float, seed: int,
                       max_queries: int = 0, top_k: int = 100, cache_root: str | Path | None = None,
-                      progress: bool = False, record: str | None = None, only: list[str] | None = None) -> dict:
+                      progress: bool = False, record: str | None = None, only: list[str] | None = None,
+                      precision: str = "fp32") -> dict:
     """The validation of :func:`train_rrt_on_views` (same split, same sets) for a finished
     reranker folder: lets anyone recheck the figures a model card quotes. ``record`` (a metric
     name): first choose and write the folder's fusion weight and default on it. ``only``: the
     names of the validation sets to score (the split still comes from all ``sources``, so it is
-    the training run's)."""
+    the training run's). ``precision``: :class:`ViewValidator`'s."""
     model, model_config = without_match_cells(*load_model(model_dir))
     rrt, info = load_rrt(model_dir)
     pool = pool_sources(sources)
@@ -464,7 +460,8 @@ def validate_reranker(model_dir: str | Path, sources: list[TrainingSource], *, v
     global_desc[needed], local_desc[needed] = part_global, part_local
     grid = (model_config.image_size // model.local_stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment())
-    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=top_k, seed=seed, grid=grid)
+    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=top_k, seed=seed, grid=grid,
+                              precision=precision)
     if record:
         record_choice(Path(model_dir), validator, record, grid=20)
         _, info = load_rrt(model_dir)
