@@ -184,6 +184,8 @@ def test_a_replica_killed_under_load_loses_no_request_and_no_acknowledged_add(cl
         stop.set()
         for thread in threads:
             thread.join(120)
+        # A request that never returns must fail here, not hang the client's shutdown waiting for it.
+        assert not any(thread.is_alive() for thread in threads), "a request did not return within 120 s"
         server_errors = [s for s in statuses if s >= 500]
         assert len(statuses) > 10 and len(server_errors) <= 1, statuses  # at most the call in flight on it
         for image_id in acknowledged:  # acknowledged after the owning shard committed: still there
