@@ -137,10 +137,20 @@ def small_model(tmp_path_factory):
     return save_model(model, config, tmp_path_factory.mktemp("init") / "model")
 
 
-def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, small_model, tmp_path):
+def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, small_model, tmp_path, monkeypatch):
     """Unlabelled grocery photos, a transformer without the global path (so all it knows is
     learned): the loss falls, and the held-out photos' augmented views find their own photo
-    first more often than before training."""
+    first more often than before training. Every training step runs the module in training
+    mode (dropout on), though each validation leaves it in eval mode (the loop sets it back)."""
+    modes = []
+    forward = RerankingTransformer.forward
+
+    def recording_forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            modes.append(self.training)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RerankingTransformer, "forward", recording_forward)
     images = read_labels_csv(data_root / "grocery_store")
     images = images.subset(range(0, 2400, 30), "grocery sample")  # 80 photos of many products
     source = TrainingSource("grocery sample", ImageSet([ImageRecord(r.path, "") for r in images], images.root,
@@ -161,6 +171,8 @@ def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, sm
     assert info["training"]["default_reranker"] in ("none", "rrt", "rrt-fusion")
     assert 0.0 <= info["training"]["fusion_weight"] <= 1.0
     assert info["training"]["trained_on"][0]["labelled"] is False
+    assert len(modes) >= 4  # a step per batch of each of the 4 epochs
+    assert all(modes), f"{modes.count(False)} of {len(modes)} training steps ran in eval mode"
 
 
 def test_global_skip_starts_as_global_search():

@@ -166,6 +166,7 @@ class ViewValidator:
         default): the fast scorer (waldo.rerank.rrt_fast), the training module's logits to float
         rounding in about a quarter of its time, and scoring is nearly all of a validation pass
         (benchmarks/rrt_validation.py); ``reference``: the training module's own forward."""
+        rrt.eval()
         # fp32 copies the weights as they are now: one scorer per validation pass
         reranker = RRTReranker(rrt, grid=self.grid, precision=self.precision)
         out = []
