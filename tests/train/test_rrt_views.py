@@ -195,11 +195,12 @@ def test_global_skip_starts_as_global_search():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "reference"])
-def test_validation_scores_candidates_as_the_training_module_does(precision):
+def test_validation_scores_candidates_as_the_training_module_does(precision, monkeypatch):
     """The validator scores with the serving fp32 scorer (4x quicker) or the module itself; its
     logits must be the training module's forward, global tokens and both residuals included, for
-    every query row."""
+    every query row; weights it has scored before are not scored again."""
     from waldo.models.descriptor import rrt_global_inputs
+    from waldo.rerank.rrt_rerankers import RRTReranker
     from waldo.train.rrt_online import ViewValidator
 
     torch.manual_seed(0)
@@ -216,7 +217,7 @@ def test_validation_scores_candidates_as_the_training_module_does(precision):
     q_global = unit(q_local.mean(1))
     validator = ViewValidator.__new__(ViewValidator)  # the prepared sets alone; no pool or views needed
     validator.grid, validator.local_desc, validator.global_desc = grid, local_desc, global_desc
-    validator.precision = precision
+    validator.precision, validator._scored = precision, {}
     validator.prepared = [{"q_global": q_global, "q_local": q_local, "candidates": candidates,
                            "scores": np.einsum("qd,qkd->qk", q_global, global_desc[candidates])}]
     (logits,) = validator.logits(rrt)
@@ -230,6 +231,15 @@ def test_validation_scores_candidates_as_the_training_module_does(precision):
                            query_global=q_token, cand_global=c_token, query_skip=q_skip, cand_skip=c_skip)
             np.testing.assert_allclose(logits[row], expected.numpy(), atol=1e-4)
     assert np.ptp(logits) > 0.1  # the rows differ: a constant would pass nothing above by accident
+    # The same weights again (best/ rescored at the end of a run): the logits of before, not scored again.
+    calls = []
+    monkeypatch.setattr(RRTReranker, "logits", lambda self, *a: calls.append(1) or np.zeros(top_k, np.float32))
+    np.testing.assert_array_equal(validator.logits(rrt)[0], logits)
+    assert not calls
+    with torch.no_grad():  # other weights: scored anew
+        rrt.classifier.bias += 1.0
+    validator.logits(rrt)
+    assert len(calls) == n_queries
 
 
 def _tiny_index(data_root, small_model, root, n=40):

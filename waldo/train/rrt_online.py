@@ -137,6 +137,9 @@ class ViewValidator:
         if precision not in ("fp32", "reference"):
             raise ValueError(f"validation scores in fp32 or reference precision, got {precision!r}")
         self.sets, self.top_k, self.grid, self.precision = sets, top_k, grid, precision
+        # logits by the weights that made them: choosing the default at the end rescored best/ and
+        # last/, which their epochs' validations had already scored (2 of a run's ~6 passes)
+        self._scored: dict[str, list[np.ndarray]] = {}
         self.prepared = []
         for vset in sets:
             if vset.augmented:  # fixed views, made once: every validation sees the same queries
@@ -165,8 +168,12 @@ class ViewValidator:
         """Each set's (queries, top_k) RRT logits, scored as serving scores them. ``fp32`` (the
         default): the fast scorer (waldo.rerank.rrt_fast), the training module's logits to float
         rounding in about a quarter of its time, and scoring is nearly all of a validation pass
-        (benchmarks/rrt_validation.py); ``reference``: the training module's own forward."""
+        (benchmarks/rrt_validation.py); ``reference``: the training module's own forward. Weights
+        scored before (same config and parameters) get their earlier logits back."""
         rrt.eval()
+        key = f"{self.precision}|{rrt.config.model_dump_json()}|{model_hash(rrt)}"
+        if key in self._scored:
+            return [logits.copy() for logits in self._scored[key]]
         # fp32 copies the weights as they are now: one scorer per validation pass
         reranker = RRTReranker(rrt, grid=self.grid, precision=self.precision)
         out = []
@@ -178,6 +185,7 @@ class ViewValidator:
                                                                       data["scores"][row].astype(np.float32),
                                                                       self.global_desc[candidates]))
             out.append(logits)
+        self._scored[key] = [logits.copy() for logits in out]
         return out
 
     def _metrics(self, data: dict, scores: np.ndarray | None) -> dict:
