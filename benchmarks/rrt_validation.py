@@ -22,7 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "rrt_validation.json"
 MODEL = "lite0-match-rrt"
-SOURCES = ["grocery-open-cross", "coil100-open", "../shared/data/abo_sample"]
 #: grocery's held-out shelves: the validation set whose figures are far from saturated
 VALIDATION_SET = "grocery-open-cross:train"
 
@@ -32,14 +31,12 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=150, help="held-out queries (the shipped cards' 150)")
     args = parser.parse_args()
     from waldo.models.shipped import resolve_model_dir
-    from waldo.paths import data_root
     from waldo.train.rrt_online import validate_reranker
-    from waldo.train.sources import parse_source
+    from waldo.train.sources import parse_source, quoted_source
 
     model_dir = resolve_model_dir(MODEL)
-    check = json.loads((model_dir / "card.json").read_text())["check"]  # the card's split: its val_fraction, seed
-    specs = [str(data_root() / s.split("shared/data/", 1)[1]) if "shared/data/" in s else s for s in SOURCES]
-    sources = [parse_source(spec) for spec in specs]
+    check = json.loads((model_dir / "card.json").read_text())["check"]  # the card's sources and split
+    sources = [parse_source(quoted_source(spec)) for spec in check["sources"]]
 
     def validate(precision: str) -> dict:
         return validate_reranker(model_dir, sources, val_fraction=check["val_fraction"], seed=check["seed"],

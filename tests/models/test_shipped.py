@@ -53,14 +53,13 @@ def test_shipped_model_loads_and_matches_its_card(shipped):
 
 def test_shipped_weights_reproduce_the_card_validation_figure(shipped, data_root):
     from waldo.train.rrt_online import validate_reranker
-    from waldo.train.sources import parse_source
+    from waldo.train.sources import parse_source, quoted_source
 
     name, card = shipped
     check = card["check"]
     # folders are quoted relative to the project root as ../shared/data/...: read them from WALDO_DATA
-    specs = [str(data_root / spec.split("shared/data/", 1)[1]) if "shared/data/" in spec else spec
-             for spec in check["sources"]]
-    result = validate_reranker(resolve_model_dir(name), [parse_source(spec) for spec in specs],
+    sources = [parse_source(quoted_source(spec)) for spec in check["sources"]]
+    result = validate_reranker(resolve_model_dir(name), sources,
                                val_fraction=check["val_fraction"], seed=check["seed"],
                                max_queries=check["max_queries"], only=[check["set"]])
     for reranker, metrics in check["metrics"].items():

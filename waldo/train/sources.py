@@ -28,7 +28,7 @@ import numpy as np
 from waldo.data.datasets import ImageRecord, ImageSet, load_dataset, read_image_folder
 from waldo.data.protocols import VALIDATION_SPLITS, get_protocol, protocol_names, reported_protocols
 
-__all__ = ["PooledImages", "TrainingSource", "check_no_test_images", "parse_source", "pool_sources"]
+__all__ = ["PooledImages", "TrainingSource", "check_no_test_images", "parse_source", "pool_sources", "quoted_source"]
 
 
 @dataclass
@@ -48,6 +48,15 @@ class TrainingSource:
                 "identities": len(set(self.images.identities)) if self.labelled else len(self.images),
                 "validation": "protocol twin" if self.validation_split else
                 ("leave-one-out" if self.labelled else "augmented views")}
+
+
+def quoted_source(spec: str) -> str:
+    """A source as cards and commands quote it, for this machine: a folder quoted under
+    ``../shared/data/`` (relative to the project root) is read from the data root
+    ($WALDO_DATA), wherever the caller runs; protocol names and other folders stay as they are."""
+    from waldo.paths import data_root
+
+    return str(data_root() / spec.split("shared/data/", 1)[1]) if "shared/data/" in spec else spec
 
 
 def parse_source(spec: str) -> TrainingSource:
