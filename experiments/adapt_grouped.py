@@ -98,18 +98,20 @@ def markdown(results: dict) -> str:
              f"{MODEL} whose global head is refitted without that fold; adapt's defaults otherwise. \"Same object\": "
              "the share of photo pairs within a group that show one identity (labels only measure).", "",
              "| collection | groups (photos, largest; same object) | reranker | global R@1 / mAP | rrt R@1 / mAP "
-             "| rrt-fusion R@1 / mAP | default (adapt's own validation) | seconds (adapt + evaluation) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| rrt-fusion R@1 / mAP | default (adapt's own validation) | epochs trained / installed "
+             "| seconds (adapt + evaluation) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for role, collection in results["collections"].items():
         g = collection["groups"]
         groups = "-" if g is None else (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, "
                                         f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
-            seconds = run.get("adapt_seconds")
+            seconds, epochs = run.get("adapt_seconds"), run.get("epochs")
+            trained = "-" if not epochs else f"{epochs[-1]['epoch']} / {epochs[-1]['best_epoch']}"
             lines.append(f"| {role.split()[0]}: {collection['protocol']} | {groups if name == GROUPED else '-'} "
                          f"| {name} | {cell(entry, 'global')} | {cell(entry, 'rrt')} | {cell(entry, 'rrt-fusion')} "
-                         f"| {run.get('default_reranker') or '-'} | {'-' if seconds is None else f'{seconds:.0f}'} |")
+                         f"| {run.get('default_reranker') or '-'} | {trained} | {'-' if seconds is None else f'{seconds:.0f}'} |")
     verdicts = ", ".join(f"{role.split(' ', 1)[1]}: {verdict(c)}" for role, c in results["collections"].items()
                          if role.startswith("validation"))
     lines += ["", f"Grouped against plain on validation: {verdicts}. Chosen: **{results['chosen']}**.", "",
