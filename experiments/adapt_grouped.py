@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapt_lr import MODEL, produced_by, refitted_model  # noqa: E402
-from adapt_verified import cell, study  # noqa: E402
+from adapt_verified import cell, groups_cell, study  # noqa: E402
 from gv_fusion import fold_protocol, log  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -102,9 +102,7 @@ def markdown(results: dict) -> str:
              "| seconds (adapt + evaluation) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for role, collection in results["collections"].items():
-        g = collection["groups"]
-        groups = "-" if g is None else (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, "
-                                        f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
+        groups = groups_cell(collection)
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
             seconds, epochs = run.get("adapt_seconds"), run.get("epochs")

@@ -142,6 +142,13 @@ def cell(entry: dict, key: str) -> str:
     return "-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}"
 
 
+def groups_cell(collection: dict) -> str:
+    """"groups (grouped photos of photos, largest; same object)" of a collection's grouping, "-" without one."""
+    g = collection["groups"]
+    return "-" if g is None else (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, "
+                                  f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
+
+
 def markdown(results: dict, start: str = START, end: str = END) -> str:
     variants = results.get("variants", ["plain", "grouped"])
     own = "model's" if "/" in results.get("model", "lite0-rrt") else "shipped"
@@ -160,9 +167,7 @@ def markdown(results: dict, start: str = START, end: str = END) -> str:
              "| rrt-fusion R@1 / mAP | default (adapt's own validation) |",
              "|---|---|---|---|---|---|---|"]
     for role, collection in results["collections"].items():
-        g = collection["groups"]
-        groups = "-" if g is None else (f"{g['groups']} ({g['grouped_photos']} of {g['photos']}, "
-                                        f"{g['largest_group']}; {collection['purity']['same_identity']:.1%})")
+        groups = groups_cell(collection)
         for name, run in collection["runs"].items():
             entry = run["protocols"][collection["protocol"]]
             lines.append(f"| {role}: {collection['protocol']} | {groups} | {name} | {cell(entry, 'global')} "
