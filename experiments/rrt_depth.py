@@ -16,7 +16,7 @@ the shipped RRT and its recorded fusion weight. Test protocols choose nothing: `
 the chosen depth beside 100 through the product's evaluation (``waldo.eval.runner.run_eval``).
 
     .venv/bin/python experiments/rrt_depth.py            # validation, ~5 min on 2 cores
-    .venv/bin/python experiments/rrt_depth.py --test     # + test protocols at the chosen depth and at 100
+    .venv/bin/python experiments/rrt_depth.py --test     # + test protocols at the chosen depth and at 100, ~57 min
     .venv/bin/python experiments/rrt_depth.py --doc      # docs/results.md block from the JSON
 """
 
