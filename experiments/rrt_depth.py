@@ -33,7 +33,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from waldo.eval.metrics import retrieval_metrics  # noqa: E402
 from waldo.rerank.rrt_rerankers import fuse_scores  # noqa: E402
 from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default  # noqa: E402
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
@@ -49,12 +48,12 @@ METRIC = "map@100"
 TEST_PROTOCOLS = ("grocery-open-cross", "coil100-open")
 
 
-def partial_order(scores: np.ndarray, depth: int) -> np.ndarray:
-    """Each row's order when only its first ``depth`` candidates (global order) are reranked by
-    ``scores``: those sorted best first, the rest after them as they were."""
-    head = np.argsort(-scores[:, :depth], axis=1, kind="stable")
-    tail = np.broadcast_to(np.arange(depth, scores.shape[1]), (scores.shape[0], scores.shape[1] - depth))
-    return np.concatenate([head, tail], axis=1)
+def rerank_head(scores: np.ndarray, depth: int) -> np.ndarray:
+    """Scores that rerank only each row's first ``depth`` candidates (global order): the rest get
+    -inf, and the validator's stable sort keeps them after the head in their global order."""
+    out = scores.copy()
+    out[:, depth:] = -np.inf
+    return out
 
 
 def validation(log=print) -> dict:
@@ -66,16 +65,13 @@ def validation(log=print) -> dict:
     weight = float(setup.train_config.get("fusion_weight") or 0.0)
     logits = validator.logits(rrt)
     log(f"scored the validation sets in {time.perf_counter() - started:.0f} s")
+    fused = [fuse_scores(data["scores"], set_logits, weight) if weight else set_logits
+             for data, set_logits in zip(validator.prepared, logits)]
     by_depth = {}
     for depth in DEPTHS:
-        sets = {}
-        for vset, data, set_logits in zip(validator.sets, validator.prepared, logits):
-            scores = fuse_scores(data["scores"], set_logits, weight) if weight else set_logits
-            order = partial_order(scores, min(depth, scores.shape[1]))
-            matches = np.take_along_axis(data["matches"], order, 1)
-            sets[vset.name] = retrieval_metrics(matches, data["n_positives"], ks=(1, 10))
-        macro = {m: float(np.mean([s[m] for s in sets.values()])) for m in ("recall@1", "recall@10", METRIC)}
-        by_depth[str(depth)] = {"macro": macro, "sets": sets}
+        figures = validator(rrt, [rerank_head(scores, depth) for scores in fused])
+        by_depth[str(depth)] = {"macro": figures["macro"]["rrt"],
+                                "sets": {name: entry["rrt"] for name, entry in figures["sets"].items()}}
     chosen = DEPTHS[0]
     for depth in DEPTHS[1:]:
         new = [s[METRIC] for s in by_depth[str(depth)]["sets"].values()]
