@@ -25,6 +25,7 @@ every default of Waldo's is chosen by). The same consensus on the global ranking
 a cell is adopted, and are reported only.
 
     .venv/bin/python experiments/rrt_consensus.py          # validation, ~5 min on 2 cores
+    .venv/bin/python experiments/rrt_consensus.py --store  # an adopted cell: into the shipped model's rrt.json + card
     .venv/bin/python experiments/rrt_consensus.py --doc    # docs/results.md block from the JSON
 """
 
@@ -41,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from waldo.rerank.rrt_rerankers import fuse_scores  # noqa: E402
+from waldo.rerank.rrt_rerankers import fuse_scores, neighbour_consensus  # noqa: E402
 from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default  # noqa: E402
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
@@ -54,23 +55,6 @@ MODEL = "lite0-match-rrt"
 KS = (3, 5, 10)
 WEIGHTS = (0.25, 0.5, 1.0)
 METRIC = "map@100"
-
-
-def consensus(base: np.ndarray, cand_global: np.ndarray, k: int) -> np.ndarray:
-    """(Q, N) mean cosine of each candidate to the base ranking's first ``k`` candidates other
-    than itself. ``base`` (Q, N) scores, ``cand_global`` (Q, N, D) unit descriptors."""
-    n_q, n = base.shape
-    k = min(k, n)
-    order = np.argsort(-base, axis=1, kind="stable")[:, :k]  # (Q, k) positions of the first k
-    top = np.take_along_axis(cand_global, order[:, :, None], 1)  # (Q, k, D)
-    sims = np.einsum("qkd,qnd->qkn", top, cand_global)  # (Q, k, N)
-    total = sims.sum(1)
-    in_top = np.zeros((n_q, n), bool)
-    np.put_along_axis(in_top, order, True, 1)
-    self_sim = np.einsum("qnd,qnd->qn", cand_global, cand_global)
-    total = total - np.where(in_top, self_sim, 0.0)
-    count = k - in_top.astype(np.float64)
-    return (total / np.maximum(count, 1)).astype(np.float32)
 
 
 def validation(log=print) -> dict:
@@ -95,9 +79,9 @@ def validation(log=print) -> dict:
     for k in KS:
         for t in WEIGHTS:
             rows[f"rrt+consensus k={k} t={t:g}"] = figures(
-                [s + t * scale * consensus(s, g, k) for s, g in zip(rrt_scores, cand_globals)])
+                [s + t * scale * neighbour_consensus(s, g, k) for s, g in zip(rrt_scores, cand_globals)])
             rows[f"global+consensus k={k} t={t:g}"] = figures(
-                [d["scores"] + t * consensus(d["scores"], g, k) for d, g in zip(validator.prepared, cand_globals)])
+                [d["scores"] + t * neighbour_consensus(d["scores"], g, k) for d, g in zip(validator.prepared, cand_globals)])
     cells = [f"rrt+consensus k={k} t={t:g}" for k in KS for t in WEIGHTS]
     best = max(cells, key=lambda name: (rows[name]["macro"][METRIC], -cells.index(name)))
     per_set = lambda name: [entry[METRIC] for entry in rows[name]["sets"].values()]  # noqa: E731
@@ -105,6 +89,35 @@ def validation(log=print) -> dict:
     return {"fusion_weight": weight, "global_skip_scale": scale, "margin": DEFAULT_MARGIN, "metric": METRIC,
             "rows": rows, "best": best, "adopted": adopted, "refit_check_min_cosine": setup.refit_check,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def store(results: dict) -> None:
+    """Record the adopted cell in the shipped model: rrt.json's ``training`` (what serving reads:
+    ``consensus`` and ``default_reranker``) and the card's ``chosen_on_validation``."""
+    from waldo.models.shipped import resolve_model_dir
+
+    v = results["validation"]
+    if not v["adopted"]:
+        raise SystemExit(f"{v['best']} was not adopted on validation: nothing to store")
+    k = int(v["best"].split("k=")[1].split()[0])
+    weight = float(v["best"].split("t=")[1])
+    folder = resolve_model_dir(MODEL)
+    entry = {"k": k, "weight": weight, "select_metric": v["metric"], "margin": v["margin"],
+             "validation": {name: v["rows"][name]["macro"] for name in ("none", "rrt", v["best"])},
+             "command": results["commands"][0],
+             "note": "chosen on the fair validation (held-out training identities, the global head refitted "
+                     "without them): docs/results.md, 'Neighbourhood consensus after the RRT'"}
+    rrt_json = folder / "rrt.json"
+    info = json.loads(rrt_json.read_text())
+    info["training"]["consensus"] = entry
+    info["training"]["default_reranker"] = "rrt-consensus"
+    rrt_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    card_json = folder / "card.json"
+    card = json.loads(card_json.read_text())
+    card["chosen_on_validation"]["default_reranker"] = "rrt-consensus"
+    card["chosen_on_validation"]["consensus"] = entry
+    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"stored k={k} weight={weight:g} as {MODEL}'s default (rrt-consensus)")
 
 
 def markdown(results: dict) -> str:
@@ -131,7 +144,11 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    parser.add_argument("--store", action="store_true", help="record an adopted cell in the shipped model")
     args = parser.parse_args()
+    if args.store:
+        store(json.loads(RESULTS.read_text()))
+        return 0
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0

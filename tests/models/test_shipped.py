@@ -37,7 +37,7 @@ def test_shipped_model_is_small_and_documented(shipped):
     name, card = shipped
     for key in ("trained_on", "train_config", "chosen_on_validation", "reproduce", "check", "validation_sets"):
         assert card.get(key), key
-    assert card["chosen_on_validation"]["default_reranker"] in ("none", "rrt", "rrt-fusion")
+    assert card["chosen_on_validation"]["default_reranker"] in ("none", "rrt", "rrt-fusion", "rrt-consensus")
     # never trained on a reported protocol's test identities: only training splits and other folders
     assert all(source["name"].endswith(":train") or source["name"] == "abo_sample" for source in card["trained_on"])
 
@@ -126,7 +126,7 @@ def test_lite0_lw_rrt_with_match_cells_defaults_to_local_match(data_root, tmp_pa
                                                                                           choice["weight"])
 
 
-def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt(data_root, tmp_path):
+def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt_with_consensus(data_root, tmp_path):
     """make demo's lite0-match-rrt: the RRT reads stage-4 cells (its locals, which local-match reads
     too) with the mutual-match residual; its default, chosen on the fair validation (the global head
     refitted without the held-out identities), beat global search by the margin on the mean and on
@@ -152,8 +152,13 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt(data_
     assert training["choice_validation"]["refit_check_min_cosine"] > 0.999  # the refit is the head's recipe
     card = json.loads((folder / "card.json").read_text())
     chosen = card["chosen_on_validation"]
-    assert chosen["default_reranker"] == training["default_reranker"] == "rrt"
+    assert chosen["default_reranker"] == training["default_reranker"] == "rrt-consensus"
     assert chosen["validation"]["rrt"]["map@100"] > chosen["validation"]["none"]["map@100"] + 0.005
+    # the neighbourhood consensus after it was adopted on the same validation by the same margin
+    consensus = training["consensus"]
+    assert consensus == chosen["consensus"] and (consensus["k"], consensus["weight"]) == (3, 1.0)
+    adopted = consensus["validation"]["rrt+consensus k=3 t=1"]["map@100"]
+    assert adopted > consensus["validation"]["rrt"]["map@100"] + consensus["margin"]
     # the same global head as lite0-lw-rrt's, not stored twice
     assert "global_proj.weight" not in load_file(str(folder / "model.safetensors"))
     donor, _ = load_model(resolve_model_dir("lite0-lw-rrt"))
@@ -161,10 +166,10 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt(data_
     abo = read_labels_csv(data_root / "abo_sample")
     engine = Waldo.create(tmp_path / "demo", model_dir=folder, gv_features=False, progress=False)
     engine.add(abo.paths, None, num_workers=0, progress=False)
-    assert engine.default_reranker == "rrt"
-    assert {"rrt", "rrt-fusion", "local-match"} <= set(engine.available_rerankers())
+    assert engine.default_reranker == "rrt-consensus"
+    assert {"rrt", "rrt-fusion", "rrt-consensus", "local-match"} <= set(engine.available_rerankers())
     outcome = engine.search(abo.paths[0], k=3)
-    assert outcome.rerank == "rrt" and outcome.hits[0].path == abo.paths[0]
+    assert outcome.rerank == "rrt-consensus" and outcome.hits[0].path == abo.paths[0]
 
 
 def test_the_trained_backbone_ships_as_its_differences_and_says_how_it_was_chosen():

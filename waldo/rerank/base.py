@@ -59,6 +59,7 @@ SCORE_INLIERS = "inliers"
 SCORE_RRT_PROBABILITY = "RRT probability"
 SCORE_RRT_FUSED = "similarity + RRT probability"
 SCORE_LOCAL_MATCH_FUSED = "similarity + matched cells"
+SCORE_RRT_CONSENSUS = "RRT + neighbours probability"
 SCORE_KINDS: dict[str, str] = {
     SCORE_SIMILARITY: "cosine similarity of the global descriptors (-1 to 1; higher is more alike)",
     SCORE_GV_FUSED: "the global similarity plus a bonus for an image with at least the minimum inliers of a "
@@ -70,6 +71,8 @@ SCORE_KINDS: dict[str, str] = {
                      "validation)",
     SCORE_LOCAL_MATCH_FUSED: "the global similarity plus a weighted share (0 to 1) of the query's image cells "
                              "that have a mutual match in the other photo (weight chosen on validation)",
+    SCORE_RRT_CONSENSUS: "the probability (0 to 1) of the RRT's score plus a bonus for looking like the RRT's own "
+                         "first results (neighbourhood consensus; its weight chosen on validation)",
 }
 
 

@@ -4,7 +4,10 @@ RRT stored beside the model (``rrt.json``, see waldo.rerank.rrt_checkpoint):
 - ``rrt``: sort by the RRT logit alone, as the reference does (scores reported as the logit's
   probability, sigmoid(logit): same order, a unit people read);
 - ``rrt-fusion``: sort by ``lambda * global + (1 - lambda) * sigmoid(logit)``, with the lambda
-  chosen on held-out training identities when the reranker was trained (``rrt.json``).
+  chosen on held-out training identities when the reranker was trained (``rrt.json``);
+- ``rrt-consensus``: the RRT logit plus how alike each candidate is to the RRT's own first
+  candidates (neighbourhood consensus, :func:`neighbour_consensus`): a wrong first answer that
+  looks like the query but not like the other photos ranked high is pushed down.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 # module registers "rrt" and "rrt-fusion", which `waldo --help` lists, and must not load torch.
 from waldo.rerank.base import (
     RERANKERS,
+    SCORE_RRT_CONSENSUS,
     SCORE_RRT_FUSED,
     SCORE_RRT_PROBABILITY,
     Need,
@@ -34,7 +38,14 @@ if TYPE_CHECKING:
     from waldo.rerank.rrt import RerankingTransformer
     from waldo.rerank.rrt_fast import FastRRTScorer
 
-__all__ = ["PRECISIONS", "FusionReranker", "RRTReranker", "fuse_scores", "resolve_precision"]
+__all__ = ["CONSENSUS_K", "CONSENSUS_WEIGHT", "PRECISIONS", "ConsensusReranker", "FusionReranker", "RRTReranker",
+           "consensus_setting", "fuse_scores", "neighbour_consensus", "resolve_precision"]
+
+#: rrt-consensus's setting where a model's rrt.json records none (``training["consensus"]``):
+#: the one chosen on make demo's fair validation (experiments/rrt_consensus.py: the RRT's first 3
+#: candidates, weighed like the query's own global similarity).
+CONSENSUS_K = 3
+CONSENSUS_WEIGHT = 1.0
 
 
 def fuse_scores(global_scores: np.ndarray, logits: np.ndarray, weight: float) -> np.ndarray:
@@ -45,6 +56,35 @@ def fuse_scores(global_scores: np.ndarray, logits: np.ndarray, weight: float) ->
     logits = np.asarray(logits, np.float64)
     probability = 1.0 / (1.0 + np.exp(-logits))
     return (weight * np.asarray(global_scores, np.float64) + (1.0 - weight) * probability).astype(np.float32)
+
+
+def neighbour_consensus(scores: np.ndarray, cand_global: np.ndarray, k: int) -> np.ndarray:
+    """How alike each candidate is to the ``k`` best-scored candidates other than itself: the
+    mean cosine of its global descriptor to theirs (database-side query expansion without the
+    candidate's own term, so a candidate is never lifted by its similarity to itself).
+
+    ``scores`` (..., N): the ranking whose first ``k`` are the neighbours (ties keep list order);
+    ``cand_global`` (..., N, D): unit global descriptors. Returns (..., N) float32; a candidate
+    with no other neighbour (N = 1) gets 0."""
+    scores = np.asarray(scores)
+    cand_global = np.asarray(cand_global, np.float32)
+    if cand_global.shape[:-1] != scores.shape:
+        raise ValueError(f"scores {scores.shape} and candidate descriptors {cand_global.shape} disagree")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    n = scores.shape[-1]
+    if n == 0:
+        return np.zeros(scores.shape, np.float32)
+    k = min(k, n)
+    first = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # positions of the neighbours
+    neighbours = np.take_along_axis(cand_global, first[..., None], -2)  # (..., k, D)
+    total = np.einsum("...kd,...nd->...n", neighbours, cand_global)
+    is_neighbour = np.zeros(scores.shape, bool)
+    np.put_along_axis(is_neighbour, first, True, -1)
+    own = np.einsum("...nd,...nd->...n", cand_global, cand_global)
+    total = total - np.where(is_neighbour, own, 0.0)
+    count = k - is_neighbour.astype(np.float32)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -188,6 +228,43 @@ class FusionReranker:
                             score_kind=SCORE_RRT_FUSED)
 
 
+class ConsensusReranker:
+    """Sort by the RRT logit plus ``weight * a * consensus``: :func:`neighbour_consensus` over the
+    RRT's first ``k`` candidates, ``a`` the RRT's global-residual scale (its logit counts the
+    query's own global similarity ``a`` times, so ``weight`` 1 weighs the neighbours' agreement
+    like the query's). Scored by the combined logit's probability; ``rrt_score`` stays the
+    RRT's own."""
+
+    name = "rrt-consensus"
+
+    def __init__(self, rrt: RRTReranker, k: int = CONSENSUS_K, weight: float = CONSENSUS_WEIGHT) -> None:
+        if not rrt.rrt.config.global_skip:
+            raise ValueError("rrt-consensus weighs the neighbours by the RRT's global-residual scale: this RRT "
+                             "has no global residual (global_skip); use rrt or rrt-fusion")
+        if int(k) < 1 or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"rrt-consensus needs k >= 1 and a weight >= 0, got k={k}, weight={weight}")
+        self.rrt, self.k, self.weight = rrt, int(k), float(weight)
+        self.scale = float(rrt.rrt.global_skip_scale.detach())
+
+    def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> RerankResult:
+        if candidates.global_desc is None:
+            raise ValueError("rrt-consensus compares the candidates' global descriptors: pass global_desc")
+        logits = self.rrt.logits(query, candidates)
+        combined = logits + self.weight * self.scale * neighbour_consensus(logits, candidates.global_desc, self.k)
+        result = sorted_result(combined)
+        return RerankResult(result.order, probabilities(result.scores), rrt_scores=probabilities(logits[result.order]),
+                            score_kind=SCORE_RRT_CONSENSUS)
+
+
+def consensus_setting(training: dict) -> tuple[int, float]:
+    """(k, weight) of rrt-consensus from rrt.json's ``training["consensus"]``, else the defaults
+    (:data:`CONSENSUS_K`, :data:`CONSENSUS_WEIGHT`)."""
+    entry = training.get("consensus") if isinstance(training, dict) else None
+    if not isinstance(entry, dict):
+        return CONSENSUS_K, CONSENSUS_WEIGHT
+    return int(entry.get("k", CONSENSUS_K)), float(entry.get("weight", CONSENSUS_WEIGHT))
+
+
 _RRT_NEEDS = (Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT)
 
 
@@ -209,3 +286,14 @@ def _rrt_fusion(setup: RerankerSetup) -> FusionReranker:
         raise ValueError(f"{setup.folder}/rrt.json has no fusion_weight (chosen on validation at the end of "
                          f"training); finish training first")
     return FusionReranker(rrt, rrt.fusion_weight)
+
+
+@RERANKERS.register("rrt-consensus", description="the RRT's score plus how alike each photo is to the RRT's own "
+                                                 "first few results: a look-alike that matches the query but not "
+                                                 "the others is pushed down (setting chosen on validation)",
+                    needs=_RRT_NEEDS, score=SCORE_RRT_CONSENSUS, title="RRT + neighbours")
+def _rrt_consensus(setup: RerankerSetup) -> ConsensusReranker:
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    k, weight = consensus_setting(read_rrt_info(setup.folder).get("training", {}))
+    return ConsensusReranker(_rrt(setup), k, weight)
