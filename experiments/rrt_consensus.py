@@ -26,6 +26,8 @@ a cell is adopted, and are reported only.
 
     .venv/bin/python experiments/rrt_consensus.py          # validation, ~5 min on 2 cores
     .venv/bin/python experiments/rrt_consensus.py --store  # an adopted cell: into the shipped model's rrt.json + card
+    .venv/bin/python experiments/rrt_views.py eval --model lite0-match-rrt --name shipped-match-consensus \
+        --rerank none,rrt,rrt-consensus --quiet            # the test protocols, reported only (~17 min)
     .venv/bin/python experiments/rrt_consensus.py --doc    # docs/results.md block from the JSON
 """
 
@@ -51,6 +53,10 @@ RESULTS = ROOT / "results" / "rrt_consensus.json"
 DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- rrt-consensus:start -->", "<!-- rrt-consensus:end -->"
 HEADING = "### Neighbourhood consensus after the RRT (make demo's model)"
+#: the test protocols, run after adoption through the product's reranker (reported only)
+TEST_RESULTS = ROOT / "results" / "rrt_views" / "shipped-match-consensus.json"
+TEST_COMMAND = (".venv/bin/python experiments/rrt_views.py eval --model lite0-match-rrt --name shipped-match-consensus "
+                "--rerank none,rrt,rrt-consensus --quiet")
 MODEL = "lite0-match-rrt"
 KS = (3, 5, 10)
 WEIGHTS = (0.25, 0.5, 1.0)
@@ -136,6 +142,17 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | {entry['macro']['recall@1']:.4f} | {entry['macro'][v['metric']]:.4f} | {per_set} |")
     verdict = "adopted" if v["adopted"] else "not adopted: the RRT alone stays make demo's default"
     lines += ["", f"Best RRT cell on validation: **{v['best']}**, {verdict}."]
+    if TEST_RESULTS.is_file():
+        test = json.loads(TEST_RESULTS.read_text())
+        lines += ["", f"Test (reported, never chosen on): `{TEST_COMMAND}` "
+                      f"(results/rrt_views/{TEST_RESULTS.name}; the product's `rrt-consensus` with the stored setting)", "",
+                  "| protocol | ranking | R@1 | R@10 | mAP | rerank ms / query (fp32) |", "|---|---|---|---|---|---|"]
+        for protocol, entry in test["protocols"].items():
+            for name in ("global", "rrt", "rrt-consensus"):
+                m = entry[name]
+                ms = f"{m['rerank_ms_per_query']:.0f}" if "rerank_ms_per_query" in m else "-"
+                lines.append(f"| {protocol} | {name} | {m['recall@1']:.4f} | {m['recall@10']:.4f} | {m['map']:.4f} "
+                             f"| {ms} |")
     lines += ["", f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
               "(results/rrt_consensus.json).", "", END]
     return "\n".join(lines)

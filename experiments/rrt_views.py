@@ -319,14 +319,32 @@ def _ablation_block(result: dict) -> str:
 WHICH_RERANKER = "shipped-match-which-reranker.json"
 #: lite0-lw-rrt's (make demo's model before lite0-match-rrt; the input-size study reads it)
 LW_WHICH_RERANKER = "shipped-which-reranker.json"
+#: make demo's model's rrt-consensus, run after the table above (experiments/rrt_consensus.py chose it)
+WHICH_RERANKER_LATER = ("shipped-match-consensus.json",)
 INPUT_SIZE = "input-size.json"  # make demo's model at 224 against 288 px (cmd_input_size)
-WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt+gv", "local-match")
+WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt-consensus", "rrt+gv", "local-match")
 
 
-def which_reranker_block(result: dict) -> str:
+def which_reranker_block(result: dict, later: list[dict] = ()) -> str:
     """README's "which reranker when" table: every ranking of the shipped model (what `make demo`
     serves) on both test protocols, R@1 / mAP. (Its times come from the dedicated benchmarks:
-    this run may share the cores with other work.)"""
+    this run may share the cores with other work.) ``later``: runs of rankings added since, whose
+    rows join the table (a ranking both measured must agree to the 4th decimal) and whose stored
+    default, the model's current one, is the one named."""
+    result = json.loads(json.dumps(result))  # merged into a copy
+    commands = [result.get("command", "")]
+    for run in later:
+        commands.append(run.get("command", ""))
+        result["default_reranker"] = run.get("default_reranker")
+        for protocol, entry in run["protocols"].items():
+            for name, m in entry.items():
+                if name not in WHICH_ORDER:  # e.g. "default", which names the run's default's figures
+                    continue
+                known = result["protocols"][protocol].get(name)
+                if known is None:
+                    result["protocols"][protocol][name] = m
+                elif round(known["recall@1"], 4) != round(m["recall@1"], 4) or round(known["map"], 4) != round(m["map"], 4):
+                    raise ValueError(f"{protocol} {name}: {run.get('command')} disagrees with {result.get('command')}")
     protocols = list(result["protocols"])
     rows = ["| ranking | " + " | ".join(f"{p} R@1 / mAP" for p in protocols) + " |",
             "|---|" + "---|" * len(protocols)]
@@ -338,8 +356,8 @@ def which_reranker_block(result: dict) -> str:
             m = result["protocols"][protocol].get(name)
             cells.append("-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}")
         rows.append(f"| {'global (none)' if name == 'global' else name} | " + " | ".join(cells) + " |")
-    return (f"`{result.get('command', '')}` (default reranker stored with the model, chosen on validation: "
-            f"**{result.get('default_reranker')}**)\n\n" + "\n".join(rows))
+    return (f"{'; '.join(f'`{c}`' for c in commands)} (default reranker stored with the model, chosen on "
+            f"validation: **{result.get('default_reranker')}**)\n\n" + "\n".join(rows))
 
 
 def render_readme(readme: str) -> str:
@@ -350,7 +368,8 @@ def render_readme(readme: str) -> str:
     if not path.is_file():
         return readme
     start, end = markers("which-reranker")
-    block = f"{start}\n{which_reranker_block(json.loads(path.read_text()))}\n{end}"
+    later = [json.loads((RESULTS / name).read_text()) for name in WHICH_RERANKER_LATER if (RESULTS / name).is_file()]
+    block = f"{start}\n{which_reranker_block(json.loads(path.read_text()), later)}\n{end}"
     return replace_block(readme, block, start, end, heading="## Which reranker when")
 
 

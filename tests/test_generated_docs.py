@@ -212,8 +212,14 @@ def test_readme_which_reranker_table_is_generated():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    later = [_results(f"rrt_views/{name}") for name in module.WHICH_RERANKER_LATER]
     assert _block("README.md", "which-reranker") == module.which_reranker_block(
-        _results(f"rrt_views/{module.WHICH_RERANKER}"))
+        _results(f"rrt_views/{module.WHICH_RERANKER}"), later)
+    # a later run that measures a ranking the table holds must agree with it
+    clash = json.loads(json.dumps(later[0]))
+    clash["protocols"]["grocery-open-cross"]["rrt"]["recall@1"] += 0.01
+    with pytest.raises(ValueError, match="disagrees"):
+        module.which_reranker_block(_results(f"rrt_views/{module.WHICH_RERANKER}"), [clash])
 
 
 def test_reliability_resource_table_is_generated():
@@ -293,6 +299,29 @@ def test_adapt_patience_block_is_generated():
                                                                                           "adapt-patience")
     assert results["chosen_patience"] == module.chosen_patience(results["collections"]["validation"])
     assert results["chosen_patience"] == ADAPT_DEFAULTS["patience"]
+
+
+def test_rrt_consensus_block_is_generated_and_its_adopted_cell_is_what_serving_reads():
+    """docs/results.md's neighbourhood-consensus study is what experiments/rrt_consensus.py renders;
+    its best cell is the rule's on the stored figures, and the shipped model serves exactly it."""
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+    from waldo.rerank.rrt_rerankers import consensus_setting
+    from waldo.train.rrt_online import earns_default
+
+    module = _experiment("rrt_consensus")
+    results = _results("rrt_consensus.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md",
+                                                                                          "rrt-consensus")
+    v = results["validation"]
+    cells = [f"rrt+consensus k={k} t={t:g}" for k in module.KS for t in module.WEIGHTS]
+    best = max(cells, key=lambda name: (v["rows"][name]["macro"][v["metric"]], -cells.index(name)))
+    per_set = lambda name: [e[v["metric"]] for e in v["rows"][name]["sets"].values()]  # noqa: E731
+    assert best == v["best"] and v["adopted"] == earns_default(per_set(best), per_set("rrt"), v["margin"])
+    training = read_rrt_info(resolve_model_dir(module.MODEL))["training"]
+    assert f"rrt+consensus k={consensus_setting(training)[0]} t={consensus_setting(training)[1]:g}" == best
+    assert training["default_reranker"] == ("rrt-consensus" if v["adopted"] else "rrt")
 
 
 def test_local_match_product_table_is_generated():
