@@ -37,7 +37,7 @@ from waldo.models.untrained import untrained_model
 from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker, RerankerSetup, RerankerSpec,
                           RerankQuery, RerankResult)
 from waldo.rerank.base import SCORE_SIMILARITY
-from waldo.rerank.rrt_checkpoint import RRT_FILES, has_rrt, read_rrt_info
+from waldo.rerank.rrt_checkpoint import RRT_FILES, has_global_residual, has_rrt, read_rrt_info
 from waldo.rerank.rrt_rerankers import resolve_precision
 from waldo.results import SearchHit, SearchOutcome, StageTimer
 
@@ -508,6 +508,8 @@ class Waldo:
             needs.add(Need.KEYPOINTS)
         if has_rrt(self.root / MODEL_FOLDER):
             needs.add(Need.TRAINED_RRT)
+            if has_global_residual(self.root / MODEL_FOLDER):
+                needs.add(Need.RRT_GLOBAL_RESIDUAL)
         if self.config.local_stage is not None or self.config.match_stage is not None:
             needs.add(Need.FINE_LOCALS)
         return needs

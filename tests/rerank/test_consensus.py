@@ -101,3 +101,19 @@ def test_the_setting_defaults_and_an_rrt_without_a_global_residual_is_refused(tm
         ConsensusReranker(plain)
     with pytest.raises(ValueError, match="k >= 1"):
         ConsensusReranker(RRTReranker(RerankingTransformer(SKIP)), k=0)
+
+
+def test_only_an_rrt_with_a_global_residual_offers_consensus(tmp_path):
+    from waldo.rerank import Need
+    from waldo.rerank.rrt_checkpoint import has_global_residual
+
+    _folder(tmp_path / "skip")
+    save_rrt(tmp_path / "plain", RerankingTransformer(RRTConfig(d_model=32, n_layers=1, n_heads=4, ff_dim=64)))
+    assert has_global_residual(tmp_path / "skip") and not has_global_residual(tmp_path / "plain")
+    assert not has_global_residual(tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "rrt.json").write_text("{not json")
+    assert not has_global_residual(tmp_path / "broken")
+    base = {Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT}
+    assert "rrt" in RERANKERS.supported(base) and "rrt-consensus" not in RERANKERS.supported(base)
+    assert "rrt-consensus" in RERANKERS.supported(base | {Need.RRT_GLOBAL_RESIDUAL})

@@ -162,6 +162,8 @@ class Need(enum.Enum):
     KEYPOINTS = "local-feature keypoints"
     TRAINED_RRT = "a trained RRT (rrt.json beside the model, from `waldo train rrt`)"
     FINE_LOCALS = "local descriptors of a finer backbone stage (an index built with --local-stage)"
+    RRT_GLOBAL_RESIDUAL = ("an RRT with a global residual (`global_skip`, as every RRT trained from augmented views "
+                           "has; not the seed's)")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,16 @@ def save_reranker(folder: str | Path, model: DescriptorModel, model_config: Mode
     return save_rrt(folder, rrt, grid=grid, training=training)
 
 
+def has_global_residual(folder: str | Path) -> bool:
+    """Whether ``folder``'s RRT adds the global similarity to its logit (``rrt.json``'s
+    ``rrt.global_skip``); False without a readable reranker."""
+    try:
+        config = read_rrt_info(folder).get("rrt")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("global_skip") is True
+
+
 def read_rrt_info(folder: str | Path) -> dict[str, Any]:
     """The parsed ``rrt.json`` of ``folder``."""
     path = Path(folder) / "rrt.json"

@@ -291,7 +291,8 @@ def _rrt_fusion(setup: RerankerSetup) -> FusionReranker:
 @RERANKERS.register("rrt-consensus", description="the RRT's score plus how alike each photo is to the RRT's own "
                                                  "first few results: a look-alike that matches the query but not "
                                                  "the others is pushed down (setting chosen on validation)",
-                    needs=_RRT_NEEDS, score=SCORE_RRT_CONSENSUS, title="RRT + neighbours")
+                    needs=(*_RRT_NEEDS, Need.RRT_GLOBAL_RESIDUAL), score=SCORE_RRT_CONSENSUS,
+                    title="RRT + neighbours")
 def _rrt_consensus(setup: RerankerSetup) -> ConsensusReranker:
     from waldo.rerank.rrt_checkpoint import read_rrt_info
 
