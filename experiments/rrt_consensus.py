@@ -99,7 +99,9 @@ def validation(log=print) -> dict:
 
 def store(results: dict) -> None:
     """Record the adopted cell in the shipped model: rrt.json's ``training`` (what serving reads:
-    ``consensus`` and ``default_reranker``) and the card's ``chosen_on_validation``."""
+    ``consensus`` and ``default_reranker``) and the card's ``chosen_on_validation``, its
+    ``reproduce`` steps and, once the test run exists, its ``test`` figures (reported only).
+    Rerunning it writes the same files."""
     from waldo.models.shipped import resolve_model_dir
 
     v = results["validation"]
@@ -122,6 +124,15 @@ def store(results: dict) -> None:
     card = json.loads(card_json.read_text())
     card["chosen_on_validation"]["default_reranker"] = "rrt-consensus"
     card["chosen_on_validation"]["consensus"] = entry
+    for command in (results["commands"][0], ".venv/bin/python experiments/rrt_consensus.py --store"):
+        if command not in card["reproduce"]:
+            card["reproduce"].append(command)
+    if TEST_RESULTS.is_file():  # the test run after the choice was stored: reported beside the card's others
+        source = f"results/rrt_views/{TEST_RESULTS.name}"
+        if source not in card["test"]["sources"]:
+            card["test"]["sources"].append(source)
+        for protocol, figures in json.loads(TEST_RESULTS.read_text())["protocols"].items():
+            card["test"]["protocols"].setdefault(protocol, {})["rrt-consensus"] = figures["rrt-consensus"]
     card_json.write_text(json.dumps(card, indent=2) + "\n")
     print(f"stored k={k} weight={weight:g} as {MODEL}'s default (rrt-consensus)")
 
