@@ -169,6 +169,7 @@ def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, sm
     assert after > before
     rrt, info = load_rrt(best)
     assert info["training"]["default_reranker"] in ("none", "rrt", "rrt-fusion")
+    assert "consensus" not in info["training"]  # augmented views cannot judge it (one true match each)
     assert 0.0 <= info["training"]["fusion_weight"] <= 1.0
     assert info["training"]["trained_on"][0]["labelled"] is False
     assert len(modes) >= 4  # a step per batch of each of the 4 epochs
@@ -528,3 +529,50 @@ def test_a_default_must_gain_on_average_and_lose_on_no_validation_set():
     assert not earns_default([0.53, 0.96, 0.97], none, margin=0.01)
     with pytest.raises(ValueError):
         earns_default([0.5, 0.9], none)
+
+
+def _stub_validator(augmented: bool = False):
+    """A ViewValidator over hand-made top-6 lists (its own metrics code, no images): per query, a
+    look-alike the RRT ranks first whose descriptor resembles nothing else, then three true
+    matches alike, then two others."""
+    from waldo.train.pairs import ValidationSet
+    from waldo.train.rrt_online import ViewValidator
+
+    rng = np.random.default_rng(0)
+    n_queries, product = 3, rng.normal(size=(3, 16))
+    rows = []
+    for q in range(n_queries):
+        rows += [rng.normal(size=16), *(product[q] + 0.2 * rng.normal(size=16) for _ in range(3)),
+                 rng.normal(size=16), rng.normal(size=16)]
+    global_desc = np.stack(rows).astype(np.float32)
+    global_desc /= np.linalg.norm(global_desc, axis=1, keepdims=True)
+    candidates = np.arange(6 * n_queries).reshape(n_queries, 6)
+    matches = np.tile(np.array([False, True, True, True, False, False]), (n_queries, 1))
+    validator = object.__new__(ViewValidator)
+    validator.sets = [ValidationSet("stub", "protocol twin", np.arange(n_queries), candidates.ravel(), augmented,
+                                    True)]
+    validator.prepared = [{"candidates": candidates, "scores": np.tile(np.linspace(1, 0.5, 6), (n_queries, 1)),
+                           "matches": matches, "n_positives": matches.sum(1)}]
+    validator.global_desc, validator.top_k = global_desc, 6
+    logits = [np.tile(np.array([5.0, 4.9, 4.8, 4.7, 1.0, 0.0], np.float32), (n_queries, 1))]
+    return validator, logits
+
+
+def test_consensus_is_chosen_on_labelled_validation_by_the_default_rule():
+    """choose_consensus: the grid's best cell becomes the default only by earns_default against the
+    choice made without it; it is not judged on augmented views (one true match per query) nor for
+    an RRT without a global residual."""
+    from waldo.train.rrt_online import CONSENSUS_GRID, choose_consensus
+
+    rrt = RerankingTransformer(RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64, use_global_tokens=True,
+                                         global_skip=True))
+    validator, logits = _stub_validator()
+    reference = [entry["rrt"]["map@100"] for entry in validator(rrt, logits)["sets"].values()]
+    assert reference[0] < 1.0  # the look-alike first
+    chosen = choose_consensus(validator, rrt, logits, "map@100", reference)
+    assert chosen["adopted"] and (chosen["k"], chosen["weight"]) == CONSENSUS_GRID[0]  # every cell fixes it: the first
+    assert chosen["validation"]["recall@1"] == 1.0 and len(chosen["grid_scores"]) == len(CONSENSUS_GRID)
+    assert not choose_consensus(validator, rrt, logits, "map@100", [1.0])["adopted"]  # nothing to beat 1.0 by
+    assert choose_consensus(_stub_validator(augmented=True)[0], rrt, logits, "map@100", reference) is None
+    plain = RerankingTransformer(RRTConfig(d_model=DIM, n_layers=1, n_heads=4, ff_dim=64))
+    assert choose_consensus(validator, plain, logits, "map@100", reference) is None

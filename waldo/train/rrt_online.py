@@ -231,12 +231,45 @@ def earns_default(candidate_per_set, reference_per_set, margin: float = DEFAULT_
     return bool(candidate.mean() > reference.mean() + margin and np.all(candidate >= reference - 1e-9))
 
 
+#: (k, weight) cells of rrt-consensus scored when a default is chosen (experiments/rrt_consensus.py's grid)
+CONSENSUS_GRID = tuple((k, weight) for k in (3, 5, 10) for weight in (0.25, 0.5, 1.0))
+
+
+def choose_consensus(validator: ViewValidator, rrt: RerankingTransformer, logits: list[np.ndarray], metric: str,
+                     reference_per_set: list[float], margin: float = DEFAULT_MARGIN) -> dict | None:
+    """rrt-consensus's setting (waldo.rerank.rrt_rerankers.ConsensusReranker) on validation: every
+    :data:`CONSENSUS_GRID` cell over the RRT's ``logits``; the best by the mean of ``metric`` (ties:
+    the earlier cell) is ``adopted`` iff it :func:`earns_default` against ``reference_per_set``
+    (the default chosen without it). None where it cannot be judged: an RRT without a global
+    residual (its weight's unit), or a validation set of augmented views, whose queries have one
+    true match each, so neighbours have nothing to agree on."""
+    from waldo.rerank.rrt_rerankers import neighbour_consensus
+
+    if not rrt.config.global_skip or not validator.sets or any(s.augmented for s in validator.sets):
+        return None
+    scale = float(rrt.global_skip_scale.detach())
+    descriptors = [validator.global_desc[data["candidates"]].astype(np.float32) for data in validator.prepared]
+    cells = []
+    for k, weight in CONSENSUS_GRID:
+        scores = [set_logits + weight * scale * neighbour_consensus(set_logits, desc, k)
+                  for set_logits, desc in zip(logits, descriptors)]
+        figures = validator(rrt, scores)
+        cells.append({"k": k, "weight": weight, "macro": figures["macro"]["rrt"],
+                      "per_set": [entry["rrt"][metric] for entry in figures["sets"].values()]})
+    best = max(cells, key=lambda cell: (cell["macro"][metric], -cells.index(cell)))
+    return {"k": best["k"], "weight": best["weight"], "validation": best["macro"], "select_metric": metric,
+            "margin": margin, "adopted": earns_default(best["per_set"], reference_per_set, margin),
+            "grid_scores": [[cell["k"], cell["weight"], cell["macro"][metric]] for cell in cells]}
+
+
 def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: str, grid: int,
                    margin: float = DEFAULT_MARGIN) -> dict:
     """The fusion weight (grid search; ties go to the larger global weight) and the default
     reranker: the best of none / rrt / rrt-fusion on ``metric``, where a costlier one (none,
     then rrt, then rrt-fusion, which needs both scores) must win by more than ``margin`` on the
-    mean over validation sets and lose on none of them (:func:`earns_default`)."""
+    mean over validation sets and lose on none of them (:func:`earns_default`); then
+    rrt-consensus, where it can be judged (:func:`choose_consensus`), by the same rule against
+    that choice."""
     logits = validator.logits(rrt)
     best_weight, best_score = 1.0, -1.0
     grid_scores = []
@@ -251,8 +284,12 @@ def choose_default(validator: ViewValidator, rrt: RerankingTransformer, metric: 
     for name in ("rrt", "rrt-fusion"):  # better than everything cheaper by the margin, on no set worse, or not chosen
         if earns_default(per_set(name), per_set(default), margin):
             default = name
+    # rrt-consensus costs what rrt costs: it must beat whatever was chosen without it
+    consensus = choose_consensus(validator, rrt, logits, metric, per_set(default), margin)
+    if consensus is not None and consensus["adopted"]:
+        default = "rrt-consensus"
     return {"fusion_weight": best_weight, "default_reranker": default, "select_metric": metric, "margin": margin,
-            "validation": metrics, "fusion_grid_scores": grid_scores}
+            "validation": metrics, "fusion_grid_scores": grid_scores, "consensus": consensus}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -365,9 +402,11 @@ def record_choice(folder: Path, validator: ViewValidator, metric: str, grid: int
 
     rrt, _ = load_rrt(folder)
     chosen = choose_default(validator, rrt, metric, grid)
+    consensus = chosen.get("consensus")
     update_rrt_training(folder, fusion_weight=chosen["fusion_weight"], default_reranker=chosen["default_reranker"],
                         fusion_metric=metric, fusion_val={"macro": chosen["validation"]["macro"],
-                                                          "grid_scores": chosen["fusion_grid_scores"]})
+                                                          "grid_scores": chosen["fusion_grid_scores"]},
+                        **({"consensus": consensus} if consensus is not None else {}))
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     atomic_write_json(metrics_path, {**metrics, "choice": chosen})
