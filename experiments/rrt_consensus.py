@@ -40,12 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from waldo.rerank.rrt_rerankers import fuse_scores, neighbour_consensus  # noqa: E402
-from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default  # noqa: E402
+from waldo.train.rrt_online import (CONSENSUS_KS, CONSENSUS_WEIGHTS, DEFAULT_MARGIN, consensus_cells,  # noqa: E402
+                                    pick_consensus)
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +56,7 @@ TEST_RESULTS = ROOT / "results" / "rrt_views" / "shipped-match-consensus.json"
 TEST_COMMAND = (".venv/bin/python experiments/rrt_views.py eval --model lite0-match-rrt --name shipped-match-consensus "
                 "--rerank none,rrt,rrt-consensus --quiet")
 MODEL = "lite0-match-rrt"
-KS = (3, 5, 10)
-WEIGHTS = (0.25, 0.5, 1.0)
+KS, WEIGHTS = CONSENSUS_KS, CONSENSUS_WEIGHTS  # the grid `waldo train rrt` scores too
 METRIC = "map@100"
 
 
@@ -69,32 +66,23 @@ def validation(log=print) -> dict:
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
     validator, rrt = setup.validator, setup.rrt
-    weight = float(setup.train_config.get("fusion_weight") or 0.0)
     scale = float(rrt.global_skip_scale.detach())
-    logits = validator.logits(rrt)
+    logits = validator.logits(rrt)  # the RRT's own order, as rrt-consensus reads it (fusion weight 0 here)
     log(f"scored the validation sets in {time.perf_counter() - started:.0f} s")
-    rrt_scores = [fuse_scores(data["scores"], set_logits, weight) if weight else set_logits
-                  for data, set_logits in zip(validator.prepared, logits)]
-    cand_globals = [validator.global_desc[data["candidates"]].astype(np.float32) for data in validator.prepared]
-
-    def figures(scores: list[np.ndarray]) -> dict:
-        out = validator(rrt, scores)
-        return {"macro": out["macro"]["rrt"], "sets": {name: entry["rrt"] for name, entry in out["sets"].items()}}
-
-    rows = {"none": figures([data["scores"] for data in validator.prepared]), "rrt": figures(rrt_scores)}
-    for k in KS:
-        for t in WEIGHTS:
-            rows[f"rrt+consensus k={k} t={t:g}"] = figures(
-                [s + t * scale * neighbour_consensus(s, g, k) for s, g in zip(rrt_scores, cand_globals)])
-            rows[f"global+consensus k={k} t={t:g}"] = figures(
-                [d["scores"] + t * neighbour_consensus(d["scores"], g, k) for d, g in zip(validator.prepared, cand_globals)])
-    cells = [f"rrt+consensus k={k} t={t:g}" for k in KS for t in WEIGHTS]
-    best = max(cells, key=lambda name: (rows[name]["macro"][METRIC], -cells.index(name)))
-    per_set = lambda name: [entry[METRIC] for entry in rows[name]["sets"].values()]  # noqa: E731
-    adopted = earns_default(per_set(best), per_set("rrt"), DEFAULT_MARGIN)
-    return {"fusion_weight": weight, "global_skip_scale": scale, "margin": DEFAULT_MARGIN, "metric": METRIC,
-            "rows": rows, "best": best, "adopted": adopted, "refit_check_min_cosine": setup.refit_check,
-            "seconds": round(time.perf_counter() - started, 1)}
+    global_scores = [data["scores"] for data in validator.prepared]
+    rows = {"none": validator.ranking(global_scores), "rrt": validator.ranking(logits)}
+    rrt_cells = consensus_cells(validator, logits, scale)
+    for rrt_cell, global_cell in zip(rrt_cells, consensus_cells(validator, global_scores, 1.0)):
+        for name, cell in ((f"rrt+consensus k={rrt_cell['k']} t={rrt_cell['weight']:g}", rrt_cell),
+                           (f"global+consensus k={global_cell['k']} t={global_cell['weight']:g}", global_cell)):
+            rows[name] = {"macro": cell["macro"], "sets": cell["sets"]}
+    choice = pick_consensus(rrt_cells, METRIC, [entry[METRIC] for entry in rows["rrt"]["sets"].values()],
+                            DEFAULT_MARGIN)
+    return {"fusion_weight": float(setup.train_config.get("fusion_weight") or 0.0), "global_skip_scale": scale,
+            "margin": DEFAULT_MARGIN, "metric": METRIC, "rows": rows,
+            "best": f"rrt+consensus k={choice['k']} t={choice['weight']:g}", "best_k": choice["k"],
+            "best_weight": choice["weight"], "adopted": choice["adopted"],
+            "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def store(results: dict) -> None:
@@ -107,8 +95,7 @@ def store(results: dict) -> None:
     v = results["validation"]
     if not v["adopted"]:
         raise SystemExit(f"{v['best']} was not adopted on validation: nothing to store")
-    k = int(v["best"].split("k=")[1].split()[0])
-    weight = float(v["best"].split("t=")[1])
+    k, weight = v["best_k"], v["best_weight"]
     folder = resolve_model_dir(MODEL)
     entry = {"k": k, "weight": weight, "select_metric": v["metric"], "margin": v["margin"],
              "validation": {name: v["rows"][name]["macro"] for name in ("none", "rrt", v["best"])},

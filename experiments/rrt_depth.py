@@ -50,7 +50,8 @@ TEST_PROTOCOLS = ("grocery-open-cross", "coil100-open")
 
 def rerank_head(scores: np.ndarray, depth: int) -> np.ndarray:
     """Scores that rerank only each row's first ``depth`` candidates (global order): the rest get
-    -inf, and the validator's stable sort keeps them after the head in their global order."""
+    -inf, and the validator's stable sort (``ViewValidator.ranking``) keeps them after the head in
+    their global order."""
     out = scores.copy()
     out[:, depth:] = -np.inf
     return out
@@ -69,9 +70,7 @@ def validation(log=print) -> dict:
              for data, set_logits in zip(validator.prepared, logits)]
     by_depth = {}
     for depth in DEPTHS:
-        figures = validator(rrt, [rerank_head(scores, depth) for scores in fused])
-        by_depth[str(depth)] = {"macro": figures["macro"]["rrt"],
-                                "sets": {name: entry["rrt"] for name, entry in figures["sets"].items()}}
+        by_depth[str(depth)] = validator.ranking([rerank_head(scores, depth) for scores in fused])
     chosen = DEPTHS[0]
     for depth in DEPTHS[1:]:
         new = [s[METRIC] for s in by_depth[str(depth)]["sets"].values()]

@@ -195,6 +195,16 @@ class ViewValidator:
             matches = np.take_along_axis(matches, order, 1)
         return retrieval_metrics(matches, data["n_positives"], ks=(1, 10))
 
+    def ranking(self, scores: list[np.ndarray]) -> dict:
+        """Figures of any ranking given as each set's (queries, top_k) scores over its
+        candidates (higher first, ties in global order): {"macro": means over the sets,
+        "sets": {name: figures}}."""
+        per_set = {vset.name: self._metrics(data, set_scores)
+                   for vset, data, set_scores in zip(self.sets, self.prepared, scores)}
+        macro = {metric: float(np.mean([entry[metric] for entry in per_set.values()]))
+                 for metric in ("recall@1", "recall@10", "map@100")}
+        return {"macro": macro, "sets": per_set}
+
     def __call__(self, rrt: RerankingTransformer, logits: list[np.ndarray] | None = None,
                  fusion_weight: float | None = None) -> dict:
         rrt.eval()
@@ -231,8 +241,22 @@ def earns_default(candidate_per_set, reference_per_set, margin: float = DEFAULT_
     return bool(candidate.mean() > reference.mean() + margin and np.all(candidate >= reference - 1e-9))
 
 
-#: (k, weight) cells of rrt-consensus scored when a default is chosen (experiments/rrt_consensus.py's grid)
-CONSENSUS_GRID = tuple((k, weight) for k in (3, 5, 10) for weight in (0.25, 0.5, 1.0))
+#: rrt-consensus's cells scored when a default is chosen (experiments/rrt_consensus.py's grid)
+CONSENSUS_KS = (3, 5, 10)
+CONSENSUS_WEIGHTS = (0.25, 0.5, 1.0)
+CONSENSUS_GRID = tuple((k, weight) for k in CONSENSUS_KS for weight in CONSENSUS_WEIGHTS)
+
+
+def consensus_cells(validator: ViewValidator, scores: list[np.ndarray], scale: float) -> list[dict]:
+    """Each :data:`CONSENSUS_GRID` cell's figures (:meth:`ViewValidator.ranking`) for the ranking
+    ``scores + weight * scale * neighbour_consensus(scores, candidates' global descriptors, k)``."""
+    from waldo.rerank.rrt_rerankers import neighbour_consensus
+
+    descriptors = [validator.global_desc[data["candidates"]].astype(np.float32) for data in validator.prepared]
+    return [{"k": k, "weight": weight,
+             **validator.ranking([set_scores + weight * scale * neighbour_consensus(set_scores, desc, k)
+                                  for set_scores, desc in zip(scores, descriptors)])}
+            for k, weight in CONSENSUS_GRID]
 
 
 def choose_consensus(validator: ViewValidator, rrt: RerankingTransformer, logits: list[np.ndarray], metric: str,
@@ -243,22 +267,19 @@ def choose_consensus(validator: ViewValidator, rrt: RerankingTransformer, logits
     (the default chosen without it). None where it cannot be judged: an RRT without a global
     residual (its weight's unit), or a validation set of augmented views, whose queries have one
     true match each, so neighbours have nothing to agree on."""
-    from waldo.rerank.rrt_rerankers import neighbour_consensus
-
     if not rrt.config.global_skip or not validator.sets or any(s.augmented for s in validator.sets):
         return None
-    scale = float(rrt.global_skip_scale.detach())
-    descriptors = [validator.global_desc[data["candidates"]].astype(np.float32) for data in validator.prepared]
-    cells = []
-    for k, weight in CONSENSUS_GRID:
-        scores = [set_logits + weight * scale * neighbour_consensus(set_logits, desc, k)
-                  for set_logits, desc in zip(logits, descriptors)]
-        figures = validator(rrt, scores)
-        cells.append({"k": k, "weight": weight, "macro": figures["macro"]["rrt"],
-                      "per_set": [entry["rrt"][metric] for entry in figures["sets"].values()]})
+    return pick_consensus(consensus_cells(validator, logits, float(rrt.global_skip_scale.detach())), metric,
+                          reference_per_set, margin)
+
+
+def pick_consensus(cells: list[dict], metric: str, reference_per_set: list[float],
+                   margin: float = DEFAULT_MARGIN) -> dict:
+    """The rule of :func:`choose_consensus` on scored :func:`consensus_cells`."""
     best = max(cells, key=lambda cell: (cell["macro"][metric], -cells.index(cell)))
+    per_set = [entry[metric] for entry in best["sets"].values()]
     return {"k": best["k"], "weight": best["weight"], "validation": best["macro"], "select_metric": metric,
-            "margin": margin, "adopted": earns_default(best["per_set"], reference_per_set, margin),
+            "margin": margin, "adopted": earns_default(per_set, reference_per_set, margin),
             "grid_scores": [[cell["k"], cell["weight"], cell["macro"][metric]] for cell in cells]}
 
 
