@@ -19,6 +19,7 @@ agreement). Results: ``results/rrt_views/<name>.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -331,7 +332,7 @@ def which_reranker_block(result: dict, later: list[dict] = ()) -> str:
     this run may share the cores with other work.) ``later``: runs of rankings added since, whose
     rows join the table (a ranking both measured must agree to the 4th decimal) and whose stored
     default, the model's current one, is the one named."""
-    result = json.loads(json.dumps(result))  # merged into a copy
+    result = copy.deepcopy(result)  # merged into a copy
     commands = [result.get("command", "")]
     for run in later:
         commands.append(run.get("command", ""))

@@ -118,6 +118,7 @@ class Waldo:
         self.rrt_precision = rrt_precision
         self.rrt_compile = rrt_compile
         self._stored_default: tuple[str | None] | None = None  # rrt.json's default_reranker, read once
+        self._global_residual: bool | None = None  # rrt.json's rrt.global_skip, read once there is an RRT
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
         self.gv_sift = SiftConfig.model_validate(gv) if gv else None
 
@@ -508,7 +509,9 @@ class Waldo:
             needs.add(Need.KEYPOINTS)
         if has_rrt(self.root / MODEL_FOLDER):
             needs.add(Need.TRAINED_RRT)
-            if has_global_residual(self.root / MODEL_FOLDER):
+            if self._global_residual is None:  # read once: every search without --rerank asks (default_reranker)
+                self._global_residual = has_global_residual(self.root / MODEL_FOLDER)
+            if self._global_residual:
                 needs.add(Need.RRT_GLOBAL_RESIDUAL)
         if self.config.local_stage is not None or self.config.match_stage is not None:
             needs.add(Need.FINE_LOCALS)
