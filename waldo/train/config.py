@@ -200,6 +200,10 @@ class RRTTrainConfig(TrainConfig):
     # each anchor's pairs (its positive, its negatives) compete in one softmax, so only their
     # order under one anchor is trained, not where the logits sit
     pair_loss: Literal["bce", "softmax"] = "bce"
+    # rrt-only: the seed that draws the held-out identities and the validation queries; None =
+    # ``seed``. A second training seed of a recipe sets it to the first run's seed, so both runs
+    # hold out (and are chosen on) the same identities and neither trains on the other's validation.
+    split_seed: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_rrt(self) -> RRTTrainConfig:
@@ -211,6 +215,8 @@ class RRTTrainConfig(TrainConfig):
             raise ValueError('pair_loss "softmax" needs mode "rrt-only"')
         if self.global_skip_lr_scale != 1.0 and (self.mode != "rrt-only" or not rrt.global_skip):
             raise ValueError('global_skip_lr_scale needs mode "rrt-only" and rrt.global_skip')
+        if self.split_seed is not None and self.mode != "rrt-only":
+            raise ValueError('split_seed needs mode "rrt-only"')
         from waldo.data.views import ViewAugment
 
         try:
@@ -218,6 +224,11 @@ class RRTTrainConfig(TrainConfig):
         except TypeError as error:
             raise ValueError(f"augment: {error}") from None
         return self
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed of the held-out identities and validation queries (``split_seed``, else ``seed``)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def rrt_config(self) -> RRTConfig:
         return RRTConfig.model_validate(dict(self.rrt))

@@ -467,7 +467,7 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     global_desc, local_desc, ok = clean_descriptors(model, model_config, pool.paths, cache_root, progress=progress)
     if not ok.all():
         tqdm.write(f"warning: {int((~ok).sum())} unreadable training images are left out")
-    held_out = split_rows(pool, config.val_fraction, config.seed)
+    held_out = split_rows(pool, config.val_fraction, config.held_out_seed)
     train = ok & ~held_out
     neighbours = top_k_neighbours(global_desc, np.flatnonzero(train), config.negatives_top_k)
     sampler = PairSampler(pool, train, neighbours, seed=config.seed, real_positive_prob=config.real_positive_prob,
@@ -475,9 +475,9 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
                           in_batch_negatives=config.in_batch_negatives, anchors_per_epoch=config.anchors_per_epoch)
     grid = (model_config.image_size // model.local_stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment(**config.augment))
-    sets = validation_sets(pool, held_out & ok, max_queries=config.val_max_queries, seed=config.seed)
-    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=config.val_top_k, seed=config.seed,
-                              grid=grid)
+    sets = validation_sets(pool, held_out & ok, max_queries=config.val_max_queries, seed=config.held_out_seed)
+    validator = ViewValidator(sets, pool, global_desc, local_desc, views, top_k=config.val_top_k,
+                              seed=config.held_out_seed, grid=grid)
     info = {"mode": "rrt-only", "init_model_hash": init_hash, "online_views": config.online_views,
             "trained_on": [source.describe() for source in sources],
             "validation_sets": [{"name": s.name, "kind": s.kind, "queries": len(s.queries), "gallery": len(s.gallery)}
