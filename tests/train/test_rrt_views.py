@@ -176,6 +176,32 @@ def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, sm
     assert all(modes), f"{modes.count(False)} of {len(modes)} training steps ran in eval mode"
 
 
+def test_a_second_seed_holds_out_the_first_runs_identities(data_root, small_model, tmp_path):
+    """split_seed keeps the held-out identities and validation queries of the run it names while
+    everything trained is drawn anew: a second seed of a recipe is chosen on the same validation
+    and never trains on the first run's held-out photos."""
+    images = read_labels_csv(data_root / "grocery_store").subset(range(0, 2400, 40), "grocery sample")
+    source = TrainingSource("grocery sample", images, labelled=True)
+    pool = pool_sources([source])
+    assert not np.array_equal(split_rows(pool, 0.25, 0), split_rows(pool, 0.25, 1))  # the seed alone moves them
+    base = {"mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64},
+            "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 1, "lr": 2e-3, "milestones": [1.0],
+            "val_fraction": 0.25, "val_top_k": 10, "negatives_top_k": 10, "threads": 2}
+    runs = {}
+    for name, seeds in (("first", {"seed": 0}), ("second", {"seed": 1, "split_seed": 0}), ("other", {"seed": 1})):
+        config = RRTTrainConfig.model_validate({**base, **seeds})
+        train_rrt_on_views(config, [source], small_model, tmp_path / name, cache_root=tmp_path / "cache",
+                           progress=False, allow_test_images=True)
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        runs[name] = (log[0]["val"], log[-1]["val"])
+    first, second, other = runs["first"], runs["second"], runs["other"]
+    assert second[0]["macro"]["none"] == first[0]["macro"]["none"]  # the same queries, the same global ranking
+    assert other[0]["macro"]["none"] != first[0]["macro"]["none"]  # without split_seed: another validation
+    assert second[1]["macro"]["rrt"] != first[1]["macro"]["rrt"]  # trained from another draw
+    with pytest.raises(ValueError, match="split_seed"):
+        RRTTrainConfig.model_validate({"mode": "frozen", "split_seed": 0})
+
+
 def test_global_skip_starts_as_global_search():
     rrt = RerankingTransformer(RRTConfig(d_model=32, n_layers=1, n_heads=4, ff_dim=64, use_global_tokens=True,
                                          global_skip=True))
