@@ -207,8 +207,7 @@ class ViewValidator:
 
     def __call__(self, rrt: RerankingTransformer, logits: list[np.ndarray] | None = None,
                  fusion_weight: float | None = None) -> dict:
-        rrt.eval()
-        logits = self.logits(rrt) if logits is None else logits
+        logits = self.logits(rrt) if logits is None else logits  # logits() scores in eval mode
         per_set = {}
         for vset, data, set_logits in zip(self.sets, self.prepared, logits):
             entry = {"kind": vset.kind, "n_queries": len(vset.queries), "gallery": len(vset.gallery),
