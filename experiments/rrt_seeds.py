@@ -59,7 +59,7 @@ SEED1 = ROOT / "runs" / "rrt-views-s4-match-seed1" / "best"
 METRIC = "map@100"
 
 
-def _with_consensus(validator, name: str, logits: list[np.ndarray], scale: float, rows: dict) -> tuple[str, dict]:
+def with_consensus(validator, name: str, logits: list[np.ndarray], scale: float, rows: dict) -> tuple[str, dict]:
     """Score ``logits`` alone and with its best consensus cell; returns the name and choice of
     its default ranking (the cell if it earns its place over the logits alone)."""
     rows[name] = validator.ranking(logits)
@@ -92,7 +92,7 @@ def validation(log=print) -> dict:
     choices = {}
     for name, logits, scale in (("rrt", logits0, scales[0]), ("rrt seed 1", logits1, scales[1]),
                                 ("ensemble", ensemble, float(np.mean(scales)))):
-        default, choice = _with_consensus(validator, name, logits, scale, rows)
+        default, choice = with_consensus(validator, name, logits, scale, rows)
         choices[name] = {"default": default, "consensus": choice}
     # the current default: rrt-consensus with the setting stored in the shipped rrt.json
     k, weight = consensus_setting(setup.train_config)
