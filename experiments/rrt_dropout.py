@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rrt_seeds import METRIC, MODEL, with_consensus  # noqa: E402
+from rrt_seeds import METRIC, MODEL, add_current_default, judge, table, with_consensus  # noqa: E402
 
-from waldo.train.rrt_online import DEFAULT_MARGIN, consensus_cells, earns_default  # noqa: E402
+from waldo.train.rrt_online import DEFAULT_MARGIN  # noqa: E402
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,6 @@ def validation(log=print) -> dict:
     from local_matching import validation_setup
 
     from waldo.rerank.rrt_checkpoint import load_rrt
-    from waldo.rerank.rrt_rerankers import consensus_setting
 
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
@@ -70,18 +69,9 @@ def validation(log=print) -> dict:
     for name, logits, scale in (("rrt", logits_shipped, scales[0]), ("rrt dropout 0.1", logits_candidate, scales[1])):
         default, choice = with_consensus(validator, name, logits, scale, rows)
         choices[name] = {"default": default, "consensus": choice}
-    k, weight = consensus_setting(setup.train_config)
-    current = f"rrt + consensus k={k} t={weight:g} (shipped default)"
-    rows[current] = next({"macro": c["macro"], "sets": c["sets"]}
-                         for c in consensus_cells(validator, logits_shipped, scales[0])
-                         if (c["k"], c["weight"]) == (k, weight))
+    current = add_current_default(validator, setup.train_config, logits_shipped, scales[0], rows)
     chosen = choices["rrt dropout 0.1"]["default"]
-    per_set = lambda name: [entry[METRIC] for entry in rows[name]["sets"].values()]  # noqa: E731
-    rule = {
-        "a_earns_default": earns_default(per_set(chosen), per_set(current), DEFAULT_MARGIN),
-        "b_recall1_not_lower": rows[chosen]["macro"]["recall@1"] >= rows[current]["macro"]["recall@1"] - 1e-9,
-        "c_rrt_not_below_shipped": rows["rrt dropout 0.1"]["macro"][METRIC] >= rows["rrt"]["macro"][METRIC] - 1e-9,
-    }
+    rule = judge(rows, chosen, current, "rrt dropout 0.1", "c_rrt_not_below_shipped")
     epochs = [json.loads(line) for line in (RUN / "log.jsonl").read_text().splitlines()]
     return {"rows": rows, "choices": choices, "current_default": current, "candidate": chosen, "rule": rule,
             "adopted": all(rule.values()), "global_skip_scales": scales, "metric": METRIC, "margin": DEFAULT_MARGIN,
@@ -92,18 +82,10 @@ def validation(log=print) -> dict:
 
 def markdown(results: dict) -> str:
     v = results["validation"]
-    names = list(v["rows"]["rrt"]["sets"])
     by_epoch = ", ".join(f"{epoch}: {score:.4f}" for epoch, score in v["run_validation_by_epoch"].items())
     lines = [START, "",
              "Fair validation (held-out training identities, make demo's global head refitted without them); rule fixed "
-             "before the run (experiments/rrt_dropout.py's docstring).", "",
-             f"| ranking | R@1 | R@10 | {v['metric']} | {v['metric']} per set ({' / '.join(names)}) |",
-             "|---|---|---|---|---|"]
-    for name, entry in v["rows"].items():
-        per_set = " / ".join(f"{entry['sets'][n][v['metric']]:.4f}" for n in names)
-        label = f"**{name}**" if name == v["candidate"] else name
-        lines.append(f"| {label} | {entry['macro']['recall@1']:.4f} | {entry['macro']['recall@10']:.4f} "
-                     f"| {entry['macro'][v['metric']]:.4f} | {per_set} |")
+             "before the run (experiments/rrt_dropout.py's docstring).", "", *table(v)]
     rule = v["rule"]
     lines += ["", f"The dropout RRT's default ranking: **{v['candidate']}**. Against make demo's default "
                   f"({v['current_default']}): (a) earns its place by the default rule: {rule['a_earns_default']}; "
