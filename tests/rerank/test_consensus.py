@@ -117,3 +117,32 @@ def test_only_an_rrt_with_a_global_residual_offers_consensus(tmp_path):
     base = {Need.LOCAL_DESCRIPTORS, Need.TRAINED_RRT}
     assert "rrt" in RERANKERS.supported(base) and "rrt-consensus" not in RERANKERS.supported(base)
     assert "rrt-consensus" in RERANKERS.supported(base | {Need.RRT_GLOBAL_RESIDUAL})
+    # its verified-first form is listed only where consensus and keypoints both are
+    assert "rrt-consensus+gv" not in RERANKERS.supported(base | {Need.RRT_GLOBAL_RESIDUAL})
+    assert "rrt-consensus+gv" in RERANKERS.supported(base | {Need.RRT_GLOBAL_RESIDUAL, Need.KEYPOINTS})
+
+
+def test_consensus_then_gv_is_the_verified_first_rule_on_the_consensus_order(tmp_path, monkeypatch):
+    """rrt-consensus+gv: candidates with a geometric match lead by inliers, the rest keep
+    rrt-consensus's order (experiments/consensus_gv.py scores exactly this rule)."""
+    from waldo.rerank.gv import GeometricReranker, GVConfig, Verification, verified_first_order
+
+    _folder(tmp_path)
+    query, candidates = _inputs()
+    n = len(candidates.global_scores)
+    inliers = np.zeros(n, np.int32)
+    inliers[[n - 1, 2]] = [20, 40]  # the last and the third candidate of the global list verify
+    # each candidate's "keypoints" say which candidate it is (its row count); verification is faked
+    keypoints = [np.zeros((i + 1, 2), np.float32) for i in range(n)]
+    monkeypatch.setattr(GeometricReranker, "verify_many", lambda self, q, cands: [
+        Verification(int(inliers[len(c) - 1]), "homography") for c in cands])
+    consensus = RERANKERS.create("rrt-consensus", RerankerSetup(tmp_path)).rerank(query, candidates)
+    with_keypoints = RerankCandidates(candidates.local_desc, candidates.global_scores, candidates.global_desc,
+                                      keypoints=keypoints)
+    reranker = RERANKERS.create("rrt-consensus+gv", RerankerSetup(tmp_path))
+    result = reranker.rerank(RerankQuery(query.local_desc, query.global_desc, keypoints=np.zeros((500, 2))),
+                             with_keypoints)
+    expected = consensus.order[verified_first_order(inliers[consensus.order], GVConfig().min_inliers)]
+    assert result.order.tolist() == expected.tolist()
+    assert result.order[:2].tolist() == [2, n - 1]  # by inliers, whatever consensus made of them
+    assert result.score_kind == "inliers" and result.inliers[:2].tolist() == [40, 20]

@@ -480,3 +480,7 @@ def _gv(setup: RerankerSetup) -> GeometricReranker:
 # geometric evidence for (textureless produce), geometry overrides it where it has.
 RERANKERS.offer("rrt+gv", "the RRT's order, then images with a geometric match first (by inliers)",
                 title="RRT then Geometric")
+# The same rule after make demo's default (rrt-consensus): listed because it ranks at least as well
+# as rrt-consensus and rrt+gv on the fair validation (experiments/consensus_gv.py).
+RERANKERS.offer("rrt-consensus+gv", "the RRT + neighbours order, then images with a geometric match first "
+                "(by inliers)", title="RRT + neighbours then Geometric")
