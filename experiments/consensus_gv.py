@@ -48,6 +48,11 @@ MODEL = "lite0-match-rrt"
 METRIC = "map@100"
 CANDIDATE = "rrt-consensus+gv"
 PARTS = ("rrt-consensus", "rrt+gv")
+#: the test protocols, run after it was listed (reported only); the other rows are the earlier runs'
+TEST_RESULTS = ROOT / "results" / "rrt_views" / "shipped-match-consensus-gv.json"
+TEST_COMMAND = (".venv/bin/python experiments/rrt_views.py eval --model lite0-match-rrt --name shipped-match-consensus-gv "
+                "--rerank none,rrt-consensus+gv --quiet")
+EARLIER = (("shipped-match-which-reranker.json", ("gv", "rrt+gv")), ("shipped-match-consensus.json", ("rrt-consensus",)))
 
 
 def validation(progress: bool) -> dict:
@@ -107,10 +112,34 @@ def markdown(results: dict) -> str:
                      f"| {entry['macro'][v['metric']]:.4f} | {per_set} |")
     verdict = ("**listed**: its mean map@100 is at least rrt-consensus's and rrt+gv's" if v["listed"] else
                "**not listed**: it ranks below one of rrt-consensus and rrt+gv on mean map@100 (still callable by name)")
-    lines += ["", f"Rule fixed before the run (experiments/consensus_gv.py's docstring): {verdict}.", "",
+    lines += ["", f"Rule fixed before the run (experiments/consensus_gv.py's docstring): {verdict}."]
+    if TEST_RESULTS.is_file():
+        lines += ["", *test_table()]
+    lines += ["",
               f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
               "(results/consensus_gv.json).", "", END]
     return "\n".join(lines)
+
+
+def test_table() -> list[str]:
+    """The test protocols (reported only): this study's run beside the earlier runs' rows of the
+    same model, which must agree on global search."""
+    test = json.loads(TEST_RESULTS.read_text())["protocols"]
+    earlier = [(name, json.loads((TEST_RESULTS.parent / name).read_text())["protocols"], rankings)
+               for name, rankings in EARLIER]
+    lines = [f"Test (reported, never chosen on): `{TEST_COMMAND}` (results/rrt_views/{TEST_RESULTS.name}; gv, rrt+gv "
+             "and rrt-consensus from " + " and ".join(f"results/rrt_views/{name}" for name, _, _ in earlier) + ")", "",
+             "| protocol | global | gv | rrt+gv | rrt-consensus | rrt-consensus+gv |", "|---|---|---|---|---|---|"]
+    for protocol, entry in test.items():
+        figures = {"global": entry["global"], CANDIDATE: entry[CANDIDATE]}
+        for name, other, rankings in earlier:
+            if abs(other[protocol]["global"]["map"] - entry["global"]["map"]) > 1e-6:
+                raise SystemExit(f"{name} searched {protocol} otherwise than {TEST_RESULTS.name}: rerun both")
+            figures.update({ranking: other[protocol][ranking] for ranking in rankings})
+        cells = " | ".join(f"{figures[n]['recall@1']:.4f} / {figures[n]['map']:.4f}"
+                           for n in ("global", "gv", "rrt+gv", "rrt-consensus", CANDIDATE))
+        lines.append(f"| {protocol} R@1 / mAP | {cells} |")
+    return lines
 
 
 def main() -> int:

@@ -321,9 +321,9 @@ WHICH_RERANKER = "shipped-match-which-reranker.json"
 #: lite0-lw-rrt's (make demo's model before lite0-match-rrt; the input-size study reads it)
 LW_WHICH_RERANKER = "shipped-which-reranker.json"
 #: make demo's model's rrt-consensus, run after the table above (experiments/rrt_consensus.py chose it)
-WHICH_RERANKER_LATER = ("shipped-match-consensus.json",)
+WHICH_RERANKER_LATER = ("shipped-match-consensus.json", "shipped-match-consensus-gv.json")
 INPUT_SIZE = "input-size.json"  # make demo's model at 224 against 288 px (cmd_input_size)
-WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt-consensus", "rrt+gv", "local-match")
+WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt-consensus", "rrt+gv", "rrt-consensus+gv", "local-match")
 
 
 def which_reranker_block(result: dict, later: list[dict] = ()) -> str:

@@ -168,6 +168,7 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt_with_
     engine.add(abo.paths, None, num_workers=0, progress=False)
     assert engine.default_reranker == "rrt-consensus"
     assert {"rrt", "rrt-fusion", "rrt-consensus", "local-match"} <= set(engine.available_rerankers())
+    assert "rrt-consensus+gv" not in engine.available_rerankers()  # an index without keypoints
     outcome = engine.search(abo.paths[0], k=3)
     assert outcome.rerank == "rrt-consensus" and outcome.hits[0].path == abo.paths[0]
 
