@@ -67,7 +67,7 @@ def validation(progress: bool) -> dict:
     logits = validator.logits(setup.rrt)
     scale = float(setup.rrt.global_skip_scale.detach())
     k, weight = consensus_setting(setup.train_config)
-    per_set: dict[str, dict[str, dict]] = {}
+    scores: dict[str, list[np.ndarray]] = {}  # each ranking's per-set (queries, top_k) scores
     with GeometricReranker() as reranker:
         config = reranker.config
         need = config.min_inliers
@@ -84,11 +84,9 @@ def validation(progress: bool) -> dict:
                 "rrt-consensus": consensus.astype(np.float64),
                 CANDIDATE: verified_first_scores(inliers, consensus.astype(np.float64), need),
             }
-            for name, scores in rankings.items():
-                per_set.setdefault(name, {})[vset.name] = validator._metrics(data, scores)
-    rows = {name: {"macro": {m: float(np.mean([e[m] for e in sets.values()])) for m in ("recall@1", "recall@10",
-                                                                                          METRIC)},
-                   "sets": sets} for name, sets in per_set.items()}
+            for name, set_scores in rankings.items():
+                scores.setdefault(name, []).append(set_scores)
+    rows = {name: validator.ranking(set_scores) for name, set_scores in scores.items()}
     listed = all(rows[CANDIDATE]["macro"][METRIC] >= rows[part]["macro"][METRIC] - 1e-12 for part in PARTS)
     return {"rows": rows, "listed": listed, "consensus": {"k": k, "weight": weight, "scale": scale},
             "gv_config": config.model_dump(), "metric": METRIC, "refit_check_min_cosine": setup.refit_check,

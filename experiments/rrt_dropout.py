@@ -65,11 +65,11 @@ def validation(log=print) -> dict:
     log(f"scored the validation sets in {time.perf_counter() - started:.0f} s")
     scales = [float(r.global_skip_scale.detach()) for r in (shipped, candidate)]
     rows = {"none": validator.ranking([data["scores"] for data in validator.prepared])}
-    choices = {}
+    choices, cells = {}, {}
     for name, logits, scale in (("rrt", logits_shipped, scales[0]), ("rrt dropout 0.1", logits_candidate, scales[1])):
-        default, choice = with_consensus(validator, name, logits, scale, rows)
+        default, choice, cells[name] = with_consensus(validator, name, logits, scale, rows)
         choices[name] = {"default": default, "consensus": choice}
-    current = add_current_default(validator, setup.train_config, logits_shipped, scales[0], rows)
+    current = add_current_default(setup.train_config, cells["rrt"], rows)
     chosen = choices["rrt dropout 0.1"]["default"]
     rule = judge(rows, chosen, current, "rrt dropout 0.1", "c_rrt_not_below_shipped")
     epochs = [json.loads(line) for line in (RUN / "log.jsonl").read_text().splitlines()]

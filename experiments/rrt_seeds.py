@@ -59,9 +59,11 @@ SEED1 = ROOT / "runs" / "rrt-views-s4-match-seed1" / "best"
 METRIC = "map@100"
 
 
-def with_consensus(validator, name: str, logits: list[np.ndarray], scale: float, rows: dict) -> tuple[str, dict]:
+def with_consensus(validator, name: str, logits: list[np.ndarray], scale: float,
+                   rows: dict) -> tuple[str, dict, list[dict]]:
     """Score ``logits`` alone and with its best consensus cell; returns the name and choice of
-    its default ranking (the cell if it earns its place over the logits alone)."""
+    its default ranking (the cell if it earns its place over the logits alone) and every scored
+    cell (:func:`add_current_default` reads the shipped RRT's)."""
     rows[name] = validator.ranking(logits)
     cells = consensus_cells(validator, logits, scale)
     alone = [entry[METRIC] for entry in rows[name]["sets"].values()]
@@ -69,17 +71,17 @@ def with_consensus(validator, name: str, logits: list[np.ndarray], scale: float,
     best = next(c for c in cells if (c["k"], c["weight"]) == (choice["k"], choice["weight"]))
     cell_name = f"{name} + consensus k={choice['k']} t={choice['weight']:g}"
     rows[cell_name] = {"macro": best["macro"], "sets": best["sets"]}
-    return (cell_name if choice["adopted"] else name), choice
+    return (cell_name if choice["adopted"] else name), choice, cells
 
 
-def add_current_default(validator, training: dict, logits: list[np.ndarray], scale: float, rows: dict) -> str:
-    """Score make demo's current default (rrt-consensus with the setting its rrt.json stores) into
-    ``rows``; returns the row's name."""
+def add_current_default(training: dict, shipped_cells: list[dict], rows: dict) -> str:
+    """Add make demo's current default (rrt-consensus with the setting its rrt.json stores), one
+    of the shipped RRT's scored consensus cells, to ``rows``; returns the row's name."""
     from waldo.rerank.rrt_rerankers import consensus_setting
 
     k, weight = consensus_setting(training)
     current = f"rrt + consensus k={k} t={weight:g} (shipped default)"
-    rows[current] = next({"macro": c["macro"], "sets": c["sets"]} for c in consensus_cells(validator, logits, scale)
+    rows[current] = next({"macro": c["macro"], "sets": c["sets"]} for c in shipped_cells
                          if (c["k"], c["weight"]) == (k, weight))
     return current
 
@@ -125,12 +127,12 @@ def validation(log=print) -> dict:
     log(f"scored the validation sets in {time.perf_counter() - started:.0f} s")
     ensemble = [(a + b) / 2 for a, b in zip(logits0, logits1)]
     rows = {"none": validator.ranking([data["scores"] for data in validator.prepared])}
-    choices = {}
+    choices, cells = {}, {}
     for name, logits, scale in (("rrt", logits0, scales[0]), ("rrt seed 1", logits1, scales[1]),
                                 ("ensemble", ensemble, float(np.mean(scales)))):
-        default, choice = with_consensus(validator, name, logits, scale, rows)
+        default, choice, cells[name] = with_consensus(validator, name, logits, scale, rows)
         choices[name] = {"default": default, "consensus": choice}
-    current = add_current_default(validator, setup.train_config, logits0, scales[0], rows)
+    current = add_current_default(setup.train_config, cells["rrt"], rows)
     candidate = choices["ensemble"]["default"]
     rule = judge(rows, candidate, current, "ensemble", "c_ensemble_not_below_rrt")
     return {"rows": rows, "choices": choices, "current_default": current, "candidate": candidate, "rule": rule,
