@@ -111,6 +111,61 @@ def table(v: dict) -> list[str]:
     return lines
 
 
+def variant_validation(run: Path, label: str, model_update: dict | None = None, log=print) -> dict:
+    """The fair validation of one variant run of make demo's RRT recipe (``run``/best), judged by
+    the declared rule against make demo's RRT: its default ranking is its RRT alone or with the
+    consensus cell ``pick_consensus`` adopts; it replaces make demo's RRT iff (a) that ranking
+    earns_default over make demo's current default, (b) its R@1 is not lower, (c) its RRT alone is
+    not below make demo's alone. ``model_update``: the RRT configuration keys the variant may change
+    (anything else must equal the shipped RRT's)."""
+    from local_matching import validation_setup
+
+    from waldo.rerank.rrt_checkpoint import load_rrt
+
+    started = time.perf_counter()
+    candidate_dir = run / "best"
+    setup = validation_setup(MODEL, refit=True)
+    validator, shipped = setup.validator, setup.rrt
+    candidate, _ = load_rrt(candidate_dir)
+    keep = {key: getattr(shipped.config, key) for key in (model_update or {})}
+    if candidate.config.model_copy(update=keep) != shipped.config:
+        raise SystemExit(f"{candidate_dir}: another RRT than {MODEL}'s beyond {sorted(model_update or {})}")
+    logits_shipped, logits_candidate = validator.logits(shipped), validator.logits(candidate)
+    log(f"scored the validation sets in {time.perf_counter() - started:.0f} s")
+    scales = [float(r.global_skip_scale.detach()) for r in (shipped, candidate)]
+    rows = {"none": validator.ranking([data["scores"] for data in validator.prepared])}
+    choices, cells = {}, {}
+    for name, logits, scale in (("rrt", logits_shipped, scales[0]), (label, logits_candidate, scales[1])):
+        default, choice, cells[name] = with_consensus(validator, name, logits, scale, rows)
+        choices[name] = {"default": default, "consensus": choice}
+    current = add_current_default(setup.train_config, cells["rrt"], rows)
+    chosen = choices[label]["default"]
+    rule = judge(rows, chosen, current, label, "c_rrt_not_below_shipped")
+    epochs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {"rows": rows, "choices": choices, "current_default": current, "candidate": chosen, "rule": rule,
+            "adopted": all(rule.values()), "global_skip_scales": scales, "metric": METRIC, "margin": DEFAULT_MARGIN,
+            "run_validation_by_epoch": {entry["epoch"]: entry["val"]["macro"]["rrt"][METRIC] for entry in epochs
+                                        if "val" in entry},
+            "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def variant_markdown(results: dict, start: str, end: str, script: str, what: str, keeps: str) -> list[str]:
+    """The docs/results.md block of a :func:`variant_validation` study."""
+    v = results["validation"]
+    by_epoch = ", ".join(f"{epoch}: {score:.4f}" for epoch, score in v["run_validation_by_epoch"].items())
+    rule = v["rule"]
+    return [start, "",
+            "Fair validation (held-out training identities, make demo's global head refitted without them); rule fixed "
+            f"before the run (experiments/{script}'s docstring).", "", *table(v),
+            "", f"{what}'s default ranking: **{v['candidate']}**. Against make demo's default "
+                f"({v['current_default']}): (a) earns its place by the default rule: {rule['a_earns_default']}; "
+                f"(b) R@1 not lower: {rule['b_recall1_not_lower']}; (c) its RRT alone not below make demo's: "
+                f"{rule['c_rrt_not_below_shipped']}. " + ("**Adopted.**" if v["adopted"] else f"**Not adopted: {keeps}.**"),
+            "", f"The run's own validation (map@100 of the RRT alone by epoch, the base's 224 px global head): {by_epoch}.",
+            "", f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
+                f"(results/{Path(script).stem}.json).", "", end]
+
+
 def validation(log=print) -> dict:
     from local_matching import validation_setup
 
