@@ -18,7 +18,16 @@ unlisted. Whether it should be make demo's *default* is not decided here: it nee
 an index built without them would fall back from it to global search, not to ``rrt-consensus``.
 Test protocols are run only once it is listed, and are reported only.
 
+The default (added once the product could store a chain of defaults, ``training["default_fallbacks"]``:
+an index that cannot offer the first choice gets the next, not global search): the rule every
+default of Waldo's has passed, on the validation rows above (measured before the test run; the
+test rows choose nothing): ``rrt-consensus+gv`` becomes make demo's first choice, with
+``rrt-consensus`` after it for an index without keypoints, iff it is listed, it
+``earns_default`` over ``rrt-consensus`` (mean map@100 higher by more than 0.005, no set lower) and
+its mean R@1 is not below ``rrt-consensus``'s (the rule experiments/rrt_seeds.py declared).
+
     .venv/bin/python experiments/consensus_gv.py          # ~5 min (keypoints cached under runs/)
+    .venv/bin/python experiments/consensus_gv.py --store  # the default rule on the saved JSON; an adopted chain into the shipped model
     .venv/bin/python experiments/consensus_gv.py --doc    # docs/results.md block from the JSON
 """
 
@@ -48,6 +57,9 @@ MODEL = "lite0-match-rrt"
 METRIC = "map@100"
 CANDIDATE = "rrt-consensus+gv"
 PARTS = ("rrt-consensus", "rrt+gv")
+#: make demo's default before this study, and its choice for an index without keypoints after
+FALLBACK = "rrt-consensus"
+STORE_COMMAND = ".venv/bin/python experiments/consensus_gv.py --store"
 #: the test protocols, run after it was listed (reported only); the other rows are the earlier runs'
 TEST_RESULTS = ROOT / "results" / "rrt_views" / "shipped-match-consensus-gv.json"
 TEST_COMMAND = (".venv/bin/python experiments/rrt_views.py eval --model lite0-match-rrt --name shipped-match-consensus-gv "
@@ -94,6 +106,65 @@ def validation(progress: bool) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def default_choice(v: dict) -> dict:
+    """The default rule (this file's docstring) on the validation rows ``v``."""
+    from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default
+
+    per_set = lambda name: [entry[METRIC] for entry in v["rows"][name]["sets"].values()]  # noqa: E731
+    rule = {"listed": bool(v["listed"]),
+            "earns_default": earns_default(per_set(CANDIDATE), per_set(FALLBACK), DEFAULT_MARGIN),
+            "recall1_not_lower": v["rows"][CANDIDATE]["macro"]["recall@1"]
+            >= v["rows"][FALLBACK]["macro"]["recall@1"] - 1e-9}
+    adopted = all(rule.values())
+    return {"rule": rule, "adopted": adopted, "chain": [CANDIDATE, FALLBACK] if adopted else [FALLBACK],
+            "margin": DEFAULT_MARGIN, "metric": METRIC}
+
+
+def store(results: dict) -> dict:
+    """Apply the default rule to the saved validation and, when it adopts the chain, record it in
+    the shipped model: rrt.json's ``training`` (``default_reranker``, ``default_fallbacks``: what
+    serving reads) and the card (``chosen_on_validation``, ``reproduce``, the test run's figures,
+    reported only). Rerunning it writes the same files."""
+    from waldo.models.shipped import resolve_model_dir
+
+    v = results["validation"]
+    choice = default_choice(v)
+    results["default"] = choice
+    if not choice["adopted"]:
+        print(f"{CANDIDATE} is not adopted as the default ({choice['rule']}): nothing stored")
+        return results
+    folder = resolve_model_dir(MODEL)
+    entry = {"chain": choice["chain"], "rule": choice["rule"], "metric": METRIC, "margin": choice["margin"],
+             "validation": {name: v["rows"][name]["macro"] for name in choice["chain"]},
+             "command": results["commands"][0],
+             "note": "the first choice needs keypoints; an index built without them gets the next (docs/results.md, "
+                     "'Verification after make demo's default')"}
+    rrt_json = folder / "rrt.json"
+    info = json.loads(rrt_json.read_text())
+    if info["training"].get("default_reranker") not in choice["chain"]:
+        raise SystemExit(f"{MODEL}'s stored default is {info['training'].get('default_reranker')!r}, not {FALLBACK!r}: "
+                         "the validation above compared against another default")
+    info["training"].update(default_reranker=choice["chain"][0], default_fallbacks=choice["chain"][1:],
+                            default_chain=entry)
+    rrt_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    card_json = folder / "card.json"
+    card = json.loads(card_json.read_text())
+    card["chosen_on_validation"].update(default_reranker=choice["chain"][0], default_fallbacks=choice["chain"][1:],
+                                        default_chain=entry)
+    for command in (results["commands"][0], STORE_COMMAND):
+        if command not in card["reproduce"]:
+            card["reproduce"].append(command)
+    if TEST_RESULTS.is_file():  # run after it was listed: reported beside the card's other test figures
+        source = f"results/rrt_views/{TEST_RESULTS.name}"
+        if source not in card["test"]["sources"]:
+            card["test"]["sources"].append(source)
+        for protocol, figures in json.loads(TEST_RESULTS.read_text())["protocols"].items():
+            card["test"]["protocols"].setdefault(protocol, {})[CANDIDATE] = figures[CANDIDATE]
+    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"stored {' then '.join(choice['chain'])} as {MODEL}'s default")
+    return results
+
+
 def markdown(results: dict) -> str:
     v = results["validation"]
     names = [s["name"] for s in v["sets"]]
@@ -111,6 +182,15 @@ def markdown(results: dict) -> str:
     verdict = ("**listed**: its mean map@100 is at least rrt-consensus's and rrt+gv's" if v["listed"] else
                "**not listed**: it ranks below one of rrt-consensus and rrt+gv on mean map@100 (still callable by name)")
     lines += ["", f"Rule fixed before the run (experiments/consensus_gv.py's docstring): {verdict}."]
+    if "default" in results:
+        d = results["default"]
+        rule = d["rule"]
+        lines += ["", f"The default rule (the docstring's second paragraph; the same validation rows): earns its place "
+                      f"over {FALLBACK} by the default rule: {rule['earns_default']}; R@1 not lower: "
+                      f"{rule['recall1_not_lower']}; listed: {rule['listed']}. "
+                  + (f"**Adopted: make demo's default is {CANDIDATE}, then {FALLBACK} for an index without keypoints**"
+                     if d["adopted"] else f"**Not adopted: make demo's default stays {FALLBACK}**")
+                  + f" (`{STORE_COMMAND}`)."]
     if TEST_RESULTS.is_file():
         lines += ["", *test_table()]
     lines += ["",
@@ -144,7 +224,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--store", action="store_true",
+                        help="apply the default rule to the saved JSON and record an adopted chain in the shipped model")
     args = parser.parse_args()
+    if args.store:
+        results = store(json.loads(RESULTS.read_text()))
+        if STORE_COMMAND not in results["commands"]:
+            results["commands"].append(STORE_COMMAND)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0

@@ -94,7 +94,8 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
             else:
                 reranker = RERANKERS.create(reranker_name, RerankerSetup(Path(model_dir), precision="fp32"))
             reranked = rerank_run(run, reranker, 100, keypoints=keypoints, progress=progress)
-            entry[reranker_name] = _metrics(reranked.metrics)
+            entry[reranker_name] = {**_metrics(reranked.metrics),
+                                    "top1_changes": top1_changes(protocol, run, reranked.run)}
             if reranker_name == "rrt" and precision_study:
                 entry["precision"] = _precision(run, model_dir, reranked, progress)
         if training.get("default_reranker"):
@@ -103,6 +104,25 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
         out["protocols"][name] = entry
         print(json.dumps({name: {k: v.get("recall@1") if isinstance(v, dict) else v for k, v in entry.items()}}),
               flush=True)
+    return out
+
+
+def top1_changes(protocol, before, after) -> dict[str, dict[str, int]]:
+    """Per group of query (grocery: Fruit / Packages / Vegetables, COIL: object; issue 17's
+    table): how many queries the reranked run (``after``) gets right at rank 1 where the global
+    run (``before``) did not (fixed), and the reverse (broken)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from gv_results import group_of
+
+    if not np.array_equal(before.query_rows, after.query_rows):
+        raise ValueError("the two runs answered different queries")
+    out: dict[str, dict[str, int]] = {}
+    for q, row in enumerate(before.query_rows):
+        group = out.setdefault(group_of(protocol.queries.paths[row]), {"queries": 0, "fixed": 0, "broken": 0})
+        was, now = bool(before.matches[q, 0]), bool(after.matches[q, 0])
+        group["queries"] += 1
+        group["fixed"] += int(now and not was)
+        group["broken"] += int(was and not now)
     return out
 
 

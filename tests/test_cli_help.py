@@ -171,12 +171,16 @@ def test_index_summary_says_where_the_default_reranker_comes_from():
             "manifest": {"global_dim": 128, "local_shape": [49, 128], "local_dtype": "float16", "pooling": "avg",
                          "image_size": 224, "transform": "resize256-crop224", "gv_features": None},
             "model": {"backbone": "efficientnet_lite0", "projection": "pca"}}
-    lines = cli._index_summary(info, ["none", "rrt", "rrt-fusion"], "rrt-fusion", "rrt-fusion")
+    lines = cli._index_summary(info, ["none", "rrt", "rrt-fusion"], "rrt-fusion", ("rrt-fusion",))
     text = "\n".join(lines)
     assert "4 (2 identities) in 2 segments (1 removed rows not yet compacted)" in text
     assert "keypoints   none" in text and "orphan" not in text  # empty parts are not listed
     assert "  global descriptors" in text and "2.0 KiB" in text and "512 B per image" in text
     assert "12.2 KiB per image" in text and "RRT + global: scores are similarity + RRT probability" in text
     assert lines[-1] == "default     rrt-fusion (chosen on validation when its reranker was trained)"
-    lines = cli._index_summary(info, ["none"], "none", "rrt+gv")
-    assert lines[-1] == "default     none (the choice made on validation, rrt+gv, is not available in this index)"
+    lines = cli._index_summary(info, ["none"], "none", ("rrt+gv",))
+    assert lines[-1] == "default     none (the choice made on validation, rrt+gv, not available in this index)"
+    lines = cli._index_summary(info, ["none", "rrt", "rrt-fusion"], "rrt", ("rrt+gv", "rrt"))
+    assert lines[-1] == "default     rrt (chosen on validation for an index that cannot offer rrt+gv)"
+    lines = cli._index_summary(info, ["none"], "none", ("rrt+gv", "rrt"))
+    assert lines[-1] == "default     none (the choices made on validation, rrt+gv, rrt, not available in this index)"

@@ -321,7 +321,32 @@ def test_rrt_consensus_block_is_generated_and_its_adopted_cell_is_what_serving_r
     assert best == v["best"] and v["adopted"] == earns_default(per_set(best), per_set("rrt"), v["margin"])
     training = read_rrt_info(resolve_model_dir(module.MODEL))["training"]
     assert f"rrt+consensus k={consensus_setting(training)[0]} t={consensus_setting(training)[1]:g}" == best
-    assert training["default_reranker"] == ("rrt-consensus" if v["adopted"] else "rrt")
+    # the chain's choice for an index without keypoints (its first needs them: consensus_gv below)
+    chain = [training["default_reranker"], *training.get("default_fallbacks", [])]
+    assert chain[-1] == ("rrt-consensus" if v["adopted"] else "rrt")
+
+
+def test_consensus_gv_block_is_generated_and_the_default_chain_is_its_rule():
+    """docs/results.md's rrt-consensus+gv study is what experiments/consensus_gv.py renders; the
+    default rule re-applied to its stored validation rows gives the chain the shipped model's
+    rrt.json and card store, and an index without keypoints gets the chain's last."""
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank import RERANKERS, Need
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    module = _experiment("consensus_gv")
+    results = _results("consensus_gv.json")
+    rendered = module.markdown(results)
+    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md",
+                                                                                          "consensus-gv")
+    choice = module.default_choice(results["validation"])
+    assert results["default"] == choice
+    folder = resolve_model_dir(module.MODEL)
+    training = read_rrt_info(folder)["training"]
+    card = json.loads((folder / "card.json").read_text())["chosen_on_validation"]
+    assert [training["default_reranker"], *training["default_fallbacks"]] == choice["chain"]
+    assert [card["default_reranker"], *card["default_fallbacks"]] == choice["chain"]
+    assert Need.KEYPOINTS not in RERANKERS.spec(choice["chain"][-1]).needs
 
 
 def test_local_match_product_table_is_generated():

@@ -117,7 +117,7 @@ class Waldo:
         #: and whether they compile their scorer (worth it for a long-lived service, not one query).
         self.rrt_precision = rrt_precision
         self.rrt_compile = rrt_compile
-        self._stored_default: tuple[str | None] | None = None  # rrt.json's default_reranker, read once
+        self._default_chain: tuple[str, ...] | None = None  # rrt.json's default_reranker + fallbacks, read once
         self._global_residual: bool | None = None  # rrt.json's rrt.global_skip, read once there is an RRT
         gv = store.manifest.get("gv_features")  # how keypoints for --rerank gv are stored, or None
         self.gv_sift = SiftConfig.model_validate(gv) if gv else None
@@ -523,36 +523,46 @@ class Waldo:
         return [NO_RERANK, *RERANKERS.supported(self._needs_met())]
 
     @property
-    def stored_default_reranker(self) -> str | None:
-        """The reranker the index's model folder names as chosen on validation: "local-match"
-        when the index stores finer cells and the model's config records local matching as its
-        validated default (``extra["local_match"]["default"]``, experiments/local_matching.py
-        --store-choice: chosen against global search and the RRT on the same validation), else
-        ``rrt.json``'s ``training["default_reranker"]`` (written by RRT training); None when
-        there is no such entry (older folders). Read once, then kept."""
-        if self._stored_default is None:
+    def default_chain(self) -> tuple[str, ...]:
+        """The rerankers the index's model folder names as chosen on validation, in order of
+        preference: ("local-match",) when the index stores finer cells and the model's config
+        records local matching as its validated default (``extra["local_match"]["default"]``,
+        experiments/local_matching.py --store-choice), else ``rrt.json``'s
+        ``training["default_reranker"]`` followed by its ``training["default_fallbacks"]`` (the
+        choice for an index that cannot offer the first, e.g. one built without keypoints);
+        empty when there is no such entry (older folders). Read once, then kept."""
+        if self._default_chain is None:
             local_match = self.config.extra.get("local_match")
             if (isinstance(local_match, dict) and local_match.get("default") is True
                     and Need.FINE_LOCALS in self._needs_met()):
-                self._stored_default = ("local-match",)
-                return self._stored_default[0]
-            choice = None
+                self._default_chain = ("local-match",)
+                return self._default_chain
             try:
                 training = read_rrt_info(self.root / MODEL_FOLDER).get("training")
             except (OSError, ValueError):  # no reranker, unreadable or newer-format rrt.json
                 training = None
+            chain: list[str] = []
             if isinstance(training, dict) and isinstance(training.get("default_reranker"), str):
-                choice = training["default_reranker"]
-            self._stored_default = (choice,)
-        return self._stored_default[0]
+                fallbacks = training.get("default_fallbacks")
+                chain = [training["default_reranker"],
+                         *(name for name in (fallbacks if isinstance(fallbacks, list) else [])
+                           if isinstance(name, str))]
+            self._default_chain = tuple(dict.fromkeys(chain))
+        return self._default_chain
+
+    @property
+    def stored_default_reranker(self) -> str | None:
+        """The validated choice that applies to this index: the first of :attr:`default_chain`
+        it offers (:meth:`available_rerankers`), else the chain's first (named, not offered);
+        None without a stored choice."""
+        return first_offered(self.default_chain, self.available_rerankers(), self.default_chain[0]
+                             if self.default_chain else None)
 
     @property
     def default_reranker(self) -> str:
-        """What :meth:`search` reranks with when asked for no reranker: the stored choice
-        (:attr:`stored_default_reranker`) when this index offers it (:meth:`available_rerankers`),
-        else "none" (the global ranking alone)."""
-        choice = self.stored_default_reranker
-        return choice if choice is not None and choice in self.available_rerankers() else NO_RERANK
+        """What :meth:`search` reranks with when asked for no reranker: the first of
+        :attr:`default_chain` this index offers, else "none" (the global ranking alone)."""
+        return first_offered(self.default_chain, self.available_rerankers(), NO_RERANK)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -561,4 +571,9 @@ class Waldo:
         return {**self.store.info(), "model": self.config.model_dump()}
 
 
-__all__ = ["AddReport", "DescribedBatch", "IndexMismatchError", "SearchHit", "SearchOutcome", "Waldo"]
+def first_offered(chain: Sequence[str], offered: Sequence[str], otherwise: str | None) -> str | None:
+    """The first name of ``chain`` in ``offered``, else ``otherwise``."""
+    return next((name for name in chain if name in offered), otherwise)
+
+
+__all__ = ["AddReport", "DescribedBatch", "IndexMismatchError", "SearchHit", "SearchOutcome", "Waldo", "first_offered"]

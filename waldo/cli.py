@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from waldo.cli_args import (BACKBONE_NAMES, DEFAULT_GLOBAL_DIM, DEFAULT_POOLING, ENGINES, LOCAL_DTYPES,
                             LOCAL_FEATURE_KINDS, POOLING_NAMES, PROJECTIONS, RUNTIMES, TRANSFORM_NAMES, Parser,
@@ -257,8 +258,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for line in _index_summary(info, engine.available_rerankers(), engine.default_reranker,
-                               engine.stored_default_reranker):
+    for line in _index_summary(info, engine.available_rerankers(), engine.default_reranker, engine.default_chain):
         print(line)
     return 0
 
@@ -285,7 +285,7 @@ def _match_cells_text(model: dict) -> str:
             f"backbone stage {model['match_stage']} packed into the other rows")
 
 
-def _index_summary(info: dict, rerankers: list[str], default: str, stored_default: str | None) -> list[str]:
+def _index_summary(info: dict, rerankers: list[str], default: str, chain: Sequence[str]) -> list[str]:
     """The lines `waldo index info` prints: what a person asks of an index first. Everything
     else (segments by name, checksums, the faiss training header) is in ``--json``."""
     from waldo.rerank import NO_RERANK, RERANKERS
@@ -341,13 +341,15 @@ def _index_summary(info: dict, rerankers: list[str], default: str, stored_defaul
         if name != NO_RERANK:
             spec = RERANKERS.spec(name)
             lines.append(f"  {name:<12} {spec.title}: scores are {spec.score}")
-    if stored_default is None:
+    if not chain:
         why = "no reranker was chosen on validation"
-    elif stored_default == default:
+    elif default == chain[0]:
         why = ("chosen on validation against global search and the RRT" if default == "local-match"
                else "chosen on validation when its reranker was trained")
+    elif default in chain:
+        why = f"chosen on validation for an index that cannot offer {', '.join(chain[:chain.index(default)])}"
     else:
-        why = f"the choice made on validation, {stored_default}, is not available in this index"
+        why = f"the choice{'s' if len(chain) > 1 else ''} made on validation, {', '.join(chain)}, not available in this index"
     lines.append(f"default     {default} ({why})")
     for row in info.get("per_shard", []):
         lines.append(f"{'shards' if row['shard'] == 0 else '':<11} {Path(row['path']).name}  {row['count']} images "

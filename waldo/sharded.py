@@ -306,6 +306,10 @@ class ShardedWaldo:
         return self.shards[0].stored_default_reranker
 
     @property
+    def default_chain(self) -> tuple[str, ...]:
+        return self.shards[0].default_chain
+
+    @property
     def gv_sift(self):  # noqa: ANN201 - the keypoint settings (waldo.models.keypoints), one for every shard
         return self.shards[0].gv_sift
 

@@ -152,7 +152,9 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt_with_
     assert training["choice_validation"]["refit_check_min_cosine"] > 0.999  # the refit is the head's recipe
     card = json.loads((folder / "card.json").read_text())
     chosen = card["chosen_on_validation"]
-    assert chosen["default_reranker"] == training["default_reranker"] == "rrt-consensus"
+    # rrt-consensus+gv first (experiments/consensus_gv.py --store), rrt-consensus where no keypoints
+    assert chosen["default_reranker"] == training["default_reranker"] == "rrt-consensus+gv"
+    assert chosen["default_fallbacks"] == training["default_fallbacks"] == ["rrt-consensus"]
     assert chosen["validation"]["rrt"]["map@100"] > chosen["validation"]["none"]["map@100"] + 0.005
     # the neighbourhood consensus after it was adopted on the same validation by the same margin
     consensus = training["consensus"]
@@ -166,11 +168,16 @@ def test_make_demos_model_starts_as_local_matching_and_defaults_to_its_rrt_with_
     abo = read_labels_csv(data_root / "abo_sample")
     engine = Waldo.create(tmp_path / "demo", model_dir=folder, gv_features=False, progress=False)
     engine.add(abo.paths, None, num_workers=0, progress=False)
-    assert engine.default_reranker == "rrt-consensus"
+    assert engine.default_reranker == engine.stored_default_reranker == "rrt-consensus"  # the chain's next
     assert {"rrt", "rrt-fusion", "rrt-consensus", "local-match"} <= set(engine.available_rerankers())
     assert "rrt-consensus+gv" not in engine.available_rerankers()  # an index without keypoints
     outcome = engine.search(abo.paths[0], k=3)
     assert outcome.rerank == "rrt-consensus" and outcome.hits[0].path == abo.paths[0]
+    engine = Waldo.create(tmp_path / "demo-keypoints", model_dir=folder, progress=False)  # as make demo builds it
+    engine.add(abo.paths, None, num_workers=0, progress=False)
+    assert engine.default_reranker == "rrt-consensus+gv"
+    outcome = engine.search(abo.paths[0], k=3)
+    assert outcome.rerank == "rrt-consensus+gv" and outcome.hits[0].path == abo.paths[0]
 
 
 def test_the_trained_backbone_ships_as_its_differences_and_says_how_it_was_chosen():

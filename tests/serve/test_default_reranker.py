@@ -1,7 +1,8 @@
 """The default reranker: the one RRT training chose on validation (``rrt.json``'s
 ``training["default_reranker"]``) runs when a request names none, through the API, the CLI and
 HTTP; an explicit "none" stays the global ranking; a missing, unknown or unavailable default is
-"none"; and a default withdrawn at the service's warm-up falls back to "none"."""
+"none"; a stored chain (``default_fallbacks``) runs the first choice the index offers; and a
+default withdrawn at the service's warm-up falls back along the chain, then to "none"."""
 
 from __future__ import annotations
 
@@ -159,3 +160,50 @@ def test_a_default_withdrawn_at_warm_up_falls_back_to_none(default_rrt_index, ra
     assert stats["default_reranker"] == "none" and stats["default_reranker_source"] == "fallback"
     answer = service.search(Path(paths[0]).read_bytes(), "q.jpg", 5)
     assert answer.rerank == "none" and _json_ranking(answer.model_dump()["results"]) == rankings["none"]
+
+
+def test_a_chain_runs_the_first_choice_the_index_offers(default_rrt_index, rankings, tmp_path):
+    """``training["default_fallbacks"]``: the validated choices for an index that cannot offer
+    the first (make demo's model: rrt-consensus+gv, then rrt-consensus where no keypoints)."""
+    root, paths = default_rrt_index
+    root = _copy_with_training(root, tmp_path, lambda training: training.update(
+        default_reranker="local-match", default_fallbacks=["bogus", DEFAULT, "rrt"]))
+    engine = Waldo.open(root)
+    assert "local-match" not in engine.available_rerankers()  # registered, but this index has no finer cells
+    assert engine.default_chain == ("local-match", "bogus", DEFAULT, "rrt")
+    assert engine.stored_default_reranker == DEFAULT and engine.default_reranker == DEFAULT
+    outcome = engine.search(paths[0], k=5)
+    assert outcome.rerank == DEFAULT and _ranking(outcome.hits) == rankings[DEFAULT]
+    with TestClient(create_app(root, ServeSettings(compile_rrt=False))) as client:
+        stats = client.get("/stats").json()
+        assert stats["default_reranker"] == DEFAULT and stats["default_reranker_source"] == "validation"
+    assert main(["search", paths[0], "--index", str(root), "-k", "5", "--json"]) == 0
+
+
+@pytest.mark.parametrize("fallbacks", ["rrt", [3, None], None])
+def test_malformed_fallbacks_are_ignored(default_rrt_index, tmp_path, fallbacks):
+    root, _ = default_rrt_index
+    root = _copy_with_training(root, tmp_path, lambda training: training.update(default_fallbacks=fallbacks))
+    engine = Waldo.open(root)
+    assert engine.default_chain == (DEFAULT,) and engine.default_reranker == DEFAULT
+
+
+def test_a_default_withdrawn_at_warm_up_falls_back_along_the_chain(default_rrt_index, rankings, tmp_path):
+    root, paths = default_rrt_index
+    root = _copy_with_training(root, tmp_path, lambda training: training.update(default_fallbacks=["rrt"]))
+    engine = Waldo.open(root)
+    service = SearchService(engine, ServeSettings(compile_rrt=False))
+
+    def failing(image, k=10, rerank=None):
+        if rerank == DEFAULT:
+            raise RuntimeError("this reranker cannot run here")
+        return Waldo.search(engine, image, k, rerank)
+
+    engine.search = failing
+    service.warm_up()
+    del engine.search
+    assert DEFAULT not in service.rerankers and service.default_reranker == "rrt"
+    stats = service.stats()
+    assert stats["default_reranker"] == "rrt" and stats["default_reranker_source"] == "validation"
+    answer = service.search(Path(paths[0]).read_bytes(), "q.jpg", 5)
+    assert answer.rerank == "rrt" and _json_ranking(answer.model_dump()["results"]) == rankings["rrt"]

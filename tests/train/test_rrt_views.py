@@ -299,6 +299,7 @@ def test_index_adapt_trains_on_the_index_photos_and_installs_only_when_done(data
     assert json.loads((tmp_path / "index" / "adapt" / "run" / "train_config.json").read_text())["lr"] == 3e-4
     info = read_rrt_info(tmp_path / "index" / "model")["training"]
     assert info["default_reranker"] in ("none", "rrt", "rrt-fusion") and info["trained_on"][0]["labelled"] is False
+    assert info["default_fallbacks"] == []  # written, so a chain stored for the starting weights never outlives them
     engine = Waldo.open(tmp_path / "index")
     assert {"rrt", "rrt-fusion"} <= set(engine.available_rerankers())
     outcome = engine.search(images.paths[0], k=5, rerank="rrt")

@@ -215,7 +215,7 @@ class ShardWorker:
 
     def rerankers(self) -> dict[str, Any]:
         return {"available": self.engine.available_rerankers(), "default": self.engine.default_reranker,
-                "stored_default": self.engine.stored_default_reranker}
+                "stored_default": self.engine.stored_default_reranker, "chain": list(self.engine.default_chain)}
 
     def pid(self) -> int:
         return os.getpid()
@@ -264,6 +264,7 @@ class ClusterEngine:
         self._available: list[str] = offer["available"]
         self.default_reranker: str = offer["default"]
         self.stored_default_reranker: str | None = offer["stored_default"]
+        self.default_chain: tuple[str, ...] = tuple(offer["chain"])
         self.catalogue = ClusterCatalogue(self)
 
     # ------------------------------------------------------------------ calls

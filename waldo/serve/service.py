@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from waldo.api import Waldo
+from waldo.api import Waldo, first_offered
 from waldo.sharded import ShardedWaldo, open_index
 from waldo.data.images import DecodeBudget, ImageLoadError, decode_memory_estimate
 from waldo.fsutil import LockTimeout
@@ -177,7 +177,7 @@ class SearchService:
                 self._rerankers.remove(mode)
                 if mode == self.engine.default_reranker:
                     log.warning("the index's default reranker %r is withdrawn: a query that names "
-                                "no reranker gets the global ranking alone", mode)
+                                "no reranker gets %r", mode, self.default_reranker)
 
     def clean_orphan_uploads(self) -> int:
         """Delete stored uploads that no live image names (left by a crash between storing a
@@ -195,11 +195,10 @@ class SearchService:
 
     @property
     def default_reranker(self) -> str:
-        """What a query that names no reranker gets: the index's default (chosen on validation,
-        see ``Waldo.default_reranker``) while this service offers it, else "none" (a default
-        withdrawn at warm-up falls back to the global ranking)."""
-        default = self.engine.default_reranker
-        return default if default in self._rerankers else NO_RERANK
+        """What a query that names no reranker gets: the first of the index's validated choices
+        (``Waldo.default_chain``) this service offers, else "none" (a default withdrawn at
+        warm-up falls back to the next choice, then to the global ranking)."""
+        return first_offered(self.engine.default_chain, self._rerankers, NO_RERANK)
 
     def resolve_rerank(self, rerank: str | None) -> str:
         """The reranker a query runs: ``rerank``, or the default when it is None."""
@@ -309,12 +308,11 @@ class SearchService:
             "rerankers": self.rerankers,
             "reranker_info": _reranker_info(self.rerankers),
             "score_kinds": dict(SCORE_KINDS),  # score_kind -> what it means, in one sentence
-            # what POST /search runs without a rerank field; "validation" when it is the choice the
-            # reranker's training made on held-out identities, "fallback" when none was stored or
-            # this index/service cannot offer the stored one (then the global ranking alone)
+            # what POST /search runs without a rerank field; "validation" when it is one of the
+            # choices made on held-out identities (the first this service offers), "fallback" when
+            # none was stored or this service offers none of them (then the global ranking alone)
             "default_reranker": self.default_reranker,
-            "default_reranker_source": ("validation" if self.engine.stored_default_reranker == self.default_reranker
-                                        else "fallback"),
+            "default_reranker_source": "validation" if self.default_reranker in self.engine.default_chain else "fallback",
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
                        "max_pixels": self.settings.max_pixels, "max_k": self.settings.max_k,
                        "default_k": self.settings.default_k,

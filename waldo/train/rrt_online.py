@@ -423,8 +423,10 @@ def record_choice(folder: Path, validator: ViewValidator, metric: str, grid: int
     rrt, _ = load_rrt(folder)
     chosen = choose_default(validator, rrt, metric, grid)
     consensus = chosen.get("consensus")
+    # default_fallbacks cleared: a chain stored by a study for the weights this run started from
+    # (e.g. make demo's, under index adapt) says nothing about the new ones
     update_rrt_training(folder, fusion_weight=chosen["fusion_weight"], default_reranker=chosen["default_reranker"],
-                        fusion_metric=metric, fusion_val={"macro": chosen["validation"]["macro"],
+                        default_fallbacks=[], fusion_metric=metric, fusion_val={"macro": chosen["validation"]["macro"],
                                                           "grid_scores": chosen["fusion_grid_scores"]},
                         **({"consensus": consensus} if consensus is not None else {}))
     metrics_path = folder / "metrics.json"
