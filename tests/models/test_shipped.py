@@ -37,7 +37,13 @@ def test_shipped_model_is_small_and_documented(shipped):
     name, card = shipped
     for key in ("trained_on", "train_config", "chosen_on_validation", "reproduce", "check", "validation_sets"):
         assert card.get(key), key
-    assert card["chosen_on_validation"]["default_reranker"] in ("none", "rrt", "rrt-fusion", "rrt-consensus")
+    from waldo.rerank import RERANKERS, Need
+
+    chosen = card["chosen_on_validation"]
+    chain = [chosen["default_reranker"], *chosen.get("default_fallbacks", [])]
+    assert all(name == "none" or name in RERANKERS.names() for name in chain)
+    # every chain ends on a choice an index without keypoints can offer
+    assert chain[-1] == "none" or Need.KEYPOINTS not in RERANKERS.spec(chain[-1]).needs
     # never trained on a reported protocol's test identities: only training splits and other folders
     assert all(source["name"].endswith(":train") or source["name"] == "abo_sample" for source in card["trained_on"])
 
