@@ -6,7 +6,10 @@ cartons of one brand). This asks, before anything is built, whether a plain colo
 what the CNN descriptors lack: each photo's colour signature (waldo.models.colour: a hue-saturation
 histogram of the photo's central 80%), compared by the Bhattacharyya coefficient, added to the global
 similarity (``global + w x colour``) and to make demo's RRT logit (``rrt + a w x colour``, ``a``
-its global-residual scale, so ``w`` is in cosine units in both), over a grid of ``w``.
+its global-residual scale, so ``w`` is in cosine units in both), over a grid of ``w``; and the
+RRT as it would read a unit-norm global descriptor that carries the colour term (the signature's
+square roots, scaled by sqrt(w), appended to the global descriptor and the whole renormalised:
+its residual then reads (global + w colour) / (1 + w)).
 
 On the fair validation make demo's default was chosen on (experiments/local_matching.py's
 ``validation_setup``: held-out training identities, the global head refitted without them). Test
@@ -14,7 +17,10 @@ queries are not touched. It chooses nothing: it says whether a colour term in th
 per image, learned beside the RRT's residuals) is worth building.
 
     .venv/bin/python experiments/colour_diagnostic.py        # ~3 min (results/colour_diagnostic.json)
-    .venv/bin/python experiments/colour_diagnostic.py --doc  # docs/results.md block from the JSON
+    .venv/bin/python experiments/colour_diagnostic.py --split-seed 1   # other held-out identities (global rows)
+    .venv/bin/python experiments/colour_diagnostic.py --split-seed 2
+    .venv/bin/python experiments/colour_diagnostic.py --model untrained
+    .venv/bin/python experiments/colour_diagnostic.py --doc  # docs/results.md block from the JSONs
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 START, END = "<!-- colour-diagnostic:start -->", "<!-- colour-diagnostic:end -->"
 HEADING = "### Would the photos' colours help? (a diagnostic, issue 15)"
 DOC = ROOT / "docs" / "results.md"
+#: (model, split seed) of the other validations robustness() reads
+OTHER_VALIDATIONS = ((MODEL, 1), (MODEL, 2), ("untrained", 0))
 
 
 def table(rows: dict) -> list[str]:
@@ -58,55 +66,95 @@ def markdown(results: dict) -> str:
         "Fair validation (held-out training identities of grocery-open-cross, coil100-open and abo_sample, make "
         "demo's global head refitted without them); `w` in cosine units (the RRT's term is scaled by its "
         f"global-residual scale a = {results['scale']:.3f}); consensus at make demo's stored setting. Test queries "
-        "untouched; this chooses nothing.", "", *table(rows), "",
+        "untouched; this chooses nothing.", "", *table(rows), *robustness(), "",
         f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
         "(results/colour_diagnostic.json).", "", END])
+
+
+def other_results(model: str, split_seed: int) -> Path:
+    return ROOT / "results" / f"colour_diagnostic_{Path(model).name}_split{split_seed}.json"
+
+
+def robustness(log=print) -> list[str]:
+    """The same colour term with global search on other validations: other held-out identities
+    (split seeds 1 and 2, make demo's global head refitted without them) and the untrained default
+    (split 0). Only global rows: make demo's RRT trained on those seeds' held-out identities."""
+    lines = []
+    runs = [(model, seed, json.loads(other_results(model, seed).read_text())) for model, seed in OTHER_VALIDATIONS
+            if other_results(model, seed).is_file()]
+    if not runs:
+        return lines
+    names = [f"{'untrained default' if model == 'untrained' else model} split {seed}" for model, seed, _ in runs]
+    commands = ", ".join(f"`{saved['commands'][0]}`" for _, _, saved in runs)
+    lines += ["", "The colour term on global search with other held-out identities and the untrained default "
+              f"(map@100 / grocery's held-out R@1; {commands}):", "",
+              "| ranking | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
+    grocery = "grocery-open-cross:train"
+    for name in runs[0][2]["rows"]:
+        cells = [f"{r[2]['rows'][name]['macro']['map@100']:.4f} / {r[2]['rows'][name]['sets'][grocery]['recall@1']:.4f}"
+                 for r in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    parser.add_argument("--model", default=MODEL, help="another model (or 'untrained') for the global rows alone")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="other held-out identities (global rows alone: make demo's RRT trained on them)")
     args = parser.parse_args()
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0
-    from local_matching import validation_setup
+    from local_matching import UNTRAINED, validation_setup
 
     from waldo.data.images import load_image
     from waldo.models.colour import SIGNATURE_DIM, colour_signature, colour_similarity
     from waldo.rerank.rrt_rerankers import consensus_setting, neighbour_consensus
 
     started = time.perf_counter()
-    setup = validation_setup(MODEL, refit=True)
+    main_run = args.model == MODEL and args.split_seed == 0
+    setup = validation_setup(args.model, refit=args.model != UNTRAINED, split_seed=args.split_seed)
     validator = setup.validator
-    logits = validator.logits(setup.rrt)
-    scale = float(setup.rrt.global_skip_scale.detach())
     signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
     for row in setup.needed:
         signatures[row] = colour_signature(load_image(setup.pool.paths[row]))
     # each set's (queries, top_k) colour similarities over its candidates
     colour = [colour_similarity(signatures[vset.queries], signatures[data["candidates"]])
               for vset, data in zip(setup.sets, validator.prepared)]
-    k, k_weight = consensus_setting(setup.train_config)  # make demo's rrt-consensus at its stored setting
+    rows = {"global": validator.ranking([d["scores"] for d in validator.prepared])}
+    scale = None
+    if main_run:
+        logits = validator.logits(setup.rrt)
+        scale = float(setup.rrt.global_skip_scale.detach())
+        k, k_weight = consensus_setting(setup.train_config)  # make demo's rrt-consensus at its stored setting
 
-    def with_consensus(set_logits: list[np.ndarray]) -> list[np.ndarray]:
-        return [lg + k_weight * scale * neighbour_consensus(lg, validator.global_desc[d["candidates"]].astype(np.float32),
-                                                            k) for lg, d in zip(set_logits, validator.prepared)]
+        def with_consensus(set_logits: list[np.ndarray]) -> list[np.ndarray]:
+            return [lg + k_weight * scale * neighbour_consensus(
+                lg, validator.global_desc[d["candidates"]].astype(np.float32), k)
+                for lg, d in zip(set_logits, validator.prepared)]
 
-    rows = {"global": validator.ranking([d["scores"] for d in validator.prepared]), "rrt": validator.ranking(logits),
-            "rrt + consensus": validator.ranking(with_consensus(logits))}
+        rows.update({"rrt": validator.ranking(logits), "rrt + consensus": validator.ranking(with_consensus(logits))})
     for w in WEIGHTS:
         rows[f"global + {w:g} colour"] = validator.ranking([d["scores"] + w * c
                                                             for d, c in zip(validator.prepared, colour)])
-        with_colour = [lg + scale * w * c for lg, c in zip(logits, colour)]
-        rows[f"rrt + {w:g} colour"] = validator.ranking(with_colour)
-        rows[f"rrt + {w:g} colour + consensus"] = validator.ranking(with_consensus(with_colour))
+        if main_run:
+            with_colour = [lg + scale * w * c for lg, c in zip(logits, colour)]
+            rows[f"rrt + {w:g} colour"] = validator.ranking(with_colour)
+            rows[f"rrt + {w:g} colour + consensus"] = validator.ranking(with_consensus(with_colour))
+            # the same colour term carried by a unit-norm global descriptor [g; sqrt(w) sqrt(colour)] / sqrt(1 + w):
+            # the RRT's residual then reads (g.g' + w colour) / (1 + w) instead of g.g' + w colour
+            unit = [lg - scale * d["scores"] + scale * (d["scores"] + w * c) / (1 + w)
+                    for lg, d, c in zip(logits, validator.prepared, colour)]
+            rows[f"rrt on the unit-norm global + {w:g} colour descriptor"] = validator.ranking(unit)
     command = " ".join([".venv/bin/python", "experiments/colour_diagnostic.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    RESULTS.write_text(json.dumps({"commands": [command], "rows": rows, "scale": scale,
-                                   "seconds": round(time.perf_counter() - started, 1)}, indent=1) + "\n")
+    out = RESULTS if main_run else other_results(args.model, args.split_seed)
+    out.write_text(json.dumps({"commands": [command], "rows": rows, "scale": scale, "model": args.model,
+                               "split_seed": args.split_seed, "seconds": round(time.perf_counter() - started, 1)},
+                              indent=1) + "\n")
     print("\n".join(table(rows)))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

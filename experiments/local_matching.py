@@ -221,10 +221,12 @@ class ValidationSetup:
 
 
 def validation_setup(model: str, refit: bool = False, local_stage: int | None = None, cells_dim: int = 0,
-                     max_queries: int = 150) -> ValidationSetup:
+                     max_queries: int = 150, split_seed: int = 0) -> ValidationSetup:
     """``model``: a shipped name or folder, or :data:`UNTRAINED`; ``refit``: the model's global
     head refitted without the held-out identities (:func:`refit_global`); ``max_queries``: per
-    set (the RRT run's 150; 0 = every held-out query)."""
+    set (the RRT run's 150; 0 = every held-out query); ``split_seed``: which identities are held
+    out (0: the shipped RRTs' split; another seed holds out identities those RRTs trained on, so
+    only rankings without them are fair there)."""
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -233,7 +235,8 @@ def validation_setup(model: str, refit: bool = False, local_stage: int | None = 
     from waldo.train.sources import parse_source
 
     pool = pool_sources([parse_source(str(ROOT / s) if s.startswith("..") else s) for s in SOURCES])
-    held_out = split_rows(pool, 0.2, 0)  # the shipped RRT's run: val_fraction 0.2, seed 0 (configs/rrt-views-lw-cpu.json)
+    # seed 0: the shipped RRT's run (val_fraction 0.2, seed 0: configs/rrt-views-lw-cpu.json)
+    held_out = split_rows(pool, 0.2, split_seed)
     if model == UNTRAINED:  # fitted without labels on the training rows, as an evaluation fits on training images
         from waldo.models.untrained import untrained_model
 
@@ -250,7 +253,7 @@ def validation_setup(model: str, refit: bool = False, local_stage: int | None = 
         descriptor_model, model_config = load_model(model_dir)
         rrt, info = load_rrt(model_dir)
         train_config = info.get("training", {})
-    sets = validation_sets(pool, held_out, max_queries=max_queries, seed=0)
+    sets = validation_sets(pool, held_out, max_queries=max_queries, seed=split_seed)
     needed = np.unique(np.concatenate([np.concatenate([s.queries, s.gallery]) for s in sets]))
     part_global, part_local, ok = clean_descriptors(descriptor_model, model_config, [pool.paths[i] for i in needed],
                                                     Path(default_cache_root()), progress=False)
