@@ -27,21 +27,15 @@ experiments/rrt_seeds.py's. Test protocols are run only once a choice is stored,
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rrt_seeds import variant_markdown, variant_validation  # noqa: E402
-
-from waldo_experiments.doc_blocks import write_block  # noqa: E402
+from rrt_seeds import variant_main, variant_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "rrt_dropout.json"
-DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- rrt-dropout:start -->", "<!-- rrt-dropout:end -->"
 HEADING = "### Dropout in make demo's RRT (issue 15)"
 RUN = ROOT / "runs" / "rrt-views-s4-match-dropout"
@@ -53,21 +47,8 @@ def markdown(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
-    args = parser.parse_args()
-    if args.doc:
-        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
-        return 0
-    if not (RUN / "best" / "rrt.json").is_file():
-        raise SystemExit(f"{RUN / 'best'} is missing: train it first (see this script's docstring)")
-    command = " ".join([".venv/bin/python", "experiments/rrt_dropout.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    results = {"commands": [command], "validation": variant_validation(RUN, "rrt dropout 0.1", {"dropout": 0.1})}
-    v = results["validation"]
-    print(f"candidate {v['candidate']}: rule {v['rule']} -> adopted {v['adopted']}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return variant_main(__doc__, "rrt_dropout.py", RESULTS, (START, END, HEADING), markdown, RUN, "rrt dropout 0.1",
+                        {"dropout": 0.1})
 
 
 if __name__ == "__main__":

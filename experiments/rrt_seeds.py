@@ -166,6 +166,32 @@ def variant_markdown(results: dict, start: str, end: str, script: str, what: str
                 f"(results/{Path(script).stem}.json).", "", end]
 
 
+def variant_main(doc: str, script: str, results_path: Path, block: tuple[str, str, str], markdown, run: Path,
+                 label: str, model_update: dict | None = None, check=None) -> int:
+    """The command line of a :func:`variant_validation` study: ``--doc`` rewrites its
+    docs/results.md block (``block``: start, end, heading) from the saved JSON; otherwise it
+    scores ``run`` (after ``check(run)``, which may refuse it) and saves the results."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    args = parser.parse_args()
+    start, end, heading = block
+    if args.doc:
+        write_block(ROOT / "docs" / "results.md", markdown(json.loads(results_path.read_text())), start, end,
+                    heading=heading)
+        return 0
+    if not (run / "best" / "rrt.json").is_file():
+        raise SystemExit(f"{run / 'best'} is missing: train it first (see {script}'s docstring)")
+    if check is not None:
+        check(run)
+    command = " ".join([".venv/bin/python", f"experiments/{script}", *(shlex.quote(a) for a in sys.argv[1:])])
+    results = {"commands": [command], "validation": variant_validation(run, label, model_update)}
+    v = results["validation"]
+    print(f"candidate {v['candidate']}: rule {v['rule']} -> adopted {v['adopted']}", flush=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
 def validation(log=print) -> dict:
     from local_matching import validation_setup
 
