@@ -20,6 +20,7 @@ per image, learned beside the RRT's residuals) is worth building.
     .venv/bin/python experiments/colour_diagnostic.py --split-seed 1   # other held-out identities (global rows)
     .venv/bin/python experiments/colour_diagnostic.py --split-seed 2
     .venv/bin/python experiments/colour_diagnostic.py --model untrained
+    .venv/bin/python experiments/colour_diagnostic.py --view model-input  # from the tensor the model reads
     .venv/bin/python experiments/colour_diagnostic.py --doc  # docs/results.md block from the JSONs
 """
 
@@ -66,13 +67,35 @@ def markdown(results: dict) -> str:
         "Fair validation (held-out training identities of grocery-open-cross, coil100-open and abo_sample, make "
         "demo's global head refitted without them); `w` in cosine units (the RRT's term is scaled by its "
         f"global-residual scale a = {results['scale']:.3f}); consensus at make demo's stored setting. Test queries "
-        "untouched; this chooses nothing.", "", *table(rows), *robustness(), "",
+        "untouched; this chooses nothing.", "", *table(rows), *robustness(), *view_table(), "",
         f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
         "(results/colour_diagnostic.json).", "", END])
 
 
+#: where the signatures come from: the photo (waldo.models.colour.colour_signature) or the tensor
+#: the model reads (its test transform's crop and size; colour_signatures): what a model that
+#: appends the term to its global descriptor would see
+VIEWS = ("photo", "model-input")
+MODEL_INPUT = ROOT / "results" / "colour_diagnostic_model-input.json"
+
+
 def other_results(model: str, split_seed: int) -> Path:
     return ROOT / "results" / f"colour_diagnostic_{Path(model).name}_split{split_seed}.json"
+
+
+def view_table() -> list[str]:
+    """make demo's RRT with the term from the photo against from the model's input tensor."""
+    if not MODEL_INPUT.is_file():
+        return []
+    photo, tensor = json.loads(RESULTS.read_text())["rows"], json.loads(MODEL_INPUT.read_text())
+    lines = ["", "The signature computed from the tensor the model reads (its test transform's crop at its input size) "
+             f"instead of the photo (`{tensor['commands'][0]}`; map@100 / R@1):", "",
+             "| ranking | from the photo | from the model's input |", "|---|---|---|"]
+    for name in photo:
+        if name in ("global", "rrt") or "unit-norm" in name or name.startswith("global + "):
+            lines.append(f"| {name} | {photo[name]['macro']['map@100']:.4f} / {photo[name]['macro']['recall@1']:.4f} | "
+                         f"{tensor['rows'][name]['macro']['map@100']:.4f} / {tensor['rows'][name]['macro']['recall@1']:.4f} |")
+    return lines
 
 
 def robustness(log=print) -> list[str]:
@@ -90,7 +113,7 @@ def robustness(log=print) -> list[str]:
               f"(map@100 / grocery's held-out R@1; {commands}):", "",
               "| ranking | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
     grocery = "grocery-open-cross:train"
-    for name in runs[0][2]["rows"]:
+    for name in (name for name in runs[0][2]["rows"] if name.startswith("global")):
         cells = [f"{r[2]['rows'][name]['macro']['map@100']:.4f} / {r[2]['rows'][name]['sets'][grocery]['recall@1']:.4f}"
                  for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -101,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--model", default=MODEL, help="another model (or 'untrained') for the global rows alone")
+    parser.add_argument("--view", choices=VIEWS, default="photo", help="where the signatures come from")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="other held-out identities (global rows alone: make demo's RRT trained on them)")
     args = parser.parse_args()
@@ -110,16 +134,20 @@ def main() -> int:
     from local_matching import UNTRAINED, validation_setup
 
     from waldo.data.images import load_image
-    from waldo.models.colour import SIGNATURE_DIM, colour_signature, colour_similarity
+    from waldo.data.transforms import get_transform
+    from waldo.models.colour import SIGNATURE_DIM, colour_signature, colour_signatures, colour_similarity
     from waldo.rerank.rrt_rerankers import consensus_setting, neighbour_consensus
 
     started = time.perf_counter()
-    main_run = args.model == MODEL and args.split_seed == 0
+    main_run = args.model == MODEL and args.split_seed == 0  # the RRT's rows are fair on its own split only
     setup = validation_setup(args.model, refit=args.model != UNTRAINED, split_seed=args.split_seed)
     validator = setup.validator
     signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
+    transform = get_transform(setup.model_config.transform, setup.model_config.image_size)
     for row in setup.needed:
-        signatures[row] = colour_signature(load_image(setup.pool.paths[row]))
+        image = load_image(setup.pool.paths[row])
+        signatures[row] = (colour_signature(image) if args.view == "photo"
+                           else colour_signatures(transform(image, int(row))[None].float())[0].numpy())
     # each set's (queries, top_k) colour similarities over its candidates
     colour = [colour_similarity(signatures[vset.queries], signatures[data["candidates"]])
               for vset, data in zip(setup.sets, validator.prepared)]
@@ -149,9 +177,11 @@ def main() -> int:
                     for lg, d, c in zip(logits, validator.prepared, colour)]
             rows[f"rrt on the unit-norm global + {w:g} colour descriptor"] = validator.ranking(unit)
     command = " ".join([".venv/bin/python", "experiments/colour_diagnostic.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    out = RESULTS if main_run else other_results(args.model, args.split_seed)
+    if args.view != "photo" and not main_run:
+        raise SystemExit("--view model-input is measured on make demo's own split (the RRT's rows)")
+    out = (RESULTS if args.view == "photo" else MODEL_INPUT) if main_run else other_results(args.model, args.split_seed)
     out.write_text(json.dumps({"commands": [command], "rows": rows, "scale": scale, "model": args.model,
-                               "split_seed": args.split_seed, "seconds": round(time.perf_counter() - started, 1)},
+                               "split_seed": args.split_seed, "view": args.view, "seconds": round(time.perf_counter() - started, 1)},
                               indent=1) + "\n")
     print("\n".join(table(rows)))
     return 0

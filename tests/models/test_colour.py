@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -49,3 +50,27 @@ def test_tiny_images_and_batches():
     assert colour_signature(_solid((1, 2, 3), size=(1, 1))).sum() == pytest.approx(1.0)
     batch = np.stack([colour_signature(_solid(c)) for c in ((200, 30, 30), (30, 180, 40))])
     assert colour_similarity(batch, np.stack([batch, batch[::-1]])).shape == (2, 2)
+
+
+def test_the_batch_version_agrees_with_the_pil_one_on_photos(data_root):
+    """colour_signatures (a model's input tensors) against colour_signature (PIL) on real
+    photos: the same signature to the rounding of the resizes and of PIL's 8-bit HSV."""
+    import torchvision.transforms.functional as TF
+
+    from waldo.data.datasets import read_labels_csv
+    from waldo.data.images import load_image
+    from waldo.models.colour import colour_signatures
+
+    paths = read_labels_csv(data_root / "abo_sample").paths[:6]
+    images = [load_image(path) for path in paths]
+    for image in images:
+        batch = colour_signatures(TF.to_tensor(image)[None]).numpy()
+        assert batch.shape == (1, SIGNATURE_DIM) and batch.sum() == pytest.approx(1.0, abs=1e-5)
+        assert colour_similarity(colour_signature(image), batch)[0] > 0.98
+    solid = TF.to_tensor(_solid((200, 30, 30)))[None]
+    assert np.argmax(colour_signatures(solid)[0].numpy()) == np.argmax(colour_signature(_solid((200, 30, 30))))
+    # a batch is its images one by one
+    same = [TF.to_tensor(image.resize((160, 120))) for image in images[:3]]
+    together = colour_signatures(torch.stack(same)).numpy()
+    alone = np.concatenate([colour_signatures(t[None]).numpy() for t in same])
+    np.testing.assert_allclose(together, alone, atol=1e-6)

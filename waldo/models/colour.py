@@ -13,9 +13,11 @@ of the bins' products: 1 for the same colours, 0 for disjoint ones).
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["SIGNATURE_DIM", "colour_signature", "colour_similarity"]
+__all__ = ["SIGNATURE_DIM", "colour_signature", "colour_signatures", "colour_similarity"]
 
 HUE_BINS, SATURATION_BINS, GREY_BINS = 18, 3, 3
 GREY_SATURATION = 0.15  # below it a pixel's hue is noise: it counts by brightness instead
@@ -35,15 +37,46 @@ def colour_signature(image: Image.Image) -> np.ndarray:
         box = (0, 0, width, height)
     hsv = np.asarray(image.crop(box).resize((SIZE, SIZE), Image.BILINEAR).convert("HSV"), np.float32) / 255.0
     hue, saturation, value = (hsv[..., i].ravel() for i in range(3))
-    coloured = saturation >= GREY_SATURATION
-    hist = np.zeros(SIGNATURE_DIM, np.float64)
-    h = np.minimum((hue[coloured] * HUE_BINS).astype(np.int64), HUE_BINS - 1)
-    s = np.minimum(((saturation[coloured] - GREY_SATURATION) / (1 - GREY_SATURATION) * SATURATION_BINS)
-                   .astype(np.int64), SATURATION_BINS - 1)
-    np.add.at(hist, h * SATURATION_BINS + s, 1.0)
-    g = np.minimum((value[~coloured] * GREY_BINS).astype(np.int64), GREY_BINS - 1)
-    np.add.at(hist, HUE_BINS * SATURATION_BINS + g, 1.0)
+    hist = np.bincount(_bins(hue, saturation, value), minlength=SIGNATURE_DIM).astype(np.float64)
     return (hist / hist.sum()).astype(np.float32)
+
+
+def _bins(hue: np.ndarray | torch.Tensor, saturation, value):
+    """Each pixel's bin (same shape as the inputs), from hue, saturation and value in [0, 1]."""
+    lib = torch if isinstance(hue, torch.Tensor) else np
+    h = lib.clip((hue * HUE_BINS).astype(np.int64) if lib is np else (hue * HUE_BINS).long(), 0, HUE_BINS - 1)
+    scaled = (saturation - GREY_SATURATION) / (1 - GREY_SATURATION) * SATURATION_BINS
+    s = lib.clip(scaled.astype(np.int64) if lib is np else scaled.long(), 0, SATURATION_BINS - 1)
+    g = lib.clip((value * GREY_BINS).astype(np.int64) if lib is np else (value * GREY_BINS).long(), 0, GREY_BINS - 1)
+    return lib.where(saturation >= GREY_SATURATION, h * SATURATION_BINS + s, HUE_BINS * SATURATION_BINS + g)
+
+
+@torch.no_grad()
+def colour_signatures(images: torch.Tensor) -> torch.Tensor:
+    """The signatures of a batch of (B, 3, H, W) RGB images in [0, 1] (a model's input, before its
+    normalisation): (B, SIGNATURE_DIM) float32, as :func:`colour_signature` computes them from a
+    PIL image, to the rounding of the two resizes and of PIL's 8-bit HSV."""
+    _, _, height, width = images.shape
+    margin = (1 - CENTRAL) / 2
+    top, bottom = round(margin * height), round((1 - margin) * height)
+    left, right = round(margin * width), round((1 - margin) * width)
+    if bottom > top and right > left:
+        images = images[:, :, top:bottom, left:right]
+    small = F.interpolate(images.float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+    small = small.clamp(0, 1)
+    red, green, blue = small[:, 0], small[:, 1], small[:, 2]
+    value, _ = small.max(1)
+    low, _ = small.min(1)
+    spread = value - low
+    saturation = torch.where(value > 0, spread / value.clamp_min(1e-12), torch.zeros_like(value))
+    safe = spread.clamp_min(1e-12)
+    hue = torch.where(value == red, (green - blue) / safe,
+                      torch.where(value == green, 2 + (blue - red) / safe, 4 + (red - green) / safe))
+    hue = torch.where(spread > 0, (hue / 6) % 1.0, torch.zeros_like(hue))
+    bins = _bins(hue, saturation, value).flatten(1)
+    hist = torch.zeros(len(bins), SIGNATURE_DIM, dtype=torch.float32).scatter_add_(
+        1, bins, torch.ones_like(bins, dtype=torch.float32))
+    return hist / hist.sum(1, keepdim=True)
 
 
 def colour_similarity(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
