@@ -184,7 +184,7 @@ class Waldo:
         local_cells = model.local_rows(config.image_size)
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}
-        store = IndexStore.create(root, manifest=manifest, global_dim=config.global_width,
+        store = IndexStore.create(root, manifest=manifest, global_dim=config.descriptor_width,
                                   local_shape=(local_cells, config.dim), local_dtype=local_dtype,
                                   global_index=global_index, global_search_params=global_search_params)
         try:

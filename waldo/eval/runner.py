@@ -156,6 +156,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
     metrics.update({"protocol": protocol, "backbone": config.backbone, "transform": transform,
                     "projection": config.projection, "dim": config.dim, "pooling": config.pooling,
                     "global_dim": config.global_width, "global_scales": config.global_scales,
+                    **({"colour_weight": config.colour_weight} if config.colour_weight else {}),
                     "local_stage": config.local_stage, "model": str(model_dir) if model_dir else None,
                     "n_unreadable": len(run.skipped), "seconds": round(time.perf_counter() - start, 1)})
     if scales:

@@ -52,6 +52,9 @@ class ModelConfig(BaseModel):
     #: local-match reranker beside an RRT's tokens (DescriptorModel.match_stage); None: none
     match_stage: int | None = Field(None, ge=0)
     match_dim: int | None = Field(None, ge=1)
+    #: > 0: the global descriptor carries the input's colour signature at this weight
+    #: (DescriptorModel.with_colour); older configs have no key: no colour
+    colour_weight: float = Field(0.0, ge=0)
     extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -69,8 +72,16 @@ class ModelConfig(BaseModel):
 
     @property
     def global_width(self) -> int:
-        """The global descriptor's width (``global_dim``, or ``dim`` when not set)."""
+        """The global projection's width (``global_dim``, or ``dim`` when not set)."""
         return self.global_dim or self.dim
+
+    @property
+    def descriptor_width(self) -> int:
+        """The stored global descriptor's width: :attr:`global_width`, plus the colour
+        signature's for a model with ``colour_weight`` (DescriptorModel.descriptor_width)."""
+        from waldo.models.colour import SIGNATURE_DIM
+
+        return self.global_width + (SIGNATURE_DIM if self.colour_weight else 0)
 
     @field_validator("format_version")
     @classmethod
@@ -112,6 +123,9 @@ def model_hash(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> str:
     stage = getattr(model, "local_stage", None)
     if stage is not None:  # which map the locals read; the last adds nothing (old hashes hold)
         digest.update(f"local_stage|{stage}|".encode())
+    colour = getattr(model, "colour_weight", 0.0)
+    if colour:  # same weights, other global descriptors; no colour adds nothing (old hashes hold)
+        digest.update(f"colour_weight|{colour!r}|".encode())
     return digest.hexdigest()
 
 
@@ -133,7 +147,7 @@ def config_json(config: ModelConfig) -> str:
     earlier versions wrote (and earlier versions can still read it)."""
     data = config.model_dump()
     for key, absent in (("pooling", "avg"), ("global_dim", None), ("global_scales", []), ("local_stage", None),
-                          ("match_stage", None), ("match_dim", None)):
+                          ("match_stage", None), ("match_dim", None), ("colour_weight", 0.0)):
         if data[key] == absent:
             del data[key]
     return json.dumps(data, indent=2, sort_keys=True)
@@ -156,7 +170,8 @@ def build_model(config: ModelConfig, pretrained: bool = True) -> DescriptorModel
     return DescriptorModel(create_backbone(config.backbone, pretrained=pretrained), dim=config.dim,
                            pooling=config.pooling, global_dim=config.global_dim,
                            global_scales=tuple(config.global_scales), local_stage=config.local_stage,
-                           match_stage=config.match_stage, match_dim=config.match_dim or 64)
+                           match_stage=config.match_stage, match_dim=config.match_dim or 64,
+                           colour_weight=config.colour_weight)
 
 
 def _with_package_backbone(state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path) -> dict:

@@ -65,7 +65,7 @@ class CompiledDescriptorModel:
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.dim = model.dim
-        self.global_dim = model.global_dim
+        self.global_dim = model.descriptor_width
         self._compiled = torch.compile(self.model, dynamic=False)
         self._failed = False
         #: seconds of the first call, which compiles (the extraction of one batch included)

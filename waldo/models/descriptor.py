@@ -21,6 +21,7 @@ descriptor of a model whose two projections are shared (every model before ``glo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from waldo.models.backbones import Backbone
+from waldo.models.colour import SIGNATURE_DIM, colour_signatures
 from waldo.models.pooling import make_pooling
 
 
@@ -36,7 +38,8 @@ from waldo.models.pooling import make_pooling
 class Descriptors:
     """One batch of descriptors.
 
-    global_desc: (B, G) float32, L2-normalised (G = the model's global_dim, D unless wider).
+    global_desc: (B, G) float32, L2-normalised (G = the model's descriptor_width: its global_dim,
+                 D unless wider, plus the colour signature's width for a model with colour_weight).
     local_desc:  (B, L, D) float32, L = h*w cells of the feature map in row-major order (49 at
                  224 px), not normalised.
     grid: (h, w) of the feature map, so a cell's position is (index // w, index % w).
@@ -134,7 +137,8 @@ class DescriptorModel(nn.Module):
 
     def __init__(self, backbone: Backbone, dim: int = 128, seed: int = 0, *, pooling: str = "avg",
                  global_dim: int | None = None, global_scales: tuple[float, ...] = (),
-                 local_stage: int | None = None, match_stage: int | None = None, match_dim: int = 64) -> None:
+                 local_stage: int | None = None, match_stage: int | None = None, match_dim: int = 64,
+                 colour_weight: float = 0.0) -> None:
         super().__init__()
         global_dim = dim if global_dim is None else global_dim
         if local_stage is None:
@@ -171,6 +175,10 @@ class DescriptorModel(nn.Module):
         #: extra image scales (factors of the input size) whose global descriptors are averaged
         #: with the input's own (multi-scale global descriptor); () = single scale
         self.global_scales = tuple(float(f) for f in global_scales)
+        if not colour_weight >= 0:
+            raise ValueError(f"colour_weight must be >= 0, got {colour_weight}")
+        #: > 0: the global descriptor carries the input's colour signature (:meth:`with_colour`)
+        self.colour_weight = float(colour_weight)
         self.local_proj = nn.Conv2d(local_channels, dim, kernel_size=1)
         self.global_proj = nn.Linear(backbone.out_channels, global_dim)
         self.init_random_orthogonal(seed)
@@ -342,6 +350,25 @@ class DescriptorModel(nn.Module):
             total = total + F.normalize(self.global_proj(self.pool(self.backbone.forward_features(scaled))), dim=-1)
         return F.normalize(total, dim=-1)
 
+    @property
+    def descriptor_width(self) -> int:
+        """The stored global descriptor's width: ``global_dim``, plus the colour signature's for
+        a model with ``colour_weight``."""
+        return self.global_dim + (SIGNATURE_DIM if self.colour_weight else 0)
+
+    def with_colour(self, images: torch.Tensor, global_desc: torch.Tensor) -> torch.Tensor:
+        """``global_desc`` with the colour signature of ``images`` (the model's input) appended,
+        as square roots scaled by sqrt(``colour_weight``), the whole renormalised: inner products
+        of two such descriptors are (global similarity + w x Bhattacharyya coefficient of the
+        colours) / (1 + w), so search, the RRT's global residual and neighbourhood consensus all
+        read colour (docs/results.md "Would the photos' colours help?"). Unchanged when the
+        weight is 0."""
+        if not self.colour_weight:
+            return global_desc
+        roots = colour_signatures(images).to(global_desc.device, global_desc.dtype).sqrt()
+        both = torch.cat([global_desc, math.sqrt(self.colour_weight) * roots], dim=-1)
+        return both / math.sqrt(1 + self.colour_weight)
+
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
         if self.match_stage is not None:
@@ -353,5 +380,5 @@ class DescriptorModel(nn.Module):
             out = self.project(self.backbone.forward_features(images))
         else:
             out = self.project(*self.backbone.forward_tapped(images, self.local_stage))
-        out.global_desc = self.multiscale_global(images, out.global_desc)
+        out.global_desc = self.with_colour(images, self.multiscale_global(images, out.global_desc))
         return out

@@ -154,7 +154,7 @@ def extract_descriptors(model: DescriptorModel, paths: Sequence[str], transform:
         global_desc = np.concatenate(global_parts)
         local_desc = np.concatenate(local_parts)
     else:
-        global_desc = np.zeros((0, model.global_dim), np.float32)
+        global_desc = np.zeros((0, model.descriptor_width), np.float32)
         local_desc = np.zeros((0, 0, dim), np.float16)
     timings = {"wall": time.perf_counter() - start, "model": model_seconds,
                "setup": float(getattr(run_model, "setup_seconds", 0.0))}

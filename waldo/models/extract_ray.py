@@ -158,7 +158,7 @@ class DescriptorActor:
         # As the local path too: "auto" weighs the export/compile cost against this actor's share.
         self.run_model = prepare_runtime(self.model, runtime, batch_size=batch_size, n_images=images_per_actor)
         self.dim = config.dim
-        self.global_dim = config.global_dim or config.dim
+        self.global_dim = config.descriptor_width
         self.local_cells = model.local_rows(config.image_size)
         self.transform = get_transform(config.transform, config.image_size)
         self.sift: SiftConfig | None = None

@@ -265,7 +265,7 @@ class OnnxDescriptorModel(_CheckedSessions):
         super().__init__(threads=threads, verify=verify, cached_only=cached_only)
         self.model = model.eval()
         self.dim = model.dim
-        self.global_dim = model.global_dim
+        self.global_dim = model.descriptor_width
 
     def _eager(self, images: torch.Tensor) -> Descriptors:
         return self.model(images)
@@ -292,7 +292,8 @@ class OnnxDescriptorModel(_CheckedSessions):
         if cells_map:  # match cells, packed after the locals as the eager model stores them
             cells = torch.from_numpy(cells_map[0]).flatten(2).transpose(1, 2)
             local = torch.cat([local, pack_cells(cells, d)], 1)
-        return Descriptors(torch.from_numpy(global_desc), local, (h, w))
+        # the colour signature is appended here, in torch: the export holds the model up to its global head
+        return Descriptors(self.model.with_colour(images, torch.from_numpy(global_desc)), local, (h, w))
 
 
 # ----------------------------------------------------------------------------- backbone maps

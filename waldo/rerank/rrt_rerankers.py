@@ -116,6 +116,25 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def check_colour_tokens(rrt, folder: Path) -> None:
+    """Refuse an RRT whose global token is its model's global descriptor when that model's
+    descriptor carries colour (ModelConfig.colour_weight): the wider descriptor would silently
+    turn the token into the locals' mean (waldo.models.descriptor.global_tokens), not what the
+    RRT was trained on. An RRT whose token is the locals' mean (a wider global descriptor, as
+    make demo's) reads colour through its residual only."""
+    import json
+
+    config_file = folder / "config.json"
+    if not rrt.config.use_global_tokens or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    width = config.get("global_dim") or config.get("dim")
+    if config.get("colour_weight") and rrt.config.d_model == width:
+        raise ValueError(f"{folder}: this RRT reads the {width}-d global descriptor as a token, and the model's "
+                         "descriptor carries colour (colour_weight); drop colour_weight from config.json or "
+                         "train the RRT on the coloured model")
+
+
 class RRTReranker:
     """Sort candidates by the RRT logit; one forward pass scores ``batch_size`` pairs (100 = the
     whole top-100 at once). ``fusion_weight`` is what the trainer chose on validation, if any.
@@ -154,6 +173,7 @@ class RRTReranker:
         from waldo.rerank.rrt_checkpoint import load_rrt
 
         rrt, info = load_rrt(folder)
+        check_colour_tokens(rrt, Path(folder))
         weight = info.get("training", {}).get("fusion_weight")
         layout = match_cells_layout(Path(folder), match_cells)
         return cls(rrt, grid=tuple(info.get("grid", (7, 7))), batch_size=batch_size,

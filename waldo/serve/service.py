@@ -303,7 +303,7 @@ class SearchService:
             "index_bytes": sum(info["bytes"].values()),
             "segments": len(info["segments"]),
             "merges": self.merges,
-            "model": {"backbone": config.backbone, "dim": config.dim, "global_dim": config.global_width,
+            "model": {"backbone": config.backbone, "dim": config.dim, "global_dim": config.descriptor_width,
                       "pooling": config.pooling, "transform": config.transform, "image_size": config.image_size},
             "rerankers": self.rerankers,
             "reranker_info": _reranker_info(self.rerankers),

@@ -72,7 +72,7 @@ def clean_descriptors(model: DescriptorModel, model_config: ModelConfig, paths: 
     out = extract_descriptors(model, paths, transform, progress=progress, description="describe training images",
                               runtime="auto")
     ok = out.ok
-    global_desc = np.zeros((len(paths), model.global_dim), np.float32)
+    global_desc = np.zeros((len(paths), model.descriptor_width), np.float32)
     local_desc = np.zeros((len(paths), *out.local_desc.shape[1:]), np.float16)
     global_desc[ok], local_desc[ok] = out.global_desc, out.local_desc
     def write(staging: Path) -> None:  # ok.npy last: its presence marks a complete cache
