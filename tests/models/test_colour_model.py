@@ -84,6 +84,11 @@ def test_an_index_of_a_coloured_model_searches_with_its_colours(tmp_path, data_r
     assert hit.path == images.paths[2] and hit.score == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(IndexMismatchError, match="model_hash"):
         Waldo.open(tmp_path / "index", model_dir=tmp_path / "plain")
+    # match cells added at index time (index build --model X --local-stage 4) keep the colours
+    matched = Waldo.create(tmp_path / "matched", model_dir=tmp_path / "coloured", local_stage=4, dim=16,
+                           fit_paths=images.paths[:6], gv_features=False, progress=False)
+    assert matched.model.colour_weight == 1.0 and matched.config.colour_weight == 1.0
+    assert matched.store.manifest["global_dim"] == 32 + SIGNATURE_DIM
 
 
 def test_an_rrt_whose_token_is_the_global_descriptor_refuses_a_coloured_model(tmp_path):

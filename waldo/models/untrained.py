@@ -247,7 +247,8 @@ def with_match_cells(model: DescriptorModel, config: ModelConfig, stage: int, *,
     if config.local_stage is not None or config.match_stage is not None:
         raise ValueError("this model's locals already are finer cells, or it has match cells")
     matched = DescriptorModel(model.backbone, dim=config.dim, pooling=config.pooling, global_dim=config.global_width,
-                              global_scales=tuple(config.global_scales), match_stage=stage, match_dim=dim)
+                              global_scales=tuple(config.global_scales), match_stage=stage, match_dim=dim,
+                              colour_weight=config.colour_weight)
     missing = matched.load_state_dict(model.state_dict(), strict=False).missing_keys
     if sorted(missing) != ["match_proj.bias", "match_proj.weight"]:
         raise ValueError(f"cannot carry the model's weights over: {missing}")
