@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shlex
 import sys
 import time
@@ -52,11 +51,16 @@ RANKINGS = ("global", "rrt", "rrt-consensus", "rrt-consensus+gv")
 
 
 def coloured(global_desc: np.ndarray, signatures: np.ndarray, weight: float) -> np.ndarray:
-    """DescriptorModel.with_colour on stored rows: [g; sqrt(w) sqrt(s)] / sqrt(1 + w)."""
+    """DescriptorModel.with_colour on stored rows (waldo.models.colour.append_colour)."""
+    import torch
+
     if not weight:
         return global_desc
-    both = np.concatenate([global_desc, math.sqrt(weight) * np.sqrt(signatures)], axis=1)
-    return (both / math.sqrt(1 + weight)).astype(np.float32)
+
+    from waldo.models.colour import append_colour
+
+    return append_colour(torch.from_numpy(global_desc.astype(np.float32)), torch.from_numpy(signatures),
+                         weight).numpy()
 
 
 def score(setup, signatures: np.ndarray, weight: float, reranker, progress: bool) -> dict:

@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gv_after_rrt import fused, set_inliers, verified_first_scores  # noqa: E402
+from rrt_consensus import record_in_shipped  # noqa: E402
 
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
@@ -139,29 +140,14 @@ def store(results: dict) -> dict:
              "command": results["commands"][0],
              "note": "the first choice needs keypoints; an index built without them gets the next (docs/results.md, "
                      "'Verification after make demo's default')"}
-    rrt_json = folder / "rrt.json"
-    info = json.loads(rrt_json.read_text())
-    if info["training"].get("default_reranker") not in choice["chain"]:
-        raise SystemExit(f"{MODEL}'s stored default is {info['training'].get('default_reranker')!r}, not {FALLBACK!r}: "
+    stored = json.loads((folder / "rrt.json").read_text())["training"].get("default_reranker")
+    if stored not in choice["chain"]:
+        raise SystemExit(f"{MODEL}'s stored default is {stored!r}, not {FALLBACK!r}: "
                          "the validation above compared against another default")
-    info["training"].update(default_reranker=choice["chain"][0], default_fallbacks=choice["chain"][1:],
-                            default_chain=entry)
-    rrt_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    card_json = folder / "card.json"
-    card = json.loads(card_json.read_text())
-    card["chosen_on_validation"].update(default_reranker=choice["chain"][0], default_fallbacks=choice["chain"][1:],
-                                        default_chain=entry)
-    for command in (results["commands"][0], STORE_COMMAND):
-        if command not in card["reproduce"]:
-            card["reproduce"].append(command)
-    if TEST_RESULTS.is_file():  # run after it was listed: reported beside the card's other test figures
-        source = f"results/rrt_views/{TEST_RESULTS.name}"
-        if source not in card["test"]["sources"]:
-            card["test"]["sources"].append(source)
-        for protocol, figures in json.loads(TEST_RESULTS.read_text())["protocols"].items():
-            card["test"]["protocols"].setdefault(protocol, {})[CANDIDATE] = figures[CANDIDATE]
-            card["test"]["protocols"][protocol]["default"] = figures[CANDIDATE]  # what make demo now serves
-    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    chain = {"default_reranker": choice["chain"][0], "default_fallbacks": choice["chain"][1:], "default_chain": entry}
+    # the card's "default" test figures: what make demo now serves
+    record_in_shipped(folder, chain, (results["commands"][0], STORE_COMMAND), TEST_RESULTS,
+                      {CANDIDATE: CANDIDATE, "default": CANDIDATE}, choice=chain)
     print(f"stored {' then '.join(choice['chain'])} as {MODEL}'s default")
     return results
 

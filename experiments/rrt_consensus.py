@@ -85,6 +85,33 @@ def validation(log=print) -> dict:
             "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def record_in_shipped(folder: Path, training: dict, commands, test_results: Path, test_rankings: dict[str, str], *,
+                      choice: dict) -> None:
+    """Write a choice made on validation into a shipped model folder: ``training`` into rrt.json's
+    ``training`` (what serving reads), ``choice`` into the card's ``chosen_on_validation``,
+    ``commands`` into its ``reproduce`` steps and, once ``test_results`` (a test run after the
+    choice) exists, its rankings into the card's ``test`` figures (card name -> the run's ranking;
+    reported only). Rerunning it writes the same files."""
+    rrt_json = folder / "rrt.json"
+    info = json.loads(rrt_json.read_text())
+    info["training"].update(training)
+    rrt_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    card_json = folder / "card.json"
+    card = json.loads(card_json.read_text())
+    card["chosen_on_validation"].update(choice)
+    for command in commands:
+        if command not in card["reproduce"]:
+            card["reproduce"].append(command)
+    if test_results.is_file():  # reported beside the card's other test figures
+        source = f"results/rrt_views/{test_results.name}"
+        if source not in card["test"]["sources"]:
+            card["test"]["sources"].append(source)
+        for protocol, figures in json.loads(test_results.read_text())["protocols"].items():
+            for card_name, ranking in test_rankings.items():
+                card["test"]["protocols"].setdefault(protocol, {})[card_name] = figures[ranking]
+    card_json.write_text(json.dumps(card, indent=2) + "\n")
+
+
 def store(results: dict) -> None:
     """Record the adopted cell in the shipped model: rrt.json's ``training`` (what serving reads:
     ``consensus`` and ``default_reranker``) and the card's ``chosen_on_validation``, its
@@ -102,25 +129,10 @@ def store(results: dict) -> None:
              "command": results["commands"][0],
              "note": "chosen on the fair validation (held-out training identities, the global head refitted "
                      "without them): docs/results.md, 'Neighbourhood consensus after the RRT'"}
-    rrt_json = folder / "rrt.json"
-    info = json.loads(rrt_json.read_text())
-    info["training"]["consensus"] = entry
-    info["training"]["default_reranker"] = "rrt-consensus"
-    rrt_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    card_json = folder / "card.json"
-    card = json.loads(card_json.read_text())
-    card["chosen_on_validation"]["default_reranker"] = "rrt-consensus"
-    card["chosen_on_validation"]["consensus"] = entry
-    for command in (results["commands"][0], ".venv/bin/python experiments/rrt_consensus.py --store"):
-        if command not in card["reproduce"]:
-            card["reproduce"].append(command)
-    if TEST_RESULTS.is_file():  # the test run after the choice was stored: reported beside the card's others
-        source = f"results/rrt_views/{TEST_RESULTS.name}"
-        if source not in card["test"]["sources"]:
-            card["test"]["sources"].append(source)
-        for protocol, figures in json.loads(TEST_RESULTS.read_text())["protocols"].items():
-            card["test"]["protocols"].setdefault(protocol, {})["rrt-consensus"] = figures["rrt-consensus"]
-    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    record_in_shipped(folder, {"consensus": entry, "default_reranker": "rrt-consensus"},
+                      (results["commands"][0], ".venv/bin/python experiments/rrt_consensus.py --store"),
+                      TEST_RESULTS, {"rrt-consensus": "rrt-consensus"},
+                      choice={"default_reranker": "rrt-consensus", "consensus": entry})
     print(f"stored k={k} weight={weight:g} as {MODEL}'s default (rrt-consensus)")
 
 

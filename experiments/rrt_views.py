@@ -112,18 +112,13 @@ def top1_changes(protocol, before, after) -> dict[str, dict[str, int]]:
     table): how many queries the reranked run (``after``) gets right at rank 1 where the global
     run (``before``) did not (fixed), and the reverse (broken)."""
     sys.path.insert(0, str(ROOT / "experiments"))
-    from gv_results import group_of
+    from gv_results import changes_by_group
 
     if not np.array_equal(before.query_rows, after.query_rows):
         raise ValueError("the two runs answered different queries")
-    out: dict[str, dict[str, int]] = {}
-    for q, row in enumerate(before.query_rows):
-        group = out.setdefault(group_of(protocol.queries.paths[row]), {"queries": 0, "fixed": 0, "broken": 0})
-        was, now = bool(before.matches[q, 0]), bool(after.matches[q, 0])
-        group["queries"] += 1
-        group["fixed"] += int(now and not was)
-        group["broken"] += int(was and not now)
-    return out
+    changes, _ = changes_by_group(protocol, before, before.matches, after.matches, after.knn_indices,
+                                  np.zeros(len(after.query_rows), np.int32))
+    return changes
 
 
 def _precision(run, model_dir: Path, fp32, progress: bool) -> dict:

@@ -12,12 +12,14 @@ of the bins' products: 1 for the same colours, 0 for disjoint ones).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["SIGNATURE_DIM", "colour_signature", "colour_signatures", "colour_similarity"]
+__all__ = ["SIGNATURE_DIM", "append_colour", "colour_signature", "colour_signatures", "colour_similarity"]
 
 HUE_BINS, SATURATION_BINS, GREY_BINS = 18, 3, 3
 GREY_SATURATION = 0.15  # below it a pixel's hue is noise: it counts by brightness instead
@@ -36,19 +38,17 @@ def colour_signature(image: Image.Image) -> np.ndarray:
     if box[2] <= box[0] or box[3] <= box[1]:  # a photo a few pixels wide: all of it
         box = (0, 0, width, height)
     hsv = np.asarray(image.crop(box).resize((SIZE, SIZE), Image.BILINEAR).convert("HSV"), np.float32) / 255.0
-    hue, saturation, value = (hsv[..., i].ravel() for i in range(3))
-    hist = np.bincount(_bins(hue, saturation, value), minlength=SIGNATURE_DIM).astype(np.float64)
+    hue, saturation, value = (torch.from_numpy(hsv[..., i].ravel()) for i in range(3))
+    hist = np.bincount(_bins(hue, saturation, value).numpy(), minlength=SIGNATURE_DIM).astype(np.float64)
     return (hist / hist.sum()).astype(np.float32)
 
 
-def _bins(hue: np.ndarray | torch.Tensor, saturation, value):
+def _bins(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Each pixel's bin (same shape as the inputs), from hue, saturation and value in [0, 1]."""
-    lib = torch if isinstance(hue, torch.Tensor) else np
-    h = lib.clip((hue * HUE_BINS).astype(np.int64) if lib is np else (hue * HUE_BINS).long(), 0, HUE_BINS - 1)
-    scaled = (saturation - GREY_SATURATION) / (1 - GREY_SATURATION) * SATURATION_BINS
-    s = lib.clip(scaled.astype(np.int64) if lib is np else scaled.long(), 0, SATURATION_BINS - 1)
-    g = lib.clip((value * GREY_BINS).astype(np.int64) if lib is np else (value * GREY_BINS).long(), 0, GREY_BINS - 1)
-    return lib.where(saturation >= GREY_SATURATION, h * SATURATION_BINS + s, HUE_BINS * SATURATION_BINS + g)
+    h = (hue * HUE_BINS).long().clamp(0, HUE_BINS - 1)
+    s = ((saturation - GREY_SATURATION) / (1 - GREY_SATURATION) * SATURATION_BINS).long().clamp(0, SATURATION_BINS - 1)
+    g = (value * GREY_BINS).long().clamp(0, GREY_BINS - 1)
+    return torch.where(saturation >= GREY_SATURATION, h * SATURATION_BINS + s, HUE_BINS * SATURATION_BINS + g)
 
 
 @torch.no_grad()
@@ -77,6 +77,16 @@ def colour_signatures(images: torch.Tensor) -> torch.Tensor:
     hist = torch.zeros(len(bins), SIGNATURE_DIM, dtype=torch.float32).scatter_add_(
         1, bins, torch.ones_like(bins, dtype=torch.float32))
     return hist / hist.sum(1, keepdim=True)
+
+
+def append_colour(global_desc: torch.Tensor, signatures: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, G) unit global descriptors with their (B, SIGNATURE_DIM) signatures appended as square
+    roots scaled by sqrt(``weight``), the whole renormalised: inner products of two such rows are
+    (global similarity + weight x Bhattacharyya coefficient) / (1 + weight). Unchanged at weight 0."""
+    if not weight:
+        return global_desc
+    roots = signatures.to(global_desc.device, global_desc.dtype).clamp_min(0).sqrt()
+    return torch.cat([global_desc, math.sqrt(weight) * roots], dim=-1) / math.sqrt(1 + weight)
 
 
 def colour_similarity(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -21,7 +21,6 @@ descriptor of a model whose two projections are shared (every model before ``glo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from waldo.models.backbones import Backbone
-from waldo.models.colour import SIGNATURE_DIM, colour_signatures
+from waldo.models.colour import SIGNATURE_DIM, append_colour, colour_signatures
 from waldo.models.pooling import make_pooling
 
 
@@ -365,9 +364,7 @@ class DescriptorModel(nn.Module):
         weight is 0."""
         if not self.colour_weight:
             return global_desc
-        roots = colour_signatures(images).to(global_desc.device, global_desc.dtype).sqrt()
-        both = torch.cat([global_desc, math.sqrt(self.colour_weight) * roots], dim=-1)
-        return both / math.sqrt(1 + self.colour_weight)
+        return append_colour(global_desc, colour_signatures(images), self.colour_weight)
 
     def forward(self, images: torch.Tensor) -> Descriptors:
         """(B, 3, H, W) images in [0, 1] -> Descriptors."""
