@@ -38,7 +38,7 @@ from waldo.rerank import (NO_RERANK, RERANKERS, Need, RerankCandidates, Reranker
                           RerankQuery, RerankResult)
 from waldo.rerank.base import SCORE_SIMILARITY
 from waldo.rerank.rrt_checkpoint import RRT_FILES, has_global_residual, has_rrt, read_rrt_info
-from waldo.rerank.rrt_rerankers import resolve_precision
+from waldo.rerank.rrt_rerankers import resolve_precision, set_colour_weight
 from waldo.results import SearchHit, SearchOutcome, StageTimer
 
 log = logging.getLogger("waldo.index")
@@ -132,7 +132,7 @@ class Waldo:
                global_search_params: dict | None = None, pooling: str | None = None,
                global_dim: int | None = None, global_scales: Sequence[float] = (),
                local_stage: int | None = None, fit_runtime: str = "auto",
-               backbone_from: str | Path | None = None) -> "Waldo":
+               backbone_from: str | Path | None = None, colour_weight: float | None = None) -> "Waldo":
         """Make a new, empty index. The model is a trained checkpoint (``model_dir``) or an
         untrained ``backbone`` whose projection is fitted on ``fit_paths`` (typically the images
         about to be indexed). ``gv_features`` stores local features of every added image
@@ -149,7 +149,12 @@ class Waldo:
         ``fit_runtime``: how those fits run the backbone: ``auto`` (ONNX Runtime for 1,000 passes
         or more, from 200 once its export is cached; waldo.models.extract.backbone_runner),
         ``onnx`` or ``eager`` (what evaluations fit with). ``backbone_from``: an untrained model on a
-        trained checkpoint's backbone (its heads unused; waldo.models.untrained.untrained_model)."""
+        trained checkpoint's backbone (its heads unused; waldo.models.untrained.untrained_model).
+        ``colour_weight``: append each photo's colour signature to its global descriptor at that
+        weight (ModelConfig.colour_weight; 0 turns a checkpoint's own colour term off; None keeps
+        the checkpoint's, none for an untrained model)."""
+        if colour_weight is not None and not colour_weight >= 0:
+            raise ValueError(f"colour_weight must be >= 0, got {colour_weight}")
         if backbone_from is not None and model_dir is not None:
             raise ValueError("backbone_from builds an untrained model on a trained backbone; with model_dir the "
                              "checkpoint is used whole: give one or the other")
@@ -160,7 +165,10 @@ class Waldo:
 
             if pooling is not None:
                 validate_pooling(pooling)
+            from waldo.models.colour import SIGNATURE_DIM
+
             wide = global_dim or (DEFAULT_GLOBAL_DIM if projection in ("pca-shrink", "views-whiten") else dim)
+            wide += SIGNATURE_DIM if colour_weight else 0
             IndexStore.check_options(wide, local_dtype, global_index, global_search_params)
         if model_dir is not None:
             model, config = load_model(model_dir)
@@ -181,6 +189,7 @@ class Waldo:
                                             progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
                                             global_scales=global_scales, local_stage=local_stage,
                                             fit_runtime=fit_runtime, backbone_from=backbone_from)
+        set_colour_weight(model, config, colour_weight, model_dir)
         local_cells = model.local_rows(config.image_size)
         features = local_features_for(gv_features)
         manifest = {**_manifest_for(model, config), "gv_features": features.model_dump() if features else None}

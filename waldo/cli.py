@@ -150,7 +150,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                    fit_source=str(args.data),
                    model_dir=model_dir, transform=args.transform, progress=not args.quiet,
                    local_dtype=args.local_dtype, global_index=args.global_index, gv_features=args.local_features,
-                   global_search_params=_parse_search_params(args.global_search_params))
+                   global_search_params=_parse_search_params(args.global_search_params),
+                   colour_weight=args.colour_weight)
     try:
         if args.shards > 1:
             from waldo.sharded import ShardedWaldo
@@ -504,7 +505,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        global_scales=args.global_scales, local_stage=args.local_stage,
                        batch_size=args.batch_size, num_workers=args.workers,
                        progress=not args.quiet, log_stages=not args.quiet, rerank=args.rerank,
-                       fit_runtime=args.fit_runtime)
+                       fit_runtime=args.fit_runtime, colour_weight=args.colour_weight)
     print(f"{'protocol':<20} {'queries':>7} {'R@1':>7} {'R@10':>7} {'R@100':>7} {'mAP':>7}")
     if "global" in metrics:  # reranked: the global ranking first, for comparison
         baseline = metrics["global"]
@@ -658,6 +659,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "or less), fitted without labels; offers the local-match reranker. With --model the "
                              "checkpoint keeps its descriptors and RRT, and the stage's cells are stored after "
                              "its locals as match cells")
+    parser.add_argument("--colour-weight", type=float, default=None, metavar="W",
+                        help="append each photo's colour signature (hue/saturation histogram) to its global "
+                             "descriptor at weight W, so search, consensus and the RRT's global residual read "
+                             "colour (default: the model's own, 0.75 for the shipped lite0-match-rrt, none for "
+                             "an untrained model; 0 turns it off; docs/results.md \"The colour term's weight\")")
     parser.add_argument("--global-dim", type=int, default=None, metavar="N",
                         help=f"global descriptor size of an untrained model (default {DEFAULT_GLOBAL_DIM} with "
                              f"views-whiten or pca-shrink, else --dim)")

@@ -83,7 +83,7 @@ class ShardedWaldo:
                global_index: str = "Flat", global_search_params: dict | None = None, pooling: str | None = None,
                global_dim: int | None = None, global_scales: Sequence[float] = (),
                local_stage: int | None = None, fit_runtime: str = "auto",
-               backbone_from: str | Path | None = None) -> ShardedWaldo:
+               backbone_from: str | Path | None = None, colour_weight: float | None = None) -> ShardedWaldo:
         """Make a new, empty index of ``shards`` shards at ``index_dir`` (absent or empty); the
         other options are :meth:`Waldo.create`'s. Shard 0 is created as a single index would be
         (an untrained model's projection is fitted once, on ``fit_paths``); every other shard is
@@ -99,7 +99,8 @@ class ShardedWaldo:
                                       fit_source=fit_source, model_dir=model_dir, transform=transform,
                                       progress=progress, seed=seed, pooling=pooling, global_dim=global_dim,
                                       global_scales=global_scales, local_stage=local_stage,
-                                      fit_runtime=fit_runtime, backbone_from=backbone_from, **storage)
+                                      fit_runtime=fit_runtime, backbone_from=backbone_from,
+                                      colour_weight=colour_weight, **storage)
             else:  # shard 0's model, transform included (its config.json), RRT files included
                 engine = Waldo.create(folder, model_dir=folder.parent / shard_dir_name(0) / MODEL_FOLDER,
                                       progress=progress, **storage)

@@ -112,3 +112,66 @@ def test_an_rrt_whose_token_is_the_global_descriptor_refuses_a_coloured_model(tm
                            colour_weight=0.5).eval()
     save_reranker(tmp_path / "wide", wide, ModelConfig(dim=32, global_dim=64, colour_weight=0.5), rrt, grid=(2, 2))
     RRTReranker.from_folder(tmp_path / "wide")
+
+
+def test_index_build_sets_or_turns_off_the_colour_term(tmp_path, data_root):
+    """``Waldo.create(colour_weight=...)`` / ``waldo index build --colour-weight``: an untrained
+    model gains the term, a coloured checkpoint loses it at 0 (and keeps its own when the option
+    is absent), and the index is as wide as the descriptor it stores."""
+    from waldo.api import Waldo
+    from waldo.cli import main
+    from waldo.data.datasets import read_labels_csv
+    from waldo.models.untrained import untrained_model
+
+    images = read_labels_csv(data_root / "abo_sample")
+    model, config = untrained_model("efficientnet_lite0", dim=32, projection="random", image_size=64, progress=False)
+    model.colour_weight = 1.0
+    save_model(model, config.model_copy(update={"colour_weight": 1.0}), tmp_path / "coloured")
+    off = Waldo.create(tmp_path / "off", model_dir=tmp_path / "coloured", colour_weight=0, gv_features=False,
+                       progress=False)
+    assert off.config.colour_weight == 0 and off.store.manifest["global_dim"] == 32
+    assert load_model(tmp_path / "off" / "model")[1].colour_weight == 0
+    kept = Waldo.create(tmp_path / "kept", model_dir=tmp_path / "coloured", gv_features=False, progress=False)
+    assert kept.config.colour_weight == 1.0
+    with pytest.raises(ValueError, match="colour_weight"):
+        Waldo.create(tmp_path / "negative", model_dir=tmp_path / "coloured", colour_weight=-1, progress=False)
+    assert not (tmp_path / "negative").exists()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in images.paths[:4]:
+        (folder / path.split("/")[-1]).write_bytes(open(path, "rb").read())
+    assert main(["index", "build", "--data", str(folder), "--out", str(tmp_path / "cli"), "--colour-weight", "0.5",
+                 "--projection", "pca", "--dim", "16", "--local-features", "none", "--quiet"]) == 0
+    built = Waldo.open(tmp_path / "cli")
+    assert built.config.colour_weight == 0.5 and built.model.colour_weight == 0.5
+    assert built.store.manifest["global_dim"] == 16 + SIGNATURE_DIM
+    hit = built.search(str(folder / images.paths[1].split("/")[-1]), k=1).hits[0]
+    assert hit.score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_token_rrt_refuses_colour_at_index_build(tmp_path):
+    """An RRT that reads the global descriptor as its token cannot serve a coloured descriptor:
+    the build says so before anything is written."""
+    from waldo.api import Waldo
+    from waldo.rerank import RerankingTransformer, RRTConfig, save_reranker
+
+    torch.manual_seed(0)
+    model = DescriptorModel(create_backbone("efficientnet_lite0", pretrained=False), dim=32).eval()
+    rrt = RerankingTransformer(RRTConfig(d_model=32, n_layers=1, n_heads=4, ff_dim=32, use_global_tokens=True))
+    save_reranker(tmp_path / "plain", model, ModelConfig(dim=32), rrt, grid=(2, 2))
+    with pytest.raises(ValueError, match="colour_weight"):
+        Waldo.create(tmp_path / "index", model_dir=tmp_path / "plain", colour_weight=0.5, gv_features=False,
+                     progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_eval_scores_a_model_with_the_colour_term_it_is_given(data_root):
+    """``waldo eval --colour-weight`` (run_eval's ``colour_weight``): the metrics say which weight
+    ran, and the coloured descriptors rank differently from the plain ones."""
+    from waldo.eval.runner import run_eval_full
+
+    options = dict(projection="random", dim=16, progress=False, num_workers=0)
+    plain_run, plain = run_eval_full("loo", data_root / "abo_sample", **options)
+    run, coloured = run_eval_full("loo", data_root / "abo_sample", colour_weight=2.0, **options)
+    assert "colour_weight" not in plain and coloured["colour_weight"] == 2.0
+    assert not (run.knn_scores == plain_run.knn_scores).all()

@@ -72,11 +72,27 @@ def prepare_model(protocol: Protocol, *, backbone: str = "efficientnet_lite0", m
                   progress: bool = True, seed: int = 0, pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
                   local_stage: int | None = None, fit_runtime: str = "eager",
-                  backbone_from: str | Path | None = None) -> tuple[DescriptorModel, ModelConfig]:
+                  backbone_from: str | Path | None = None,
+                  colour_weight: float | None = None) -> tuple[DescriptorModel, ModelConfig]:
     """A trained checkpoint, or an untrained model whose projection is fitted on the protocol's
     training images (never its queries or gallery). ``fit_runtime``: how the fit runs the backbone
     (waldo.models.untrained.untrained_model; eager by default, as every documented figure);
-    ``backbone_from``: that model on a trained checkpoint's backbone (untrained_model)."""
+    ``backbone_from``: that model on a trained checkpoint's backbone (untrained_model);
+    ``colour_weight``: the colour term's weight instead of the model's (Waldo.create's option)."""
+    from waldo.rerank.rrt_rerankers import set_colour_weight
+
+    model, config = _prepare_model(protocol, backbone=backbone, model_dir=model_dir, projection=projection, dim=dim,
+                                   transform=transform, progress=progress, seed=seed, pooling=pooling,
+                                   global_dim=global_dim, global_scales=global_scales, local_stage=local_stage,
+                                   fit_runtime=fit_runtime, backbone_from=backbone_from)
+    set_colour_weight(model, config, colour_weight, model_dir)
+    return model, config
+
+
+def _prepare_model(protocol: Protocol, *, backbone: str, model_dir: str | Path | None, projection: str, dim: int,
+                   transform: str, progress: bool, seed: int, pooling: str | None, global_dim: int | None,
+                   global_scales: Sequence[float], local_stage: int | None, fit_runtime: str,
+                   backbone_from: str | Path | None) -> tuple[DescriptorModel, ModelConfig]:
     fit_paths = protocol.train.paths
     if model_dir is not None:
         model, config = load_model(model_dir)
@@ -105,7 +121,8 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                   scales: Sequence[float] = (), pooling: str | None = None,
                   global_dim: int | None = None, global_scales: Sequence[float] = (),
                   local_stage: int | None = None, log_stages: bool = False,
-                  fit_runtime: str = "eager", backbone_from: str | Path | None = None) -> tuple[EvalRun, dict]:
+                  fit_runtime: str = "eager", backbone_from: str | Path | None = None,
+                  colour_weight: float | None = None) -> tuple[EvalRun, dict]:
     """Evaluate and return the full run plus the metrics dict (with what produced them).
 
     ``rerank`` names a reranker of :data:`waldo.rerank.RERANKERS` (or a composition "a+b"); it
@@ -134,7 +151,7 @@ def run_eval_full(protocol: str, data: str | Path | None = None, *, backbone: st
                                       dim=dim, transform=transform, progress=progress, seed=seed, pooling=pooling,
                                       global_dim=global_dim, global_scales=global_scales,
                                       local_stage=local_stage, fit_runtime=fit_runtime,
-                                      backbone_from=backbone_from)
+                                      backbone_from=backbone_from, colour_weight=colour_weight)
     layout = model.match_layout(config.image_size)
     if layout is not None and reranker is not None:  # rebuilt knowing where the match cells sit
         reranker = RERANKERS.create(rerank, RerankerSetup(Path(model_dir) if model_dir is not None else None,

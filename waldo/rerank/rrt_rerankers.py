@@ -116,23 +116,49 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def colour_tokens_error(rrt_config: dict, model_config: dict) -> str | None:
+    """Why an RRT (its rrt.json ``rrt`` settings) cannot serve with a model (its config.json
+    fields), or None: an RRT whose global token is the model's global descriptor cannot read a
+    descriptor that carries colour (ModelConfig.colour_weight); the wider descriptor would
+    silently turn the token into the locals' mean (waldo.models.descriptor.global_tokens), not
+    what the RRT was trained on. An RRT whose token is the locals' mean (a wider global
+    descriptor, as make demo's) reads colour through its residual only."""
+    width = model_config.get("global_dim") or model_config.get("dim")
+    if rrt_config.get("use_global_tokens") and model_config.get("colour_weight") and rrt_config.get("d_model") == width:
+        return (f"this RRT reads the {width}-d global descriptor as a token, and the model's descriptor carries "
+                "colour (colour_weight); drop colour_weight or train the RRT on the coloured model")
+    return None
+
+
+def set_colour_weight(model, config, weight: float | None, model_dir: str | Path | None = None) -> None:
+    """Give ``model`` and its ``config`` the colour term at ``weight`` (None: leave them; 0: none),
+    refusing first when the RRT stored in ``model_dir`` could not serve the coloured descriptor
+    (:func:`colour_tokens_error`). Appended after the global head: no fitted part depends on it."""
+    if weight is None:
+        return
+    if not weight >= 0:
+        raise ValueError(f"colour_weight must be >= 0, got {weight}")
+    if model_dir is not None:
+        from waldo.rerank.rrt_checkpoint import has_rrt, read_rrt_info
+
+        if has_rrt(model_dir):
+            error = colour_tokens_error(read_rrt_info(model_dir)["rrt"], {**config.model_dump(), "colour_weight": weight})
+            if error:
+                raise ValueError(f"{model_dir}: {error}")
+    config.colour_weight = model.colour_weight = float(weight)
+
+
 def check_colour_tokens(rrt, folder: Path) -> None:
-    """Refuse an RRT whose global token is its model's global descriptor when that model's
-    descriptor carries colour (ModelConfig.colour_weight): the wider descriptor would silently
-    turn the token into the locals' mean (waldo.models.descriptor.global_tokens), not what the
-    RRT was trained on. An RRT whose token is the locals' mean (a wider global descriptor, as
-    make demo's) reads colour through its residual only."""
+    """:func:`colour_tokens_error` for a loaded RRT and its model folder's config.json."""
     import json
 
     config_file = folder / "config.json"
-    if not rrt.config.use_global_tokens or not config_file.is_file():
+    if not config_file.is_file():
         return
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    width = config.get("global_dim") or config.get("dim")
-    if config.get("colour_weight") and rrt.config.d_model == width:
-        raise ValueError(f"{folder}: this RRT reads the {width}-d global descriptor as a token, and the model's "
-                         "descriptor carries colour (colour_weight); drop colour_weight from config.json or "
-                         "train the RRT on the coloured model")
+    error = colour_tokens_error({"use_global_tokens": rrt.config.use_global_tokens, "d_model": rrt.config.d_model},
+                                json.loads(config_file.read_text(encoding="utf-8")))
+    if error:
+        raise ValueError(f"{folder}: {error}")
 
 
 class RRTReranker:
