@@ -236,6 +236,40 @@ def gv_cost(lines: list[str]) -> None:
     lines += ["", f"Command: `.venv/bin/python {data['command']}` (`results/gv_cost.json`); {data['machine']}.", ""]
 
 
+def default_latency(lines: list[str]) -> None:
+    data = _section(lines, "## A search with make demo's default, as the service runs it", "default_latency.json",
+                    "benchmarks/default_latency.py")
+    if data is None:
+        return
+    lines += [f"{data['protocol']}'s gallery ({data['images']} images) indexed with make demo's model ({data['model']}, "
+              f"keypoints included; {data['build_seconds']} s), opened as `waldo serve` opens it (RRT compiled, "
+              f"precision auto), then {data['queries']} of its test queries searched with each ranking after one "
+              f"warm-up query. The stored default is **{data['default_reranker']}**; an index without keypoints "
+              "falls back to rrt-consensus. The search is decode + extract + global search + rerank.", "",
+              "| ranking | search p50 / p95 ms | rerank p50 / p95 ms | decode / extract / global search p50 ms | "
+              "warm-up query s |", "|---|---|---|---|---|"]
+    for name, r in data["rankings"].items():
+        label = f"**{name}** (default)" if name == data["default_reranker"] else name
+        before = " / ".join(f"{r['stage_ms_p50'].get(stage, 0):.0f}" for stage in ("decode", "extract", "search"))
+        lines.append(f"| {label} | {r['search_ms_p50']:.0f} / {r['search_ms_p95']:.0f} | "
+                     f"{r['rerank_ms_p50']:.0f} / {r['rerank_ms_p95']:.0f} | {before} | {r['warm_up_seconds']} |")
+    lines += ["", f"Command: `.venv/bin/python {data['command']}` (`results/default_latency.json`); {data['machine']}, "
+                  f"load average {' / '.join(str(x) for x in data['load_average'])} at the end."]
+    before = _load("default_latency_before_blas_limit.json")
+    if before is not None:
+        rows = before["rankings"]
+        lines += ["", "Before GV's workers ran BLAS on one thread each (the same command, GV as at commit 5cd507a, "
+                      "`results/default_latency_before_blas_limit.json`): numpy's OpenBLAS started its own threads "
+                      "inside each of GV's 2 workers, oversubscribing the 2 cores, and the next query's extraction took "
+                      f"{rows['gv']['stage_ms_p50']['extract']:.0f} ms instead of "
+                      f"{rows['none']['stage_ms_p50']['extract']:.0f} (p50; our reading, not measured apart: OpenBLAS's idle "
+                      "threads spin for a while after a call and take the cores from it); a search with gv took "
+                      f"{rows['gv']['search_ms_p50']:.0f} ms and with the default "
+                      f"{rows['rrt-consensus+gv']['search_ms_p50']:.0f} ms (p50). "
+                      "`waldo.rerank.gv.single_blas_thread` (threadpoolctl) limits BLAS while the workers run."]
+    lines.append("")
+
+
 def _null_space() -> str:
     data = _load("fit_null_space.json")
     if data is None:
@@ -449,6 +483,7 @@ def render() -> str:
     accuracy(lines)
     gv(lines)
     gv_cost(lines)
+    default_latency(lines)
     fit_runtime(lines)
     eager_memory(lines)
     ann(lines)

@@ -21,6 +21,15 @@ Test protocols are run only once a choice is stored, and are reported only.
 
     .venv/bin/python experiments/colour_weight.py          # ~20 min (keypoints cached under runs/)
     .venv/bin/python experiments/colour_weight.py --doc    # docs/results.md block from the JSON
+    .venv/bin/python experiments/colour_weight.py --store  # an adopted weight into make demo's model
+
+Shipping (``--store``, after adoption): the chosen weight goes into lite0-match-rrt's config.json
+(``colour_weight``; its model hash changes, so indexes built before keep the colourless copy they
+hold), the validation rows and rule into its card, and the default chain is re-checked on the
+coloured rows (the default rule of experiments/consensus_gv.py: rrt-consensus+gv over
+rrt-consensus); the store is refused if the chain no longer holds. The test protocols are then
+run once on the coloured model (``TEST_COMMAND``, reported only) and, rerunning ``--store``,
+replace the card's test figures, which were measured on the colourless model.
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ MODEL = "lite0-match-rrt"
 METRIC = "map@100"
 WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5)
 RANKINGS = ("global", "rrt", "rrt-consensus", "rrt-consensus+gv")
+STORE_COMMAND = ".venv/bin/python experiments/colour_weight.py --store"
+#: the coloured model's test run (every ranking the page offers, README "Which reranker when")
+TEST_NAME = "shipped-colour-which-reranker"
+TEST_RESULTS = ROOT / "results" / "rrt_views" / f"{TEST_NAME}.json"
+TEST_COMMAND = (f"python experiments/rrt_views.py eval --model {MODEL} --name {TEST_NAME} --rerank "
+                "none,rrt,rrt-fusion,gv,rrt+gv,rrt-consensus,rrt-consensus+gv,local-match --local-match 0.7,0.5 "
+                "--precision --quiet")
 
 
 def coloured(global_desc: np.ndarray, signatures: np.ndarray, weight: float) -> np.ndarray:
@@ -178,15 +194,113 @@ def markdown(results: dict) -> str:
                   f"gives the same descriptors as its own with the stored signatures appended (smallest cosine over "
                   f"4 photos {v['model_check_min_cosine']:.6f}).",
               "", f"Produced by {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
-                  "(results/colour_weight.json).", "", END]
+                  "(results/colour_weight.json).", *test_lines(), "", END]
     return "\n".join(lines)
+
+
+def test_lines() -> list[str]:
+    """Once shipped (``--store``) and its test run exists: make demo's model with and without the
+    colour term on both test protocols, every ranking, and the top-1 changes per query group of
+    the default against the global ranking (reported; chose nothing)."""
+    if not TEST_RESULTS.is_file():
+        return []
+    import rrt_views
+
+    after = json.loads(TEST_RESULTS.read_text())
+    before, _ = rrt_views.merged_runs(json.loads((rrt_views.RESULTS / rrt_views.WHICH_RERANKER).read_text()),
+                                      [json.loads((rrt_views.RESULTS / name).read_text())
+                                       for name in rrt_views.WHICH_RERANKER_LATER])
+    protocols = list(after["protocols"])
+    lines = ["", f"Shipped by `{STORE_COMMAND}` (lite0-match-rrt's config.json `colour_weight`); then the test protocols "
+                 f"(reported, chose nothing): `{TEST_COMMAND}` (results/rrt_views/{TEST_RESULTS.name}) against the "
+                 "colourless model's runs (README \"Which reranker when\" lists both).", "",
+             "| ranking | " + " | ".join(f"{p} R@1 / mAP: without colour -> with" for p in protocols) + " |",
+             "|---|" + "---|" * len(protocols)]
+    for name in rrt_views.WHICH_ORDER:
+        cells = []
+        for protocol in protocols:
+            old, new = before["protocols"][protocol].get(name), after["protocols"][protocol].get(name)
+            cells.append("-" if old is None or new is None else
+                         f"{old['recall@1']:.4f} / {old['map']:.4f} -> {new['recall@1']:.4f} / {new['map']:.4f}")
+        lines.append(f"| {'global (none)' if name == 'global' else name} | " + " | ".join(cells) + " |")
+    lines += ["", "Top-1 changes against the global ranking of the same model, per query group (fixed / broken; "
+                  "issue 17's table), with colour:", "",
+              "| ranking | " + " | ".join(protocols) + " |", "|---|" + "---|" * len(protocols)]
+    for name in rrt_views.WHICH_ORDER[1:]:
+        cells = []
+        for protocol in protocols:
+            changes = after["protocols"][protocol].get(name, {}).get("top1_changes")
+            cells.append("-" if not changes else ", ".join(f"{group} {c['fixed']}/{c['broken']}"
+                                                          for group, c in changes.items()))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chain_on_colour(v: dict) -> dict:
+    """The default chain's rule (experiments/consensus_gv.py) re-applied to the chosen weight's
+    validation rows: does rrt-consensus+gv still earn its place over rrt-consensus?"""
+    from consensus_gv import default_choice
+
+    return default_choice({"listed": True, "rows": v["rows"][f"{v['chosen_weight']:g}"]})
+
+
+def store(results: dict) -> None:
+    """Write the adopted weight into make demo's model (this file's docstring); rerunning it
+    writes the same files."""
+    from waldo.models.shipped import resolve_model_dir
+
+    v = results["validation"]
+    if not v["adopted"]:
+        raise SystemExit(f"w {v['chosen_weight']:g} was not adopted on validation: nothing to store")
+    chain = chain_on_colour(v)
+    folder = resolve_model_dir(MODEL)
+    training = json.loads((folder / "rrt.json").read_text())["training"]
+    stored_chain = [training.get("default_reranker"), *training.get("default_fallbacks", [])]
+    if not chain["adopted"] or chain["chain"] != stored_chain:
+        raise SystemExit(f"on the coloured rows the default chain would be {chain['chain']}, not the stored "
+                         f"{stored_chain}: choose the default again before shipping colour")
+    weight = v["chosen_weight"]
+    from waldo.models.checkpoint import ModelConfig, config_json
+
+    config_file = folder / "config.json"  # written as save_model writes it
+    config = ModelConfig.model_validate_json(config_file.read_text()).model_copy(update={"colour_weight": weight})
+    config_file.write_text(config_json(ModelConfig.model_validate(config.model_dump())))
+    card_file = folder / "card.json"
+    card = json.loads(card_file.read_text())
+    rows = v["rows"]
+    card["chosen_on_validation"]["colour"] = {
+        "weight": weight, "rule": v["rule"], "metric": v["metric"], "margin": v["margin"],
+        "validation": {f"w={w}": {name: rows[w][name]["macro"] for name in RANKINGS} for w in ("0", f"{weight:g}")},
+        "default_chain_on_colour": {"chain": chain["chain"], "rule": chain["rule"]},
+        "command": results["commands"][0],
+        "note": "the colour term (waldo.models.colour) appended to the global descriptor, chosen on the fair validation "
+                "(docs/results.md, 'The colour term's weight for make demo's model'); the RRT, consensus and "
+                "verification settings above were chosen without it and kept"}
+    for command in (results["commands"][0], STORE_COMMAND, TEST_COMMAND):
+        if command not in card["reproduce"]:
+            card["reproduce"].append(command)
+    sentence = (f" Its global descriptor carries a colour term (colour_weight {weight:g}, chosen on the fair "
+                "validation after the rest; the test figures are the coloured model's).")
+    if sentence not in card["note"]:
+        card["note"] += sentence
+    if TEST_RESULTS.is_file():  # the coloured model's test run replaces the colourless figures
+        test = json.loads(TEST_RESULTS.read_text())
+        card["test"] = {"note": "reported, never used to choose anything",
+                        "sources": [f"results/rrt_views/{TEST_RESULTS.name}"], "protocols": test["protocols"]}
+    card_file.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"stored colour_weight {weight:g} in {MODEL}" + ("" if TEST_RESULTS.is_file() else
+                                                          f"; next, the test run: {TEST_COMMAND}"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--store", action="store_true", help="write the adopted weight into make demo's model")
     args = parser.parse_args()
+    if args.store:
+        store(json.loads(RESULTS.read_text()))
+        return 0
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0

@@ -102,7 +102,10 @@ def record_in_shipped(folder: Path, training: dict, commands, test_results: Path
     for command in commands:
         if command not in card["reproduce"]:
             card["reproduce"].append(command)
-    if test_results.is_file():  # reported beside the card's other test figures
+    config = json.loads((folder / "config.json").read_text())
+    if test_results.is_file() and (json.loads(test_results.read_text()).get("colour_weight", 0.0)
+                                   == config.get("colour_weight", 0.0)):  # that very model's figures only
+        # reported beside the card's other test figures
         source = f"results/rrt_views/{test_results.name}"
         if source not in card["test"]["sources"]:
             card["test"]["sources"].append(source)
@@ -124,16 +127,20 @@ def store(results: dict) -> None:
         raise SystemExit(f"{v['best']} was not adopted on validation: nothing to store")
     k, weight = v["best_k"], v["best_weight"]
     folder = resolve_model_dir(MODEL)
+    # a chain chosen later that still falls back to rrt-consensus (experiments/consensus_gv.py) stays
+    training = json.loads((folder / "rrt.json").read_text())["training"]
+    chain = [training.get("default_reranker"), *training.get("default_fallbacks", [])]
+    default = chain[0] if "rrt-consensus" in chain else "rrt-consensus"
     entry = {"k": k, "weight": weight, "select_metric": v["metric"], "margin": v["margin"],
              "validation": {name: v["rows"][name]["macro"] for name in ("none", "rrt", v["best"])},
              "command": results["commands"][0],
              "note": "chosen on the fair validation (held-out training identities, the global head refitted "
                      "without them): docs/results.md, 'Neighbourhood consensus after the RRT'"}
-    record_in_shipped(folder, {"consensus": entry, "default_reranker": "rrt-consensus"},
+    record_in_shipped(folder, {"consensus": entry, "default_reranker": default},
                       (results["commands"][0], ".venv/bin/python experiments/rrt_consensus.py --store"),
                       TEST_RESULTS, {"rrt-consensus": "rrt-consensus"},
-                      choice={"default_reranker": "rrt-consensus", "consensus": entry})
-    print(f"stored k={k} weight={weight:g} as {MODEL}'s default (rrt-consensus)")
+                      choice={"default_reranker": default, "consensus": entry})
+    print(f"stored k={k} weight={weight:g} as {MODEL}'s rrt-consensus (default: {default})")
 
 
 def markdown(results: dict) -> str:

@@ -73,6 +73,8 @@ def evaluate(model_dir: Path, protocols: list[str], rerankers: list[str], *, pre
     training = read_rrt_info(model_dir).get("training", {})
     out = {"model": str(model_dir), "default_reranker": training.get("default_reranker"),
            "fusion_weight": training.get("fusion_weight"), "protocols": {}}
+    if config.colour_weight:  # which model ran: a colour term changes every figure
+        out["colour_weight"] = config.colour_weight
     if local_match is not None:
         out["local_match"] = {"threshold": local_match[0], "weight": local_match[1]}
     for name in protocols:  # a protocol's name, or a Protocol (e.g. a validation fold)
@@ -341,12 +343,14 @@ INPUT_SIZE = "input-size.json"  # make demo's model at 224 against 288 px (cmd_i
 WHICH_ORDER = ("global", "gv", "rrt", "rrt-fusion", "rrt-consensus", "rrt+gv", "rrt-consensus+gv", "local-match")
 
 
-def which_reranker_block(result: dict, later: list[dict] = ()) -> str:
-    """README's "which reranker when" table: every ranking of the shipped model (what `make demo`
-    serves) on both test protocols, R@1 / mAP. (Its times come from the dedicated benchmarks:
-    this run may share the cores with other work.) ``later``: runs of rankings added since, whose
-    rows join the table (a ranking both measured must agree to the 4th decimal) and whose stored
-    default, the model's current one, is the one named."""
+#: make demo's model since it carries the colour term (experiments/colour_weight.py --store): every
+#: ranking in one run; the colourless runs above stay as its "before"
+COLOUR_WHICH_RERANKER = "shipped-colour-which-reranker.json"
+
+
+def merged_runs(result: dict, later: list[dict] = ()) -> tuple[dict, list[str]]:
+    """``result`` with the rankings of ``later`` runs joined (a ranking both measured must agree to
+    the 4th decimal; the last run's stored default is the model's current one), and the commands."""
     result = copy.deepcopy(result)  # merged into a copy
     commands = [result.get("command", "")]
     for run in later:
@@ -361,32 +365,62 @@ def which_reranker_block(result: dict, later: list[dict] = ()) -> str:
                     result["protocols"][protocol][name] = m
                 elif round(known["recall@1"], 4) != round(m["recall@1"], 4) or round(known["map"], 4) != round(m["map"], 4):
                     raise ValueError(f"{protocol} {name}: {run.get('command')} disagrees with {result.get('command')}")
+    return result, commands
+
+
+def which_reranker_block(result: dict, later: list[dict] = (), before: dict | None = None) -> str:
+    """README's "which reranker when" table: every ranking of the shipped model (what `make demo`
+    serves) on both test protocols, R@1 / mAP. (Its times come from the dedicated benchmarks:
+    this run may share the cores with other work.) ``later``: runs of rankings added since
+    (:func:`merged_runs`). ``before``: the same model's figures before a change (merged runs),
+    shown beside each protocol."""
+    result, commands = merged_runs(result, later)
     protocols = list(result["protocols"])
-    rows = ["| ranking | " + " | ".join(f"{p} R@1 / mAP" for p in protocols) + " |",
-            "|---|" + "---|" * len(protocols)]
+    columns = [(protocol, result) for protocol in protocols]
+    if before is not None:
+        columns += [(protocol, before) for protocol in protocols]
+    rows = ["| ranking | " + " | ".join(f"{p} R@1 / mAP" for p in protocols)
+            + "".join(f" | before colour: {p}" for p in protocols if before is not None) + " |",
+            "|---|" + "---|" * len(columns)]
     for name in WHICH_ORDER:
         if all(name not in result["protocols"][protocol] for protocol in protocols):
             continue
         cells = []
-        for protocol in protocols:
-            m = result["protocols"][protocol].get(name)
+        for protocol, source in columns:
+            m = source["protocols"][protocol].get(name)
             cells.append("-" if m is None else f"{m['recall@1']:.4f} / {m['map']:.4f}")
         rows.append(f"| {'global (none)' if name == 'global' else name} | " + " | ".join(cells) + " |")
-    return (f"{'; '.join(f'`{c}`' for c in commands)} (default reranker stored with the model, chosen on "
-            f"validation: **{result.get('default_reranker')}**)\n\n" + "\n".join(rows))
+    text = (f"{'; '.join(f'`{c}`' for c in commands)} (default reranker stored with the model, chosen on "
+            f"validation: **{result.get('default_reranker')}**)")
+    if before is not None:
+        text += (f". Before colour: the same model without its colour term (results/rrt_views/{WHICH_RERANKER} "
+                 f"and {', '.join(WHICH_RERANKER_LATER)})")
+    return text + "\n\n" + "\n".join(rows)
+
+
+def readme_which_reranker() -> str | None:
+    """The block README's "Which reranker when" holds: make demo's coloured model, its colourless
+    figures beside (or, before the coloured run exists, the colourless runs alone)."""
+    path = RESULTS / WHICH_RERANKER
+    if not path.is_file():
+        return None
+    later = [json.loads((RESULTS / name).read_text()) for name in WHICH_RERANKER_LATER if (RESULTS / name).is_file()]
+    colourless = json.loads(path.read_text())
+    if not (RESULTS / COLOUR_WHICH_RERANKER).is_file():
+        return which_reranker_block(colourless, later)
+    return which_reranker_block(json.loads((RESULTS / COLOUR_WHICH_RERANKER).read_text()),
+                                before=merged_runs(colourless, later)[0])
 
 
 def render_readme(readme: str) -> str:
     """README.md with its "which reranker when" block regenerated (when its results exist)."""
     from waldo_experiments.doc_blocks import markers, replace_block
 
-    path = RESULTS / WHICH_RERANKER
-    if not path.is_file():
+    text = readme_which_reranker()
+    if text is None:
         return readme
     start, end = markers("which-reranker")
-    later = [json.loads((RESULTS / name).read_text()) for name in WHICH_RERANKER_LATER if (RESULTS / name).is_file()]
-    block = f"{start}\n{which_reranker_block(json.loads(path.read_text()), later)}\n{end}"
-    return replace_block(readme, block, start, end, heading="## Which reranker when")
+    return replace_block(readme, f"{start}\n{text}\n{end}", start, end, heading="## Which reranker when")
 
 
 def _skip_block(before: dict) -> str:

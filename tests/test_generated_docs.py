@@ -213,8 +213,7 @@ def test_readme_which_reranker_table_is_generated():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     later = [_results(f"rrt_views/{name}") for name in module.WHICH_RERANKER_LATER]
-    assert _block("README.md", "which-reranker") == module.which_reranker_block(
-        _results(f"rrt_views/{module.WHICH_RERANKER}"), later)
+    assert _block("README.md", "which-reranker") == module.readme_which_reranker()
     # a later run that measures a ranking the table holds must agree with it
     clash = json.loads(json.dumps(later[0]))
     clash["protocols"]["grocery-open-cross"]["rrt"]["recall@1"] += 0.01
@@ -492,3 +491,28 @@ def test_rrt_variant_blocks_are_generated(script, results, block):
     if "validation" in saved and "rule" in saved["validation"]:
         v = saved["validation"]
         assert v["adopted"] == all(v["rule"].values())
+
+
+def test_shipped_colour_weight_is_the_validation_choice():
+    """make demo's model carries the colour weight experiments/colour_weight.py adopted on the fair
+    validation, its card records that choice, and the default chain it keeps is the default rule
+    re-applied to the coloured validation rows; its test figures are the coloured model's run."""
+    from waldo.models.checkpoint import ModelConfig
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    module = _experiment("colour_weight")
+    v = _results("colour_weight.json")["validation"]
+    assert v["adopted"] and v["adopted"] == all(v["rule"].values())
+    folder = resolve_model_dir(module.MODEL)
+    assert ModelConfig.model_validate_json((folder / "config.json").read_text()).colour_weight == v["chosen_weight"]
+    card = json.loads((folder / "card.json").read_text())
+    colour = card["chosen_on_validation"]["colour"]
+    assert colour["weight"] == v["chosen_weight"] and colour["rule"] == v["rule"]
+    chain = module.chain_on_colour(v)
+    training = read_rrt_info(folder)["training"]
+    assert chain["adopted"] and chain["chain"] == [training["default_reranker"], *training["default_fallbacks"]]
+    assert colour["default_chain_on_colour"] == {"chain": chain["chain"], "rule": chain["rule"]}
+    if module.TEST_RESULTS.is_file():
+        assert card["test"]["sources"] == [f"results/rrt_views/{module.TEST_RESULTS.name}"]
+        assert card["test"]["protocols"] == json.loads(module.TEST_RESULTS.read_text())["protocols"]

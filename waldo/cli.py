@@ -306,7 +306,9 @@ def _index_summary(info: dict, rerankers: list[str], default: str, chain: Sequen
     local_rows, local_dim = (manifest.get("local_shape") or [None, None])[:2]
     lines.append(f"model       {model.get('backbone', manifest.get('backbone'))} at "
                  f"{manifest.get('image_size', model.get('image_size'))} px ({manifest.get('transform')}); "
-                 f"global {manifest.get('global_dim')}-d, {manifest.get('pooling')} pooling"
+                 f"global {manifest.get('global_dim')}-d"
+                 + (f" (a colour signature at weight {model['colour_weight']:g} among them)"
+                    if model.get("colour_weight") else "") + f", {manifest.get('pooling')} pooling"
                  + (f" at scales 1, {', '.join(f'{f:g}' for f in manifest['global_scales'])}"
                     if manifest.get("global_scales") else "") + "; "
                  f"locals {local_rows} x {local_dim} {manifest.get('local_dtype', info.get('local_dtype'))}"

@@ -114,7 +114,7 @@ def test_an_rrt_whose_token_is_the_global_descriptor_refuses_a_coloured_model(tm
     RRTReranker.from_folder(tmp_path / "wide")
 
 
-def test_index_build_sets_or_turns_off_the_colour_term(tmp_path, data_root):
+def test_index_build_sets_or_turns_off_the_colour_term(tmp_path, data_root, capsys):
     """``Waldo.create(colour_weight=...)`` / ``waldo index build --colour-weight``: an untrained
     model gains the term, a coloured checkpoint loses it at 0 (and keeps its own when the option
     is absent), and the index is as wide as the descriptor it stores."""
@@ -147,6 +147,9 @@ def test_index_build_sets_or_turns_off_the_colour_term(tmp_path, data_root):
     assert built.store.manifest["global_dim"] == 16 + SIGNATURE_DIM
     hit = built.search(str(folder / images.paths[1].split("/")[-1]), k=1).hits[0]
     assert hit.score == pytest.approx(1.0, abs=1e-3)
+    capsys.readouterr()
+    assert main(["index", "info", "--index", str(tmp_path / "cli")]) == 0
+    assert f"global {16 + SIGNATURE_DIM}-d (a colour signature at weight 0.5 among them)" in capsys.readouterr().out
 
 
 def test_a_token_rrt_refuses_colour_at_index_build(tmp_path):

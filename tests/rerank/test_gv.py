@@ -105,6 +105,33 @@ def test_reranker_puts_the_verified_candidate_first_in_parallel_and_serially(sam
     assert isinstance(RERANKERS.create("gv"), Reranker)
 
 
+def test_parallel_verification_runs_one_blas_thread_per_worker(samples, monkeypatch):
+    """The workers use every core already: inside them BLAS runs one thread (else OpenBLAS's
+    threads oversubscribe the cores and spin into the next query's extraction), and outside
+    the pool BLAS keeps the threads it had."""
+    from threadpoolctl import threadpool_info
+
+    import waldo.rerank.gv as gv
+
+    _, feats = samples
+    blas_threads, real = [], gv.verify_pair
+
+    def ours() -> list[int]:  # numpy's and OpenCV's OpenBLAS: what verification's products run on
+        return [lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas" and ("numpy" in lib["filepath"] or "opencv" in lib["filepath"])]
+
+    def recording(*args, **kwargs):
+        blas_threads.extend(ours())
+        return real(*args, **kwargs)
+
+    before = ours()
+    monkeypatch.setattr(gv, "verify_pair", recording)
+    with GeometricReranker(GVConfig(), workers=2) as reranker:
+        reranker.verify_many(feats["box.png"], [feats["box_in_scene.png"], feats["aero1.jpg"]])
+    assert blas_threads and set(blas_threads) == {1}
+    assert ours() == before
+
+
 def test_fusion_adds_a_growing_bonus_to_verified_candidates_only(samples):
     inliers = np.array([0, 8, 30, 7])
     fused = fused_scores(inliers, np.array([0.9, 0.5, 0.4, 0.8]), 8, 0.4)

@@ -363,6 +363,15 @@ class GVRerank:
     scores: np.ndarray
 
 
+def single_blas_thread():
+    """A context in which every loaded BLAS library (numpy's, OpenCV's, faiss's OpenBLAS) runs
+    one thread (threadpoolctl; it looks the libraries up on entry, about 0.5 ms, so one loaded
+    later is covered too)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 class GeometricReranker:
     """Reranks a query's candidates by verified inliers, verifying candidates in parallel.
 
@@ -393,9 +402,13 @@ class GeometricReranker:
             return [verify_pair(query, candidates[i], self.config, query_vectors=q_vectors) for i in chunk]
 
         out: list[Verification | None] = [None] * len(candidates)
-        for chunk, results in zip(chunks, self._pool.map(run, chunks)):
-            for i, result in zip(chunk, results):
-                out[i] = result
+        # One BLAS thread per worker while they run: the workers already use every core, and
+        # OpenBLAS's own threads would oversubscribe them and keep spinning after the call,
+        # slowing the next query's extraction (docs/performance.md, "A search with make demo's default").
+        with single_blas_thread():
+            for chunk, results in zip(chunks, self._pool.map(run, chunks)):
+                for i, result in zip(chunk, results):
+                    out[i] = result
         return out  # type: ignore[return-value]
 
     def rerank_features(self, query: LocalFeatures, candidates: Sequence[LocalFeatures],
