@@ -81,6 +81,14 @@ def coloured(global_desc: np.ndarray, signatures: np.ndarray, weight: float) -> 
 
 def score(setup, signatures: np.ndarray, weight: float, reranker, progress: bool) -> dict:
     """The four rankings of make demo's model at colour weight ``weight`` (module doc)."""
+    validator, scores = ranking_scores(setup, signatures, weight, reranker, progress)
+    return {name: validator.ranking(set_scores) for name, set_scores in scores.items()}
+
+
+def ranking_scores(setup, signatures: np.ndarray, weight: float, reranker, progress: bool,
+                   rankings: tuple[str, ...] = RANKINGS) -> tuple:
+    """:func:`score`'s validator at weight ``weight`` and each ranking's per-set (queries, top_k)
+    scores over its candidates; ``reranker`` (GV) is read only for the ``+gv`` ranking."""
     from gv_after_rrt import set_inliers, verified_first_scores
 
     from waldo.rerank.rrt_rerankers import consensus_setting, neighbour_consensus
@@ -94,17 +102,18 @@ def score(setup, signatures: np.ndarray, weight: float, reranker, progress: bool
     logits = validator.logits(setup.rrt)
     scale = float(setup.rrt.global_skip_scale.detach())
     k, k_weight = consensus_setting(setup.train_config)
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in RANKINGS}
-    need = reranker.config.min_inliers
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in rankings}
     for index, (data, logit) in enumerate(zip(validator.prepared, logits)):
         consensus = logit + k_weight * scale * neighbour_consensus(
             logit, global_desc[data["candidates"]].astype(np.float32), k)
-        inliers = set_inliers(at_weight, index, reranker, progress)
         scores["global"].append(data["scores"])
         scores["rrt"].append(logit)
         scores["rrt-consensus"].append(consensus)
-        scores["rrt-consensus+gv"].append(verified_first_scores(inliers, consensus.astype(np.float64), need))
-    return {name: validator.ranking(set_scores) for name, set_scores in scores.items()}
+        if "rrt-consensus+gv" in rankings:
+            inliers = set_inliers(at_weight, index, reranker, progress)
+            scores["rrt-consensus+gv"].append(verified_first_scores(inliers, consensus.astype(np.float64),
+                                                                    reranker.config.min_inliers))
+    return validator, scores
 
 
 def model_check(setup, signatures: np.ndarray, n: int = 4, weight: float = 0.75) -> float:

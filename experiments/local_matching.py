@@ -251,6 +251,10 @@ def validation_setup(model: str, refit: bool = False, local_stage: int | None = 
     else:
         model_dir = resolve_model_dir(model)
         descriptor_model, model_config = load_model(model_dir)
+        # Studies read the global head's own descriptors (the refit replaces them); a colour term
+        # (make demo's since experiments/colour_weight.py --store) is appended by the study that
+        # measures it (colour_weight.coloured), so every study's recorded figures stay reproducible.
+        descriptor_model.colour_weight, model_config.colour_weight = 0.0, 0.0
         rrt, info = load_rrt(model_dir)
         train_config = info.get("training", {})
     sets = validation_sets(pool, held_out, max_queries=max_queries, seed=split_seed)

@@ -480,7 +480,7 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
 @pytest.mark.parametrize("script, results, block", [
     ("rrt_seeds", "rrt_seeds.json", "rrt-seeds"), ("rrt_dropout", "rrt_dropout.json", "rrt-dropout"),
     ("rrt_colour", "rrt_colour.json", "rrt-colour"), ("colour_diagnostic", "colour_diagnostic.json", "colour-diagnostic"),
-    ("colour_weight", "colour_weight.json", "colour-weight")])
+    ("colour_weight", "colour_weight.json", "colour-weight"), ("colour_groups", "colour_groups.json", "colour-groups")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""

@@ -1,0 +1,129 @@
+"""Issue 15: does the fair validation see what the tests saw when make demo's model gained its colour term?
+
+On grocery-open-cross's test queries (reported, results/rrt_views/shipped-colour-which-reranker.json)
+the colour term lifted global search, and the RRT then broke first answers on loose produce that
+colour had fixed (rrt against coloured global search: Fruit 6 fixed / 31 broken). The validation
+that chose the weight (experiments/colour_weight.py) counted no groups and sampled 150 queries
+per set. This diagnostic, which chooses nothing, counts on the same fair validation (held-out
+training identities, make demo's global head refitted without them) each ranking's top-1 changes
+against the global ranking of the same descriptors, per query group (grocery: Fruit / Packages /
+Vegetables, from the photo's folder; the other sets as one group), at colour weight 0 and the
+shipped 0.75, with every held-out query (``--max-queries 0``) or the choice's 150.
+
+    .venv/bin/python experiments/colour_groups.py --max-queries 0   # ~5 min; results/colour_groups.json
+    .venv/bin/python experiments/colour_groups.py --doc             # docs/results.md block from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from waldo_experiments.doc_blocks import write_block  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "colour_groups.json"
+DOC = ROOT / "docs" / "results.md"
+START, END = "<!-- colour-groups:start -->", "<!-- colour-groups:end -->"
+HEADING = "### Does the validation see the colour term's loss on produce? (issue 15)"
+WEIGHTS = (0.0, 0.75)
+RANKINGS = ("global", "rrt", "rrt-consensus")
+GROUPS = ("Fruit", "Packages", "Vegetables")
+
+
+def query_group(path: str) -> str:
+    """A grocery photo's group from its folder (…/Fruit/…), else "object"."""
+    parts = Path(path).parts
+    return next((group for group in GROUPS if group in parts), "object")
+
+
+def top1_right(data: dict, scores: np.ndarray) -> np.ndarray:
+    """Per query: is the first candidate by ``scores`` (ties in global order) a match?"""
+    first = np.argsort(-scores, axis=1, kind="stable")[:, 0]
+    return data["matches"][np.arange(len(first)), first]
+
+
+def changes(setup, validator, scores: dict) -> dict:
+    """{set: {group: {ranking: {"queries", "fixed", "broken"}}}} against the global ranking."""
+    out = {}
+    for vset, data, index in zip(setup.sets, validator.prepared, range(len(setup.sets))):
+        groups = np.array([query_group(setup.pool.paths[q]) for q in vset.queries])
+        base = top1_right(data, scores["global"][index])
+        entry = {}
+        for group in sorted(set(groups)):
+            mask = groups == group
+            entry[group] = {"queries": int(mask.sum())}
+            for name in RANKINGS[1:]:
+                after = top1_right(data, scores[name][index])
+                entry[group][name] = {"fixed": int(np.sum(mask & after & ~base)),
+                                      "broken": int(np.sum(mask & base & ~after))}
+        out[vset.name] = entry
+    return out
+
+
+def run(max_queries: int, progress: bool) -> dict:
+    from colour_weight import MODEL, ranking_scores
+    from local_matching import validation_setup
+
+    from waldo.data.images import load_image
+    from waldo.data.transforms import get_transform
+    from waldo.models.colour import SIGNATURE_DIM, colour_signatures
+
+    started = time.perf_counter()
+    setup = validation_setup(MODEL, refit=True, max_queries=max_queries)
+    transform = get_transform(setup.model_config.transform, setup.model_config.image_size)
+    signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
+    for row in setup.needed:  # what DescriptorModel.with_colour reads: the tensor the model sees
+        signatures[row] = colour_signatures(transform(load_image(setup.pool.paths[row]), int(row))[None])[0].numpy()
+    rows = {}
+    for weight in WEIGHTS:
+        validator, scores = ranking_scores(setup, signatures, weight, None, progress, rankings=RANKINGS)
+        rows[f"{weight:g}"] = {"changes": changes(setup, validator, scores),
+                               "figures": {name: validator.ranking(s)["sets"] for name, s in scores.items()}}
+        print(json.dumps({f"w {weight:g}": rows[f"{weight:g}"]["changes"]}), flush=True)
+    return {"max_queries": max_queries, "sets": {s.name: len(s.queries) for s in setup.sets}, "rows": rows,
+            "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def markdown(results: dict) -> str:
+    lines = [START, "", f"Fair validation with {'every held-out query' if not results['max_queries'] else str(results['max_queries']) + ' queries per set'} "
+             f"({', '.join(f'{name} {n}' for name, n in results['sets'].items())}); top-1 fixed / broken against the "
+             "global ranking of the same descriptors, per query group (a diagnostic: chooses nothing).", "",
+             "| w | set | group (queries) | the set's global R@1 | " + " | ".join(f"{name}: fixed / broken" for name in RANKINGS[1:])
+             + " |", "|---|---|---|---|" + "---|" * len(RANKINGS[1:])]
+    for weight, row in results["rows"].items():
+        for set_name, groups in row["changes"].items():
+            r1 = row["figures"]["global"][set_name]["recall@1"]
+            for group, entry in groups.items():
+                cells = " | ".join(f"{entry[name]['fixed']} / {entry[name]['broken']}" for name in RANKINGS[1:])
+                lines.append(f"| {weight} | {set_name} | {group} ({entry['queries']}) | {r1:.4f} | {cells} |")
+    lines += ["", f"Produced by `{results['command']}` (results/colour_groups.json).", "", END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-queries", type=int, default=0, help="per set (0: every held-out query)")
+    parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.doc:
+        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
+        return 0
+    results = run(args.max_queries, progress=not args.quiet)
+    results["command"] = " ".join([".venv/bin/python", "experiments/colour_groups.py",
+                                   *(shlex.quote(a) for a in sys.argv[1:])])
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
