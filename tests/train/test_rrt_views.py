@@ -351,18 +351,20 @@ def test_index_adapt_fine_tunes_the_index_reranker_at_the_lower_lr(data_root, sm
     assert json.loads((tmp_path / "other" / "adapt" / "run" / "train_config.json").read_text())["lr"] == 1e-3
 
 
-@pytest.mark.parametrize("skip_from", ["token", "descriptor"])
-def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_path, monkeypatch, skip_from):
+@pytest.mark.parametrize("skip_from, colour", [("token", 0.0), ("descriptor", 0.0), ("descriptor", 1.0)])
+def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_path, monkeypatch, skip_from, colour):
     """A trained global head may be wider than the locals (lite0-lw-rrt: 512 vs 128): the kNN and
     the negatives' mining use it, the RRT's global tokens are the locals' normalised mean, in
     training as in serving, so adapting such an index trains and serves; with
     global_skip_from="descriptor" the residual reads the wide descriptor in training,
-    validation and serving alike."""
+    validation and serving alike, a colour term appended to it (make demo's) included."""
     import waldo.train.adapt as adapt
     from waldo.api import Waldo
+    from waldo.models.colour import SIGNATURE_DIM
 
     model, config = untrained_model("efficientnet_lite0", dim=DIM, projection="random", image_size=SIZE,
                                     global_dim=2 * DIM, progress=False)
+    model.colour_weight = config.colour_weight = colour
     wide = save_model(model, config, tmp_path / "wide")
     images = _tiny_index(data_root, wide, tmp_path / "index", n=24)
     monkeypatch.setattr(adapt, "ADAPT_DEFAULTS", {
@@ -373,6 +375,7 @@ def test_index_adapt_on_a_model_with_a_wider_global_descriptor(data_root, tmp_pa
     assert adapt.adapt_index(tmp_path / "index", progress=False)["installed"]
     engine = Waldo.open(tmp_path / "index")
     assert engine.config.global_width == 2 * DIM
+    assert engine.config.descriptor_width == 2 * DIM + (SIGNATURE_DIM if colour else 0)
     assert read_rrt_info(tmp_path / "index" / "model")["rrt"]["global_skip_from"] == skip_from
     outcome = engine.search(images.paths[0], k=5, rerank="rrt")
     assert outcome.hits[0].path == images.paths[0]
