@@ -70,19 +70,12 @@ def changes(setup, validator, scores: dict) -> dict:
 
 
 def run(max_queries: int, progress: bool) -> dict:
-    from colour_weight import MODEL, ranking_scores
+    from colour_weight import MODEL, ranking_scores, validation_signatures
     from local_matching import validation_setup
-
-    from waldo.data.images import load_image
-    from waldo.data.transforms import get_transform
-    from waldo.models.colour import SIGNATURE_DIM, colour_signatures
 
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True, max_queries=max_queries)
-    transform = get_transform(setup.model_config.transform, setup.model_config.image_size)
-    signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
-    for row in setup.needed:  # what DescriptorModel.with_colour reads: the tensor the model sees
-        signatures[row] = colour_signatures(transform(load_image(setup.pool.paths[row]), int(row))[None])[0].numpy()
+    signatures = validation_signatures(setup)
     rows = {}
     for weight in WEIGHTS:
         validator, scores = ranking_scores(setup, signatures, weight, None, progress, rankings=RANKINGS)

@@ -116,6 +116,20 @@ def ranking_scores(setup, signatures: np.ndarray, weight: float, reranker, progr
     return validator, scores
 
 
+def validation_signatures(setup) -> np.ndarray:
+    """(pool, SIGNATURE_DIM) colour signatures of the validation's photos (zeros for rows it does
+    not read): what DescriptorModel.with_colour reads, the tensor the model sees."""
+    from waldo.data.images import load_image
+    from waldo.data.transforms import get_transform
+    from waldo.models.colour import SIGNATURE_DIM, colour_signatures
+
+    transform = get_transform(setup.model_config.transform, setup.model_config.image_size)
+    signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
+    for row in setup.needed:
+        signatures[row] = colour_signatures(transform(load_image(setup.pool.paths[row]), int(row))[None])[0].numpy()
+    return signatures
+
+
 def model_check(setup, signatures: np.ndarray, n: int = 4, weight: float = 0.75) -> float:
     """That :func:`coloured` is what the product computes: the smallest cosine, over ``n``
     validation photos, between make demo's model run with ``colour_weight`` and its own
@@ -157,17 +171,11 @@ def judge(rows: dict) -> dict:
 def validation(progress: bool) -> dict:
     from local_matching import validation_setup
 
-    from waldo.data.images import load_image
-    from waldo.data.transforms import get_transform
-    from waldo.models.colour import SIGNATURE_DIM, colour_signatures
     from waldo.rerank.gv import GeometricReranker
 
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
-    transform = get_transform(setup.model_config.transform, setup.model_config.image_size)
-    signatures = np.zeros((len(setup.pool), SIGNATURE_DIM), np.float32)
-    for row in setup.needed:  # what DescriptorModel.with_colour reads: the tensor the model sees
-        signatures[row] = colour_signatures(transform(load_image(setup.pool.paths[row]), int(row))[None])[0].numpy()
+    signatures = validation_signatures(setup)
     check = model_check(setup, signatures)
     rows = {}
     with GeometricReranker() as reranker:
