@@ -53,6 +53,7 @@ HEADING = "### make demo's RRT fine-tuned on the coloured model it serves (issue
 RUN = ROOT / "runs" / "rrt-colour-ft"
 CONFIG = ROOT / "configs" / "rrt-views-s4-match-colour-ft-cpu.json"
 SHIPPED, TUNED = "make demo's RRT", "fine-tuned on the coloured model"
+LAST = "its last epoch (reported only)"
 
 
 def judge(rows: dict) -> dict:
@@ -83,21 +84,24 @@ def validation(progress: bool) -> dict:
             raise SystemExit(f"{RUN} was trained with {key} {trained_with.get(key)!r}, not {CONFIG.name}'s")
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
-    tuned, info = load_rrt(RUN / "best")
-    if tuned.config != setup.rrt.config:
-        raise SystemExit(f"{RUN / 'best'}: another RRT configuration than {MODEL}'s")
+    tuned, _ = load_rrt(RUN / "best")
+    last, _ = load_rrt(RUN / "last")
+    if tuned.config != setup.rrt.config or last.config != setup.rrt.config:
+        raise SystemExit(f"{RUN}: another RRT configuration than {MODEL}'s")
     weight = float(json.loads((resolve_model_dir(MODEL) / "config.json").read_text())["colour_weight"])
     signatures = validation_signatures(setup)
     rows = {}
     with GeometricReranker() as reranker:
-        for label, rrt in ((SHIPPED, setup.rrt), (TUNED, tuned)):
+        for label, rrt in ((SHIPPED, setup.rrt), (TUNED, tuned), (LAST, last)):
             rows[label] = score(dataclasses.replace(setup, rrt=rrt), signatures, weight, reranker, progress)
             print(f"{label}: " + ", ".join(f"{name} {rows[label][name]['macro'][METRIC]:.4f}" for name in RANKINGS),
                   flush=True)
     epoch = json.loads((RUN / "best" / "metrics.json").read_text()).get("epoch")
-    return {"rows": rows, **judge(rows), "metric": METRIC, "colour_weight": weight, "tuned_epoch": epoch,
+    last_epoch = max(json.loads(line)["epoch"] for line in (RUN / "log.jsonl").read_text().splitlines() if line.strip())
+    return {"rows": rows, **judge(rows), "metric": METRIC, "colour_weight": weight, "tuned_epoch": epoch, "last_epoch": last_epoch,
             "global_skip_scales": {SHIPPED: float(setup.rrt.global_skip_scale.detach()),
-                                   TUNED: float(tuned.global_skip_scale.detach())},
+                                   TUNED: float(tuned.global_skip_scale.detach()),
+                                   LAST: float(last.global_skip_scale.detach())},
             "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -107,13 +111,15 @@ def markdown(results: dict) -> str:
     lines = [START, "", "Fair validation (held-out training identities, make demo's global head refitted without them), "
              f"make demo's colour term (w {v['colour_weight']:g}) appended; both RRTs rerank the same top-100; rule fixed "
              "before the fine-tune's figures were read (experiments/rrt_colour_ft.py's docstring). The fine-tuned RRT: "
-             f"epoch {v['tuned_epoch']} of its run; global-residual scales {v['global_skip_scales'][SHIPPED]:.3f} (make "
-             f"demo's) and {v['global_skip_scales'][TUNED]:.3f}.", "",
+             f"epoch {v['tuned_epoch']} of its run (epoch 0: the start, make demo's weights); its last epoch "
+             f"({v['last_epoch']}) is reported beside it and chose nothing. Global-residual scales "
+             f"{v['global_skip_scales'][SHIPPED]:.3f} (make demo's), {v['global_skip_scales'][TUNED]:.3f} (best), "
+             f"{v['global_skip_scales'][LAST]:.3f} (last).", "",
              f"| RRT | ranking | R@1 | R@10 | {METRIC} | {METRIC} per set ({' / '.join(names)}) |",
              "|---|---|---|---|---|---|"]
     for label, rankings in v["rows"].items():
         for name, entry in rankings.items():
-            if label == TUNED and name == "global":
+            if label != SHIPPED and name == "global":
                 continue
             per_set = " / ".join(f"{entry['sets'][n][METRIC]:.4f}" for n in names)
             lines.append(f"| {'-' if name == 'global' else label} | {name} | {entry['macro']['recall@1']:.4f} | "
