@@ -22,6 +22,20 @@ unseen, at the cost of a smaller gallery (fewer distractors). Still a diagnostic
 
     .venv/bin/python experiments/colour_groups.py --max-queries 0 --gallery held-out
     .venv/bin/python experiments/colour_groups.py --doc --gallery held-out
+
+``--split-seed K`` (results/colour_groups_split{K}.json): other held-out identities. make demo's
+RRT trained on every identity but split 0's, so on another split only an RRT trained without
+that split's identities is fair: make demo's recipe with ``split_seed`` K
+(configs/rrt-views-s4-match-split{K}-cpu.json, ~16 min each), given make demo's model (global
+head refitted without split K's identities, as for split 0) in a stand-in folder under runs/.
+``--doc-splits`` writes one block over split 0 (results/colour_groups.json) and every split run,
+beside the test's figures (reported runs; they chose nothing here either).
+
+    waldo train rrt --config configs/rrt-views-s4-match-split1-cpu.json --init runs/base-lite0-s4 \
+        --out runs/rrt-views-s4-match-split1 --data grocery-open-cross --data coil100-open \
+        --data ../shared/data/abo_sample                       # and split2
+    .venv/bin/python experiments/colour_groups.py --max-queries 0 --split-seed 1   # and 2, ~5 min each
+    .venv/bin/python experiments/colour_groups.py --doc-splits
 """
 
 from __future__ import annotations
@@ -48,6 +62,40 @@ HEADING = "### Does the validation see the colour term's loss on produce? (issue
 HELD_OUT_RESULTS = ROOT / "results" / "colour_groups_held-out.json"
 HELD_OUT_BLOCK = ("<!-- colour-groups-held-out:start -->", "<!-- colour-groups-held-out:end -->",
                   "### The same with unseen distractors only (issue 15)")
+
+
+SPLITS_BLOCK = ("<!-- colour-groups-splits:start -->", "<!-- colour-groups-splits:end -->",
+                "### The same on three splits of held-out identities (issue 15)")
+#: the test runs of make demo's model without and with its colour term (reported; README "Which reranker when")
+TEST_RUNS = {"0": "shipped-match-which-reranker.json", "0.75": "shipped-colour-which-reranker.json"}
+
+
+def split_results(split_seed: int) -> Path:
+    return RESULTS if split_seed == 0 else ROOT / "results" / f"colour_groups_split{split_seed}.json"
+
+
+def split_model(split_seed: int) -> str:
+    """make demo's model (split 0), or a stand-in folder holding it with the RRT of make demo's
+    recipe trained without split ``split_seed``'s held-out identities."""
+    import shutil
+
+    from colour_weight import MODEL
+
+    from waldo.models.shipped import resolve_model_dir
+
+    if split_seed == 0:
+        return MODEL
+    run = ROOT / "runs" / f"rrt-views-s4-match-split{split_seed}"
+    trained = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").is_file() else {}
+    if trained.get("split_seed") != split_seed or not (run / "best" / "rrt.json").is_file():
+        raise SystemExit(f"{run} is not a finished run with split_seed {split_seed}: train it first (module doc)")
+    out = ROOT / "runs" / "split-models" / f"split{split_seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(resolve_model_dir(MODEL) / name, out / name)
+    for name in ("rrt.safetensors", "rrt.json"):
+        shutil.copyfile(run / "best" / name, out / name)
+    return str(out)
 
 
 def held_out_gallery(setup):
@@ -91,12 +139,12 @@ def changes(setup, validator, scores: dict) -> dict:
     return out
 
 
-def run(max_queries: int, progress: bool, gallery: str = "all") -> dict:
-    from colour_weight import MODEL, ranking_scores, validation_signatures
+def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int = 0) -> dict:
+    from colour_weight import ranking_scores, validation_signatures
     from local_matching import validation_setup
 
     started = time.perf_counter()
-    setup = validation_setup(MODEL, refit=True, max_queries=max_queries)
+    setup = validation_setup(split_model(split_seed), refit=True, max_queries=max_queries, split_seed=split_seed)
     if gallery == "held-out":
         setup = held_out_gallery(setup)
     signatures = validation_signatures(setup)
@@ -106,7 +154,7 @@ def run(max_queries: int, progress: bool, gallery: str = "all") -> dict:
         rows[f"{weight:g}"] = {"changes": changes(setup, validator, scores),
                                "figures": {name: validator.ranking(s)["sets"] for name, s in scores.items()}}
         print(json.dumps({f"w {weight:g}": rows[f"{weight:g}"]["changes"]}), flush=True)
-    return {"max_queries": max_queries, "gallery": gallery, "sets": {s.name: len(s.queries) for s in setup.sets},
+    return {"max_queries": max_queries, "gallery": gallery, "split_seed": split_seed, "sets": {s.name: len(s.queries) for s in setup.sets},
             "gallery_sizes": {s.name: len(s.gallery) for s in setup.sets}, "rows": rows,
             "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -140,6 +188,52 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def splits_markdown() -> str:
+    """Grocery's held-out shelves on every measured split, beside the test (module doc)."""
+    import rrt_views
+
+    start, end, _ = SPLITS_BLOCK
+    splits = [(k, json.loads(split_results(k).read_text())) for k in range(10) if split_results(k).is_file()]
+    grocery = "grocery-open-cross:train"
+    lines = [start, "", "Grocery's held-out products on each split (every held-out query; the RRT of make demo's recipe "
+             "trained without them, make demo's global head refitted without them), global search and the RRT alone; "
+             "top-1 fixed / broken of the RRT against the global ranking of the same descriptors. A diagnostic: "
+             "chooses nothing.", "",
+             "| split | w | queries (Fruit / Packages / Vegetables) | global R@1 / mAP | rrt R@1 / mAP | rrt fixed / broken: "
+             "Fruit | Packages | Vegetables |", "|---|---|---|---|---|---|---|---|"]
+    totals: dict[str, dict[str, list[int]]] = {}
+    for k, results in splits:
+        for weight, row in results["rows"].items():
+            groups = row["changes"][grocery]
+            g, r = row["figures"]["global"][grocery], row["figures"]["rrt"][grocery]
+            sizes = " / ".join(str(groups.get(name, {}).get("queries", 0)) for name in GROUPS)
+            cells = []
+            for name in GROUPS:
+                entry = groups.get(name, {}).get("rrt", {"fixed": 0, "broken": 0})
+                total = totals.setdefault(weight, {}).setdefault(name, [0, 0])
+                total[0], total[1] = total[0] + entry["fixed"], total[1] + entry["broken"]
+                cells.append(f"{entry['fixed']} / {entry['broken']}")
+            lines.append(f"| {k} | {weight} | {sizes} | {g['recall@1']:.4f} / {g['map']:.4f} | "
+                         f"{r['recall@1']:.4f} / {r['map']:.4f} | " + " | ".join(cells) + " |")
+    for weight, groups in totals.items():
+        lines.append(f"| all | {weight} | | | | " + " | ".join(f"{groups[n][0]} / {groups[n][1]}" for n in GROUPS) + " |")
+    lines += ["", "The test (grocery-open-cross, reported runs of make demo's model; README \"Which reranker when\"):", "",
+              "| w | global R@1 / mAP | rrt R@1 / mAP | rrt fixed / broken: Fruit | Packages | Vegetables |",
+              "|---|---|---|---|---|---|"]
+    for weight, name in TEST_RUNS.items():
+        test = json.loads((rrt_views.RESULTS / name).read_text())["protocols"]["grocery-open-cross"]
+        changes = test["rrt"].get("top1_changes") or {}
+        lines.append(f"| {weight} | {test['global']['recall@1']:.4f} / {test['global']['map']:.4f} | "
+                     f"{test['rrt']['recall@1']:.4f} / {test['rrt']['map']:.4f} | "
+                     + " | ".join(f"{changes[n]['fixed']} / {changes[n]['broken']}" if n in changes else "-"
+                                  for n in GROUPS) + " |")
+    commands = [r["command"] for _, r in splits]
+    lines += ["", "Produced by " + ", ".join(f"`{c}`" for c in commands) + " then `.venv/bin/python "
+              "experiments/colour_groups.py --doc-splits` (results/colour_groups.json, colour_groups_split*.json).", "",
+              end]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-queries", type=int, default=0, help="per set (0: every held-out query)")
@@ -147,14 +241,23 @@ def main() -> int:
     parser.add_argument("--gallery", choices=("all", "held-out"), default="all",
                         help="the gallery each query searches: every training identity's photos (the validation's) "
                              "or the held-out identities' only (unseen distractors)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="which identities are held out (0: make demo's RRT's; others need their RRT run)")
+    parser.add_argument("--doc-splits", action="store_true", help="the docs block over every split's results")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    if args.doc_splits:
+        start, end, heading = SPLITS_BLOCK
+        write_block(DOC, splits_markdown(), start, end, heading=heading)
+        return 0
+    if args.split_seed and args.gallery != "all":
+        raise SystemExit("--split-seed is measured with the validation's gallery (--gallery all)")
     path, (start, end, heading) = ((HELD_OUT_RESULTS, HELD_OUT_BLOCK) if args.gallery == "held-out"
-                                   else (RESULTS, (START, END, HEADING)))
+                                   else (split_results(args.split_seed), (START, END, HEADING)))
     if args.doc:
         write_block(DOC, markdown(json.loads(path.read_text())), start, end, heading=heading)
         return 0
-    results = run(args.max_queries, progress=not args.quiet, gallery=args.gallery)
+    results = run(args.max_queries, progress=not args.quiet, gallery=args.gallery, split_seed=args.split_seed)
     results["command"] = " ".join([".venv/bin/python", "experiments/colour_groups.py",
                                    *(shlex.quote(a) for a in sys.argv[1:])])
     path.write_text(json.dumps(results, indent=1) + "\n")
