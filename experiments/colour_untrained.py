@@ -29,7 +29,7 @@ below w = 0's (global search is what an untrained index serves when asked for no
 test protocols are run only once the choice is made (``--test``), and are reported only.
 
     .venv/bin/python experiments/colour_untrained.py          # ~15 min on 2 cores (keypoints cached)
-    .venv/bin/python experiments/colour_untrained.py --test   # the test protocols, chosen w vs 0 (~10 min)
+    .venv/bin/python experiments/colour_untrained.py --test   # adopted only: the test protocols, chosen w vs 0
     .venv/bin/python experiments/colour_untrained.py --doc    # docs/results.md block from the JSON
 """
 
@@ -300,6 +300,8 @@ def main() -> int:
     started = time.perf_counter()
     if args.test:
         results = json.loads(RESULTS.read_text())
+        if not results["validation"]["adopted"]:
+            raise SystemExit("the validation adopted no weight: the test protocols are run only for an adopted one")
         results["test"] = test(results["validation"]["chosen_weight"])
         results["test_seconds"] = round(time.perf_counter() - started, 1)
         results["commands"].append(command)
