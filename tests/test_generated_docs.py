@@ -480,14 +480,19 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
 @pytest.mark.parametrize("script, results, block", [
     ("rrt_seeds", "rrt_seeds.json", "rrt-seeds"), ("rrt_dropout", "rrt_dropout.json", "rrt-dropout"),
     ("rrt_colour", "rrt_colour.json", "rrt-colour"), ("colour_diagnostic", "colour_diagnostic.json", "colour-diagnostic"),
-    ("colour_weight", "colour_weight.json", "colour-weight"), ("colour_groups", "colour_groups.json", "colour-groups")])
+    ("colour_weight", "colour_weight.json", "colour-weight"), ("colour_groups", "colour_groups.json", "colour-groups"),
+    ("colour_groups", "colour_groups_held-out.json", "colour-groups-held-out"),
+    ("colour_untrained", "colour_untrained.json", "colour-untrained"), ("rrt_colour_ft", "rrt_colour_ft.json", "rrt-colour-ft")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
+    from waldo_experiments.doc_blocks import markers
+
     module = _experiment(script)
     saved = _results(results)
     rendered = module.markdown(saved)
-    assert rendered.split(module.START, 1)[1].split(module.END, 1)[0].strip() == _block("docs/results.md", block)
+    start, end = markers(block)
+    assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", block)
     if "validation" in saved and "rule" in saved["validation"]:
         v = saved["validation"]
         assert v["adopted"] == all(v["rule"].values())
