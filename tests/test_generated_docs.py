@@ -498,6 +498,16 @@ def test_rrt_variant_blocks_are_generated(script, results, block):
         assert v["adopted"] == all(v["rule"].values())
 
 
+def test_colour_groups_splits_block_is_generated():
+    """The three-split validation block is what experiments/colour_groups.py --doc-splits renders
+    from the committed split results and the test runs it quotes."""
+    from waldo_experiments.doc_blocks import markers
+
+    rendered = _experiment("colour_groups").splits_markdown()
+    start, end = markers("colour-groups-splits")
+    assert rendered.split(start, 1)[1].split(end, 1)[0].strip() == _block("docs/results.md", "colour-groups-splits")
+
+
 def test_shipped_colour_weight_is_the_validation_choice():
     """make demo's model carries the colour weight experiments/colour_weight.py adopted on the fair
     validation, its card records that choice, and the default chain it keeps is the default rule
