@@ -483,7 +483,7 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
     ("colour_weight", "colour_weight.json", "colour-weight"), ("colour_groups", "colour_groups.json", "colour-groups"),
     ("colour_groups", "colour_groups_held-out.json", "colour-groups-held-out"),
     ("colour_untrained", "colour_untrained.json", "colour-untrained"), ("rrt_colour_ft", "rrt_colour_ft.json", "rrt-colour-ft"),
-    ("gv_centre_share", "gv_centre_share.json", "gv-centre-share")])
+    ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
