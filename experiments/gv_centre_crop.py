@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gv_centre_share import KNOWN  # noqa: E402
+from gv_centre_share import summary  # noqa: E402
 from gv_fusion import FEATURES, OPEN, fold_protocol, log  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -98,19 +98,6 @@ def measure() -> dict:
     return {"min_inliers": min_inliers, "pairs": pairs}
 
 
-def summary(pairs: list[dict]) -> dict:
-    out = {}
-    for label, same in (("same product", True), ("different products", False)):
-        values = np.array([p["centre_cosine"] for p in pairs if p["same"] == same])
-        out[label] = {"pairs": int(len(values)),
-                      "quantiles": {q: float(np.quantile(values, q / 100)) if len(values) else None
-                                    for q in (5, 25, 50, 75)},
-                      "below": {f"{bar:g}": int(np.sum(values < bar)) for bar in BARS}}
-    known = [p for p in pairs if (p["query"], p["candidate"]) == KNOWN]
-    out["known"] = known[0] if known else None
-    return out
-
-
 def markdown(results: dict) -> str:
     s = results["summary"]
     lines = [START, "", f"Verified pairs (at least {results['min_inliers']} inliers) in the top-100 of grocery's two "
@@ -142,7 +129,7 @@ def main() -> int:
     measured = measure()
     results = {"command": " ".join([".venv/bin/python", "experiments/gv_centre_crop.py",
                                     *(shlex.quote(a) for a in sys.argv[1:])]),
-               "min_inliers": measured["min_inliers"], "summary": summary(measured["pairs"]),
+               "min_inliers": measured["min_inliers"], "summary": summary(measured["pairs"], "centre_cosine", BARS),
                "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     log(json.dumps(results["summary"]))

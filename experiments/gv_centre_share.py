@@ -103,14 +103,16 @@ def measure() -> dict:
     return {"min_inliers": min_inliers, "pairs": pairs}
 
 
-def summary(pairs: list[dict]) -> dict:
+def summary(pairs: list[dict], figure: str = "share", bars: tuple[float, ...] = BARS) -> dict:
+    """Quantiles of ``figure`` over same- and different-product pairs, how many fall below each of
+    ``bars``, and the held-up pair's entry (:data:`KNOWN`; gv_centre_crop.py reads this too)."""
     out = {}
     for label, same in (("same product", True), ("different products", False)):
-        shares = np.array([p["share"] for p in pairs if p["same"] == same])
-        out[label] = {"pairs": int(len(shares)),
-                      "quantiles": {q: float(np.quantile(shares, q / 100)) if len(shares) else None
+        values = np.array([p[figure] for p in pairs if p["same"] == same])
+        out[label] = {"pairs": int(len(values)),
+                      "quantiles": {q: float(np.quantile(values, q / 100)) if len(values) else None
                                     for q in (5, 25, 50, 75)},
-                      "below": {f"{bar:g}": int(np.sum(shares < bar)) for bar in BARS}}
+                      "below": {f"{bar:g}": int(np.sum(values < bar)) for bar in bars}}
     known = [p for p in pairs if (p["query"], p["candidate"]) == KNOWN]
     out["known"] = known[0] if known else None
     return out
