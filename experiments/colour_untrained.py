@@ -14,7 +14,7 @@ This study scores the untrained default with the colour term at weight w
 (``ModelConfig.colour_weight``, appended as ``DescriptorModel.with_colour`` appends it) on the
 validation experiments/gv_fusion.py chose the verification rule on (never test queries): each
 protocol's training identities in two folds, each fold searched with the test's query / gallery
-rule by a model whose projection is fitted on the other fold (grocery 1,256 queries in three
+rule by a model whose projection is fitted on the other fold (grocery 1,288 queries in three
 groups, coil 200). Two rankings per weight: global search (the untrained index's default) and
 ``gv`` (the product's GVConfig(): ORB + TEBLID, 500 keypoints, its fused rule) over each query's
 top-100. w = 0 is the untrained default as it serves today.
@@ -28,7 +28,7 @@ breaks against its own global ranking (issue 17's bar); (d) its global search's 
 below w = 0's (global search is what an untrained index serves when asked for no reranker). The
 test protocols are run only once the choice is made (``--test``), and are reported only.
 
-    .venv/bin/python experiments/colour_untrained.py          # ~15 min on 2 cores (keypoints cached)
+    .venv/bin/python experiments/colour_untrained.py          # ~9 min on 2 cores (keypoints cached)
     .venv/bin/python experiments/colour_untrained.py --test   # adopted only: the test protocols, chosen w vs 0
     .venv/bin/python experiments/colour_untrained.py --doc    # docs/results.md block from the JSON
 """
