@@ -86,20 +86,21 @@ def product_rule() -> dict:
 
 
 def split_colour(extracted, width: int):
-    """(global (N, G), colour roots (N, S)) of descriptors extracted at colour weight 1, whose rows
-    are [g, roots] / sqrt(2) (waldo.models.colour.append_colour)."""
+    """(global (N, G), colour signatures (N, S)) of descriptors extracted at colour weight 1, whose
+    rows are [g, sqrt(signature)] / sqrt(2) (waldo.models.colour.append_colour)."""
     if extracted.global_desc.shape[1] != width + SIGNATURE_DIM:
         raise RuntimeError(f"expected {width} + {SIGNATURE_DIM} columns, got {extracted.global_desc.shape[1]}")
     both = extracted.global_desc.astype(np.float64) * np.sqrt(2.0)
-    return both[:, :width], both[:, width:]
+    return both[:, :width].astype(np.float32), np.square(both[:, width:]).astype(np.float32)
 
 
 def at_weight(parts, weight: float) -> np.ndarray:
-    """append_colour's rows at ``weight`` from :func:`split_colour`'s parts."""
-    plain, roots = parts
-    if not weight:
-        return plain.astype(np.float32)
-    return (np.concatenate([plain, np.sqrt(weight) * roots], axis=1) / np.sqrt(1 + weight)).astype(np.float32)
+    """The product's rows at ``weight`` (colour_weight.coloured, i.e. append_colour) from
+    :func:`split_colour`'s parts."""
+    from colour_weight import coloured
+
+    plain, signatures = parts
+    return coloured(plain, signatures, weight).astype(np.float32)
 
 
 class PairStats:
@@ -235,7 +236,8 @@ def product_check(weight: float) -> float:
         served = model(images).global_desc.numpy()
         model.colour_weight = 0.0
     width = both.shape[1] - SIGNATURE_DIM
-    here = at_weight((both[:, :width] * np.sqrt(2.0), both[:, width:] * np.sqrt(2.0)), weight)
+    here = at_weight(((both[:, :width] * np.sqrt(2.0)).astype(np.float32),
+                      np.square(both[:, width:] * np.sqrt(2.0)).astype(np.float32)), weight)
     return float(np.min(np.sum(here * served, axis=1) / np.linalg.norm(here, axis=1) / np.linalg.norm(served, axis=1)))
 
 
