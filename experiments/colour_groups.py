@@ -77,24 +77,32 @@ def split_results(split_seed: int) -> Path:
 def split_model(split_seed: int) -> str:
     """make demo's model (split 0), or a stand-in folder holding it with the RRT of make demo's
     recipe trained without split ``split_seed``'s held-out identities."""
+    from colour_weight import MODEL
+
+    if split_seed == 0:
+        return MODEL
+    return stand_in_model(ROOT / "runs" / f"rrt-views-s4-match-split{split_seed}", f"split{split_seed}",
+                          {"split_seed": split_seed})
+
+
+def stand_in_model(run: Path, name: str, expect: dict) -> str:
+    """A folder under runs/split-models/ holding make demo's model with ``run``'s best RRT, once
+    ``run`` is finished and its train_config.json has every ``expect`` entry."""
     import shutil
 
     from colour_weight import MODEL
 
     from waldo.models.shipped import resolve_model_dir
 
-    if split_seed == 0:
-        return MODEL
-    run = ROOT / "runs" / f"rrt-views-s4-match-split{split_seed}"
     trained = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").is_file() else {}
-    if trained.get("split_seed") != split_seed or not (run / "best" / "rrt.json").is_file():
-        raise SystemExit(f"{run} is not a finished run with split_seed {split_seed}: train it first (module doc)")
-    out = ROOT / "runs" / "split-models" / f"split{split_seed}"
+    if any(trained.get(key) != value for key, value in expect.items()) or not (run / "best" / "rrt.json").is_file():
+        raise SystemExit(f"{run} is not a finished run with {expect}: train it first (module doc)")
+    out = ROOT / "runs" / "split-models" / name
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(resolve_model_dir(MODEL) / name, out / name)
-    for name in ("rrt.safetensors", "rrt.json"):
-        shutil.copyfile(run / "best" / name, out / name)
+    for file in ("config.json", "model.safetensors"):
+        shutil.copyfile(resolve_model_dir(MODEL) / file, out / file)
+    for file in ("rrt.safetensors", "rrt.json"):
+        shutil.copyfile(run / "best" / file, out / file)
     return str(out)
 
 
@@ -139,22 +147,35 @@ def changes(setup, validator, scores: dict) -> dict:
     return out
 
 
-def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int = 0) -> dict:
+def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int = 0, val_fraction: float = 0.2,
+        model: str | None = None, scores_out: Path | None = None) -> dict:
+    """Every ranking's figures and per-group top-1 changes at each of :data:`WEIGHTS`; ``model``
+    (default: :func:`split_model`) and ``val_fraction`` for other validations
+    (experiments/rrt_half.py); ``scores_out``: a folder that keeps each weight's per-set scores
+    (``w{weight}.npz``: candidates, matches and every ranking's scores) for later readings."""
     from colour_weight import ranking_scores, validation_signatures
     from local_matching import validation_setup
 
     started = time.perf_counter()
-    setup = validation_setup(split_model(split_seed), refit=True, max_queries=max_queries, split_seed=split_seed)
+    setup = validation_setup(model or split_model(split_seed), refit=True, max_queries=max_queries,
+                             split_seed=split_seed, val_fraction=val_fraction)
     if gallery == "held-out":
         setup = held_out_gallery(setup)
     signatures = validation_signatures(setup)
     rows = {}
     for weight in WEIGHTS:
         validator, scores = ranking_scores(setup, signatures, weight, None, progress, rankings=RANKINGS)
+        if scores_out is not None:
+            scores_out.mkdir(parents=True, exist_ok=True)
+            np.savez(scores_out / f"w{weight:g}.npz", **{
+                f"{vset.name}|{key}": value for vset, data, index in zip(setup.sets, validator.prepared, range(len(setup.sets)))
+                for key, value in [("candidates", data["candidates"]), ("matches", data["matches"]),
+                                   ("queries", vset.queries), *((name, scores[name][index]) for name in RANKINGS)]})
         rows[f"{weight:g}"] = {"changes": changes(setup, validator, scores),
                                "figures": {name: validator.ranking(s)["sets"] for name, s in scores.items()}}
         print(json.dumps({f"w {weight:g}": rows[f"{weight:g}"]["changes"]}), flush=True)
-    return {"max_queries": max_queries, "gallery": gallery, "split_seed": split_seed, "sets": {s.name: len(s.queries) for s in setup.sets},
+    return {"max_queries": max_queries, "gallery": gallery, "split_seed": split_seed, "val_fraction": val_fraction,
+            "sets": {s.name: len(s.queries) for s in setup.sets},
             "gallery_sizes": {s.name: len(s.gallery) for s in setup.sets}, "rows": rows,
             "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 

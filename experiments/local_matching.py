@@ -221,12 +221,13 @@ class ValidationSetup:
 
 
 def validation_setup(model: str, refit: bool = False, local_stage: int | None = None, cells_dim: int = 0,
-                     max_queries: int = 150, split_seed: int = 0) -> ValidationSetup:
+                     max_queries: int = 150, split_seed: int = 0, val_fraction: float = 0.2) -> ValidationSetup:
     """``model``: a shipped name or folder, or :data:`UNTRAINED`; ``refit``: the model's global
     head refitted without the held-out identities (:func:`refit_global`); ``max_queries``: per
     set (the RRT run's 150; 0 = every held-out query); ``split_seed``: which identities are held
     out (0: the shipped RRTs' split; another seed holds out identities those RRTs trained on, so
-    only rankings without them are fair there)."""
+    only rankings without them are fair there); ``val_fraction``: the share of each source's
+    identities held out (the shipped RRTs' 0.2; experiments/rrt_half.py holds out half)."""
     from waldo.models.checkpoint import load_model
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.rrt_checkpoint import load_rrt
@@ -236,7 +237,7 @@ def validation_setup(model: str, refit: bool = False, local_stage: int | None = 
 
     pool = pool_sources([parse_source(str(ROOT / s) if s.startswith("..") else s) for s in SOURCES])
     # seed 0: the shipped RRT's run (val_fraction 0.2, seed 0: configs/rrt-views-lw-cpu.json)
-    held_out = split_rows(pool, 0.2, split_seed)
+    held_out = split_rows(pool, val_fraction, split_seed)
     if model == UNTRAINED:  # fitted without labels on the training rows, as an evaluation fits on training images
         from waldo.models.untrained import untrained_model
 
