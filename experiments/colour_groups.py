@@ -152,7 +152,7 @@ def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int 
     """Every ranking's figures and per-group top-1 changes at each of :data:`WEIGHTS`; ``model``
     (default: :func:`split_model`) and ``val_fraction`` for other validations
     (experiments/rrt_half.py); ``scores_out``: a folder that keeps each weight's per-set scores
-    (``w{weight}.npz``: candidates, matches and every ranking's scores) for later readings."""
+    (``w{weight}.npz``: candidates, matches, positives and every ranking's scores) for later readings."""
     from colour_weight import ranking_scores, validation_signatures
     from local_matching import validation_setup
 
@@ -170,7 +170,8 @@ def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int 
             np.savez(scores_out / f"w{weight:g}.npz", **{
                 f"{vset.name}|{key}": value for vset, data, index in zip(setup.sets, validator.prepared, range(len(setup.sets)))
                 for key, value in [("candidates", data["candidates"]), ("matches", data["matches"]),
-                                   ("queries", vset.queries), *((name, scores[name][index]) for name in RANKINGS)]})
+                                   ("n_positives", data["n_positives"]), ("queries", vset.queries),
+                                   *((name, scores[name][index]) for name in RANKINGS)]})
         rows[f"{weight:g}"] = {"changes": changes(setup, validator, scores),
                                "figures": {name: validator.ranking(s)["sets"] for name, s in scores.items()}}
         print(json.dumps({f"w {weight:g}": rows[f"{weight:g}"]["changes"]}), flush=True)

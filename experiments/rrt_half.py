@@ -39,6 +39,23 @@ It chooses nothing. If it reproduces the signature, it is the validation on whic
 separately declared study may choose what make demo's RRT does with the colour term; if not, it
 is recorded as one more validation that does not predict the test. Each run's per-set scores are
 kept under runs/rrt-half-scores/ (``w{weight}.npz``) for such a study.
+
+**The follow-up, declared here with the rule above and before any figure of this validation was
+read** (``--fusion``; :func:`choose_fusion`): only where the verdict reproduces the test's
+signature. make demo's ``rrt-fusion`` ranks by lambda * global + (1 - lambda) * sigmoid(logit)
+(waldo.rerank.rrt_rerankers.fuse_scores) with the lambda its run chose on the colourless
+validation (0.0: the RRT alone). On this validation at w 0.75, over the training's grid (lambda
+1, 0.95, ..., 0), among the weights whose R@1 is not below global search's on any set, the best
+mean map@100 over the sets (ties: the larger lambda). If that lambda is below 1 and differs from
+the stored one, ``--fusion --store`` writes it into make demo's rrt.json (``fusion_weight``, with
+this study named in ``fusion_choice``); the test protocols are then run for rrt-fusion and
+reported only. A lambda of 1 (no mix keeps the RRT from falling below global search) stores
+nothing. The half RRT is not make demo's: the weight is carried over between two RRTs of one
+recipe, which the fair validation's figures of make demo's RRT at the chosen weight (reported,
+not a condition) show the cost of.
+
+    .venv/bin/python experiments/rrt_half.py --fusion            # seconds; results/rrt_half_fusion.json
+    .venv/bin/python experiments/rrt_half.py --fusion --store     # writes the weight, if chosen
 """
 
 from __future__ import annotations
@@ -88,6 +105,72 @@ def run(progress: bool) -> dict:
     results = groups_run(0, progress, gallery="held-out", split_seed=0, val_fraction=VAL_FRACTION, model=model,
                          scores_out=SCORES)
     results["verdict"] = verdict(results)
+    return results
+
+
+FUSION_RESULTS = ROOT / "results" / "rrt_half_fusion.json"
+FUSION_GRID = 20  #: the training's grid (configs' fusion_grid): lambda = i / 20
+
+
+def fusion_cells(scores_file: Path) -> tuple[dict, list[dict]]:
+    """Global search's per-set figures and each grid lambda's rrt-fusion figures from a run's kept
+    scores (``w{weight}.npz``)."""
+    import numpy as np
+
+    from waldo.eval.metrics import retrieval_metrics
+    from waldo.rerank.rrt_rerankers import fuse_scores
+
+    kept = np.load(scores_file)
+    sets = sorted({key.split("|")[0] for key in kept.files})
+
+    def figures(name: str, scores) -> dict:
+        matches = kept[f"{name}|matches"]
+        if scores is not None:
+            matches = np.take_along_axis(matches, np.argsort(-scores, axis=1, kind="stable"), 1)
+        metrics = retrieval_metrics(matches, kept[f"{name}|n_positives"], ks=(1, 10))
+        return {metric: float(metrics[metric]) for metric in ("recall@1", "recall@10", "map@100")}
+
+    base = {name: figures(name, None) for name in sets}
+    cells = []
+    for i in range(FUSION_GRID, -1, -1):
+        weight = i / FUSION_GRID
+        per_set = {name: figures(name, fuse_scores(kept[f"{name}|global"], kept[f"{name}|rrt"], weight)) for name in sets}
+        cells.append({"weight": weight, "sets": per_set,
+                      "macro": {m: float(np.mean([e[m] for e in per_set.values()])) for m in ("recall@1", "map@100")}})
+    return base, cells
+
+
+def choose_fusion(base: dict, cells: list[dict]) -> dict:
+    """The follow-up's rule (module doc): among cells with R@1 not below global search's on any
+    set, the best mean map@100, ties to the larger lambda (the cells run from lambda 1 down)."""
+    allowed = [c for c in cells if all(c["sets"][s]["recall@1"] >= base[s]["recall@1"] - 1e-12 for s in base)]
+    best = max(allowed, key=lambda c: (c["macro"]["map@100"], c["weight"]))
+    return {"weight": best["weight"], "allowed": [c["weight"] for c in allowed], "best": best}
+
+
+def fusion(store: bool) -> dict:
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import read_rrt_info, update_rrt_training
+
+    from colour_weight import MODEL
+
+    half = json.loads(RESULTS.read_text())
+    if not half["verdict"]["reproduces"]:
+        raise SystemExit("the half validation does not reproduce the test's signature (results/rrt_half.json): "
+                         "nothing is chosen on it (module doc)")
+    base, cells = fusion_cells(SCORES / "w0.75.npz")
+    chosen = choose_fusion(base, cells)
+    folder = resolve_model_dir(MODEL)
+    stored = read_rrt_info(folder).get("training", {}).get("fusion_weight")
+    adopted = chosen["weight"] < 1 and chosen["weight"] != stored
+    results = {"global": base, "cells": cells, "chosen": chosen["weight"], "allowed": chosen["allowed"],
+               "stored_before": stored, "adopted": adopted}
+    FUSION_RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    if store and adopted:
+        update_rrt_training(folder, fusion_weight=chosen["weight"], fusion_choice={
+            "study": "experiments/rrt_half.py --fusion", "validation": "half the identities held out, unseen "
+            "distractors only, colour weight 0.75 (results/rrt_half.json)", "before": stored,
+            "figures": chosen["best"]["macro"]})
     return results
 
 
@@ -142,8 +225,14 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
+    parser.add_argument("--fusion", action="store_true", help="the follow-up: rrt-fusion's weight on this validation")
+    parser.add_argument("--store", action="store_true", help="with --fusion: write a chosen weight into make demo's rrt.json")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    if args.fusion:
+        results = fusion(args.store)
+        print(json.dumps({k: results[k] for k in ("chosen", "allowed", "stored_before", "adopted")}))
+        return 0
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0
