@@ -66,6 +66,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
@@ -115,8 +117,6 @@ FUSION_GRID = 20  #: the training's grid (configs' fusion_grid): lambda = i / 20
 def fusion_cells(scores_file: Path) -> tuple[dict, list[dict]]:
     """Global search's per-set figures and each grid lambda's rrt-fusion figures from a run's kept
     scores (``w{weight}.npz``)."""
-    import numpy as np
-
     from waldo.eval.metrics import retrieval_metrics
     from waldo.rerank.rrt_rerankers import fuse_scores
 
@@ -217,9 +217,31 @@ def markdown(results: dict) -> str:
               f"{v['fruit_w0.75']['broken']}); (iii) the RRT's gain smaller with colour: {v['colour_shrinks_rrt_gain']} "
               f"({v['gain_w0']:+.4f} -> {v['gain_w0.75']:+.4f}). **"
               + ("Reproduces the test's signature." if v["reproduces"] else "Does not reproduce the test's signature.")
-              + "**", "", f"Produced by `{results['command']}` (results/{RESULTS.name}; {results['seconds']:.0f} s).",
-              "", END]
+              + "**", "", f"Produced by `{results['command']}` (results/{RESULTS.name}; {results['seconds']:.0f} s).", ""]
+    if FUSION_RESULTS.is_file():
+        lines += fusion_lines(json.loads(FUSION_RESULTS.read_text()))
+    lines.append(END)
     return "\n".join(lines)
+
+
+def fusion_lines(fused: dict) -> list[str]:
+    """The follow-up's grid and choice (``--fusion``), for the docs block."""
+    g = fused["global"]
+    lines = ["The follow-up (declared with the rule, `--fusion`): make demo's rrt-fusion weight on this validation at "
+             "w 0.75, lambda * global + (1 - lambda) * sigmoid(logit) (mean over the sets; grocery's R@1 beside; "
+             f"global search: R@1 {np.mean([e['recall@1'] for e in g.values()]):.4f}, map@100 "
+             f"{np.mean([e['map@100'] for e in g.values()]):.4f}, grocery R@1 {g[GROCERY]['recall@1']:.4f}):", "",
+             "| lambda | R@1 | map@100 | grocery R@1 | R@1 not below global on any set |", "|---|---|---|---|---|"]
+    for cell in fused["cells"]:
+        mark = "**" if cell["weight"] == fused["chosen"] else ""
+        lines.append(f"| {mark}{cell['weight']:g}{mark} | {cell['macro']['recall@1']:.4f} | {cell['macro']['map@100']:.4f} | "
+                     f"{cell['sets'][GROCERY]['recall@1']:.4f} | {'yes' if cell['weight'] in fused['allowed'] else 'no'} |")
+    verdict = (f"lambda {fused['chosen']:g} replaces the stored {fused['stored_before']:g}." if fused["adopted"] else
+               f"Chosen lambda {fused['chosen']:g}" + (": global search alone, so nothing is stored" if fused["chosen"] == 1
+                                                      else ", the stored weight already") +
+               f" (make demo's rrt-fusion keeps {fused['stored_before']:g}).")
+    return lines + ["", f"**{verdict}** Produced by `.venv/bin/python experiments/rrt_half.py --fusion` "
+                        f"(results/{FUSION_RESULTS.name}).", ""]
 
 
 def main() -> int:
@@ -232,6 +254,7 @@ def main() -> int:
     if args.fusion:
         results = fusion(args.store)
         print(json.dumps({k: results[k] for k in ("chosen", "allowed", "stored_before", "adopted")}))
+        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)

@@ -483,7 +483,8 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
     ("colour_weight", "colour_weight.json", "colour-weight"), ("colour_groups", "colour_groups.json", "colour-groups"),
     ("colour_groups", "colour_groups_held-out.json", "colour-groups-held-out"),
     ("colour_untrained", "colour_untrained.json", "colour-untrained"), ("rrt_colour_ft", "rrt_colour_ft.json", "rrt-colour-ft"),
-    ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop")])
+    ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop"),
+    ("rrt_half", "rrt_half.json", "rrt-half")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
@@ -497,6 +498,25 @@ def test_rrt_variant_blocks_are_generated(script, results, block):
     if "validation" in saved and "rule" in saved["validation"]:
         v = saved["validation"]
         assert v["adopted"] == all(v["rule"].values())
+
+
+def test_rrt_half_verdict_and_fusion_follow_their_rules():
+    """experiments/rrt_half.py: the saved verdict is its declared rule on the saved figures, the
+    follow-up's weight is choose_fusion's on its saved grid, and make demo's rrt-fusion weight is
+    the stored one unless that choice was adopted."""
+    from waldo.models.shipped import resolve_model_dir
+    from waldo.rerank.rrt_checkpoint import read_rrt_info
+
+    module = _experiment("rrt_half")
+    saved = _results("rrt_half.json")
+    assert module.verdict(saved) == saved["verdict"]
+    fused = _results("rrt_half_fusion.json")
+    assert saved["verdict"]["reproduces"]  # the follow-up runs only on a validation that does
+    chosen = module.choose_fusion(fused["global"], fused["cells"])
+    assert chosen["weight"] == fused["chosen"] and chosen["allowed"] == fused["allowed"]
+    assert fused["adopted"] == (fused["chosen"] < 1 and fused["chosen"] != fused["stored_before"])
+    stored = read_rrt_info(resolve_model_dir("lite0-match-rrt"))["training"]["fusion_weight"]
+    assert stored == (fused["chosen"] if fused["adopted"] else fused["stored_before"])
 
 
 def test_colour_groups_splits_block_is_generated():
