@@ -129,8 +129,9 @@ def top1_right(data: dict, scores: np.ndarray) -> np.ndarray:
     return data["matches"][np.arange(len(first)), first]
 
 
-def changes(setup, validator, scores: dict) -> dict:
-    """{set: {group: {ranking: {"queries", "fixed", "broken"}}}} against the global ranking."""
+def changes(setup, validator, scores: dict, rankings: tuple[str, ...] = RANKINGS[1:]) -> dict:
+    """{set: {group: {ranking: {"queries", "fixed", "broken"}}}} against the global ranking, for
+    each of ``rankings``."""
     out = {}
     for vset, data, index in zip(setup.sets, validator.prepared, range(len(setup.sets))):
         groups = np.array([query_group(setup.pool.paths[q]) for q in vset.queries])
@@ -139,7 +140,7 @@ def changes(setup, validator, scores: dict) -> dict:
         for group in sorted(set(groups)):
             mask = groups == group
             entry[group] = {"queries": int(mask.sum())}
-            for name in RANKINGS[1:]:
+            for name in rankings:
                 after = top1_right(data, scores[name][index])
                 entry[group][name] = {"fixed": int(np.sum(mask & after & ~base)),
                                       "broken": int(np.sum(mask & base & ~after))}

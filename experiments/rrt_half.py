@@ -56,6 +56,21 @@ not a condition) show the cost of.
 
     .venv/bin/python experiments/rrt_half.py --fusion            # seconds; results/rrt_half_fusion.json
     .venv/bin/python experiments/rrt_half.py --fusion --store     # writes the weight, if chosen
+
+**The default chain on this validation** (``--chain``, a diagnostic: chooses nothing; declared
+after the diagnostic's global / rrt / rrt-consensus figures and the follow-up were read, before
+any figure with verification): the product's keypoints and GVConfig() verify every held-out
+query's top-100 at w 0.75, and the rules that built make demo's default are applied in the
+product's order (:func:`default_chain`): from global search, ``rrt`` and then ``rrt-consensus``
+(make demo's stored k 3, weight 1; rrt-fusion is global search here, lambda 1) each replace the
+default so far iff it ``earns_default`` (mean map@100 higher by more than 0.005, no set lower);
+then the default's ``+gv`` form (after global search: ``gv``, the product's fused rule; after an
+RRT ranking: verified first) replaces it iff it earns it and its mean R@1 is not lower (the rule
+experiments/consensus_gv.py declared). The result says which default this validation would give
+make demo's recipe; whether defaults should be chosen on it is left to a later decision that
+would re-make every choice on it.
+
+    .venv/bin/python experiments/rrt_half.py --chain    # ~8 min; results/rrt_half_chain.json
 """
 
 from __future__ import annotations
@@ -174,6 +189,91 @@ def fusion(store: bool) -> dict:
     return results
 
 
+CHAIN_RESULTS = ROOT / "results" / "rrt_half_chain.json"
+CHAIN_RANKINGS = ("global", "gv", "rrt", "rrt+gv", "rrt-consensus", "rrt-consensus+gv")
+
+
+def chain_run(progress: bool) -> dict:
+    """Every ranking of :data:`CHAIN_RANKINGS` on this validation at w 0.75, and per-group top-1
+    changes against global search (module doc, ``--chain``)."""
+    import dataclasses
+    import time
+
+    from colour_groups import changes, held_out_gallery, stand_in_model
+    from colour_weight import ranking_scores, validation_signatures
+    from gv_after_rrt import fused, set_inliers, verified_first_scores
+    from local_matching import validation_setup
+
+    from waldo.rerank.gv import GeometricReranker
+
+    started = time.perf_counter()
+    model = stand_in_model(RUN, "half", {"val_fraction": VAL_FRACTION, "split_seed": 0})
+    setup = held_out_gallery(validation_setup(model, refit=True, max_queries=0, split_seed=0, val_fraction=VAL_FRACTION))
+    signatures = validation_signatures(setup)
+    with GeometricReranker() as reranker:
+        config = reranker.config
+        validator, scores = ranking_scores(setup, signatures, 0.75, reranker, progress,
+                                           rankings=("global", "rrt", "rrt-consensus", "rrt-consensus+gv"))
+        at_weight = dataclasses.replace(setup, validator=validator)
+        scores["gv"], scores["rrt+gv"] = [], []
+        for index in range(len(setup.sets)):
+            inliers = set_inliers(at_weight, index, reranker, progress)
+            glob = scores["global"][index].astype(np.float64)
+            scores["gv"].append(fused(inliers, glob, config.min_inliers, config.fusion_weight, config.fusion_scale))
+            scores["rrt+gv"].append(verified_first_scores(inliers, scores["rrt"][index].astype(np.float64),
+                                                          config.min_inliers))
+    rows = {name: validator.ranking(scores[name]) for name in CHAIN_RANKINGS}
+    moved = changes(setup, validator, scores, rankings=CHAIN_RANKINGS[1:])
+    return {"rows": rows, "changes": moved, "gv_config": config.model_dump(),
+            "sets": {s.name: len(s.queries) for s in setup.sets}, "gallery_sizes": {s.name: len(s.gallery) for s in setup.sets},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def default_chain(rows: dict) -> dict:
+    """The product's default rules in its order on ``rows`` (module doc, ``--chain``)."""
+    from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default
+
+    per_set = lambda name: [entry["map@100"] for entry in rows[name]["sets"].values()]  # noqa: E731
+    steps, default = [], "global"
+    for name in ("rrt", "rrt-consensus"):
+        earned = earns_default(per_set(name), per_set(default), DEFAULT_MARGIN)
+        steps.append({"candidate": name, "against": default, "earns_default": earned})
+        default = name if earned else default
+    with_gv = "gv" if default == "global" else f"{default}+gv"
+    earned = earns_default(per_set(with_gv), per_set(default), DEFAULT_MARGIN)
+    r1 = rows[with_gv]["macro"]["recall@1"] >= rows[default]["macro"]["recall@1"] - 1e-9
+    steps.append({"candidate": with_gv, "against": default, "earns_default": earned, "recall1_not_lower": r1})
+    chain = [with_gv, default] if earned and r1 else [default]
+    return {"steps": steps, "chain": chain, "margin": DEFAULT_MARGIN}
+
+
+def chain_lines(chained: dict) -> list[str]:
+    """The ``--chain`` diagnostic's tables, for the docs block."""
+    from colour_groups import GROUPS
+
+    sets = list(chained["rows"]["global"]["sets"])
+    lines = ["The default chain on this validation (`--chain`, w 0.75, the product's keypoints and GVConfig(); a "
+             "diagnostic: chooses nothing). R@1 / map@100:", "",
+             "| ranking | mean | " + " | ".join(sets) + " | grocery fixed / broken: " + " | ".join(GROUPS) + " |",
+             "|---|---|" + "---|" * len(sets) + "---|" * len(GROUPS)]
+    grocery = chained["changes"][GROCERY]
+    for name in CHAIN_RANKINGS:
+        row = chained["rows"][name]
+        cells = " | ".join(f"{row['sets'][s]['recall@1']:.4f} / {row['sets'][s]['map@100']:.4f}" for s in sets)
+        moved = " | ".join("-" if name == "global" else
+                           "{fixed} / {broken}".format(**grocery.get(g, {}).get(name, {"fixed": 0, "broken": 0}))
+                           for g in GROUPS)
+        lines.append(f"| {name} | {row['macro']['recall@1']:.4f} / {row['macro']['map@100']:.4f} | {cells} | {moved} |")
+    chain = default_chain(chained["rows"])
+    steps = "; ".join(f"{s['candidate']} over {s['against']}: earns_default {s['earns_default']}"
+                      + (f", R@1 not lower {s['recall1_not_lower']}" if "recall1_not_lower" in s else "")
+                      for s in chain["steps"])
+    return lines + ["", f"The product's default rules in its order: {steps}. **This validation's chain: "
+                        f"{' -> '.join(chain['chain'])}** (make demo's stored chain: rrt-consensus+gv -> rrt-consensus). "
+                        f"Produced by `.venv/bin/python experiments/rrt_half.py --chain` (results/{CHAIN_RESULTS.name}; "
+                        f"{chained['seconds']:.0f} s).", ""]
+
+
 def markdown(results: dict) -> str:
     from colour_groups import GROUPS, TEST_RUNS
 
@@ -220,6 +320,8 @@ def markdown(results: dict) -> str:
               + "**", "", f"Produced by `{results['command']}` (results/{RESULTS.name}; {results['seconds']:.0f} s).", ""]
     if FUSION_RESULTS.is_file():
         lines += fusion_lines(json.loads(FUSION_RESULTS.read_text()))
+    if CHAIN_RESULTS.is_file():
+        lines += chain_lines(json.loads(CHAIN_RESULTS.read_text()))
     lines.append(END)
     return "\n".join(lines)
 
@@ -249,8 +351,15 @@ def main() -> int:
     parser.add_argument("--doc", action="store_true", help="rewrite the docs/results.md block from the saved JSON")
     parser.add_argument("--fusion", action="store_true", help="the follow-up: rrt-fusion's weight on this validation")
     parser.add_argument("--store", action="store_true", help="with --fusion: write a chosen weight into make demo's rrt.json")
+    parser.add_argument("--chain", action="store_true", help="the default chain's rules on this validation (a diagnostic)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    if args.chain:
+        chained = chain_run(progress=not args.quiet)
+        CHAIN_RESULTS.write_text(json.dumps(chained, indent=1) + "\n")
+        print(json.dumps(default_chain(chained["rows"])))
+        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
+        return 0
     if args.fusion:
         results = fusion(args.store)
         print(json.dumps({k: results[k] for k in ("chosen", "allowed", "stored_before", "adopted")}))
