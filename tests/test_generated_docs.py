@@ -517,6 +517,8 @@ def test_rrt_half_verdict_and_fusion_follow_their_rules():
     assert fused["adopted"] == (fused["chosen"] < 1 and fused["chosen"] != fused["stored_before"])
     stored = read_rrt_info(resolve_model_dir("lite0-match-rrt"))["training"]["fusion_weight"]
     assert stored == (fused["chosen"] if fused["adopted"] else fused["stored_before"])
+    chain = module.default_chain(_results("rrt_half_chain.json")["rows"])
+    assert chain["chain"][-1] in ("global", "rrt", "rrt-consensus") and len(chain["steps"]) == 3
 
 
 def test_colour_groups_splits_block_is_generated():
