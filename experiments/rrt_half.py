@@ -70,7 +70,18 @@ experiments/consensus_gv.py declared). The result says which default this valida
 make demo's recipe; whether defaults should be chosen on it is left to a later decision that
 would re-make every choice on it.
 
-    .venv/bin/python experiments/rrt_half.py --chain    # ~8 min; results/rrt_half_chain.json
+    .venv/bin/python experiments/rrt_half.py --chain    # ~5 min; results/rrt_half_chain.json
+
+**A second sample** (``--split-seed 1``, declared before its run): another random half held out
+(configs/rrt-views-s4-match-half-split1-cpu.json), the same diagnostic rule and the same chain
+diagnostic, its own results and docs block; reported, chooses nothing. With split 0 it is the
+validation a later decision on make demo's default chain could be declared on.
+
+    waldo train rrt --config configs/rrt-views-s4-match-half-split1-cpu.json --init runs/base-lite0-s4 \\
+        --out runs/rrt-views-s4-match-half-split1 --data grocery-open-cross --data coil100-open \\
+        --data ../shared/data/abo_sample
+    .venv/bin/python experiments/rrt_half.py --split-seed 1
+    .venv/bin/python experiments/rrt_half.py --split-seed 1 --chain
 """
 
 from __future__ import annotations
@@ -98,6 +109,21 @@ GROCERY = "grocery-open-cross:train"
 VAL_FRACTION = 0.5
 
 
+def split_paths(split_seed: int) -> dict:
+    """Where split ``split_seed``'s run, kept scores, results and docs block live (split 0: the
+    first sample, configs/rrt-views-s4-match-half-cpu.json; 1: ...-half-split1-cpu.json)."""
+    if split_seed == 0:
+        return {"run": RUN, "scores": SCORES, "results": RESULTS, "chain": ROOT / "results" / "rrt_half_chain.json",
+                "block": (START, END, HEADING), "stand_in": "half"}
+    suffix = f"split{split_seed}"
+    return {"run": ROOT / "runs" / f"rrt-views-s4-match-half-{suffix}", "scores": ROOT / "runs" / f"rrt-half-scores-{suffix}",
+            "results": ROOT / "results" / f"rrt_half_{suffix}.json",
+            "chain": ROOT / "results" / f"rrt_half_chain_{suffix}.json",
+            "block": (f"<!-- rrt-half-{suffix}:start -->", f"<!-- rrt-half-{suffix}:end -->",
+                      f"### The same on another random half, split {split_seed} (issue 15, a diagnostic)"),
+            "stand_in": f"half-{suffix}"}
+
+
 def verdict(results: dict) -> dict:
     """The rule of the module doc on a run's results."""
     rows = results["rows"]
@@ -114,13 +140,14 @@ def verdict(results: dict) -> dict:
             "fruit_w0.75": fruit, "reproduces": all(checks.values())}
 
 
-def run(progress: bool) -> dict:
+def run(progress: bool, split_seed: int = 0) -> dict:
     from colour_groups import run as groups_run
     from colour_groups import stand_in_model
 
-    model = stand_in_model(RUN, "half", {"val_fraction": VAL_FRACTION, "split_seed": 0})
-    results = groups_run(0, progress, gallery="held-out", split_seed=0, val_fraction=VAL_FRACTION, model=model,
-                         scores_out=SCORES)
+    where = split_paths(split_seed)
+    model = stand_in_model(where["run"], where["stand_in"], {"val_fraction": VAL_FRACTION, "split_seed": split_seed})
+    results = groups_run(0, progress, gallery="held-out", split_seed=split_seed, val_fraction=VAL_FRACTION, model=model,
+                         scores_out=where["scores"])
     results["verdict"] = verdict(results)
     return results
 
@@ -189,11 +216,10 @@ def fusion(store: bool) -> dict:
     return results
 
 
-CHAIN_RESULTS = ROOT / "results" / "rrt_half_chain.json"
 CHAIN_RANKINGS = ("global", "gv", "rrt", "rrt+gv", "rrt-consensus", "rrt-consensus+gv")
 
 
-def chain_run(progress: bool) -> dict:
+def chain_run(progress: bool, split_seed: int = 0) -> dict:
     """Every ranking of :data:`CHAIN_RANKINGS` on this validation at w 0.75, and per-group top-1
     changes against global search (module doc, ``--chain``)."""
     import dataclasses
@@ -207,8 +233,10 @@ def chain_run(progress: bool) -> dict:
     from waldo.rerank.gv import GeometricReranker
 
     started = time.perf_counter()
-    model = stand_in_model(RUN, "half", {"val_fraction": VAL_FRACTION, "split_seed": 0})
-    setup = held_out_gallery(validation_setup(model, refit=True, max_queries=0, split_seed=0, val_fraction=VAL_FRACTION))
+    where = split_paths(split_seed)
+    model = stand_in_model(where["run"], where["stand_in"], {"val_fraction": VAL_FRACTION, "split_seed": split_seed})
+    setup = held_out_gallery(validation_setup(model, refit=True, max_queries=0, split_seed=split_seed,
+                                              val_fraction=VAL_FRACTION))
     signatures = validation_signatures(setup)
     with GeometricReranker() as reranker:
         config = reranker.config
@@ -224,7 +252,7 @@ def chain_run(progress: bool) -> dict:
                                                           config.min_inliers))
     rows = {name: validator.ranking(scores[name]) for name in CHAIN_RANKINGS}
     moved = changes(setup, validator, scores, rankings=CHAIN_RANKINGS[1:])
-    return {"rows": rows, "changes": moved, "gv_config": config.model_dump(),
+    return {"split_seed": split_seed, "rows": rows, "changes": moved, "gv_config": config.model_dump(),
             "sets": {s.name: len(s.queries) for s in setup.sets}, "gallery_sizes": {s.name: len(s.gallery) for s in setup.sets},
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -251,6 +279,10 @@ def chain_lines(chained: dict) -> list[str]:
     """The ``--chain`` diagnostic's tables, for the docs block."""
     from colour_groups import GROUPS
 
+    split_seed = chained.get("split_seed", 0)
+    split_flag = f" --split-seed {split_seed}" if split_seed else ""
+    chain_file = split_paths(split_seed)["chain"].name
+
     sets = list(chained["rows"]["global"]["sets"])
     lines = ["The default chain on this validation (`--chain`, w 0.75, the product's keypoints and GVConfig(); a "
              "diagnostic: chooses nothing). R@1 / map@100:", "",
@@ -270,7 +302,7 @@ def chain_lines(chained: dict) -> list[str]:
                       for s in chain["steps"])
     return lines + ["", f"The product's default rules in its order: {steps}. **This validation's chain: "
                         f"{' -> '.join(chain['chain'])}** (make demo's stored chain: rrt-consensus+gv -> rrt-consensus). "
-                        f"Produced by `.venv/bin/python experiments/rrt_half.py --chain` (results/{CHAIN_RESULTS.name}; "
+                        f"Produced by `.venv/bin/python experiments/rrt_half.py --chain{split_flag}` (results/{chain_file}; "
                         f"{chained['seconds']:.0f} s).", ""]
 
 
@@ -280,8 +312,11 @@ def markdown(results: dict) -> str:
     import rrt_views
 
     rankings = ("global", "rrt", "rrt-consensus")
-    lines = [START, "", "make demo's model with the RRT of its recipe trained on half of each source's identities "
-             "(configs/rrt-views-s4-match-half-cpu.json); the other half's held-out queries ("
+    split_seed = results.get("split_seed", 0)
+    where = split_paths(split_seed)
+    start, end, _ = where["block"]
+    lines = [start, "", "make demo's model with the RRT of its recipe trained on half of each source's identities "
+             f"(configs/rrt-views-s4-match-half{'-split' + str(split_seed) if split_seed else ''}-cpu.json); the other half's held-out queries ("
              + ", ".join(f"{name} {n}" for name, n in results["sets"].items()) + ") search only their own "
              "identities' photos (" + ", ".join(f"{name} {n}" for name, n in results["gallery_sizes"].items())
              + "): every distractor unseen by the RRT and by the global head (refitted without them). "
@@ -317,12 +352,12 @@ def markdown(results: dict) -> str:
               f"{v['fruit_w0.75']['broken']}); (iii) the RRT's gain smaller with colour: {v['colour_shrinks_rrt_gain']} "
               f"({v['gain_w0']:+.4f} -> {v['gain_w0.75']:+.4f}). **"
               + ("Reproduces the test's signature." if v["reproduces"] else "Does not reproduce the test's signature.")
-              + "**", "", f"Produced by `{results['command']}` (results/{RESULTS.name}; {results['seconds']:.0f} s).", ""]
-    if FUSION_RESULTS.is_file():
+              + "**", "", f"Produced by `{results['command']}` (results/{where['results'].name}; {results['seconds']:.0f} s).", ""]
+    if split_seed == 0 and FUSION_RESULTS.is_file():  # the follow-up was declared on split 0 only
         lines += fusion_lines(json.loads(FUSION_RESULTS.read_text()))
-    if CHAIN_RESULTS.is_file():
-        lines += chain_lines(json.loads(CHAIN_RESULTS.read_text()))
-    lines.append(END)
+    if where["chain"].is_file():
+        lines += chain_lines(json.loads(where["chain"].read_text()))
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -352,25 +387,34 @@ def main() -> int:
     parser.add_argument("--fusion", action="store_true", help="the follow-up: rrt-fusion's weight on this validation")
     parser.add_argument("--store", action="store_true", help="with --fusion: write a chosen weight into make demo's rrt.json")
     parser.add_argument("--chain", action="store_true", help="the default chain's rules on this validation (a diagnostic)")
+    parser.add_argument("--split-seed", type=int, default=0, help="which random half is held out (module doc)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    where = split_paths(args.split_seed)
+    start, end, heading = where["block"]
+
+    def write_doc() -> None:
+        write_block(DOC, markdown(json.loads(where["results"].read_text())), start, end, heading=heading)
+
+    if args.fusion and args.split_seed:
+        raise SystemExit("the follow-up was declared on split 0 only (module doc)")
     if args.chain:
-        chained = chain_run(progress=not args.quiet)
-        CHAIN_RESULTS.write_text(json.dumps(chained, indent=1) + "\n")
+        chained = chain_run(progress=not args.quiet, split_seed=args.split_seed)
+        where["chain"].write_text(json.dumps(chained, indent=1) + "\n")
         print(json.dumps(default_chain(chained["rows"])))
-        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
+        write_doc()
         return 0
     if args.fusion:
         results = fusion(args.store)
         print(json.dumps({k: results[k] for k in ("chosen", "allowed", "stored_before", "adopted")}))
-        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
+        write_doc()
         return 0
     if args.doc:
-        write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
+        write_doc()
         return 0
-    results = run(progress=not args.quiet)
+    results = run(progress=not args.quiet, split_seed=args.split_seed)
     results["command"] = " ".join([".venv/bin/python", "experiments/rrt_half.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    where["results"].write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["verdict"]))
     return 0
 
