@@ -75,13 +75,15 @@ would re-make every choice on it.
 **A second sample** (``--split-seed 1``, declared before its run): another random half held out
 (configs/rrt-views-s4-match-half-split1-cpu.json), the same diagnostic rule and the same chain
 diagnostic, its own results and docs block; reported, chooses nothing. With split 0 it is the
-validation a later decision on make demo's default chain could be declared on.
+validation a later decision on make demo's default chain could be declared on. A third sample,
+``--split-seed 2`` (configs/rrt-views-s4-match-half-split2-cpu.json), declared after split 1's
+figures were read and before its own run: the same rule, the same chain diagnostic, reported.
 
     waldo train rrt --config configs/rrt-views-s4-match-half-split1-cpu.json --init runs/base-lite0-s4 \\
         --out runs/rrt-views-s4-match-half-split1 --data grocery-open-cross --data coil100-open \\
         --data ../shared/data/abo_sample
     .venv/bin/python experiments/rrt_half.py --split-seed 1
-    .venv/bin/python experiments/rrt_half.py --split-seed 1 --chain
+    .venv/bin/python experiments/rrt_half.py --split-seed 1 --chain      # and 2
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ VAL_FRACTION = 0.5
 
 def split_paths(split_seed: int) -> dict:
     """Where split ``split_seed``'s run, kept scores, results and docs block live (split 0: the
-    first sample, configs/rrt-views-s4-match-half-cpu.json; 1: ...-half-split1-cpu.json)."""
+    first sample, configs/rrt-views-s4-match-half-cpu.json; K: ...-half-splitK-cpu.json)."""
     if split_seed == 0:
         return {"run": RUN, "scores": SCORES, "results": RESULTS, "chain": ROOT / "results" / "rrt_half_chain.json",
                 "block": (START, END, HEADING), "stand_in": "half"}
