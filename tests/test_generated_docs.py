@@ -484,7 +484,8 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
     ("colour_groups", "colour_groups_held-out.json", "colour-groups-held-out"),
     ("colour_untrained", "colour_untrained.json", "colour-untrained"), ("rrt_colour_ft", "rrt_colour_ft.json", "rrt-colour-ft"),
     ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop"),
-    ("rrt_half", "rrt_half.json", "rrt-half"), ("rrt_half", "rrt_half_split1.json", "rrt-half-split1")])
+    ("rrt_half", "rrt_half.json", "rrt-half"), ("rrt_half", "rrt_half_split1.json", "rrt-half-split1"),
+    ("rrt_half", "rrt_half_split2.json", "rrt-half-split2")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
@@ -510,8 +511,9 @@ def test_rrt_half_verdict_and_fusion_follow_their_rules():
     module = _experiment("rrt_half")
     saved = _results("rrt_half.json")
     assert module.verdict(saved) == saved["verdict"]
-    second = _results("rrt_half_split1.json")
-    assert second["split_seed"] == 1 and module.verdict(second) == second["verdict"]
+    for k in (1, 2):
+        other = _results(f"rrt_half_split{k}.json")
+        assert other["split_seed"] == k and module.verdict(other) == other["verdict"]
     fused = _results("rrt_half_fusion.json")
     assert saved["verdict"]["reproduces"]  # the follow-up runs only on a validation that does
     chosen = module.choose_fusion(fused["global"], fused["cells"])
@@ -519,7 +521,7 @@ def test_rrt_half_verdict_and_fusion_follow_their_rules():
     assert fused["adopted"] == (fused["chosen"] < 1 and fused["chosen"] != fused["stored_before"])
     stored = read_rrt_info(resolve_model_dir("lite0-match-rrt"))["training"]["fusion_weight"]
     assert stored == (fused["chosen"] if fused["adopted"] else fused["stored_before"])
-    for name in ("rrt_half_chain.json", "rrt_half_chain_split1.json"):
+    for name in ("rrt_half_chain.json", "rrt_half_chain_split1.json", "rrt_half_chain_split2.json"):
         chain = module.default_chain(_results(name)["rows"])
         assert chain["chain"][-1] in ("global", "rrt", "rrt-consensus") and len(chain["steps"]) == 3
 
