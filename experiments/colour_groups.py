@@ -169,7 +169,7 @@ def run(max_queries: int, progress: bool, gallery: str = "all", split_seed: int 
         if scores_out is not None:
             scores_out.mkdir(parents=True, exist_ok=True)
             np.savez(scores_out / f"w{weight:g}.npz", **{
-                f"{vset.name}|{key}": value for vset, data, index in zip(setup.sets, validator.prepared, range(len(setup.sets)))
+                f"{vset.name}|{key}": value for index, (vset, data) in enumerate(zip(setup.sets, validator.prepared))
                 for key, value in [("candidates", data["candidates"]), ("matches", data["matches"]),
                                    ("n_positives", data["n_positives"]), ("queries", vset.queries),
                                    *((name, scores[name][index]) for name in RANKINGS)]})
@@ -211,10 +211,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def splits_markdown() -> str:
-    """Grocery's held-out shelves on every measured split, beside the test (module doc)."""
+def test_rrt_runs() -> list[tuple[str, dict, dict]]:
+    """(colour weight, grocery-open-cross figures, the RRT's top-1 changes per group) of each
+    reported test run of make demo's model (:data:`TEST_RUNS`)."""
     import rrt_views
 
+    out = []
+    for weight, name in TEST_RUNS.items():
+        test = json.loads((rrt_views.RESULTS / name).read_text())["protocols"]["grocery-open-cross"]
+        out.append((weight, test, test["rrt"].get("top1_changes") or {}))
+    return out
+
+
+def splits_markdown() -> str:
+    """Grocery's held-out shelves on every measured split, beside the test (module doc)."""
     start, end, _ = SPLITS_BLOCK
     splits = [(k, json.loads(split_results(k).read_text())) for k in range(10) if split_results(k).is_file()]
     grocery = "grocery-open-cross:train"
@@ -243,9 +253,7 @@ def splits_markdown() -> str:
     lines += ["", "The test (grocery-open-cross, reported runs of make demo's model; README \"Which reranker when\"):", "",
               "| w | global R@1 / mAP | rrt R@1 / mAP | rrt fixed / broken: Fruit | Packages | Vegetables |",
               "|---|---|---|---|---|---|"]
-    for weight, name in TEST_RUNS.items():
-        test = json.loads((rrt_views.RESULTS / name).read_text())["protocols"]["grocery-open-cross"]
-        changes = test["rrt"].get("top1_changes") or {}
+    for weight, test, changes in test_rrt_runs():
         lines.append(f"| {weight} | {test['global']['recall@1']:.4f} / {test['global']['map']:.4f} | "
                      f"{test['rrt']['recall@1']:.4f} / {test['rrt']['map']:.4f} | "
                      + " | ".join(f"{changes[n]['fixed']} / {changes[n]['broken']}" if n in changes else "-"

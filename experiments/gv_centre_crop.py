@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gv_centre_share import summary  # noqa: E402
+from gv_centre_share import summary, summary_cells, verify_top100  # noqa: E402
 from gv_fusion import FEATURES, OPEN, fold_protocol, log  # noqa: E402
 
 from waldo.data.protocols import get_protocol  # noqa: E402
@@ -82,8 +82,8 @@ def measure() -> dict:
             verified = []
             for q, query_row in enumerate(run.query_rows):
                 rows = [int(run.gallery_rows[i]) for i in run.knn_indices[q, :100]]
-                query = keypoints.query(int(query_row))
-                for r, v in zip(rows, reranker.verify_many(query, [keypoints.candidate(r) for r in rows])):
+                _, _, verifications = verify_top100(reranker, keypoints, query_row, rows)
+                for r, v in zip(rows, verifications):
                     if v.inliers >= min_inliers:
                         verified.append((int(query_row), r, int(v.inliers)))
             query_rows = sorted({q for q, _, _ in verified})
@@ -107,9 +107,7 @@ def markdown(results: dict) -> str:
              "| pairs | count | centre cosine 5% / 25% / 50% / 75% | below " + " / ".join(f"{b:g}" for b in BARS) + " |",
              "|---|---|---|---|"]
     for label in ("same product", "different products"):
-        e = s[label]
-        q = " / ".join("-" if v is None else f"{v:.3f}" for v in e["quantiles"].values())
-        lines.append(f"| {label} | {e['pairs']} | {q} | " + " / ".join(str(v) for v in e["below"].values()) + " |")
+        lines.append(f"| {label} | {summary_cells(s[label])} |")
     if s["known"]:
         k = s["known"]
         lines += ["", f"The held-up pair ({k['query']} -> {k['candidate']}): {k['inliers']} inliers, centre cosine "

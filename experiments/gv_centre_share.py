@@ -74,6 +74,20 @@ def pair_share(query, candidate, verification) -> float:
     return min(centre_share(query.keypoints, inliers[:, 0]), centre_share(candidate.keypoints, inliers[:, 1]))
 
 
+def verify_top100(reranker, keypoints, query_row: int, rows: list[int]) -> tuple:
+    """The query's and ``rows``' stored features and the verification of each of ``rows``
+    against the query (gv_centre_crop.py gathers its pairs the same way)."""
+    query = keypoints.query(int(query_row))
+    candidates = [keypoints.candidate(r) for r in rows]
+    return query, candidates, reranker.verify_many(query, candidates)
+
+
+def summary_cells(entry: dict) -> str:
+    """One summary entry's table cells: count | quantiles | counts below each bar."""
+    q = " / ".join("-" if v is None else f"{v:.3f}" for v in entry["quantiles"].values())
+    return f"{entry['pairs']} | {q} | " + " / ".join(str(v) for v in entry["below"].values())
+
+
 def measure() -> dict:
     min_inliers = GVConfig().min_inliers
     pairs: dict[str, list[dict]] = {f"{w:g}": [] for w in WEIGHTS}
@@ -90,9 +104,8 @@ def measure() -> dict:
                     rows = [int(run.gallery_rows[i]) for i in run.knn_indices[q, :100]]
                     todo = [r for r in rows if (int(query_row), r) not in done]
                     if todo:
-                        query = keypoints.query(int(query_row))
-                        candidates = [keypoints.candidate(r) for r in todo]
-                        for r, c, v in zip(todo, candidates, reranker.verify_many(query, candidates)):
+                        query, candidates, verifications = verify_top100(reranker, keypoints, query_row, todo)
+                        for r, c, v in zip(todo, candidates, verifications):
                             done[(int(query_row), r)] = None if v.inliers < min_inliers else {
                                 "query": Path(val.queries.paths[query_row]).name,
                                 "candidate": Path(val.gallery.paths[r]).name,
@@ -128,10 +141,7 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|"]
     for weight, s in results["summary"].items():
         for label in ("same product", "different products"):
-            e = s[label]
-            q = " / ".join("-" if v is None else f"{v:.3f}" for v in e["quantiles"].values())
-            lines.append(f"| {weight} | {label} | {e['pairs']} | {q} | " + " / ".join(str(v) for v in e["below"].values())
-                         + " |")
+            lines.append(f"| {weight} | {label} | {summary_cells(s[label])} |")
     known = next((s["known"] for s in results["summary"].values() if s["known"]), None)
     if known:
         lines += ["", f"The held-up pair ({known['query']} -> {known['candidate']}): {known['inliers']} inliers, centre "

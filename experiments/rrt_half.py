@@ -309,9 +309,7 @@ def chain_lines(chained: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    from colour_groups import GROUPS, TEST_RUNS
-
-    import rrt_views
+    from colour_groups import GROUPS, test_rrt_runs
 
     rankings = ("global", "rrt", "rrt-consensus")
     split_seed = results.get("split_seed", 0)
@@ -341,9 +339,7 @@ def markdown(results: dict) -> str:
                            for name in GROUPS)
         lines.append(f"| {weight} | validation | {sizes} | {row['figures']['global'][GROCERY]['recall@1']:.4f} | "
                      f"{row['figures']['rrt'][GROCERY]['recall@1']:.4f} | {cells} |")
-    for weight, name in TEST_RUNS.items():
-        test = json.loads((rrt_views.RESULTS / name).read_text())["protocols"]["grocery-open-cross"]
-        changes = test["rrt"].get("top1_changes") or {}
+    for weight, test, changes in test_rrt_runs():
         lines.append(f"| {weight} | test | | {test['global']['recall@1']:.4f} | {test['rrt']['recall@1']:.4f} | "
                      + " | ".join(f"{changes[n]['fixed']} / {changes[n]['broken']}" if n in changes else "-"
                                   for n in GROUPS) + " |")
