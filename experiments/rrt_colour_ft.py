@@ -56,64 +56,72 @@ SHIPPED, TUNED = "make demo's RRT", "fine-tuned on the coloured model"
 LAST = "its last epoch (reported only)"
 
 
-def judge(rows: dict) -> dict:
+def judge(rows: dict, tuned: str = TUNED) -> dict:
+    """The rule of the module doc: ``tuned``'s rows against make demo's RRT's."""
     from waldo.train.rrt_online import DEFAULT_MARGIN, earns_default
 
     per_set = lambda label, name: [e[METRIC] for e in rows[label][name]["sets"].values()]  # noqa: E731
     mean = lambda label, name, metric=METRIC: rows[label][name]["macro"][metric]  # noqa: E731
-    rule = {"a_earns_default": earns_default(per_set(TUNED, "rrt-consensus+gv"), per_set(SHIPPED, "rrt-consensus+gv"),
+    rule = {"a_earns_default": earns_default(per_set(tuned, "rrt-consensus+gv"), per_set(SHIPPED, "rrt-consensus+gv"),
                                              DEFAULT_MARGIN),
-            "b_recall1_not_lower": mean(TUNED, "rrt-consensus+gv", "recall@1")
+            "b_recall1_not_lower": mean(tuned, "rrt-consensus+gv", "recall@1")
             >= mean(SHIPPED, "rrt-consensus+gv", "recall@1") - 1e-9,
-            "c_rrt_not_lower": mean(TUNED, "rrt") >= mean(SHIPPED, "rrt") - 1e-9,
-            "d_consensus_not_lower": mean(TUNED, "rrt-consensus") >= mean(SHIPPED, "rrt-consensus") - 1e-9}
+            "c_rrt_not_lower": mean(tuned, "rrt") >= mean(SHIPPED, "rrt") - 1e-9,
+            "d_consensus_not_lower": mean(tuned, "rrt-consensus") >= mean(SHIPPED, "rrt-consensus") - 1e-9}
     return {"rule": rule, "adopted": all(rule.values()), "margin": DEFAULT_MARGIN}
 
 
-def validation(progress: bool) -> dict:
+def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_label: str = TUNED) -> dict:
+    """make demo's RRT, ``run``'s best and last checkpoints (trained with ``config``; the best
+    labelled ``tuned_label``) on the coloured fair validation, and the rule's verdict."""
     from local_matching import validation_setup
 
     from waldo.models.shipped import resolve_model_dir
     from waldo.rerank.gv import GeometricReranker
     from waldo.rerank.rrt_checkpoint import load_rrt
 
-    trained_with = json.loads((RUN / "train_config.json").read_text())
-    expected = json.loads(CONFIG.read_text())
-    for key in ("augment", "epochs", "lr", "seed"):
-        if trained_with.get(key) != expected.get(key):
-            raise SystemExit(f"{RUN} was trained with {key} {trained_with.get(key)!r}, not {CONFIG.name}'s")
+    trained_with = json.loads((run / "train_config.json").read_text())
+    expected = json.loads(config.read_text())
+    defaults = {"swap_prob": 0.0}  # keys a config may leave out
+    for key in ("augment", "epochs", "lr", "seed", "swap_prob"):
+        if trained_with.get(key, defaults.get(key)) != expected.get(key, defaults.get(key)):
+            raise SystemExit(f"{run} was trained with {key} {trained_with.get(key)!r}, not {config.name}'s")
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
-    tuned, _ = load_rrt(RUN / "best")
-    last, _ = load_rrt(RUN / "last")
+    tuned, _ = load_rrt(run / "best")
+    last, _ = load_rrt(run / "last")
     if tuned.config != setup.rrt.config or last.config != setup.rrt.config:
-        raise SystemExit(f"{RUN}: another RRT configuration than {MODEL}'s")
+        raise SystemExit(f"{run}: another RRT configuration than {MODEL}'s")
     weight = float(json.loads((resolve_model_dir(MODEL) / "config.json").read_text())["colour_weight"])
     signatures = validation_signatures(setup)
     rows = {}
     with GeometricReranker() as reranker:
-        for label, rrt in ((SHIPPED, setup.rrt), (TUNED, tuned), (LAST, last)):
+        for label, rrt in ((SHIPPED, setup.rrt), (tuned_label, tuned), (LAST, last)):
             rows[label] = score(dataclasses.replace(setup, rrt=rrt), signatures, weight, reranker, progress)
             print(f"{label}: " + ", ".join(f"{name} {rows[label][name]['macro'][METRIC]:.4f}" for name in RANKINGS),
                   flush=True)
-    epoch = json.loads((RUN / "best" / "metrics.json").read_text()).get("epoch")
-    last_epoch = max(json.loads(line)["epoch"] for line in (RUN / "log.jsonl").read_text().splitlines() if line.strip())
-    return {"rows": rows, **judge(rows), "metric": METRIC, "colour_weight": weight, "tuned_epoch": epoch, "last_epoch": last_epoch,
+    epoch = json.loads((run / "best" / "metrics.json").read_text()).get("epoch")
+    last_epoch = max(json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines() if line.strip())
+    return {"rows": rows, **judge(rows, tuned_label), "metric": METRIC, "colour_weight": weight, "tuned_epoch": epoch, "last_epoch": last_epoch,
             "global_skip_scales": {SHIPPED: float(setup.rrt.global_skip_scale.detach()),
-                                   TUNED: float(tuned.global_skip_scale.detach()),
+                                   tuned_label: float(tuned.global_skip_scale.detach()),
                                    LAST: float(last.global_skip_scale.detach())},
             "refit_check_min_cosine": setup.refit_check, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, block: tuple[str, str] = (START, END), script: str = "rrt_colour_ft.py",
+             run: Path = RUN, config: Path = CONFIG, tuned: str = TUNED) -> str:
+    """The docs block of a fine-tune judged by :func:`validation` (this study's, or another's
+    that passes its own block, script, run and config)."""
+    start, end = block
     v = results["validation"]
     names = list(v["rows"][SHIPPED]["global"]["sets"])
-    lines = [START, "", "Fair validation (held-out training identities, make demo's global head refitted without them), "
+    lines = [start, "", "Fair validation (held-out training identities, make demo's global head refitted without them), "
              f"make demo's colour term (w {v['colour_weight']:g}) appended; both RRTs rerank the same top-100; rule fixed "
-             "before the fine-tune's figures were read (experiments/rrt_colour_ft.py's docstring). The fine-tuned RRT: "
+             f"before the fine-tune's figures were read (experiments/{script}'s docstring). The fine-tuned RRT: "
              f"epoch {v['tuned_epoch']} of its run (epoch 0: the start, make demo's weights); its last epoch "
              f"({v['last_epoch']}) is reported beside it and chose nothing. Global-residual scales "
-             f"{v['global_skip_scales'][SHIPPED]:.3f} (make demo's), {v['global_skip_scales'][TUNED]:.3f} (best), "
+             f"{v['global_skip_scales'][SHIPPED]:.3f} (make demo's), {v['global_skip_scales'][tuned]:.3f} (best), "
              f"{v['global_skip_scales'][LAST]:.3f} (last).", "",
              f"| RRT | ranking | R@1 | R@10 | {METRIC} | {METRIC} per set ({' / '.join(names)}) |",
              "|---|---|---|---|---|---|"]
@@ -129,10 +137,10 @@ def markdown(results: dict) -> str:
                   f"{rule['a_earns_default']}; (b) its R@1 not lower: {rule['b_recall1_not_lower']}; (c) RRT alone not "
                   f"lower: {rule['c_rrt_not_lower']}; (d) rrt-consensus not lower: {rule['d_consensus_not_lower']}. "
                   + ("**Adopted.**" if v["adopted"] else "**Not adopted: make demo keeps its RRT.**"),
-              "", f"Produced by `waldo train rrt --config configs/{CONFIG.name} --init lite0-match-rrt --init-rrt "
-                  "lite0-match-rrt --out runs/rrt-colour-ft --data grocery-open-cross --data coil100-open --data "
+              "", f"Produced by `waldo train rrt --config configs/{config.name} --init lite0-match-rrt --init-rrt "
+                  f"lite0-match-rrt --out runs/{run.name} --data grocery-open-cross --data coil100-open --data "
                   f"../shared/data/abo_sample` then {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
-                  "(results/rrt_colour_ft.json).", "", END]
+                  f"(results/{Path(script).stem}.json).", "", end]
     return "\n".join(lines)
 
 

@@ -111,9 +111,19 @@ GROCERY = "grocery-open-cross:train"
 VAL_FRACTION = 0.5
 
 
-def split_paths(split_seed: int) -> dict:
+def split_paths(split_seed: int, swap: bool = False) -> dict:
     """Where split ``split_seed``'s run, kept scores, results and docs block live (split 0: the
-    first sample, configs/rrt-views-s4-match-half-cpu.json; K: ...-half-splitK-cpu.json)."""
+    first sample, configs/rrt-views-s4-match-half-cpu.json; K: ...-half-splitK-cpu.json; split 0
+    with ``swap``: ...-half-swap-cpu.json, experiments/rrt_swap.py's diagnostic)."""
+    if swap:
+        if split_seed:
+            raise SystemExit("the swapped-pairs diagnostic was declared on split 0 only (experiments/rrt_swap.py)")
+        return {"run": ROOT / "runs" / "rrt-views-s4-match-half-swap", "scores": ROOT / "runs" / "rrt-half-scores-swap",
+                "results": ROOT / "results" / "rrt_half_swap.json",
+                "chain": ROOT / "results" / "rrt_half_chain_swap.json",
+                "block": ("<!-- rrt-half-swap:start -->", "<!-- rrt-half-swap:end -->",
+                          "### The same half with swapped pairs (issue 15, a diagnostic)"),
+                "stand_in": "half-swap", "expect": {"swap_prob": 0.5}}
     if split_seed == 0:
         return {"run": RUN, "scores": SCORES, "results": RESULTS, "chain": ROOT / "results" / "rrt_half_chain.json",
                 "block": (START, END, HEADING), "stand_in": "half"}
@@ -142,15 +152,23 @@ def verdict(results: dict) -> dict:
             "fruit_w0.75": fruit, "reproduces": all(checks.values())}
 
 
-def run(progress: bool, split_seed: int = 0) -> dict:
-    from colour_groups import run as groups_run
+def half_model(where: dict, split_seed: int) -> str:
+    """make demo's model with the half run's RRT, once that run is the one ``where`` names."""
     from colour_groups import stand_in_model
 
-    where = split_paths(split_seed)
-    model = stand_in_model(where["run"], where["stand_in"], {"val_fraction": VAL_FRACTION, "split_seed": split_seed})
+    return stand_in_model(where["run"], where["stand_in"],
+                          {"val_fraction": VAL_FRACTION, "split_seed": split_seed, **where.get("expect", {})})
+
+
+def run(progress: bool, split_seed: int = 0, swap: bool = False) -> dict:
+    from colour_groups import run as groups_run
+
+    where = split_paths(split_seed, swap)
+    model = half_model(where, split_seed)
     results = groups_run(0, progress, gallery="held-out", split_seed=split_seed, val_fraction=VAL_FRACTION, model=model,
                          scores_out=where["scores"])
     results["verdict"] = verdict(results)
+    results["swap"] = swap
     return results
 
 
@@ -221,13 +239,13 @@ def fusion(store: bool) -> dict:
 CHAIN_RANKINGS = ("global", "gv", "rrt", "rrt+gv", "rrt-consensus", "rrt-consensus+gv")
 
 
-def chain_run(progress: bool, split_seed: int = 0) -> dict:
+def chain_run(progress: bool, split_seed: int = 0, swap: bool = False) -> dict:
     """Every ranking of :data:`CHAIN_RANKINGS` on this validation at w 0.75, and per-group top-1
     changes against global search (module doc, ``--chain``)."""
     import dataclasses
     import time
 
-    from colour_groups import changes, held_out_gallery, stand_in_model
+    from colour_groups import changes, held_out_gallery
     from colour_weight import ranking_scores, validation_signatures
     from gv_after_rrt import fused, set_inliers, verified_first_scores
     from local_matching import validation_setup
@@ -235,8 +253,8 @@ def chain_run(progress: bool, split_seed: int = 0) -> dict:
     from waldo.rerank.gv import GeometricReranker
 
     started = time.perf_counter()
-    where = split_paths(split_seed)
-    model = stand_in_model(where["run"], where["stand_in"], {"val_fraction": VAL_FRACTION, "split_seed": split_seed})
+    where = split_paths(split_seed, swap)
+    model = half_model(where, split_seed)
     setup = held_out_gallery(validation_setup(model, refit=True, max_queries=0, split_seed=split_seed,
                                               val_fraction=VAL_FRACTION))
     signatures = validation_signatures(setup)
@@ -254,7 +272,7 @@ def chain_run(progress: bool, split_seed: int = 0) -> dict:
                                                           config.min_inliers))
     rows = {name: validator.ranking(scores[name]) for name in CHAIN_RANKINGS}
     moved = changes(setup, validator, scores, rankings=CHAIN_RANKINGS[1:])
-    return {"split_seed": split_seed, "rows": rows, "changes": moved, "gv_config": config.model_dump(),
+    return {"split_seed": split_seed, "swap": swap, "rows": rows, "changes": moved, "gv_config": config.model_dump(),
             "sets": {s.name: len(s.queries) for s in setup.sets}, "gallery_sizes": {s.name: len(s.gallery) for s in setup.sets},
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -281,9 +299,9 @@ def chain_lines(chained: dict) -> list[str]:
     """The ``--chain`` diagnostic's tables, for the docs block."""
     from colour_groups import GROUPS
 
-    split_seed = chained.get("split_seed", 0)
-    split_flag = f" --split-seed {split_seed}" if split_seed else ""
-    chain_file = split_paths(split_seed)["chain"].name
+    split_seed, swap = chained.get("split_seed", 0), chained.get("swap", False)
+    split_flag = (f" --split-seed {split_seed}" if split_seed else "") + (" --swap" if swap else "")
+    chain_file = split_paths(split_seed, swap)["chain"].name
 
     sets = list(chained["rows"]["global"]["sets"])
     lines = ["The default chain on this validation (`--chain`, w 0.75, the product's keypoints and GVConfig(); a "
@@ -312,11 +330,13 @@ def markdown(results: dict) -> str:
     from colour_groups import GROUPS, test_rrt_runs
 
     rankings = ("global", "rrt", "rrt-consensus")
-    split_seed = results.get("split_seed", 0)
-    where = split_paths(split_seed)
+    split_seed, swap = results.get("split_seed", 0), results.get("swap", False)
+    where = split_paths(split_seed, swap)
     start, end, _ = where["block"]
+    config = f"rrt-views-s4-match-half{'-split' + str(split_seed) if split_seed else ''}{'-swap' if swap else ''}-cpu.json"
     lines = [start, "", "make demo's model with the RRT of its recipe trained on half of each source's identities "
-             f"(configs/rrt-views-s4-match-half{'-split' + str(split_seed) if split_seed else ''}-cpu.json); the other half's held-out queries ("
+             f"{'with swapped pairs (experiments/rrt_swap.py) ' if swap else ''}"
+             f"(configs/{config}); the other half's held-out queries ("
              + ", ".join(f"{name} {n}" for name, n in results["sets"].items()) + ") search only their own "
              "identities' photos (" + ", ".join(f"{name} {n}" for name, n in results["gallery_sizes"].items())
              + "): every distractor unseen by the RRT and by the global head (refitted without them). "
@@ -351,12 +371,30 @@ def markdown(results: dict) -> str:
               f"({v['gain_w0']:+.4f} -> {v['gain_w0.75']:+.4f}). **"
               + ("Reproduces the test's signature." if v["reproduces"] else "Does not reproduce the test's signature.")
               + "**", "", f"Produced by `{results['command']}` (results/{where['results'].name}; {results['seconds']:.0f} s).", ""]
-    if split_seed == 0 and FUSION_RESULTS.is_file():  # the follow-up was declared on split 0 only
+    if swap:
+        lines += unswapped_lines(results)
+    elif split_seed == 0 and FUSION_RESULTS.is_file():  # the follow-up was declared on split 0 only
         lines += fusion_lines(json.loads(FUSION_RESULTS.read_text()))
     if where["chain"].is_file():
         lines += chain_lines(json.loads(where["chain"].read_text()))
     lines.append(end)
     return "\n".join(lines)
+
+
+def unswapped_lines(results: dict) -> list[str]:
+    """Split 0 without swaps beside the swapped run (experiments/rrt_swap.py's diagnostic)."""
+    plain = json.loads(RESULTS.read_text())
+    lines = ["Grocery's held-out half at w 0.75, without and with swapped pairs (the same held-out identities and "
+             "queries; RRT alone against the global ranking it reranks):", "",
+             "| RRT trained | global R@1 | rrt R@1 | rrt mAP | rrt gain (w 0 -> w 0.75) | Fruit fixed / broken | signature |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in (("plain pairs (results/rrt_half.json)", plain), ("half swapped (this run)", results)):
+        fig, v = r["rows"]["0.75"]["figures"], r["verdict"]
+        lines.append(f"| {label} | {fig['global'][GROCERY]['recall@1']:.4f} | {fig['rrt'][GROCERY]['recall@1']:.4f} | "
+                     f"{fig['rrt'][GROCERY]['map']:.4f} | {v['gain_w0']:+.4f} -> {v['gain_w0.75']:+.4f} | "
+                     f"{v['fruit_w0.75']['fixed']} / {v['fruit_w0.75']['broken']} | "
+                     f"{'reproduced' if v['reproduces'] else 'not reproduced'} |")
+    return lines + [""]
 
 
 def fusion_lines(fused: dict) -> list[str]:
@@ -386,18 +424,20 @@ def main() -> int:
     parser.add_argument("--store", action="store_true", help="with --fusion: write a chosen weight into make demo's rrt.json")
     parser.add_argument("--chain", action="store_true", help="the default chain's rules on this validation (a diagnostic)")
     parser.add_argument("--split-seed", type=int, default=0, help="which random half is held out (module doc)")
+    parser.add_argument("--swap", action="store_true",
+                        help="split 0's RRT trained with swapped pairs (experiments/rrt_swap.py's diagnostic)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    where = split_paths(args.split_seed)
+    where = split_paths(args.split_seed, args.swap)
     start, end, heading = where["block"]
 
     def write_doc() -> None:
         write_block(DOC, markdown(json.loads(where["results"].read_text())), start, end, heading=heading)
 
-    if args.fusion and args.split_seed:
+    if args.fusion and (args.split_seed or args.swap):
         raise SystemExit("the follow-up was declared on split 0 only (module doc)")
     if args.chain:
-        chained = chain_run(progress=not args.quiet, split_seed=args.split_seed)
+        chained = chain_run(progress=not args.quiet, split_seed=args.split_seed, swap=args.swap)
         where["chain"].write_text(json.dumps(chained, indent=1) + "\n")
         print(json.dumps(default_chain(chained["rows"])))
         write_doc()
@@ -410,7 +450,7 @@ def main() -> int:
     if args.doc:
         write_doc()
         return 0
-    results = run(progress=not args.quiet, split_seed=args.split_seed)
+    results = run(progress=not args.quiet, split_seed=args.split_seed, swap=args.swap)
     results["command"] = " ".join([".venv/bin/python", "experiments/rrt_half.py", *(shlex.quote(a) for a in sys.argv[1:])])
     where["results"].write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["verdict"]))

@@ -18,7 +18,7 @@ from waldo.train.config import RRTTrainConfig
 from waldo.train.pairs import PairSampler, split_rows, top_k_neighbours, validation_sets
 from waldo.train.rrt_online import train_rrt_on_views
 from waldo.train.sources import TrainingSource, check_no_test_images, parse_source, pool_sources
-from waldo.data.views import ViewAugment, strong_view
+from waldo.data.views import ViewAugment, strong_view, swap_centre
 
 
 def _photo(seed: int = 0) -> Image.Image:
@@ -44,6 +44,22 @@ def test_strong_view_without_any_change_is_the_resized_photo():
     view = strong_view(image, 64, np.random.default_rng(0), none)
     expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     assert torch.allclose(view, expected, atol=1 / 255)
+
+
+def test_a_swapped_view_is_one_photos_middle_in_the_others_surroundings():
+    surroundings = Image.new("RGB", (100, 80), (255, 0, 0))
+    middle = Image.new("RGB", (50, 40), (0, 0, 255))
+    out = np.array(swap_centre(surroundings, middle, np.random.default_rng(0)))
+    blue = (out == [0, 0, 255]).all(-1)
+    red = (out == [255, 0, 0]).all(-1)
+    assert blue.all(-1).sum() == 0 and red.all(-1).any()  # the border stays the surroundings
+    assert blue[40, 50] and red[0, 0] and red[-1, -1]  # the middle is the other photo's
+    assert 0.25 * 0.9 <= blue.mean() <= 0.65 ** 2 * 1.1 and (blue | red).all()
+    # the view of a swap keeps the pasted middle in view (crops of at least half the photo)
+    none = ViewAugment(p_rotation=0, p_perspective=0, jitter=0, hue=0, p_blur=0, p_jpeg=0, p_occlusion=0)
+    for seed in range(20):
+        view = strong_view(surroundings, 32, np.random.default_rng(seed), none, middle=middle)
+        assert float((view[2] > 0.9).float().mean()) > 0.1
 
 
 def _pool(labelled_ids, unlabelled: int):
@@ -86,6 +102,49 @@ def test_pair_source_positives_are_the_same_photo_or_identity_and_negatives_neve
     assert seen_self > 0 and seen_real > 0
     # weights: the unlabelled source (weight 2) gives about twice its share of anchors
     assert sampler.counts[1] == round(2.0 * np.sum(~held_out & (pool.source == 1)))
+
+
+def test_swapped_pairs_differ_only_in_the_middle_and_are_labelled_by_it():
+    """A swapped positive shows the anchor's (or its real positive's) middle in the negative's
+    surroundings; a swapped negative shows the negative's middle in the anchor's own surroundings;
+    targets follow what the middle shows, and swaps off leaves the draws as before."""
+    pool = _pool([i // 4 for i in range(40)], unlabelled=30)
+    held_out = split_rows(pool, 0.2, seed=0)
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(len(pool), 8)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    neighbours = top_k_neighbours(desc, np.flatnonzero(~held_out), 10)
+    plain = PairSampler(pool, ~held_out, neighbours, seed=0)
+    off = PairSampler(pool, ~held_out, neighbours, seed=0, swap_prob=0.0)
+    for a, b in zip(plain.epoch(0, 8), off.epoch(0, 8)):
+        assert np.array_equal(a.candidates, b.candidates) and b.middles is None
+    swapping = PairSampler(pool, ~held_out, neighbours, seed=0, swap_prob=0.5)
+    swapped = plain_pairs = 0
+    for batch in swapping.epoch(0, 8):
+        b = len(batch.anchors)
+        middles = np.full(len(batch.candidates), -1) if batch.middles is None else batch.middles
+        shown = np.where(middles >= 0, middles, batch.candidates)
+        anchors = batch.anchors[batch.pair_anchor]
+        same = pool.identity[anchors] == pool.identity[shown[batch.pair_candidate]]
+        assert (same == (batch.targets == 1)).all()
+        for i in range(b):
+            positive, negative = batch.candidates[i], batch.candidates[b + i]
+            if middles[i] >= 0:
+                assert middles[b + i] >= 0  # both of an anchor's pairs are swapped together
+                assert negative == batch.anchors[i]  # the anchor's own surroundings ...
+                assert middles[b + i] == positive  # ... around the middle of the photo whose surroundings the positive has
+                assert pool.identity[middles[i]] == pool.identity[batch.anchors[i]]
+                assert pool.identity[middles[b + i]] != pool.identity[batch.anchors[i]]
+                swapped += 1
+            else:
+                assert middles[b + i] < 0
+                plain_pairs += 1
+        assert batch.counters["swapped_pairs"] == int((middles[:b] >= 0).sum())
+    assert swapped > 5 and plain_pairs > 5
+    with pytest.raises(ValueError, match="swap_prob"):
+        PairSampler(pool, ~held_out, neighbours, swap_prob=1.5)
+    with pytest.raises(ValueError, match="online_views"):
+        RRTTrainConfig(mode="rrt-only", online_views=False, swap_prob=0.5)
 
 
 def test_neighbours_exclude_the_row_itself_and_follow_similarity():
@@ -174,6 +233,24 @@ def test_short_run_on_real_photos_learns_to_find_a_photos_own_view(data_root, sm
     assert info["training"]["trained_on"][0]["labelled"] is False
     assert len(modes) >= 4  # a step per batch of each of the 4 epochs
     assert all(modes), f"{modes.count(False)} of {len(modes)} training steps ran in eval mode"
+
+
+def test_a_run_with_swapped_pairs_trains_on_them(data_root, small_model, tmp_path):
+    """swap_prob reaches the pair source and the view maker: the epoch's counters say how many
+    pairs were swapped, and the run trains and saves as any other."""
+    images = read_labels_csv(data_root / "grocery_store").subset(range(0, 2400, 60), "grocery sample")
+    source = TrainingSource("grocery sample", ImageSet([ImageRecord(r.path, "") for r in images], images.root,
+                                                       "grocery sample"), labelled=False)
+    config = RRTTrainConfig.model_validate({
+        "mode": "rrt-only", "rrt": {"d_model": DIM, "n_layers": 1, "n_heads": 4, "ff_dim": 64},
+        "anchors_per_epoch": 32, "batch_triplets": 16, "epochs": 1, "lr": 1e-3, "swap_prob": 1.0,
+        "val_fraction": 0.25, "val_top_k": 10, "negatives_top_k": 10, "threads": 2, "seed": 0})
+    best = train_rrt_on_views(config, [source], small_model, tmp_path / "run", cache_root=tmp_path / "cache",
+                              progress=False, allow_test_images=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    trained = [entry for entry in log if entry["epoch"] > 0]
+    assert trained and trained[0]["swapped_pairs"] == 32
+    assert load_rrt(best)[0] is not None
 
 
 def test_a_second_seed_holds_out_the_first_runs_identities(data_root, small_model, tmp_path):
@@ -511,8 +588,8 @@ def test_global_skip_lr_scale_moves_only_the_residuals_scale_faster(lr_scale):
     global_desc, local_desc = unit((8, 32)), unit((8, 4, 16))
     trainer = OnlineRRTTrainer(config, rrt, SimpleNamespace(anchors_per_epoch=16), None, global_desc, local_desc,
                                None, (2, 2), None, {})
-    trainer._candidates = lambda epoch, index, rows: (torch.from_numpy(global_desc[rows]),
-                                                      torch.from_numpy(local_desc[rows]))
+    trainer._candidates = lambda epoch, index, rows, middles=None: (torch.from_numpy(global_desc[rows]),
+                                                                    torch.from_numpy(local_desc[rows]))
     batch = PairBatch(np.arange(4), np.arange(4, 8), np.repeat(np.arange(4), 4), np.tile(np.arange(4), 4),
                       np.eye(4, dtype=np.float32).ravel(), {})
     start = float(rrt.global_skip_scale.detach())

@@ -8,6 +8,13 @@ perspective / homography warp), other light and camera (colour jitter, blur, JPE
 and clutter in front (a partial occlusion). Flips are left out on purpose: a mirrored label or
 logo is another product.
 
+A *swapped* view (:func:`swap_centre`) puts the middle of one photo into the surroundings of
+another before the view is made. Photos of products keep the product in the middle and a shelf,
+a bin or a hand around it, and a plain view keeps both: a reranker trained only on plain views
+can learn to match on the shelf. A swapped pair separates the two: the anchor's middle in another
+photo's surroundings is a positive, another product's middle in the anchor's own surroundings a
+negative (waldo.train.pairs.PairSampler's ``swap_prob``).
+
 Every draw comes from the ``numpy`` generator passed in (not the global RNGs), so a view is a
 pure function of (image, seed): runs are reproducible, and threads can make views in parallel.
 """
@@ -23,7 +30,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
 
-__all__ = ["ViewAugment", "crop_box", "strong_view"]
+__all__ = ["ViewAugment", "crop_box", "strong_view", "swap_centre", "SWAP_MIN_CROP"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,31 @@ class ViewAugment:
     jpeg_quality: tuple[int, int] = (30, 90)
     p_occlusion: float = 0.3
     max_occlusion: float = 0.25  # of the view's area
+
+
+# A swapped view crops at least half the photo, so that the pasted middle (a quarter to 40% of
+# the area) stays mostly in the view and a swapped positive still shows its anchor.
+SWAP_MIN_CROP = 0.5
+
+
+def swap_centre(surroundings: Image.Image, middle: Image.Image, rng: np.random.Generator,
+                side: tuple[float, float] = (0.5, 0.65), shift: float = 0.05) -> Image.Image:
+    """``surroundings`` with its middle replaced by the middle of ``middle`` (resized to the
+    same size first): a box of ``side`` x each side (drawn), centred up to ``shift`` x the side
+    off the photo's centre, the same box in both photos. RGB."""
+    base = surroundings.convert("RGB")
+    width, height = base.size
+    fraction = float(rng.uniform(*side))
+    box_w, box_h = max(1, round(width * fraction)), max(1, round(height * fraction))
+    cx = width / 2 + rng.uniform(-shift, shift) * width
+    cy = height / 2 + rng.uniform(-shift, shift) * height
+    left = int(min(max(0, round(cx - box_w / 2)), width - box_w))
+    top = int(min(max(0, round(cy - box_h / 2)), height - box_h))
+    box = (left, top, left + box_w, top + box_h)
+    inner = middle.convert("RGB").resize((width, height), Image.BILINEAR).crop(box)
+    out = base.copy()
+    out.paste(inner, box[:2])
+    return out
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.3, 1.0),
@@ -73,12 +105,17 @@ def _perspective(image: Image.Image, distortion: float, rng: np.random.Generator
 
 
 def strong_view(image: Image.Image, size: int, rng: np.random.Generator,
-                augment: ViewAugment = ViewAugment()) -> torch.Tensor:
-    """A strongly augmented ``size`` x ``size`` view of an RGB photo (see module doc).
-    Returns (3, size, size) float32 in [0, 1]."""
+                augment: ViewAugment = ViewAugment(), middle: Image.Image | None = None) -> torch.Tensor:
+    """A strongly augmented ``size`` x ``size`` view of an RGB photo (see module doc); with
+    ``middle``, of ``image``'s surroundings around ``middle``'s middle (:func:`swap_centre`),
+    cropped to at least :data:`SWAP_MIN_CROP` of the area. Returns (3, size, size) float32 in [0, 1]."""
     a = augment
     image = image.convert("RGB")
-    box = crop_box(*image.size, rng, (a.min_crop, 1.0))
+    min_crop = a.min_crop
+    if middle is not None:
+        image = swap_centre(image, middle, rng)
+        min_crop = max(min_crop, SWAP_MIN_CROP)
+    box = crop_box(*image.size, rng, (min_crop, 1.0))
     image = F.resized_crop(image, *box, [size, size], interpolation=F.InterpolationMode.BILINEAR)
     if rng.random() < a.p_rotation:
         image = F.rotate(image, float(rng.uniform(-a.max_rotation, a.max_rotation)),

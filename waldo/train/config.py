@@ -193,6 +193,10 @@ class RRTTrainConfig(TrainConfig):
     in_batch_negatives: bool = True
     anchors_per_epoch: int = Field(0, ge=0)  # 0 = each source's training images x its weight
     augment: dict[str, Any] = Field(default_factory=dict)  # waldo.data.views.ViewAugment overrides
+    # rrt-only, online views: the share of anchors whose pair is swapped (waldo.train.pairs): the
+    # positive shows the anchor's middle in other surroundings, the negative another product's
+    # middle in the anchor's own surroundings, so matching the surroundings earns nothing
+    swap_prob: float = Field(0.0, ge=0, le=1)
     # rrt-only: the residual's scale (one scalar, ~10) learns at lr x this: at the plain lr an Adam
     # step moves it by ~lr, so it barely leaves its start in a short run
     global_skip_lr_scale: float = Field(1.0, gt=0)
@@ -215,6 +219,8 @@ class RRTTrainConfig(TrainConfig):
             raise ValueError('pair_loss "softmax" needs mode "rrt-only"')
         if self.global_skip_lr_scale != 1.0 and (self.mode != "rrt-only" or not rrt.global_skip):
             raise ValueError('global_skip_lr_scale needs mode "rrt-only" and rrt.global_skip')
+        if self.swap_prob > 0 and (self.mode != "rrt-only" or not self.online_views):
+            raise ValueError('swap_prob needs mode "rrt-only" with online_views (swapped views are made per step)')
         if self.split_seed is not None and self.mode != "rrt-only":
             raise ValueError('split_seed needs mode "rrt-only"')
         from waldo.data.views import ViewAugment

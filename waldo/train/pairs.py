@@ -12,6 +12,10 @@ identity, else a random row of another identity. Every candidate is seen through
 augmented view (waldo.data.views), positives and negatives alike, so "was augmented" tells the
 model nothing. ``in_batch_negatives`` also pairs each anchor with the next anchor's positive
 view when their identities differ: one more negative per anchor for no extra backbone pass.
+With ``swap_prob`` an anchor's pair is *swapped* (waldo.data.views.swap_centre): its positive
+shows the positive photo's middle in the negative photo's surroundings, its negative the negative
+photo's middle in the anchor's own surroundings, so the only thing that tells them apart is the
+middle, where a product photo keeps its product.
 
 Validation (:func:`validation_sets`), per source, built like the test it should predict:
 
@@ -65,7 +69,9 @@ def top_k_neighbours(global_desc: np.ndarray, rows: np.ndarray, k: int) -> np.nd
 @dataclass
 class PairBatch:
     """anchors (B,) rows seen clean; candidates (C,) rows seen through augmented views; pairs
-    (P,) = (index into anchors, index into candidates, target 0/1)."""
+    (P,) = (index into anchors, index into candidates, target 0/1); middles (C,) the row whose
+    middle a swapped candidate shows in its candidate row's surroundings, -1 for a plain view
+    (None: no swapped candidate in the batch)."""
 
     anchors: np.ndarray
     candidates: np.ndarray
@@ -73,13 +79,16 @@ class PairBatch:
     pair_candidate: np.ndarray
     targets: np.ndarray
     counters: dict
+    middles: np.ndarray | None = None
 
 
 class PairSampler:
     def __init__(self, pool: PooledImages, train: np.ndarray, neighbours: np.ndarray, *, seed: int = 0,
                  real_positive_prob: float = 0.5, hard_negative_prob: float = 0.7, hard_negative_k: int = 20,
-                 in_batch_negatives: bool = True, anchors_per_epoch: int = 0) -> None:
-        self.pool, self.seed = pool, seed
+                 in_batch_negatives: bool = True, anchors_per_epoch: int = 0, swap_prob: float = 0.0) -> None:
+        if not 0.0 <= swap_prob <= 1.0:
+            raise ValueError(f"swap_prob must be in [0, 1], got {swap_prob}")
+        self.pool, self.seed, self.swap_prob = pool, seed, swap_prob
         self.train_rows = np.flatnonzero(train)
         if len(self.train_rows) < 2:
             raise ValueError(f"reranker training needs at least 2 training images, got {len(self.train_rows)}")
@@ -137,25 +146,42 @@ class PairSampler:
             chunk = anchors[start:start + batch_anchors]
             b = len(chunk)
             positives, negatives, real, hard = [], [], 0, 0
+            positive_middles, negative_middles = [], []
             for anchor in chunk:
                 positive, is_real = self._positive(int(anchor), rng)
                 negative, is_hard = self._negative(int(anchor), rng)
-                positives.append(positive)
-                negatives.append(negative)
+                # drawn only when asked for, so that runs without swaps keep their old draws
+                if self.swap_prob > 0 and rng.random() < self.swap_prob:
+                    positives.append(negative)  # the negative photo's surroundings ...
+                    positive_middles.append(positive)  # ... around the positive's middle
+                    negatives.append(int(anchor))  # the anchor's own surroundings ...
+                    negative_middles.append(negative)  # ... around the negative's middle
+                else:
+                    positives.append(positive)
+                    negatives.append(negative)
+                    positive_middles.append(-1)
+                    negative_middles.append(-1)
                 real, hard = real + is_real, hard + is_hard
             candidates = np.array(positives + negatives, np.int64)
+            middles = np.array(positive_middles + negative_middles, np.int64)
+            swapped = int((middles[:b] >= 0).sum())
+            # what a candidate shows is its middle's identity when swapped
+            shown = np.where(middles >= 0, middles, candidates)
             pair_anchor = [np.arange(b), np.arange(b)]
             pair_candidate = [np.arange(b), b + np.arange(b)]
             targets = [np.ones(b), np.zeros(b)]
             if self.in_batch_negatives and b > 1:
                 other = (np.arange(b) + 1) % b
-                keep = self.pool.identity[chunk] != self.pool.identity[candidates[other]]
+                keep = self.pool.identity[chunk] != self.pool.identity[shown[other]]
                 pair_anchor.append(np.arange(b)[keep])
                 pair_candidate.append(other[keep])
                 targets.append(np.zeros(int(keep.sum())))
+            counters = {"real_positives": real, "hard_negatives": hard}
+            if self.swap_prob > 0:
+                counters["swapped_pairs"] = swapped
             yield PairBatch(chunk.astype(np.int64), candidates, np.concatenate(pair_anchor),
                             np.concatenate(pair_candidate), np.concatenate(targets).astype(np.float32),
-                            {"real_positives": real, "hard_negatives": hard})
+                            counters, middles if swapped else None)
 
 
 @dataclass

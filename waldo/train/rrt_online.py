@@ -110,18 +110,26 @@ class ViewMaker:
             self._images[row] = image
         return image
 
-    def images(self, rows: np.ndarray, seeds: list[list[int]]) -> torch.Tensor:
-        def one(row: int, seed: list[int]) -> torch.Tensor:
-            return strong_view(self._photo(row), self.image_size, np.random.default_rng(seed), self.augment)
+    def images(self, rows: np.ndarray, seeds: list[list[int]], middles: np.ndarray | None = None) -> torch.Tensor:
+        """One view per (row, seed); where ``middles`` >= 0, a swapped view: that row's middle in
+        ``row``'s surroundings (waldo.data.views.swap_centre)."""
+        middles = np.full(len(rows), -1) if middles is None else middles
 
-        return torch.stack(list(self._pool.map(one, [int(r) for r in rows], seeds)))
+        def one(row: int, middle: int, seed: list[int]) -> torch.Tensor:
+            inner = self._photo(middle) if middle >= 0 else None
+            return strong_view(self._photo(row), self.image_size, np.random.default_rng(seed), self.augment, inner)
+
+        return torch.stack(list(self._pool.map(one, [int(r) for r in rows], [int(m) for m in middles], seeds)))
 
     @torch.inference_mode()
-    def describe(self, rows: np.ndarray, seeds: list[list[int]], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global (n, D), local (n, L, D)) float32 of one view per (row, seed)."""
+    def describe(self, rows: np.ndarray, seeds: list[list[int]], batch_size: int = 64,
+                 middles: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global (n, D), local (n, L, D)) float32 of one view per (row, seed) (``middles``: see
+        :meth:`images`)."""
         globals_, locals_ = [], []
         for start in range(0, len(rows), batch_size):
-            images = self.images(rows[start:start + batch_size], seeds[start:start + batch_size])
+            part = None if middles is None else middles[start:start + batch_size]
+            images = self.images(rows[start:start + batch_size], seeds[start:start + batch_size], part)
             out = self.run_model(images.contiguous(memory_format=torch.channels_last))
             globals_.append(out.global_desc.float())
             locals_.append(out.local_desc.float())
@@ -357,19 +365,20 @@ class OnlineRRTTrainer(Trainer):
     def batches_per_epoch(self) -> int:
         return -(-self.sampler.anchors_per_epoch // self.config.batch_triplets)
 
-    def _candidates(self, epoch: int, index: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates(self, epoch: int, index: int, rows: np.ndarray,
+                    middles: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         seed = self.config.seed
-        if self._cached_views is not None:
+        if self._cached_views is not None:  # swap_prob needs online views (RRTTrainConfig checks)
             pick = np.random.default_rng([seed, epoch, index, 5]).integers(self.config.views, size=len(rows))
             g, l_ = self._cached_views
             return g[rows, pick].float(), l_[rows, pick].float()
-        return self.views.describe(rows, [[seed, epoch, index, j] for j in range(len(rows))])
+        return self.views.describe(rows, [[seed, epoch, index, j] for j in range(len(rows))], middles=middles)
 
     def step(self, epoch: int, index: int, batch: PairBatch) -> StepResult:
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(epoch, epoch * self.batches_per_epoch() + index) * group.get("lr_scale", 1.0)
-        c_global, c_local = self._candidates(epoch, index, batch.candidates)
+        c_global, c_local = self._candidates(epoch, index, batch.candidates, batch.middles)
         a_global = torch.from_numpy(self.global_desc[batch.anchors])
         a_local = torch.from_numpy(self.local_desc[batch.anchors].astype(np.float32))
         qa, qc = torch.from_numpy(batch.pair_anchor), torch.from_numpy(batch.pair_candidate)
@@ -473,7 +482,8 @@ def train_rrt_on_views(config: RRTTrainConfig, sources: list[TrainingSource], in
     neighbours = top_k_neighbours(global_desc, np.flatnonzero(train), config.negatives_top_k)
     sampler = PairSampler(pool, train, neighbours, seed=config.seed, real_positive_prob=config.real_positive_prob,
                           hard_negative_prob=config.hard_negative_prob, hard_negative_k=config.hard_negative_k,
-                          in_batch_negatives=config.in_batch_negatives, anchors_per_epoch=config.anchors_per_epoch)
+                          in_batch_negatives=config.in_batch_negatives, anchors_per_epoch=config.anchors_per_epoch,
+                          swap_prob=config.swap_prob)
     grid = (model_config.image_size // model.local_stride,) * 2
     views = ViewMaker(model, pool.paths, model_config.image_size, ViewAugment(**config.augment))
     sets = validation_sets(pool, held_out & ok, max_queries=config.val_max_queries, seed=config.held_out_seed)
