@@ -110,16 +110,18 @@ def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_lab
 
 
 def markdown(results: dict, block: tuple[str, str] = (START, END), script: str = "rrt_colour_ft.py",
-             run: Path = RUN, config: Path = CONFIG, tuned: str = TUNED) -> str:
-    """The docs block of a fine-tune judged by :func:`validation` (this study's, or another's
-    that passes its own block, script, run and config)."""
+             run: Path = RUN, config: Path = CONFIG, tuned: str = TUNED, init: str = "--init lite0-match-rrt --init-rrt "
+             "lite0-match-rrt", start_note: str = "epoch 0: the start, make demo's weights") -> str:
+    """The docs block of an RRT judged by :func:`validation` (this study's fine-tune, or another
+    study's run that passes its own block, script, run, config, training ``init`` flags and a
+    note on its epoch 0)."""
     start, end = block
     v = results["validation"]
     names = list(v["rows"][SHIPPED]["global"]["sets"])
     lines = [start, "", "Fair validation (held-out training identities, make demo's global head refitted without them), "
              f"make demo's colour term (w {v['colour_weight']:g}) appended; both RRTs rerank the same top-100; rule fixed "
              f"before the fine-tune's figures were read (experiments/{script}'s docstring). The fine-tuned RRT: "
-             f"epoch {v['tuned_epoch']} of its run (epoch 0: the start, make demo's weights); its last epoch "
+             f"epoch {v['tuned_epoch']} of its run ({start_note}); its last epoch "
              f"({v['last_epoch']}) is reported beside it and chose nothing. Global-residual scales "
              f"{v['global_skip_scales'][SHIPPED]:.3f} (make demo's), {v['global_skip_scales'][tuned]:.3f} (best), "
              f"{v['global_skip_scales'][LAST]:.3f} (last).", "",
@@ -137,8 +139,8 @@ def markdown(results: dict, block: tuple[str, str] = (START, END), script: str =
                   f"{rule['a_earns_default']}; (b) its R@1 not lower: {rule['b_recall1_not_lower']}; (c) RRT alone not "
                   f"lower: {rule['c_rrt_not_lower']}; (d) rrt-consensus not lower: {rule['d_consensus_not_lower']}. "
                   + ("**Adopted.**" if v["adopted"] else "**Not adopted: make demo keeps its RRT.**"),
-              "", f"Produced by `waldo train rrt --config configs/{config.name} --init lite0-match-rrt --init-rrt "
-                  f"lite0-match-rrt --out runs/{run.name} --data grocery-open-cross --data coil100-open --data "
+              "", f"Produced by `waldo train rrt --config configs/{config.name} {init} "
+                  f"--out runs/{run.name} --data grocery-open-cross --data coil100-open --data "
                   f"../shared/data/abo_sample` then {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
                   f"(results/{Path(script).stem}.json).", "", end]
     return "\n".join(lines)
