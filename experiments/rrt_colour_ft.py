@@ -154,12 +154,20 @@ def main() -> int:
     if args.doc:
         write_block(DOC, markdown(json.loads(RESULTS.read_text())), START, END, heading=HEADING)
         return 0
-    command = " ".join([".venv/bin/python", "experiments/rrt_colour_ft.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    results = {"commands": [command], "validation": validation(progress=not args.quiet)}
+    judge_and_save(RESULTS, "rrt_colour_ft.py", RUN, CONFIG, TUNED, quiet=args.quiet)
+    return 0
+
+
+def judge_and_save(results_path: Path, script: str, run: Path, config: Path, label: str, *, quiet: bool,
+                   extra: dict | None = None) -> dict:
+    """:func:`validation` of ``run`` (labelled ``label``), saved with the command that ran it
+    (``script`` and this process's arguments) and ``extra`` entries to ``results_path``."""
+    command = " ".join([".venv/bin/python", f"experiments/{script}", *(shlex.quote(a) for a in sys.argv[1:])])
+    results = {"commands": [command], **(extra or {}), "validation": validation(not quiet, run, config, label)}
     v = results["validation"]
     print(f"rule {v['rule']} -> adopted {v['adopted']}", flush=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 if __name__ == "__main__":

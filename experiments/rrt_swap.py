@@ -61,14 +61,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rrt_colour_ft import markdown as fine_tune_markdown  # noqa: E402
-from rrt_colour_ft import validation  # noqa: E402
+from rrt_colour_ft import judge_and_save  # noqa: E402
 
 from waldo_experiments.doc_blocks import write_block  # noqa: E402
 
@@ -112,12 +111,7 @@ def main() -> int:
         return 0
     if not (run / "best" / "rrt.json").is_file():
         raise SystemExit(f"{run / 'best'} is missing: train it first (see the module doc)")
-    command = " ".join([".venv/bin/python", "experiments/rrt_swap.py", *(shlex.quote(a) for a in sys.argv[1:])])
-    results = {"commands": [command], "scratch": args.scratch,
-               "validation": validation(not args.quiet, run, config, label)}
-    v = results["validation"]
-    print(f"rule {v['rule']} -> adopted {v['adopted']}", flush=True)
-    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    judge_and_save(results_path, "rrt_swap.py", run, config, label, quiet=args.quiet, extra={"scratch": args.scratch})
     return 0
 
 
