@@ -335,8 +335,8 @@ def markdown(results: dict) -> str:
     start, end, _ = where["block"]
     config = f"rrt-views-s4-match-half{'-split' + str(split_seed) if split_seed else ''}{'-swap' if swap else ''}-cpu.json"
     lines = [start, "", "make demo's model with the RRT of its recipe trained on half of each source's identities "
-             f"{'with swapped pairs (experiments/rrt_swap.py) ' if swap else ''}"
-             f"(configs/{config}); the other half's held-out queries ("
+             f"{'with swapped pairs ' if swap else ''}"
+             f"(configs/{config}{'; the diagnostic experiments/rrt_swap.py declared' if swap else ''}); the other half's held-out queries ("
              + ", ".join(f"{name} {n}" for name, n in results["sets"].items()) + ") search only their own "
              "identities' photos (" + ", ".join(f"{name} {n}" for name, n in results["gallery_sizes"].items())
              + "): every distractor unseen by the RRT and by the global head (refitted without them). "

@@ -485,7 +485,8 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
     ("colour_untrained", "colour_untrained.json", "colour-untrained"), ("rrt_colour_ft", "rrt_colour_ft.json", "rrt-colour-ft"),
     ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop"),
     ("rrt_half", "rrt_half.json", "rrt-half"), ("rrt_half", "rrt_half_split1.json", "rrt-half-split1"),
-    ("rrt_half", "rrt_half_split2.json", "rrt-half-split2"), ("rrt_swap", "rrt_swap.json", "rrt-swap")])
+    ("rrt_half", "rrt_half_split2.json", "rrt-half-split2"), ("rrt_swap", "rrt_swap.json", "rrt-swap"),
+    ("rrt_half", "rrt_half_swap.json", "rrt-half-swap")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
@@ -523,6 +524,9 @@ def test_rrt_half_verdict_and_fusion_follow_their_rules():
     for k in (1, 2):
         other = _results(f"rrt_half_split{k}.json")
         assert other["split_seed"] == k and module.verdict(other) == other["verdict"]
+    swapped = _results("rrt_half_swap.json")  # experiments/rrt_swap.py's diagnostic, split 0's identities
+    assert swapped["swap"] and swapped.get("split_seed", 0) == 0 and module.verdict(swapped) == swapped["verdict"]
+    assert swapped["sets"] == saved["sets"]
     fused = _results("rrt_half_fusion.json")
     assert saved["verdict"]["reproduces"]  # the follow-up runs only on a validation that does
     chosen = module.choose_fusion(fused["global"], fused["cells"])
