@@ -82,7 +82,7 @@ def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_lab
 
     trained_with = json.loads((run / "train_config.json").read_text())
     expected = json.loads(config.read_text())
-    defaults = {"swap_prob": 0.0}  # keys a config may leave out
+    defaults = {"swap_prob": 0.0, "augment": {}}  # keys a config may leave out
     for key in ("augment", "epochs", "lr", "seed", "swap_prob"):
         if trained_with.get(key, defaults.get(key)) != expected.get(key, defaults.get(key)):
             raise SystemExit(f"{run} was trained with {key} {trained_with.get(key)!r}, not {config.name}'s")
@@ -111,16 +111,17 @@ def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_lab
 
 def markdown(results: dict, block: tuple[str, str] = (START, END), script: str = "rrt_colour_ft.py",
              run: Path = RUN, config: Path = CONFIG, tuned: str = TUNED, init: str = "--init lite0-match-rrt --init-rrt "
-             "lite0-match-rrt", start_note: str = "epoch 0: the start, make demo's weights") -> str:
+             "lite0-match-rrt", start_note: str = "epoch 0: the start, make demo's weights",
+             what: str = "fine-tune", subject: str = "The fine-tuned RRT", results_name: str = "") -> str:
     """The docs block of an RRT judged by :func:`validation` (this study's fine-tune, or another
-    study's run that passes its own block, script, run, config, training ``init`` flags and a
-    note on its epoch 0)."""
+    study's run that passes its own block, script, run, config, training ``init`` flags, a note
+    on its epoch 0, what the candidate is, how a sentence names its RRT, its results file's name)."""
     start, end = block
     v = results["validation"]
     names = list(v["rows"][SHIPPED]["global"]["sets"])
     lines = [start, "", "Fair validation (held-out training identities, make demo's global head refitted without them), "
              f"make demo's colour term (w {v['colour_weight']:g}) appended; both RRTs rerank the same top-100; rule fixed "
-             f"before the fine-tune's figures were read (experiments/{script}'s docstring). The fine-tuned RRT: "
+             f"before the {what}'s figures were read (experiments/{script}'s docstring). {subject}: "
              f"epoch {v['tuned_epoch']} of its run ({start_note}); its last epoch "
              f"({v['last_epoch']}) is reported beside it and chose nothing. Global-residual scales "
              f"{v['global_skip_scales'][SHIPPED]:.3f} (make demo's), {v['global_skip_scales'][tuned]:.3f} (best), "
@@ -142,7 +143,7 @@ def markdown(results: dict, block: tuple[str, str] = (START, END), script: str =
               "", f"Produced by `waldo train rrt --config configs/{config.name} {init} "
                   f"--out runs/{run.name} --data grocery-open-cross --data coil100-open --data "
                   f"../shared/data/abo_sample` then {' then '.join(f'`{c}`' for c in dict.fromkeys(results['commands']))} "
-                  f"(results/{Path(script).stem}.json).", "", end]
+                  f"(results/{results_name or Path(script).stem + '.json'}).", "", end]
     return "\n".join(lines)
 
 

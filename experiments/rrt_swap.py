@@ -91,7 +91,9 @@ def markdown(results: dict) -> str:
     if results.get("scratch"):
         return fine_tune_markdown(results, SCRATCH["block"], "rrt_swap.py", SCRATCH["run"], SCRATCH["config"],
                                   SCRATCH["label"], init="--init runs/base-lite0-s4",
-                                  start_note="epoch 0: an untrained transformer on global search and local matching")
+                                  start_note="epoch 0: an untrained transformer on global search and local matching",
+                                  what="run", subject="The swapped run's RRT",
+                                  results_name=SCRATCH["results"].name)
     return fine_tune_markdown(results, (START, END), "rrt_swap.py", RUN, CONFIG, TUNED)
 
 

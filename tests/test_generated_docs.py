@@ -486,7 +486,7 @@ def test_the_paired_transfer_comparison_is_generated_from_the_same_runs():
     ("gv_centre_share", "gv_centre_share.json", "gv-centre-share"), ("gv_centre_crop", "gv_centre_crop.json", "gv-centre-crop"),
     ("rrt_half", "rrt_half.json", "rrt-half"), ("rrt_half", "rrt_half_split1.json", "rrt-half-split1"),
     ("rrt_half", "rrt_half_split2.json", "rrt-half-split2"), ("rrt_swap", "rrt_swap.json", "rrt-swap"),
-    ("rrt_half", "rrt_half_swap.json", "rrt-half-swap")])
+    ("rrt_half", "rrt_half_swap.json", "rrt-half-swap"), ("rrt_swap", "rrt_swap_scratch.json", "rrt-swap-scratch")])
 def test_rrt_variant_blocks_are_generated(script, results, block):
     """The seed, dropout and colour studies' blocks in docs/results.md are what their scripts
     render from the committed JSON; a variant study's verdict is its declared rule's."""
@@ -503,12 +503,14 @@ def test_rrt_variant_blocks_are_generated(script, results, block):
 
 
 def test_rrt_swap_verdict_is_rrt_colour_ft_rule_on_its_figures():
-    """experiments/rrt_swap.py declared experiments/rrt_colour_ft.py's rule: the saved verdict is
-    that rule recomputed from the saved rows."""
-    saved = _results("rrt_swap.json")["validation"]
-    label = _experiment("rrt_swap").TUNED
-    assert label in saved["rows"]
-    assert _experiment("rrt_colour_ft").judge(saved["rows"], label)["rule"] == saved["rule"]
+    """experiments/rrt_swap.py declared experiments/rrt_colour_ft.py's rule for both its candidates
+    (the fine-tune and the run from the start): each saved verdict is that rule recomputed from
+    the saved rows."""
+    swap = _experiment("rrt_swap")
+    for name, label in (("rrt_swap.json", swap.TUNED), ("rrt_swap_scratch.json", swap.SCRATCH["label"])):
+        saved = _results(name)["validation"]
+        assert label in saved["rows"]
+        assert _experiment("rrt_colour_ft").judge(saved["rows"], label)["rule"] == saved["rule"]
 
 
 def test_rrt_half_verdict_and_fusion_follow_their_rules():
