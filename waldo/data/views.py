@@ -13,7 +13,9 @@ another before the view is made. Photos of products keep the product in the midd
 a bin or a hand around it, and a plain view keeps both: a reranker trained only on plain views
 can learn to match on the shelf. A swapped pair separates the two: the anchor's middle in another
 photo's surroundings is a positive, another product's middle in the anchor's own surroundings a
-negative (waldo.train.pairs.PairSampler's ``swap_prob``).
+negative (waldo.train.pairs.PairSampler's ``swap_prob``). Measured on this project's three
+training sources it helped in none of three studies (docs/results.md "Swapped pairs"), so it is
+an option, off by default.
 
 Every draw comes from the ``numpy`` generator passed in (not the global RNGs), so a view is a
 pure function of (image, seed): runs are reproducible, and threads can make views in parallel.

@@ -195,7 +195,8 @@ class RRTTrainConfig(TrainConfig):
     augment: dict[str, Any] = Field(default_factory=dict)  # waldo.data.views.ViewAugment overrides
     # rrt-only, online views: the share of anchors whose pair is swapped (waldo.train.pairs): the
     # positive shows the anchor's middle in other surroundings, the negative another product's
-    # middle in the anchor's own surroundings, so matching the surroundings earns nothing
+    # middle in the anchor's own surroundings, so matching the surroundings earns nothing (off:
+    # it did not help make demo's recipe, docs/results.md "Swapped pairs")
     swap_prob: float = Field(0.0, ge=0, le=1)
     # rrt-only: the residual's scale (one scalar, ~10) learns at lr x this: at the plain lr an Adam
     # step moves it by ~lr, so it barely leaves its start in a short run
