@@ -654,6 +654,12 @@ def cmd_match_skip(args: argparse.Namespace) -> int:
     that the config starts there), the run's validation by epoch and its recorded choice, the
     stride-16 RRT without the second residual beside it, and the test of the chosen checkpoint
     with the start rule beside it (``eval --local-match T,W``), reported only."""
+    if args.gv_only:  # a later gv measurement, without re-reading the (uncommitted) run folders
+        out = json.loads((RESULTS / MATCH_SKIP).read_text())
+        out["gv"] = _match_skip_gv()
+        (RESULTS / MATCH_SKIP).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {RESULTS / MATCH_SKIP} (gv only)")
+        return 0
     local = json.loads((RESULTS / args.local_matching).read_text())
     rule = start_rule(local)
     run_dir, config_path = MATCH_SKIP_RUN
@@ -676,14 +682,10 @@ def cmd_match_skip(args: argparse.Namespace) -> int:
         tested = json.loads((RESULTS / results_file).read_text())
         transfer.append({"run": summary, "file": results_file, "command": tested["command"],
                          "protocol": protocol, "test": tested["protocols"][protocol]})
-    gv_parts = [json.loads((RESULTS / f).read_text()) for f in MATCH_SKIP_GV if (RESULTS / f).is_file()]
     out = {"base_command": STRIDE16_BASE, "run": run,
            "start_rule": {**rule, "file": args.local_matching},
            "transfer": transfer,
-           "gv": None if not gv_parts else {
-               "file": ", ".join(f for f in MATCH_SKIP_GV if (RESULTS / f).is_file()),
-               "command": "; ".join(part["command"] for part in gv_parts),
-               "protocols": {k: v for part in gv_parts for k, v in part["protocols"].items()}},
+           "gv": _match_skip_gv(),
            "none": next(r for r in local["rows"] if r["ranking"] == "none"),
            "without_match_skip": stride16["runs"][0],
            "test": {"file": args.test, "model": test["model"], "command": test["command"],
@@ -691,6 +693,14 @@ def cmd_match_skip(args: argparse.Namespace) -> int:
     (RESULTS / MATCH_SKIP).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {RESULTS / MATCH_SKIP}")
     return 0
+
+
+def _match_skip_gv() -> dict | None:
+    """The gv and rrt+gv test files of the match-skip run that exist, merged protocol by protocol."""
+    present = [f for f in MATCH_SKIP_GV if (RESULTS / f).is_file()]
+    parts = [json.loads((RESULTS / f).read_text()) for f in present]
+    return None if not parts else {"file": ", ".join(present), "command": "; ".join(part["command"] for part in parts),
+                                   "protocols": {k: v for part in parts for k, v in part["protocols"].items()}}
 
 
 def _match_skip_block(result: dict) -> str:
@@ -1191,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "(results/rrt_views/match-skip.json)")
     match_skip.add_argument("--local-matching", default="local-matching-rrt-views-s4.json")
     match_skip.add_argument("--test", default="s4-match-test.json")
+    match_skip.add_argument("--gv-only", action="store_true",
+                            help="refresh only the gv part of the gathered JSON (the run folders need not be here)")
     match_skip.set_defaults(handler=cmd_match_skip)
     doc = commands.add_parser("doc", help="regenerate the docs/results.md blocks from results/rrt_views/")
     doc.set_defaults(handler=cmd_doc)
