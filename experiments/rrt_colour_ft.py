@@ -71,6 +71,21 @@ def judge(rows: dict, tuned: str = TUNED) -> dict:
     return {"rule": rule, "adopted": all(rule.values()), "margin": DEFAULT_MARGIN}
 
 
+def check_trained_with(run: Path, config: Path) -> None:
+    """Refuse ``run`` unless it was trained with ``config``'s views, schedule, seed and swaps
+    (both read through RRTTrainConfig, so a key a file leaves out counts as its default)."""
+    from waldo.train.config import RRTTrainConfig
+
+    def settings(path: Path) -> RRTTrainConfig:
+        return RRTTrainConfig.model_validate({k: v for k, v in json.loads(path.read_text()).items()
+                                              if not k.startswith("_")})
+
+    trained, expected = settings(run / "train_config.json"), settings(config)
+    for key in ("augment", "epochs", "lr", "seed", "swap_prob"):
+        if getattr(trained, key) != getattr(expected, key):
+            raise SystemExit(f"{run} was trained with {key} {getattr(trained, key)!r}, not {config.name}'s")
+
+
 def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_label: str = TUNED) -> dict:
     """make demo's RRT, ``run``'s best and last checkpoints (trained with ``config``; the best
     labelled ``tuned_label``) on the coloured fair validation, and the rule's verdict."""
@@ -80,12 +95,7 @@ def validation(progress: bool, run: Path = RUN, config: Path = CONFIG, tuned_lab
     from waldo.rerank.gv import GeometricReranker
     from waldo.rerank.rrt_checkpoint import load_rrt
 
-    trained_with = json.loads((run / "train_config.json").read_text())
-    expected = json.loads(config.read_text())
-    defaults = {"swap_prob": 0.0, "augment": {}}  # keys a config may leave out
-    for key in ("augment", "epochs", "lr", "seed", "swap_prob"):
-        if trained_with.get(key, defaults.get(key)) != expected.get(key, defaults.get(key)):
-            raise SystemExit(f"{run} was trained with {key} {trained_with.get(key)!r}, not {config.name}'s")
+    check_trained_with(run, config)
     started = time.perf_counter()
     setup = validation_setup(MODEL, refit=True)
     tuned, _ = load_rrt(run / "best")
